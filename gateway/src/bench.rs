@@ -1,0 +1,311 @@
+//! The end-to-end benchmark: simulated devices and an embedded broker in this process, the
+//! gateway as a child process (so its CPU, memory and disk writes are measured alone), and a
+//! subscriber that counts what arrives and how late.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use protocols::sim::modbus::SimDevice;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+/// Options of the bench command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchOptions {
+    /// Simulated Modbus TCP devices.
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    /// u16 tags per device (contiguous holding registers).
+    #[arg(long, default_value_t = 100)]
+    pub tags: usize,
+    /// Scan interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub scan_ms: u64,
+    /// Seconds to measure, after a warm-up.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// Seconds of warm-up before measuring.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: u64,
+}
+
+/// Why the bench failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Setting up failed.
+    #[error("bench setup: {0}")]
+    Setup(String),
+    /// The gateway child failed.
+    #[error("gateway child: {0}")]
+    Child(String),
+}
+
+fn setup<E: std::fmt::Display>(e: E) -> BenchError {
+    BenchError::Setup(e.to_string())
+}
+
+/// Writes a config for the bench's devices.
+pub fn bench_config(
+    dir: &Path,
+    mqtt_port: u16,
+    addrs: &[SocketAddr],
+    tags: usize,
+    scan_ms: u64,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n",
+        dir.join("data").display()
+    );
+    let _ = writeln!(s, "[buffer]\ncommit_interval = \"100ms\"\n");
+    let _ = writeln!(
+        s,
+        "[mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt_port}\"\nmax_inflight = 256\n"
+    );
+    for (i, a) in addrs.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "[[devices]]\nname = \"dev{i}\"\nprotocol = \"modbus_tcp\"\naddress = \"{a}\"\nscan_interval = \"{scan_ms}ms\"\n"
+        );
+        for t in 0..tags {
+            let _ = writeln!(
+                s,
+                "  [[devices.tags]]\n  name = \"t{t}\"\n  address = \"hr:{t}\"\n  type = \"u16\"\n"
+            );
+        }
+    }
+    s
+}
+
+#[derive(Debug, Default)]
+struct Received {
+    samples: AtomicU64,
+    records: AtomicU64,
+    latencies_ms: Mutex<Vec<f64>>,
+}
+
+fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+fn spawn_counter(port: u16, got: Arc<Received>, cancel: CancellationToken) {
+    let mut o = MqttOptions::new("bench-subscriber", "127.0.0.1", port);
+    o.set_max_packet_size(16 << 20, 64 << 10);
+    let (client, mut el) = AsyncClient::new(o, 16);
+    tokio::spawn(async move {
+        loop {
+            let ev = tokio::select! {
+                _ = cancel.cancelled() => return,
+                ev = el.poll() => ev,
+            };
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.subscribe("edge/bench/#", QoS::AtMostOnce).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+                        continue;
+                    };
+                    let Some(samples) = doc["samples"].as_array() else {
+                        continue;
+                    };
+                    got.samples
+                        .fetch_add(samples.len() as u64, Ordering::Relaxed);
+                    got.records.fetch_add(1, Ordering::Relaxed);
+                    if let Some(ts) = samples.first().and_then(|s| s["ts"].as_f64()) {
+                        if doc["historical"] == serde_json::Value::Bool(false) {
+                            got.latencies_ms
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(now_ms() - ts);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+}
+
+/// CPU seconds, peak RSS in KiB and bytes written to storage of a process, from /proc.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcStats {
+    cpu_s: f64,
+    peak_rss_kib: u64,
+    write_bytes: Option<u64>,
+}
+
+fn proc_stats(pid: u32) -> ProcStats {
+    let mut st = ProcStats::default();
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // Fields after the command name, which is in parentheses and may contain spaces.
+        if let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            // utime and stime are fields 14 and 15 of the stat line (11 and 12 after the name).
+            st.cpu_s = (ticks(11) + ticks(12)) / 100.0;
+        }
+    }
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        for line in status.lines() {
+            if let Some(v) = line.strip_prefix("VmHWM:") {
+                st.peak_rss_kib = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    if let Ok(io) = std::fs::read_to_string(format!("/proc/{pid}/io")) {
+        for line in io.lines() {
+            if let Some(v) = line.strip_prefix("write_bytes:") {
+                st.write_bytes = v.trim().parse().ok();
+            }
+        }
+    }
+    st
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
+    let dir = tempdir()?;
+    let broker = crate::broker::start(16 << 20).map_err(setup)?;
+    let cancel = CancellationToken::new();
+    let mut servers = Vec::new();
+    for _ in 0..opts.devices {
+        let dev = SimDevice::new();
+        {
+            let mut img = dev.image();
+            for (i, r) in img.hr.iter_mut().take(opts.tags).enumerate() {
+                *r = i as u16;
+            }
+        }
+        servers.push(
+            dev.serve(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .map_err(setup)?,
+        );
+    }
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
+    let cfg_path = dir.join("bench.toml");
+    std::fs::write(
+        &cfg_path,
+        bench_config(&dir, broker.port(), &addrs, opts.tags, opts.scan_ms),
+    )
+    .map_err(setup)?;
+    let got = Arc::new(Received::default());
+    spawn_counter(broker.port(), got.clone(), cancel.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let exe = std::env::current_exe().map_err(setup)?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("bench-child")
+        .arg("--config")
+        .arg(&cfg_path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| BenchError::Child(e.to_string()))?;
+    let pid = child
+        .id()
+        .ok_or_else(|| BenchError::Child("no pid".into()))?;
+
+    let offered = opts.devices as f64 * opts.tags as f64 * 1000.0 / opts.scan_ms as f64;
+    println!(
+        "bench: {} devices x {} tags every {} ms = {:.0} samples/s offered; warm-up {} s, measuring {} s",
+        opts.devices, opts.tags, opts.scan_ms, offered, opts.warmup, opts.seconds
+    );
+    tokio::time::sleep(Duration::from_secs(opts.warmup)).await;
+    got.latencies_ms
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    let s0 = proc_stats(pid);
+    let n0 = got.samples.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(opts.seconds)).await;
+    let s1 = proc_stats(pid);
+    let n1 = got.samples.load(Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+
+    // SIGTERM, as systemd would, then wait for the clean shutdown.
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+    cancel.cancel();
+
+    let samples = (n1 - n0) as f64;
+    let mut lat = got
+        .latencies_ms
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let cpu = s1.cpu_s - s0.cpu_s;
+    println!(
+        "samples/s end to end (received by the subscriber): {:.0}",
+        samples / elapsed
+    );
+    println!(
+        "gateway CPU: {:.2} s over {:.1} s = {:.0}% of one core",
+        cpu,
+        elapsed,
+        cpu / elapsed * 100.0
+    );
+    if samples > 0.0 {
+        println!(
+            "gateway CPU seconds per 100k samples: {:.3}",
+            cpu / samples * 100_000.0
+        );
+    }
+    println!(
+        "gateway peak RSS: {:.1} MB",
+        s1.peak_rss_kib as f64 / 1024.0
+    );
+    println!(
+        "read-to-subscriber latency: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} records)",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(f64::NAN),
+        lat.len()
+    );
+    match (s0.write_bytes, s1.write_bytes) {
+        (Some(a), Some(b)) => println!(
+            "gateway disk writes: {} bytes ({:.3} bytes per sample)",
+            b - a,
+            (b - a) as f64 / samples.max(1.0)
+        ),
+        _ => println!("gateway disk writes: not available (/proc/PID/io unreadable)"),
+    }
+    match status {
+        Ok(Ok(s)) => println!("gateway exit after SIGTERM: {s}"),
+        _ => println!("gateway did not exit within 15 s of SIGTERM"),
+    }
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempdir() -> Result<PathBuf, BenchError> {
+    let dir = std::env::temp_dir().join(format!("edge-gateway-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(setup)?;
+    Ok(dir)
+}

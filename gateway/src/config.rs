@@ -1,0 +1,3226 @@
+//! The TOML configuration file: the validated runtime types, and the loader that builds them.
+//!
+//! # Design
+//!
+//! The runtime types at the top hold only checked values; the rest of the gateway codes
+//! against them and never sees the file. Loading goes through three stages, and every
+//! problem a stage finds is reported at once:
+//!
+//! 1. **Syntax.** The text is parsed with `toml_edit::ImDocument`, which keeps byte spans. A
+//!    syntax error is the only problem reported: nothing else can be checked.
+//! 2. **Shape.** The text is also parsed into a `toml::Table`, and each unit (`[gateway]`,
+//!    `[buffer]`, `[mqtt]`, each `[[devices]]` entry without its `tags`, each
+//!    `[[devices.tags]]` entry) is deserialized on its own into a plain
+//!    `#[serde(deny_unknown_fields)]` raw struct. A small deserializer records which key
+//!    failed; that key is then dropped and the unit retried, so every unknown key and every
+//!    wrongly typed value of a unit is reported and the unit's other keys are still checked.
+//! 3. **Meaning.** Each raw unit is checked and turned into its runtime type (ranges, names,
+//!    addresses, durations, sizes, the broker URL); the rules that span units (unique names,
+//!    overlapping registers) run as the units are collected.
+//!
+//! A problem carries a field path such as `devices[0].tags[2].address`. Its line is found by
+//! walking the `toml_edit` document along that path: the key's line, or for a missing key the
+//! line of its table's header.
+//!
+//! [`parse`] is pure. [`load`] reads the file, resolves a relative `data_dir` and
+//! `password_file` against the file's directory and checks that the password file can be
+//! opened; it never reads the secret. Nothing here panics, whatever the input.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocols::modbus::ModbusTcpSettings;
+
+/// A validated configuration, ready to build a topology from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `[gateway]`
+    pub gateway: GatewaySettings,
+    /// `[buffer]`
+    pub buffer: BufferSettings,
+    /// `[mqtt]`
+    pub mqtt: MqttSettings,
+    /// `[[devices]]`, in file order; a device's index is its `DeviceId`.
+    pub devices: Vec<DeviceSettings>,
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewaySettings {
+    /// `[A-Za-z0-9_-]+`
+    pub id: Arc<str>,
+    /// Where the disk buffer and the gateway's state file live.
+    pub data_dir: PathBuf,
+}
+
+/// What to do when the buffer reaches `max_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Evict the oldest records to make room.
+    #[default]
+    DropOldest,
+    /// Refuse new records while full.
+    DropNewest,
+}
+
+/// `[buffer]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct BufferSettings {
+    /// Hard cap on the buffer's disk use, in bytes.
+    pub max_size: u64,
+    /// Eviction policy when full.
+    pub when_full: WhenFull,
+    /// A record not acknowledged within this time is committed to disk.
+    pub commit_interval: Duration,
+}
+
+/// Northbound payload format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// One JSON document per device scan.
+    #[default]
+    Json,
+}
+
+/// `[mqtt]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttSettings {
+    /// Broker host name or IP address.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// MQTT client id.
+    pub client_id: String,
+    /// Topic prefix; records go to `{topic_prefix}/{device}`.
+    pub topic_prefix: String,
+    /// Payload format.
+    pub format: Format,
+    /// User name, if the broker wants one.
+    pub username: Option<String>,
+    /// File holding the password; read at start-up, never logged.
+    pub password_file: Option<PathBuf>,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Publishes in flight (sent, not yet acknowledged) at most.
+    pub max_inflight: u16,
+    /// Largest MQTT packet the gateway sends.
+    pub max_packet_size: usize,
+    /// At shutdown, how long to wait for outstanding acknowledgements.
+    pub shutdown_grace: Duration,
+    /// A publish not acknowledged within this time is taken as a dead link: reconnect.
+    pub ack_timeout: Duration,
+}
+
+/// One `[[devices]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceSettings {
+    /// Device name, unique; `[A-Za-z0-9_-]+`-ish (no `/ + #` or NUL).
+    pub name: Arc<str>,
+    /// Scan interval of tags that set none of their own.
+    pub scan_interval: Duration,
+    /// The protocol and its settings.
+    pub kind: DeviceKind,
+}
+
+impl DeviceSettings {
+    /// Number of tags of the device.
+    pub fn tag_count(&self) -> usize {
+        match &self.kind {
+            DeviceKind::ModbusTcp(m) => m.tags.len(),
+        }
+    }
+}
+
+/// The protocol of a device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceKind {
+    /// `protocol = "modbus_tcp"`
+    ModbusTcp(ModbusTcpSettings),
+}
+
+// ----------------------------------------------------------------------------------------
+// Loading and validation.
+// ----------------------------------------------------------------------------------------
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::{self, Write as _};
+use std::net::Ipv6Addr;
+use std::ops::Range;
+use std::path::Path;
+
+use protocols::modbus::{Address, Area, DataType, Report, TagSpec, WordOrder};
+use serde::de::{self, DeserializeOwned, IntoDeserializer};
+use serde::Deserialize;
+use toml_edit::{Item, TableLike};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+/// The longest duration the file may set (7 days); keeps the runtime's time arithmetic safe.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The smallest duration that is not zero.
+const NONZERO: Duration = Duration::from_nanos(1);
+const MS: Duration = Duration::from_millis(1);
+const DEFAULT_MQTT_PORT: u16 = 1883;
+/// The sections of the file, in the order they are documented.
+const SECTIONS: &[&str] = &["gateway", "buffer", "mqtt", "devices"];
+/// Protocols the contract names but the gateway does not drive yet.
+const UNSUPPORTED_PROTOCOLS: &[&str] = &["modbus_rtu", "modbus_rtu_over_tcp", "opcua"];
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct ConfigErrors {
+    /// The file, as given to [`load`] or [`parse`].
+    pub file: String,
+    /// The problems, ordered by line (problems without a line first).
+    pub problems: Vec<Problem>,
+}
+
+impl ConfigErrors {
+    /// One line per problem: `{file}:{line}: {field}: {message}`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            let separator = if problem.line.is_some() { ":" } else { ": " };
+            let _ = write!(out, "{}{separator}{problem}", self.file);
+        }
+        out
+    }
+
+    fn whole_file(file: &str, line: Option<usize>, message: String) -> Self {
+        ConfigErrors {
+            file: file.to_owned(),
+            problems: vec![Problem {
+                line,
+                field: String::new(),
+                message,
+            }],
+        }
+    }
+}
+
+/// One problem: where and what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// 1-based line in the file, if known.
+    pub line: Option<usize>,
+    /// Field path such as `devices[0].tags[2].address`; empty when about the whole file.
+    pub field: String,
+    /// What is wrong, and how to fix it when that is not obvious.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "{line}: ")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Reads and validates the config file at `path`, resolving relative paths against its directory.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path)
+        .map_err(|e| ConfigErrors::whole_file(&file, None, format!("cannot read the file: {e}")))?;
+    let dir = path.parent().unwrap_or_else(|| Path::new(""));
+    let config = check(&src, &file, Some(dir))?;
+    tracing::debug!(
+        file = %file,
+        devices = config.devices.len(),
+        "configuration loaded"
+    );
+    Ok(config)
+}
+
+/// Parses and validates config text; `file` names it in problems. Touches no file.
+pub fn parse(src: &str, file: &str) -> Result<Config, ConfigErrors> {
+    check(src, file, None)
+}
+
+/// Both entry points: `dir` is the config file's directory when loading from disk.
+fn check(src: &str, file: &str, dir: Option<&Path>) -> Result<Config, ConfigErrors> {
+    let doc = toml_edit::ImDocument::parse(src)
+        .map_err(|e| syntax_error(src, file, e.message(), e.span()))?;
+    let root: toml::Table =
+        toml::from_str(src).map_err(|e| syntax_error(src, file, e.message(), e.span()))?;
+    let mut checker = Checker {
+        line_starts: std::iter::once(0)
+            .chain(src.match_indices('\n').map(|(i, _)| i + 1))
+            .collect(),
+        doc: doc.as_table(),
+        dir,
+        problems: Vec::new(),
+    };
+    let config = checker.config(root);
+    let mut problems = checker.problems;
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => {
+            if problems.is_empty() {
+                problems.push(Problem {
+                    line: None,
+                    field: String::new(),
+                    message: "the configuration is incomplete".to_owned(),
+                });
+            }
+            problems.sort_by_key(|p| p.line);
+            Err(ConfigErrors {
+                file: file.to_owned(),
+                problems,
+            })
+        }
+    }
+}
+
+fn syntax_error(src: &str, file: &str, message: &str, span: Option<Range<usize>>) -> ConfigErrors {
+    let message = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let line = span.map(|s| line_at(src, s.start));
+    ConfigErrors::whole_file(file, line, format!("TOML syntax error: {message}"))
+}
+
+/// The 1-based line holding byte `offset` of `src`.
+fn line_at(src: &str, offset: usize) -> usize {
+    src.as_bytes()
+        .iter()
+        .take(offset)
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+// ---- Field paths and their lines ----------------------------------------------------------
+
+/// Where a value lives in the document, e.g. `devices[0].tags[2].address`.
+#[derive(Debug, Clone)]
+struct FieldPath(Vec<Segment>);
+
+#[derive(Debug, Clone)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+impl FieldPath {
+    fn top(key: &str) -> Self {
+        FieldPath(vec![Segment::Key(key.to_owned())])
+    }
+
+    fn key(&self, key: &str) -> Self {
+        let mut path = self.clone();
+        path.0.push(Segment::Key(key.to_owned()));
+        path
+    }
+
+    fn index(&self, index: usize) -> Self {
+        let mut path = self.clone();
+        path.0.push(Segment::Index(index));
+        path
+    }
+}
+
+impl fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, segment) in self.0.iter().enumerate() {
+            match segment {
+                Segment::Key(key) if i == 0 => f.write_str(key)?,
+                Segment::Key(key) => write!(f, ".{key}")?,
+                Segment::Index(index) => write!(f, "[{index}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A position while walking the `toml_edit` document.
+#[derive(Clone, Copy)]
+enum Node<'d> {
+    Table(&'d toml_edit::Table),
+    Item(&'d Item),
+    Value(&'d toml_edit::Value),
+}
+
+impl<'d> Node<'d> {
+    fn table_like(self) -> Option<&'d dyn TableLike> {
+        match self {
+            Node::Table(table) => Some(table),
+            Node::Item(item) => item.as_table_like(),
+            Node::Value(value) => value.as_inline_table().map(|t| t as &dyn TableLike),
+        }
+    }
+
+    /// Entry `index` of an array (of tables), with its span.
+    fn element(self, index: usize) -> Option<(Option<Range<usize>>, Node<'d>)> {
+        let array = match self {
+            Node::Item(Item::ArrayOfTables(tables)) => {
+                let table = tables.get(index)?;
+                return Some((table.span(), Node::Table(table)));
+            }
+            Node::Item(Item::Value(toml_edit::Value::Array(array)))
+            | Node::Value(toml_edit::Value::Array(array)) => array,
+            _ => return None,
+        };
+        let value = array.get(index)?;
+        Some((value.span(), Node::Value(value)))
+    }
+}
+
+// ---- Deserializing one unit, collecting every key that fails ------------------------------
+
+/// Why a unit did not deserialize; the derived `Deserialize` impls build these through the
+/// `de::Error` hooks, so the failing key is known without parsing messages.
+#[derive(Debug, thiserror::Error)]
+enum UnitError {
+    #[error("unknown key `{key}`")]
+    UnknownKey {
+        key: String,
+        expected: &'static [&'static str],
+    },
+    #[error("missing key `{0}`")]
+    MissingKey(&'static str),
+    #[error("{message}")]
+    BadValue { key: String, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl de::Error for UnitError {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        UnitError::Other(msg.to_string())
+    }
+
+    fn unknown_field(field: &str, expected: &'static [&'static str]) -> Self {
+        UnitError::UnknownKey {
+            key: field.to_owned(),
+            expected,
+        }
+    }
+
+    fn missing_field(field: &'static str) -> Self {
+        UnitError::MissingKey(field)
+    }
+}
+
+/// Deserializes a struct from a table, naming the key whose value failed.
+struct UnitDeserializer(toml::Table);
+
+impl<'de> de::Deserializer<'de> for UnitDeserializer {
+    type Error = UnitError;
+
+    fn deserialize_any<V: de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, UnitError> {
+        visitor.visit_map(UnitMap {
+            entries: self.0.into_iter(),
+            pending: None,
+        })
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
+        identifier ignored_any
+    }
+}
+
+struct UnitMap {
+    entries: <toml::Table as IntoIterator>::IntoIter,
+    pending: Option<(String, toml::Value)>,
+}
+
+impl<'de> de::MapAccess<'de> for UnitMap {
+    type Error = UnitError;
+
+    fn next_key_seed<K: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, UnitError> {
+        let Some((key, value)) = self.entries.next() else {
+            return Ok(None);
+        };
+        let deserializer: de::value::StrDeserializer<'_, UnitError> =
+            key.as_str().into_deserializer();
+        let parsed = seed.deserialize(deserializer)?;
+        self.pending = Some((key, value));
+        Ok(Some(parsed))
+    }
+
+    fn next_value_seed<V: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, UnitError> {
+        let Some((key, value)) = self.pending.take() else {
+            return Err(UnitError::Other("a value without a key".to_owned()));
+        };
+        seed.deserialize(value).map_err(|e| UnitError::BadValue {
+            key,
+            message: plain_serde_message(e.message()),
+        })
+    }
+}
+
+/// Serde's messages, in the words of a config file.
+fn plain_serde_message(message: &str) -> String {
+    message
+        .replace("unknown variant", "unknown value")
+        .replace("expected i64", "expected an integer")
+        .replace("expected f64", "expected a number")
+        .replace("invalid type: map", "invalid type: table")
+        .replace("invalid type: sequence", "invalid type: array")
+}
+
+fn unknown_key_message(what: &str, key: &str, known: &[&str]) -> String {
+    match closest(key, known) {
+        Some(near) => format!("unknown {what} `{key}`; did you mean `{near}`?"),
+        None => format!(
+            "unknown {what} `{key}`; expected one of: {}",
+            known.join(", ")
+        ),
+    }
+}
+
+/// The known name nearest to a misspelt one, if it is near enough to be a likely typo: two
+/// edits away at most, or the start of a known name (`password` for `password_file`).
+fn closest<'k>(word: &str, known: &[&'k str]) -> Option<&'k str> {
+    let word = word.to_ascii_lowercase();
+    let typo = known
+        .iter()
+        .map(|k| (edit_distance(&word, k), *k))
+        .filter(|&(d, k)| d <= 2 && d < k.len())
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, k)| k);
+    typo.or_else(|| {
+        known
+            .iter()
+            .find(|k| word.len() >= 4 && k.starts_with(word.as_str()))
+            .copied()
+    })
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    const LONGEST: usize = 64;
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    if a.len() > LONGEST || b.len() > LONGEST {
+        return usize::MAX;
+    }
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != cb);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+// ---- Raw (file) types ----------------------------------------------------------------------
+
+/// A duration written as a string with a unit, e.g. `"250ms"`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Dur(Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DurVisitor;
+        impl de::Visitor<'_> for DurVisitor {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration string such as \"250ms\"")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Dur, E> {
+                parse_duration(text).map(Dur).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Dur, E> {
+                Err(E::custom(BARE_DURATION))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Dur, E> {
+                Err(E::custom(BARE_DURATION))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Dur, E> {
+                Err(E::custom(BARE_DURATION))
+            }
+        }
+        deserializer.deserialize_any(DurVisitor)
+    }
+}
+
+const BARE_DURATION: &str = "durations are strings with a unit, e.g. \"250ms\"";
+
+/// A size in bytes, written `"512MiB"`, `"100MB"`, `"1000"` or as a bare number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Size(u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl de::Visitor<'_> for SizeVisitor {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size string such as \"512MiB\"")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Size, E> {
+                parse_size(text).map(Size).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, bytes: i64) -> Result<Size, E> {
+                u64::try_from(bytes)
+                    .map(Size)
+                    .map_err(|_| E::custom("a size must not be negative"))
+            }
+            fn visit_u64<E: de::Error>(self, bytes: u64) -> Result<Size, E> {
+                Ok(Size(bytes))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Size, E> {
+                Err(E::custom(
+                    "sizes are whole numbers with a unit, e.g. \"512MiB\"",
+                ))
+            }
+        }
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    id: String,
+    data_dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuffer {
+    max_size: Option<Size>,
+    when_full: Option<WhenFull>,
+    commit_interval: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    url: String,
+    client_id: Option<String>,
+    topic_prefix: Option<String>,
+    format: Option<Format>,
+    username: Option<String>,
+    password_file: Option<String>,
+    keep_alive: Option<Dur>,
+    max_inflight: Option<i64>,
+    max_packet_size: Option<Size>,
+    shutdown_grace: Option<Dur>,
+    ack_timeout: Option<Dur>,
+}
+
+/// A `[[devices]]` entry without its `tags`, which are checked one by one.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    name: String,
+    protocol: String,
+    address: String,
+    unit_id: Option<i64>,
+    scan_interval: Option<Dur>,
+    timeout: Option<Dur>,
+    max_registers_per_read: Option<i64>,
+    max_gap: Option<i64>,
+    report: Option<Report>,
+    max_silence: Option<Dur>,
+    backoff_min: Option<Dur>,
+    backoff_max: Option<Dur>,
+    enabled: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTag {
+    name: String,
+    address: String,
+    #[serde(rename = "type")]
+    data_type: Option<String>,
+    length: Option<i64>,
+    order: Option<String>,
+    scale: Option<f64>,
+    offset: Option<f64>,
+    deadband: Option<f64>,
+    /// Engineering unit: accepted and kept for later; nothing uses it yet.
+    #[allow(dead_code)]
+    unit: Option<String>,
+    scan_interval: Option<Dur>,
+}
+
+// ---- Durations and sizes -------------------------------------------------------------------
+
+/// Why a duration string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    /// Not a number followed by a unit.
+    #[error("`{0}` is not a duration: write a number and a unit, e.g. \"250ms\" or \"1.5s\"")]
+    Syntax(String),
+    /// A bare number.
+    #[error("`{0}` has no unit: durations are strings with a unit, e.g. \"250ms\"")]
+    NoUnit(String),
+    /// A unit that is not us, ms, s, m or h.
+    #[error("`{text}` has an unknown unit `{unit}`: use us, ms, s, m or h")]
+    Unit {
+        /// The whole text.
+        text: String,
+        /// The unit found.
+        unit: String,
+    },
+    /// Longer than 7 days.
+    #[error("`{0}` is too long: durations are at most 168h (7 days)")]
+    TooLong(String),
+}
+
+/// Parses `"250ms"`, `"1.5s"`, `"2m"`, `"1h"`, `"500us"`.
+/// Parses a duration such as `250ms`, `1.5s`, `2m`.
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let unit = unit.trim_start();
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() || (number.contains('.') && fraction.is_empty()) || fraction.contains('.') {
+        return Err(DurationError::Syntax(text.to_owned()));
+    }
+    let unit_nanos: u128 = match unit {
+        "us" | "µs" => 1_000,
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" | "min" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        "" => return Err(DurationError::NoUnit(text.to_owned())),
+        _ if unit.starts_with(|c: char| c.is_ascii_digit() || c == '.' || c == '-') => {
+            return Err(DurationError::Syntax(text.to_owned()))
+        }
+        _ => {
+            return Err(DurationError::Unit {
+                text: text.to_owned(),
+                unit: unit.to_owned(),
+            })
+        }
+    };
+    let too_long = || DurationError::TooLong(text.to_owned());
+    if whole.len() > 30 {
+        return Err(too_long());
+    }
+    let whole: u128 = whole.parse().map_err(|_| too_long())?;
+    // Nanosecond precision is plenty: digits past the 18th are dropped.
+    let fraction = &fraction[..fraction.len().min(18)];
+    let fraction_nanos = if fraction.is_empty() {
+        0
+    } else {
+        let digits: u128 = fraction
+            .parse()
+            .map_err(|_| DurationError::Syntax(text.to_owned()))?;
+        let scale = 10u128.pow(u32::try_from(fraction.len()).unwrap_or(18));
+        digits * unit_nanos / scale
+    };
+    let nanos = whole
+        .checked_mul(unit_nanos)
+        .and_then(|n| n.checked_add(fraction_nanos))
+        .ok_or_else(too_long)?;
+    if nanos > MAX_DURATION.as_nanos() {
+        return Err(too_long());
+    }
+    u64::try_from(nanos)
+        .map(Duration::from_nanos)
+        .map_err(|_| too_long())
+}
+
+/// A duration the way the file writes it: `250ms`, `1s`, `2m`.
+fn fmt_duration(duration: Duration) -> String {
+    let nanos = duration.as_nanos();
+    if nanos == 0 {
+        return "0s".to_owned();
+    }
+    for (unit, name) in [
+        (3_600_000_000_000u128, "h"),
+        (60_000_000_000, "m"),
+        (1_000_000_000, "s"),
+        (1_000_000, "ms"),
+        (1_000, "us"),
+    ] {
+        if nanos % unit == 0 {
+            return format!("{}{name}", nanos / unit);
+        }
+    }
+    format!("{nanos}ns")
+}
+
+/// Why a size string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum SizeError {
+    #[error(
+        "`{0}` is not a size: write a whole number and a unit (B, KB, MB, GB, KiB, MiB or \
+         GiB), e.g. \"512MiB\""
+    )]
+    Syntax(String),
+    #[error("`{text}` has an unknown unit `{unit}`: use B, KB, MB, GB, KiB, MiB or GiB")]
+    Unit { text: String, unit: String },
+    #[error("`{0}` is too large")]
+    TooLarge(String),
+}
+
+/// Parses `"512MiB"`, `"1GiB"`, `"100MB"`, `"64KiB"`, `"1000"`: binary KiB/MiB/GiB, decimal
+/// KB/MB/GB, plain bytes with `B` or no unit.
+fn parse_size(text: &str) -> Result<u64, SizeError> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let unit = unit.trim_start();
+    if number.is_empty() || unit.starts_with(|c: char| c.is_ascii_digit() || c == '.') {
+        return Err(SizeError::Syntax(text.to_owned()));
+    }
+    let multiplier = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => KIB,
+        "mib" => MIB,
+        "gib" => GIB,
+        _ => {
+            return Err(SizeError::Unit {
+                text: text.to_owned(),
+                unit: unit.to_owned(),
+            })
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| SizeError::TooLarge(text.to_owned()))
+}
+
+/// A size the way the file writes it: `1GiB`, `100MB`, `1000B`.
+fn fmt_size(bytes: u64) -> String {
+    for (unit, name) in [
+        (GIB, "GiB"),
+        (MIB, "MiB"),
+        (KIB, "KiB"),
+        (1_000_000_000, "GB"),
+        (1_000_000, "MB"),
+        (1_000, "KB"),
+    ] {
+        if bytes >= unit && bytes % unit == 0 {
+            return format!("{}{name}", bytes / unit);
+        }
+    }
+    format!("{bytes}B")
+}
+
+// ---- Addresses and URLs --------------------------------------------------------------------
+
+/// Why a `HOST:PORT` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum HostPortError {
+    #[error("no host: write HOST:PORT, e.g. \"192.168.1.10:502\"")]
+    NoHost,
+    #[error("`{0}` is not a valid host name or IP address (IPv6 goes in brackets: [::1]:502)")]
+    Host(String),
+    #[error("`{0}` has no port: write HOST:PORT, e.g. \"192.168.1.10:502\"")]
+    NoPort(String),
+    #[error("`{0}` is not a port number between 1 and 65535")]
+    Port(String),
+    #[error("write HOST:PORT without a scheme, e.g. \"192.168.1.10:502\"")]
+    Scheme,
+}
+
+/// Splits `host:port` or `[v6]:port`; the port may be left out when there is a default.
+fn split_host_port(text: &str, default_port: Option<u16>) -> Result<(String, u16), HostPortError> {
+    if text.contains("://") {
+        return Err(HostPortError::Scheme);
+    }
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| HostPortError::Host(text.to_owned()))?;
+        if host.parse::<Ipv6Addr>().is_err() {
+            return Err(HostPortError::Host(format!("[{host}]")));
+        }
+        let port = match after {
+            "" => None,
+            _ => Some(
+                after
+                    .strip_prefix(':')
+                    .ok_or_else(|| HostPortError::Host(text.to_owned()))?,
+            ),
+        };
+        (host, port)
+    } else {
+        let (host, port) = match text.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (text, None),
+        };
+        if host.is_empty() {
+            return Err(HostPortError::NoHost);
+        }
+        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_');
+        if !host.chars().all(valid) || port.is_some_and(|p| p.contains(':')) {
+            return Err(HostPortError::Host(host.to_owned()));
+        }
+        (host, port)
+    };
+    let port = match port {
+        None => default_port.ok_or_else(|| HostPortError::NoPort(text.to_owned()))?,
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| HostPortError::Port(port.to_owned()))?,
+    };
+    Ok((host.to_owned(), port))
+}
+
+/// Why the broker URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum UrlError {
+    #[error("expected `mqtt://HOST[:PORT]`, e.g. \"mqtt://10.0.0.5:1883\"")]
+    Form,
+    #[error("TLS is not supported yet: use mqtt:// or tcp://")]
+    Tls,
+    #[error("unsupported scheme `{0}://`: use mqtt:// or tcp://")]
+    Scheme(String),
+    #[error("credentials do not belong in the url: use `username` and `password_file`")]
+    Credentials,
+    #[error("the url must be `mqtt://HOST[:PORT]`, without a path, query or fragment")]
+    Path,
+    #[error("{0}")]
+    HostPort(#[from] HostPortError),
+}
+
+/// Splits `mqtt://host[:port]` (or `tcp://`) into host and port, port 1883 by default.
+fn parse_mqtt_url(url: &str) -> Result<(String, u16), UrlError> {
+    let (scheme, rest) = url.split_once("://").ok_or(UrlError::Form)?;
+    match scheme.to_ascii_lowercase().as_str() {
+        "mqtt" | "tcp" => {}
+        "mqtts" | "ssl" | "tls" | "wss" => return Err(UrlError::Tls),
+        _ => return Err(UrlError::Scheme(scheme.to_owned())),
+    }
+    if rest.contains('@') {
+        return Err(UrlError::Credentials);
+    }
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#']) {
+        return Err(UrlError::Path);
+    }
+    Ok(split_host_port(authority, Some(DEFAULT_MQTT_PORT))?)
+}
+
+fn parse_data_type(text: &str) -> Option<DataType> {
+    Some(match text.to_ascii_lowercase().as_str() {
+        "bool" => DataType::Bool,
+        "i16" => DataType::I16,
+        "u16" => DataType::U16,
+        "i32" => DataType::I32,
+        "u32" => DataType::U32,
+        "i64" => DataType::I64,
+        "u64" => DataType::U64,
+        "f32" => DataType::F32,
+        "f64" => DataType::F64,
+        "string" => DataType::String,
+        _ => return None,
+    })
+}
+
+fn parse_order(text: &str) -> Option<WordOrder> {
+    WordOrder::ALL
+        .into_iter()
+        .find(|order| format!("{order:?}").eq_ignore_ascii_case(text))
+}
+
+fn area_name(area: Area) -> &'static str {
+    match area {
+        Area::Coil => "a coil (co:)",
+        Area::DiscreteInput => "a discrete input (di:)",
+        Area::HoldingRegister => "a holding register (hr:)",
+        Area::InputRegister => "an input register (ir:)",
+    }
+}
+
+/// `hr:1..hr:2`, or `hr:1` for one register.
+fn fmt_range(address: Address, width: u16) -> String {
+    let last = u32::from(address.offset) + u32::from(width.max(1)) - 1;
+    if width <= 1 {
+        address.to_string()
+    } else {
+        format!("{address}..{}:{last}", address.area.prefix())
+    }
+}
+
+// ---- Names ---------------------------------------------------------------------------------
+
+fn check_gateway_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    match id
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+    {
+        Some(c) => Err(format!(
+            "{c:?} is not allowed: use letters A-Z a-z, digits, `_` and `-`"
+        )),
+        None => Ok(()),
+    }
+}
+
+fn check_device_name(name: &str) -> Result<(), String> {
+    let count = name.chars().count();
+    if !(1..=64).contains(&count) {
+        return Err(format!("must be 1 to 64 characters long, not {count}"));
+    }
+    match name
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        Some(c) => Err(format!(
+            "{c:?} is not allowed: use letters A-Z a-z, digits, `_`, `.` and `-`"
+        )),
+        None => Ok(()),
+    }
+}
+
+fn check_tag_name(name: &str) -> Result<(), String> {
+    let count = name.chars().count();
+    if !(1..=128).contains(&count) {
+        return Err(format!("must be 1 to 128 characters long, not {count}"));
+    }
+    if let Some(c) = name.chars().find(|c| matches!(c, '/' | '+' | '#' | '\0')) {
+        return Err(format!(
+            "{c:?} is not allowed in a tag name (`/`, `+`, `#` and NUL are reserved by MQTT)"
+        ));
+    }
+    if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
+        return Err("must not start or end with a space".to_owned());
+    }
+    Ok(())
+}
+
+fn check_topic_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if prefix.contains(['+', '#']) {
+        return Err("must not contain the MQTT wildcards `+` or `#`".to_owned());
+    }
+    if prefix.contains('\0') {
+        return Err("must not contain NUL".to_owned());
+    }
+    if prefix.starts_with('/') || prefix.ends_with('/') {
+        return Err("must not start or end with `/`".to_owned());
+    }
+    Ok(())
+}
+
+fn check_client_id(client_id: &str) -> Result<(), String> {
+    if client_id.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if client_id.len() > usize::from(u16::MAX) {
+        return Err("is longer than MQTT allows (65535 bytes)".to_owned());
+    }
+    if client_id.chars().any(char::is_control) {
+        return Err("must not contain control characters".to_owned());
+    }
+    Ok(())
+}
+
+/// Checks that a password file exists and can be opened; never reads it.
+fn check_readable(path: &Path) -> Result<(), String> {
+    let cannot = |e: std::io::Error| format!("cannot read `{}`: {e}", path.display());
+    let metadata = std::fs::metadata(path).map_err(cannot)?;
+    if !metadata.is_file() {
+        return Err(format!("`{}` is not a regular file", path.display()));
+    }
+    std::fs::File::open(path).map(drop).map_err(cannot)
+}
+
+// ---- The checker ---------------------------------------------------------------------------
+
+/// Walks the units of one document and collects problems.
+struct Checker<'a> {
+    /// Byte offset of the start of each line.
+    line_starts: Vec<usize>,
+    doc: &'a toml_edit::Table,
+    /// The config file's directory, when loading from disk: relative paths are resolved
+    /// against it and the password file is checked.
+    dir: Option<&'a Path>,
+    problems: Vec<Problem>,
+}
+
+/// What a device lends its tags: defaults and limits.
+struct TagDefaults {
+    scan_interval: Duration,
+    max_registers_per_read: u16,
+}
+
+/// A tag placed in a device's register map, for the overlap check.
+struct Placed {
+    name: Arc<str>,
+    address: Address,
+    width: u16,
+}
+
+enum DeviceOutcome {
+    Enabled(DeviceSettings),
+    Disabled,
+    Invalid,
+}
+
+impl Checker<'_> {
+    fn report(&mut self, path: &FieldPath, message: impl Into<String>) {
+        let line = self.line_of(path);
+        self.problems.push(Problem {
+            line,
+            field: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn line_of(&self, path: &FieldPath) -> Option<usize> {
+        let span = self.span_of(path)?;
+        Some(
+            self.line_starts
+                .partition_point(|&start| start <= span.start),
+        )
+    }
+
+    /// The span of the deepest part of `path` found in the document: the key itself, or the
+    /// header of the table that should hold it.
+    fn span_of(&self, path: &FieldPath) -> Option<Range<usize>> {
+        let mut node = Node::Table(self.doc);
+        let mut found = None;
+        for segment in &path.0 {
+            let next = match segment {
+                Segment::Key(key) => node
+                    .table_like()
+                    .and_then(|table| table.get_key_value(key))
+                    .map(|(key, item)| (key.span().or_else(|| item.span()), Node::Item(item))),
+                Segment::Index(index) => node.element(*index),
+            };
+            let Some((span, next)) = next else { break };
+            if span.is_some() {
+                found = span;
+            }
+            node = next;
+        }
+        found
+    }
+
+    /// Deserializes one unit; every unknown key and bad value is reported, and the unit is
+    /// retried without it so that all of them are found. Also returns the keys dropped for a
+    /// bad value, whose defaults must not be checked against other keys.
+    fn unit<T: DeserializeOwned>(
+        &mut self,
+        mut table: toml::Table,
+        path: &FieldPath,
+        extra_keys: &[&str],
+    ) -> Option<(T, BTreeSet<String>)> {
+        let mut dropped = BTreeSet::new();
+        for _ in 0..=table.len() {
+            match T::deserialize(UnitDeserializer(table.clone())) {
+                Ok(raw) => return Some((raw, dropped)),
+                Err(UnitError::UnknownKey { key, expected }) => {
+                    let known: Vec<&str> = expected.iter().chain(extra_keys).copied().collect();
+                    self.report(&path.key(&key), unknown_key_message("key", &key, &known));
+                    table.remove(&key)?;
+                }
+                Err(UnitError::BadValue { key, message }) => {
+                    self.report(&path.key(&key), message);
+                    table.remove(&key)?;
+                    dropped.insert(key);
+                }
+                Err(UnitError::MissingKey(key)) => {
+                    if !dropped.contains(key) {
+                        self.report(&path.key(key), format!("missing required key `{key}`"));
+                    }
+                    return None;
+                }
+                Err(UnitError::Other(message)) => {
+                    self.report(path, plain_serde_message(&message));
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// A section's table; a missing optional section is an empty one.
+    fn section(
+        &mut self,
+        value: Option<toml::Value>,
+        path: &FieldPath,
+        required: bool,
+    ) -> Option<toml::Table> {
+        match value {
+            Some(toml::Value::Table(table)) => Some(table),
+            Some(other) => {
+                let message = format!("expected a [{path}] section, found {}", other.type_str());
+                self.report(path, message);
+                None
+            }
+            None if required => {
+                self.report(path, format!("missing section [{path}]"));
+                None
+            }
+            None => Some(toml::Table::new()),
+        }
+    }
+
+    /// An entry of an array of tables.
+    fn entry(&mut self, value: toml::Value, path: &FieldPath, what: &str) -> Option<toml::Table> {
+        match value {
+            toml::Value::Table(table) => Some(table),
+            other => {
+                let message = format!("expected a {what} table, found {}", other.type_str());
+                self.report(path, message);
+                None
+            }
+        }
+    }
+
+    /// The entries of an array of tables; a single table is reported.
+    fn entries(&mut self, value: toml::Value, path: &FieldPath, header: &str) -> Vec<toml::Value> {
+        match value {
+            toml::Value::Array(entries) => entries,
+            toml::Value::Table(_) => {
+                let message = format!(
+                    "write {header} with double brackets: each entry is one table of an array"
+                );
+                self.report(path, message);
+                Vec::new()
+            }
+            other => {
+                let message = format!("expected {header} entries, found {}", other.type_str());
+                self.report(path, message);
+                Vec::new()
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        path: &FieldPath,
+        raw: Option<Dur>,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Duration {
+        let Some(Dur(value)) = raw else {
+            return default;
+        };
+        if value < min || value > max {
+            let message = if value.is_zero() && min <= NONZERO {
+                "must not be zero".to_owned()
+            } else if value.is_zero() {
+                format!("must not be zero (at least {})", fmt_duration(min))
+            } else if max >= MAX_DURATION {
+                format!(
+                    "must be at least {}, not {}",
+                    fmt_duration(min),
+                    fmt_duration(value)
+                )
+            } else {
+                format!(
+                    "must be between {} and {}, not {}",
+                    fmt_duration(min),
+                    fmt_duration(max),
+                    fmt_duration(value)
+                )
+            };
+            self.report(path, message);
+        }
+        value
+    }
+
+    fn integer<T: TryFrom<i64> + Copy>(
+        &mut self,
+        path: &FieldPath,
+        raw: Option<i64>,
+        default: T,
+        min: i64,
+        max: i64,
+    ) -> T {
+        let Some(value) = raw else {
+            return default;
+        };
+        if !(min..=max).contains(&value) {
+            self.report(
+                path,
+                format!("must be between {min} and {max}, not {value}"),
+            );
+            return default;
+        }
+        T::try_from(value).unwrap_or(default)
+    }
+
+    /// A path from the file; resolved against the file's directory when loading.
+    fn path(&mut self, path: &FieldPath, text: &str) -> PathBuf {
+        if text.is_empty() {
+            self.report(path, "must not be empty");
+        } else if text.contains('\0') {
+            self.report(path, "must not contain NUL");
+        }
+        let value = PathBuf::from(text);
+        match self.dir {
+            Some(dir) if value.is_relative() => dir.join(&value).components().collect(),
+            _ => value,
+        }
+    }
+
+    fn config(&mut self, root: toml::Table) -> Option<Config> {
+        let (mut gateway, mut buffer, mut mqtt, mut devices) = (None, None, None, None);
+        for (key, value) in root {
+            match key.as_str() {
+                "gateway" => gateway = Some(value),
+                "buffer" => buffer = Some(value),
+                "mqtt" => mqtt = Some(value),
+                "devices" => devices = Some(value),
+                _ => {
+                    let message = unknown_key_message("section", &key, SECTIONS);
+                    self.report(&FieldPath::top(&key), message);
+                }
+            }
+        }
+        let gateway = self.gateway(gateway);
+        let id = gateway.as_ref().map(|g| Arc::clone(&g.id));
+        let buffer = self.buffer(buffer);
+        let mqtt = self.mqtt(mqtt, id.as_deref());
+        let devices = self.devices(devices);
+        Some(Config {
+            gateway: gateway?,
+            buffer: buffer?,
+            mqtt: mqtt?,
+            devices: devices?,
+        })
+    }
+
+    fn gateway(&mut self, value: Option<toml::Value>) -> Option<GatewaySettings> {
+        let path = FieldPath::top("gateway");
+        let table = self.section(value, &path, true)?;
+        let (raw, _) = self.unit::<RawGateway>(table, &path, &[])?;
+        if let Err(message) = check_gateway_id(&raw.id) {
+            self.report(&path.key("id"), message);
+        }
+        let data_dir = self.path(
+            &path.key("data_dir"),
+            raw.data_dir.as_deref().unwrap_or("./data"),
+        );
+        Some(GatewaySettings {
+            id: raw.id.into(),
+            data_dir,
+        })
+    }
+
+    fn buffer(&mut self, value: Option<toml::Value>) -> Option<BufferSettings> {
+        let path = FieldPath::top("buffer");
+        let table = self.section(value, &path, false)?;
+        let (raw, _) = self.unit::<RawBuffer>(table, &path, &[])?;
+        let max_size = raw.max_size.map_or(GIB, |size| size.0);
+        if max_size < MIB {
+            let message = format!("must be at least 1MiB, not {}", fmt_size(max_size));
+            self.report(&path.key("max_size"), message);
+        }
+        let commit_interval = self.duration(
+            &path.key("commit_interval"),
+            raw.commit_interval,
+            Duration::from_millis(100),
+            MS,
+            Duration::from_secs(60),
+        );
+        Some(BufferSettings {
+            max_size,
+            when_full: raw.when_full.unwrap_or_default(),
+            commit_interval,
+        })
+    }
+
+    fn mqtt(
+        &mut self,
+        value: Option<toml::Value>,
+        gateway_id: Option<&str>,
+    ) -> Option<MqttSettings> {
+        let path = FieldPath::top("mqtt");
+        let table = self.section(value, &path, true)?;
+        let (raw, _) = self.unit::<RawMqtt>(table, &path, &[])?;
+        let (host, port) = parse_mqtt_url(&raw.url).unwrap_or_else(|e| {
+            self.report(&path.key("url"), e.to_string());
+            (String::new(), DEFAULT_MQTT_PORT)
+        });
+        let id = gateway_id.unwrap_or("gateway");
+        let client_id = raw.client_id.unwrap_or_else(|| id.to_owned());
+        if let Err(message) = check_client_id(&client_id) {
+            self.report(&path.key("client_id"), message);
+        }
+        let topic_prefix = raw.topic_prefix.unwrap_or_else(|| format!("edge/{id}"));
+        if let Err(message) = check_topic_prefix(&topic_prefix) {
+            self.report(&path.key("topic_prefix"), message);
+        }
+        if let Some(username) = &raw.username {
+            if username.is_empty() {
+                let message = "must not be empty: leave `username` out if the broker wants none";
+                self.report(&path.key("username"), message);
+            } else if username.contains('\0') {
+                self.report(&path.key("username"), "must not contain NUL");
+            }
+        }
+        let password_file = raw.password_file.map(|file| {
+            let field = path.key("password_file");
+            let resolved = self.path(&field, &file);
+            if self.dir.is_some() && !file.is_empty() {
+                if let Err(message) = check_readable(&resolved) {
+                    self.report(&field, message);
+                }
+            }
+            resolved
+        });
+        let keep_alive = self.duration(
+            &path.key("keep_alive"),
+            raw.keep_alive,
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+            Duration::from_secs(u64::from(u16::MAX)),
+        );
+        let max_inflight = self.integer(&path.key("max_inflight"), raw.max_inflight, 256, 1, 1024);
+        let max_packet_size = raw.max_packet_size.map_or(MIB, |size| size.0);
+        if !(16 * KIB..=256 * MIB).contains(&max_packet_size) {
+            let message = format!(
+                "must be between 16KiB and 256MiB, not {}",
+                fmt_size(max_packet_size)
+            );
+            self.report(&path.key("max_packet_size"), message);
+        }
+        let shutdown_grace = self.duration(
+            &path.key("shutdown_grace"),
+            raw.shutdown_grace,
+            Duration::from_secs(5),
+            Duration::ZERO,
+            MAX_DURATION,
+        );
+        let ack_timeout = self.duration(
+            &path.key("ack_timeout"),
+            raw.ack_timeout,
+            Duration::from_secs(30),
+            NONZERO,
+            MAX_DURATION,
+        );
+        Some(MqttSettings {
+            host,
+            port,
+            client_id,
+            topic_prefix,
+            format: raw.format.unwrap_or_default(),
+            username: raw.username,
+            password_file,
+            keep_alive,
+            max_inflight,
+            max_packet_size: usize::try_from(max_packet_size).unwrap_or(usize::MAX),
+            shutdown_grace,
+            ack_timeout,
+        })
+    }
+
+    fn devices(&mut self, value: Option<toml::Value>) -> Option<Vec<DeviceSettings>> {
+        let path = FieldPath::top("devices");
+        let entries = match value {
+            Some(value) => self.entries(value, &path, "[[devices]]"),
+            None => Vec::new(),
+        };
+        if entries.is_empty() && !self.problems.iter().any(|p| p.field == "devices") {
+            self.report(&path, "no [[devices]]: configure at least one device");
+            return None;
+        }
+        let mut names = HashMap::new();
+        let mut devices = Vec::new();
+        let mut complete = true;
+        for (index, entry) in entries.into_iter().enumerate() {
+            match self.device(index, entry, &mut names) {
+                DeviceOutcome::Enabled(device) => devices.push(device),
+                DeviceOutcome::Disabled => {}
+                DeviceOutcome::Invalid => complete = false,
+            }
+        }
+        complete.then_some(devices)
+    }
+
+    fn device(
+        &mut self,
+        index: usize,
+        entry: toml::Value,
+        names: &mut HashMap<String, usize>,
+    ) -> DeviceOutcome {
+        let path = FieldPath::top("devices").index(index);
+        let Some(mut table) = self.entry(entry, &path, "[[devices]]") else {
+            return DeviceOutcome::Invalid;
+        };
+        let tags = table.remove("tags");
+        if let Some(toml::Value::String(protocol)) = table.get("protocol") {
+            if UNSUPPORTED_PROTOCOLS.contains(&protocol.as_str()) {
+                let message = format!("protocol `{protocol}` is not supported yet");
+                self.report(&path.key("protocol"), message);
+                return DeviceOutcome::Invalid;
+            }
+        }
+
+        let device = self
+            .unit::<RawDevice>(table, &path, &["tags"])
+            .map(|(raw, dropped)| self.modbus_device(&path, raw, &dropped, names));
+        let defaults = TagDefaults {
+            scan_interval: device
+                .as_ref()
+                .map_or(Duration::from_secs(1), |(d, _)| d.scan_interval),
+            max_registers_per_read: device.as_ref().map_or(125, |(d, _)| {
+                let DeviceKind::ModbusTcp(settings) = &d.kind;
+                settings.max_registers_per_read
+            }),
+        };
+        let enabled = device.as_ref().map_or(true, |(_, enabled)| *enabled);
+
+        let tags_path = path.key("tags");
+        let tag_count = self.problems.len();
+        let entries = match tags {
+            Some(tags) => self.entries(tags, &tags_path, "[[devices.tags]]"),
+            None => Vec::new(),
+        };
+        if enabled && entries.is_empty() && self.problems.len() == tag_count {
+            let message =
+                "an enabled device needs at least one [[devices.tags]] entry (or enabled = false)";
+            self.report(&tags_path, message);
+        }
+        let tags = self.tags(&tags_path, entries, &defaults);
+
+        match (device, tags) {
+            (Some((mut device, enabled)), Some(tags)) => {
+                let DeviceKind::ModbusTcp(settings) = &mut device.kind;
+                settings.tags = tags;
+                if enabled {
+                    DeviceOutcome::Enabled(device)
+                } else {
+                    DeviceOutcome::Disabled
+                }
+            }
+            _ => DeviceOutcome::Invalid,
+        }
+    }
+
+    /// Checks a device's own keys; returns it without tags, and whether it is enabled.
+    fn modbus_device(
+        &mut self,
+        path: &FieldPath,
+        raw: RawDevice,
+        dropped: &BTreeSet<String>,
+        names: &mut HashMap<String, usize>,
+    ) -> (DeviceSettings, bool) {
+        let index = match path.0.last() {
+            Some(Segment::Index(index)) => *index,
+            _ => 0,
+        };
+        let name_path = path.key("name");
+        if let Err(message) = check_device_name(&raw.name) {
+            self.report(&name_path, message);
+        }
+        if let Some(&first) = names.get(&raw.name) {
+            let first_path = FieldPath::top("devices").index(first).key("name");
+            let message = match self.line_of(&first_path) {
+                Some(line) => format!(
+                    "duplicate device name `{}`: devices[{first}] on line {line} has it already",
+                    raw.name
+                ),
+                None => format!(
+                    "duplicate device name `{}`: devices[{first}] has it already",
+                    raw.name
+                ),
+            };
+            self.report(&name_path, message);
+        } else {
+            names.insert(raw.name.clone(), index);
+        }
+        if raw.protocol != "modbus_tcp" {
+            let message = format!("unknown protocol `{}`: use modbus_tcp", raw.protocol);
+            self.report(&path.key("protocol"), message);
+        }
+        if let Err(e) = split_host_port(&raw.address, None) {
+            self.report(&path.key("address"), e.to_string());
+        }
+        let unit_id = self.integer(&path.key("unit_id"), raw.unit_id, 1, 0, 255);
+        let scan_interval = self.duration(
+            &path.key("scan_interval"),
+            raw.scan_interval,
+            Duration::from_secs(1),
+            MS,
+            MAX_DURATION,
+        );
+        let timeout = self.duration(
+            &path.key("timeout"),
+            raw.timeout,
+            Duration::from_secs(1),
+            NONZERO,
+            MAX_DURATION,
+        );
+        let max_registers_per_read = self.integer(
+            &path.key("max_registers_per_read"),
+            raw.max_registers_per_read,
+            125,
+            1,
+            125,
+        );
+        let max_gap = self.integer(&path.key("max_gap"), raw.max_gap, 16, 0, 125);
+        let max_silence = self.duration(
+            &path.key("max_silence"),
+            raw.max_silence,
+            Duration::from_secs(60),
+            NONZERO,
+            MAX_DURATION,
+        );
+        let backoff_min = self.duration(
+            &path.key("backoff_min"),
+            raw.backoff_min,
+            Duration::from_millis(100),
+            NONZERO,
+            MAX_DURATION,
+        );
+        let backoff_max = self.duration(
+            &path.key("backoff_max"),
+            raw.backoff_max,
+            Duration::from_secs(30),
+            NONZERO,
+            MAX_DURATION,
+        );
+        if backoff_max < backoff_min
+            && !dropped.contains("backoff_min")
+            && !dropped.contains("backoff_max")
+        {
+            let message = format!(
+                "must be at least backoff_min ({}), not {}",
+                fmt_duration(backoff_min),
+                fmt_duration(backoff_max)
+            );
+            self.report(&path.key("backoff_max"), message);
+        }
+        let settings = ModbusTcpSettings {
+            address: raw.address,
+            unit_id,
+            timeout,
+            max_registers_per_read,
+            max_gap,
+            report: raw.report.unwrap_or_default(),
+            max_silence,
+            backoff_min,
+            backoff_max,
+            tags: Vec::new(),
+        };
+        let device = DeviceSettings {
+            name: raw.name.into(),
+            scan_interval,
+            kind: DeviceKind::ModbusTcp(settings),
+        };
+        (device, raw.enabled.unwrap_or(true))
+    }
+
+    /// Checks a device's tags, each on its own and then against each other.
+    fn tags(
+        &mut self,
+        path: &FieldPath,
+        entries: Vec<toml::Value>,
+        defaults: &TagDefaults,
+    ) -> Option<Vec<TagSpec>> {
+        let mut specs = Vec::new();
+        let mut complete = true;
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut placed: Vec<Placed> = Vec::new();
+        // Register -> the first placed tag covering it; a tag is at most 125 registers wide.
+        let mut covered: HashMap<(Area, u32), usize> = HashMap::new();
+        for (index, entry) in entries.into_iter().enumerate() {
+            let tag_path = path.index(index);
+            let Some(table) = self.entry(entry, &tag_path, "[[devices.tags]]") else {
+                complete = false;
+                continue;
+            };
+            let Some((raw, _)) = self.unit::<RawTag>(table, &tag_path, &[]) else {
+                complete = false;
+                continue;
+            };
+            if let Some(&first) = names.get(&raw.name) {
+                let first_path = path.index(first).key("name");
+                let message = match self.line_of(&first_path) {
+                    Some(line) => format!(
+                        "duplicate tag name `{}`: the tag on line {line} has it already",
+                        raw.name
+                    ),
+                    None => format!(
+                        "duplicate tag name `{}`: {first_path} has it already",
+                        raw.name
+                    ),
+                };
+                self.report(&tag_path.key("name"), message);
+            } else {
+                names.insert(raw.name.clone(), index);
+            }
+            let Some(spec) = self.tag(&tag_path, raw, defaults) else {
+                complete = false;
+                continue;
+            };
+
+            let width = spec.width().max(1);
+            let start = u32::from(spec.address.offset);
+            let last = start + u32::from(width) - 1;
+            let area = spec.address.area;
+            let overlapping = (start..=last)
+                .filter_map(|register| covered.get(&(area, register)).copied())
+                .min();
+            if let Some(other) = overlapping.and_then(|i| placed.get(i)) {
+                let message = format!(
+                    "overlaps tag `{}` ({})",
+                    other.name,
+                    fmt_range(other.address, other.width)
+                );
+                self.report(&tag_path.key("address"), message);
+            }
+            for register in start..=last {
+                covered.entry((area, register)).or_insert(placed.len());
+            }
+            placed.push(Placed {
+                name: Arc::clone(&spec.name),
+                address: spec.address,
+                width,
+            });
+            specs.push(spec);
+        }
+        complete.then_some(specs)
+    }
+
+    /// Checks one tag; returns it when its address and type are known.
+    fn tag(&mut self, path: &FieldPath, raw: RawTag, defaults: &TagDefaults) -> Option<TagSpec> {
+        if let Err(message) = check_tag_name(&raw.name) {
+            self.report(&path.key("name"), message);
+        }
+        let address = raw
+            .address
+            .parse::<Address>()
+            .map_err(|e| self.report(&path.key("address"), e.to_string()))
+            .ok();
+        let data_type = match raw.data_type.as_deref() {
+            None => address.map(|a| {
+                if a.area.is_bit() {
+                    DataType::Bool
+                } else {
+                    DataType::U16
+                }
+            }),
+            Some(text) => {
+                let parsed = parse_data_type(text);
+                if parsed.is_none() {
+                    let message = format!(
+                        "unknown type `{text}`: use bool, i16, u16, i32, u32, i64, u64, f32, f64 \
+                         or string"
+                    );
+                    self.report(&path.key("type"), message);
+                }
+                parsed
+            }
+        };
+        if let (Some(address), Some(data_type)) = (address, data_type) {
+            if address.area.is_bit() && data_type != DataType::Bool {
+                let message = format!(
+                    "{} holds a single bit: use type = \"bool\" (or a register area, hr or ir, \
+                     for type \"{}\")",
+                    area_name(address.area),
+                    data_type.name()
+                );
+                self.report(&path.key("type"), message);
+            }
+        }
+        let length = match (data_type, raw.length) {
+            (Some(DataType::String), None) => {
+                let message = "type \"string\" needs `length`, its size in bytes (1 to 250)";
+                self.report(&path.key("length"), message);
+                0
+            }
+            (Some(DataType::String), Some(length)) => {
+                self.integer(&path.key("length"), Some(length), 0u16, 1, 250)
+            }
+            (Some(other), Some(_)) => {
+                let message = format!(
+                    "`length` is only for type \"string\", not \"{}\"",
+                    other.name()
+                );
+                self.report(&path.key("length"), message);
+                0
+            }
+            (Some(_), None) | (None, _) => 0,
+        };
+        let order = match raw.order.as_deref() {
+            None => WordOrder::default(),
+            Some(text) => parse_order(text).unwrap_or_else(|| {
+                let message = format!("unknown order `{text}`: use ABCD, CDAB, BADC or DCBA");
+                self.report(&path.key("order"), message);
+                WordOrder::default()
+            }),
+        };
+        let scale = raw.scale.unwrap_or(1.0);
+        if !scale.is_finite() {
+            self.report(&path.key("scale"), "must be a finite number");
+        } else if scale == 0.0 {
+            self.report(&path.key("scale"), "must not be zero");
+        }
+        let offset = raw.offset.unwrap_or(0.0);
+        if !offset.is_finite() {
+            self.report(&path.key("offset"), "must be a finite number");
+        }
+        let deadband = raw.deadband.unwrap_or(0.0);
+        if !deadband.is_finite() {
+            self.report(&path.key("deadband"), "must be a finite number");
+        } else if deadband < 0.0 {
+            self.report(&path.key("deadband"), "must not be negative");
+        }
+        let scan_interval = self.duration(
+            &path.key("scan_interval"),
+            raw.scan_interval,
+            defaults.scan_interval,
+            MS,
+            MAX_DURATION,
+        );
+        let spec = TagSpec {
+            name: raw.name.into(),
+            address: address?,
+            data_type: data_type?,
+            order,
+            length,
+            scale,
+            offset,
+            deadband,
+            scan_interval,
+        };
+
+        let width = spec.width().max(1);
+        if u32::from(spec.address.offset) + u32::from(width) > 65536 {
+            let message = format!(
+                "`{}` with type \"{}\" needs {width} registers and extends past register 65535",
+                spec.address,
+                spec.data_type.name()
+            );
+            self.report(&path.key("address"), message);
+        }
+        if !spec.address.area.is_bit() && width > defaults.max_registers_per_read {
+            let key = if spec.data_type == DataType::String {
+                "length"
+            } else {
+                "type"
+            };
+            let message = format!(
+                "type \"{}\" needs {width} registers, more than the device's \
+                 max_registers_per_read ({})",
+                spec.data_type.name(),
+                defaults.max_registers_per_read
+            );
+            self.report(&path.key(key), message);
+        }
+        Some(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EXAMPLE: &str = include_str!("../../deploy/gateway.example.toml");
+
+    /// A small valid file that the rule tests edit.
+    const BASE: &str = r#"[gateway]
+id = "edge-01"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+
+[[devices]]
+name = "press7"
+protocol = "modbus_tcp"
+address = "127.0.0.1:5020"
+
+  [[devices.tags]]
+  name = "counter"
+  address = "hr:0"
+"#;
+
+    /// The contract's example, every key set. (The contract's tag block also shows
+    /// `length = 16` on the f32 tag, which its own rules forbid; it is left out here.)
+    const FULL: &str = r#"[gateway]
+id = "edge-01"
+data_dir = "./data"
+
+[buffer]
+max_size = "1GiB"
+when_full = "drop_oldest"
+commit_interval = "100ms"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+client_id = "edge-01"
+topic_prefix = "edge/edge-01"
+format = "json"
+username = "gw"
+password_file = "/path"
+keep_alive = "30s"
+max_inflight = 256
+max_packet_size = "1MiB"
+shutdown_grace = "5s"
+ack_timeout = "30s"
+
+[[devices]]
+name = "press7"
+protocol = "modbus_tcp"
+address = "127.0.0.1:5020"
+unit_id = 1
+scan_interval = "1s"
+timeout = "1s"
+max_registers_per_read = 125
+max_gap = 16
+report = "every_scan"
+max_silence = "60s"
+backoff_min = "100ms"
+backoff_max = "30s"
+enabled = true
+
+  [[devices.tags]]
+  name = "sine"
+  address = "hr:1"
+  type = "f32"
+  order = "ABCD"
+  scale = 1.0
+  offset = 0.0
+  deadband = 0.0
+  unit = "m/s"
+  scan_interval = "250ms"
+"#;
+
+    fn config(src: &str) -> Config {
+        match parse(src, "test.toml") {
+            Ok(config) => config,
+            Err(errors) => panic!("unexpected problems:\n{errors}"),
+        }
+    }
+
+    fn problems(src: &str) -> Vec<Problem> {
+        match parse(src, "test.toml") {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.problems,
+        }
+    }
+
+    fn modbus(device: &DeviceSettings) -> &ModbusTcpSettings {
+        let DeviceKind::ModbusTcp(settings) = &device.kind;
+        settings
+    }
+
+    /// The 1-based line of the first line of `src` containing `needle`.
+    fn line_containing(src: &str, needle: &str) -> usize {
+        match src.lines().position(|line| line.contains(needle)) {
+            Some(index) => index + 1,
+            None => panic!("`{needle}` is not in the test source"),
+        }
+    }
+
+    fn listing(problems: &[Problem]) -> String {
+        problems
+            .iter()
+            .map(|p| format!("  {p}\n"))
+            .collect::<String>()
+    }
+
+    /// Asserts a problem on `field`, on the line holding `needle`, whose message holds
+    /// `fragment`.
+    fn assert_problem(src: &str, field: &str, needle: &str, fragment: &str) {
+        let found = problems(src);
+        let line = line_containing(src, needle);
+        assert!(
+            found
+                .iter()
+                .any(|p| p.field == field && p.line == Some(line) && p.message.contains(fragment)),
+            "expected `{field}` on line {line} saying `{fragment}` in:\n{src}\ngot:\n{}",
+            listing(&found)
+        );
+    }
+
+    fn with_gateway(lines: &str) -> String {
+        BASE.replace(
+            "id = \"edge-01\"\n",
+            &format!("id = \"edge-01\"\n{lines}\n"),
+        )
+    }
+
+    fn with_mqtt(lines: &str) -> String {
+        let url = "url = \"mqtt://127.0.0.1:1883\"\n";
+        BASE.replace(url, &format!("{url}{lines}\n"))
+    }
+
+    fn with_url(url: &str) -> String {
+        BASE.replace("mqtt://127.0.0.1:1883", url)
+    }
+
+    fn with_buffer(lines: &str) -> String {
+        format!("{BASE}\n[buffer]\n{lines}\n")
+    }
+
+    fn with_device(lines: &str) -> String {
+        let address = "address = \"127.0.0.1:5020\"\n";
+        BASE.replace(address, &format!("{address}{lines}\n"))
+    }
+
+    fn with_tag(lines: &str) -> String {
+        format!("{BASE}\n  [[devices.tags]]\n{lines}\n")
+    }
+
+    #[test]
+    fn example_file_parses_without_problems() {
+        let config = config(EXAMPLE);
+        assert_eq!(&*config.gateway.id, "edge-01");
+        assert_eq!(
+            config.devices.len(),
+            1,
+            "the disabled second device is left out"
+        );
+        let press = &config.devices[0];
+        let tags = &modbus(press).tags;
+        let summary: Vec<(&str, String, DataType, u16)> = tags
+            .iter()
+            .map(|t| (&*t.name, t.address.to_string(), t.data_type, t.width()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("counter", "hr:0".to_owned(), DataType::U16, 1),
+                ("sine", "hr:1".to_owned(), DataType::F32, 2),
+                ("position", "hr:3".to_owned(), DataType::I32, 2),
+                ("energy", "hr:5".to_owned(), DataType::F64, 4),
+                ("recipe", "hr:10".to_owned(), DataType::String, 8),
+                ("running", "co:0".to_owned(), DataType::Bool, 1),
+            ]
+        );
+        assert_eq!(tags[2].order, WordOrder::CDAB);
+        assert_eq!(tags[4].length, 16);
+    }
+
+    #[test]
+    fn full_contract_example_parses_to_the_expected_runtime_values() {
+        let expected = Config {
+            gateway: GatewaySettings {
+                id: "edge-01".into(),
+                data_dir: PathBuf::from("./data"),
+            },
+            buffer: BufferSettings {
+                max_size: 1 << 30,
+                when_full: WhenFull::DropOldest,
+                commit_interval: Duration::from_millis(100),
+            },
+            mqtt: MqttSettings {
+                host: "127.0.0.1".to_owned(),
+                port: 1883,
+                client_id: "edge-01".to_owned(),
+                topic_prefix: "edge/edge-01".to_owned(),
+                format: Format::Json,
+                username: Some("gw".to_owned()),
+                password_file: Some(PathBuf::from("/path")),
+                keep_alive: Duration::from_secs(30),
+                max_inflight: 256,
+                max_packet_size: 1 << 20,
+                shutdown_grace: Duration::from_secs(5),
+                ack_timeout: Duration::from_secs(30),
+            },
+            devices: vec![DeviceSettings {
+                name: "press7".into(),
+                scan_interval: Duration::from_secs(1),
+                kind: DeviceKind::ModbusTcp(ModbusTcpSettings {
+                    address: "127.0.0.1:5020".to_owned(),
+                    unit_id: 1,
+                    timeout: Duration::from_secs(1),
+                    max_registers_per_read: 125,
+                    max_gap: 16,
+                    report: Report::EveryScan,
+                    max_silence: Duration::from_secs(60),
+                    backoff_min: Duration::from_millis(100),
+                    backoff_max: Duration::from_secs(30),
+                    tags: vec![TagSpec {
+                        name: "sine".into(),
+                        address: Address {
+                            area: Area::HoldingRegister,
+                            offset: 1,
+                        },
+                        data_type: DataType::F32,
+                        order: WordOrder::ABCD,
+                        length: 0,
+                        scale: 1.0,
+                        offset: 0.0,
+                        deadband: 0.0,
+                        scan_interval: Duration::from_millis(250),
+                    }],
+                }),
+            }],
+        };
+        assert_eq!(config(FULL), expected);
+    }
+
+    #[test]
+    fn defaults_fill_in_every_optional_key() {
+        let config = config(&with_tag("  name = \"running\"\n  address = \"co:3\""));
+        assert_eq!(config.gateway.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.buffer.max_size, 1 << 30);
+        assert_eq!(config.buffer.when_full, WhenFull::DropOldest);
+        assert_eq!(config.buffer.commit_interval, Duration::from_millis(100));
+        let mqtt = &config.mqtt;
+        assert_eq!((mqtt.host.as_str(), mqtt.port), ("127.0.0.1", 1883));
+        assert_eq!(mqtt.client_id, "edge-01");
+        assert_eq!(mqtt.topic_prefix, "edge/edge-01");
+        assert_eq!(mqtt.format, Format::Json);
+        assert_eq!((&mqtt.username, &mqtt.password_file), (&None, &None));
+        assert_eq!(mqtt.keep_alive, Duration::from_secs(30));
+        assert_eq!(mqtt.max_inflight, 256);
+        assert_eq!(mqtt.max_packet_size, 1 << 20);
+        assert_eq!(mqtt.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(mqtt.ack_timeout, Duration::from_secs(30));
+        let device = &config.devices[0];
+        assert_eq!(device.scan_interval, Duration::from_secs(1));
+        let settings = modbus(device);
+        assert_eq!(settings.unit_id, 1);
+        assert_eq!(settings.timeout, Duration::from_secs(1));
+        assert_eq!(settings.max_registers_per_read, 125);
+        assert_eq!(settings.max_gap, 16);
+        assert_eq!(settings.report, Report::EveryScan);
+        assert_eq!(settings.max_silence, Duration::from_secs(60));
+        assert_eq!(settings.backoff_min, Duration::from_millis(100));
+        assert_eq!(settings.backoff_max, Duration::from_secs(30));
+        let [register, coil] = &settings.tags[..] else {
+            panic!("expected two tags, got {:?}", settings.tags);
+        };
+        assert_eq!(register.data_type, DataType::U16, "u16 on registers");
+        assert_eq!(coil.data_type, DataType::Bool, "bool on coils");
+        for tag in [register, coil] {
+            assert_eq!(tag.order, WordOrder::ABCD);
+            assert_eq!((tag.scale, tag.offset, tag.deadband), (1.0, 0.0, 0.0));
+            assert_eq!(tag.scan_interval, Duration::from_secs(1));
+        }
+    }
+
+    #[test]
+    fn a_tag_scans_at_its_own_interval_or_else_at_its_devices() {
+        let src = with_device("scan_interval = \"2s\"");
+        let src = format!(
+            "{src}\n  [[devices.tags]]\n  name = \"fast\"\n  address = \"hr:9\"\n  \
+             scan_interval = \"250ms\"\n"
+        );
+        let config = config(&src);
+        let device = &config.devices[0];
+        assert_eq!(device.scan_interval, Duration::from_secs(2));
+        let intervals: Vec<Duration> = modbus(device)
+            .tags
+            .iter()
+            .map(|t| t.scan_interval)
+            .collect();
+        assert_eq!(
+            intervals,
+            [Duration::from_secs(2), Duration::from_millis(250)]
+        );
+    }
+
+    #[test]
+    fn disabled_devices_are_validated_but_left_out() {
+        let disabled = "\n[[devices]]\nname = \"spare\"\nprotocol = \"modbus_tcp\"\n\
+                        address = \"10.0.0.9:502\"\nenabled = false\n";
+        let config = config(&format!("{BASE}{disabled}"));
+        let names: Vec<&str> = config.devices.iter().map(|d| &*d.name).collect();
+        assert_eq!(names, ["press7"], "a disabled device needs no tags either");
+
+        let broken = format!("{BASE}{}", disabled.replace("10.0.0.9:502", "10.0.0.9"));
+        assert_problem(&broken, "devices[1].address", "10.0.0.9", "has no port");
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_line() {
+        let src = r#"[gateway]
+id = "edge-01"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+keepalive = "30s"
+
+[[devices]]
+name = "press7"
+protocol = "modbus_tcp"
+address = "127.0.0.1:5020"
+scan_interval = "fast"
+
+  [[devices.tags]]
+  name = "counter"
+  address = "hr:0"
+
+  [[devices.tags]]
+  name = "sine"
+  address = "xr:1"
+
+  [[devices.tags]]
+  name = "level"
+  address = "hr:4"
+  colour = "red"
+
+  [[devices.tags]]
+  name = "counter"
+  address = "hr:8"
+"#;
+        let found = problems(src);
+        let summary: Vec<(Option<usize>, &str)> =
+            found.iter().map(|p| (p.line, p.field.as_str())).collect();
+        assert_eq!(
+            summary,
+            [
+                (Some(6), "mqtt.keepalive"),
+                (Some(12), "devices[0].scan_interval"),
+                (Some(20), "devices[0].tags[1].address"),
+                (Some(25), "devices[0].tags[2].colour"),
+                (Some(28), "devices[0].tags[3].name"),
+            ],
+            "got:\n{}",
+            listing(&found)
+        );
+        assert!(found[0].message.contains("did you mean `keep_alive`?"));
+        assert!(found[1].message.contains("`fast` is not a duration"));
+        assert!(found[2]
+            .message
+            .contains("unknown area `xr`: use hr (holding)"));
+        assert!(found[3].message.contains("unknown key `colour`"));
+        assert!(found[4]
+            .message
+            .contains("the tag on line 15 has it already"));
+    }
+
+    #[test]
+    fn problems_render_one_per_line_with_file_line_field_and_message() {
+        let src = with_mqtt("keepalive = \"30s\"\nmax_inflight = 0");
+        let errors = match parse(&src, "gateway.toml") {
+            Ok(_) => panic!("expected problems"),
+            Err(errors) => errors,
+        };
+        assert_eq!(
+            errors.to_string(),
+            "gateway.toml:6: mqtt.keepalive: unknown key `keepalive`; did you mean \
+             `keep_alive`?\ngateway.toml:7: mqtt.max_inflight: must be between 1 and 1024, \
+             not 0"
+        );
+        let no_line = ConfigErrors::whole_file("gateway.toml", None, "gone".to_owned());
+        assert_eq!(no_line.to_string(), "gateway.toml: gone");
+    }
+
+    #[test]
+    fn a_syntax_error_is_one_problem_with_its_line() {
+        let found = problems("[gateway]\nid = \"edge-01\"\n\n[mqtt\nurl = 1\n");
+        assert_eq!(found.len(), 1, "got:\n{}", listing(&found));
+        assert_eq!(found[0].line, Some(4));
+        assert!(found[0].message.starts_with("TOML syntax error"));
+
+        let found = problems("[gateway]\nid = \"a\"\nid = \"b\"\n");
+        assert_eq!(found.len(), 1, "got:\n{}", listing(&found));
+        assert_eq!(found[0].line, Some(3));
+        assert!(found[0].message.contains("duplicate key"));
+    }
+
+    #[test]
+    fn lines_are_found_in_inline_tables_and_dotted_keys_too() {
+        let src = r#"gateway = { id = "edge 01" }
+mqtt.url = "mqtts://broker"
+devices = [
+  { name = "press7", protocol = "modbus_tcp", address = "127.0.0.1:5020", tags = [
+    { name = "a", address = "xr:1" },
+  ] },
+]
+"#;
+        assert_problem(src, "gateway.id", "edge 01", "not allowed");
+        assert_problem(src, "mqtt.url", "mqtts", "TLS is not supported yet");
+        assert_problem(
+            src,
+            "devices[0].tags[0].address",
+            "xr:1",
+            "unknown area `xr`",
+        );
+    }
+
+    #[test]
+    fn section_rules() {
+        let missing_mqtt = "[gateway]\nid = \"g\"\n\n[[devices]]\nname = \"d\"\n\
+                            protocol = \"modbus_tcp\"\naddress = \"h:502\"\n\
+                            [[devices.tags]]\nname = \"t\"\naddress = \"hr:0\"\n";
+        let found = problems(missing_mqtt);
+        assert_eq!(
+            found,
+            [Problem {
+                line: None,
+                field: "mqtt".to_owned(),
+                message: "missing section [mqtt]".to_owned(),
+            }]
+        );
+        assert_problem(
+            &format!("{BASE}\n[[device]]\nname = \"x\"\n"),
+            "device",
+            "[[device]]",
+            "did you mean `devices`?",
+        );
+        assert_problem(
+            &BASE
+                .replace("[[devices]]", "[devices]")
+                .replace("[[devices.tags]]", "[devices.tags]"),
+            "devices",
+            "[devices]",
+            "double brackets",
+        );
+        let found = problems("[gateway]\nid = \"g\"\n[mqtt]\nurl = \"mqtt://h\"\n");
+        assert_eq!(
+            found,
+            [Problem {
+                line: None,
+                field: "devices".to_owned(),
+                message: "no [[devices]]: configure at least one device".to_owned(),
+            }]
+        );
+    }
+
+    #[test]
+    fn gateway_rules() {
+        assert_problem(
+            &BASE.replace("edge-01", "edge/01"),
+            "gateway.id",
+            "edge/01",
+            "'/' is not allowed",
+        );
+        assert_problem(
+            &BASE.replace("id = \"edge-01\"\n", ""),
+            "gateway.id",
+            "[gateway]",
+            "missing required key `id`",
+        );
+        assert_problem(
+            &with_gateway("data_dir = \"\""),
+            "gateway.data_dir",
+            "data_dir",
+            "must not be empty",
+        );
+        assert_problem(
+            &with_gateway("colour = 1"),
+            "gateway.colour",
+            "colour",
+            "unknown key `colour`",
+        );
+    }
+
+    #[test]
+    fn buffer_rules() {
+        let cases = [
+            (
+                "max_size = \"512KiB\"",
+                "buffer.max_size",
+                "at least 1MiB, not 512KiB",
+            ),
+            ("max_size = \"1TB\"", "buffer.max_size", "unknown unit `TB`"),
+            ("max_size = \"big\"", "buffer.max_size", "is not a size"),
+            (
+                "when_full = \"drop_all\"",
+                "buffer.when_full",
+                "unknown value `drop_all`",
+            ),
+            (
+                "commit_interval = \"2m\"",
+                "buffer.commit_interval",
+                "between 1ms and 1m",
+            ),
+            (
+                "commit_interval = \"500us\"",
+                "buffer.commit_interval",
+                "between 1ms and 1m",
+            ),
+            (
+                "commit_interval = 100",
+                "buffer.commit_interval",
+                BARE_DURATION,
+            ),
+        ];
+        for (line, field, fragment) in cases {
+            assert_problem(&with_buffer(line), field, line, fragment);
+        }
+        let config = config(&with_buffer(
+            "max_size = \"100MB\"\nwhen_full = \"drop_newest\"",
+        ));
+        assert_eq!(config.buffer.max_size, 100_000_000);
+        assert_eq!(config.buffer.when_full, WhenFull::DropNewest);
+    }
+
+    #[test]
+    fn mqtt_url_rules() {
+        let cases = [
+            ("mqtts://broker:8883", "TLS is not supported yet"),
+            ("ssl://broker", "TLS is not supported yet"),
+            ("http://broker", "unsupported scheme `http://`"),
+            ("broker:1883", "expected `mqtt://HOST[:PORT]`"),
+            (
+                "mqtt://user:secret@broker",
+                "credentials do not belong in the url",
+            ),
+            ("mqtt://broker/topic", "without a path"),
+            ("mqtt://:1883", "no host"),
+            ("mqtt://broker:0", "`0` is not a port"),
+            ("mqtt://broker:65536", "`65536` is not a port"),
+            ("mqtt://bro ker", "not a valid host"),
+        ];
+        for (url, fragment) in cases {
+            assert_problem(&with_url(url), "mqtt.url", url, fragment);
+        }
+        for (url, host, port) in [
+            ("tcp://broker", "broker", 1883),
+            ("mqtt://10.0.0.5:1884/", "10.0.0.5", 1884),
+            ("MQTT://[::1]:1885", "::1", 1885),
+        ] {
+            let mqtt = config(&with_url(url)).mqtt;
+            assert_eq!((mqtt.host.as_str(), mqtt.port), (host, port), "{url}");
+        }
+        let secret = problems(&with_url("mqtt://user:hunter2@broker"));
+        assert!(
+            !format!("{secret:?}").contains("hunter2"),
+            "the password is never echoed"
+        );
+        assert_problem(
+            &BASE.replace("url = \"mqtt://127.0.0.1:1883\"\n", ""),
+            "mqtt.url",
+            "[mqtt]",
+            "missing required key `url`",
+        );
+    }
+
+    #[test]
+    fn mqtt_rules() {
+        let cases = [
+            (
+                "topic_prefix = \"edge/#\"",
+                "mqtt.topic_prefix",
+                "wildcards",
+            ),
+            (
+                "topic_prefix = \"edge/+/x\"",
+                "mqtt.topic_prefix",
+                "wildcards",
+            ),
+            (
+                "topic_prefix = \"/edge\"",
+                "mqtt.topic_prefix",
+                "start or end with `/`",
+            ),
+            (
+                "topic_prefix = \"edge/\"",
+                "mqtt.topic_prefix",
+                "start or end with `/`",
+            ),
+            ("client_id = \"\"", "mqtt.client_id", "must not be empty"),
+            ("format = \"xml\"", "mqtt.format", "unknown value `xml`"),
+            (
+                "max_inflight = 0",
+                "mqtt.max_inflight",
+                "between 1 and 1024, not 0",
+            ),
+            (
+                "max_inflight = 1025",
+                "mqtt.max_inflight",
+                "between 1 and 1024, not 1025",
+            ),
+            (
+                "max_inflight = \"many\"",
+                "mqtt.max_inflight",
+                "expected an integer",
+            ),
+            (
+                "max_packet_size = \"8KiB\"",
+                "mqtt.max_packet_size",
+                "between 16KiB and 256MiB",
+            ),
+            (
+                "max_packet_size = \"512MiB\"",
+                "mqtt.max_packet_size",
+                "between 16KiB and 256MiB",
+            ),
+            (
+                "keep_alive = \"500ms\"",
+                "mqtt.keep_alive",
+                "between 1s and 65535s",
+            ),
+            ("keep_alive = 30", "mqtt.keep_alive", BARE_DURATION),
+            (
+                "ack_timeout = \"0s\"",
+                "mqtt.ack_timeout",
+                "must not be zero",
+            ),
+            ("username = \"\"", "mqtt.username", "must not be empty"),
+            (
+                "password = \"x\"",
+                "mqtt.password",
+                "did you mean `password_file`?",
+            ),
+        ];
+        for (line, field, fragment) in cases {
+            assert_problem(&with_mqtt(line), field, line, fragment);
+        }
+        let mqtt = config(&with_mqtt("shutdown_grace = \"0s\"\nkeep_alive = \"1.5s\"")).mqtt;
+        assert_eq!(mqtt.shutdown_grace, Duration::ZERO, "zero grace is allowed");
+        assert_eq!(mqtt.keep_alive, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn device_rules() {
+        let cases = [
+            (
+                "unit_id = 256",
+                "devices[0].unit_id",
+                "between 0 and 255, not 256",
+            ),
+            ("unit_id = -1", "devices[0].unit_id", "between 0 and 255"),
+            (
+                "unit_id = \"1\"",
+                "devices[0].unit_id",
+                "invalid type: string \"1\", expected an integer",
+            ),
+            (
+                "max_registers_per_read = 0",
+                "devices[0].max_registers_per_read",
+                "between 1 and 125",
+            ),
+            (
+                "max_registers_per_read = 126",
+                "devices[0].max_registers_per_read",
+                "between 1 and 125",
+            ),
+            ("max_gap = 126", "devices[0].max_gap", "between 0 and 125"),
+            (
+                "scan_interval = \"0ms\"",
+                "devices[0].scan_interval",
+                "must not be zero (at least 1ms)",
+            ),
+            (
+                "scan_interval = \"500us\"",
+                "devices[0].scan_interval",
+                "at least 1ms, not 500us",
+            ),
+            (
+                "scan_interval = 5",
+                "devices[0].scan_interval",
+                BARE_DURATION,
+            ),
+            ("timeout = \"0s\"", "devices[0].timeout", "must not be zero"),
+            (
+                "max_silence = \"8d\"",
+                "devices[0].max_silence",
+                "unknown unit `d`",
+            ),
+            (
+                "report = \"sometimes\"",
+                "devices[0].report",
+                "unknown value `sometimes`",
+            ),
+            (
+                "enabled = \"yes\"",
+                "devices[0].enabled",
+                "expected a boolean",
+            ),
+            (
+                "adress = \"x\"",
+                "devices[0].adress",
+                "did you mean `address`?",
+            ),
+            ("tag = []", "devices[0].tag", "did you mean `tags`?"),
+        ];
+        for (line, field, fragment) in cases {
+            assert_problem(&with_device(line), field, line, fragment);
+        }
+        assert_problem(
+            &with_device("backoff_min = \"10s\"\nbackoff_max = \"1s\""),
+            "devices[0].backoff_max",
+            "backoff_max",
+            "at least backoff_min (10s), not 1s",
+        );
+        let name_cases = [
+            ("press 7", "' ' is not allowed"),
+            ("press/7", "'/' is not allowed"),
+            ("", "1 to 64 characters long, not 0"),
+        ];
+        for (name, fragment) in name_cases {
+            let src = BASE.replace("name = \"press7\"", &format!("name = \"{name}\""));
+            assert_problem(&src, "devices[0].name", "name = \"", fragment);
+        }
+        let long = "p".repeat(65);
+        assert_problem(
+            &BASE.replace("press7", &long),
+            "devices[0].name",
+            &long,
+            "not 65",
+        );
+        config(&BASE.replace("press7", &"p".repeat(64)));
+        config(&BASE.replace("press7", "Press_7.a-b"));
+        config(&with_device("unit_id = 0\nmax_gap = 0"));
+        let address_cases = [
+            ("127.0.0.1", "has no port"),
+            ("127.0.0.1:0", "`0` is not a port"),
+            ("tcp://127.0.0.1:502", "without a scheme"),
+            (":502", "no host"),
+            ("[::1", "not a valid host"),
+        ];
+        for (address, fragment) in address_cases {
+            let src = BASE.replace("127.0.0.1:5020", address);
+            assert_problem(&src, "devices[0].address", "address = \"", fragment);
+        }
+        config(&BASE.replace("127.0.0.1:5020", "[fe80::1]:502"));
+        config(&BASE.replace("127.0.0.1:5020", "plc-7.plant.local:502"));
+    }
+
+    #[test]
+    fn protocol_rules() {
+        for protocol in ["opcua", "modbus_rtu", "modbus_rtu_over_tcp"] {
+            let src = BASE.replace(
+                "\"modbus_tcp\"",
+                &format!("\"{protocol}\"\nport = \"/dev/ttyS0\""),
+            );
+            let found = problems(&src);
+            assert_eq!(
+                found.len(),
+                1,
+                "only the protocol is reported:\n{}",
+                listing(&found)
+            );
+            assert_problem(
+                &src,
+                "devices[0].protocol",
+                "protocol =",
+                &format!("protocol `{protocol}` is not supported yet"),
+            );
+        }
+        assert_problem(
+            &BASE.replace("\"modbus_tcp\"", "\"modbus\""),
+            "devices[0].protocol",
+            "protocol =",
+            "unknown protocol `modbus`: use modbus_tcp",
+        );
+    }
+
+    #[test]
+    fn duplicate_device_names_name_the_first() {
+        let second = "\n[[devices]]\nname = \"press7\" # again\nprotocol = \"modbus_tcp\"\n\
+                      address = \"10.0.0.9:502\"\n  [[devices.tags]]\n  name = \"t\"\n  \
+                      address = \"hr:0\"\n";
+        let src = format!("{BASE}{second}");
+        assert_problem(
+            &src,
+            "devices[1].name",
+            "# again",
+            "duplicate device name `press7`: devices[0] on line 8 has it already",
+        );
+    }
+
+    #[test]
+    fn an_enabled_device_needs_tags() {
+        let src = BASE.replace(
+            "\n  [[devices.tags]]\n  name = \"counter\"\n  address = \"hr:0\"\n",
+            "\n",
+        );
+        assert_problem(
+            &src,
+            "devices[0].tags",
+            "[[devices]]",
+            "at least one [[devices.tags]]",
+        );
+        config(&src.replace(
+            "address = \"127.0.0.1:5020\"",
+            "address = \"127.0.0.1:5020\"\nenabled = false",
+        ));
+    }
+
+    #[test]
+    fn tag_rules() {
+        let cases = [
+            (
+                "name = \"t\"\n  address = \"xr:1\"",
+                "address",
+                "unknown area `xr`: use hr (holding)",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr\"",
+                "address",
+                "expected `AREA:NUMBER`",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:70000\"",
+                "address",
+                "`70000` is not a register number",
+            ),
+            (
+                "name = \"t\"\n  address = \"co:1\"\n  type = \"f32\"",
+                "type",
+                "a coil (co:) holds a single bit",
+            ),
+            (
+                "name = \"t\"\n  address = \"di:1\"\n  type = \"u16\"",
+                "type",
+                "a discrete input (di:) holds a single bit",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:1\"\n  type = \"float\"",
+                "type",
+                "unknown type `float`",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:1\"\n  type = \"u16\"\n  length = 2",
+                "length",
+                "only for type \"string\"",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:1\"\n  type = \"string\"\n  length = 251",
+                "length",
+                "between 1 and 250, not 251",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:1\"\n  type = \"string\"\n  length = 0",
+                "length",
+                "between 1 and 250, not 0",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:1\"\n  order = \"ABDC\"",
+                "order",
+                "unknown order `ABDC`",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:1\"\n  scale = 0.0",
+                "scale",
+                "must not be zero",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:1\"\n  scale = nan",
+                "scale",
+                "finite",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:1\"\n  scale = \"2\"",
+                "scale",
+                "expected a number",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:1\"\n  offset = inf",
+                "offset",
+                "finite",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:1\"\n  deadband = -0.5",
+                "deadband",
+                "must not be negative",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:1\"\n  scan_interval = \"0s\"",
+                "scan_interval",
+                "must not be zero",
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:1\"\n  scan_interval = 250",
+                "scan_interval",
+                BARE_DURATION,
+            ),
+            (
+                "name = \"t\"\n  address = \"hr:1\"\n  units = \"m\"",
+                "units",
+                "did you mean `unit`?",
+            ),
+            (
+                "name = \"a/b\"\n  address = \"hr:1\"",
+                "name",
+                "'/' is not allowed",
+            ),
+            (
+                "name = \"a#\"\n  address = \"hr:1\"",
+                "name",
+                "'#' is not allowed",
+            ),
+            (
+                "name = \"a+b\"\n  address = \"hr:1\"",
+                "name",
+                "'+' is not allowed",
+            ),
+            (
+                "name = \"a\\u0000\"\n  address = \"hr:1\"",
+                "name",
+                "'\\0' is not allowed",
+            ),
+            (
+                "name = \" lead\"\n  address = \"hr:1\"",
+                "name",
+                "start or end with a space",
+            ),
+            (
+                "name = \"\"\n  address = \"hr:1\"",
+                "name",
+                "1 to 128 characters long, not 0",
+            ),
+        ];
+        for (lines, key, fragment) in cases {
+            let src = with_tag(&format!("  {lines}"));
+            let needle = lines
+                .lines()
+                .find(|l| l.trim_start().starts_with(key))
+                .unwrap_or(lines);
+            assert_problem(
+                &src,
+                &format!("devices[0].tags[1].{key}"),
+                needle.trim(),
+                fragment,
+            );
+        }
+        let long = "t".repeat(129);
+        let src = with_tag(&format!("  name = \"{long}\"\n  address = \"hr:1\""));
+        assert_problem(&src, "devices[0].tags[1].name", &long, "not 129");
+        config(&with_tag(&format!(
+            "  name = \"{}\"\n  address = \"hr:1\"",
+            "t".repeat(128)
+        )));
+        config(&with_tag(
+            "  name = \"Motor 1 speed (rpm) °\"\n  address = \"hr:1\"\n  type = \"bool\"",
+        ));
+    }
+
+    #[test]
+    fn a_string_tag_needs_a_length() {
+        let src = with_tag("  name = \"recipe\"\n  address = \"hr:10\"\n  type = \"string\"");
+        let header = src
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains("[[devices.tags]]"))
+            .last()
+            .map(|(i, _)| i + 1);
+        let found = problems(&src);
+        assert_eq!(
+            found,
+            [Problem {
+                line: header,
+                field: "devices[0].tags[1].length".to_owned(),
+                message: "type \"string\" needs `length`, its size in bytes (1 to 250)".to_owned(),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_tag_must_end_by_register_65535() {
+        let src = with_tag("  name = \"t\"\n  address = \"hr:65535\"\n  type = \"f32\"");
+        assert_problem(
+            &src,
+            "devices[0].tags[1].address",
+            "hr:65535",
+            "`hr:65535` with type \"f32\" needs 2 registers and extends past register 65535",
+        );
+        config(&with_tag(
+            "  name = \"t\"\n  address = \"hr:65534\"\n  type = \"f32\"",
+        ));
+        config(&with_tag("  name = \"t\"\n  address = \"co:65535\""));
+    }
+
+    #[test]
+    fn a_tag_must_fit_in_one_read() {
+        let src = with_device("max_registers_per_read = 2");
+        let wide = format!(
+            "{src}\n  [[devices.tags]]\n  name = \"t\"\n  address = \"hr:4\"\n  type = \"f64\"\n"
+        );
+        assert_problem(
+            &wide,
+            "devices[0].tags[1].type",
+            "f64",
+            "type \"f64\" needs 4 registers, more than the device's max_registers_per_read (2)",
+        );
+        let text = format!(
+            "{src}\n  [[devices.tags]]\n  name = \"t\"\n  address = \"hr:4\"\n  type = \"string\"\n  length = 5\n"
+        );
+        assert_problem(
+            &text,
+            "devices[0].tags[1].length",
+            "length = 5",
+            "needs 3 registers",
+        );
+        config(&format!(
+            "{src}\n  [[devices.tags]]\n  name = \"t\"\n  address = \"hr:4\"\n  type = \"i32\"\n"
+        ));
+    }
+
+    #[test]
+    fn overlapping_tags_name_the_first() {
+        let src = r#"[gateway]
+id = "g"
+[mqtt]
+url = "mqtt://h"
+[[devices]]
+name = "d"
+protocol = "modbus_tcp"
+address = "h:502"
+  [[devices.tags]]
+  name = "a"
+  address = "hr:1"
+  type = "f32"
+  [[devices.tags]]
+  name = "other_area"
+  address = "ir:1"
+  [[devices.tags]]
+  name = "b"
+  address = "hr:2"
+  [[devices.tags]]
+  name = "c"
+  address = "hr:0"
+  type = "u64"
+  [[devices.tags]]
+  name = "s"
+  address = "hr:20"
+  type = "string"
+  length = 20
+  [[devices.tags]]
+  name = "inside_s"
+  address = "hr:29"
+"#;
+        let found = problems(src);
+        let summary: Vec<(Option<usize>, &str, &str)> = found
+            .iter()
+            .map(|p| (p.line, p.field.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    Some(18),
+                    "devices[0].tags[2].address",
+                    "overlaps tag `a` (hr:1..hr:2)"
+                ),
+                (
+                    Some(21),
+                    "devices[0].tags[3].address",
+                    "overlaps tag `a` (hr:1..hr:2)"
+                ),
+                (
+                    Some(30),
+                    "devices[0].tags[5].address",
+                    "overlaps tag `s` (hr:20..hr:29)"
+                ),
+            ]
+        );
+        let adjacent = src
+            .replace("hr:2\"", "hr:3\"")
+            .replace("hr:0\"\n  type = \"u64\"", "hr:40\"\n  type = \"u64\"")
+            .replace("hr:29", "hr:30");
+        config(&adjacent);
+    }
+
+    #[test]
+    fn duplicate_tag_names_name_the_first() {
+        let src = with_tag("  name = \"counter\" # again\n  address = \"hr:5\"");
+        assert_problem(
+            &src,
+            "devices[0].tags[1].name",
+            "# again",
+            "duplicate tag name `counter`: the tag on line 13 has it already",
+        );
+        // Names are unique per device, not across devices.
+        let second =
+            "\n[[devices]]\nname = \"other\"\nprotocol = \"modbus_tcp\"\naddress = \"h:502\"\n  \
+                      [[devices.tags]]\n  name = \"counter\"\n  address = \"hr:0\"\n";
+        config(&format!("{BASE}{second}"));
+    }
+
+    #[test]
+    fn every_bad_value_in_one_unit_is_reported() {
+        let src = with_mqtt("keepalive = \"1s\"\nmax_inflight = \"x\"\nack_timeout = 5\nqos = 1");
+        let fields: Vec<String> = problems(&src).into_iter().map(|p| p.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "mqtt.keepalive",
+                "mqtt.max_inflight",
+                "mqtt.ack_timeout",
+                "mqtt.qos"
+            ]
+        );
+        // A required key of the wrong type is reported once, not also as missing.
+        let found = problems(&BASE.replace("id = \"edge-01\"", "id = 7"));
+        assert_eq!(found.len(), 1, "got:\n{}", listing(&found));
+        assert!(found[0]
+            .message
+            .contains("invalid type: integer `7`, expected a string"));
+    }
+
+    #[test]
+    fn sizes_parse() {
+        let table = [
+            ("1000", 1000),
+            ("0", 0),
+            ("10B", 10),
+            ("64KiB", 64 * 1024),
+            ("512MiB", 512 << 20),
+            ("1GiB", 1 << 30),
+            ("100MB", 100_000_000),
+            ("5KB", 5_000),
+            ("2GB", 2_000_000_000),
+            (" 1 GiB ", 1 << 30),
+            ("1mib", 1 << 20),
+        ];
+        for (text, bytes) in table {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+        for text in [
+            "",
+            "MiB",
+            "1.5GiB",
+            "-1",
+            "1TiB",
+            "1 2",
+            "99999999999999999999",
+            "20000000000GiB",
+        ] {
+            assert!(parse_size(text).is_err(), "{text} must be refused");
+        }
+        assert_eq!(fmt_size(1 << 30), "1GiB");
+        assert_eq!(fmt_size(100_000_000), "100MB");
+        assert_eq!(fmt_size(1001), "1001B");
+    }
+
+    #[test]
+    fn durations_parse() {
+        let table = [
+            ("250ms", Duration::from_millis(250)),
+            ("1s", Duration::from_secs(1)),
+            ("2m", Duration::from_secs(120)),
+            ("1h", Duration::from_secs(3600)),
+            ("500us", Duration::from_micros(500)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("0.25ms", Duration::from_micros(250)),
+            ("0s", Duration::ZERO),
+            (" 30 s ", Duration::from_secs(30)),
+            ("168h", MAX_DURATION),
+        ];
+        for (text, duration) in table {
+            assert_eq!(parse_duration(text), Ok(duration), "{text}");
+        }
+        let refused = [
+            ("", "is not a duration"),
+            ("s", "is not a duration"),
+            ("1.s", "is not a duration"),
+            (".5s", "is not a duration"),
+            ("1.2.3s", "is not a duration"),
+            ("-1s", "is not a duration"),
+            ("5", "has no unit"),
+            ("5d", "unknown unit `d`"),
+            ("5 sec", "unknown unit `sec`"),
+            ("169h", "too long"),
+            ("99999999999999999999999999999999999h", "too long"),
+        ];
+        for (text, fragment) in refused {
+            match parse_duration(text) {
+                Ok(d) => panic!("{text} parsed as {d:?}"),
+                Err(e) => assert!(e.to_string().contains(fragment), "{text}: {e}"),
+            }
+        }
+        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(fmt_duration(Duration::from_secs(120)), "2m");
+        assert_eq!(fmt_duration(Duration::from_nanos(5)), "5ns");
+    }
+
+    #[test]
+    fn load_resolves_relative_paths_against_the_config_directory() {
+        let dir = match tempfile::tempdir() {
+            Ok(dir) => dir,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let secret = dir.path().join("mqtt.password");
+        let file = dir.path().join("gateway.toml");
+        let src = with_mqtt("username = \"gw\"\npassword_file = \"mqtt.password\"");
+        let writes = [
+            std::fs::write(&secret, "hunter2"),
+            std::fs::write(&file, src),
+        ];
+        assert!(writes.iter().all(Result::is_ok), "{writes:?}");
+        let config = match load(&file) {
+            Ok(config) => config,
+            Err(errors) => panic!("{errors}"),
+        };
+        assert_eq!(config.gateway.data_dir, dir.path().join("data"));
+        assert_eq!(config.mqtt.password_file, Some(secret));
+        assert!(
+            !format!("{config:?}").contains("hunter2"),
+            "the secret is not stored"
+        );
+    }
+
+    #[test]
+    fn load_reports_an_unreadable_password_file_with_its_line() {
+        let dir = match tempfile::tempdir() {
+            Ok(dir) => dir,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let file = dir.path().join("gateway.toml");
+        let src = with_mqtt("password_file = \"missing.password\"");
+        assert!(std::fs::write(&file, &src).is_ok());
+        let errors = match load(&file) {
+            Ok(_) => panic!("a missing password file is a problem"),
+            Err(errors) => errors,
+        };
+        assert_eq!(errors.problems.len(), 1, "{errors}");
+        let problem = &errors.problems[0];
+        assert_eq!(problem.field, "mqtt.password_file");
+        assert_eq!(problem.line, Some(line_containing(&src, "password_file")));
+        assert!(problem.message.contains("cannot read"), "{problem}");
+        // `parse` touches no file, so the same text passes there.
+        config(&src);
+    }
+
+    #[test]
+    fn load_reports_a_missing_file_as_one_problem() {
+        let errors = match load(Path::new("/nonexistent/gateway.toml")) {
+            Ok(_) => panic!("no such file"),
+            Err(errors) => errors,
+        };
+        assert_eq!(errors.file, "/nonexistent/gateway.toml");
+        assert_eq!(errors.problems.len(), 1);
+        assert!(errors.problems[0]
+            .message
+            .starts_with("cannot read the file"));
+    }
+
+    /// A small edit of the example file.
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        DeleteChar(prop::sample::Index),
+        InsertChar(prop::sample::Index, char),
+        DeleteLine(prop::sample::Index),
+        DuplicateLine(prop::sample::Index),
+        ReplaceValue(prop::sample::Index, String),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        let toml_char = prop_oneof![
+            prop::sample::select(vec![
+                '[', ']', '{', '}', '=', '"', '\'', ',', '.', '#', '\n', ':', '-', '0'
+            ]),
+            any::<char>(),
+        ];
+        let value = prop_oneof![
+            any::<i64>().prop_map(|i| i.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:?}")),
+            "[a-z0-9:.\\[\\] ]{0,12}".prop_map(|s| format!("\"{s}\"")),
+            prop::sample::select(vec![
+                "nan",
+                "-inf",
+                "true",
+                "[]",
+                "{}",
+                "\"\"",
+                "[1, 2]",
+                "{ a = 1 }"
+            ])
+            .prop_map(str::to_owned),
+        ];
+        prop_oneof![
+            any::<prop::sample::Index>().prop_map(Mutation::DeleteChar),
+            (any::<prop::sample::Index>(), toml_char).prop_map(|(i, c)| Mutation::InsertChar(i, c)),
+            any::<prop::sample::Index>().prop_map(Mutation::DeleteLine),
+            any::<prop::sample::Index>().prop_map(Mutation::DuplicateLine),
+            (any::<prop::sample::Index>(), value).prop_map(|(i, v)| Mutation::ReplaceValue(i, v)),
+        ]
+    }
+
+    fn apply(src: &str, mutation: &Mutation) -> String {
+        let mut chars: Vec<char> = src.chars().collect();
+        let mut lines: Vec<String> = src.lines().map(str::to_owned).collect();
+        match mutation {
+            Mutation::DeleteChar(i) if !chars.is_empty() => {
+                chars.remove(i.index(chars.len()));
+            }
+            Mutation::InsertChar(i, c) => {
+                let at = i.index(chars.len() + 1);
+                chars.insert(at, *c);
+            }
+            Mutation::DeleteLine(i) if !lines.is_empty() => {
+                lines.remove(i.index(lines.len()));
+                return lines.join("\n");
+            }
+            Mutation::DuplicateLine(i) if !lines.is_empty() => {
+                let at = i.index(lines.len());
+                let line = lines[at].clone();
+                lines.insert(at, line);
+                return lines.join("\n");
+            }
+            Mutation::ReplaceValue(i, value) => {
+                let assignments: Vec<usize> = (0..lines.len())
+                    .filter(|&n| {
+                        lines[n].contains(" = ") && !lines[n].trim_start().starts_with('#')
+                    })
+                    .collect();
+                if !assignments.is_empty() {
+                    let n = assignments[i.index(assignments.len())];
+                    if let Some((key, _)) = lines[n].split_once(" = ") {
+                        lines[n] = format!("{key} = {value}");
+                    }
+                }
+                return lines.join("\n");
+            }
+            _ => {}
+        }
+        chars.into_iter().collect()
+    }
+
+    fn assert_well_formed(src: &str) {
+        if let Err(errors) = parse(src, "fuzz.toml") {
+            assert!(!errors.problems.is_empty());
+            let last_line = src.split('\n').count();
+            for problem in &errors.problems {
+                if let Some(line) = problem.line {
+                    assert!(
+                        (1..=last_line).contains(&line),
+                        "{problem} (file has {last_line} lines)"
+                    );
+                }
+            }
+            let _ = errors.to_string();
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_text(src in "(?s).{0,300}") {
+            assert_well_formed(&src);
+        }
+
+        #[test]
+        fn never_panics_on_toml_shaped_text(src in "([\\[\\]a-z_.]{0,12}( = )?[\"0-9a-z:.\\[\\]{},]{0,12}\n){0,20}") {
+            assert_well_formed(&src);
+        }
+
+        #[test]
+        fn never_panics_on_small_mutations_of_the_example(
+            mutations in prop::collection::vec(mutation(), 1..6)
+        ) {
+            let src = mutations.iter().fold(EXAMPLE.to_owned(), |src, m| apply(&src, m));
+            assert_well_formed(&src);
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! The demo: simulated Modbus TCP devices, an embedded MQTT broker and the real pipeline between
+//! them, with a live view fed by an MQTT subscriber, so what it shows has made the whole trip.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use protocols::modbus::{Address, Area, DataType, ModbusTcpSettings, Report, TagSpec, WordOrder};
+use protocols::sim::modbus::{SimDevice, SimServer};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{
+    BufferSettings, Config, DeviceKind, DeviceSettings, Format, GatewaySettings, MqttSettings,
+    WhenFull,
+};
+use crate::metrics::Metrics;
+use crate::topology::Running;
+
+/// The demo's register map: (name, address, type, order, string length).
+pub const DEMO_TAGS: [(&str, &str, DataType, WordOrder, u16); 9] = [
+    ("counter", "hr:0", DataType::U16, WordOrder::ABCD, 0),
+    ("sine", "hr:1", DataType::F32, WordOrder::ABCD, 0),
+    ("ramp", "hr:3", DataType::I32, WordOrder::CDAB, 0),
+    ("wave", "hr:5", DataType::F64, WordOrder::ABCD, 0),
+    ("status", "hr:10", DataType::String, WordOrder::ABCD, 16),
+    ("running", "co:0", DataType::Bool, WordOrder::ABCD, 0),
+    ("alarm", "co:1", DataType::Bool, WordOrder::ABCD, 0),
+    ("door_open", "co:2", DataType::Bool, WordOrder::ABCD, 0),
+    ("pump", "co:3", DataType::Bool, WordOrder::ABCD, 0),
+];
+
+/// A tag spec with the usual defaults.
+pub fn tag(
+    name: &str,
+    address: Address,
+    data_type: DataType,
+    order: WordOrder,
+    length: u16,
+    scan: Duration,
+) -> TagSpec {
+    TagSpec {
+        name: name.into(),
+        address,
+        data_type,
+        order,
+        length,
+        scale: 1.0,
+        offset: 0.0,
+        deadband: 0.0,
+        scan_interval: scan,
+    }
+}
+
+/// Modbus TCP settings with the usual defaults for a device at `addr`.
+pub fn modbus_device(
+    name: &str,
+    addr: SocketAddr,
+    scan: Duration,
+    tags: Vec<TagSpec>,
+) -> DeviceSettings {
+    DeviceSettings {
+        name: name.into(),
+        scan_interval: scan,
+        kind: DeviceKind::ModbusTcp(ModbusTcpSettings {
+            address: addr.to_string(),
+            unit_id: 1,
+            timeout: Duration::from_secs(1),
+            max_registers_per_read: 125,
+            max_gap: 16,
+            report: Report::EveryScan,
+            max_silence: Duration::from_secs(60),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            tags,
+        }),
+    }
+}
+
+/// A complete config for a gateway publishing to a broker on 127.0.0.1:`mqtt_port`.
+pub fn local_config(
+    id: &str,
+    data_dir: PathBuf,
+    mqtt_port: u16,
+    devices: Vec<DeviceSettings>,
+) -> Config {
+    Config {
+        gateway: GatewaySettings {
+            id: id.into(),
+            data_dir,
+        },
+        buffer: BufferSettings {
+            max_size: 1 << 30,
+            when_full: WhenFull::DropOldest,
+            commit_interval: Duration::from_millis(100),
+        },
+        mqtt: MqttSettings {
+            host: "127.0.0.1".into(),
+            port: mqtt_port,
+            client_id: id.into(),
+            topic_prefix: format!("edge/{id}"),
+            format: Format::Json,
+            username: None,
+            password_file: None,
+            keep_alive: Duration::from_secs(30),
+            max_inflight: 256,
+            max_packet_size: 1 << 20,
+            shutdown_grace: Duration::from_secs(2),
+            ack_timeout: Duration::from_secs(30),
+        },
+        devices,
+    }
+}
+
+/// Starts `n` animated demo devices; returns their servers (dropping one stops it).
+pub async fn start_demo_devices(
+    n: usize,
+    cancel: &CancellationToken,
+) -> std::io::Result<Vec<SimServer>> {
+    let mut servers = Vec::new();
+    for _ in 0..n {
+        let dev = SimDevice::demo();
+        dev.animate(Duration::from_millis(100), cancel.clone());
+        servers.push(dev.serve(SocketAddr::from(([127, 0, 0, 1], 0))).await?);
+    }
+    Ok(servers)
+}
+
+/// The demo devices' settings for servers at `addrs`.
+pub fn demo_devices(addrs: &[SocketAddr], scan: Duration) -> Vec<DeviceSettings> {
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            let tags = DEMO_TAGS
+                .iter()
+                .map(|(name, a, t, o, len)| {
+                    let address = a.parse().unwrap_or(Address {
+                        area: Area::HoldingRegister,
+                        offset: 0,
+                    });
+                    tag(name, address, *t, *o, *len, scan)
+                })
+                .collect();
+            modbus_device(&format!("press{}", i + 1), *addr, scan, tags)
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    value: String,
+    quality: String,
+    ts: i64,
+}
+
+/// What the subscriber saw, for the view.
+#[derive(Debug, Default)]
+struct View {
+    tags: BTreeMap<(String, String), Seen>,
+    received_samples: u64,
+    historical: u64,
+}
+
+/// Subscribes to `topic_filter` on the broker and keeps the latest value of every tag.
+fn spawn_subscriber(
+    port: u16,
+    topic_filter: String,
+    view: Arc<Mutex<View>>,
+    cancel: CancellationToken,
+) {
+    let mut o = MqttOptions::new("demo-viewer", "127.0.0.1", port);
+    o.set_max_packet_size(16 << 20, 64 << 10);
+    let (client, mut el) = AsyncClient::new(o, 16);
+    tokio::spawn(async move {
+        loop {
+            let ev = tokio::select! {
+                _ = cancel.cancelled() => return,
+                ev = el.poll() => ev,
+            };
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client
+                        .subscribe(topic_filter.clone(), QoS::AtMostOnce)
+                        .await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+                        continue;
+                    };
+                    let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
+                    if doc["historical"] == serde_json::Value::Bool(true) {
+                        v.historical += 1;
+                    }
+                    let device = doc["device"].as_str().unwrap_or("?").to_string();
+                    if let Some(samples) = doc["samples"].as_array() {
+                        v.received_samples += samples.len() as u64;
+                        for s in samples {
+                            let key =
+                                (device.clone(), s["tag"].as_str().unwrap_or("?").to_string());
+                            let value = match &s["value"] {
+                                serde_json::Value::Null => "—".to_string(),
+                                serde_json::Value::Number(n) => match n.as_f64() {
+                                    Some(f) if n.is_f64() => format!("{f:.3}"),
+                                    _ => n.to_string(),
+                                },
+                                other => other.to_string(),
+                            };
+                            let mut quality = s["quality"].as_str().unwrap_or("?").to_string();
+                            if let Some(r) = s["reason"].as_str() {
+                                quality = format!("{quality} ({r})");
+                            }
+                            v.tags.insert(
+                                key,
+                                Seen {
+                                    value,
+                                    quality,
+                                    ts: s["ts"].as_i64().unwrap_or(0),
+                                },
+                            );
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+}
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The embedded broker did not start.
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    /// A simulator could not listen.
+    #[error("device simulator: {0}")]
+    Simulator(#[from] std::io::Error),
+    /// The gateway did not start.
+    #[error(transparent)]
+    Start(#[from] crate::topology::StartError),
+}
+
+/// Options of the demo command.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Simulated devices.
+    pub devices: usize,
+    /// Scan interval of every tag.
+    pub scan_interval: Duration,
+    /// Where the buffer lives.
+    pub data_dir: PathBuf,
+    /// Stop after this long (None: until Ctrl-C).
+    pub duration: Option<Duration>,
+    /// Print plain lines instead of a refreshing screen.
+    pub plain: bool,
+}
+
+/// Runs the demo until Ctrl-C (or the duration), then shuts down cleanly.
+pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoError> {
+    let broker = crate::broker::start(16 << 20)?;
+    let sims_cancel = CancellationToken::new();
+    let servers = start_demo_devices(opts.devices, &sims_cancel).await?;
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
+    let config = local_config(
+        "demo-gw",
+        opts.data_dir.clone(),
+        broker.port(),
+        demo_devices(&addrs, opts.scan_interval),
+    );
+    let prefix = config.mqtt.topic_prefix.clone();
+    let view = Arc::new(Mutex::new(View::default()));
+    let viewer_cancel = CancellationToken::new();
+    spawn_subscriber(
+        broker.port(),
+        format!("{prefix}/#"),
+        view.clone(),
+        viewer_cancel.clone(),
+    );
+    let running = crate::topology::start(config).await?;
+
+    let tty = std::io::stdout().is_terminal() && !opts.plain;
+    let started = Instant::now();
+    let mut last = (Instant::now(), 0u64);
+    let mut tick = tokio::time::interval(if tty {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(2)
+    });
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if opts.duration.is_some_and(|d| started.elapsed() >= d) {
+            break;
+        }
+        let received = view
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .received_samples;
+        let rate = (received - last.1) as f64 / last.0.elapsed().as_secs_f64().max(0.001);
+        last = (Instant::now(), received);
+        let text = render(&running, &view, broker.port(), &prefix, rate, tty);
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+    }
+    println!("\nstopping: draining the pipeline…");
+    running.shutdown().await;
+    viewer_cancel.cancel();
+    sims_cancel.cancel();
+    drop(servers);
+    println!("stopped cleanly.");
+    Ok(())
+}
+
+fn render(
+    running: &Running,
+    view: &Mutex<View>,
+    port: u16,
+    prefix: &str,
+    rate: f64,
+    tty: bool,
+) -> String {
+    use std::fmt::Write as _;
+    let m = &running.metrics;
+    let mut s = String::new();
+    let mqtt = if m.mqtt_connected.load(Ordering::Relaxed) {
+        "connected"
+    } else {
+        "DISCONNECTED"
+    };
+    let v = view.lock().unwrap_or_else(|e| e.into_inner());
+    if !tty {
+        let _ = writeln!(
+            s,
+            "mqtt={mqtt} samples/s={rate:.0} records={} acked={} buffer={} received_samples={}",
+            Metrics::get(&m.records),
+            Metrics::get(&m.acked),
+            Metrics::get(&m.buffer_records),
+            v.received_samples
+        );
+        return s;
+    }
+    s.push_str("\x1b[2J\x1b[H");
+    let _ = writeln!(
+        s,
+        "edge-gateway demo · gateway demo-gw · boot {} · Ctrl-C to stop",
+        running.boot
+    );
+    let _ = writeln!(s, "embedded MQTT broker on 127.0.0.1:{port} · watch: mosquitto_sub -h 127.0.0.1 -p {port} -t '{prefix}/#' -v");
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "MQTT {mqtt} · {rate:.0} samples/s received · records {} · acked {} · buffer {} records ({} B) · committed {} · replayed {}",
+        Metrics::get(&m.records),
+        Metrics::get(&m.acked),
+        Metrics::get(&m.buffer_records),
+        Metrics::get(&m.buffer_bytes),
+        Metrics::get(&m.committed),
+        Metrics::get(&m.replayed),
+    );
+    for d in &running.devices {
+        let st = &d.status;
+        let _ = writeln!(
+            s,
+            "device {:<8} {:<12} scans {:>7} · requests {:>7} · errors {} · reconnects {} · last scan {} µs",
+            d.name,
+            if st.is_connected() { "connected" } else { "DISCONNECTED" },
+            st.scans.load(Ordering::Relaxed),
+            st.requests.load(Ordering::Relaxed),
+            st.errors.load(Ordering::Relaxed),
+            st.reconnects.load(Ordering::Relaxed),
+            st.last_scan_us.load(Ordering::Relaxed),
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "{:<10} {:<10} {:>18}  {:<22} {:>8}",
+        "DEVICE", "TAG", "VALUE", "QUALITY", "AGE"
+    );
+    let now = protocols::model::Timestamp::now().0;
+    for ((dev, tag), seen) in &v.tags {
+        let age = (now - seen.ts).max(0) as f64 / 1000.0;
+        let _ = writeln!(
+            s,
+            "{:<10} {:<10} {:>18}  {:<22} {:>7.1}s",
+            dev, tag, seen.value, seen.quality, age
+        );
+    }
+    s
+}

@@ -1,0 +1,338 @@
+//! The MQTT publisher: owns the rumqttc client and event loop.
+//!
+//! Invariants:
+//! - Live records go out first, as they come; replayed records from disk fill what is left of
+//!   the window, oldest first, flagged historical. Live data is never starved by a backlog.
+//! - Publishes are submitted only while connected (between a CONNACK and the next error), so
+//!   every `Outgoing::Publish` belongs to the current connection and maps to the right record.
+//! - On any connection error the window is forgotten and nothing is taken as delivered: the
+//!   records are still in the ledger (committed within `commit_interval`) or on disk, and go out
+//!   again after the next CONNACK. A record that cannot be queued live (disconnected, or the live
+//!   queue is full) is simply left to the ledger and comes back through the disk.
+//! - A window that sees no PUBACK for `ack_timeout` is a dead link: the connection is dropped.
+
+pub mod json;
+pub mod window;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocols::backoff::Backoff;
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::{mpsc, Notify};
+use tracing::{debug, info, warn};
+
+use crate::config::MqttSettings;
+use crate::ledger::AckOutcome;
+use crate::metrics::Metrics;
+use crate::record::Record;
+use crate::writer::Shared;
+use window::Window;
+
+/// Records read from disk per replay step.
+const REPLAY_CHUNK: usize = 64;
+
+type PollResult = (EventLoop, Option<Result<Event, ConnectionError>>);
+type PollFuture = Pin<Box<dyn Future<Output = PollResult> + Send>>;
+
+/// Polls the event loop once, after `delay`; a kick abandons the poll (to drop the connection).
+/// The event loop is moved in and handed back, so the publisher can keep one poll running across
+/// its `select!` without cancelling it whenever a record arrives.
+fn poll_after(mut el: EventLoop, delay: Duration, kick: Arc<Notify>) -> PollFuture {
+    Box::pin(async move {
+        if !delay.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = kick.notified() => return (el, None),
+            }
+        }
+        let r = tokio::select! {
+            r = el.poll() => Some(r),
+            _ = kick.notified() => None,
+        };
+        (el, r)
+    })
+}
+
+/// Builds the MQTT client options from the settings.
+pub fn mqtt_options(settings: &MqttSettings, password: Option<String>) -> MqttOptions {
+    let mut o = MqttOptions::new(&settings.client_id, &settings.host, settings.port);
+    o.set_keep_alive(settings.keep_alive.max(Duration::from_secs(1)));
+    o.set_clean_session(true);
+    // rumqttc's own limit stays far above the window so packet ids are not reused while a
+    // broker acknowledges out of order.
+    o.set_inflight(settings.max_inflight.saturating_mul(4).max(16));
+    o.set_max_packet_size(64 * 1024, settings.max_packet_size);
+    o.set_request_channel_capacity(usize::from(settings.max_inflight) + 8);
+    if let Some(user) = &settings.username {
+        o.set_credentials(user, password.unwrap_or_default());
+    }
+    o
+}
+
+/// The publisher task.
+pub struct Publisher {
+    settings: MqttSettings,
+    client: AsyncClient,
+    shared: Arc<Shared>,
+    window: Window,
+    live: VecDeque<Arc<Record>>,
+    live_cap: usize,
+    replay_from: Option<u64>,
+    connected: bool,
+    down_logged: bool,
+    kick: Arc<Notify>,
+}
+
+impl Publisher {
+    /// Runs the publisher until the live channel closes (the writer is done) and the grace
+    /// period for outstanding acknowledgements has passed.
+    pub async fn run(
+        settings: MqttSettings,
+        password: Option<String>,
+        shared: Arc<Shared>,
+        mut live_rx: mpsc::Receiver<Arc<Record>>,
+    ) {
+        let options = mqtt_options(&settings, password);
+        let (client, eventloop) = AsyncClient::new(options, usize::from(settings.max_inflight) + 8);
+        let window_cap = usize::from(settings.max_inflight);
+        let mut p = Publisher {
+            settings,
+            client,
+            shared,
+            window: Window::new(window_cap),
+            live: VecDeque::new(),
+            live_cap: window_cap * 4,
+            replay_from: None,
+            connected: false,
+            down_logged: false,
+            kick: Arc::new(Notify::new()),
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(15));
+        let mut poll = poll_after(eventloop, Duration::ZERO, p.kick.clone());
+        let mut check = tokio::time::interval(Duration::from_millis(500));
+        let mut draining_until: Option<tokio::time::Instant> = None;
+
+        loop {
+            if p.connected {
+                p.fill_window().await;
+            }
+            if let Some(deadline) = draining_until {
+                let done = p.window.is_empty() && p.live.is_empty();
+                if done || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+            }
+            tokio::select! {
+                (el, event) = &mut poll => {
+                    let mut el = el;
+                    let delay = match event {
+                        Some(Ok(ev)) => {
+                            if p.on_event(ev) {
+                                backoff.reset();
+                            }
+                            Duration::ZERO
+                        }
+                        Some(Err(e)) => {
+                            p.on_disconnect(&e.to_string());
+                            backoff.next_delay()
+                        }
+                        None => {
+                            // Kicked: drop the network so the next poll makes a new connection.
+                            if p.connected {
+                                p.on_disconnect("connection abandoned");
+                            }
+                            el.clean();
+                            backoff.next_delay()
+                        }
+                    };
+                    poll = poll_after(el, delay, p.kick.clone());
+                }
+                rec = live_rx.recv(), if draining_until.is_none() => match rec {
+                    Some(r) => p.queue_live(r),
+                    None => {
+                        let grace = p.settings.shutdown_grace;
+                        debug!(outstanding = p.window.len(), grace_ms = grace.as_millis() as u64, "publisher draining");
+                        draining_until = Some(tokio::time::Instant::now() + grace);
+                    }
+                },
+                _ = p.shared.committed.notified() => {
+                    if let Some(seq) = p.shared.take_replay_hint() {
+                        p.replay_from = Some(p.replay_from.map_or(seq, |c| c.min(seq)));
+                    }
+                }
+                _ = check.tick() => p.check_ack_timeout(),
+            }
+        }
+        p.disconnect(poll).await;
+    }
+
+    fn queue_live(&mut self, r: Arc<Record>) {
+        if self.connected && self.live.len() < self.live_cap {
+            self.live.push_back(r);
+        }
+        // Otherwise the record stays in the ledger, is committed, and comes back via replay.
+    }
+
+    /// Submits live records, then replayed ones, while the window has room.
+    async fn fill_window(&mut self) {
+        while self.window.room() > 0 {
+            let Some(r) = self.live.pop_front() else {
+                break;
+            };
+            self.submit(&r.topic, r.payload.clone(), r.seq).await;
+        }
+        while self.window.room() > 0 {
+            let Some(from) = self.replay_from else {
+                break;
+            };
+            let limit = self.window.room().min(REPLAY_CHUNK);
+            let window = &self.window;
+            let chunk = match self
+                .shared
+                .buffer
+                .read_range(from, u64::MAX, limit, |s| window.contains(s))
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    Metrics::add(&self.shared.metrics.io_errors, 1);
+                    warn!(error = %e, "cannot read the buffer for replay");
+                    break;
+                }
+            };
+            let Some(last) = chunk.last().map(|r| r.seq) else {
+                self.replay_from = None;
+                break;
+            };
+            self.replay_from = Some(last + 1);
+            for r in chunk {
+                Metrics::add(&self.shared.metrics.replayed, 1);
+                let payload = r.historical_payload();
+                self.submit(&r.topic, payload, r.seq).await;
+            }
+        }
+    }
+
+    async fn submit(&mut self, topic: &str, payload: bytes::Bytes, seq: u64) {
+        match self
+            .client
+            .publish_bytes(topic, QoS::AtLeastOnce, false, payload)
+            .await
+        {
+            Ok(()) => {
+                self.window.submit(seq, Instant::now());
+                Metrics::add(&self.shared.metrics.published, 1);
+            }
+            Err(e) => {
+                // Only possible when the event loop is gone; the record stays in ledger or disk.
+                debug!(error = %e, seq, "publish not accepted by the MQTT client");
+            }
+        }
+    }
+
+    /// Handles one event; returns true when a connection was established.
+    fn on_event(&mut self, ev: Event) -> bool {
+        match ev {
+            Event::Incoming(Packet::ConnAck(_)) => {
+                info!(host = %self.settings.host, port = self.settings.port, "connected to MQTT broker");
+                self.connected = true;
+                self.down_logged = false;
+                self.window.clear();
+                self.live.clear();
+                // Everything on disk is unacknowledged: replay it from the start.
+                self.replay_from = Some(0);
+                let m = &self.shared.metrics;
+                m.mqtt_connected.store(true, Ordering::Relaxed);
+                Metrics::add(&m.mqtt_connects, 1);
+                return true;
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                self.window.on_outgoing(pkid);
+            }
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+                warn!(
+                    pkid,
+                    "broker acknowledges out of order and a packet id collided; reconnecting"
+                );
+                self.kick.notify_one();
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some((seq, _)) = self.window.on_ack(ack.pkid) {
+                    let m = &self.shared.metrics;
+                    Metrics::add(&m.acked, 1);
+                    if self.shared.ledger().ack(seq) == AckOutcome::Delete {
+                        self.shared.committed.notify_one();
+                    }
+                }
+            }
+            _ => {}
+        }
+        false
+    }
+
+    fn on_disconnect(&mut self, error: &str) {
+        let lost = self.window.clear();
+        self.live.clear();
+        if self.connected || !self.down_logged {
+            warn!(host = %self.settings.host, port = self.settings.port, error, unacknowledged = lost, "MQTT connection lost; buffering to disk and retrying");
+            self.down_logged = true;
+        } else {
+            debug!(error, "MQTT reconnect failed");
+        }
+        self.connected = false;
+        self.shared
+            .metrics
+            .mqtt_connected
+            .store(false, Ordering::Relaxed);
+    }
+
+    fn check_ack_timeout(&mut self) {
+        if let Some(oldest) = self.window.oldest() {
+            if oldest.elapsed() > self.settings.ack_timeout {
+                warn!(
+                    timeout_s = self.settings.ack_timeout.as_secs(),
+                    outstanding = self.window.len(),
+                    "no PUBACK within the ack timeout; dropping the MQTT connection"
+                );
+                self.on_disconnect("ack timeout");
+                self.kick.notify_one();
+            }
+        }
+    }
+
+    async fn disconnect(&mut self, poll: PollFuture) {
+        let outstanding = self.window.len();
+        if outstanding > 0 {
+            info!(
+                outstanding,
+                "shutting down with unacknowledged records; they are committed to disk"
+            );
+        }
+        if !self.connected {
+            return;
+        }
+        let _ = self.client.try_disconnect();
+        // Give the event loop a moment to send DISCONNECT.
+        let mut poll = poll;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        loop {
+            let r = tokio::time::timeout_at(deadline, &mut poll).await;
+            match r {
+                Ok((el, Some(Ok(Event::Outgoing(Outgoing::Disconnect))))) => {
+                    drop(el);
+                    break;
+                }
+                Ok((el, Some(Ok(_)))) => poll = poll_after(el, Duration::ZERO, self.kick.clone()),
+                _ => break,
+            }
+        }
+        self.shared
+            .metrics
+            .mqtt_connected
+            .store(false, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,159 @@
+//! The gateway's small state file: the boot counter and the sequence numbers reserved ahead of
+//! use. A `seq` never repeats for different content, across restarts and crashes: before a
+//! sequence number is handed out, a range containing it is on disk (written to a temporary file,
+//! fsynced, renamed over the old one, directory fsynced). A crash wastes at most the unused rest
+//! of the range, which shows up as a jump between boots, never as a repeat.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::warn;
+
+/// How many sequence numbers are reserved per write of the state file.
+pub const RESERVE: u64 = 100_000;
+
+/// Errors reading or writing the state file.
+#[derive(Debug, thiserror::Error)]
+#[error("state file {path}: {source}")]
+pub struct StateError {
+    /// The file.
+    pub path: PathBuf,
+    /// The OS error.
+    pub source: std::io::Error,
+}
+
+/// Boot counter and sequence allocator.
+#[derive(Debug)]
+pub struct SeqState {
+    path: PathBuf,
+    boot: u64,
+    next: u64,
+    reserved: u64,
+}
+
+fn parse(text: &str) -> Option<(u64, u64)> {
+    let mut boot = None;
+    let mut reserved = None;
+    for line in text.lines() {
+        match line.split_once('=') {
+            Some(("boot", v)) => boot = v.trim().parse().ok(),
+            Some(("seq_reserved", v)) => reserved = v.trim().parse().ok(),
+            _ => {}
+        }
+    }
+    Some((boot?, reserved?))
+}
+
+impl SeqState {
+    /// Opens the state in `dir`, counts this boot and reserves the first range. `floor` is one
+    /// past the highest sequence number known to be used (from the buffer).
+    pub fn open(dir: &Path, floor: u64) -> Result<SeqState, StateError> {
+        let path = dir.join("state");
+        let (boot, reserved) = match fs::read_to_string(&path) {
+            Ok(text) => match parse(&text) {
+                Some(v) => v,
+                None => {
+                    // Unknown how far the last boot got: start past anything it could have used.
+                    let now_based = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64 * 1000)
+                        .unwrap_or(0);
+                    warn!(path = %path.display(), "state file is damaged; continuing sequence numbers from a time-based floor");
+                    (0, now_based)
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, 0),
+            Err(source) => return Err(StateError { path, source }),
+        };
+        let next = reserved.max(floor);
+        let mut state = SeqState {
+            path,
+            boot: boot + 1,
+            next,
+            reserved: next,
+        };
+        state.reserve()?;
+        Ok(state)
+    }
+
+    fn reserve(&mut self) -> Result<(), StateError> {
+        let reserved = self.next + RESERVE;
+        let tmp = self.path.with_extension("tmp");
+        let err = |source| StateError {
+            path: self.path.clone(),
+            source,
+        };
+        let mut f = File::create(&tmp).map_err(err)?;
+        write!(f, "boot={}\nseq_reserved={}\n", self.boot, reserved).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        fs::rename(&tmp, &self.path).map_err(err)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        }
+        self.reserved = reserved;
+        Ok(())
+    }
+
+    /// This boot's number (1 for the first start).
+    pub fn boot(&self) -> u64 {
+        self.boot
+    }
+
+    /// The next sequence number; reserves a new range on disk when the current one is used up.
+    pub fn next_seq(&mut self) -> Result<u64, StateError> {
+        if self.next >= self.reserved {
+            self.reserve()?;
+        }
+        let seq = self.next;
+        self.next += 1;
+        Ok(seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boots_count_up_and_sequences_never_repeat_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SeqState::open(dir.path(), 0).unwrap();
+        assert_eq!(s.boot(), 1);
+        let a = s.next_seq().unwrap();
+        let b = s.next_seq().unwrap();
+        assert_eq!((a, b), (0, 1));
+        drop(s); // a crash: the rest of the range is skipped
+        let mut s = SeqState::open(dir.path(), 0).unwrap();
+        assert_eq!(s.boot(), 2);
+        assert!(s.next_seq().unwrap() >= RESERVE);
+    }
+
+    #[test]
+    fn the_floor_from_the_buffer_wins_over_a_lost_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SeqState::open(dir.path(), 500).unwrap();
+        assert_eq!(s.next_seq().unwrap(), 500);
+    }
+
+    #[test]
+    fn a_new_range_is_reserved_when_one_runs_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SeqState::open(dir.path(), 0).unwrap();
+        for _ in 0..RESERVE {
+            s.next_seq().unwrap();
+        }
+        assert_eq!(s.next_seq().unwrap(), RESERVE);
+        let text = fs::read_to_string(dir.path().join("state")).unwrap();
+        assert!(text.contains(&format!("seq_reserved={}", 2 * RESERVE)));
+    }
+
+    #[test]
+    fn a_damaged_state_file_does_not_restart_sequences_at_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("state"), "garbage").unwrap();
+        let mut s = SeqState::open(dir.path(), 0).unwrap();
+        assert!(s.next_seq().unwrap() > 1_000_000_000);
+    }
+}

@@ -1,0 +1,214 @@
+//! Builds the running gateway from a validated config: drivers, writer, committer, publisher.
+//!
+//! Shutdown is ordered so nothing is lost: cancel the drivers → the writer drains their channel
+//! and closes the publisher's → the publisher waits `shutdown_grace` for outstanding PUBACKs and
+//! disconnects → the committer commits everything still unacknowledged and syncs. Each stage ends
+//! when the one before it has dropped its sending half, so no record is in flight between them.
+
+use std::sync::Arc;
+
+use protocols::driver::{DeviceStatus, DriverContext, Emitter};
+use protocols::modbus;
+use protocols::model::{Batch, Catalog};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::buffer::{Buffer, BufferError};
+use crate::config::{Config, DeviceKind};
+use crate::metrics::Metrics;
+use crate::publish::json::JsonEncoder;
+use crate::publish::Publisher;
+use crate::state::{SeqState, StateError};
+use crate::writer::{run_committer, run_writer, Shared};
+
+/// Capacity of the drivers' shared batch channel.
+const BATCH_CHANNEL: usize = 1024;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory cannot be created.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The disk buffer cannot be opened.
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    /// The state file cannot be used.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The MQTT password file cannot be read.
+    #[error("mqtt.password_file {path}: {source}")]
+    Password {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A device's name and live status.
+#[derive(Debug, Clone)]
+pub struct DeviceHandle {
+    /// The device name.
+    pub name: Arc<str>,
+    /// Its counters.
+    pub status: Arc<DeviceStatus>,
+}
+
+/// The running gateway.
+#[derive(Debug)]
+pub struct Running {
+    /// Pipeline counters.
+    pub metrics: Arc<Metrics>,
+    /// Devices in config order.
+    pub devices: Vec<DeviceHandle>,
+    /// Device and tag names.
+    pub catalog: Arc<Catalog>,
+    /// This start's boot number.
+    pub boot: u64,
+    /// The buffer, for inspection.
+    pub buffer: Arc<Buffer>,
+    cancel: CancellationToken,
+    done: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops the gateway in order and waits until everything unacknowledged is on disk.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        if let Err(e) = self.done.await {
+            error!(error = %e, "shutdown task failed");
+        }
+    }
+
+    /// A token that stops the gateway when cancelled.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+}
+
+fn read_password(config: &Config) -> Result<Option<String>, StartError> {
+    let Some(path) = &config.mqtt.password_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| StartError::Password {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()))
+}
+
+/// Opens the buffer and starts every task of the gateway.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let data_dir = config.gateway.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let password = read_password(&config)?;
+    let buffer_dir = data_dir.join("buffer");
+    let (buffer, report) = tokio::task::spawn_blocking(move || Buffer::open(&buffer_dir))
+        .await
+        .map_err(|e| BufferError::Db {
+            path: data_dir.join("buffer"),
+            message: e.to_string(),
+        })??;
+    let buffer = Arc::new(buffer);
+    let floor = report.last_seq.map_or(0, |s| s + 1);
+    let seqs = SeqState::open(&data_dir, floor)?;
+    let boot = seqs.boot();
+    info!(gateway = %config.gateway.id, boot, backlog = report.records, devices = config.devices.len(), "starting gateway");
+
+    let mut catalog = Catalog::default();
+    for d in &config.devices {
+        let tags = match &d.kind {
+            DeviceKind::ModbusTcp(m) => m.tags.iter().map(|t| t.name.clone()).collect(),
+        };
+        catalog.add_device(d.name.clone(), tags);
+    }
+    let catalog = Arc::new(catalog);
+    let metrics = Arc::new(Metrics::default());
+    let shared = Arc::new(Shared::new(buffer.clone(), metrics.clone()));
+
+    let cancel = CancellationToken::new();
+    let drivers_cancel = cancel.child_token();
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_CHANNEL);
+    let (live_tx, live_rx) = mpsc::channel(usize::from(config.mqtt.max_inflight) * 2);
+
+    let mut devices = Vec::new();
+    let mut drivers = Vec::new();
+    for ((id, entry), settings) in catalog.devices().zip(&config.devices) {
+        let status = Arc::new(DeviceStatus::default());
+        devices.push(DeviceHandle {
+            name: entry.name.clone(),
+            status: status.clone(),
+        });
+        let ctx = DriverContext {
+            device: id,
+            name: entry.name.clone(),
+            emitter: Emitter::new(batch_tx.clone()),
+            cancel: drivers_cancel.clone(),
+            status,
+        };
+        let DeviceKind::ModbusTcp(m) = settings.kind.clone();
+        drivers.push(tokio::spawn(async move {
+            let name = ctx.name.clone();
+            if let Err(e) = modbus::tcp::run(m, ctx).await {
+                warn!(device = %name, error = %e, "driver stopped");
+            }
+        }));
+    }
+    // Only the drivers hold senders now: the writer ends when the last driver does.
+    drop(batch_tx);
+
+    let encoder = JsonEncoder::new(
+        &config.gateway.id,
+        boot,
+        &config.mqtt.topic_prefix,
+        catalog.clone(),
+    );
+    let writer = tokio::spawn(run_writer(batch_rx, encoder, seqs, shared.clone(), live_tx));
+    let committer_stop = CancellationToken::new();
+    let committer = tokio::spawn(run_committer(
+        shared.clone(),
+        config.buffer.clone(),
+        committer_stop.clone(),
+    ));
+    let publisher = tokio::spawn(Publisher::run(
+        config.mqtt.clone(),
+        password,
+        shared.clone(),
+        live_rx,
+    ));
+
+    let stop = cancel.clone();
+    let done = tokio::spawn(async move {
+        stop.cancelled().await;
+        info!("shutting down: stopping drivers");
+        for d in drivers {
+            let _ = d.await;
+        }
+        let _ = writer.await;
+        let _ = publisher.await;
+        committer_stop.cancel();
+        let _ = committer.await;
+        info!("shutdown complete");
+    });
+
+    Ok(Running {
+        metrics,
+        devices,
+        catalog,
+        boot,
+        buffer,
+        cancel,
+        done,
+    })
+}

@@ -1,0 +1,273 @@
+//! The writer and the committer: the two tasks that make records and make them durable.
+//!
+//! The writer is the only task that assigns sequence numbers: it takes each batch from the
+//! drivers' channel, encodes it once into a record, enters it in the [`Ledger`] and hands it to
+//! the publisher at once.
+//!
+//! The committer upholds the durability contract: it wakes every half `commit_interval`, takes
+//! the records that have waited at least half an interval without a PUBACK, and commits them in
+//! one batch (sled flush + fsync). So a record is acknowledged or durable within one
+//! `commit_interval` of being read (plus the commit's own duration), and while the broker acks
+//! faster than half an interval the committer has nothing to write.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use protocols::model::Batch;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::buffer::Buffer;
+use crate::config::{BufferSettings, WhenFull};
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
+use crate::publish::json::JsonEncoder;
+use crate::record::Record;
+use crate::state::SeqState;
+
+/// State shared by the writer, the committer and the publisher.
+#[derive(Debug)]
+pub struct Shared {
+    /// Records neither acknowledged nor committed.
+    pub ledger: Mutex<Ledger>,
+    /// The disk buffer.
+    pub buffer: Arc<Buffer>,
+    /// Pipeline counters.
+    pub metrics: Arc<Metrics>,
+    /// Lowest sequence number committed since the publisher last looked.
+    replay_hint: Mutex<Option<u64>>,
+    /// Wakes the publisher after a commit.
+    pub committed: Notify,
+}
+
+impl Shared {
+    /// Shared state over an open buffer.
+    pub fn new(buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> Self {
+        metrics
+            .buffer_records
+            .store(buffer.len(), Ordering::Relaxed);
+        metrics
+            .buffer_bytes
+            .store(buffer.bytes(), Ordering::Relaxed);
+        Shared {
+            ledger: Mutex::new(Ledger::default()),
+            buffer,
+            metrics,
+            replay_hint: Mutex::new(None),
+            committed: Notify::new(),
+        }
+    }
+
+    /// Locks the ledger. A poisoned lock is recovered: the ledger's state stays consistent
+    /// between its method calls, which never panic midway.
+    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the lowest sequence number committed since the last call.
+    pub fn take_replay_hint(&self) -> Option<u64> {
+        self.replay_hint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn hint_replay(&self, seq: u64) {
+        let mut h = self.replay_hint.lock().unwrap_or_else(|e| e.into_inner());
+        *h = Some(h.map_or(seq, |s| s.min(seq)));
+        drop(h);
+        self.committed.notify_one();
+    }
+
+    fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        m.buffer_records.store(self.buffer.len(), Ordering::Relaxed);
+        m.buffer_bytes.store(self.buffer.bytes(), Ordering::Relaxed);
+    }
+}
+
+/// Runs the writer until every driver has dropped its emitter.
+pub async fn run_writer(
+    mut batches: mpsc::Receiver<Batch>,
+    mut encoder: JsonEncoder,
+    mut seqs: SeqState,
+    shared: Arc<Shared>,
+    live: mpsc::Sender<Arc<Record>>,
+) {
+    while let Some(batch) = batches.recv().await {
+        let seq = loop {
+            match seqs.next_seq() {
+                Ok(s) => break s,
+                Err(e) => {
+                    // Handing out an unreserved number could repeat it after a crash: wait instead.
+                    error!(error = %e, "cannot reserve sequence numbers; holding the pipeline");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        let record = Arc::new(encoder.encode(seq, &batch));
+        let m = &shared.metrics;
+        Metrics::add(&m.records, 1);
+        Metrics::add(&m.samples, batch.samples.len() as u64);
+        shared.ledger().insert(record.clone(), batch.read_at);
+        // A closed publisher (shutdown) is fine: the ledger commits what is not acknowledged.
+        let _ = live.send(record).await;
+    }
+    debug!("writer drained");
+}
+
+/// Runs the committer until `stop` is cancelled, then commits everything unacknowledged.
+pub async fn run_committer(shared: Arc<Shared>, settings: BufferSettings, stop: CancellationToken) {
+    let half = (settings.commit_interval / 2).max(Duration::from_millis(1));
+    let mut tick = tokio::time::interval(half);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut evicting = EvictionLog::default();
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.cancelled() => true,
+        };
+        let s = shared.clone();
+        let settings = settings.clone();
+        let mut log = std::mem::take(&mut evicting);
+        let done = tokio::task::spawn_blocking(move || {
+            commit_once(&s, &settings, half, last, &mut log);
+            log
+        })
+        .await;
+        match done {
+            Ok(log) => evicting = log,
+            Err(e) => error!(error = %e, "commit task failed"),
+        }
+        if last {
+            if let Err(e) = shared.buffer.close() {
+                error!(error = %e, "final buffer flush failed");
+            }
+            debug!("committer finished");
+            return;
+        }
+    }
+}
+
+/// Logs evictions once per episode rather than per record.
+#[derive(Debug, Default)]
+struct EvictionLog {
+    active: bool,
+    count: u64,
+}
+
+fn commit_once(
+    shared: &Shared,
+    settings: &BufferSettings,
+    min_age: Duration,
+    all: bool,
+    evictions: &mut EvictionLog,
+) {
+    let now = Instant::now();
+    let (due, deletes) = {
+        let mut l = shared.ledger();
+        let due = if all {
+            l.take_all()
+        } else {
+            l.take_due(now, min_age)
+        };
+        (due, l.take_deletes())
+    };
+    let m = &shared.metrics;
+    if !deletes.is_empty() {
+        if let Err(e) = shared.buffer.remove(&deletes) {
+            Metrics::add(&m.io_errors, 1);
+            warn!(error = %e, "cannot delete acknowledged records from the buffer");
+        }
+    }
+    if due.is_empty() {
+        shared.refresh_gauges();
+        if evictions.active && shared.buffer.bytes() < settings.max_size / 2 {
+            info!(evicted = evictions.count, "buffer has room again");
+            *evictions = EvictionLog::default();
+        }
+        return;
+    }
+    let incoming: u64 = due.iter().map(|r| 8 + r.stored_len() as u64).sum();
+    let room = settings.max_size.saturating_sub(shared.buffer.bytes());
+    let due = if incoming > room {
+        make_room(shared, settings, due, incoming, evictions)
+    } else {
+        due
+    };
+    if due.is_empty() {
+        shared.refresh_gauges();
+        return;
+    }
+    let started = Instant::now();
+    match shared.buffer.commit(&due) {
+        Ok(stats) => {
+            m.last_commit_us
+                .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            Metrics::add(&m.commits, 1);
+            Metrics::add(&m.committed, stats.records);
+            Metrics::add(&m.bytes_written, stats.bytes);
+            let acked_meanwhile = shared.ledger().committed(due.iter().map(|r| r.seq));
+            if !acked_meanwhile.is_empty() {
+                if let Err(e) = shared.buffer.remove(&acked_meanwhile) {
+                    Metrics::add(&m.io_errors, 1);
+                    warn!(error = %e, "cannot delete acknowledged records from the buffer");
+                }
+            }
+            if let Some(min) = due.iter().map(|r| r.seq).min() {
+                shared.hint_replay(min);
+            }
+            debug!(
+                records = stats.records,
+                bytes = stats.bytes,
+                "committed to disk"
+            );
+        }
+        Err(e) => {
+            Metrics::add(&m.io_errors, 1);
+            error!(error = %e, records = due.len(), "commit to the disk buffer failed; will retry");
+            shared.ledger().commit_failed(due, now);
+        }
+    }
+    shared.refresh_gauges();
+}
+
+/// Applies the `when_full` policy; returns the records that may still be committed.
+fn make_room(
+    shared: &Shared,
+    settings: &BufferSettings,
+    due: Vec<Arc<Record>>,
+    incoming: u64,
+    evictions: &mut EvictionLog,
+) -> Vec<Arc<Record>> {
+    let m = &shared.metrics;
+    if !evictions.active {
+        warn!(max_size = settings.max_size, policy = ?settings.when_full, "buffer is full; evicting records");
+        evictions.active = true;
+    }
+    match settings.when_full {
+        WhenFull::DropOldest => {
+            let target = settings.max_size.saturating_sub(incoming);
+            match shared.buffer.evict_oldest(target) {
+                Ok(n) => {
+                    Metrics::add(&m.evicted, n);
+                    evictions.count += n;
+                }
+                Err(e) => {
+                    Metrics::add(&m.io_errors, 1);
+                    warn!(error = %e, "eviction failed");
+                }
+            }
+            due
+        }
+        WhenFull::DropNewest => {
+            let n = due.len() as u64;
+            Metrics::add(&m.evicted, n);
+            evictions.count += n;
+            shared.ledger().discard(due.iter().map(|r| r.seq));
+            Vec::new()
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The southbound contract: what a driver gets ([`DriverContext`]) and how it hands over what it
+//! read ([`Emitter`]). All drivers share one bounded channel; when it is full a driver waits and
+//! counts an overrun, because a device cannot buffer for us and silently dropping is worse.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Batch, DeviceId};
+
+/// Errors that end a driver task. Per-read failures are not errors: they become bad samples.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The pipeline behind the emitter is gone (shutdown).
+    #[error("the pipeline is closed")]
+    Closed,
+    /// The driver's configuration cannot be used.
+    #[error("invalid driver configuration: {0}")]
+    Config(String),
+}
+
+/// Live counters of one device, read by metrics and the demo view.
+#[derive(Debug, Default)]
+pub struct DeviceStatus {
+    /// Whether a connection to the device is established.
+    pub connected: AtomicBool,
+    /// Completed scans.
+    pub scans: AtomicU64,
+    /// Requests sent to the device.
+    pub requests: AtomicU64,
+    /// Failed requests (exceptions, timeouts, transport errors).
+    pub errors: AtomicU64,
+    /// Connection attempts after the first.
+    pub reconnects: AtomicU64,
+    /// Times the driver had to wait because the pipeline was full.
+    pub overruns: AtomicU64,
+    /// Samples emitted.
+    pub samples: AtomicU64,
+    /// Duration of the last scan in microseconds.
+    pub last_scan_us: AtomicU64,
+}
+
+impl DeviceStatus {
+    /// Whether the device is connected right now.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// Hands batches to the pipeline, waiting (and counting an overrun) when it is full.
+#[derive(Debug, Clone)]
+pub struct Emitter {
+    tx: mpsc::Sender<Batch>,
+}
+
+impl Emitter {
+    /// An emitter over the pipeline's batch channel.
+    pub fn new(tx: mpsc::Sender<Batch>) -> Self {
+        Emitter { tx }
+    }
+
+    /// Sends one batch; waits while the pipeline is full.
+    pub async fn emit(&self, batch: Batch, status: &DeviceStatus) -> Result<(), DriverError> {
+        let n = batch.samples.len() as u64;
+        let batch = match self.tx.try_send(batch) {
+            Ok(()) => {
+                status.samples.fetch_add(n, Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(DriverError::Closed),
+            Err(mpsc::error::TrySendError::Full(batch)) => batch,
+        };
+        status.overruns.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(batch).await.map_err(|_| DriverError::Closed)?;
+        status.samples.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Everything a driver task needs besides its own configuration.
+#[derive(Debug, Clone)]
+pub struct DriverContext {
+    /// The device's id in the catalog.
+    pub device: DeviceId,
+    /// The device's name, for logs.
+    pub name: Arc<str>,
+    /// Where batches go.
+    pub emitter: Emitter,
+    /// Cancelled at shutdown; the driver returns promptly.
+    pub cancel: CancellationToken,
+    /// Counters shared with metrics.
+    pub status: Arc<DeviceStatus>,
+}

@@ -1,0 +1,232 @@
+//! Modbus adapters. The runtime types here are built by the gateway's config loader after
+//! validation; a driver never sees an unchecked value.
+
+pub mod codec;
+pub mod planner;
+pub mod scan;
+pub mod tcp;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The four Modbus data areas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Area {
+    /// Read/write bits (`co:`), function 01.
+    Coil,
+    /// Read-only bits (`di:`), function 02.
+    DiscreteInput,
+    /// Read/write registers (`hr:`), function 03.
+    HoldingRegister,
+    /// Read-only registers (`ir:`), function 04.
+    InputRegister,
+}
+
+impl Area {
+    /// Whether the area holds single bits rather than 16-bit registers.
+    pub fn is_bit(self) -> bool {
+        matches!(self, Area::Coil | Area::DiscreteInput)
+    }
+
+    /// The config prefix: `co`, `di`, `hr` or `ir`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Area::Coil => "co",
+            Area::DiscreteInput => "di",
+            Area::HoldingRegister => "hr",
+            Area::InputRegister => "ir",
+        }
+    }
+}
+
+/// A zero-based address in one area, written `hr:100` in configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Address {
+    /// The data area.
+    pub area: Area,
+    /// Zero-based register or bit number.
+    pub offset: u16,
+}
+
+/// Why an address string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    /// The text has no `area:` prefix.
+    #[error("expected `AREA:NUMBER` with AREA one of hr, ir, co, di (e.g. `hr:100`)")]
+    Format,
+    /// The prefix is not one of the four areas.
+    #[error("unknown area `{0}`: use hr (holding), ir (input), co (coil) or di (discrete input)")]
+    Area(String),
+    /// The number is not in 0..=65535.
+    #[error("`{0}` is not a register number between 0 and 65535")]
+    Number(String),
+}
+
+impl FromStr for Address {
+    type Err = AddressError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (area, num) = s.trim().split_once(':').ok_or(AddressError::Format)?;
+        let area = match area.to_ascii_lowercase().as_str() {
+            "hr" => Area::HoldingRegister,
+            "ir" => Area::InputRegister,
+            "co" => Area::Coil,
+            "di" => Area::DiscreteInput,
+            other => return Err(AddressError::Area(other.to_string())),
+        };
+        let offset = num
+            .trim()
+            .parse::<u16>()
+            .map_err(|_| AddressError::Number(num.to_string()))?;
+        Ok(Address { area, offset })
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.area.prefix(), self.offset)
+    }
+}
+
+/// How the bits or registers of a tag are interpreted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataType {
+    /// A coil or discrete input, or a register that is non-zero.
+    Bool,
+    /// One register, signed.
+    I16,
+    /// One register, unsigned.
+    U16,
+    /// Two registers, signed.
+    I32,
+    /// Two registers, unsigned.
+    U32,
+    /// Four registers, signed.
+    I64,
+    /// Four registers, unsigned.
+    U64,
+    /// Two registers, IEEE 754 single precision.
+    F32,
+    /// Four registers, IEEE 754 double precision.
+    F64,
+    /// `length` bytes of text, two per register.
+    String,
+}
+
+impl DataType {
+    /// The config name of the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataType::Bool => "bool",
+            DataType::I16 => "i16",
+            DataType::U16 => "u16",
+            DataType::I32 => "i32",
+            DataType::U32 => "u32",
+            DataType::I64 => "i64",
+            DataType::U64 => "u64",
+            DataType::F32 => "f32",
+            DataType::F64 => "f64",
+            DataType::String => "string",
+        }
+    }
+}
+
+/// Byte order of multi-register values; `A` is the most significant byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum WordOrder {
+    /// Big-endian: registers most significant first, bytes high first (the Modbus default).
+    #[default]
+    ABCD,
+    /// Registers least significant first, bytes high first ("word swap").
+    CDAB,
+    /// Registers most significant first, bytes low first ("byte swap").
+    BADC,
+    /// Little-endian: registers least significant first, bytes low first.
+    DCBA,
+}
+
+impl WordOrder {
+    /// All four orders, for the `read` command's table.
+    pub const ALL: [WordOrder; 4] = [
+        WordOrder::ABCD,
+        WordOrder::CDAB,
+        WordOrder::BADC,
+        WordOrder::DCBA,
+    ];
+}
+
+/// When a device's samples are reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Report {
+    /// Every scan reports every tag.
+    #[default]
+    EveryScan,
+    /// A tag is reported when it changes by more than its deadband, when its quality changes,
+    /// or when `max_silence` has passed since it was last reported.
+    OnChange,
+}
+
+/// One validated Modbus tag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TagSpec {
+    /// Tag name, unique within the device.
+    pub name: Arc<str>,
+    /// Where the tag starts.
+    pub address: Address,
+    /// How to interpret it.
+    pub data_type: DataType,
+    /// Word and byte order for multi-register types.
+    pub order: WordOrder,
+    /// For strings, the length in bytes; ignored otherwise.
+    pub length: u16,
+    /// value = raw * scale + offset.
+    pub scale: f64,
+    /// Added after scaling.
+    pub offset: f64,
+    /// Smallest change reported in `on_change` mode.
+    pub deadband: f64,
+    /// How often the tag is scanned.
+    pub scan_interval: Duration,
+}
+
+impl TagSpec {
+    /// The number of registers (or bits, in a bit area) the tag occupies.
+    pub fn width(&self) -> u16 {
+        if self.address.area.is_bit() {
+            1
+        } else {
+            codec::register_count(self.data_type, self.length)
+        }
+    }
+}
+
+/// A validated Modbus TCP device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModbusTcpSettings {
+    /// `host:port` of the device.
+    pub address: String,
+    /// Unit id (slave id) of the device.
+    pub unit_id: u8,
+    /// Timeout for connecting and for each request.
+    pub timeout: Duration,
+    /// Largest number of registers in one read request.
+    pub max_registers_per_read: u16,
+    /// Largest run of unused registers read to merge two blocks.
+    pub max_gap: u16,
+    /// When samples are reported.
+    pub report: Report,
+    /// In `on_change` mode, the longest time a tag goes unreported.
+    pub max_silence: Duration,
+    /// First reconnect delay; doubles up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// The tags, in config order; a tag's index is its `TagId`.
+    pub tags: Vec<TagSpec>,
+}

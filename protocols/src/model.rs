@@ -1,0 +1,244 @@
+//! The normalized tag model: every value read from any device becomes a [`Sample`], and every
+//! device scan becomes one [`Batch`]. Tag and device names live once in a [`Catalog`]; samples
+//! carry small integer ids so the hot path never clones a string.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        Timestamp(ms)
+    }
+}
+
+/// A typed tag value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// A coil, discrete input or boolean register.
+    Bool(bool),
+    /// A signed integer.
+    Int(i64),
+    /// An unsigned integer.
+    UInt(u64),
+    /// A float, or any scaled value.
+    Float(f64),
+    /// Text, shared so re-reporting it costs no allocation.
+    Text(Arc<str>),
+}
+
+impl Value {
+    /// The value as a float, for deadband comparison; `None` for text.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Bool(b) => Some(f64::from(u8::from(*b))),
+            Value::Int(i) => Some(*i as f64),
+            Value::UInt(u) => Some(*u as f64),
+            Value::Float(f) => Some(*f),
+            Value::Text(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Bool(b) => write!(f, "{b}"),
+            Value::Int(i) => write!(f, "{i}"),
+            Value::UInt(u) => write!(f, "{u}"),
+            Value::Float(x) => write!(f, "{x}"),
+            Value::Text(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// Why a value is not good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The device did not answer within the configured timeout.
+    Timeout,
+    /// The device answered with a Modbus exception code.
+    Exception(u8),
+    /// There is no connection to the device.
+    Disconnected,
+    /// The answer could not be decoded into the configured type.
+    Decode,
+    /// The device answered with something that does not match the request.
+    Protocol,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Timeout => f.write_str("timeout"),
+            Reason::Exception(code) => write!(f, "exception:{code}"),
+            Reason::Disconnected => f.write_str("disconnected"),
+            Reason::Decode => f.write_str("decode"),
+            Reason::Protocol => f.write_str("protocol"),
+        }
+    }
+}
+
+/// The quality of a sample, in the spirit of OPC UA status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Quality {
+    /// The value is trustworthy.
+    Good,
+    /// The value is usable but suspect.
+    Uncertain(Reason),
+    /// There is no usable value.
+    Bad(Reason),
+}
+
+impl Quality {
+    /// The short name used in payloads: `good`, `uncertain` or `bad`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Quality::Good => "good",
+            Quality::Uncertain(_) => "uncertain",
+            Quality::Bad(_) => "bad",
+        }
+    }
+
+    /// The reason, when the quality is not good.
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            Quality::Good => None,
+            Quality::Uncertain(r) | Quality::Bad(r) => Some(*r),
+        }
+    }
+}
+
+/// Index of a device in the [`Catalog`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(pub u32);
+
+/// Index of a tag within its device's tag list in the [`Catalog`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TagId(pub u32);
+
+/// One value of one tag, as read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Which tag of the batch's device.
+    pub tag: TagId,
+    /// The value; `None` when the tag could not be read.
+    pub value: Option<Value>,
+    /// How far the value can be trusted.
+    pub quality: Quality,
+    /// The device's own timestamp, when it has one.
+    pub source_time: Option<Timestamp>,
+    /// When the gateway read the value.
+    pub gateway_time: Timestamp,
+}
+
+impl Sample {
+    /// A good sample read at `time`.
+    pub fn good(tag: TagId, value: Value, time: Timestamp) -> Self {
+        Sample {
+            tag,
+            value: Some(value),
+            quality: Quality::Good,
+            source_time: None,
+            gateway_time: time,
+        }
+    }
+
+    /// A bad sample without a value.
+    pub fn bad(tag: TagId, reason: Reason, time: Timestamp) -> Self {
+        Sample {
+            tag,
+            value: None,
+            quality: Quality::Bad(reason),
+            source_time: None,
+            gateway_time: time,
+        }
+    }
+}
+
+/// The samples of one device scan (or one OPC UA notification): it becomes one record.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The device that was scanned.
+    pub device: DeviceId,
+    /// The samples, in tag order of the scan.
+    pub samples: Vec<Sample>,
+    /// When the scan completed; the durability deadline counts from here.
+    pub read_at: Instant,
+}
+
+/// The names of all devices and tags, interned once at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    devices: Vec<DeviceEntry>,
+}
+
+/// A device's name and its tags' names.
+#[derive(Debug, Clone)]
+pub struct DeviceEntry {
+    /// The device name from the config.
+    pub name: Arc<str>,
+    /// Tag names, indexed by [`TagId`].
+    pub tags: Vec<Arc<str>>,
+}
+
+impl Catalog {
+    /// Adds a device with its tag names and returns its id.
+    pub fn add_device(&mut self, name: Arc<str>, tags: Vec<Arc<str>>) -> DeviceId {
+        self.devices.push(DeviceEntry { name, tags });
+        DeviceId((self.devices.len() - 1) as u32)
+    }
+
+    /// The device entry for an id handed out by [`Catalog::add_device`].
+    pub fn device(&self, id: DeviceId) -> Option<&DeviceEntry> {
+        self.devices.get(id.0 as usize)
+    }
+
+    /// The name of a tag, if both ids are known.
+    pub fn tag_name(&self, device: DeviceId, tag: TagId) -> Option<&Arc<str>> {
+        self.device(device)?.tags.get(tag.0 as usize)
+    }
+
+    /// All devices in id order.
+    pub fn devices(&self) -> impl Iterator<Item = (DeviceId, &DeviceEntry)> {
+        self.devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (DeviceId(i as u32), d))
+    }
+
+    /// Total number of tags over all devices.
+    pub fn tag_count(&self) -> usize {
+        self.devices.iter().map(|d| d.tags.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_render_as_payload_strings() {
+        assert_eq!(Reason::Timeout.to_string(), "timeout");
+        assert_eq!(Reason::Exception(2).to_string(), "exception:2");
+        assert_eq!(Reason::Disconnected.to_string(), "disconnected");
+    }
+
+    #[test]
+    fn catalog_resolves_names_by_id() {
+        let mut c = Catalog::default();
+        let d = c.add_device("press7".into(), vec!["a".into(), "b".into()]);
+        assert_eq!(c.tag_name(d, TagId(1)).map(|s| &**s), Some("b"));
+        assert!(c.tag_name(d, TagId(2)).is_none());
+        assert_eq!(c.tag_count(), 2);
+    }
+}

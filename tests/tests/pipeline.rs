@@ -1,0 +1,251 @@
+//! The whole pipeline: simulated Modbus devices → gateway → (proxy) → embedded rumqttd broker →
+//! subscriber.
+
+use std::path::Path;
+use std::time::Duration;
+
+use edge_gateway::broker::{self, EmbeddedBroker};
+use edge_gateway::buffer::Buffer;
+use edge_gateway::config::Config;
+use edge_gateway::demo::{demo_devices, local_config, start_demo_devices};
+use edge_gateway::metrics::Metrics;
+use edge_gateway::topology::{self, Running};
+use gateway_tests::{contiguous_seqs, eventually, init_tracing, Collector, Proxy};
+use protocols::sim::modbus::SimServer;
+use tokio_util::sync::CancellationToken;
+
+struct Rig {
+    broker: EmbeddedBroker,
+    proxy: Proxy,
+    _sims: Vec<SimServer>,
+    sims_cancel: CancellationToken,
+    config: Config,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn new(devices: usize, scan: Duration) -> Rig {
+        init_tracing();
+        let broker = broker::start(16 << 20).unwrap();
+        let proxy = Proxy::start(broker.addr()).await.unwrap();
+        let sims_cancel = CancellationToken::new();
+        let sims = start_demo_devices(devices, &sims_cancel).await.unwrap();
+        let addrs: Vec<_> = sims.iter().map(|s| s.addr()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = local_config(
+            "gw-test",
+            dir.path().join("data"),
+            proxy.addr().port(),
+            demo_devices(&addrs, scan),
+        );
+        config.mqtt.client_id = format!("gw-{}", dir.path().display()).replace('/', "-");
+        config.mqtt.shutdown_grace = Duration::from_millis(500);
+        Rig {
+            broker,
+            proxy,
+            _sims: sims,
+            sims_cancel,
+            config,
+            _dir: dir,
+        }
+    }
+
+    async fn collector(&self) -> Collector {
+        Collector::start(
+            self.broker.port(),
+            &format!("{}/#", self.config.mqtt.topic_prefix),
+        )
+        .await
+    }
+
+    async fn start(&self) -> Running {
+        topology::start(self.config.clone()).await.unwrap()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.sims_cancel.cancel();
+    }
+}
+
+fn buffer_len(data_dir: &Path) -> u64 {
+    let (b, _) = Buffer::open(&data_dir.join("buffer")).unwrap();
+    b.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_each_scan_as_one_json_record_with_the_payload_contract() {
+    let rig = Rig::new(1, Duration::from_millis(100)).await;
+    let sub = rig.collector().await;
+    let gw = rig.start().await;
+    sub.wait_for(Duration::from_secs(10), "three records", |m| m.len() >= 3)
+        .await;
+    gw.shutdown().await;
+
+    let msgs = sub.messages();
+    let first = &msgs[0];
+    assert_eq!(first.topic, "edge/gw-test/press1");
+    let d = &first.doc;
+    assert_eq!(d["gateway"], "gw-test");
+    assert_eq!(d["boot"], 1);
+    assert_eq!(d["device"], "press1");
+    assert_eq!(d["historical"], false);
+    let samples = d["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 9, "one record carries the whole scan");
+    let names: Vec<&str> = samples.iter().map(|s| s["tag"].as_str().unwrap()).collect();
+    for t in ["counter", "sine", "ramp", "wave", "status", "running"] {
+        assert!(names.contains(&t), "{t} in {names:?}");
+    }
+    for s in samples {
+        assert_eq!(s["quality"], "good");
+        assert!(
+            s["ts"].as_i64().unwrap() > 1_700_000_000_000,
+            "ts is epoch milliseconds"
+        );
+    }
+    let status = samples.iter().find(|s| s["tag"] == "status").unwrap();
+    assert!(status["value"].is_string());
+    contiguous_seqs(&msgs, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_nothing_to_disk_while_the_broker_keeps_up() {
+    let rig = Rig::new(2, Duration::from_millis(50)).await;
+    let sub = rig.collector().await;
+    let gw = rig.start().await;
+    sub.wait_for(Duration::from_secs(10), "records", |m| m.len() >= 40)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = gw.metrics.clone();
+    let commits = gw.buffer.commits();
+    let acked = Metrics::get(&m.acked);
+    gw.shutdown().await;
+    assert!(acked >= 40, "acked {acked}");
+    assert_eq!(commits, 0, "no buffer commit while the broker keeps up");
+    assert_eq!(Metrics::get(&m.bytes_written), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_every_record_after_a_broker_outage_with_no_hole_in_seq() {
+    let rig = Rig::new(2, Duration::from_millis(50)).await;
+    let sub = rig.collector().await;
+    let gw = rig.start().await;
+    sub.wait_for(Duration::from_secs(10), "live records", |m| m.len() >= 10)
+        .await;
+
+    rig.proxy.cut();
+    let m = gw.metrics.clone();
+    let at_cut = Metrics::get(&m.records);
+    eventually(
+        Duration::from_secs(10),
+        "records committed during the outage",
+        || Metrics::get(&m.records) > at_cut + 40 && gw.buffer.len() > 20,
+    )
+    .await;
+    assert!(!m.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed));
+    let scans_during_outage = Metrics::get(&m.records) - at_cut;
+    assert!(
+        scans_during_outage > 40,
+        "the gateway keeps scanning into the buffer"
+    );
+
+    rig.proxy.restore();
+    eventually(Duration::from_secs(20), "the backlog drains", || {
+        gw.buffer.is_empty() && Metrics::get(&m.replayed) > 0
+    })
+    .await;
+    let created = Metrics::get(&m.records);
+    sub.wait_for(Duration::from_secs(20), "every record", |msgs| {
+        contiguous_len(msgs) >= created
+    })
+    .await;
+    gw.shutdown().await;
+
+    let msgs = sub.messages();
+    let seqs = contiguous_seqs(&msgs, 1);
+    assert_eq!(seqs.first(), Some(&0));
+    assert!(
+        msgs.iter().any(|r| r.historical()),
+        "records sent from disk are flagged historical"
+    );
+    assert!(msgs.iter().filter(|r| !r.historical()).count() > 10);
+}
+
+fn contiguous_len(msgs: &[gateway_tests::Received]) -> u64 {
+    let mut seqs: Vec<u64> = msgs.iter().map(|m| m.seq()).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    seqs.iter()
+        .enumerate()
+        .take_while(|(i, s)| *i as u64 == **s)
+        .count() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_commits_what_is_unacknowledged_and_the_next_start_delivers_it() {
+    let mut rig = Rig::new(1, Duration::from_millis(50)).await;
+    rig.config.mqtt.shutdown_grace = Duration::from_millis(200);
+    let sub = rig.collector().await;
+    let gw = rig.start().await;
+    sub.wait_for(Duration::from_secs(10), "live records", |m| m.len() >= 5)
+        .await;
+    rig.proxy.cut();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let m = gw.metrics.clone();
+    gw.shutdown().await;
+    let created = Metrics::get(&m.records);
+    let acked = Metrics::get(&m.acked);
+    assert!(created > acked, "records were created during the outage");
+    let on_disk = buffer_len(&rig.config.gateway.data_dir);
+    let received = contiguous_len(&sub.messages());
+    assert!(
+        on_disk + received >= created,
+        "everything not received is on disk after shutdown: {on_disk} on disk + {received} received < {created} created"
+    );
+
+    rig.proxy.restore();
+    let gw = rig.start().await;
+    assert_eq!(gw.boot, 2);
+    sub.wait_for(
+        Duration::from_secs(20),
+        "the first boot's backlog",
+        |msgs| contiguous_seqs(msgs, 1).len() as u64 >= created,
+    )
+    .await;
+    eventually(Duration::from_secs(10), "an empty buffer", || {
+        gw.buffer.is_empty()
+    })
+    .await;
+    gw.shutdown().await;
+    let msgs = sub.messages();
+    assert!(
+        msgs.iter().any(|r| r.boot() == 2),
+        "the second boot publishes live"
+    );
+    contiguous_seqs(&msgs, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_at_start_up_is_retried_not_fatal() {
+    let rig = Rig::new(1, Duration::from_millis(100)).await;
+    rig.proxy.cut();
+    let sub = rig.collector().await;
+    let gw = rig.start().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(sub.messages().is_empty());
+    rig.proxy.restore();
+    sub.wait_for(
+        Duration::from_secs(20),
+        "records after the broker became reachable",
+        |m| m.len() >= 5,
+    )
+    .await;
+    gw.shutdown().await;
+    let msgs = sub.messages();
+    assert_eq!(
+        contiguous_seqs(&msgs, 1).first(),
+        Some(&0),
+        "nothing from before the connection is lost"
+    );
+}
