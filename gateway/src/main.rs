@@ -165,7 +165,7 @@ fn main() -> ExitCode {
                 seconds,
                 plain,
             } => {
-                init_tracing("warn");
+                init_tracing("warn,rumqttd=off");
                 let data_dir =
                     data_dir.unwrap_or_else(|| std::env::temp_dir().join("edge-gateway-demo"));
                 let opts = demo::DemoOptions {
@@ -178,7 +178,7 @@ fn main() -> ExitCode {
                 demo::run(opts, shutdown_signal()).await.map_err(Into::into)
             }
             Command::Bench(opts) => {
-                init_tracing("warn");
+                init_tracing("warn,rumqttd=off");
                 edge_gateway::bench::run(opts).await.map_err(Into::into)
             }
             Command::Check { .. } => Ok(()),
