@@ -1,7 +1,6 @@
 //! Test harness: real protocol peers on loopback (the Modbus simulator, the embedded rumqttd
 //! broker), a fault-injecting TCP proxy to cut links, and an MQTT subscriber that records what
 //! arrives.
-#![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
