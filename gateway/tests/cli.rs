@@ -1,0 +1,83 @@
+//! The `edge-gateway` command as an operator runs it.
+
+use std::process::Command;
+
+fn gateway() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_edge-gateway"))
+}
+
+#[test]
+fn check_accepts_the_shipped_example_config_with_exit_0() {
+    let out = gateway()
+        .args(["check", "--config"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/gateway.example.toml"
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+}
+
+#[test]
+fn check_lists_every_problem_with_line_and_field_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"[gateway]
+id = "gw"
+colour = "blue"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+
+[[devices]]
+name = "press"
+protocol = "modbus_tcp"
+address = "127.0.0.1:502"
+scan_interval = "fast"
+
+  [[devices.tags]]
+  name = "a"
+  address = "xr:1"
+
+  [[devices.tags]]
+  name = "a"
+  address = "hr:65535"
+  type = "u32"
+"#,
+    )
+    .unwrap();
+    let out = gateway()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "bad.toml:3: gateway.colour",
+        "bad.toml:12: devices[0].scan_interval",
+        "bad.toml:16: devices[0].tags[0].address",
+        "bad.toml:19: devices[0].tags[1].name",
+        "bad.toml:20: devices[0].tags[1].address",
+    ] {
+        assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+    }
+}
+
+#[test]
+fn check_reports_a_missing_file_without_panicking() {
+    let out = gateway()
+        .args(["check", "--config", "/nonexistent/gw.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gw.toml"));
+}
