@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocols::sim::modbus::SimDevice;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 /// Options of the bench command.
@@ -98,43 +97,29 @@ fn now_ms() -> f64 {
 }
 
 fn spawn_counter(port: u16, got: Arc<Received>, cancel: CancellationToken) {
-    let mut o = MqttOptions::new("bench-subscriber", "127.0.0.1", port);
-    o.set_max_packet_size(16 << 20, 64 << 10);
-    let (client, mut el) = AsyncClient::new(o, 16);
-    tokio::spawn(async move {
-        loop {
-            let ev = tokio::select! {
-                _ = cancel.cancelled() => return,
-                ev = el.poll() => ev,
-            };
-            match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client.subscribe("edge/bench/#", QoS::AtMostOnce).await;
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
-                        continue;
-                    };
-                    let Some(samples) = doc["samples"].as_array() else {
-                        continue;
-                    };
-                    got.samples
-                        .fetch_add(samples.len() as u64, Ordering::Relaxed);
-                    got.records.fetch_add(1, Ordering::Relaxed);
-                    if let Some(ts) = samples.first().and_then(|s| s["ts"].as_f64()) {
-                        if doc["historical"] == serde_json::Value::Bool(false) {
-                            got.latencies_ms
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push(now_ms() - ts);
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+    let on_message = move |doc: serde_json::Value| {
+        let Some(samples) = doc["samples"].as_array() else {
+            return;
+        };
+        got.samples
+            .fetch_add(samples.len() as u64, Ordering::Relaxed);
+        got.records.fetch_add(1, Ordering::Relaxed);
+        if let Some(ts) = samples.first().and_then(|s| s["ts"].as_f64()) {
+            if doc["historical"] == serde_json::Value::Bool(false) {
+                got.latencies_ms
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(now_ms() - ts);
             }
         }
-    });
+    };
+    crate::broker::subscribe_json(
+        port,
+        "bench-subscriber",
+        "edge/bench/#".into(),
+        cancel,
+        on_message,
+    );
 }
 
 /// CPU seconds, peak RSS in KiB and bytes written to storage of a process, from /proc.

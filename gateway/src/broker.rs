@@ -96,3 +96,39 @@ pub fn start(max_payload: usize) -> Result<EmbeddedBroker, BrokerError> {
     }
     Err(BrokerError::NotListening)
 }
+
+/// Subscribes to `filter` on the loopback broker at `port` (re-subscribing after reconnects) and
+/// hands every message's parsed JSON payload to `on_message`, until `cancel`. Used by the demo's
+/// view and the bench's counter.
+pub fn subscribe_json(
+    port: u16,
+    client_id: &str,
+    filter: String,
+    cancel: tokio_util::sync::CancellationToken,
+    mut on_message: impl FnMut(serde_json::Value) + Send + 'static,
+) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+    o.set_max_packet_size(16 << 20, 64 << 10);
+    let (client, mut el) = AsyncClient::new(o, 16);
+    tokio::spawn(async move {
+        loop {
+            let ev = tokio::select! {
+                _ = cancel.cancelled() => return,
+                ev = el.poll() => ev,
+            };
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.subscribe(filter.clone(), QoS::AtMostOnce).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Ok(doc) = serde_json::from_slice(&p.payload) {
+                        on_message(doc);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+}

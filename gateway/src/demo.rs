@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use protocols::modbus::{Address, Area, DataType, ModbusTcpSettings, Report, TagSpec, WordOrder};
 use protocols::sim::modbus::{SimDevice, SimServer};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
@@ -173,63 +172,35 @@ fn spawn_subscriber(
     view: Arc<Mutex<View>>,
     cancel: CancellationToken,
 ) {
-    let mut o = MqttOptions::new("demo-viewer", "127.0.0.1", port);
-    o.set_max_packet_size(16 << 20, 64 << 10);
-    let (client, mut el) = AsyncClient::new(o, 16);
-    tokio::spawn(async move {
-        loop {
-            let ev = tokio::select! {
-                _ = cancel.cancelled() => return,
-                ev = el.poll() => ev,
-            };
-            match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client
-                        .subscribe(topic_filter.clone(), QoS::AtMostOnce)
-                        .await;
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
-                        continue;
-                    };
-                    let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
-                    if doc["historical"] == serde_json::Value::Bool(true) {
-                        v.historical += 1;
-                    }
-                    let device = doc["device"].as_str().unwrap_or("?").to_string();
-                    if let Some(samples) = doc["samples"].as_array() {
-                        v.received_samples += samples.len() as u64;
-                        for s in samples {
-                            let key =
-                                (device.clone(), s["tag"].as_str().unwrap_or("?").to_string());
-                            let value = match &s["value"] {
-                                serde_json::Value::Null => "—".to_string(),
-                                serde_json::Value::Number(n) => match n.as_f64() {
-                                    Some(f) if n.is_f64() => format!("{f:.3}"),
-                                    _ => n.to_string(),
-                                },
-                                other => other.to_string(),
-                            };
-                            let mut quality = s["quality"].as_str().unwrap_or("?").to_string();
-                            if let Some(r) = s["reason"].as_str() {
-                                quality = format!("{quality} ({r})");
-                            }
-                            v.tags.insert(
-                                key,
-                                Seen {
-                                    value,
-                                    quality,
-                                    ts: s["ts"].as_i64().unwrap_or(0),
-                                },
-                            );
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
+    let on_message = move |doc: serde_json::Value| {
+        let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
+        if doc["historical"] == serde_json::Value::Bool(true) {
+            v.historical += 1;
         }
-    });
+        let device = doc["device"].as_str().unwrap_or("?").to_string();
+        let Some(samples) = doc["samples"].as_array() else {
+            return;
+        };
+        v.received_samples += samples.len() as u64;
+        for s in samples {
+            let key = (device.clone(), s["tag"].as_str().unwrap_or("?").to_string());
+            let value = match &s["value"] {
+                serde_json::Value::Null => "—".to_string(),
+                serde_json::Value::Number(n) => match n.as_f64() {
+                    Some(f) if n.is_f64() => format!("{f:.3}"),
+                    _ => n.to_string(),
+                },
+                other => other.to_string(),
+            };
+            let mut quality = s["quality"].as_str().unwrap_or("?").to_string();
+            if let Some(r) = s["reason"].as_str() {
+                quality = format!("{quality} ({r})");
+            }
+            let ts = s["ts"].as_i64().unwrap_or(0);
+            v.tags.insert(key, Seen { value, quality, ts });
+        }
+    };
+    crate::broker::subscribe_json(port, "demo-viewer", topic_filter, cancel, on_message);
 }
 
 /// Why the demo could not start.
@@ -358,13 +329,14 @@ fn render(
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "MQTT {mqtt} · {rate:.0} samples/s received · records {} · acked {} · buffer {} records ({} B) · committed {} · replayed {}",
+        "MQTT {mqtt} · {rate:.0} samples/s received · records {} · acked {} · buffer {} records ({} B) · committed {} · replayed {} · historical received {}",
         Metrics::get(&m.records),
         Metrics::get(&m.acked),
         Metrics::get(&m.buffer_records),
         Metrics::get(&m.buffer_bytes),
         Metrics::get(&m.committed),
         Metrics::get(&m.replayed),
+        v.historical,
     );
     for d in &running.devices {
         let st = &d.status;
