@@ -4,11 +4,11 @@
 //! drivers' channel, encodes it once into a record, enters it in the [`Ledger`] and hands it to
 //! the publisher at once.
 //!
-//! The committer upholds the durability contract: it wakes every half `commit_interval`, takes
-//! the records that have waited at least half an interval without a PUBACK, and commits them in
-//! one batch (sled flush + fsync). So a record is acknowledged or durable within one
-//! `commit_interval` of being read (plus the commit's own duration), and while the broker acks
-//! faster than half an interval the committer has nothing to write.
+//! The committer upholds the durability contract: it wakes every quarter `commit_interval`,
+//! takes the records that have waited at least three quarters of an interval without a PUBACK,
+//! and commits them in one batch (sled flush + fsync). So a record is acknowledged or durable
+//! within one `commit_interval` of being read (plus the commit's own duration), and while the
+//! broker acks within three quarters of an interval the committer has nothing to write.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -120,8 +120,9 @@ pub async fn run_writer(
 
 /// Runs the committer until `stop` is cancelled, then commits everything unacknowledged.
 pub async fn run_committer(shared: Arc<Shared>, settings: BufferSettings, stop: CancellationToken) {
-    let half = (settings.commit_interval / 2).max(Duration::from_millis(1));
-    let mut tick = tokio::time::interval(half);
+    let period = (settings.commit_interval / 4).max(Duration::from_millis(1));
+    let min_age = settings.commit_interval.saturating_sub(period);
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut evicting = EvictionLog::default();
     loop {
@@ -133,7 +134,7 @@ pub async fn run_committer(shared: Arc<Shared>, settings: BufferSettings, stop: 
         let settings = settings.clone();
         let mut log = std::mem::take(&mut evicting);
         let done = tokio::task::spawn_blocking(move || {
-            commit_once(&s, &settings, half, last, &mut log);
+            commit_once(&s, &settings, min_age, last, &mut log);
             log
         })
         .await;

@@ -7,8 +7,9 @@
 //!   every `Outgoing::Publish` belongs to the current connection and maps to the right record.
 //! - On any connection error the window is forgotten and nothing is taken as delivered: the
 //!   records are still in the ledger (committed within `commit_interval`) or on disk, and go out
-//!   again after the next CONNACK. A record that cannot be queued live (disconnected, or the live
-//!   queue is full) is simply left to the ledger and comes back through the disk.
+//!   again after the next CONNACK. Records keep queueing for live sending while disconnected; one
+//!   that falls out of the bounded live queue is simply left to the ledger and comes back
+//!   through the disk.
 //! - A window that sees no PUBACK for `ack_timeout` is a dead link: the connection is dropped.
 
 pub mod json;
@@ -80,10 +81,12 @@ pub struct Publisher {
     client: AsyncClient,
     shared: Arc<Shared>,
     window: Window,
-    live: VecDeque<Arc<Record>>,
+    live: VecDeque<(Arc<Record>, Instant)>,
     live_cap: usize,
+    commit_interval: Duration,
     replay_from: Option<u64>,
     connected: bool,
+    draining: bool,
     down_logged: bool,
     kick: Arc<Notify>,
 }
@@ -93,6 +96,7 @@ impl Publisher {
     /// period for outstanding acknowledgements has passed.
     pub async fn run(
         settings: MqttSettings,
+        commit_interval: Duration,
         password: Option<String>,
         shared: Arc<Shared>,
         mut live_rx: mpsc::Receiver<Arc<Record>>,
@@ -107,8 +111,10 @@ impl Publisher {
             window: Window::new(window_cap),
             live: VecDeque::new(),
             live_cap: window_cap * 4,
+            commit_interval,
             replay_from: None,
             connected: false,
+            draining: false,
             down_logged: false,
             kick: Arc::new(Notify::new()),
         };
@@ -158,6 +164,7 @@ impl Publisher {
                         let grace = p.settings.shutdown_grace;
                         debug!(outstanding = p.window.len(), grace_ms = grace.as_millis() as u64, "publisher draining");
                         draining_until = Some(tokio::time::Instant::now() + grace);
+                        p.draining = true;
                     }
                 },
                 _ = p.shared.committed.notified() => {
@@ -171,22 +178,34 @@ impl Publisher {
         p.disconnect(poll).await;
     }
 
+    /// Queues a record to go out live, also while disconnected: a connection that comes back
+    /// within the commit interval (or the first one at start-up) then costs no disk write. When
+    /// the queue is full its oldest record is dropped from memory: it is still in the ledger, is
+    /// committed, and comes back through the replay.
     fn queue_live(&mut self, r: Arc<Record>) {
-        if self.connected && self.live.len() < self.live_cap {
-            self.live.push_back(r);
+        if self.live.len() >= self.live_cap {
+            self.live.pop_front();
         }
-        // Otherwise the record stays in the ledger, is committed, and comes back via replay.
+        self.live.push_back((r, Instant::now()));
     }
 
     /// Submits live records, then replayed ones, while the window has room.
     async fn fill_window(&mut self) {
         while self.window.room() > 0 {
-            let Some(r) = self.live.pop_front() else {
+            let Some((r, queued)) = self.live.pop_front() else {
                 break;
             };
-            self.submit(&r.topic, r.payload.clone(), r.seq).await;
+            // A record that waited out a commit interval (an outage) went the store-and-forward
+            // way, even when it is still in memory: it is flagged historical like a replayed one.
+            let payload = if queued.elapsed() >= self.commit_interval {
+                r.historical_payload()
+            } else {
+                r.payload.clone()
+            };
+            self.submit(&r.topic, payload, r.seq).await;
         }
-        while self.window.room() > 0 {
+        // While draining for shutdown only live records go out: the backlog stays on disk.
+        while self.window.room() > 0 && !self.draining {
             let Some(from) = self.replay_from else {
                 break;
             };
@@ -242,7 +261,6 @@ impl Publisher {
                 self.connected = true;
                 self.down_logged = false;
                 self.window.clear();
-                self.live.clear();
                 // Everything on disk is unacknowledged: replay it from the start.
                 self.replay_from = Some(0);
                 let m = &self.shared.metrics;
@@ -275,7 +293,6 @@ impl Publisher {
 
     fn on_disconnect(&mut self, error: &str) {
         let lost = self.window.clear();
-        self.live.clear();
         if self.connected || !self.down_logged {
             warn!(host = %self.settings.host, port = self.settings.port, error, unacknowledged = lost, "MQTT connection lost; buffering to disk and retrying");
             self.down_logged = true;
