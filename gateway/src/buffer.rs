@@ -97,8 +97,11 @@ fn io_err(path: &Path, source: std::io::Error) -> BufferError {
 }
 
 fn open_sled(dir: &Path) -> Result<sled::Db, BufferError> {
+    // sled writes a page larger than a quarter segment to its own file under `blobs/`; larger
+    // segments keep pages of big records in the `db` file, and `sync` fsyncs blobs anyway.
     let cfg = sled::Config::new()
         .path(dir)
+        .segment_size(8 * 1024 * 1024)
         .cache_capacity(16 * 1024 * 1024)
         .flush_every_ms(Some(1000));
     match catch_unwind(AssertUnwindSafe(|| cfg.open())) {
@@ -184,7 +187,34 @@ impl Buffer {
         self.db.flush().map_err(|e| db_err(&self.dir, e))?;
         self.data_file
             .sync_all()
-            .map_err(|e| io_err(&self.dir.join("db"), e))
+            .map_err(|e| io_err(&self.dir.join("db"), e))?;
+        // sled does not fsync the blob files it writes for oversized pages either.
+        let blobs = self.dir.join("blobs");
+        if let Ok(entries) = std::fs::read_dir(&blobs) {
+            let mut any = false;
+            for entry in entries.flatten() {
+                let path = entry.path();
+                File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| io_err(&path, e))?;
+                any = true;
+            }
+            if any {
+                fsync_dir(&blobs)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts records and bytes from the tree itself, after a failure left the counters unsure.
+    fn recount(&self) {
+        let (mut records, mut bytes) = (0u64, 0u64);
+        for (k, v) in self.db.iter().flatten() {
+            records += 1;
+            bytes += (k.len() + v.len()) as u64;
+        }
+        self.records.store(records, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Writes records in one batch and makes them durable (flush + fsync) before returning.
@@ -203,7 +233,12 @@ impl Buffer {
         self.db
             .apply_batch(batch)
             .map_err(|e| db_err(&self.dir, e))?;
-        self.sync()?;
+        if let Err(e) = self.sync() {
+            // The batch may be in the tree but not durable; it will be committed again, so the
+            // counters are taken from the tree rather than added to twice.
+            self.recount();
+            return Err(e);
+        }
         self.records.fetch_add(stats.records, Ordering::Relaxed);
         self.bytes.fetch_add(stats.bytes, Ordering::Relaxed);
         self.commits.fetch_add(1, Ordering::Relaxed);

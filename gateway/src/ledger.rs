@@ -7,7 +7,7 @@
 //! record acknowledged while its commit is running is deleted from disk right after the commit.
 //! An acknowledgement for a record the ledger does not hold means the record is on disk.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,7 @@ pub struct Ledger {
     pending: BTreeMap<u64, Pending>,
     committing: BTreeSet<u64>,
     acked_while_committing: Vec<u64>,
-    deletes: Vec<u64>,
+    deletes: HashSet<u64>,
 }
 
 impl Ledger {
@@ -53,7 +53,7 @@ impl Ledger {
             self.acked_while_committing.push(seq);
             AckOutcome::AfterCommit
         } else {
-            self.deletes.push(seq);
+            self.deletes.insert(seq);
             AckOutcome::Delete
         }
     }
@@ -116,7 +116,15 @@ impl Ledger {
 
     /// Takes the deletions owed to the disk.
     pub fn take_deletes(&mut self) -> Vec<u64> {
-        std::mem::take(&mut self.deletes)
+        let mut d: Vec<u64> = self.deletes.drain().collect();
+        d.sort_unstable();
+        d
+    }
+
+    /// Whether `seq` was acknowledged but is still on disk (its delete is pending), so a replay
+    /// must not send it again.
+    pub fn is_acknowledged(&self, seq: u64) -> bool {
+        self.deletes.contains(&seq) || self.acked_while_committing.contains(&seq)
     }
 
     /// Records held in memory, not yet acknowledged nor committed.
@@ -171,7 +179,12 @@ mod tests {
         assert_eq!(l.ack(1), AckOutcome::AfterCommit);
         assert_eq!(l.committed(due.iter().map(|r| r.seq)), vec![1]);
         assert_eq!(l.ack(1), AckOutcome::Delete, "later acks refer to the disk");
+        assert!(
+            l.is_acknowledged(1),
+            "a replay must not resend it before the delete"
+        );
         assert_eq!(l.take_deletes(), vec![1]);
+        assert!(!l.is_acknowledged(1));
     }
 
     #[test]

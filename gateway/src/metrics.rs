@@ -25,6 +25,8 @@ pub struct Metrics {
     pub bytes_written: AtomicU64,
     /// Records evicted because the buffer was full.
     pub evicted: AtomicU64,
+    /// Samples dropped because one alone does not fit in an MQTT packet.
+    pub oversized: AtomicU64,
     /// Buffer I/O errors.
     pub io_errors: AtomicU64,
     /// Records on disk.

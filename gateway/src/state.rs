@@ -48,23 +48,30 @@ fn parse(text: &str) -> Option<(u64, u64)> {
 
 impl SeqState {
     /// Opens the state in `dir`, counts this boot and reserves the first range. `floor` is one
-    /// past the highest sequence number known to be used (from the buffer).
-    pub fn open(dir: &Path, floor: u64) -> Result<SeqState, StateError> {
+    /// past the highest sequence number known to be used (from the buffer). `fresh` says the data
+    /// directory is new, so a missing state file means a first start, not a lost file.
+    pub fn open(dir: &Path, floor: u64, fresh: bool) -> Result<SeqState, StateError> {
         let path = dir.join("state");
+        // Unknown how far an earlier boot got: start past anything it could have used.
+        let time_floor = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64 * 1000)
+                .unwrap_or(0)
+        };
         let (boot, reserved) = match fs::read_to_string(&path) {
             Ok(text) => match parse(&text) {
                 Some(v) => v,
                 None => {
-                    // Unknown how far the last boot got: start past anything it could have used.
-                    let now_based = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map(|d| d.as_millis() as u64 * 1000)
-                        .unwrap_or(0);
                     warn!(path = %path.display(), "state file is damaged; continuing sequence numbers from a time-based floor");
-                    (0, now_based)
+                    (0, time_floor())
                 }
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, 0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && fresh => (0, 0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                warn!(path = %path.display(), "state file is missing from a used data directory; continuing sequence numbers from a time-based floor");
+                (0, time_floor())
+            }
             Err(source) => return Err(StateError { path, source }),
         };
         let next = reserved.max(floor);
@@ -103,12 +110,17 @@ impl SeqState {
 
     /// The next sequence number; reserves a new range on disk when the current one is used up.
     pub fn next_seq(&mut self) -> Result<u64, StateError> {
+        let seq = self.peek_seq()?;
+        self.next += 1;
+        Ok(seq)
+    }
+
+    /// The sequence number [`SeqState::next_seq`] will return, without using it up.
+    pub fn peek_seq(&mut self) -> Result<u64, StateError> {
         if self.next >= self.reserved {
             self.reserve()?;
         }
-        let seq = self.next;
-        self.next += 1;
-        Ok(seq)
+        Ok(self.next)
     }
 }
 
@@ -119,13 +131,13 @@ mod tests {
     #[test]
     fn boots_count_up_and_sequences_never_repeat_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = SeqState::open(dir.path(), 0).unwrap();
+        let mut s = SeqState::open(dir.path(), 0, true).unwrap();
         assert_eq!(s.boot(), 1);
         let a = s.next_seq().unwrap();
         let b = s.next_seq().unwrap();
         assert_eq!((a, b), (0, 1));
         drop(s); // a crash: the rest of the range is skipped
-        let mut s = SeqState::open(dir.path(), 0).unwrap();
+        let mut s = SeqState::open(dir.path(), 0, true).unwrap();
         assert_eq!(s.boot(), 2);
         assert!(s.next_seq().unwrap() >= RESERVE);
     }
@@ -133,14 +145,14 @@ mod tests {
     #[test]
     fn the_floor_from_the_buffer_wins_over_a_lost_state_file() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = SeqState::open(dir.path(), 500).unwrap();
+        let mut s = SeqState::open(dir.path(), 500, true).unwrap();
         assert_eq!(s.next_seq().unwrap(), 500);
     }
 
     #[test]
     fn a_new_range_is_reserved_when_one_runs_out() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = SeqState::open(dir.path(), 0).unwrap();
+        let mut s = SeqState::open(dir.path(), 0, true).unwrap();
         for _ in 0..RESERVE {
             s.next_seq().unwrap();
         }
@@ -150,10 +162,17 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_state_file_in_a_used_data_directory_does_not_restart_sequences_at_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SeqState::open(dir.path(), 0, false).unwrap();
+        assert!(s.next_seq().unwrap() > 1_000_000_000);
+    }
+
+    #[test]
     fn a_damaged_state_file_does_not_restart_sequences_at_zero() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("state"), "garbage").unwrap();
-        let mut s = SeqState::open(dir.path(), 0).unwrap();
+        let mut s = SeqState::open(dir.path(), 0, true).unwrap();
         assert!(s.next_seq().unwrap() > 1_000_000_000);
     }
 }

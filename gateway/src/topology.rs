@@ -114,6 +114,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     })?;
     let password = read_password(&config)?;
     let buffer_dir = data_dir.join("buffer");
+    let fresh = !buffer_dir.exists() && !data_dir.join("state").exists();
     let (buffer, report) = tokio::task::spawn_blocking(move || Buffer::open(&buffer_dir))
         .await
         .map_err(|e| BufferError::Db {
@@ -122,7 +123,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         })??;
     let buffer = Arc::new(buffer);
     let floor = report.last_seq.map_or(0, |s| s + 1);
-    let seqs = SeqState::open(&data_dir, floor)?;
+    let seqs = SeqState::open(&data_dir, floor, fresh)?;
     let boot = seqs.boot();
     info!(gateway = %config.gateway.id, boot, backlog = report.records, devices = config.devices.len(), "starting gateway");
 
@@ -174,7 +175,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         &config.mqtt.topic_prefix,
         catalog.clone(),
     );
-    let writer = tokio::spawn(run_writer(batch_rx, encoder, seqs, shared.clone(), live_tx));
+    let writer = tokio::spawn(run_writer(
+        batch_rx,
+        encoder,
+        seqs,
+        shared.clone(),
+        live_tx,
+        config.mqtt.max_packet_size,
+    ));
     let committer_stop = CancellationToken::new();
     let committer = tokio::spawn(run_committer(
         shared.clone(),

@@ -59,6 +59,12 @@ fn poll_after(mut el: EventLoop, delay: Duration, kick: Arc<Notify>) -> PollFutu
     })
 }
 
+/// Drops what rumqttc remembers of a finished connection beyond its own `clean()`.
+fn forget_old_connection(el: &mut EventLoop) {
+    el.state.events.clear();
+    el.state.collision = None;
+}
+
 /// Builds the MQTT client options from the settings.
 pub fn mqtt_options(settings: &MqttSettings, password: Option<String>) -> MqttOptions {
     let mut o = MqttOptions::new(&settings.client_id, &settings.host, settings.port);
@@ -136,6 +142,12 @@ impl Publisher {
             tokio::select! {
                 (el, event) = &mut poll => {
                     let mut el = el;
+                    if matches!(event, Some(Ok(Event::Incoming(Packet::ConnAck(_))))) {
+                        // rumqttc keeps events and a packet-id collision of the previous
+                        // connection across `clean()`: a stale `Outgoing::Publish` would shift
+                        // the window's pkid mapping and credit an ack to the wrong record.
+                        forget_old_connection(&mut el);
+                    }
                     let delay = match event {
                         Some(Ok(ev)) => {
                             if p.on_event(ev) {
@@ -153,6 +165,7 @@ impl Publisher {
                                 p.on_disconnect("connection abandoned");
                             }
                             el.clean();
+                            forget_old_connection(&mut el);
                             backoff.next_delay()
                         }
                     };
@@ -210,12 +223,14 @@ impl Publisher {
                 break;
             };
             let limit = self.window.room().min(REPLAY_CHUNK);
-            let window = &self.window;
-            let chunk = match self
-                .shared
-                .buffer
-                .read_range(from, u64::MAX, limit, |s| window.contains(s))
-            {
+            let chunk = {
+                let window = &self.window;
+                let ledger = self.shared.ledger();
+                self.shared.buffer.read_range(from, u64::MAX, limit, |s| {
+                    window.contains(s) || ledger.is_acknowledged(s)
+                })
+            };
+            let chunk = match chunk {
                 Ok(c) => c,
                 Err(e) => {
                     Metrics::add(&self.shared.metrics.io_errors, 1);
