@@ -173,7 +173,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         &config.gateway.id,
         boot,
         &config.mqtt.topic_prefix,
-        catalog.clone(),
+        &catalog,
     );
     let writer = tokio::spawn(run_writer(
         batch_rx,

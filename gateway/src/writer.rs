@@ -325,7 +325,7 @@ mod tests {
         let mut catalog = Catalog::default();
         let tags = (0..100).map(|i| Arc::from(format!("tag{i}"))).collect();
         catalog.add_device("dev".into(), tags);
-        let encoder = JsonEncoder::new("gw", 1, "edge/gw", Arc::new(catalog));
+        let encoder = JsonEncoder::new("gw", 1, "edge/gw", &catalog);
         let seqs = SeqState::open(dir.path(), 0, true).unwrap();
         let (batch_tx, batch_rx) = mpsc::channel(4);
         let (live_tx, mut live_rx) = mpsc::channel(64);

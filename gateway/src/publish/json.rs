@@ -16,7 +16,6 @@ use crate::record::{Record, NO_FLAG};
 #[derive(Debug)]
 pub struct JsonEncoder {
     head: Vec<u8>,
-    catalog: Arc<Catalog>,
     topics: Vec<Arc<str>>,
     devices: Vec<Vec<u8>>,
     tags: Vec<Vec<Vec<u8>>>,
@@ -25,7 +24,7 @@ pub struct JsonEncoder {
 
 impl JsonEncoder {
     /// An encoder for a gateway id, boot number and topic prefix.
-    pub fn new(gateway: &str, boot: u64, topic_prefix: &str, catalog: Arc<Catalog>) -> Self {
+    pub fn new(gateway: &str, boot: u64, topic_prefix: &str, catalog: &Catalog) -> Self {
         let mut head = Vec::new();
         head.extend_from_slice(b"{\"gateway\":");
         write_str(&mut head, gateway);
@@ -58,17 +57,11 @@ impl JsonEncoder {
             .collect();
         JsonEncoder {
             head,
-            catalog,
             topics,
             devices,
             tags,
             capacity_hint: 256,
         }
-    }
-
-    /// The catalog the encoder names tags from.
-    pub fn catalog(&self) -> &Arc<Catalog> {
-        &self.catalog
     }
 
     /// Encodes one batch as the record with sequence number `seq`.
@@ -177,7 +170,7 @@ mod tests {
             "press7".into(),
             vec!["sine".into(), "odd \"name\"".into(), "txt".into()],
         );
-        JsonEncoder::new("edge-01", 3, "edge/edge-01", Arc::new(c))
+        JsonEncoder::new("edge-01", 3, "edge/edge-01", &c)
     }
 
     #[test]
