@@ -5,4 +5,5 @@ pub mod backoff;
 pub mod driver;
 pub mod modbus;
 pub mod model;
+pub mod opcua;
 pub mod sim;

@@ -34,6 +34,8 @@ pub enum Value {
     Float(f64),
     /// Text, shared so re-reporting it costs no allocation.
     Text(Arc<str>),
+    /// A one-dimensional array (OPC UA arrays), shared like text.
+    Array(Arc<[Value]>),
 }
 
 impl Value {
@@ -44,7 +46,7 @@ impl Value {
             Value::Int(i) => Some(*i as f64),
             Value::UInt(u) => Some(*u as f64),
             Value::Float(f) => Some(*f),
-            Value::Text(_) => None,
+            Value::Text(_) | Value::Array(_) => None,
         }
     }
 }
@@ -57,6 +59,16 @@ impl fmt::Display for Value {
             Value::UInt(u) => write!(f, "{u}"),
             Value::Float(x) => write!(f, "{x}"),
             Value::Text(s) => write!(f, "{s:?}"),
+            Value::Array(items) => {
+                f.write_str("[")?;
+                for (i, v) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{v}")?;
+                }
+                f.write_str("]")
+            }
         }
     }
 }
@@ -74,6 +86,8 @@ pub enum Reason {
     Decode,
     /// The device answered with something that does not match the request.
     Protocol,
+    /// An OPC UA status code other than Good (the full 32-bit code).
+    Status(u32),
 }
 
 impl fmt::Display for Reason {
@@ -84,6 +98,10 @@ impl fmt::Display for Reason {
             Reason::Disconnected => f.write_str("disconnected"),
             Reason::Decode => f.write_str("decode"),
             Reason::Protocol => f.write_str("protocol"),
+            Reason::Status(code) => {
+                let name = opcua::types::StatusCode::from(*code).sub_code().name();
+                f.write_str(name)
+            }
         }
     }
 }
@@ -231,6 +249,8 @@ mod tests {
         assert_eq!(Reason::Timeout.to_string(), "timeout");
         assert_eq!(Reason::Exception(2).to_string(), "exception:2");
         assert_eq!(Reason::Disconnected.to_string(), "disconnected");
+        let code = opcua::types::StatusCode::BadNodeIdUnknown.bits();
+        assert_eq!(Reason::Status(code).to_string(), "BadNodeIdUnknown");
     }
 
     #[test]

@@ -133,6 +133,17 @@ fn write_value(out: &mut Vec<u8>, v: &Value) {
             write_str(out, t);
             Ok(())
         }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_value(out, item);
+            }
+            out.push(b']');
+            Ok(())
+        }
     };
 }
 
@@ -223,5 +234,17 @@ mod tests {
         let mut out = Vec::new();
         write_value(&mut out, &Value::Float(20.0));
         assert_eq!(out, b"20.0");
+    }
+
+    #[test]
+    fn arrays_become_json_arrays_without_nan() {
+        let mut out = Vec::new();
+        let items = vec![
+            Value::Int(-1),
+            Value::Float(f64::NAN),
+            Value::Text("a".into()),
+        ];
+        write_value(&mut out, &Value::Array(items.into()));
+        assert_eq!(out, b"[-1,null,\"a\"]");
     }
 }

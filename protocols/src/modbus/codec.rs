@@ -81,7 +81,7 @@ pub fn apply_scaling(value: Value, scale: f64, offset: f64) -> Value {
         Value::Int(i) => Value::Float(i as f64 * scale + offset),
         Value::UInt(u) => Value::Float(u as f64 * scale + offset),
         Value::Float(f) => Value::Float(f * scale + offset),
-        Value::Bool(_) | Value::Text(_) => value,
+        Value::Bool(_) | Value::Text(_) | Value::Array(_) => value,
     }
 }
 
@@ -203,7 +203,7 @@ fn as_i64(value: &Value) -> i64 {
         Value::Int(i) => *i,
         Value::UInt(u) => *u as i64,
         Value::Float(f) => *f as i64,
-        Value::Text(_) => 0,
+        Value::Text(_) | Value::Array(_) => 0,
     }
 }
 
@@ -214,7 +214,7 @@ fn as_u64(value: &Value) -> u64 {
         Value::Int(i) => *i as u64,
         Value::UInt(u) => *u,
         Value::Float(f) => *f as u64,
-        Value::Text(_) => 0,
+        Value::Text(_) | Value::Array(_) => 0,
     }
 }
 

@@ -524,7 +524,7 @@ mod tests {
                 assert_eq!(address.area, b.area);
                 assert_eq!(
                     u32::from(b.start) + u32::from(s.offset),
-                    address.offset.into()
+                    u32::from(address.offset)
                 );
                 let fits = (SPACE - u32::from(address.offset)).min(width.into());
                 assert_eq!(u32::from(s.width), fits);

@@ -2,3 +2,4 @@
 //! loopback, not mocks: the gateway talks to them exactly as it talks to a plant floor.
 
 pub mod modbus;
+pub mod opcua;
