@@ -2,6 +2,7 @@
 //! See DESIGN.md for the data flow from poll to PUBACK.
 
 pub mod bench;
+pub mod browse;
 pub mod broker;
 pub mod buffer;
 pub mod config;

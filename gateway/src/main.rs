@@ -1,4 +1,4 @@
-//! The `edge-gateway` command: run, check, demo and bench.
+//! The `edge-gateway` command: run, check, browse, demo and bench.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +54,9 @@ enum Command {
         #[arg(long)]
         plain: bool,
     },
+    /// Browse an OPC UA server's address space: a tree of objects and variables (node id, data
+    /// type, access), or with `--format toml` ready-to-paste `[[devices.tags]]` entries.
+    Browse(edge_gateway::browse::BrowseArgs),
     /// Measure the whole pipeline: simulated devices → gateway (a child process) → broker →
     /// subscriber; prints samples/s, CPU per 100k samples, peak RSS, latency and disk writes.
     Bench(edge_gateway::bench::BenchOptions),
@@ -180,6 +183,12 @@ fn main() -> ExitCode {
             Command::Bench(opts) => {
                 init_tracing("warn,rumqttd=off");
                 edge_gateway::bench::run(opts).await.map_err(Into::into)
+            }
+            Command::Browse(args) => {
+                init_tracing("error");
+                let text = edge_gateway::browse::run(&args).await?;
+                print!("{text}");
+                Ok(())
             }
             Command::Check { .. } => Ok(()),
         }
