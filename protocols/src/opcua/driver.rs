@@ -166,6 +166,7 @@ async fn run_session(
                         SessionConnectMode::ReactivatedSession(_) => "session reactivated",
                     };
                     if connected_before {
+                        ctx.status.reconnects.fetch_add(1, Ordering::Relaxed);
                         info!(device = %ctx.name, endpoint = %settings.endpoint, how, "reconnected to OPC UA server");
                         reconnected.notify_one();
                     } else {
