@@ -14,6 +14,9 @@
 //!    `#[serde(deny_unknown_fields)]` raw struct. A small deserializer records which key
 //!    failed; that key is then dropped and the unit retried, so every unknown key and every
 //!    wrongly typed value of a unit is reported and the unit's other keys are still checked.
+//!    A device's `protocol` is read first and picks the raw structs of the device and its
+//!    tags (`modbus_tcp` or `opcua`); a key that belongs to the other protocol is reported as
+//!    unknown for this one, saying whose key it is.
 //! 3. **Meaning.** Each raw unit is checked and turned into its runtime type (ranges, names,
 //!    addresses, durations, sizes, the broker URL); the rules that span units (unique names,
 //!    overlapping registers) run as the units are collected.
@@ -22,15 +25,17 @@
 //! walking the `toml_edit` document along that path: the key's line, or for a missing key the
 //! line of its table's header.
 //!
-//! [`parse`] is pure. [`load`] reads the file, resolves a relative `data_dir` and
-//! `password_file` against the file's directory and checks that the password file can be
-//! opened; it never reads the secret. Nothing here panics, whatever the input.
+//! [`parse`] is pure. [`load`] reads the file, resolves relative paths (`data_dir`, the MQTT
+//! `password_file`, and an OPC UA device's `pki_dir`, `password_file`, `user_cert_file` and
+//! `user_key_file`) against the file's directory and checks that the credential files can be
+//! opened; it never reads a secret. Nothing here panics, whatever the input.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use protocols::modbus::ModbusTcpSettings;
+use protocols::opcua::OpcUaSettings;
 
 /// A validated configuration, ready to build a topology from.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,6 +135,7 @@ impl DeviceSettings {
     pub fn tag_count(&self) -> usize {
         match &self.kind {
             DeviceKind::ModbusTcp(m) => m.tags.len(),
+            DeviceKind::OpcUa(o) => o.tags.len(),
         }
     }
 }
@@ -139,6 +145,8 @@ impl DeviceSettings {
 pub enum DeviceKind {
     /// `protocol = "modbus_tcp"`
     ModbusTcp(ModbusTcpSettings),
+    /// `protocol = "opcua"`
+    OpcUa(OpcUaSettings),
 }
 
 // ----------------------------------------------------------------------------------------
@@ -152,6 +160,10 @@ use std::ops::Range;
 use std::path::Path;
 
 use protocols::modbus::{Address, Area, DataType, Report, TagSpec, WordOrder};
+use protocols::opcua::{
+    check_endpoint, check_security, parse_browse_path, parse_node_id, Identity, Mode, NodeRef,
+    OpcUaTag, SecurityMode, SecurityPolicy,
+};
 use serde::de::{self, DeserializeOwned, IntoDeserializer};
 use serde::Deserialize;
 use toml_edit::{Item, TableLike};
@@ -167,8 +179,12 @@ const MS: Duration = Duration::from_millis(1);
 const DEFAULT_MQTT_PORT: u16 = 1883;
 /// The sections of the file, in the order they are documented.
 const SECTIONS: &[&str] = &["gateway", "buffer", "mqtt", "devices"];
+/// Protocols the gateway drives.
+const PROTOCOLS: &[&str] = &["modbus_tcp", "opcua"];
 /// Protocols the contract names but the gateway does not drive yet.
-const UNSUPPORTED_PROTOCOLS: &[&str] = &["modbus_rtu", "modbus_rtu_over_tcp", "opcua"];
+const UNSUPPORTED_PROTOCOLS: &[&str] = &["modbus_rtu", "modbus_rtu_over_tcp"];
+/// Largest server-side queue of an OPC UA monitored item.
+const MAX_QUEUE_SIZE: i64 = 10_000;
 
 /// Every problem found in a config file.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -483,13 +499,28 @@ fn plain_serde_message(message: &str) -> String {
         .replace("invalid type: sequence", "invalid type: array")
 }
 
+/// An unknown key of a device or tag unit; a key of the other protocol is named as such.
+fn unknown_device_key_message(key: &str, known: &[&str], foreign: &Foreign) -> String {
+    if !foreign.other_keys.contains(&key) {
+        return unknown_key_message("key", key, known);
+    }
+    format!(
+        "unknown key `{key}` for protocol `{}` (it belongs to protocol `{}`); {}",
+        foreign.protocol,
+        foreign.other,
+        suggestion(key, known)
+    )
+}
+
 fn unknown_key_message(what: &str, key: &str, known: &[&str]) -> String {
+    format!("unknown {what} `{key}`; {}", suggestion(key, known))
+}
+
+/// `did you mean `x`?` for a likely typo, else the list of known names.
+fn suggestion(key: &str, known: &[&str]) -> String {
     match closest(key, known) {
-        Some(near) => format!("unknown {what} `{key}`; did you mean `{near}`?"),
-        None => format!(
-            "unknown {what} `{key}`; expected one of: {}",
-            known.join(", ")
-        ),
+        Some(near) => format!("did you mean `{near}`?"),
+        None => format!("expected one of: {}", known.join(", ")),
     }
 }
 
@@ -627,12 +658,15 @@ struct RawMqtt {
     ack_timeout: Option<Dur>,
 }
 
-/// A `[[devices]]` entry without its `tags`, which are checked one by one.
+/// A `protocol = "modbus_tcp"` `[[devices]]` entry without its `tags`, which are checked one
+/// by one.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDevice {
     name: String,
-    protocol: String,
+    /// Read and checked before the unit is deserialized; listed so that it is a known key.
+    #[allow(dead_code)]
+    protocol: de::IgnoredAny,
     address: String,
     unit_id: Option<i64>,
     scan_interval: Option<Dur>,
@@ -662,6 +696,75 @@ struct RawTag {
     #[allow(dead_code)]
     unit: Option<String>,
     scan_interval: Option<Dur>,
+}
+
+/// A `protocol = "opcua"` `[[devices]]` entry without its `tags`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOpcUaDevice {
+    name: String,
+    /// Read and checked before the unit is deserialized; listed so that it is a known key.
+    #[allow(dead_code)]
+    protocol: de::IgnoredAny,
+    endpoint: String,
+    security_policy: Option<String>,
+    security_mode: Option<String>,
+    username: Option<String>,
+    password_file: Option<String>,
+    user_cert_file: Option<String>,
+    user_key_file: Option<String>,
+    pki_dir: Option<String>,
+    trust_server_cert: Option<bool>,
+    publishing_interval: Option<Dur>,
+    mode: Option<RawMode>,
+    scan_interval: Option<Dur>,
+    timeout: Option<Dur>,
+    backoff_min: Option<Dur>,
+    backoff_max: Option<Dur>,
+    enabled: Option<bool>,
+}
+
+/// `mode` of an OPC UA device.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawMode {
+    Subscribe,
+    Poll,
+}
+
+/// A `[[devices.tags]]` entry of an OPC UA device.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOpcUaTag {
+    name: String,
+    node_id: Option<String>,
+    browse_path: Option<String>,
+    sampling_interval: Option<Dur>,
+    deadband: Option<f64>,
+    queue_size: Option<i64>,
+}
+
+/// The keys of a raw struct, as its derived `Deserialize` knows them: asked for by
+/// deserializing a table whose only key no struct has.
+fn keys_of<T: DeserializeOwned>() -> &'static [&'static str] {
+    let mut probe = toml::Table::new();
+    probe.insert("\0".to_owned(), toml::Value::Boolean(true));
+    match T::deserialize(UnitDeserializer(probe)) {
+        Err(UnitError::UnknownKey { expected, .. }) => expected,
+        _ => &[],
+    }
+}
+
+/// A device's or tag's protocol and the other protocol's keys for the same kind of unit, so
+/// that a key of the other protocol is reported as unknown for this one, saying whose it is.
+#[derive(Clone, Copy)]
+struct Foreign {
+    /// The protocol of the device the unit belongs to.
+    protocol: &'static str,
+    /// The other protocol.
+    other: &'static str,
+    /// The other protocol's keys (from [`keys_of`]).
+    other_keys: &'static [&'static str],
 }
 
 // ---- Durations and sizes -------------------------------------------------------------------
@@ -1048,7 +1151,8 @@ fn check_client_id(client_id: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks that a password file exists and can be opened; never reads it.
+/// Checks that a credential file (password, certificate, key) exists and can be opened;
+/// never reads it.
 fn check_readable(path: &Path) -> Result<(), String> {
     let cannot = |e: std::io::Error| format!("cannot read `{}`: {e}", path.display());
     let metadata = std::fs::metadata(path).map_err(cannot)?;
@@ -1066,7 +1170,7 @@ struct Checker<'a> {
     line_starts: Vec<usize>,
     doc: &'a toml_edit::Table,
     /// The config file's directory, when loading from disk: relative paths are resolved
-    /// against it and the password file is checked.
+    /// against it and the credential files are checked.
     dir: Option<&'a Path>,
     problems: Vec<Problem>,
 }
@@ -1085,9 +1189,46 @@ struct Placed {
 }
 
 enum DeviceOutcome {
-    Enabled(DeviceSettings),
+    /// Boxed: an OPC UA device's settings are large, the other outcomes empty.
+    Enabled(Box<DeviceSettings>),
     Disabled,
     Invalid,
+}
+
+/// The protocols a device can have.
+#[derive(Clone, Copy)]
+enum Protocol {
+    ModbusTcp,
+    OpcUa,
+}
+
+/// The timing keys every device has.
+struct Timing<T> {
+    scan_interval: T,
+    timeout: T,
+    backoff_min: T,
+    backoff_max: T,
+}
+
+/// What every device has besides its protocol's settings.
+struct Common {
+    name: Arc<str>,
+    scan_interval: Duration,
+    enabled: bool,
+}
+
+impl Common {
+    fn outcome(self, kind: DeviceKind) -> DeviceOutcome {
+        if self.enabled {
+            DeviceOutcome::Enabled(Box::new(DeviceSettings {
+                name: self.name,
+                scan_interval: self.scan_interval,
+                kind,
+            }))
+        } else {
+            DeviceOutcome::Disabled
+        }
+    }
 }
 
 impl Checker<'_> {
@@ -1132,12 +1273,14 @@ impl Checker<'_> {
 
     /// Deserializes one unit; every unknown key and bad value is reported, and the unit is
     /// retried without it so that all of them are found. Also returns the keys dropped for a
-    /// bad value, whose defaults must not be checked against other keys.
+    /// bad value, whose defaults must not be checked against other keys. A device's or tag's
+    /// unit names the other protocol when an unknown key is one of its keys (`foreign`).
     fn unit<T: DeserializeOwned>(
         &mut self,
         mut table: toml::Table,
         path: &FieldPath,
         extra_keys: &[&str],
+        foreign: Option<&Foreign>,
     ) -> Option<(T, BTreeSet<String>)> {
         let mut dropped = BTreeSet::new();
         for _ in 0..=table.len() {
@@ -1145,7 +1288,11 @@ impl Checker<'_> {
                 Ok(raw) => return Some((raw, dropped)),
                 Err(UnitError::UnknownKey { key, expected }) => {
                     let known: Vec<&str> = expected.iter().chain(extra_keys).copied().collect();
-                    self.report(&path.key(&key), unknown_key_message("key", &key, &known));
+                    let message = match foreign {
+                        Some(foreign) => unknown_device_key_message(&key, &known, foreign),
+                        None => unknown_key_message("key", &key, &known),
+                    };
+                    self.report(&path.key(&key), message);
                     table.remove(&key)?;
                 }
                 Err(UnitError::BadValue { key, message }) => {
@@ -1309,7 +1456,10 @@ impl Checker<'_> {
         let id = gateway.as_ref().map(|g| Arc::clone(&g.id));
         let buffer = self.buffer(buffer);
         let mqtt = self.mqtt(mqtt, id.as_deref());
-        let devices = self.devices(devices);
+        let data_dir = gateway
+            .as_ref()
+            .map_or_else(|| PathBuf::from("data"), |g| g.data_dir.clone());
+        let devices = self.devices(devices, &data_dir);
         Some(Config {
             gateway: gateway?,
             buffer: buffer?,
@@ -1321,7 +1471,7 @@ impl Checker<'_> {
     fn gateway(&mut self, value: Option<toml::Value>) -> Option<GatewaySettings> {
         let path = FieldPath::top("gateway");
         let table = self.section(value, &path, true)?;
-        let (raw, _) = self.unit::<RawGateway>(table, &path, &[])?;
+        let (raw, _) = self.unit::<RawGateway>(table, &path, &[], None)?;
         if let Err(message) = check_gateway_id(&raw.id) {
             self.report(&path.key("id"), message);
         }
@@ -1338,7 +1488,7 @@ impl Checker<'_> {
     fn buffer(&mut self, value: Option<toml::Value>) -> Option<BufferSettings> {
         let path = FieldPath::top("buffer");
         let table = self.section(value, &path, false)?;
-        let (raw, _) = self.unit::<RawBuffer>(table, &path, &[])?;
+        let (raw, _) = self.unit::<RawBuffer>(table, &path, &[], None)?;
         let max_size = raw.max_size.map_or(GIB, |size| size.0);
         if max_size < MIB {
             let message = format!("must be at least 1MiB, not {}", fmt_size(max_size));
@@ -1365,7 +1515,7 @@ impl Checker<'_> {
     ) -> Option<MqttSettings> {
         let path = FieldPath::top("mqtt");
         let table = self.section(value, &path, true)?;
-        let (raw, _) = self.unit::<RawMqtt>(table, &path, &[])?;
+        let (raw, _) = self.unit::<RawMqtt>(table, &path, &[], None)?;
         let (host, port) = parse_mqtt_url(&raw.url).unwrap_or_else(|e| {
             self.report(&path.key("url"), e.to_string());
             (String::new(), DEFAULT_MQTT_PORT)
@@ -1387,16 +1537,9 @@ impl Checker<'_> {
                 self.report(&path.key("username"), "must not contain NUL");
             }
         }
-        let password_file = raw.password_file.map(|file| {
-            let field = path.key("password_file");
-            let resolved = self.path(&field, &file);
-            if self.dir.is_some() && !file.is_empty() {
-                if let Err(message) = check_readable(&resolved) {
-                    self.report(&field, message);
-                }
-            }
-            resolved
-        });
+        let password_file = raw
+            .password_file
+            .map(|file| self.credential_file(&path.key("password_file"), &file));
         let keep_alive = self.duration(
             &path.key("keep_alive"),
             raw.keep_alive,
@@ -1443,7 +1586,11 @@ impl Checker<'_> {
         })
     }
 
-    fn devices(&mut self, value: Option<toml::Value>) -> Option<Vec<DeviceSettings>> {
+    fn devices(
+        &mut self,
+        value: Option<toml::Value>,
+        data_dir: &Path,
+    ) -> Option<Vec<DeviceSettings>> {
         let path = FieldPath::top("devices");
         let entries = match value {
             Some(value) => self.entries(value, &path, "[[devices]]"),
@@ -1457,8 +1604,8 @@ impl Checker<'_> {
         let mut devices = Vec::new();
         let mut complete = true;
         for (index, entry) in entries.into_iter().enumerate() {
-            match self.device(index, entry, &mut names) {
-                DeviceOutcome::Enabled(device) => devices.push(device),
+            match self.device(index, entry, &mut names, data_dir) {
+                DeviceOutcome::Enabled(device) => devices.push(*device),
                 DeviceOutcome::Disabled => {}
                 DeviceOutcome::Invalid => complete = false,
             }
@@ -1471,114 +1618,258 @@ impl Checker<'_> {
         index: usize,
         entry: toml::Value,
         names: &mut HashMap<String, usize>,
+        data_dir: &Path,
     ) -> DeviceOutcome {
         let path = FieldPath::top("devices").index(index);
         let Some(mut table) = self.entry(entry, &path, "[[devices]]") else {
             return DeviceOutcome::Invalid;
         };
         let tags = table.remove("tags");
-        if let Some(toml::Value::String(protocol)) = table.get("protocol") {
-            if UNSUPPORTED_PROTOCOLS.contains(&protocol.as_str()) {
-                let message = format!("protocol `{protocol}` is not supported yet");
-                self.report(&path.key("protocol"), message);
-                return DeviceOutcome::Invalid;
-            }
-        }
-
-        let device = self
-            .unit::<RawDevice>(table, &path, &["tags"])
-            .map(|(raw, dropped)| self.modbus_device(&path, raw, &dropped, names));
-        let defaults = TagDefaults {
-            scan_interval: device
-                .as_ref()
-                .map_or(Duration::from_secs(1), |(d, _)| d.scan_interval),
-            max_registers_per_read: device.as_ref().map_or(125, |(d, _)| {
-                let DeviceKind::ModbusTcp(settings) = &d.kind;
-                settings.max_registers_per_read
-            }),
-        };
-        let enabled = device.as_ref().map_or(true, |(_, enabled)| *enabled);
-
-        let tags_path = path.key("tags");
-        let tag_count = self.problems.len();
-        let entries = match tags {
-            Some(tags) => self.entries(tags, &tags_path, "[[devices.tags]]"),
-            None => Vec::new(),
-        };
-        if enabled && entries.is_empty() && self.problems.len() == tag_count {
-            let message =
-                "an enabled device needs at least one [[devices.tags]] entry (or enabled = false)";
-            self.report(&tags_path, message);
-        }
-        let tags = self.tags(&tags_path, entries, &defaults);
-
-        match (device, tags) {
-            (Some((mut device, enabled)), Some(tags)) => {
-                let DeviceKind::ModbusTcp(settings) = &mut device.kind;
-                settings.tags = tags;
-                if enabled {
-                    DeviceOutcome::Enabled(device)
-                } else {
-                    DeviceOutcome::Disabled
-                }
-            }
-            _ => DeviceOutcome::Invalid,
+        match self.protocol(&path, table.get("protocol")) {
+            Some(Protocol::ModbusTcp) => self.modbus_device(&path, table, tags, names),
+            Some(Protocol::OpcUa) => self.opcua_device(&path, table, tags, names, data_dir),
+            None => DeviceOutcome::Invalid,
         }
     }
 
-    /// Checks a device's own keys; returns it without tags, and whether it is enabled.
-    fn modbus_device(
+    /// A device's protocol, read first: it decides which keys the device and its tags have,
+    /// so a device without a known protocol is not checked further.
+    fn protocol(&mut self, path: &FieldPath, value: Option<&toml::Value>) -> Option<Protocol> {
+        let field = path.key("protocol");
+        let use_one = PROTOCOLS.join(" or ");
+        let protocol = match value {
+            Some(toml::Value::String(protocol)) => protocol,
+            Some(other) => {
+                let message = match other.clone().try_into::<String>() {
+                    Err(e) => plain_serde_message(e.message()),
+                    Ok(_) => "expected a string".to_owned(),
+                };
+                self.report(&field, message);
+                return None;
+            }
+            None => {
+                let message = format!("missing required key `protocol`: use {use_one}");
+                self.report(&field, message);
+                return None;
+            }
+        };
+        match protocol.as_str() {
+            "modbus_tcp" => Some(Protocol::ModbusTcp),
+            "opcua" => Some(Protocol::OpcUa),
+            other if UNSUPPORTED_PROTOCOLS.contains(&other) => {
+                self.report(&field, format!("protocol `{other}` is not supported yet"));
+                None
+            }
+            other => {
+                self.report(&field, format!("unknown protocol `{other}`: use {use_one}"));
+                None
+            }
+        }
+    }
+
+    /// A device's `[[devices.tags]]` entries; an enabled device needs at least one.
+    fn tag_entries(
         &mut self,
         path: &FieldPath,
-        raw: RawDevice,
-        dropped: &BTreeSet<String>,
-        names: &mut HashMap<String, usize>,
-    ) -> (DeviceSettings, bool) {
+        tags: Option<toml::Value>,
+        enabled: bool,
+    ) -> Vec<toml::Value> {
+        let before = self.problems.len();
+        let entries = match tags {
+            Some(tags) => self.entries(tags, path, "[[devices.tags]]"),
+            None => Vec::new(),
+        };
+        if enabled && entries.is_empty() && self.problems.len() == before {
+            let message =
+                "an enabled device needs at least one [[devices.tags]] entry (or enabled = false)";
+            self.report(path, message);
+        }
+        entries
+    }
+
+    /// Checks a device name and that no earlier device has it.
+    fn device_name(&mut self, path: &FieldPath, name: &str, names: &mut HashMap<String, usize>) {
         let index = match path.0.last() {
             Some(Segment::Index(index)) => *index,
             _ => 0,
         };
         let name_path = path.key("name");
-        if let Err(message) = check_device_name(&raw.name) {
+        if let Err(message) = check_device_name(name) {
             self.report(&name_path, message);
         }
-        if let Some(&first) = names.get(&raw.name) {
+        if let Some(&first) = names.get(name) {
             let first_path = FieldPath::top("devices").index(first).key("name");
             let message = match self.line_of(&first_path) {
                 Some(line) => format!(
-                    "duplicate device name `{}`: devices[{first}] on line {line} has it already",
-                    raw.name
+                    "duplicate device name `{name}`: devices[{first}] on line {line} has it already"
                 ),
-                None => format!(
-                    "duplicate device name `{}`: devices[{first}] has it already",
-                    raw.name
-                ),
+                None => format!("duplicate device name `{name}`: devices[{first}] has it already"),
             };
             self.report(&name_path, message);
         } else {
-            names.insert(raw.name.clone(), index);
+            names.insert(name.to_owned(), index);
         }
-        if raw.protocol != "modbus_tcp" {
-            let message = format!("unknown protocol `{}`: use modbus_tcp", raw.protocol);
-            self.report(&path.key("protocol"), message);
+    }
+
+    /// Checks a tag name and that no earlier tag of the device (under `tags`) has it.
+    fn tag_name(
+        &mut self,
+        tags: &FieldPath,
+        index: usize,
+        name: &str,
+        names: &mut HashMap<String, usize>,
+    ) {
+        let name_path = tags.index(index).key("name");
+        if let Err(message) = check_tag_name(name) {
+            self.report(&name_path, message);
         }
-        if let Err(e) = split_host_port(&raw.address, None) {
-            self.report(&path.key("address"), e.to_string());
+        if let Some(&first) = names.get(name) {
+            let first_path = tags.index(first).key("name");
+            let message = match self.line_of(&first_path) {
+                Some(line) => {
+                    format!("duplicate tag name `{name}`: the tag on line {line} has it already")
+                }
+                None => format!("duplicate tag name `{name}`: {first_path} has it already"),
+            };
+            self.report(&name_path, message);
+        } else {
+            names.insert(name.to_owned(), index);
         }
-        let unit_id = self.integer(&path.key("unit_id"), raw.unit_id, 1, 0, 255);
+    }
+
+    /// The timing keys every device has, checked alike whatever its protocol.
+    fn timing(
+        &mut self,
+        path: &FieldPath,
+        raw: Timing<Option<Dur>>,
+        dropped: &BTreeSet<String>,
+        defaults: Timing<Duration>,
+    ) -> Timing<Duration> {
         let scan_interval = self.duration(
             &path.key("scan_interval"),
             raw.scan_interval,
-            Duration::from_secs(1),
+            defaults.scan_interval,
             MS,
             MAX_DURATION,
         );
         let timeout = self.duration(
             &path.key("timeout"),
             raw.timeout,
-            Duration::from_secs(1),
+            defaults.timeout,
             NONZERO,
             MAX_DURATION,
+        );
+        let backoff_min = self.duration(
+            &path.key("backoff_min"),
+            raw.backoff_min,
+            defaults.backoff_min,
+            NONZERO,
+            MAX_DURATION,
+        );
+        let backoff_max = self.duration(
+            &path.key("backoff_max"),
+            raw.backoff_max,
+            defaults.backoff_max,
+            NONZERO,
+            MAX_DURATION,
+        );
+        if backoff_max < backoff_min
+            && !dropped.contains("backoff_min")
+            && !dropped.contains("backoff_max")
+        {
+            let message = format!(
+                "must be at least backoff_min ({}), not {}",
+                fmt_duration(backoff_min),
+                fmt_duration(backoff_max)
+            );
+            self.report(&path.key("backoff_max"), message);
+        }
+        Timing {
+            scan_interval,
+            timeout,
+            backoff_min,
+            backoff_max,
+        }
+    }
+
+    /// A file holding a secret or a key: resolved like any path, and when loading from disk
+    /// checked to be readable (never read).
+    fn credential_file(&mut self, field: &FieldPath, text: &str) -> PathBuf {
+        let resolved = self.path(field, text);
+        if self.dir.is_some() && !text.is_empty() && !text.contains('\0') {
+            if let Err(message) = check_readable(&resolved) {
+                self.report(field, message);
+            }
+        }
+        resolved
+    }
+
+    // ---- Modbus TCP devices --------------------------------------------------------------
+
+    fn modbus_device(
+        &mut self,
+        path: &FieldPath,
+        table: toml::Table,
+        tags: Option<toml::Value>,
+        names: &mut HashMap<String, usize>,
+    ) -> DeviceOutcome {
+        let foreign = Foreign {
+            protocol: "modbus_tcp",
+            other: "opcua",
+            other_keys: keys_of::<RawOpcUaDevice>(),
+        };
+        let device = self
+            .unit::<RawDevice>(table, path, &["tags"], Some(&foreign))
+            .map(|(raw, dropped)| self.modbus_settings(path, raw, &dropped, names));
+        let defaults = TagDefaults {
+            scan_interval: device
+                .as_ref()
+                .map_or(Duration::from_secs(1), |(common, _)| common.scan_interval),
+            max_registers_per_read: device
+                .as_ref()
+                .map_or(125, |(_, settings)| settings.max_registers_per_read),
+        };
+        let enabled = device.as_ref().is_none_or(|(common, _)| common.enabled);
+        let tags_path = path.key("tags");
+        let entries = self.tag_entries(&tags_path, tags, enabled);
+        let tags = self.tags(&tags_path, entries, &defaults);
+        match (device, tags) {
+            (Some((common, mut settings)), Some(tags)) => {
+                settings.tags = tags;
+                common.outcome(DeviceKind::ModbusTcp(settings))
+            }
+            _ => DeviceOutcome::Invalid,
+        }
+    }
+
+    /// Checks a Modbus TCP device's own keys; returns its settings without tags.
+    fn modbus_settings(
+        &mut self,
+        path: &FieldPath,
+        raw: RawDevice,
+        dropped: &BTreeSet<String>,
+        names: &mut HashMap<String, usize>,
+    ) -> (Common, ModbusTcpSettings) {
+        self.device_name(path, &raw.name, names);
+        if let Err(e) = split_host_port(&raw.address, None) {
+            self.report(&path.key("address"), e.to_string());
+        }
+        let unit_id = self.integer(&path.key("unit_id"), raw.unit_id, 1, 0, 255);
+        let timing = self.timing(
+            path,
+            Timing {
+                scan_interval: raw.scan_interval,
+                timeout: raw.timeout,
+                backoff_min: raw.backoff_min,
+                backoff_max: raw.backoff_max,
+            },
+            dropped,
+            Timing {
+                scan_interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                backoff_min: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(30),
+            },
         );
         let max_registers_per_read = self.integer(
             &path.key("max_registers_per_read"),
@@ -1595,49 +1886,24 @@ impl Checker<'_> {
             NONZERO,
             MAX_DURATION,
         );
-        let backoff_min = self.duration(
-            &path.key("backoff_min"),
-            raw.backoff_min,
-            Duration::from_millis(100),
-            NONZERO,
-            MAX_DURATION,
-        );
-        let backoff_max = self.duration(
-            &path.key("backoff_max"),
-            raw.backoff_max,
-            Duration::from_secs(30),
-            NONZERO,
-            MAX_DURATION,
-        );
-        if backoff_max < backoff_min
-            && !dropped.contains("backoff_min")
-            && !dropped.contains("backoff_max")
-        {
-            let message = format!(
-                "must be at least backoff_min ({}), not {}",
-                fmt_duration(backoff_min),
-                fmt_duration(backoff_max)
-            );
-            self.report(&path.key("backoff_max"), message);
-        }
         let settings = ModbusTcpSettings {
             address: raw.address,
             unit_id,
-            timeout,
+            timeout: timing.timeout,
             max_registers_per_read,
             max_gap,
             report: raw.report.unwrap_or_default(),
             max_silence,
-            backoff_min,
-            backoff_max,
+            backoff_min: timing.backoff_min,
+            backoff_max: timing.backoff_max,
             tags: Vec::new(),
         };
-        let device = DeviceSettings {
+        let common = Common {
             name: raw.name.into(),
-            scan_interval,
-            kind: DeviceKind::ModbusTcp(settings),
+            scan_interval: timing.scan_interval,
+            enabled: raw.enabled.unwrap_or(true),
         };
-        (device, raw.enabled.unwrap_or(true))
+        (common, settings)
     }
 
     /// Checks a device's tags, each on its own and then against each other.
@@ -1647,6 +1913,11 @@ impl Checker<'_> {
         entries: Vec<toml::Value>,
         defaults: &TagDefaults,
     ) -> Option<Vec<TagSpec>> {
+        let foreign = Foreign {
+            protocol: "modbus_tcp",
+            other: "opcua",
+            other_keys: keys_of::<RawOpcUaTag>(),
+        };
         let mut specs = Vec::new();
         let mut complete = true;
         let mut names: HashMap<String, usize> = HashMap::new();
@@ -1659,26 +1930,11 @@ impl Checker<'_> {
                 complete = false;
                 continue;
             };
-            let Some((raw, _)) = self.unit::<RawTag>(table, &tag_path, &[]) else {
+            let Some((raw, _)) = self.unit::<RawTag>(table, &tag_path, &[], Some(&foreign)) else {
                 complete = false;
                 continue;
             };
-            if let Some(&first) = names.get(&raw.name) {
-                let first_path = path.index(first).key("name");
-                let message = match self.line_of(&first_path) {
-                    Some(line) => format!(
-                        "duplicate tag name `{}`: the tag on line {line} has it already",
-                        raw.name
-                    ),
-                    None => format!(
-                        "duplicate tag name `{}`: {first_path} has it already",
-                        raw.name
-                    ),
-                };
-                self.report(&tag_path.key("name"), message);
-            } else {
-                names.insert(raw.name.clone(), index);
-            }
+            self.tag_name(path, index, &raw.name, &mut names);
             let Some(spec) = self.tag(&tag_path, raw, defaults) else {
                 complete = false;
                 continue;
@@ -1714,9 +1970,6 @@ impl Checker<'_> {
 
     /// Checks one tag; returns it when its address and type are known.
     fn tag(&mut self, path: &FieldPath, raw: RawTag, defaults: &TagDefaults) -> Option<TagSpec> {
-        if let Err(message) = check_tag_name(&raw.name) {
-            self.report(&path.key("name"), message);
-        }
         let address = raw
             .address
             .parse::<Address>()
@@ -1840,6 +2093,340 @@ impl Checker<'_> {
         }
         Some(spec)
     }
+
+    // ---- OPC UA devices ------------------------------------------------------------------
+
+    fn opcua_device(
+        &mut self,
+        path: &FieldPath,
+        table: toml::Table,
+        tags: Option<toml::Value>,
+        names: &mut HashMap<String, usize>,
+        data_dir: &Path,
+    ) -> DeviceOutcome {
+        let foreign = Foreign {
+            protocol: "opcua",
+            other: "modbus_tcp",
+            other_keys: keys_of::<RawDevice>(),
+        };
+        let device = self
+            .unit::<RawOpcUaDevice>(table, path, &["tags"], Some(&foreign))
+            .map(|(raw, dropped)| self.opcua_settings(path, raw, &dropped, names, data_dir));
+        let publishing_interval = device.as_ref().map_or_else(
+            || OpcUaSettings::new("", Vec::new()).publishing_interval,
+            |(_, settings)| settings.publishing_interval,
+        );
+        let enabled = device.as_ref().is_none_or(|(common, _)| common.enabled);
+        let tags_path = path.key("tags");
+        let entries = self.tag_entries(&tags_path, tags, enabled);
+        let tags = self.opcua_tags(&tags_path, entries, publishing_interval);
+        match (device, tags) {
+            (Some((common, mut settings)), Some(tags)) => {
+                settings.tags = tags;
+                common.outcome(DeviceKind::OpcUa(settings))
+            }
+            _ => DeviceOutcome::Invalid,
+        }
+    }
+
+    /// Checks an OPC UA device's own keys; returns its settings without tags. Defaults are
+    /// those of [`OpcUaSettings::new`], except `pki_dir`, which lives in the data directory.
+    fn opcua_settings(
+        &mut self,
+        path: &FieldPath,
+        raw: RawOpcUaDevice,
+        dropped: &BTreeSet<String>,
+        names: &mut HashMap<String, usize>,
+        data_dir: &Path,
+    ) -> (Common, OpcUaSettings) {
+        self.device_name(path, &raw.name, names);
+        if let Err(message) = check_endpoint(&raw.endpoint) {
+            self.report(&path.key("endpoint"), message);
+        }
+        let identity = self.identity(path, &raw, dropped);
+        let mut settings = OpcUaSettings::new(raw.endpoint, Vec::new());
+        settings.identity = identity;
+
+        let policy = match raw.security_policy {
+            _ if dropped.contains("security_policy") => None,
+            None => Some(settings.security_policy),
+            Some(text) => text
+                .parse::<SecurityPolicy>()
+                .map_err(|message| self.report(&path.key("security_policy"), message))
+                .ok(),
+        };
+        let mode = match raw.security_mode {
+            _ if dropped.contains("security_mode") => None,
+            None => Some(settings.security_mode),
+            Some(text) => text
+                .parse::<SecurityMode>()
+                .map_err(|message| self.report(&path.key("security_mode"), message))
+                .ok(),
+        };
+        if let (Some(policy), Some(mode)) = (policy, mode) {
+            if let Err(message) = check_security(policy, mode) {
+                self.report(&path.key("security_mode"), message);
+            }
+            settings.security_policy = policy;
+            settings.security_mode = mode;
+        }
+
+        settings.pki_dir = match raw.pki_dir {
+            Some(text) => self.path(&path.key("pki_dir"), &text),
+            None => data_dir.join("pki"),
+        };
+        settings.trust_server_cert = raw.trust_server_cert.unwrap_or(settings.trust_server_cert);
+        settings.publishing_interval = self.duration(
+            &path.key("publishing_interval"),
+            raw.publishing_interval,
+            settings.publishing_interval,
+            NONZERO,
+            MAX_DURATION,
+        );
+        settings.mode = match raw.mode {
+            None => settings.mode,
+            Some(RawMode::Subscribe) => Mode::Subscribe,
+            Some(RawMode::Poll) => Mode::Poll,
+        };
+        let timing = self.timing(
+            path,
+            Timing {
+                scan_interval: raw.scan_interval,
+                timeout: raw.timeout,
+                backoff_min: raw.backoff_min,
+                backoff_max: raw.backoff_max,
+            },
+            dropped,
+            Timing {
+                scan_interval: settings.scan_interval,
+                timeout: settings.timeout,
+                backoff_min: settings.backoff_min,
+                backoff_max: settings.backoff_max,
+            },
+        );
+        settings.scan_interval = timing.scan_interval;
+        settings.timeout = timing.timeout;
+        settings.backoff_min = timing.backoff_min;
+        settings.backoff_max = timing.backoff_max;
+        let common = Common {
+            name: raw.name.into(),
+            scan_interval: timing.scan_interval,
+            enabled: raw.enabled.unwrap_or(true),
+        };
+        (common, settings)
+    }
+
+    /// The user identity: anonymous, a user name with a password file, or a user certificate
+    /// with its key; each file goes with its partner, and one identity at most.
+    fn identity(
+        &mut self,
+        path: &FieldPath,
+        raw: &RawOpcUaDevice,
+        dropped: &BTreeSet<String>,
+    ) -> Identity {
+        if let Some(username) = &raw.username {
+            if username.is_empty() {
+                let message = "must not be empty: leave `username` out for an anonymous session";
+                self.report(&path.key("username"), message);
+            } else if username.contains('\0') {
+                self.report(&path.key("username"), "must not contain NUL");
+            }
+        }
+        let mut file = |key: &str, text: &Option<String>| {
+            text.as_deref()
+                .map(|text| self.credential_file(&path.key(key), text))
+        };
+        let password_file = file("password_file", &raw.password_file);
+        let cert_file = file("user_cert_file", &raw.user_cert_file);
+        let key_file = file("user_key_file", &raw.user_key_file);
+
+        // A key dropped for a bad value was given: it is reported already.
+        let given = |key: &str, set: bool| set || dropped.contains(key);
+        let user = given("username", raw.username.is_some());
+        let password = given("password_file", password_file.is_some());
+        let cert = given("user_cert_file", cert_file.is_some());
+        let key = given("user_key_file", key_file.is_some());
+        let needs = [
+            (
+                user && !password,
+                "username",
+                "`username` needs `password_file`, the file holding the password",
+            ),
+            (
+                password && !user,
+                "password_file",
+                "`password_file` needs `username`",
+            ),
+            (
+                cert && !key,
+                "user_cert_file",
+                "`user_cert_file` needs `user_key_file`, the file holding the user's private key",
+            ),
+            (
+                key && !cert,
+                "user_key_file",
+                "`user_key_file` needs `user_cert_file`, the user certificate",
+            ),
+            (
+                user && cert,
+                "user_cert_file",
+                "a device has one user identity: `username` with `password_file`, or \
+                 `user_cert_file` with `user_key_file`, not both",
+            ),
+        ];
+        for (problem, key, message) in needs {
+            if problem {
+                self.report(&path.key(key), message);
+            }
+        }
+        match (&raw.username, password_file, cert_file, key_file) {
+            (Some(user), Some(password_file), None, None) => Identity::UserName {
+                user: user.clone(),
+                password_file,
+            },
+            (None, None, Some(cert_file), Some(key_file)) => Identity::X509 {
+                cert_file,
+                key_file,
+            },
+            _ => Identity::Anonymous,
+        }
+    }
+
+    /// Checks an OPC UA device's tags, each on its own and then against each other (names,
+    /// nodes).
+    fn opcua_tags(
+        &mut self,
+        path: &FieldPath,
+        entries: Vec<toml::Value>,
+        publishing_interval: Duration,
+    ) -> Option<Vec<OpcUaTag>> {
+        let foreign = Foreign {
+            protocol: "opcua",
+            other: "modbus_tcp",
+            other_keys: keys_of::<RawTag>(),
+        };
+        let mut tags: Vec<OpcUaTag> = Vec::new();
+        let mut complete = true;
+        let mut names: HashMap<String, usize> = HashMap::new();
+        // The node's text form -> the first tag reading it, as (index in `tags`, its path).
+        let mut nodes: HashMap<String, (usize, FieldPath)> = HashMap::new();
+        for (index, entry) in entries.into_iter().enumerate() {
+            let tag_path = path.index(index);
+            let Some(table) = self.entry(entry, &tag_path, "[[devices.tags]]") else {
+                complete = false;
+                continue;
+            };
+            let Some((raw, dropped)) =
+                self.unit::<RawOpcUaTag>(table, &tag_path, &[], Some(&foreign))
+            else {
+                complete = false;
+                continue;
+            };
+            self.tag_name(path, index, &raw.name, &mut names);
+            let Some((tag, node_key)) =
+                self.opcua_tag(&tag_path, raw, &dropped, publishing_interval)
+            else {
+                complete = false;
+                continue;
+            };
+            let node_path = tag_path.key(node_key);
+            match nodes.get(&tag.node.to_string()) {
+                Some((first, first_path))
+                    if tags.get(*first).is_some_and(|t| t.node == tag.node) =>
+                {
+                    let other = tags.get(*first).map_or("", |t| &*t.name);
+                    let message = match self.line_of(first_path) {
+                        Some(line) => format!(
+                            "duplicate node `{}`: tag `{other}` on line {line} reads it already",
+                            tag.node
+                        ),
+                        None => format!(
+                            "duplicate node `{}`: tag `{other}` reads it already",
+                            tag.node
+                        ),
+                    };
+                    self.report(&node_path, message);
+                }
+                Some(_) => {}
+                None => {
+                    nodes.insert(tag.node.to_string(), (tags.len(), node_path));
+                }
+            }
+            tags.push(tag);
+        }
+        complete.then_some(tags)
+    }
+
+    /// Checks one OPC UA tag; returns it when its node is known, with the key that names the
+    /// node (`node_id` or `browse_path`).
+    fn opcua_tag(
+        &mut self,
+        path: &FieldPath,
+        raw: RawOpcUaTag,
+        dropped: &BTreeSet<String>,
+        publishing_interval: Duration,
+    ) -> Option<(OpcUaTag, &'static str)> {
+        let by_id = raw.node_id.as_deref().map(|text| {
+            parse_node_id(text)
+                .map(NodeRef::Id)
+                .map_err(|message| self.report(&path.key("node_id"), message))
+                .ok()
+        });
+        let by_path = raw.browse_path.as_deref().map(|text| {
+            parse_browse_path(text)
+                .map(NodeRef::BrowsePath)
+                .map_err(|message| self.report(&path.key("browse_path"), message))
+                .ok()
+        });
+        let node = match (by_id, by_path) {
+            (Some(node), None) => node.map(|node| (node, "node_id")),
+            (None, Some(node)) => node.map(|node| (node, "browse_path")),
+            (Some(_), Some(_)) => {
+                let message = "set either `node_id` or `browse_path`, not both";
+                self.report(&path.key("browse_path"), message);
+                None
+            }
+            (None, None) => {
+                if !dropped.contains("node_id") && !dropped.contains("browse_path") {
+                    let message = "a tag needs `node_id` (e.g. \"ns=2;s=Oven.Temp\") or \
+                                   `browse_path` (e.g. \"Objects/Oven/Temp\")";
+                    self.report(&path.key("node_id"), message);
+                }
+                None
+            }
+        };
+        // Zero asks the server for its fastest practical rate.
+        let sampling_interval = self.duration(
+            &path.key("sampling_interval"),
+            raw.sampling_interval,
+            publishing_interval,
+            Duration::ZERO,
+            MAX_DURATION,
+        );
+        if let Some(deadband) = raw.deadband {
+            if !deadband.is_finite() {
+                self.report(&path.key("deadband"), "must be a finite number");
+            } else if deadband < 0.0 {
+                self.report(&path.key("deadband"), "must not be negative");
+            }
+        }
+        let queue_size = self.integer(
+            &path.key("queue_size"),
+            raw.queue_size,
+            10u32,
+            1,
+            MAX_QUEUE_SIZE,
+        );
+        let (node, node_key) = node?;
+        let tag = OpcUaTag {
+            name: raw.name.into(),
+            node,
+            sampling_interval,
+            deadband: raw.deadband,
+            queue_size,
+        };
+        Some((tag, node_key))
+    }
 }
 
 #[cfg(test)]
@@ -1932,8 +2519,17 @@ enabled = true
     }
 
     fn modbus(device: &DeviceSettings) -> &ModbusTcpSettings {
-        let DeviceKind::ModbusTcp(settings) = &device.kind;
-        settings
+        match &device.kind {
+            DeviceKind::ModbusTcp(settings) => settings,
+            other => panic!("expected a modbus_tcp device, got {other:?}"),
+        }
+    }
+
+    fn opcua(device: &DeviceSettings) -> &OpcUaSettings {
+        match &device.kind {
+            DeviceKind::OpcUa(settings) => settings,
+            other => panic!("expected an opcua device, got {other:?}"),
+        }
     }
 
     /// The 1-based line of the first line of `src` containing `needle`.
@@ -2001,7 +2597,7 @@ enabled = true
         assert_eq!(
             config.devices.len(),
             1,
-            "the disabled second device is left out"
+            "the disabled Modbus and OPC UA devices are left out"
         );
         let press = &config.devices[0];
         let tags = &modbus(press).tags;
@@ -2598,7 +3194,7 @@ devices = [
 
     #[test]
     fn protocol_rules() {
-        for protocol in ["opcua", "modbus_rtu", "modbus_rtu_over_tcp"] {
+        for protocol in ["modbus_rtu", "modbus_rtu_over_tcp"] {
             let src = BASE.replace(
                 "\"modbus_tcp\"",
                 &format!("\"{protocol}\"\nport = \"/dev/ttyS0\""),
@@ -2621,7 +3217,30 @@ devices = [
             &BASE.replace("\"modbus_tcp\"", "\"modbus\""),
             "devices[0].protocol",
             "protocol =",
-            "unknown protocol `modbus`: use modbus_tcp",
+            "unknown protocol `modbus`: use modbus_tcp or opcua",
+        );
+        // Without a known protocol the device's other keys mean nothing: only the protocol
+        // is reported.
+        for (protocol, message) in [
+            (
+                "\"opc-ua\"",
+                "unknown protocol `opc-ua`: use modbus_tcp or opcua",
+            ),
+            ("5", "invalid type: integer `5`, expected a string"),
+        ] {
+            let src = OPCUA_BASE.replace("\"opcua\"", protocol);
+            let found = problems(&src);
+            assert_eq!(found.len(), 1, "got:\n{}", listing(&found));
+            assert_problem(&src, "devices[0].protocol", "protocol =", message);
+        }
+        let src = BASE.replace("protocol = \"modbus_tcp\"\n", "");
+        let found = problems(&src);
+        assert_eq!(found.len(), 1, "got:\n{}", listing(&found));
+        assert_problem(
+            &src,
+            "devices[0].protocol",
+            "[[devices]]",
+            "missing required key `protocol`: use modbus_tcp or opcua",
         );
     }
 
@@ -3104,6 +3723,698 @@ address = "h:502"
         assert!(errors.problems[0]
             .message
             .starts_with("cannot read the file"));
+    }
+
+    // ---- OPC UA devices ------------------------------------------------------------------
+
+    /// A small valid file with one OPC UA device that the OPC UA rule tests edit.
+    const OPCUA_BASE: &str = r#"[gateway]
+id = "edge-01"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+
+[[devices]]
+name = "oven2"
+protocol = "opcua"
+endpoint = "opc.tcp://127.0.0.1:4840"
+
+  [[devices.tags]]
+  name = "temperature"
+  node_id = "ns=2;s=Oven.Temp"
+"#;
+
+    /// The issue's OPC UA example, every key set.
+    const OPCUA_FULL: &str = r#"[gateway]
+id = "edge-01"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+
+[[devices]]
+name = "oven2"
+protocol = "opcua"
+endpoint = "opc.tcp://127.0.0.1:4840"
+security_policy = "Basic256Sha256"
+security_mode = "SignAndEncrypt"
+username = "operator"
+password_file = "/path"
+pki_dir = "./pki"
+trust_server_cert = true
+publishing_interval = "250ms"
+mode = "poll"
+scan_interval = "2s"
+timeout = "3s"
+backoff_min = "100ms"
+backoff_max = "10s"
+enabled = true
+
+  [[devices.tags]]
+  name = "temperature"
+  node_id = "ns=2;s=Oven.Temp"
+  sampling_interval = "100ms"
+  deadband = 0.1
+  queue_size = 20
+
+  [[devices.tags]]
+  name = "door"
+  browse_path = "Objects/Oven/2:Door"
+"#;
+
+    fn with_opcua_device(lines: &str) -> String {
+        let endpoint = "endpoint = \"opc.tcp://127.0.0.1:4840\"\n";
+        OPCUA_BASE.replace(endpoint, &format!("{endpoint}{lines}\n"))
+    }
+
+    fn with_opcua_tag(lines: &str) -> String {
+        format!("{OPCUA_BASE}\n  [[devices.tags]]\n{lines}\n")
+    }
+
+    fn node_id(text: &str) -> NodeRef {
+        match parse_node_id(text) {
+            Ok(id) => NodeRef::Id(id),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn an_opcua_device_with_every_key_parses_into_its_settings() {
+        let config = config(OPCUA_FULL);
+        let [device] = &config.devices[..] else {
+            panic!("expected one device, got {:?}", config.devices);
+        };
+        assert_eq!(&*device.name, "oven2");
+        assert_eq!(device.scan_interval, Duration::from_secs(2));
+        assert_eq!(device.tag_count(), 2);
+        let expected = OpcUaSettings {
+            endpoint: "opc.tcp://127.0.0.1:4840".to_owned(),
+            security_policy: SecurityPolicy::Basic256Sha256,
+            security_mode: SecurityMode::SignAndEncrypt,
+            identity: Identity::UserName {
+                user: "operator".to_owned(),
+                password_file: PathBuf::from("/path"),
+            },
+            pki_dir: PathBuf::from("./pki"),
+            trust_server_cert: true,
+            publishing_interval: Duration::from_millis(250),
+            mode: Mode::Poll,
+            scan_interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(3),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            tags: vec![
+                OpcUaTag {
+                    name: "temperature".into(),
+                    node: node_id("ns=2;s=Oven.Temp"),
+                    sampling_interval: Duration::from_millis(100),
+                    deadband: Some(0.1),
+                    queue_size: 20,
+                },
+                OpcUaTag {
+                    name: "door".into(),
+                    node: NodeRef::BrowsePath(vec!["Oven".to_owned(), "2:Door".to_owned()]),
+                    sampling_interval: Duration::from_millis(250),
+                    deadband: None,
+                    queue_size: 10,
+                },
+            ],
+        };
+        assert_eq!(opcua(device), &expected);
+    }
+
+    #[test]
+    fn an_opcua_device_takes_the_runtime_defaults_and_keeps_its_pki_in_the_data_dir() {
+        let config = config(OPCUA_BASE);
+        let device = &config.devices[0];
+        assert_eq!(device.scan_interval, Duration::from_secs(1));
+        let mut expected = OpcUaSettings::new(
+            "opc.tcp://127.0.0.1:4840",
+            vec![OpcUaTag {
+                name: "temperature".into(),
+                node: node_id("ns=2;s=Oven.Temp"),
+                sampling_interval: Duration::from_millis(500),
+                deadband: None,
+                queue_size: 10,
+            }],
+        );
+        expected.pki_dir = PathBuf::from("./data/pki");
+        assert_eq!(opcua(device), &expected);
+        let settings = opcua(device);
+        assert_eq!(
+            (settings.security_policy, settings.security_mode),
+            (SecurityPolicy::None, SecurityMode::None)
+        );
+        assert_eq!(settings.identity, Identity::Anonymous);
+        assert!(!settings.trust_server_cert);
+        assert_eq!(settings.mode, Mode::Subscribe);
+        assert_eq!(settings.timeout, Duration::from_secs(5));
+
+        let src = with_opcua_device("publishing_interval = \"2s\"").replace(
+            "id = \"edge-01\"\n",
+            "id = \"edge-01\"\ndata_dir = \"/var/lib/gw\"\n",
+        );
+        let config = self::config(&src);
+        let settings = opcua(&config.devices[0]);
+        assert_eq!(settings.pki_dir, PathBuf::from("/var/lib/gw/pki"));
+        assert_eq!(
+            settings.tags[0].sampling_interval,
+            Duration::from_secs(2),
+            "a tag samples at the publishing interval unless it sets its own"
+        );
+    }
+
+    #[test]
+    fn every_bad_opcua_field_is_reported_at_its_line_at_once() {
+        let src = r#"[gateway]
+id = "edge-01"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+
+[[devices]]
+name = "oven2"
+protocol = "opcua"
+endpoint = "http://127.0.0.1:4840"
+security_mode = "Sign"
+username = "operator"
+publishing_intervall = "1s"
+address = "127.0.0.1:4840"
+
+  [[devices.tags]]
+  name = "temperature"
+  node_id = "ns=2;x=Oven.Temp"
+
+  [[devices.tags]]
+  name = "pressure"
+  node_id = "ns=2;s=Oven.Pressure"
+  browse_path = "Objects/Oven/Pressure"
+
+  [[devices.tags]]
+  name = "level"
+  type = "f32"
+
+  [[devices.tags]]
+  name = "speed"
+  node_id = "ns=2;s=Oven.Speed"
+  queue_size = 0
+  deadband = -1.0
+
+  [[devices.tags]]
+  name = "speed_again"
+  node_id = "ns=2;s=Oven.Speed"
+"#;
+        let found = problems(src);
+        let summary: Vec<(Option<usize>, &str)> =
+            found.iter().map(|p| (p.line, p.field.as_str())).collect();
+        assert_eq!(
+            summary,
+            [
+                (Some(10), "devices[0].endpoint"),
+                (Some(11), "devices[0].security_mode"),
+                (Some(12), "devices[0].username"),
+                (Some(13), "devices[0].publishing_intervall"),
+                (Some(14), "devices[0].address"),
+                (Some(18), "devices[0].tags[0].node_id"),
+                (Some(23), "devices[0].tags[1].browse_path"),
+                (Some(25), "devices[0].tags[2].node_id"),
+                (Some(27), "devices[0].tags[2].type"),
+                (Some(32), "devices[0].tags[3].queue_size"),
+                (Some(33), "devices[0].tags[3].deadband"),
+                (Some(37), "devices[0].tags[4].node_id"),
+            ],
+            "got:\n{}",
+            listing(&found)
+        );
+        let messages: Vec<&str> = found.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "endpoint \"http://127.0.0.1:4840\" must start with \"opc.tcp://\"",
+                "security_mode \"Sign\" needs a security_policy other than \"None\"",
+                "`username` needs `password_file`, the file holding the password",
+                "unknown key `publishing_intervall`; did you mean `publishing_interval`?",
+                "unknown key `address` for protocol `opcua` (it belongs to protocol `modbus_tcp`); expected \
+                 one of: name, protocol, endpoint, security_policy, security_mode, username, \
+                 password_file, user_cert_file, user_key_file, pki_dir, trust_server_cert, \
+                 publishing_interval, mode, scan_interval, timeout, backoff_min, backoff_max, \
+                 enabled, tags",
+                "invalid node id \"ns=2;x=Oven.Temp\"; expected ns=<index>;<i|s|g|b>=<value>, \
+                 e.g. \"ns=2;s=Oven.Temp\" or \"i=2258\"",
+                "set either `node_id` or `browse_path`, not both",
+                "a tag needs `node_id` (e.g. \"ns=2;s=Oven.Temp\") or `browse_path` \
+                 (e.g. \"Objects/Oven/Temp\")",
+                "unknown key `type` for protocol `opcua` (it belongs to protocol `modbus_tcp`); expected \
+                 one of: name, node_id, browse_path, sampling_interval, deadband, queue_size",
+                "must be between 1 and 10000, not 0",
+                "must not be negative",
+                "duplicate node `ns=2;s=Oven.Speed`: tag `speed` on line 31 reads it already",
+            ]
+        );
+        let rendered = match parse(src, "gateway.toml") {
+            Ok(_) => panic!("expected problems"),
+            Err(errors) => errors.to_string(),
+        };
+        assert!(rendered.starts_with(
+            "gateway.toml:10: devices[0].endpoint: endpoint \"http://127.0.0.1:4840\" must \
+             start with \"opc.tcp://\"\ngateway.toml:11: devices[0].security_mode: "
+        ));
+    }
+
+    #[test]
+    fn opcua_device_rules() {
+        for (endpoint, fragment) in [
+            ("opc.tcp://:4840", "has no host"),
+            ("opc.tcp://plc:0", "has an invalid port \"0\""),
+            ("opc.tcp://plc:port", "has an invalid port \"port\""),
+            ("127.0.0.1:4840", "must start with \"opc.tcp://\""),
+        ] {
+            let src = OPCUA_BASE.replace("opc.tcp://127.0.0.1:4840", endpoint);
+            assert_problem(&src, "devices[0].endpoint", "endpoint =", fragment);
+        }
+        let cases = [
+            (
+                "security_policy = \"Basic128Rsa15\"",
+                "security_policy",
+                "unknown security policy \"Basic128Rsa15\"; expected one of \"None\", \
+                 \"Basic256Sha256\", \"Aes128_Sha256_RsaOaep\", \"Aes256_Sha256_RsaPss\"",
+            ),
+            (
+                "security_mode = \"Encrypt\"",
+                "security_mode",
+                "unknown security mode \"Encrypt\"; expected one of \"None\", \"Sign\", \
+                 \"SignAndEncrypt\"",
+            ),
+            (
+                "security_policy = \"Basic256Sha256\"\nsecurity_mode = \"None\"",
+                "security_mode",
+                "security_policy \"Basic256Sha256\" needs security_mode \"Sign\" or \
+                 \"SignAndEncrypt\"",
+            ),
+            (
+                "mode = \"push\"",
+                "mode",
+                "unknown value `push`, expected `subscribe` or `poll`",
+            ),
+            (
+                "publishing_interval = \"0ms\"",
+                "publishing_interval",
+                "must not be zero",
+            ),
+            (
+                "publishing_interval = 500",
+                "publishing_interval",
+                BARE_DURATION,
+            ),
+            (
+                "scan_interval = \"0s\"",
+                "scan_interval",
+                "must not be zero (at least 1ms)",
+            ),
+            ("timeout = \"0s\"", "timeout", "must not be zero"),
+            (
+                "backoff_min = \"10s\"\nbackoff_max = \"1s\"",
+                "backoff_max",
+                "at least backoff_min (10s), not 1s",
+            ),
+            (
+                "trust_server_cert = \"yes\"",
+                "trust_server_cert",
+                "expected a boolean",
+            ),
+            ("pki_dir = \"\"", "pki_dir", "must not be empty"),
+            (
+                "endpiont = \"x\"",
+                "endpiont",
+                "unknown key `endpiont`; did you mean `endpoint`?",
+            ),
+        ];
+        for (lines, key, fragment) in cases {
+            let src = with_opcua_device(lines);
+            let needle = lines.lines().find(|l| l.starts_with(key)).unwrap_or(lines);
+            assert_problem(&src, &format!("devices[0].{key}"), needle, fragment);
+        }
+        assert_problem(
+            &OPCUA_BASE.replace("endpoint = \"opc.tcp://127.0.0.1:4840\"\n", ""),
+            "devices[0].endpoint",
+            "[[devices]]",
+            "missing required key `endpoint`",
+        );
+        // The policy's own problem is reported, not also a pairing with the default mode.
+        let found = problems(&with_opcua_device("security_policy = \"Basic128\""));
+        assert_eq!(found.len(), 1, "got:\n{}", listing(&found));
+        for (policy, mode) in [
+            ("None", "None"),
+            ("Basic256Sha256", "Sign"),
+            ("Aes128_Sha256_RsaOaep", "SignAndEncrypt"),
+            ("Aes256_Sha256_RsaPss", "Sign"),
+        ] {
+            let config = config(&with_opcua_device(&format!(
+                "security_policy = \"{policy}\"\nsecurity_mode = \"{mode}\""
+            )));
+            let settings = opcua(&config.devices[0]);
+            assert_eq!(
+                (
+                    settings.security_policy.name(),
+                    settings.security_mode.name()
+                ),
+                (policy, mode)
+            );
+        }
+        config(&OPCUA_BASE.replace("127.0.0.1:4840", "plc-7.plant.local:4840/UA/Server"));
+    }
+
+    #[test]
+    fn an_opcua_user_identity_is_a_name_with_a_password_file_or_a_certificate_with_a_key() {
+        let cases = [
+            (
+                "username = \"operator\"",
+                "username",
+                "`username` needs `password_file`",
+            ),
+            (
+                "password_file = \"/run/pw\"",
+                "password_file",
+                "`password_file` needs `username`",
+            ),
+            (
+                "user_cert_file = \"/etc/gw/user.der\"",
+                "user_cert_file",
+                "`user_cert_file` needs `user_key_file`",
+            ),
+            (
+                "user_key_file = \"/etc/gw/user.pem\"",
+                "user_key_file",
+                "`user_key_file` needs `user_cert_file`",
+            ),
+            (
+                "username = \"\"\npassword_file = \"/run/pw\"",
+                "username",
+                "must not be empty",
+            ),
+            (
+                "password = \"secret\"",
+                "password",
+                "did you mean `password_file`?",
+            ),
+        ];
+        for (lines, key, fragment) in cases {
+            let src = with_opcua_device(lines);
+            let needle = lines.lines().find(|l| l.starts_with(key)).unwrap_or(lines);
+            assert_problem(&src, &format!("devices[0].{key}"), needle, fragment);
+        }
+        let both = with_opcua_device(
+            "username = \"operator\"\npassword_file = \"/run/pw\"\n\
+             user_cert_file = \"/etc/gw/user.der\"\nuser_key_file = \"/etc/gw/user.pem\"",
+        );
+        let found = problems(&both);
+        assert_eq!(found.len(), 1, "got:\n{}", listing(&found));
+        assert_problem(
+            &both,
+            "devices[0].user_cert_file",
+            "user_cert_file",
+            "a device has one user identity: `username` with `password_file`, or \
+             `user_cert_file` with `user_key_file`, not both",
+        );
+        // A partner with a bad value is reported for its value, not as missing.
+        let found = problems(&with_opcua_device(
+            "username = \"operator\"\npassword_file = 7",
+        ));
+        assert_eq!(found.len(), 1, "got:\n{}", listing(&found));
+        assert_eq!(found[0].field, "devices[0].password_file");
+
+        let config = config(&with_opcua_device(
+            "user_cert_file = \"/etc/gw/user.der\"\nuser_key_file = \"/etc/gw/user.pem\"",
+        ));
+        assert_eq!(
+            opcua(&config.devices[0]).identity,
+            Identity::X509 {
+                cert_file: PathBuf::from("/etc/gw/user.der"),
+                key_file: PathBuf::from("/etc/gw/user.pem"),
+            }
+        );
+    }
+
+    #[test]
+    fn opcua_tag_rules() {
+        let cases = [
+            (
+                "name = \"t\"\n  node_id = \"i=abc\"",
+                "node_id",
+                "invalid node id \"i=abc\"",
+            ),
+            (
+                "name = \"t\"\n  node_id = \"\"",
+                "node_id",
+                "invalid node id \"\"",
+            ),
+            (
+                "name = \"t\"\n  browse_path = \"Objects//Temp\"",
+                "browse_path",
+                "invalid browse path \"Objects//Temp\"",
+            ),
+            (
+                "name = \"t\"\n  browse_path = \"Objects\"",
+                "browse_path",
+                "invalid browse path",
+            ),
+            (
+                "name = \"t\"\n  node_id = \"i=1\"\n  queue_size = 10001",
+                "queue_size",
+                "between 1 and 10000, not 10001",
+            ),
+            (
+                "name = \"t\"\n  node_id = \"i=1\"\n  deadband = nan",
+                "deadband",
+                "must be a finite number",
+            ),
+            (
+                "name = \"t\"\n  node_id = \"i=1\"\n  deadband = inf",
+                "deadband",
+                "must be a finite number",
+            ),
+            (
+                "name = \"t\"\n  node_id = \"i=1\"\n  sampling_interval = \"fast\"",
+                "sampling_interval",
+                "`fast` is not a duration",
+            ),
+            (
+                "name = \"t\"\n  node_id = \"i=1\"\n  address = \"hr:1\"",
+                "address",
+                "unknown key `address` for protocol `opcua` (it belongs to protocol `modbus_tcp`)",
+            ),
+            (
+                "name = \"t\"\n  node_id = \"i=1\"\n  nodeid = \"i=2\"",
+                "nodeid",
+                "did you mean `node_id`?",
+            ),
+            (
+                "name = \"a/b\"\n  node_id = \"i=1\"",
+                "name",
+                "'/' is not allowed",
+            ),
+            (
+                "name = \"temperature\" # again\n  node_id = \"i=1\"",
+                "name",
+                "duplicate tag name `temperature`: the tag on line 13 has it already",
+            ),
+        ];
+        for (lines, key, fragment) in cases {
+            let src = with_opcua_tag(&format!("  {lines}"));
+            let needle = lines
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with(key))
+                .unwrap_or(lines);
+            assert_problem(&src, &format!("devices[0].tags[1].{key}"), needle, fragment);
+        }
+        assert_problem(
+            &OPCUA_BASE.replace("  node_id = \"ns=2;s=Oven.Temp\"\n", ""),
+            "devices[0].tags[0].node_id",
+            "[[devices.tags]]",
+            "a tag needs `node_id`",
+        );
+        let src = OPCUA_BASE.replace(
+            "\n  [[devices.tags]]\n  name = \"temperature\"\n  node_id = \"ns=2;s=Oven.Temp\"\n",
+            "\n",
+        );
+        assert_problem(
+            &src,
+            "devices[0].tags",
+            "[[devices]]",
+            "at least one [[devices.tags]]",
+        );
+        config(&src.replace(
+            "protocol = \"opcua\"",
+            "protocol = \"opcua\"\nenabled = false",
+        ));
+
+        // Zero sampling asks for the server's fastest rate; any finite deadband >= 0 is fine.
+        let config = config(&with_opcua_tag(
+            "  name = \"t\"\n  node_id = \"i=2258\"\n  sampling_interval = \"0ms\"\n  \
+             deadband = 0.0\n  queue_size = 10000",
+        ));
+        let tag = &opcua(&config.devices[0]).tags[1];
+        assert_eq!(tag.sampling_interval, Duration::ZERO);
+        assert_eq!((tag.deadband, tag.queue_size), (Some(0.0), 10_000));
+    }
+
+    #[test]
+    fn the_same_opcua_node_twice_in_a_device_is_refused_whatever_its_spelling() {
+        for (first, second) in [
+            ("node_id = \"i=2258\"", "node_id = \"ns=0;i=2258\""),
+            (
+                "browse_path = \"Objects/Oven/Temp\"",
+                "browse_path = \"Oven/Temp\"",
+            ),
+        ] {
+            let src = with_opcua_tag(&format!("  name = \"a\"\n  {first}"));
+            let src = format!("{src}\n  [[devices.tags]]\n  name = \"b\"\n  {second}\n");
+            let key = second.split(' ').next().unwrap_or(second);
+            assert_problem(
+                &src,
+                &format!("devices[0].tags[2].{key}"),
+                second,
+                "reads it already",
+            );
+        }
+        // A node id and a browse path are different references, even to the same node; and
+        // different devices may read the same node.
+        config(&with_opcua_tag(
+            "  name = \"a\"\n  browse_path = \"Objects/Oven/Temp\"",
+        ));
+        let second = OPCUA_BASE
+            .split_once("[[devices]]")
+            .map(|(_, device)| device.replace("oven2", "oven3"))
+            .unwrap_or_default();
+        config(&format!("{OPCUA_BASE}\n[[devices]]{second}"));
+    }
+
+    #[test]
+    fn a_poll_mode_device_accepts_the_subscription_keys_of_its_tags() {
+        let src = with_opcua_device("mode = \"poll\"\nscan_interval = \"250ms\"");
+        let src = format!(
+            "{src}\n  [[devices.tags]]\n  name = \"p\"\n  node_id = \"i=1\"\n  \
+             sampling_interval = \"1s\"\n  deadband = 0.5\n  queue_size = 1\n"
+        );
+        let config = config(&src);
+        let settings = opcua(&config.devices[0]);
+        assert_eq!(settings.mode, Mode::Poll);
+        assert_eq!(settings.scan_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn each_protocols_keys_are_unknown_to_the_other() {
+        assert_problem(
+            &with_device("endpoint = \"opc.tcp://h:4840\""),
+            "devices[0].endpoint",
+            "endpoint",
+            "unknown key `endpoint` for protocol `modbus_tcp` (it belongs to protocol `opcua`)",
+        );
+        assert_problem(
+            &with_tag("  name = \"t\"\n  address = \"hr:1\"\n  node_id = \"i=1\""),
+            "devices[0].tags[1].node_id",
+            "node_id",
+            "unknown key `node_id` for protocol `modbus_tcp` (it belongs to protocol `opcua`)",
+        );
+        assert_problem(
+            &with_opcua_device("unit_id = 1"),
+            "devices[0].unit_id",
+            "unit_id",
+            "unknown key `unit_id` for protocol `opcua` (it belongs to protocol `modbus_tcp`)",
+        );
+        // Keys both have are known to both.
+        config(&with_opcua_device(
+            "scan_interval = \"1s\"\ntimeout = \"1s\"\nenabled = true",
+        ));
+    }
+
+    #[test]
+    fn modbus_and_opcua_devices_live_side_by_side() {
+        let opcua_device = OPCUA_BASE
+            .split_once("[[devices]]")
+            .map(|(_, device)| device.to_owned())
+            .unwrap_or_default();
+        let config = config(&format!("{BASE}\n[[devices]]{opcua_device}"));
+        let kinds: Vec<(&str, usize)> = config
+            .devices
+            .iter()
+            .map(|d| (&*d.name, d.tag_count()))
+            .collect();
+        assert_eq!(kinds, [("press7", 1), ("oven2", 1)]);
+        assert!(matches!(config.devices[1].kind, DeviceKind::OpcUa(_)));
+    }
+
+    #[test]
+    fn load_resolves_opcua_paths_against_the_config_directory_and_checks_the_files() {
+        let dir = match tempfile::tempdir() {
+            Ok(dir) => dir,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let file = dir.path().join("gateway.toml");
+        let cert = dir.path().join("user.der");
+        let key = dir.path().join("user.pem");
+        let src = with_opcua_device(
+            "pki_dir = \"certs\"\nuser_cert_file = \"user.der\"\nuser_key_file = \"user.pem\"",
+        );
+        let writes = [
+            std::fs::write(&cert, "cert"),
+            std::fs::write(&key, "key"),
+            std::fs::write(&file, &src),
+        ];
+        assert!(writes.iter().all(Result::is_ok), "{writes:?}");
+        let loaded = match load(&file) {
+            Ok(config) => config,
+            Err(errors) => panic!("{errors}"),
+        };
+        let settings = opcua(&loaded.devices[0]);
+        assert_eq!(settings.pki_dir, dir.path().join("certs"));
+        assert_eq!(
+            settings.identity,
+            Identity::X509 {
+                cert_file: cert,
+                key_file: key.clone(),
+            }
+        );
+
+        // Without pki_dir, the PKI lives in the resolved data directory.
+        let plain = dir.path().join("plain.toml");
+        assert!(std::fs::write(&plain, OPCUA_BASE).is_ok());
+        match load(&plain) {
+            Ok(config) => assert_eq!(
+                opcua(&config.devices[0]).pki_dir,
+                dir.path().join("data").join("pki")
+            ),
+            Err(errors) => panic!("{errors}"),
+        }
+
+        assert!(std::fs::remove_file(&key).is_ok());
+        let errors = match load(&file) {
+            Ok(_) => panic!("a missing key file is a problem"),
+            Err(errors) => errors,
+        };
+        assert_eq!(errors.problems.len(), 1, "{errors}");
+        let problem = &errors.problems[0];
+        assert_eq!(problem.field, "devices[0].user_key_file");
+        assert_eq!(problem.line, Some(line_containing(&src, "user_key_file")));
+        assert!(problem.message.contains("cannot read"), "{problem}");
+        // `parse` touches no file.
+        config(&src);
+
+        let secret = dir.path().join("oven.password");
+        let with_user = with_opcua_device("username = \"op\"\npassword_file = \"oven.password\"");
+        assert!(std::fs::write(&file, &with_user).is_ok());
+        assert!(load(&file).is_err(), "the password file does not exist yet");
+        assert!(std::fs::write(&secret, "hunter2").is_ok());
+        match load(&file) {
+            Ok(config) => assert_eq!(
+                opcua(&config.devices[0]).identity,
+                Identity::UserName {
+                    user: "op".to_owned(),
+                    password_file: secret,
+                }
+            ),
+            Err(errors) => panic!("{errors}"),
+        }
     }
 
     /// A small edit of the example file.

@@ -1,4 +1,4 @@
-//! The demo: simulated Modbus TCP devices, an embedded MQTT broker and the real pipeline between
+//! The demo: simulated Modbus TCP devices and an OPC UA server, an embedded MQTT broker and the real pipeline between
 //! them, with a live view fed by an MQTT subscriber, so what it shows has made the whole trip.
 
 use std::collections::BTreeMap;
@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocols::modbus::{Address, Area, DataType, ModbusTcpSettings, Report, TagSpec, WordOrder};
+use protocols::opcua::{NodeId, NodeRef, OpcUaSettings, OpcUaTag, SecurityMode, SecurityPolicy};
 use protocols::sim::modbus::{SimDevice, SimServer};
+use protocols::sim::opcua::{SimOpcUa, SimOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
@@ -150,6 +152,64 @@ pub fn demo_devices(addrs: &[SocketAddr], scan: Duration) -> Vec<DeviceSettings>
         .collect()
 }
 
+/// The demo's OPC UA tags: (tag name, simulator variable).
+pub const DEMO_OPCUA_TAGS: [(&str, &str); 6] = [
+    ("temperature", "Sim.Double"),
+    ("cycles", "Sim.Counter"),
+    ("heater_on", "Sim.Bool"),
+    ("recipe", "Sim.String"),
+    ("zone_temps", "Sim.DoubleArray"),
+    ("setpoint", "Sim.Setpoint"),
+];
+
+/// An OPC UA device in subscribe mode with signed and encrypted messages, for the demo and
+/// tests: `tags` are (tag name, string id in namespace `ns`).
+pub fn opcua_device(
+    name: &str,
+    endpoint: &str,
+    pki_dir: PathBuf,
+    ns: u16,
+    tags: &[(&str, &str)],
+) -> DeviceSettings {
+    let tags = tags
+        .iter()
+        .map(|(tag, id)| OpcUaTag {
+            name: (*tag).into(),
+            node: NodeRef::Id(NodeId::new(ns, *id)),
+            sampling_interval: Duration::from_millis(100),
+            deadband: None,
+            queue_size: 10,
+        })
+        .collect();
+    let mut settings = OpcUaSettings::new(endpoint, tags);
+    settings.security_policy = SecurityPolicy::Aes256Sha256RsaPss;
+    settings.security_mode = SecurityMode::SignAndEncrypt;
+    settings.pki_dir = pki_dir;
+    settings.publishing_interval = Duration::from_millis(250);
+    DeviceSettings {
+        name: name.into(),
+        scan_interval: Duration::from_secs(1),
+        kind: DeviceKind::OpcUa(settings),
+    }
+}
+
+/// Starts the demo's OPC UA server and trusts its certificate in the gateway's PKI (what an
+/// operator does by moving the file from `rejected/` into `trusted/`).
+pub async fn start_demo_opcua(data_dir: &std::path::Path) -> Result<SimOpcUa, DemoError> {
+    let sim = SimOpcUa::start(SimOptions {
+        pki_dir: data_dir.join("opcua-sim-pki"),
+        tick: Duration::from_millis(250),
+        ..SimOptions::default()
+    })
+    .await
+    .map_err(|e| DemoError::OpcUa(e.to_string()))?;
+    let trusted = data_dir.join("pki").join("trusted");
+    let cert = sim.server_cert_path();
+    std::fs::create_dir_all(&trusted)?;
+    std::fs::copy(&cert, trusted.join("demo-opcua-sim.der"))?;
+    Ok(sim)
+}
+
 #[derive(Debug, Clone)]
 struct Seen {
     value: String,
@@ -212,6 +272,9 @@ pub enum DemoError {
     /// A simulator could not listen.
     #[error("device simulator: {0}")]
     Simulator(#[from] std::io::Error),
+    /// The OPC UA simulator did not start.
+    #[error("OPC UA simulator: {0}")]
+    OpcUa(String),
     /// The gateway did not start.
     #[error(transparent)]
     Start(#[from] crate::topology::StartError),
@@ -238,12 +301,17 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoE
     let sims_cancel = CancellationToken::new();
     let servers = start_demo_devices(opts.devices, &sims_cancel).await?;
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
-    let config = local_config(
-        "demo-gw",
-        opts.data_dir.clone(),
-        broker.port(),
-        demo_devices(&addrs, opts.scan_interval),
-    );
+    std::fs::create_dir_all(&opts.data_dir)?;
+    let opcua_sim = start_demo_opcua(&opts.data_dir).await?;
+    let mut devices = demo_devices(&addrs, opts.scan_interval);
+    devices.push(opcua_device(
+        "oven1",
+        &opcua_sim.endpoint(),
+        opts.data_dir.join("pki"),
+        opcua_sim.namespace(),
+        &DEMO_OPCUA_TAGS,
+    ));
+    let config = local_config("demo-gw", opts.data_dir.clone(), broker.port(), devices);
     let prefix = config.mqtt.topic_prefix.clone();
     let view = Arc::new(Mutex::new(View::default()));
     let viewer_cancel = CancellationToken::new();
@@ -287,6 +355,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoE
     viewer_cancel.cancel();
     sims_cancel.cancel();
     drop(servers);
+    opcua_sim.stop().await;
     println!("stopped cleanly.");
     Ok(())
 }

@@ -2,8 +2,8 @@
 //! See DESIGN.md for the data flow from poll to PUBACK.
 
 pub mod bench;
-pub mod browse;
 pub mod broker;
+pub mod browse;
 pub mod buffer;
 pub mod config;
 pub mod demo;

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use protocols::driver::{DeviceStatus, DriverContext, Emitter};
-use protocols::modbus;
 use protocols::model::{Batch, Catalog};
+use protocols::{modbus, opcua};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -131,6 +131,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     for d in &config.devices {
         let tags = match &d.kind {
             DeviceKind::ModbusTcp(m) => m.tags.iter().map(|t| t.name.clone()).collect(),
+            DeviceKind::OpcUa(o) => o.tags.iter().map(|t| t.name.clone()).collect(),
         };
         catalog.add_device(d.name.clone(), tags);
     }
@@ -158,10 +159,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             cancel: drivers_cancel.clone(),
             status,
         };
-        let DeviceKind::ModbusTcp(m) = settings.kind.clone();
+        let kind = settings.kind.clone();
         drivers.push(tokio::spawn(async move {
             let name = ctx.name.clone();
-            if let Err(e) = modbus::tcp::run(m, ctx).await {
+            let result = match kind {
+                DeviceKind::ModbusTcp(m) => modbus::tcp::run(m, ctx).await,
+                DeviceKind::OpcUa(o) => opcua::driver::run(o, ctx).await,
+            };
+            if let Err(e) = result {
                 warn!(device = %name, error = %e, "driver stopped");
             }
         }));

@@ -81,3 +81,77 @@ fn check_reports_a_missing_file_without_panicking() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("gw.toml"));
 }
+
+const OPCUA_CONFIG: &str = r#"[gateway]
+id = "gw"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+
+[[devices]]
+name = "oven2"
+protocol = "opcua"
+endpoint = "opc.tcp://127.0.0.1:4840"
+security_policy = "Basic256Sha256"
+security_mode = "SignAndEncrypt"
+username = "operator"
+password_file = "oven2.password"
+mode = "subscribe"
+
+  [[devices.tags]]
+  name = "temperature"
+  node_id = "ns=2;s=Oven.Temp"
+  deadband = 0.1
+
+  [[devices.tags]]
+  name = "door"
+  browse_path = "Objects/Oven/Door"
+"#;
+
+#[test]
+fn check_accepts_an_opcua_device_with_exit_0_and_counts_its_tags() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opcua.toml");
+    std::fs::write(&path, OPCUA_CONFIG).unwrap();
+    // The password file is resolved against the config's directory and must be readable.
+    std::fs::write(dir.path().join("oven2.password"), "secret\n").unwrap();
+    let out = gateway()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("OK (1 devices, 2 tags)"), "{stdout}");
+}
+
+#[test]
+fn check_refuses_an_opcua_security_mode_without_a_policy_with_file_and_line_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opcua.toml");
+    std::fs::write(
+        &path,
+        OPCUA_CONFIG.replace("\"Basic256Sha256\"", "\"None\""),
+    )
+    .unwrap();
+    let out = gateway()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let expected = "opcua.toml:12: devices[0].security_mode: security_mode \"SignAndEncrypt\" \
+                    needs a security_policy other than \"None\"";
+    assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+    // The missing password file is reported in the same run, on its own line.
+    assert!(
+        err.contains("opcua.toml:14: devices[0].password_file: cannot read"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 2, "{err}");
+}

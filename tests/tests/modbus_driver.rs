@@ -25,7 +25,9 @@ fn hr(offset: u16) -> Address {
 }
 
 fn settings(addr: SocketAddr, tags: Vec<TagSpec>) -> ModbusTcpSettings {
-    let DeviceKind::ModbusTcp(mut s) = modbus_device("dev", addr, SCAN, tags).kind;
+    let DeviceKind::ModbusTcp(mut s) = modbus_device("dev", addr, SCAN, tags).kind else {
+        unreachable!("modbus_device builds a Modbus TCP device")
+    };
     s.timeout = Duration::from_millis(200);
     s.backoff_min = Duration::from_millis(20);
     s.backoff_max = Duration::from_millis(100);

@@ -131,7 +131,7 @@ async fn walk_below(
             writable: false,
         });
         // Server diagnostics and type definitions are noise for a tag list.
-        if node_id == NodeId::from(opcua::types::ObjectId::Server) {
+        if node_id == opcua::types::ObjectId::Server {
             continue;
         }
         Box::pin(walk_below(

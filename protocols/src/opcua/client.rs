@@ -257,10 +257,7 @@ pub async fn children(
         .await
         .map_err(|e| OpcUaError::Service(e.status()))?;
     let mut out = Vec::new();
-    loop {
-        let Some(result) = results.pop() else {
-            break;
-        };
+    while let Some(result) = results.pop() {
         if result.status_code.is_bad() {
             return Err(OpcUaError::Service(result.status_code));
         }

@@ -217,6 +217,10 @@ async fn flush(pending: &Mutex<Vec<Batch>>, ctx: &DriverContext) -> Result<(), D
         Ok(mut p) => std::mem::take(&mut *p),
         Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
     };
+    // In subscribe mode a notification message is what a scan is in poll mode.
+    ctx.status
+        .scans
+        .fetch_add(batches.len() as u64, Ordering::Relaxed);
     for batch in batches {
         ctx.emitter.emit(batch, &ctx.status).await?;
     }

@@ -197,7 +197,7 @@ pub enum Mode {
 }
 
 /// Where a tag's value lives in the server's address space.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum NodeRef {
     /// A node id (`ns=2;s=Oven.Temp`, `i=2258`, `g=...`, `b=...`).
     Id(NodeId),
@@ -313,10 +313,25 @@ pub fn check_endpoint(url: &str) -> Result<(), String> {
         .strip_prefix("opc.tcp://")
         .ok_or_else(|| format!("endpoint {url:?} must start with \"opc.tcp://\""))?;
     let authority = rest.split('/').next().unwrap_or_default();
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (authority, None),
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        // [::1]:4840
+        match v6.split_once(']') {
+            Some((h, "")) => (h, None),
+            Some((h, p)) => match p.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None => return Err(format!("endpoint {url:?} has an invalid port {p:?}")),
+            },
+            None => return Err(format!("endpoint {url:?} has an unclosed '['")),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
     };
+    if host.chars().any(char::is_whitespace) {
+        return Err(format!("endpoint {url:?} has a space in its host"));
+    }
     if host.is_empty() {
         return Err(format!("endpoint {url:?} has no host"));
     }
@@ -392,5 +407,9 @@ mod tests {
         assert!(check_endpoint("http://plc:4840").is_err());
         assert!(check_endpoint("opc.tcp://:4840").is_err());
         assert!(check_endpoint("opc.tcp://plc:0").is_err());
+        assert!(check_endpoint("opc.tcp://[::1]").is_ok());
+        assert!(check_endpoint("opc.tcp://[::1]:4840/x").is_ok());
+        assert!(check_endpoint("opc.tcp://[::1]4840").is_err());
+        assert!(check_endpoint("opc.tcp://my plc:4840").is_err());
     }
 }
