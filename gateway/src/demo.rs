@@ -203,10 +203,11 @@ pub async fn start_demo_opcua(data_dir: &std::path::Path) -> Result<SimOpcUa, De
     })
     .await
     .map_err(|e| DemoError::OpcUa(e.to_string()))?;
-    let trusted = data_dir.join("pki").join("trusted");
-    let cert = sim.server_cert_path();
-    std::fs::create_dir_all(&trusted)?;
-    std::fs::copy(&cert, trusted.join("demo-opcua-sim.der"))?;
+    protocols::opcua::client::trust_server_certificate(
+        &data_dir.join("pki"),
+        &sim.server_cert_path(),
+    )
+    .map_err(|e| DemoError::OpcUa(e.to_string()))?;
     Ok(sim)
 }
 

@@ -72,7 +72,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     config::parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// async-opcua logs every failed reconnect attempt at warn or error; the driver reports each
+/// outage once with what to do, so the library stays quiet unless RUST_LOG asks for it.
+const QUIET_LIBRARIES: &str =
+    "rumqttd=off,opcua_client=off,opcua_core=off,opcua_crypto=off,opcua_server=off,opcua_nodes=off,opcua_types=off";
+
 fn init_tracing(default: &str) {
+    let default = format!("{default},{QUIET_LIBRARIES}");
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -168,7 +174,7 @@ fn main() -> ExitCode {
                 seconds,
                 plain,
             } => {
-                init_tracing("warn,rumqttd=off");
+                init_tracing("warn");
                 let data_dir =
                     data_dir.unwrap_or_else(|| std::env::temp_dir().join("edge-gateway-demo"));
                 let opts = demo::DemoOptions {
@@ -181,7 +187,7 @@ fn main() -> ExitCode {
                 demo::run(opts, shutdown_signal()).await.map_err(Into::into)
             }
             Command::Bench(opts) => {
-                init_tracing("warn,rumqttd=off");
+                init_tracing("warn");
                 edge_gateway::bench::run(opts).await.map_err(Into::into)
             }
             Command::Browse(args) => {

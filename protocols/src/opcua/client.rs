@@ -226,6 +226,20 @@ pub fn untrusted_server_advice(pki_dir: &Path, server_certificate: &ByteString) 
     )
 }
 
+/// Puts a server certificate (DER file) into `pki_dir/trusted/` under the name the certificate
+/// store looks for, which is what an operator does by moving it out of `rejected/`.
+pub fn trust_server_certificate(pki_dir: &Path, cert_file: &Path) -> Result<PathBuf, OpcUaError> {
+    let cert = CertificateStore::read_cert(cert_file)
+        .map_err(|e| OpcUaError::Setup(format!("{}: {e}", cert_file.display())))?;
+    let trusted = pki_dir.join("trusted");
+    std::fs::create_dir_all(&trusted)
+        .map_err(|e| OpcUaError::Setup(format!("{}: {e}", trusted.display())))?;
+    let target = trusted.join(CertificateStore::cert_file_name(&cert));
+    std::fs::copy(cert_file, &target)
+        .map_err(|e| OpcUaError::Setup(format!("{}: {e}", target.display())))?;
+    Ok(target)
+}
+
 /// Whether a status code means the server's certificate was not accepted.
 pub fn is_certificate_problem(status: StatusCode) -> bool {
     matches!(

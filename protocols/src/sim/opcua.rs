@@ -10,16 +10,18 @@
 //! all updated under one address-space lock per tick.
 //!
 //! Things a client author has to know about this server (and async-opcua in general):
-//! - The endpoint URL in every endpoint description is `opc.tcp://127.0.0.1:<port>/`; clients
-//!   connect to that URL after discovery whatever host they used for `GetEndpoints`, and check the
-//!   server certificate's host names against `127.0.0.1`. The certificate lists `127.0.0.1`,
-//!   `localhost` and the machine's host name.
+//! - Every endpoint description advertises `opc.tcp://127.0.0.1:<port>/`. The client's
+//!   `connect_to_matching_endpoint` keeps that advertised *port* and only swaps in the host the
+//!   caller used, then checks the server certificate's host names against that host (the
+//!   certificate lists `127.0.0.1`, `localhost` and the machine's host name). A client reaching
+//!   the server through a proxy on another port must rewrite the endpoint URL itself (and use
+//!   `connect_to_endpoint_directly`), or it silently bypasses the proxy after discovery.
 //! - The certificate's application URI (and the server's) is [`APPLICATION_URI`], not the
 //!   namespace URI [`NAMESPACE_URI`]: async-opcua gives the application URI its own namespace
 //!   (index 1, the diagnostics namespace), so the simulated nodes need a different one.
 //! - To trust the server without `trust_server_certs`, a client must store the certificate in its
 //!   `pki/trusted/` directory under the name `CertificateStore::cert_file_name(&cert)`, i.e.
-//!   `"<common name> [<sha1 thumbprint>].der"`; any other file name is not looked at.
+//!   `"CN=Edge Gateway OPC UA Simulator [<sha1 thumbprint>].der"`; any other name is ignored.
 
 use std::collections::HashMap;
 use std::fs;
@@ -1089,11 +1091,11 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 
+    /// A fixed directory per purpose, so reruns reuse the server's key pair.
     fn test_dir(name: &str) -> PathBuf {
-        std::env::temp_dir().join(format!(
-            "edge-gateway-opcua-sim-test-{}-{name}",
-            std::process::id()
-        ))
+        std::env::temp_dir()
+            .join("edge-gateway-opcua-sim-tests")
+            .join(name)
     }
 
     /// Default options with a PKI directory shared by the tests of this run (one keygen).
@@ -1579,7 +1581,11 @@ mod tests {
     #[tokio::test]
     async fn secure_endpoints_accept_any_client_certificate_and_x509_users() {
         let sim = SimOpcUa::start(options()).await.unwrap();
+        // Fresh client and user key pairs each run, so they never expire between runs.
         let pki = test_dir("client-pki-secure");
+        let user_dir = test_dir("x509-user");
+        let _ = fs::remove_dir_all(&pki);
+        let _ = fs::remove_dir_all(&user_dir);
         // Trust the server the way a gateway operator would: its certificate in trusted/.
         let server_cert = CertificateStore::read_cert(&sim.server_cert_path()).unwrap();
         let trusted = pki.join("trusted");
@@ -1591,7 +1597,6 @@ mod tests {
         .unwrap();
         let mut client = client(pki.clone(), true);
 
-        let user_dir = test_dir("x509-user");
         let (user_cert, user_key) = {
             let mut alt_host_names = X509Data::alt_host_names(
                 "urn:edge-gateway:sim-test-user",
@@ -1613,10 +1618,8 @@ mod tests {
             };
             let cert_path = user_dir.join("user.der");
             let key_path = user_dir.join("user.pem");
-            if !cert_path.exists() || !key_path.exists() {
-                CertificateStore::create_certificate_and_key(&data, true, &cert_path, &key_path)
-                    .unwrap();
-            }
+            CertificateStore::create_certificate_and_key(&data, true, &cert_path, &key_path)
+                .unwrap();
             (cert_path, key_path)
         };
 
@@ -1711,40 +1714,6 @@ mod tests {
             elapsed < Duration::from_millis(100),
             "tick took {elapsed:?}"
         );
-        sim.stop().await;
-    }
-
-    #[tokio::test]
-    async fn zz_timing() {
-        let dir = test_dir("timing-pki");
-        let _ = fs::remove_dir_all(&dir);
-        for round in 0..3 {
-            let t = Instant::now();
-            let sim = SimOpcUa::start(SimOptions {
-                pki_dir: dir.clone(),
-                ..SimOptions::default()
-            })
-            .await
-            .unwrap();
-            eprintln!("start {round}: {:?}", t.elapsed());
-            let t = Instant::now();
-            sim.stop().await;
-            eprintln!("stop {round}: {:?}", t.elapsed());
-        }
-        let t = Instant::now();
-        let sim = SimOpcUa::start(SimOptions {
-            pki_dir: dir.clone(),
-            bench_variables: 10_000,
-            ..SimOptions::default()
-        })
-        .await
-        .unwrap();
-        eprintln!("start with 10k: {:?}", t.elapsed());
-        let t = Instant::now();
-        for n in 0..10 {
-            sim.shared.tick(n);
-        }
-        eprintln!("10k tick avg: {:?}", t.elapsed() / 10);
         sim.stop().await;
     }
 }
