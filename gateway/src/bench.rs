@@ -31,6 +31,16 @@ pub struct BenchOptions {
     /// Seconds of warm-up before measuring.
     #[arg(long, default_value_t = 3)]
     pub warmup: u64,
+    /// Instead of Modbus devices: one OPC UA session with this many monitored items (sampled
+    /// every --scan-ms, each changing every --scan-ms on the simulator).
+    #[arg(long, default_value_t = 0)]
+    pub opcua_items: usize,
+    /// OPC UA publishing interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub publishing_ms: u64,
+    /// OPC UA security: "None" or a policy name, used with SignAndEncrypt.
+    #[arg(long, default_value = "None")]
+    pub opcua_security: String,
 }
 
 /// Why the bench failed.
@@ -78,6 +88,50 @@ pub fn bench_config(
                 "  [[devices.tags]]\n  name = \"t{t}\"\n  address = \"hr:{t}\"\n  type = \"u16\"\n"
             );
         }
+    }
+    s
+}
+
+/// Writes a config for one OPC UA session monitoring `items` bench variables.
+pub fn bench_opcua_config(
+    dir: &Path,
+    mqtt_port: u16,
+    endpoint: &str,
+    ns: u16,
+    items: usize,
+    opts: &BenchOptions,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n",
+        dir.join("data").display()
+    );
+    let _ = writeln!(s, "[buffer]\ncommit_interval = \"100ms\"\n");
+    let _ = writeln!(
+        s,
+        "[mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt_port}\"\nmax_inflight = 256\n"
+    );
+    let mode = if opts.opcua_security == "None" {
+        "None"
+    } else {
+        "SignAndEncrypt"
+    };
+    let _ = writeln!(
+        s,
+        "[[devices]]\nname = \"opcua\"\nprotocol = \"opcua\"\nendpoint = \"{endpoint}\"\n\
+         security_policy = \"{}\"\nsecurity_mode = \"{mode}\"\npki_dir = \"{}\"\n\
+         trust_server_cert = true\npublishing_interval = \"{}ms\"\n",
+        opts.opcua_security,
+        dir.join("pki").display(),
+        opts.publishing_ms
+    );
+    for t in 0..items {
+        let _ = writeln!(
+            s,
+            "  [[devices.tags]]\n  name = \"t{t}\"\n  node_id = \"ns={ns};s=Bench.{t}\"\n  sampling_interval = \"{}ms\"\n",
+            opts.scan_ms
+        );
     }
     s
 }
@@ -172,7 +226,13 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
     let broker = crate::broker::start(16 << 20).map_err(setup)?;
     let cancel = CancellationToken::new();
     let mut servers = Vec::new();
-    for _ in 0..opts.devices {
+    let mut opcua_sim = None;
+    let devices = if opts.opcua_items > 0 {
+        0
+    } else {
+        opts.devices
+    };
+    for _ in 0..devices {
         let dev = SimDevice::new();
         {
             let mut img = dev.image();
@@ -188,11 +248,40 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
     }
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
     let cfg_path = dir.join("bench.toml");
-    std::fs::write(
-        &cfg_path,
-        bench_config(&dir, broker.port(), &addrs, opts.tags, opts.scan_ms),
-    )
-    .map_err(setup)?;
+    let (config, offered, what) = if opts.opcua_items > 0 {
+        let sim = protocols::sim::opcua::SimOpcUa::start(protocols::sim::opcua::SimOptions {
+            pki_dir: dir.join("sim-pki"),
+            bench_variables: opts.opcua_items,
+            tick: Duration::from_millis(opts.scan_ms),
+            ..Default::default()
+        })
+        .await
+        .map_err(setup)?;
+        let config = bench_opcua_config(
+            &dir,
+            broker.port(),
+            &sim.endpoint(),
+            sim.namespace(),
+            opts.opcua_items,
+            &opts,
+        );
+        opcua_sim = Some(sim);
+        let offered = opts.opcua_items as f64 * 1000.0 / opts.scan_ms as f64;
+        let what = format!(
+            "1 OPC UA session ({}) x {} monitored items sampled every {} ms, publishing every {} ms",
+            opts.opcua_security, opts.opcua_items, opts.scan_ms, opts.publishing_ms
+        );
+        (config, offered, what)
+    } else {
+        let config = bench_config(&dir, broker.port(), &addrs, opts.tags, opts.scan_ms);
+        let offered = opts.devices as f64 * opts.tags as f64 * 1000.0 / opts.scan_ms as f64;
+        let what = format!(
+            "{} devices x {} tags every {} ms",
+            opts.devices, opts.tags, opts.scan_ms
+        );
+        (config, offered, what)
+    };
+    std::fs::write(&cfg_path, config).map_err(setup)?;
     let got = Arc::new(Received::default());
     spawn_counter(broker.port(), got.clone(), cancel.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -202,7 +291,6 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
         .arg("bench-child")
         .arg("--config")
         .arg(&cfg_path)
-        .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -211,10 +299,9 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
         .id()
         .ok_or_else(|| BenchError::Child("no pid".into()))?;
 
-    let offered = opts.devices as f64 * opts.tags as f64 * 1000.0 / opts.scan_ms as f64;
     println!(
-        "bench: {} devices x {} tags every {} ms = {:.0} samples/s offered; warm-up {} s, measuring {} s",
-        opts.devices, opts.tags, opts.scan_ms, offered, opts.warmup, opts.seconds
+        "bench: {what} = {offered:.0} samples/s offered; warm-up {} s, measuring {} s",
+        opts.warmup, opts.seconds
     );
     tokio::time::sleep(Duration::from_secs(opts.warmup)).await;
     got.latencies_ms
@@ -285,6 +372,9 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
         _ => println!("gateway did not exit within 15 s of SIGTERM"),
     }
     drop(servers);
+    if let Some(sim) = opcua_sim {
+        sim.stop().await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

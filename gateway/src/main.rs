@@ -163,8 +163,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run { config } | Command::BenchChild { config } => {
+            Command::Run { config } => {
                 init_tracing("info");
+                run_gateway(config).await
+            }
+            Command::BenchChild { config } => {
+                init_tracing("warn");
                 run_gateway(config).await
             }
             Command::Demo {
