@@ -1,4 +1,4 @@
-//! The edge gateway: Modbus devices to MQTT, with a disk buffer that loses nothing committed.
+//! The edge gateway: Modbus and OPC UA devices to MQTT, with a disk buffer that loses nothing committed.
 //! See DESIGN.md for the data flow from poll to PUBACK.
 
 pub mod bench;

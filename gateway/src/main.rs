@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 #[command(
     name = "edge-gateway",
     version,
-    about = "Industrial edge gateway: Modbus devices to MQTT, losing nothing"
+    about = "Industrial edge gateway: Modbus and OPC UA devices to MQTT, losing nothing"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,7 +35,7 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Run simulated Modbus devices, an embedded MQTT broker on 127.0.0.1 and the real pipeline
+    /// Run simulated Modbus devices and an OPC UA server, an embedded MQTT broker on 127.0.0.1 and the real pipeline
     /// between them, with a live view of the values as a subscriber receives them.
     Demo {
         /// Number of simulated devices.
