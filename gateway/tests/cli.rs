@@ -155,3 +155,71 @@ fn check_refuses_an_opcua_security_mode_without_a_policy_with_file_and_line_and_
     );
     assert_eq!(err.lines().count(), 2, "{err}");
 }
+
+#[test]
+fn browse_prints_a_tree_and_pasteable_tags_from_a_live_server() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let sim = runtime
+        .block_on(protocols::sim::opcua::SimOpcUa::start(
+            protocols::sim::opcua::SimOptions {
+                pki_dir: pki.path().join("sim"),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let client_pki = pki.path().join("gateway");
+    let run = |format: &str| {
+        let out = gateway()
+            .args(["browse", "--endpoint", &sim.endpoint(), "--format", format])
+            .args([
+                "--security-policy",
+                "Basic256Sha256",
+                "--security-mode",
+                "Sign",
+            ])
+            .arg("--trust-server-cert")
+            .arg("--pki-dir")
+            .arg(&client_pki)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let tree = run("tree");
+    assert!(
+        tree.contains("Setpoint") && tree.contains("read/write"),
+        "{tree}"
+    );
+    let tags = run("toml");
+    let ns = sim.namespace();
+    assert!(
+        tags.contains(&format!("node_id = \"ns={ns};s=Sim.Double\"")),
+        "{tags}"
+    );
+
+    // An unreachable endpoint fails with exit 1 and says which.
+    let out = gateway()
+        .args([
+            "browse",
+            "--endpoint",
+            "opc.tcp://127.0.0.1:1/",
+            "--timeout",
+            "2",
+        ])
+        .arg("--pki-dir")
+        .arg(&client_pki)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("opc.tcp://127.0.0.1:1/"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    runtime.block_on(sim.stop());
+}
