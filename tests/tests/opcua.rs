@@ -335,6 +335,41 @@ async fn poll_mode_reads_every_tag_in_one_request_per_scan() {
 }
 
 #[tokio::test]
+async fn calls_are_split_to_the_servers_operation_limits() {
+    init_tracing();
+    let sim = sim_with(|o| o.max_nodes_per_call = 2).await;
+    let pki = tempfile::tempdir().unwrap();
+    let ids = [
+        "Sim.Counter",
+        "Sim.Double",
+        "Sim.String",
+        "Sim.Bool",
+        "Sim.Int32",
+    ];
+    let tags: Vec<OpcUaTag> = ids.iter().map(|id| tag(id, node(&sim, id))).collect();
+
+    // Subscribe: five monitored items created two at a time all report.
+    let mut run = start(settings(&sim.endpoint(), pki.path(), tags.clone()));
+    run.every_tag(ids.len(), is_good).await;
+    run.stop().await;
+
+    // Poll: every scan still reports all five, in three Read calls.
+    let mut s = settings(&sim.endpoint(), pki.path(), tags);
+    s.mode = Mode::Poll;
+    let mut run = start(s);
+    run.until("a full scan", |b| b.samples.len() == 5 && all_good(b))
+        .await;
+    let requests = run.status.requests.load(Ordering::Relaxed);
+    for _ in 0..3 {
+        let b = run.next().await;
+        assert!(all_good(&b) && b.samples.len() == 5, "{b:?}");
+    }
+    assert_eq!(run.status.requests.load(Ordering::Relaxed) - requests, 9);
+    run.stop().await;
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn a_cut_link_makes_tags_bad_then_values_flow_again() {
     init_tracing();
     let sim = sim().await;

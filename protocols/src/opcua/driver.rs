@@ -23,7 +23,7 @@ use opcua::client::{
 use opcua::types::{
     DataChangeFilter, DataChangeNotification, DataChangeTrigger, ExtensionObject,
     MonitoredItemCreateRequest, MonitoringMode, MonitoringParameters, NodeId, NotificationMessage,
-    ReadValueId, StatusChangeNotification, StatusCode, TimestampsToReturn,
+    ReadValueId, StatusChangeNotification, StatusCode, TimestampsToReturn, VariableId, Variant,
 };
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
@@ -256,13 +256,15 @@ async fn control(
     reconnected: &Notify,
 ) -> Result<(), DriverError> {
     session.wait_for_connection().await;
+    let limits = Limits::read(session).await;
+    debug!(device = %ctx.name, ?limits, "server operation limits");
     let nodes = resolve(settings, ctx, session).await?;
     match settings.mode {
         Mode::Subscribe => {
-            subscribe(settings, ctx, session, &nodes, pending).await?;
+            subscribe(settings, ctx, session, &nodes, limits, pending).await?;
             loop {
                 reconnected.notified().await;
-                read_all(ctx, session, &nodes).await?;
+                read_all(ctx, session, &nodes, limits).await?;
             }
         }
         Mode::Poll => {
@@ -271,9 +273,38 @@ async fn control(
             loop {
                 tick.tick().await;
                 if ctx.status.is_connected() {
-                    read_all(ctx, session, &nodes).await?;
+                    read_all(ctx, session, &nodes, limits).await?;
                 }
             }
+        }
+    }
+}
+
+/// The server's per-call limits (OPC UA Part 5, OperationLimits); `None` when it sets none.
+#[derive(Debug, Clone, Copy, Default)]
+struct Limits {
+    nodes_per_read: Option<usize>,
+    monitored_items_per_call: Option<usize>,
+}
+
+impl Limits {
+    /// Reads the limits; a server that does not publish them gets no limits (0 means none too).
+    async fn read(session: &Session) -> Limits {
+        let ids = [
+            VariableId::Server_ServerCapabilities_OperationLimits_MaxNodesPerRead,
+            VariableId::Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall,
+        ]
+        .map(|v| ReadValueId::from(NodeId::from(v)));
+        let Ok(values) = session.read(&ids, TimestampsToReturn::Neither, 0.0).await else {
+            return Limits::default();
+        };
+        let limit = |i: usize| match values.get(i).and_then(|v| v.value.as_ref()) {
+            Some(Variant::UInt32(n)) if *n > 0 => Some(*n as usize),
+            _ => None,
+        };
+        Limits {
+            nodes_per_read: limit(0),
+            monitored_items_per_call: limit(1),
         }
     }
 }
@@ -318,6 +349,7 @@ async fn subscribe(
     ctx: &DriverContext,
     session: &Session,
     nodes: &[Result<NodeId, StatusCode>],
+    limits: Limits,
     pending: Arc<Mutex<Vec<Batch>>>,
 ) -> Result<(), DriverError> {
     let publishing = settings.publishing_interval;
@@ -373,7 +405,10 @@ async fn subscribe(
     let now = Timestamp::now();
     let mut bad = Vec::new();
     let mut created = 0usize;
-    for chunk in requests.chunks(CREATE_CHUNK) {
+    let per_call = limits
+        .monitored_items_per_call
+        .map_or(CREATE_CHUNK, |n| n.min(CREATE_CHUNK));
+    for chunk in requests.chunks(per_call) {
         let items: Vec<MonitoredItemCreateRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
         match session
             .create_monitored_items(subscription, TimestampsToReturn::Both, items)
@@ -406,23 +441,35 @@ async fn subscribe(
     emit(ctx, bad).await
 }
 
-/// Reads every resolved tag in one Read call and emits one batch.
+/// Reads every resolved tag and emits one batch: one Read call, or as few as the server's
+/// MaxNodesPerRead allows.
 async fn read_all(
     ctx: &DriverContext,
     session: &Session,
     nodes: &[Result<NodeId, StatusCode>],
+    limits: Limits,
 ) -> Result<(), DriverError> {
     let ids: Vec<ReadValueId> = nodes
         .iter()
         .filter_map(|n| n.as_ref().ok().map(ReadValueId::from))
         .collect();
     let started = Instant::now();
-    ctx.status.requests.fetch_add(1, Ordering::Relaxed);
-    let result = if ids.is_empty() {
-        Ok(Vec::new())
-    } else {
-        session.read(&ids, TimestampsToReturn::Both, 0.0).await
-    };
+    let per_call = limits.nodes_per_read.unwrap_or(usize::MAX).max(1);
+    let mut result = Ok(Vec::with_capacity(ids.len()));
+    for chunk in ids.chunks(per_call) {
+        ctx.status.requests.fetch_add(1, Ordering::Relaxed);
+        match session.read(chunk, TimestampsToReturn::Both, 0.0).await {
+            Ok(values) => {
+                if let Ok(all) = result.as_mut() {
+                    all.extend(values);
+                }
+            }
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
     let now = Timestamp::now();
     let samples: Vec<Sample> = match result {
         Ok(values) => {

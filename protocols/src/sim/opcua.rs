@@ -204,6 +204,8 @@ pub struct SimOptions {
     pub bench_variables: usize,
     /// How often values change.
     pub tick: Duration,
+    /// The server's MaxNodesPerRead and MaxMonitoredItemsPerCall operation limits.
+    pub max_nodes_per_call: u32,
 }
 
 impl Default for SimOptions {
@@ -218,6 +220,7 @@ impl Default for SimOptions {
             accept_x509_users: true,
             bench_variables: 0,
             tick: Duration::from_millis(100),
+            max_nodes_per_call: 100_000,
         }
     }
 }
@@ -847,13 +850,13 @@ fn server_builder(opts: &SimOptions, port: u16, authenticator: SimAuthenticator)
     subscriptions.min_publishing_interval_ms = SUBSCRIPTION_TICK_MS as f64;
     subscriptions.min_sampling_interval_ms = SUBSCRIPTION_TICK_MS as f64;
     let operational = &mut limits.operational;
-    operational.max_nodes_per_read = 100_000;
+    operational.max_nodes_per_read = opts.max_nodes_per_call as usize;
     operational.max_nodes_per_write = 100_000;
     operational.max_nodes_per_browse = 100_000;
     operational.max_references_per_browse_node = 100_000;
     operational.max_nodes_per_register_nodes = 100_000;
     operational.max_nodes_per_translate_browse_paths_to_node_ids = 100_000;
-    operational.max_monitored_items_per_call = 100_000;
+    operational.max_monitored_items_per_call = opts.max_nodes_per_call as usize;
     operational.max_subscriptions_per_call = 100;
     builder
 }
