@@ -141,6 +141,24 @@ impl Running {
     }
 }
 
+/// Waits for `n` increasing values of tag 0 (the simulator's counter): the subscription
+/// itself delivers, not only the one read after a reconnect.
+async fn counter_keeps_counting(run: &mut Running, n: usize) {
+    let mut last: Option<u64> = None;
+    let mut seen = 0;
+    while seen < n {
+        let b = run.next().await;
+        for s in &b.samples {
+            if let (0, Some(Value::UInt(v))) = (s.tag.0, &s.value) {
+                if last.is_none_or(|l| *v > l) {
+                    last = Some(*v);
+                    seen += 1;
+                }
+            }
+        }
+    }
+}
+
 fn is_good(s: &Sample) -> bool {
     s.quality == Quality::Good
 }
@@ -384,6 +402,7 @@ async fn a_cut_link_makes_tags_bad_then_values_flow_again() {
     ];
     let mut run = start(settings(&endpoint, pki.path(), tags));
     run.every_tag(2, is_good).await;
+    let sessions = sim.sessions_created();
 
     proxy.cut();
     run.until("tags bad with reason disconnected", |b| {
@@ -393,10 +412,25 @@ async fn a_cut_link_makes_tags_bad_then_values_flow_again() {
     assert!(!run.status.is_connected());
 
     proxy.restore();
-    // Both come back, including the setpoint that never changes on its own.
+    // Both come back, including the setpoint that never changes on its own...
     run.every_tag(2, is_good).await;
     assert!(run.status.is_connected());
     assert!(run.status.reconnects.load(Ordering::Relaxed) >= 1);
+    // ...and the subscription keeps delivering: the counter counts on, and a change made
+    // after the reconnect arrives.
+    counter_keeps_counting(&mut run, 5).await;
+    sim.set("Sim.Setpoint", Variant::Double(42.5)).unwrap();
+    run.until("the new setpoint", |b| {
+        b.samples
+            .iter()
+            .any(|s| s.tag.0 == 1 && s.value == Some(Value::Float(42.5)))
+    })
+    .await;
+    assert_eq!(
+        sim.sessions_created(),
+        sessions,
+        "the server kept the session through the cut: it is reactivated, not replaced"
+    );
     run.stop().await;
     sim.stop().await;
 }
@@ -566,7 +600,8 @@ async fn a_wrong_password_is_refused() {
         password_file,
     };
     let mut run = start(s);
-    run.until("disconnected", |b| all_bad(b, Reason::Disconnected))
+    let denied = Reason::Status(StatusCode::BadUserAccessDenied.bits());
+    run.until("tags bad with the server's refusal", |b| all_bad(b, denied))
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!run.status.is_connected());
@@ -595,8 +630,14 @@ async fn an_untrusted_server_is_rejected_until_its_certificate_is_moved_into_tru
         password_file,
     };
     let mut run = start(s);
-    run.until("disconnected", |b| all_bad(b, Reason::Disconnected))
-        .await;
+    run.until("tags bad with a certificate status", |b| {
+        !b.samples.is_empty()
+            && b.samples.iter().all(|s| {
+                matches!(s.quality, Quality::Bad(Reason::Status(code))
+                    if opcua::client::is_certificate_problem(StatusCode::from(code)))
+            })
+    })
+    .await;
     let rejected = pki.path().join("rejected");
     eventually(
         Duration::from_secs(10),

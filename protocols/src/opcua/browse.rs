@@ -1,7 +1,7 @@
 //! Browsing a server's address space for the `browse` command: a tree of objects and
 //! variables with data type and access level, and ready-to-paste `[[devices.tags]]` entries.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,9 @@ use tokio::sync::watch;
 
 use super::client::{self, OpcUaError};
 use super::OpcUaSettings;
+
+/// Deepest level browsed, whatever `--depth` asks for.
+pub const MAX_DEPTH: usize = 32;
 
 /// One node found while browsing.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,9 +35,9 @@ pub struct Node {
     pub class: NodeClass,
     /// Variables: the data type's name (`Double`, `Int32[]`, ...).
     pub data_type: Option<String>,
-    /// Variables: whether the current value can be read.
+    /// Variables: whether the current value can be read by this session's user.
     pub readable: bool,
-    /// Variables: whether the current value can be written.
+    /// Variables: whether the current value can be written by this session's user.
     pub writable: bool,
 }
 
@@ -94,7 +97,10 @@ async fn walk(
     depth: usize,
 ) -> Result<Vec<Node>, OpcUaError> {
     let mut out = Vec::new();
-    walk_below(session, start, &[], 1, depth, &mut out).await?;
+    let mut visited = HashSet::new();
+    visited.insert(start.to_string());
+    let depth = depth.min(MAX_DEPTH);
+    walk_below(session, start, &[], 1, depth, &mut visited, &mut out).await?;
     describe_variables(session, &mut out).await?;
     Ok(out)
 }
@@ -105,16 +111,17 @@ async fn walk_below(
     path: &[String],
     level: usize,
     depth: usize,
+    visited: &mut HashSet<String>,
     out: &mut Vec<Node>,
 ) -> Result<(), OpcUaError> {
     if level > depth {
         return Ok(());
     }
-    let mut seen = BTreeSet::new();
     for r in client::children(session, parent).await? {
         let node_id = r.node_id.node_id.clone();
-        // The same child can be reachable over two references (Organizes and HasComponent).
-        if !seen.insert(node_id.to_string()) {
+        // A node reachable over two references or two parents, or through a cycle, is listed
+        // once: the first path found names it.
+        if !visited.insert(node_id.to_string()) {
             continue;
         }
         let browse_name = qualified(&r.browse_name);
@@ -140,6 +147,7 @@ async fn walk_below(
             &child_path,
             level + 1,
             depth,
+            visited,
             out,
         ))
         .await?;
@@ -169,7 +177,7 @@ async fn describe_variables(session: &Session, nodes: &mut [Node]) -> Result<(),
     let attributes = [
         AttributeId::DataType,
         AttributeId::ValueRank,
-        AttributeId::AccessLevel,
+        AttributeId::UserAccessLevel,
     ];
     let mut reads = Vec::with_capacity(variables.len() * attributes.len());
     for &i in &variables {
@@ -249,7 +257,7 @@ async fn read(
         let values = session
             .read(chunk, TimestampsToReturn::Neither, 0.0)
             .await
-            .map_err(|e| OpcUaError::Service(e.status()))?;
+            .map_err(|e| OpcUaError::Call(e.status()))?;
         out.extend(values);
     }
     Ok(out)

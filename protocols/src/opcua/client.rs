@@ -46,9 +46,12 @@ pub enum OpcUaError {
         /// What the server offers, `policy/mode` pairs.
         offered: String,
     },
-    /// The server answered a service call with a bad status (the server said no).
+    /// The server answered a service call with a bad status for the node (the server said no).
     #[error("the server answered {0}")]
     Service(StatusCode),
+    /// A service call failed as a whole: the link dropped, it timed out, or the session is gone.
+    #[error("the request failed: {0}")]
+    Call(StatusCode),
 }
 
 /// The session type the adapter uses.
@@ -72,6 +75,15 @@ fn gethostname() -> String {
 /// timeouts, and reconnect backoff (the session retries for ever; the driver decides when to
 /// give up on a session).
 pub fn build_client(settings: &OpcUaSettings) -> Result<Client, OpcUaError> {
+    // Devices sharing a pki_dir would otherwise race to create the same key pair (the library
+    // checks for the files, then writes them).
+    static KEYPAIR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = KEYPAIR.lock().unwrap_or_else(|e| e.into_inner());
+    // A publish request waits up to a keep-alive period for its answer; the client must wait
+    // longer than that, or a late keep-alive is discarded.
+    let publish_timeout = (settings.publishing_interval * (super::driver::KEEP_ALIVE_COUNT + 2)
+        + settings.timeout)
+        .max(Duration::from_secs(60));
     let builder = ClientBuilder::new()
         .application_name("edge-gateway")
         .application_uri(application_uri())
@@ -86,7 +98,8 @@ pub fn build_client(settings: &OpcUaSettings) -> Result<Client, OpcUaError> {
         .request_timeout(settings.timeout)
         .keep_alive_interval(keep_alive_interval(settings))
         .max_failed_keep_alive_count(2)
-        .session_timeout(60_000)
+        .session_timeout(super::driver::SESSION_TIMEOUT.as_millis() as u32)
+        .publish_timeout(publish_timeout)
         // 10k monitored items with queued values make big publish responses.
         .max_message_size(64 * 1024 * 1024)
         .max_chunk_count(4096)
@@ -250,8 +263,20 @@ pub fn is_certificate_problem(status: StatusCode) -> bool {
             | StatusCode::BadCertificateUriInvalid
             | StatusCode::BadCertificateTimeInvalid
             | StatusCode::BadCertificateInvalid
+            | StatusCode::BadNoValidCertificates
+            | StatusCode::BadCertificateChainIncomplete
+            | StatusCode::BadCertificateIssuerRevocationUnknown
+            | StatusCode::BadCertificateRevocationUnknown
+            | StatusCode::BadCertificateRevoked
+            | StatusCode::BadCertificateIssuerRevoked
+            | StatusCode::BadCertificateIssuerTimeInvalid
+            | StatusCode::BadCertificateUseNotAllowed
+            | StatusCode::BadCertificateIssuerUseNotAllowed
     )
 }
+
+/// Pages of 1000 references followed for one node: a million children is beyond any tag list.
+const MAX_BROWSE_PAGES: usize = 1000;
 
 /// The forward hierarchical children of a node (all pages, following continuation points).
 pub async fn children(
@@ -269,8 +294,9 @@ pub async fn children(
     let mut results = session
         .browse(&[description], 1000, None)
         .await
-        .map_err(|e| OpcUaError::Service(e.status()))?;
+        .map_err(|e| OpcUaError::Call(e.status()))?;
     let mut out = Vec::new();
+    let mut pages = 0;
     while let Some(result) = results.pop() {
         if result.status_code.is_bad() {
             return Err(OpcUaError::Service(result.status_code));
@@ -279,10 +305,18 @@ pub async fn children(
         if result.continuation_point.is_null() || result.continuation_point.is_empty() {
             break;
         }
+        pages += 1;
+        if pages >= MAX_BROWSE_PAGES {
+            // Release the server's continuation point rather than walking on for ever.
+            let _ = session
+                .browse_next(true, &[result.continuation_point])
+                .await;
+            break;
+        }
         results = session
             .browse_next(false, &[result.continuation_point])
             .await
-            .map_err(|e| OpcUaError::Service(e.status()))?;
+            .map_err(|e| OpcUaError::Call(e.status()))?;
     }
     Ok(out)
 }

@@ -1,24 +1,31 @@
 //! The OPC UA driver: one task per device, one session per task.
 //!
 //! Design:
-//! - async-opcua's session event loop does the reconnecting (with backoff) and transfers or
-//!   re-creates the subscription on a new session. The driver polls that event loop itself, in
-//!   the same task that hands batches to the pipeline: while the pipeline is full the event loop
-//!   is not polled, so the server keeps the notifications (backpressure instead of an unbounded
-//!   queue). A notification message becomes one batch.
+//! - async-opcua's session event loop does the reconnecting and transfers or re-creates the
+//!   subscription on a new session. The driver polls that event loop itself, in the same task
+//!   that hands batches to the pipeline: while the pipeline is full the event loop is not
+//!   polled, so notifications wait on the server instead of in an unbounded queue here. The
+//!   server keeps only `queue_size` values per item and only for the subscription's lifetime;
+//!   values it had to drop arrive with the overflow bit, which is counted as an overrun.
+//! - A notification message becomes one batch.
 //! - Tags go bad with reason `disconnected` once per outage; after a reconnect every tag is read
-//!   once, so a tag whose value did not change during the outage does not stay bad.
-//! - If the session cannot come back (say, the server was reinstalled with a new certificate),
-//!   the driver drops it after a few failed attempts and discovers the endpoint again.
+//!   once and publishing is restarted, so a tag whose value did not change during the outage
+//!   does not stay bad and the subscription does not stay idle.
+//! - Watchdogs end a session that cannot recover on its own: a subscription that has been
+//!   silent for longer than its keep-alive, a reconnect that hangs without any event, an outage
+//!   longer than the server keeps the session, a setup call (browse, subscribe) that failed as
+//!   a whole, and rejected credentials or certificates (which would only pile up half-open
+//!   sessions on the server). The driver then discovers the endpoint again with its own
+//!   jittered backoff, which only resets after a session that worked.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use opcua::client::{
     MonitoredItemMap, OnSubscriptionNotificationCore, Session, SessionConnectMode,
-    SessionPollResult,
+    SessionPollResult, SubscriptionActivity,
 };
 use opcua::types::{
     DataChangeFilter, DataChangeNotification, DataChangeTrigger, ExtensionObject,
@@ -26,21 +33,26 @@ use opcua::types::{
     ReadValueId, StatusChangeNotification, StatusCode, TimestampsToReturn, VariableId, Variant,
 };
 use tokio::sync::Notify;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, trace, warn};
 
 use super::client::{self, OpcUaError};
 use super::convert::sample_of;
 use super::{Mode, NodeRef, OpcUaSettings, SecurityPolicy};
 use crate::backoff::Backoff;
-use crate::driver::{DriverContext, DriverError};
+use crate::driver::{DeviceStatus, DriverContext, DriverError};
 use crate::model::{Batch, DeviceId, Reason, Sample, TagId, Timestamp};
 
-/// Monitored items created per CreateMonitoredItems call.
+/// Monitored items created per CreateMonitoredItems call (unless the server allows fewer).
 const CREATE_CHUNK: usize = 1000;
-/// Failed reconnects of one session before the driver discovers the endpoint again.
-const RECONNECTS_PER_SESSION: u32 = 5;
 /// How long a closing session may take to say goodbye at shutdown.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Publishing cycles without a notification before the server sends a keep-alive.
+pub const KEEP_ALIVE_COUNT: u32 = 10;
+/// How long the server keeps a session without a connection (the session timeout requested).
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a subscription survives without publish requests: long enough to outlast a
+/// stalled pipeline or a short outage, so the transfer after a reconnect finds it.
+const SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(300);
 
 /// Runs the driver until the context is cancelled.
 pub async fn run(settings: OpcUaSettings, ctx: DriverContext) -> Result<(), DriverError> {
@@ -53,8 +65,16 @@ pub async fn run(settings: OpcUaSettings, ctx: DriverContext) -> Result<(), Driv
     if settings.security_policy == SecurityPolicy::None {
         warn!(device = %ctx.name, endpoint = %settings.endpoint, "security_policy is None: values and credentials travel unsigned and unencrypted");
     }
-    let mut client = client::build_client(&settings)
-        .map_err(|e| DriverError::Config(format!("device {}: {e}", ctx.name)))?;
+    // Key generation on first use is CPU work; keep it off the async workers.
+    let built = {
+        let settings = settings.clone();
+        tokio::task::spawn_blocking(move || client::build_client(&settings)).await
+    };
+    let mut client = match built {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(DriverError::Config(format!("device {}: {e}", ctx.name))),
+        Err(e) => return Err(DriverError::Config(format!("device {}: {e}", ctx.name))),
+    };
     let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
     let mut down = Outage::default();
 
@@ -69,7 +89,8 @@ pub async fn run(settings: OpcUaSettings, ctx: DriverContext) -> Result<(), Driv
                     .await?;
                 match end {
                     SessionEnd::Cancelled => return Ok(()),
-                    SessionEnd::GaveUp => backoff.reset(),
+                    SessionEnd::GaveUp { worked: true } => backoff.reset(),
+                    SessionEnd::GaveUp { worked: false } => {}
                 }
             }
             Err(e) => {
@@ -118,11 +139,59 @@ impl Outage {
 
 enum SessionEnd {
     Cancelled,
-    GaveUp,
+    /// The session is abandoned; `worked` when it delivered data at some point.
+    GaveUp {
+        worked: bool,
+    },
+}
+
+/// What the halves of one session tell each other.
+#[derive(Debug, Default)]
+struct SessionFlags {
+    /// The subscription and its monitored items exist.
+    subscribed: AtomicBool,
+    /// The server reported the subscription gone (a bad StatusChangeNotification).
+    subscription_lost: AtomicBool,
+    /// The session delivered values at least once.
+    delivered: AtomicBool,
+}
+
+/// Why the control half of a session stopped.
+enum ControlEnd {
+    /// The pipeline is gone.
+    Closed,
+    /// A setup call failed as a whole (not per item): start over with a new session.
+    Retry(StatusCode),
+}
+
+impl From<DriverError> for ControlEnd {
+    fn from(_: DriverError) -> Self {
+        ControlEnd::Closed
+    }
+}
+
+/// Statuses that mean the server will not accept who we are; retrying at once only leaves
+/// half-open sessions on the server.
+fn is_identity_problem(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BadUserAccessDenied
+            | StatusCode::BadIdentityTokenInvalid
+            | StatusCode::BadIdentityTokenRejected
+            | StatusCode::BadUserSignatureInvalid
+            | StatusCode::BadSecurityPolicyRejected
+            | StatusCode::BadSecurityModeRejected
+    )
+}
+
+/// How long a subscription may stay silent: the server sends at least a keep-alive every
+/// KEEP_ALIVE_COUNT publishing intervals; two more and the request timeout are grace.
+fn silence_limit(settings: &OpcUaSettings) -> Duration {
+    settings.publishing_interval * (KEEP_ALIVE_COUNT + 2) + settings.timeout
 }
 
 /// Drives one session: its event loop, the subscription or the poll loop, until cancelled or
-/// until the session cannot be re-established.
+/// until a watchdog gives the session up.
 async fn run_session(
     settings: &OpcUaSettings,
     ctx: &DriverContext,
@@ -132,82 +201,173 @@ async fn run_session(
     down: &mut Outage,
 ) -> Result<SessionEnd, DriverError> {
     let pending: Arc<Mutex<Vec<Batch>>> = Arc::default();
+    let flags = Arc::new(SessionFlags::default());
     let reconnected = Notify::new();
     let stream = event_loop.enter();
     tokio::pin!(stream);
-    let control = control(settings, ctx, session, pending.clone(), &reconnected);
+    let control = control(
+        settings,
+        ctx,
+        session,
+        pending.clone(),
+        flags.clone(),
+        &reconnected,
+    );
     tokio::pin!(control);
     let mut control_done = false;
     let mut connected_before = false;
-    let mut failed_attempts = 0u32;
+    let mut connected = false;
+    let mut last_event = Instant::now();
+    let mut last_publish = Instant::now();
+    let mut subscribed = false;
+    let mut down_since = Instant::now();
+    let mut watchdog = tokio::time::interval(Duration::from_millis(250));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let hang_limit = settings.timeout * 2 + settings.backoff_max;
+    let silence = silence_limit(settings);
 
-    loop {
+    let give_up = loop {
         tokio::select! {
             _ = ctx.cancel.cancelled() => {
                 close(session, &mut stream).await;
+                ctx.status.connected.store(false, Ordering::Relaxed);
+                flush(&pending, ctx).await?;
                 return Ok(SessionEnd::Cancelled);
             }
             r = &mut control, if !control_done => {
                 control_done = true;
-                r?;
+                match r {
+                    Ok(()) => {}
+                    Err(ControlEnd::Closed) => return Err(DriverError::Closed),
+                    Err(ControlEnd::Retry(status)) => {
+                        warn!(device = %ctx.name, %status, "setting up the session failed; starting over");
+                        break true;
+                    }
+                }
             }
-            event = stream.next() => match event {
-                None => return Ok(SessionEnd::GaveUp),
-                Some(Err(status)) => {
-                    warn!(device = %ctx.name, %status, "OPC UA session ended");
-                    return Ok(SessionEnd::GaveUp);
+            _ = watchdog.tick() => {
+                if flags.subscription_lost.load(Ordering::Relaxed) {
+                    warn!(device = %ctx.name, "the server ended the subscription; starting over");
+                    break true;
                 }
-                Some(Ok(SessionPollResult::Reconnected(mode))) => {
-                    failed_attempts = 0;
-                    ctx.status.connected.store(true, Ordering::Relaxed);
-                    down.end();
-                    let how = match mode {
-                        SessionConnectMode::NewSession(_) => "new session",
-                        SessionConnectMode::ReactivatedSession(_) => "session reactivated",
-                    };
-                    if connected_before {
+                if !subscribed && flags.subscribed.load(Ordering::Relaxed) {
+                    // The silence clock starts when there is something to be silent.
+                    subscribed = true;
+                    last_publish = Instant::now();
+                }
+                if connected && subscribed && last_publish.elapsed() > silence {
+                    warn!(device = %ctx.name, silent = ?last_publish.elapsed(), "the subscription went silent; starting over");
+                    break true;
+                }
+                if !connected && last_event.elapsed() > hang_limit {
+                    warn!(device = %ctx.name, "reconnecting hangs without an answer; starting over");
+                    break true;
+                }
+                if !connected && connected_before && down_since.elapsed() > SESSION_TIMEOUT {
+                    debug!(device = %ctx.name, "outage outlasted the session; discovering the endpoint again");
+                    break true;
+                }
+            }
+            event = stream.next() => {
+                last_event = Instant::now();
+                match event {
+                    None => break true,
+                    Some(Err(status)) => {
+                        warn!(device = %ctx.name, %status, "OPC UA session ended");
+                        break true;
+                    }
+                    Some(Ok(SessionPollResult::Reconnected(mode))) => {
+                        connected = true;
+                        last_publish = Instant::now();
+                        ctx.status.connected.store(true, Ordering::Relaxed);
+                        down.end();
+                        let how = match mode {
+                            SessionConnectMode::NewSession(_) => "new session",
+                            SessionConnectMode::ReactivatedSession(_) => "session reactivated",
+                        };
+                        if connected_before {
+                            ctx.status.reconnects.fetch_add(1, Ordering::Relaxed);
+                            info!(device = %ctx.name, endpoint = %settings.endpoint, how, "reconnected to OPC UA server");
+                            // async-opcua's new subscription loop waits for a trigger before it
+                            // publishes again.
+                            session.trigger_publish_now();
+                            reconnected.notify_one();
+                        } else {
+                            info!(device = %ctx.name, endpoint = %settings.endpoint, policy = %settings.security_policy, mode = %settings.security_mode, "connected to OPC UA server");
+                        }
+                        connected_before = true;
+                    }
+                    Some(Ok(SessionPollResult::ConnectionLost(status))) => {
+                        connected = false;
+                        down_since = Instant::now();
+                        ctx.status.connected.store(false, Ordering::Relaxed);
+                        flush(&pending, ctx).await?;
+                        if down.begin() {
+                            warn!(device = %ctx.name, %status, "lost the OPC UA session; reconnecting");
+                            emit_all_bad(ctx, settings.tags.len(), Reason::Disconnected).await?;
+                        }
+                    }
+                    Some(Ok(SessionPollResult::ReconnectFailed(status))) => {
                         ctx.status.reconnects.fetch_add(1, Ordering::Relaxed);
-                        info!(device = %ctx.name, endpoint = %settings.endpoint, how, "reconnected to OPC UA server");
-                        reconnected.notify_one();
-                    } else {
-                        info!(device = %ctx.name, endpoint = %settings.endpoint, policy = %settings.security_policy, mode = %settings.security_mode, "connected to OPC UA server");
+                        let first = down.begin();
+                        let refused = client::is_certificate_problem(status) || is_identity_problem(status);
+                        if client::is_certificate_problem(status) {
+                            if !down.cert_advice_given {
+                                down.cert_advice_given = true;
+                                error!(device = %ctx.name, %status, "{}", client::untrusted_server_advice(&settings.pki_dir, &endpoint.server_certificate));
+                            }
+                        } else if is_identity_problem(status) {
+                            if first {
+                                error!(device = %ctx.name, %status, identity = identity_kind(settings), "the server refused the session's identity or security; check username/password_file or user_cert_file, and security_policy/security_mode");
+                            }
+                        } else if first {
+                            warn!(device = %ctx.name, %status, "cannot connect to OPC UA server; retrying with backoff");
+                        } else {
+                            debug!(device = %ctx.name, %status, "reconnect failed");
+                        }
+                        if first {
+                            let reason = if refused { Reason::Status(status.bits()) } else { Reason::Disconnected };
+                            emit_all_bad(ctx, settings.tags.len(), reason).await?;
+                        }
+                        if refused {
+                            break false;
+                        }
                     }
-                    connected_before = true;
-                }
-                Some(Ok(SessionPollResult::ConnectionLost(status))) => {
-                    ctx.status.connected.store(false, Ordering::Relaxed);
-                    flush(&pending, ctx).await?;
-                    if down.begin() {
-                        warn!(device = %ctx.name, %status, "lost the OPC UA session; reconnecting");
-                        emit_all_bad(ctx, settings.tags.len(), Reason::Disconnected).await?;
+                    Some(Ok(SessionPollResult::Subscription(activity))) => match activity {
+                        SubscriptionActivity::Publish => last_publish = Instant::now(),
+                        SubscriptionActivity::PublishFailed(StatusCode::BadNoSubscription) => {
+                            warn!(device = %ctx.name, "the server no longer knows the subscription; starting over");
+                            break true;
+                        }
+                        other => trace!(device = %ctx.name, activity = ?other, "subscription activity"),
+                    },
+                    Some(Ok(other)) => {
+                        trace!(device = %ctx.name, event = ?other, "session event");
                     }
-                }
-                Some(Ok(SessionPollResult::ReconnectFailed(status))) => {
-                    ctx.status.reconnects.fetch_add(1, Ordering::Relaxed);
-                    failed_attempts += 1;
-                    let first = down.begin();
-                    if client::is_certificate_problem(status) && !down.cert_advice_given {
-                        down.cert_advice_given = true;
-                        error!(device = %ctx.name, %status, "{}", client::untrusted_server_advice(&settings.pki_dir, &endpoint.server_certificate));
-                    } else if first {
-                        warn!(device = %ctx.name, %status, "cannot connect to OPC UA server; retrying with backoff");
-                    } else {
-                        debug!(device = %ctx.name, %status, "reconnect failed");
-                    }
-                    if first {
-                        emit_all_bad(ctx, settings.tags.len(), Reason::Disconnected).await?;
-                    }
-                    if failed_attempts >= RECONNECTS_PER_SESSION {
-                        debug!(device = %ctx.name, "dropping the session to discover the endpoint again");
-                        return Ok(SessionEnd::GaveUp);
-                    }
-                }
-                Some(Ok(other)) => {
-                    tracing::trace!(device = %ctx.name, event = ?other, "session event");
                 }
             }
         }
         flush(&pending, ctx).await?;
+    };
+
+    // Giving up a session: say goodbye (it may still be half alive), report the outage once.
+    // Only a session that delivered values resets the backoff: one that fails right after
+    // connecting must not be retried at full speed.
+    let worked = give_up && flags.delivered.load(Ordering::Relaxed);
+    close(session, &mut stream).await;
+    flush(&pending, ctx).await?;
+    ctx.status.connected.store(false, Ordering::Relaxed);
+    if down.begin() {
+        emit_all_bad(ctx, settings.tags.len(), Reason::Disconnected).await?;
+    }
+    Ok(SessionEnd::GaveUp { worked })
+}
+
+fn identity_kind(settings: &OpcUaSettings) -> &'static str {
+    match settings.identity {
+        super::Identity::Anonymous => "anonymous",
+        super::Identity::UserName { .. } => "username",
+        super::Identity::X509 { .. } => "x509",
     }
 }
 
@@ -253,18 +413,29 @@ async fn control(
     ctx: &DriverContext,
     session: &Session,
     pending: Arc<Mutex<Vec<Batch>>>,
+    flags: Arc<SessionFlags>,
     reconnected: &Notify,
-) -> Result<(), DriverError> {
+) -> Result<(), ControlEnd> {
     session.wait_for_connection().await;
     let limits = Limits::read(session).await;
     debug!(device = %ctx.name, ?limits, "server operation limits");
     let nodes = resolve(settings, ctx, session).await?;
     match settings.mode {
         Mode::Subscribe => {
-            subscribe(settings, ctx, session, &nodes, limits, pending).await?;
+            subscribe(
+                settings,
+                ctx,
+                session,
+                &nodes,
+                limits,
+                pending,
+                flags.clone(),
+            )
+            .await?;
+            flags.subscribed.store(true, Ordering::Relaxed);
             loop {
                 reconnected.notified().await;
-                read_all(ctx, session, &nodes, limits).await?;
+                read_all(ctx, session, &nodes, limits, &flags).await?;
             }
         }
         Mode::Poll => {
@@ -273,7 +444,7 @@ async fn control(
             loop {
                 tick.tick().await;
                 if ctx.status.is_connected() {
-                    read_all(ctx, session, &nodes, limits).await?;
+                    read_all(ctx, session, &nodes, limits, &flags).await?;
                 }
             }
         }
@@ -314,7 +485,7 @@ async fn resolve(
     settings: &OpcUaSettings,
     ctx: &DriverContext,
     session: &Session,
-) -> Result<Vec<Result<NodeId, StatusCode>>, DriverError> {
+) -> Result<Vec<Result<NodeId, StatusCode>>, ControlEnd> {
     let mut nodes = Vec::with_capacity(settings.tags.len());
     let mut bad = Vec::new();
     let now = Timestamp::now();
@@ -326,6 +497,7 @@ async fn resolve(
                     debug!(device = %ctx.name, tag = %tag.name, node = %id, "resolved browse path");
                     Ok(id)
                 }
+                Err(OpcUaError::Call(status)) => return Err(ControlEnd::Retry(status)),
                 Err(e) => {
                     let status = match e {
                         OpcUaError::Service(s) => s,
@@ -351,23 +523,27 @@ async fn subscribe(
     nodes: &[Result<NodeId, StatusCode>],
     limits: Limits,
     pending: Arc<Mutex<Vec<Batch>>>,
-) -> Result<(), DriverError> {
+    flags: Arc<SessionFlags>,
+) -> Result<(), ControlEnd> {
     let publishing = settings.publishing_interval;
-    let keep_alive = 10u32;
+    let lifetime = lifetime_count(publishing);
     let notifier = Notifier {
+        flags,
+        status: ctx.status.clone(),
         device: ctx.device,
         tags: settings.tags.len(),
         pending,
         name: ctx.name.clone(),
     };
     let subscription = match session
-        .create_subscription(publishing, keep_alive * 6, keep_alive, 0, 0, true, notifier)
+        .create_subscription(publishing, lifetime, KEEP_ALIVE_COUNT, 0, 0, true, notifier)
         .await
     {
         Ok(id) => id,
         Err(e) => {
             error!(device = %ctx.name, status = %e.status(), "the server refused the subscription; use mode = \"poll\" for servers without working subscriptions");
-            return emit_all_bad(ctx, settings.tags.len(), Reason::Status(e.status().bits())).await;
+            emit_all_bad(ctx, settings.tags.len(), Reason::Status(e.status().bits())).await?;
+            return Err(ControlEnd::Retry(e.status()));
         }
     };
     let requests: Vec<(usize, MonitoredItemCreateRequest)> = settings
@@ -438,7 +614,15 @@ async fn subscribe(
         }
     }
     info!(device = %ctx.name, subscription, monitored_items = created, publishing_interval = ?publishing, "subscribed");
-    emit(ctx, bad).await
+    Ok(emit(ctx, bad).await?)
+}
+
+/// Lifetime count of the subscription: SUBSCRIPTION_LIFETIME worth of publishing intervals, and
+/// at least three keep-alives as OPC UA requires.
+fn lifetime_count(publishing: Duration) -> u32 {
+    let ms = publishing.as_millis().max(1);
+    let count = (SUBSCRIPTION_LIFETIME.as_millis() / ms).min(u128::from(u32::MAX)) as u32;
+    count.max(KEEP_ALIVE_COUNT * 3)
 }
 
 /// Reads every resolved tag and emits one batch: one Read call, or as few as the server's
@@ -448,6 +632,7 @@ async fn read_all(
     session: &Session,
     nodes: &[Result<NodeId, StatusCode>],
     limits: Limits,
+    flags: &SessionFlags,
 ) -> Result<(), DriverError> {
     let ids: Vec<ReadValueId> = nodes
         .iter()
@@ -473,6 +658,7 @@ async fn read_all(
     let now = Timestamp::now();
     let samples: Vec<Sample> = match result {
         Ok(values) => {
+            flags.delivered.store(true, Ordering::Relaxed);
             let mut values = values.into_iter();
             nodes
                 .iter()
@@ -540,6 +726,8 @@ fn handle_of(index: usize) -> u32 {
 
 /// Turns each notification message into one batch, queued for the driver task to emit.
 struct Notifier {
+    flags: Arc<SessionFlags>,
+    status: Arc<DeviceStatus>,
     device: DeviceId,
     tags: usize,
     pending: Arc<Mutex<Vec<Batch>>>,
@@ -555,14 +743,24 @@ impl Notifier {
                 for item in change.monitored_items.iter().flatten() {
                     let handle = item.client_handle as usize;
                     if handle == 0 || handle > self.tags {
-                        debug!(device = %self.name, handle, "notification for an unknown monitored item");
+                        trace!(device = %self.name, handle, "notification for an unknown monitored item");
                         continue;
+                    }
+                    if item.value.status.is_some_and(|s| s.overflow()) {
+                        // The server's queue for this item was full and it dropped a value.
+                        self.status.overruns.fetch_add(1, Ordering::Relaxed);
                     }
                     samples.push(sample_of(tag_id(handle - 1), &item.value, now));
                 }
-            } else if let Some(status) = object.inner_as::<StatusChangeNotification>() {
-                warn!(device = %self.name, status = %status.status, "subscription status changed");
+            } else if let Some(change) = object.inner_as::<StatusChangeNotification>() {
+                warn!(device = %self.name, status = %change.status, "subscription status changed");
+                if change.status.is_bad() {
+                    self.flags.subscription_lost.store(true, Ordering::Relaxed);
+                }
             }
+        }
+        if !samples.is_empty() {
+            self.flags.delivered.store(true, Ordering::Relaxed);
         }
         (!samples.is_empty()).then(|| Batch {
             device: self.device,
@@ -594,6 +792,8 @@ mod tests {
 
     fn notifier(tags: usize) -> Notifier {
         Notifier {
+            flags: Arc::default(),
+            status: Arc::default(),
             device: DeviceId(4),
             tags,
             pending: Arc::default(),
