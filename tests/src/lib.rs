@@ -24,6 +24,7 @@ pub fn init_tracing() {
 pub struct Proxy {
     addr: SocketAddr,
     up: Arc<AtomicBool>,
+    silent: Arc<AtomicBool>,
     generation: watch::Sender<u64>,
     cancel: CancellationToken,
 }
@@ -34,15 +35,26 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let up = Arc::new(AtomicBool::new(true));
+        let silent = Arc::new(AtomicBool::new(false));
         let (generation, _) = watch::channel(0u64);
         let cancel = CancellationToken::new();
         let (u, g, c) = (up.clone(), generation.clone(), cancel.clone());
+        let quiet = silent.clone();
         tokio::spawn(async move {
             loop {
                 let (client, _) = tokio::select! {
                     _ = c.cancelled() => return,
                     a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
                 };
+                if quiet.load(Ordering::SeqCst) {
+                    // Accepted, then never a byte either way, for as long as the proxy lives.
+                    let c = c.clone();
+                    tokio::spawn(async move {
+                        c.cancelled().await;
+                        drop(client);
+                    });
+                    continue;
+                }
                 if !u.load(Ordering::SeqCst) {
                     drop(client); // refused while cut
                     continue;
@@ -67,6 +79,7 @@ impl Proxy {
         Ok(Proxy {
             addr,
             up,
+            silent,
             generation,
             cancel,
         })
@@ -83,9 +96,17 @@ impl Proxy {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// Cuts every connection; new ones are accepted but nothing ever passes on them, in either
+    /// direction, even after [`Proxy::restore`]: a peer that hangs instead of refusing.
+    pub fn blackhole(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
     /// Lets connections through again.
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+        self.silent.store(false, Ordering::SeqCst);
     }
 }
 

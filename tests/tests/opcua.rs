@@ -436,6 +436,39 @@ async fn a_cut_link_makes_tags_bad_then_values_flow_again() {
 }
 
 #[tokio::test]
+async fn a_reconnect_that_hangs_without_an_answer_is_abandoned_and_retried() {
+    init_tracing();
+    let sim = sim().await;
+    let proxy = Proxy::start(([127, 0, 0, 1], sim.port()).into())
+        .await
+        .unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let endpoint = format!("opc.tcp://127.0.0.1:{}/", proxy.addr().port());
+    let mut s = settings(
+        &endpoint,
+        pki.path(),
+        vec![tag("counter", node(&sim, "Sim.Counter"))],
+    );
+    s.timeout = Duration::from_millis(500);
+    let mut run = start(s);
+    run.until("a good value", all_good).await;
+
+    // The link dies and every new connection is swallowed without an answer.
+    proxy.blackhole();
+    run.until("disconnected", |b| all_bad(b, Reason::Disconnected))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The path comes back, but the reconnect in progress is stuck on a silent socket; only a
+    // driver that abandons it connects again.
+    let reconnects = run.status.reconnects.load(Ordering::Relaxed);
+    proxy.restore();
+    counter_keeps_counting(&mut run, 3).await;
+    assert!(run.status.reconnects.load(Ordering::Relaxed) > reconnects);
+    run.stop().await;
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn a_restarted_server_is_picked_up_without_restarting_the_driver() {
     init_tracing();
     let sim = sim().await;

@@ -77,8 +77,13 @@ pub async fn run(settings: OpcUaSettings, ctx: DriverContext) -> Result<(), Driv
     };
     let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
     let mut down = Outage::default();
+    let mut attempts: u64 = 0;
 
     loop {
+        if attempts > 0 {
+            ctx.status.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        attempts += 1;
         let opened = tokio::select! {
             _ = ctx.cancel.cancelled() => return Ok(()),
             r = client::open_session(&mut client, &settings) => r,
@@ -107,7 +112,6 @@ pub async fn run(settings: OpcUaSettings, ctx: DriverContext) -> Result<(), Driv
                 } else {
                     debug!(device = %ctx.name, error = %e, "session attempt failed");
                 }
-                ctx.status.reconnects.fetch_add(1, Ordering::Relaxed);
             }
         }
         let delay = backoff.next_delay();
