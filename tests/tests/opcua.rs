@@ -613,18 +613,20 @@ async fn every_policy_and_mode_works_with_every_identity() {
     sim.stop().await;
 }
 
-#[tokio::test]
-async fn a_wrong_password_is_refused() {
-    init_tracing();
-    let sim = sim().await;
-    let pki = tempfile::tempdir().unwrap();
-    let secrets = tempfile::tempdir().unwrap();
-    let password_file = secrets.path().join("password");
-    std::fs::write(&password_file, "wrong").unwrap();
+/// The counter over Aes256_Sha256_RsaPss with SignAndEncrypt as user `operator` with
+/// `password` (written to a file in `secrets`).
+fn encrypted_as_operator(
+    sim: &SimOpcUa,
+    pki: &Path,
+    secrets: &Path,
+    password: &str,
+) -> OpcUaSettings {
+    let password_file = secrets.join("password");
+    std::fs::write(&password_file, password).unwrap();
     let mut s = settings(
         &sim.endpoint(),
-        pki.path(),
-        vec![tag("counter", node(&sim, "Sim.Counter"))],
+        pki,
+        vec![tag("counter", node(sim, "Sim.Counter"))],
     );
     s.security_policy = SecurityPolicy::Aes256Sha256RsaPss;
     s.security_mode = SecurityMode::SignAndEncrypt;
@@ -632,6 +634,16 @@ async fn a_wrong_password_is_refused() {
         user: "operator".into(),
         password_file,
     };
+    s
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_refused() {
+    init_tracing();
+    let sim = sim().await;
+    let pki = tempfile::tempdir().unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let s = encrypted_as_operator(&sim, pki.path(), secrets.path(), "wrong");
     let mut run = start(s);
     let denied = Reason::Status(StatusCode::BadUserAccessDenied.bits());
     run.until("tags bad with the server's refusal", |b| all_bad(b, denied))
@@ -648,20 +660,8 @@ async fn an_untrusted_server_is_rejected_until_its_certificate_is_moved_into_tru
     let sim = sim().await;
     let pki = tempfile::tempdir().unwrap();
     let secrets = tempfile::tempdir().unwrap();
-    let password_file = secrets.path().join("password");
-    std::fs::write(&password_file, "secret").unwrap();
-    let mut s = settings(
-        &sim.endpoint(),
-        pki.path(),
-        vec![tag("counter", node(&sim, "Sim.Counter"))],
-    );
+    let mut s = encrypted_as_operator(&sim, pki.path(), secrets.path(), "secret");
     s.trust_server_cert = false;
-    s.security_policy = SecurityPolicy::Aes256Sha256RsaPss;
-    s.security_mode = SecurityMode::SignAndEncrypt;
-    s.identity = Identity::UserName {
-        user: "operator".into(),
-        password_file,
-    };
     let mut run = start(s);
     run.until("tags bad with a certificate status", |b| {
         !b.samples.is_empty()
