@@ -41,6 +41,11 @@ pub struct BenchOptions {
     /// OPC UA security: "None" or a policy name, used with SignAndEncrypt.
     #[arg(long, default_value = "None")]
     pub opcua_security: String,
+    /// Profiling hook: do not start the gateway child; print the config path and keep the
+    /// simulator, broker and subscriber running for warm-up + --seconds, so the child can be
+    /// started by hand (under a profiler) with `bench-child --config PATH`.
+    #[arg(long, hide = true)]
+    pub hold: bool,
 }
 
 /// Why the bench failed.
@@ -286,6 +291,10 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
     spawn_counter(broker.port(), got.clone(), cancel.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    if opts.hold {
+        return hold(&opts, &dir, &cfg_path, &got, cancel, servers, opcua_sim).await;
+    }
+
     let exe = std::env::current_exe().map_err(setup)?;
     let mut child = tokio::process::Command::new(exe)
         .arg("bench-child")
@@ -376,6 +385,40 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
         sim.stop().await;
     }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The `--hold` profiling hook: serves the simulator and broker for an externally started
+/// gateway child and prints what the subscriber receives every five seconds.
+async fn hold(
+    opts: &BenchOptions,
+    dir: &Path,
+    cfg_path: &Path,
+    got: &Received,
+    cancel: CancellationToken,
+    servers: Vec<protocols::sim::modbus::SimServer>,
+    opcua_sim: Option<protocols::sim::opcua::SimOpcUa>,
+) -> Result<(), BenchError> {
+    println!("bench --hold: config {}", cfg_path.display());
+    println!(
+        "bench --hold: start `edge-gateway bench-child --config {}`",
+        cfg_path.display()
+    );
+    let end = Instant::now() + Duration::from_secs(opts.warmup + opts.seconds);
+    let mut last = (Instant::now(), got.samples.load(Ordering::Relaxed));
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = (Instant::now(), got.samples.load(Ordering::Relaxed));
+        let rate = (now.1 - last.1) as f64 / now.0.duration_since(last.0).as_secs_f64();
+        println!("bench --hold: {rate:.0} samples/s received");
+        last = now;
+    }
+    cancel.cancel();
+    drop(servers);
+    if let Some(sim) = opcua_sim {
+        sim.stop().await;
+    }
+    let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
 

@@ -550,37 +550,15 @@ async fn subscribe(
             return Err(ControlEnd::Retry(e.status()));
         }
     };
-    let requests: Vec<(usize, MonitoredItemCreateRequest)> = settings
+    // The requests are built one call at a time: built all at once (160 bytes each plus the node
+    // id; 2.6 MB for 10k tags once the Vec had grown), with a clone of each call's share, they
+    // stood next to the client's own copy of every item.
+    let resolved: Vec<(usize, &NodeId)> = settings
         .tags
         .iter()
         .zip(nodes)
         .enumerate()
-        .filter_map(|(i, (tag, node))| {
-            let node = node.as_ref().ok()?;
-            let filter = match tag.deadband {
-                Some(deadband) => ExtensionObject::from_message(DataChangeFilter {
-                    trigger: DataChangeTrigger::StatusValue,
-                    // 1 = absolute deadband (OPC UA Part 4, DeadbandType).
-                    deadband_type: 1,
-                    deadband_value: deadband,
-                }),
-                None => ExtensionObject::null(),
-            };
-            Some((
-                i,
-                MonitoredItemCreateRequest {
-                    item_to_monitor: ReadValueId::from(node),
-                    monitoring_mode: MonitoringMode::Reporting,
-                    requested_parameters: MonitoringParameters {
-                        client_handle: handle_of(i),
-                        sampling_interval: tag.sampling_interval.as_secs_f64() * 1000.0,
-                        filter,
-                        queue_size: tag.queue_size,
-                        discard_oldest: true,
-                    },
-                },
-            ))
-        })
+        .filter_map(|(i, (_, node))| Some((i, node.as_ref().ok()?)))
         .collect();
     let now = Timestamp::now();
     let mut bad = Vec::new();
@@ -588,8 +566,11 @@ async fn subscribe(
     let per_call = limits
         .monitored_items_per_call
         .map_or(CREATE_CHUNK, |n| n.min(CREATE_CHUNK));
-    for chunk in requests.chunks(per_call) {
-        let items: Vec<MonitoredItemCreateRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
+    for chunk in resolved.chunks(per_call) {
+        let items: Vec<MonitoredItemCreateRequest> = chunk
+            .iter()
+            .map(|&(i, node)| create_request(i, &settings.tags[i], node))
+            .collect();
         match session
             .create_monitored_items(subscription, TimestampsToReturn::Both, items)
             .await
@@ -619,6 +600,30 @@ async fn subscribe(
     }
     info!(device = %ctx.name, subscription, monitored_items = created, publishing_interval = ?publishing, "subscribed");
     Ok(emit(ctx, bad).await?)
+}
+
+/// The CreateMonitoredItems request for tag `i`.
+fn create_request(i: usize, tag: &super::OpcUaTag, node: &NodeId) -> MonitoredItemCreateRequest {
+    let filter = match tag.deadband {
+        Some(deadband) => ExtensionObject::from_message(DataChangeFilter {
+            trigger: DataChangeTrigger::StatusValue,
+            // 1 = absolute deadband (OPC UA Part 4, DeadbandType).
+            deadband_type: 1,
+            deadband_value: deadband,
+        }),
+        None => ExtensionObject::null(),
+    };
+    MonitoredItemCreateRequest {
+        item_to_monitor: ReadValueId::from(node),
+        monitoring_mode: MonitoringMode::Reporting,
+        requested_parameters: MonitoringParameters {
+            client_handle: handle_of(i),
+            sampling_interval: tag.sampling_interval.as_secs_f64() * 1000.0,
+            filter,
+            queue_size: tag.queue_size,
+            discard_oldest: true,
+        },
+    }
 }
 
 /// Lifetime count of the subscription: SUBSCRIPTION_LIFETIME worth of publishing intervals, and
@@ -741,7 +746,16 @@ struct Notifier {
 impl Notifier {
     fn batch_of(&self, notification: NotificationMessage) -> Option<Batch> {
         let now = Timestamp::now();
-        let mut samples = Vec::new();
+        // Sized up front: a message carries up to thousands of values, and growing by doubling
+        // would copy them several times and leave up to half the capacity unused in the batch.
+        let values: usize = notification
+            .notification_data
+            .iter()
+            .flatten()
+            .filter_map(|object| object.inner_as::<DataChangeNotification>())
+            .map(|change| change.monitored_items.as_ref().map_or(0, Vec::len))
+            .sum();
+        let mut samples = Vec::with_capacity(values);
         for object in notification.notification_data.into_iter().flatten() {
             if let Some(change) = object.inner_as::<DataChangeNotification>() {
                 for item in change.monitored_items.iter().flatten() {
