@@ -267,15 +267,22 @@ pub fn parse(src: &str, file: &str) -> Result<Config, ConfigErrors> {
 
 /// Both entry points: `dir` is the config file's directory when loading from disk.
 fn check(src: &str, file: &str, dir: Option<&Path>) -> Result<Config, ConfigErrors> {
-    let doc = toml_edit::ImDocument::parse(src)
-        .map_err(|e| syntax_error(src, file, e.message(), e.span()))?;
-    let root: toml::Table =
-        toml::from_str(src).map_err(|e| syntax_error(src, file, e.message(), e.span()))?;
+    // toml_edit's document (kept only for the line numbers of problems) is parsed when a
+    // problem needs it: holding it next to the table doubled the parse's memory.
+    let root: toml::Table = match toml::from_str(src) {
+        Ok(root) => root,
+        Err(e) => {
+            toml_edit::ImDocument::parse(src)
+                .map_err(|e| syntax_error(src, file, e.message(), e.span()))?;
+            return Err(syntax_error(src, file, e.message(), e.span()));
+        }
+    };
     let mut checker = Checker {
         line_starts: std::iter::once(0)
             .chain(src.match_indices('\n').map(|(i, _)| i + 1))
             .collect(),
-        doc: doc.as_table(),
+        src,
+        doc: std::cell::OnceCell::new(),
         dir,
         problems: Vec::new(),
     };
@@ -1168,7 +1175,9 @@ fn check_readable(path: &Path) -> Result<(), String> {
 struct Checker<'a> {
     /// Byte offset of the start of each line.
     line_starts: Vec<usize>,
-    doc: &'a toml_edit::Table,
+    src: &'a str,
+    /// The document with spans, parsed on the first problem.
+    doc: std::cell::OnceCell<Option<toml_edit::ImDocument<&'a str>>>,
     /// The config file's directory, when loading from disk: relative paths are resolved
     /// against it and the credential files are checked.
     dir: Option<&'a Path>,
@@ -1252,7 +1261,11 @@ impl Checker<'_> {
     /// The span of the deepest part of `path` found in the document: the key itself, or the
     /// header of the table that should hold it.
     fn span_of(&self, path: &FieldPath) -> Option<Range<usize>> {
-        let mut node = Node::Table(self.doc);
+        let doc = self
+            .doc
+            .get_or_init(|| toml_edit::ImDocument::parse(self.src).ok())
+            .as_ref()?;
+        let mut node = Node::Table(doc.as_table());
         let mut found = None;
         for segment in &path.0 {
             let next = match segment {
