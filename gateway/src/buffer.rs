@@ -194,10 +194,12 @@ impl Buffer {
             let mut any = false;
             for entry in entries.flatten() {
                 let path = entry.path();
-                File::open(&path)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| io_err(&path, e))?;
-                any = true;
+                match File::open(&path).and_then(|f| f.sync_all()) {
+                    Ok(()) => any = true,
+                    // sled deleted the blob between the listing and the sync: nothing to keep.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err(&path, e)),
+                }
             }
             if any {
                 fsync_dir(&blobs)?;

@@ -36,6 +36,9 @@ use window::Window;
 
 /// Records read from disk per replay step.
 const REPLAY_CHUNK: usize = 64;
+/// Payload bytes the live queue holds at most while the broker is away; older records fall back
+/// to the ledger and the disk buffer.
+const LIVE_BYTES: usize = 16 << 20;
 
 type PollResult = (EventLoop, Option<Result<Event, ConnectionError>>);
 type PollFuture = Pin<Box<dyn Future<Output = PollResult> + Send>>;
@@ -89,6 +92,9 @@ pub struct Publisher {
     window: Window,
     live: VecDeque<(Arc<Record>, Instant)>,
     live_cap: usize,
+    /// Payload bytes in `live`, capped at LIVE_BYTES: OPC UA records of 10k samples are
+    /// half a megabyte each, so a count alone does not bound memory during an outage.
+    live_bytes: usize,
     commit_interval: Duration,
     replay_from: Option<u64>,
     connected: bool,
@@ -117,6 +123,7 @@ impl Publisher {
             window: Window::new(window_cap),
             live: VecDeque::new(),
             live_cap: window_cap * 4,
+            live_bytes: 0,
             commit_interval,
             replay_from: None,
             connected: false,
@@ -196,10 +203,15 @@ impl Publisher {
     /// the queue is full its oldest record is dropped from memory: it is still in the ledger, is
     /// committed, and comes back through the replay.
     fn queue_live(&mut self, r: Arc<Record>) {
-        if self.live.len() >= self.live_cap {
-            self.live.pop_front();
-        }
+        self.live_bytes += r.payload.len();
         self.live.push_back((r, Instant::now()));
+        while self.live.len() > self.live_cap
+            || (self.live_bytes > LIVE_BYTES && self.live.len() > 1)
+        {
+            if let Some((old, _)) = self.live.pop_front() {
+                self.live_bytes -= old.payload.len();
+            }
+        }
     }
 
     /// Submits live records, then replayed ones, while the window has room.
@@ -208,6 +220,7 @@ impl Publisher {
             let Some((r, queued)) = self.live.pop_front() else {
                 break;
             };
+            self.live_bytes -= r.payload.len();
             // A record that waited out a commit interval (an outage) went the store-and-forward
             // way, even when it is still in memory: it is flagged historical like a replayed one.
             let payload = if queued.elapsed() >= self.commit_interval {
