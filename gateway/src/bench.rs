@@ -66,14 +66,8 @@ fn setup<E: std::fmt::Display>(e: E) -> BenchError {
     BenchError::Setup(e.to_string())
 }
 
-/// Writes a config for the bench's devices.
-pub fn bench_config(
-    dir: &Path,
-    mqtt_port: u16,
-    addrs: &[SocketAddr],
-    tags: usize,
-    scan_ms: u64,
-) -> String {
+/// The gateway, buffer and MQTT sections every bench config starts with.
+fn config_header(dir: &Path, mqtt_port: u16) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -85,6 +79,18 @@ pub fn bench_config(
         s,
         "[mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt_port}\"\nmax_inflight = 256\n"
     );
+    s
+}
+
+/// Writes a config for the bench's devices.
+pub fn bench_config(
+    dir: &Path,
+    mqtt_port: u16,
+    addrs: &[SocketAddr],
+    tags: usize,
+    scan_ms: u64,
+) -> String {
+    let mut s = config_header(dir, mqtt_port);
     for (i, a) in addrs.iter().enumerate() {
         let _ = writeln!(
             s,
@@ -109,17 +115,7 @@ pub fn bench_opcua_config(
     items: usize,
     opts: &BenchOptions,
 ) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n",
-        dir.join("data").display()
-    );
-    let _ = writeln!(s, "[buffer]\ncommit_interval = \"100ms\"\n");
-    let _ = writeln!(
-        s,
-        "[mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt_port}\"\nmax_inflight = 256\n"
-    );
+    let mut s = config_header(dir, mqtt_port);
     let mode = if opts.opcua_security == "None" {
         "None"
     } else {
@@ -431,4 +427,30 @@ fn tempdir() -> Result<PathBuf, BenchError> {
     let dir = std::env::temp_dir().join(format!("edge-gateway-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(setup)?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: BenchOptions,
+    }
+
+    #[test]
+    fn bench_configs_are_valid_configs() {
+        let dir = Path::new("/tmp/bench");
+        let addrs = [SocketAddr::from(([127, 0, 0, 1], 5020))];
+        let modbus = bench_config(dir, 1883, &addrs, 3, 100);
+        let cfg = crate::config::parse(&modbus, "bench.toml").unwrap();
+        assert_eq!(cfg.devices[0].tag_count(), 3);
+
+        let opts = Cli::parse_from(["bench", "--opcua-security", "Aes256_Sha256_RsaPss"]).opts;
+        let opcua = bench_opcua_config(dir, 1883, "opc.tcp://127.0.0.1:4840/", 2, 5, &opts);
+        let cfg = crate::config::parse(&opcua, "bench.toml").unwrap();
+        assert_eq!(cfg.devices[0].tag_count(), 5);
+    }
 }
