@@ -351,7 +351,13 @@ async fn run_session(
                 }
             }
         }
+        let flushing = Instant::now();
         flush(&pending, ctx).await?;
+        if flushing.elapsed() > Duration::from_millis(100) {
+            // The pipeline held us up and the event loop was not polled meanwhile: the
+            // server's answers are waiting unread, not missing.
+            last_publish = Instant::now();
+        }
     };
 
     // Giving up a session: say goodbye (it may still be half alive), report the outage once.
