@@ -729,3 +729,32 @@ async fn browse_lists_variables_with_type_and_access_and_emits_loadable_tags() {
     assert!(parsed.is_ok(), "{}\n{config}", parsed.err().unwrap());
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn an_unusable_pki_directory_marks_the_tags_bad_and_stops_the_driver() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, "x").unwrap();
+    let mut s = settings(
+        "opc.tcp://127.0.0.1:4840/",
+        &file.join("pki"),
+        vec![tag(
+            "x",
+            NodeRef::Id(opcua::parse_node_id("i=2258").unwrap()),
+        )],
+    );
+    s.security_policy = SecurityPolicy::Basic256Sha256;
+    s.security_mode = SecurityMode::Sign;
+    let mut run = start(s);
+    let b = run.next().await;
+    assert!(
+        all_bad(&b, Reason::Status(StatusCode::BadConfigurationError.bits())),
+        "{b:?}"
+    );
+    let r = tokio::time::timeout(Duration::from_secs(5), &mut run.task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.is_err(), "the driver stops with the reason");
+}

@@ -107,13 +107,30 @@ pub fn build_client(settings: &OpcUaSettings) -> Result<Client, OpcUaError> {
         .session_name("edge-gateway")
         .certificate_path(PathBuf::from("own/cert.der"))
         .private_key_path(PathBuf::from("private/private.pem"));
-    builder.client().map_err(|errors| {
+    let client = builder.client().map_err(|errors| {
         OpcUaError::Setup(format!(
             "pki_dir {}: {}",
             settings.pki_dir.display(),
             errors.join("; ")
         ))
-    })
+    })?;
+    // async-opcua logs a failed key pair creation and carries on; a secure channel or an X.509
+    // user needs the pair, so say so now rather than at every connect.
+    let needs_pair = settings.security_policy != super::SecurityPolicy::None
+        || matches!(settings.identity, Identity::X509 { .. });
+    if needs_pair {
+        for file in ["own/cert.der", "private/private.pem"] {
+            let path = settings.pki_dir.join(file);
+            if !path.is_file() {
+                return Err(OpcUaError::Setup(format!(
+                    "no {} (could not create the gateway's key pair in pki_dir {})",
+                    path.display(),
+                    settings.pki_dir.display()
+                )));
+            }
+        }
+    }
+    Ok(client)
 }
 
 /// How often the session checks that the server is alive: often enough that a dead link is

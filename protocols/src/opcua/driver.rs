@@ -72,8 +72,8 @@ pub async fn run(settings: OpcUaSettings, ctx: DriverContext) -> Result<(), Driv
     };
     let mut client = match built {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(DriverError::Config(format!("device {}: {e}", ctx.name))),
-        Err(e) => return Err(DriverError::Config(format!("device {}: {e}", ctx.name))),
+        Ok(Err(e)) => return Err(unusable(&ctx, settings.tags.len(), e.to_string()).await),
+        Err(e) => return Err(unusable(&ctx, settings.tags.len(), e.to_string()).await),
     };
     let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
     let mut down = Outage::default();
@@ -120,6 +120,17 @@ pub async fn run(settings: OpcUaSettings, ctx: DriverContext) -> Result<(), Driv
             _ = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// The client cannot be set up (say, the PKI directory is not writable): the tags say so once,
+/// and the driver stops with the reason.
+async fn unusable(ctx: &DriverContext, tags: usize, message: String) -> DriverError {
+    error!(device = %ctx.name, error = %message, "cannot set up the OPC UA client; the device stays bad until the gateway is restarted");
+    let reason = Reason::Status(StatusCode::BadConfigurationError.bits());
+    if let Err(e) = emit_all_bad(ctx, tags, reason).await {
+        return e;
+    }
+    DriverError::Config(format!("device {}: {message}", ctx.name))
 }
 
 /// Whether the tags already went bad for the current outage (reported once per episode).
