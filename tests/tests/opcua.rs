@@ -436,6 +436,43 @@ async fn a_cut_link_makes_tags_bad_then_values_flow_again() {
 }
 
 #[tokio::test]
+async fn poll_mode_keeps_its_session_through_a_cut_link() {
+    init_tracing();
+    let sim = sim().await;
+    let proxy = Proxy::start(([127, 0, 0, 1], sim.port()).into())
+        .await
+        .unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let endpoint = format!("opc.tcp://127.0.0.1:{}/", proxy.addr().port());
+    let mut s = settings(
+        &endpoint,
+        pki.path(),
+        vec![tag("counter", node(&sim, "Sim.Counter"))],
+    );
+    s.mode = Mode::Poll;
+    let mut run = start(s);
+    run.until("a good value", all_good).await;
+    let sessions = sim.sessions_created();
+    proxy.cut();
+    run.until("disconnected", |b| all_bad(b, Reason::Disconnected))
+        .await;
+    proxy.restore();
+    counter_keeps_counting(&mut run, 3).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sim.sessions_created(),
+        sessions,
+        "the session is reactivated, not replaced"
+    );
+    // No second outage report after the reconnect.
+    while let Ok(b) = run.rx.try_recv() {
+        assert!(all_good(&b), "{b:?}");
+    }
+    run.stop().await;
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn a_reconnect_that_hangs_without_an_answer_is_abandoned_and_retried() {
     init_tracing();
     let sim = sim().await;

@@ -1,7 +1,7 @@
 //! Browsing a server's address space for the `browse` command: a tree of objects and
 //! variables with data type and access level, and ready-to-paste `[[devices.tags]]` entries.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,8 +97,8 @@ async fn walk(
     depth: usize,
 ) -> Result<Vec<Node>, OpcUaError> {
     let mut out = Vec::new();
-    let mut visited = HashSet::new();
-    visited.insert(start.to_string());
+    let mut visited = HashMap::new();
+    visited.insert(start.to_string(), 0);
     let depth = depth.min(MAX_DEPTH);
     walk_below(session, start, &[], 1, depth, &mut visited, &mut out).await?;
     describe_variables(session, &mut out).await?;
@@ -111,7 +111,7 @@ async fn walk_below(
     path: &[String],
     level: usize,
     depth: usize,
-    visited: &mut HashSet<String>,
+    visited: &mut HashMap<String, usize>,
     out: &mut Vec<Node>,
 ) -> Result<(), OpcUaError> {
     if level > depth {
@@ -120,23 +120,27 @@ async fn walk_below(
     for r in client::children(session, parent).await? {
         let node_id = r.node_id.node_id.clone();
         // A node reachable over two references or two parents, or through a cycle, is listed
-        // once: the first path found names it.
-        if !visited.insert(node_id.to_string()) {
-            continue;
-        }
+        // once (the first path found names it), but its children are walked again when a
+        // shorter path reaches it, so the depth limit does not cut its subtree short.
+        let key = node_id.to_string();
         let browse_name = qualified(&r.browse_name);
         let mut child_path = path.to_vec();
         child_path.push(browse_name.clone());
-        out.push(Node {
-            depth: level,
-            node_id: node_id.clone(),
-            browse_name,
-            path: child_path.clone(),
-            class: r.node_class,
-            data_type: None,
-            readable: false,
-            writable: false,
-        });
+        match visited.get(&key) {
+            Some(&seen_at) if seen_at <= level => continue,
+            Some(_) => {}
+            None => out.push(Node {
+                depth: level,
+                node_id: node_id.clone(),
+                browse_name,
+                path: child_path.clone(),
+                class: r.node_class,
+                data_type: None,
+                readable: false,
+                writable: false,
+            }),
+        }
+        visited.insert(key, level);
         // Server diagnostics and type definitions are noise for a tag list.
         if node_id == opcua::types::ObjectId::Server {
             continue;

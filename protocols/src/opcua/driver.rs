@@ -18,7 +18,7 @@
 //!   sessions on the server). The driver then discovers the endpoint again with its own
 //!   jittered backoff, which only resets after a session that worked.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,8 @@ use crate::model::{Batch, DeviceId, Reason, Sample, TagId, Timestamp};
 
 /// Monitored items created per CreateMonitoredItems call (unless the server allows fewer).
 const CREATE_CHUNK: usize = 1000;
+/// How long a session must have lived before giving it up resets the backoff.
+const HEALTHY: Duration = Duration::from_secs(30);
 /// How long a closing session may take to say goodbye at shutdown.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Publishing cycles without a notification before the server sends a keep-alive.
@@ -169,6 +171,9 @@ struct SessionFlags {
     subscription_lost: AtomicBool,
     /// The session delivered values at least once.
     delivered: AtomicBool,
+    /// How long the subscription may stay silent, in ms, from the publishing interval and
+    /// keep-alive count the server granted (it may raise what was asked).
+    silence_ms: AtomicU64,
 }
 
 /// Why the control half of a session stopped.
@@ -176,7 +181,8 @@ enum ControlEnd {
     /// The pipeline is gone.
     Closed,
     /// A setup call failed as a whole (not per item): start over with a new session.
-    Retry(StatusCode),
+    /// `reported` when the tags already went bad with the server's status.
+    Retry { status: StatusCode, reported: bool },
 }
 
 impl From<DriverError> for ControlEnd {
@@ -200,9 +206,9 @@ fn is_identity_problem(status: StatusCode) -> bool {
 }
 
 /// How long a subscription may stay silent: the server sends at least a keep-alive every
-/// KEEP_ALIVE_COUNT publishing intervals; two more and the request timeout are grace.
-fn silence_limit(settings: &OpcUaSettings) -> Duration {
-    settings.publishing_interval * (KEEP_ALIVE_COUNT + 2) + settings.timeout
+/// `keep_alive` publishing intervals; two more and the request timeout are grace.
+fn silence_limit(publishing: Duration, keep_alive: u32, timeout: Duration) -> Duration {
+    publishing.saturating_mul(keep_alive.saturating_add(2)) + timeout
 }
 
 /// Drives one session: its event loop, the subscription or the poll loop, until cancelled or
@@ -231,6 +237,7 @@ async fn run_session(
     tokio::pin!(control);
     let mut control_done = false;
     let mut connected_before = false;
+    let mut first_connected: Option<Instant> = None;
     let mut connected = false;
     let mut last_event = Instant::now();
     let mut last_publish = Instant::now();
@@ -238,8 +245,10 @@ async fn run_session(
     let mut down_since = Instant::now();
     let mut watchdog = tokio::time::interval(Duration::from_millis(250));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let hang_limit = settings.timeout * 2 + settings.backoff_max;
-    let silence = silence_limit(settings);
+    // One reconnect may open a channel, create and activate a session, and re-create every
+    // monitored item (one call per thousand) without a single event in between.
+    let calls = 6 + u32::try_from(settings.tags.len() / CREATE_CHUNK).unwrap_or(u32::MAX);
+    let hang_limit = settings.timeout.saturating_mul(calls) + settings.backoff_max;
 
     let give_up = loop {
         tokio::select! {
@@ -254,8 +263,12 @@ async fn run_session(
                 match r {
                     Ok(()) => {}
                     Err(ControlEnd::Closed) => return Err(DriverError::Closed),
-                    Err(ControlEnd::Retry(status)) => {
+                    Err(ControlEnd::Retry { status, reported }) => {
                         warn!(device = %ctx.name, %status, "setting up the session failed; starting over");
+                        if reported {
+                            // The tags show the server's status; the give-up keeps it.
+                            down.begin();
+                        }
                         break true;
                     }
                 }
@@ -270,6 +283,7 @@ async fn run_session(
                     subscribed = true;
                     last_publish = Instant::now();
                 }
+                let silence = Duration::from_millis(flags.silence_ms.load(Ordering::Relaxed));
                 if connected && subscribed && last_publish.elapsed() > silence {
                     warn!(device = %ctx.name, silent = ?last_publish.elapsed(), "the subscription went silent; starting over");
                     break true;
@@ -305,12 +319,15 @@ async fn run_session(
                             info!(device = %ctx.name, endpoint = %settings.endpoint, how, "reconnected to OPC UA server");
                             // async-opcua's new subscription loop waits for a trigger before it
                             // publishes again.
-                            session.trigger_publish_now();
+                            if settings.mode == Mode::Subscribe {
+                                session.trigger_publish_now();
+                            }
                             reconnected.notify_one();
                         } else {
                             info!(device = %ctx.name, endpoint = %settings.endpoint, policy = %settings.security_policy, mode = %settings.security_mode, "connected to OPC UA server");
                         }
                         connected_before = true;
+                        first_connected.get_or_insert_with(Instant::now);
                     }
                     Some(Ok(SessionPollResult::ConnectionLost(status))) => {
                         connected = false;
@@ -350,7 +367,9 @@ async fn run_session(
                     }
                     Some(Ok(SessionPollResult::Subscription(activity))) => match activity {
                         SubscriptionActivity::Publish => last_publish = Instant::now(),
-                        SubscriptionActivity::PublishFailed(StatusCode::BadNoSubscription) => {
+                        SubscriptionActivity::PublishFailed(StatusCode::BadNoSubscription)
+                            if flags.subscribed.load(Ordering::Relaxed) =>
+                        {
                             warn!(device = %ctx.name, "the server no longer knows the subscription; starting over");
                             break true;
                         }
@@ -374,7 +393,9 @@ async fn run_session(
     // Giving up a session: say goodbye (it may still be half alive), report the outage once.
     // Only a session that delivered values resets the backoff: one that fails right after
     // connecting must not be retried at full speed.
-    let worked = give_up && flags.delivered.load(Ordering::Relaxed);
+    let worked = give_up
+        && flags.delivered.load(Ordering::Relaxed)
+        && first_connected.is_some_and(|t| t.elapsed() >= HEALTHY.max(settings.backoff_max));
     close(session, &mut stream).await;
     flush(&pending, ctx).await?;
     ctx.status.connected.store(false, Ordering::Relaxed);
@@ -518,7 +539,12 @@ async fn resolve(
                     debug!(device = %ctx.name, tag = %tag.name, node = %id, "resolved browse path");
                     Ok(id)
                 }
-                Err(OpcUaError::Call(status)) => return Err(ControlEnd::Retry(status)),
+                Err(OpcUaError::Call(status)) => {
+                    return Err(ControlEnd::Retry {
+                        status,
+                        reported: false,
+                    })
+                }
                 Err(e) => {
                     let status = match e {
                         OpcUaError::Service(s) => s,
@@ -549,7 +575,7 @@ async fn subscribe(
     let publishing = settings.publishing_interval;
     let lifetime = lifetime_count(publishing);
     let notifier = Notifier {
-        flags,
+        flags: flags.clone(),
         status: ctx.status.clone(),
         device: ctx.device,
         tags: settings.tags.len(),
@@ -564,7 +590,10 @@ async fn subscribe(
         Err(e) => {
             error!(device = %ctx.name, status = %e.status(), "the server refused the subscription; use mode = \"poll\" for servers without working subscriptions");
             emit_all_bad(ctx, settings.tags.len(), Reason::Status(e.status().bits())).await?;
-            return Err(ControlEnd::Retry(e.status()));
+            return Err(ControlEnd::Retry {
+                status: e.status(),
+                reported: true,
+            });
         }
     };
     // The requests are built one call at a time: built all at once (160 bytes each plus the node
@@ -605,17 +634,26 @@ async fn subscribe(
             }
             Err(e) => {
                 warn!(device = %ctx.name, status = %e.status(), items = chunk.len(), "creating monitored items failed");
-                for (i, _) in chunk {
-                    bad.push(Sample::bad(
-                        tag_id(*i),
-                        Reason::Status(e.status().bits()),
-                        now,
-                    ));
-                }
+                return Err(ControlEnd::Retry {
+                    status: e.status(),
+                    reported: false,
+                });
             }
         }
     }
-    info!(device = %ctx.name, subscription, monitored_items = created, publishing_interval = ?publishing, "subscribed");
+    // The server may have revised the timing; the silence watchdog follows what it granted.
+    let (granted, keep_alive) = {
+        let state = session.subscription_state.lock();
+        state
+            .get(subscription)
+            .map(|s| (s.publishing_interval(), s.max_keep_alive_count()))
+            .unwrap_or((publishing, KEEP_ALIVE_COUNT))
+    };
+    let silence = silence_limit(granted.max(publishing), keep_alive.max(1), settings.timeout);
+    flags
+        .silence_ms
+        .store(silence.as_millis() as u64, Ordering::Relaxed);
+    info!(device = %ctx.name, subscription, monitored_items = created, publishing_interval = ?granted, keep_alive, "subscribed");
     Ok(emit(ctx, bad).await?)
 }
 
