@@ -256,15 +256,9 @@ async fn read(
     session: &Session,
     reads: &[ReadValueId],
 ) -> Result<Vec<opcua::types::DataValue>, OpcUaError> {
-    let mut out = Vec::with_capacity(reads.len());
-    for chunk in reads.chunks(1000) {
-        let values = session
-            .read(chunk, TimestampsToReturn::Neither, 0.0)
-            .await
-            .map_err(|e| OpcUaError::Call(e.status()))?;
-        out.extend(values);
-    }
-    Ok(out)
+    client::read_chunked(session, reads, 1000, TimestampsToReturn::Neither, || {})
+        .await
+        .map_err(OpcUaError::Call)
 }
 
 /// Renders nodes as an indented tree: browse name, node id, data type, access.

@@ -10,8 +10,9 @@ use opcua::client::transport::TcpConnector;
 use opcua::client::{Client, ClientBuilder, IdentityToken, Session, SessionEventLoop};
 use opcua::crypto::{CertificateStore, X509};
 use opcua::types::{
-    BrowseDescription, BrowseDirection, BrowseResultMask, ByteString, EndpointDescription,
-    NodeClassMask, NodeId, ObjectId, ReferenceDescription, ReferenceTypeId, StatusCode,
+    BrowseDescription, BrowseDirection, BrowseResultMask, ByteString, DataValue,
+    EndpointDescription, NodeClassMask, NodeId, ObjectId, ReadValueId, ReferenceDescription,
+    ReferenceTypeId, StatusCode, TimestampsToReturn,
 };
 
 use super::{Identity, OpcUaSettings, SecurityMode, SecurityPolicy};
@@ -290,6 +291,28 @@ pub fn is_certificate_problem(status: StatusCode) -> bool {
             | StatusCode::BadCertificateUseNotAllowed
             | StatusCode::BadCertificateIssuerUseNotAllowed
     )
+}
+
+/// Reads `reads` in calls of at most `per_call` nodes (the server's MaxNodesPerRead, or a
+/// safe size when it sets none), calling `on_call` before each; the first failed call fails
+/// the whole read with its status.
+pub async fn read_chunked(
+    session: &Session,
+    reads: &[ReadValueId],
+    per_call: usize,
+    timestamps: TimestampsToReturn,
+    mut on_call: impl FnMut(),
+) -> Result<Vec<DataValue>, StatusCode> {
+    let mut values = Vec::with_capacity(reads.len());
+    for chunk in reads.chunks(per_call.max(1)) {
+        on_call();
+        let answer = session
+            .read(chunk, timestamps, 0.0)
+            .await
+            .map_err(|e| e.status())?;
+        values.extend(answer);
+    }
+    Ok(values)
 }
 
 /// Pages of 1000 references followed for one node: a million children is beyond any tag list.

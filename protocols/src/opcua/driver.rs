@@ -462,6 +462,11 @@ async fn control(
     let limits = Limits::read(session).await;
     debug!(device = %ctx.name, ?limits, "server operation limits");
     let nodes = resolve(settings, ctx, session).await?;
+    // The Read request is the same every scan: built once per session.
+    let reads: Vec<ReadValueId> = nodes
+        .iter()
+        .filter_map(|n| n.as_ref().ok().map(ReadValueId::from))
+        .collect();
     match settings.mode {
         Mode::Subscribe => {
             subscribe(
@@ -477,7 +482,7 @@ async fn control(
             flags.subscribed.store(true, Ordering::Relaxed);
             loop {
                 reconnected.notified().await;
-                read_all(ctx, session, &nodes, limits, &flags).await?;
+                read_all(ctx, session, &nodes, &reads, limits, &flags).await?;
             }
         }
         Mode::Poll => {
@@ -486,7 +491,7 @@ async fn control(
             loop {
                 tick.tick().await;
                 if ctx.status.is_connected() {
-                    read_all(ctx, session, &nodes, limits, &flags).await?;
+                    read_all(ctx, session, &nodes, &reads, limits, &flags).await?;
                 }
             }
         }
@@ -695,30 +700,23 @@ async fn read_all(
     ctx: &DriverContext,
     session: &Session,
     nodes: &[Result<NodeId, StatusCode>],
+    reads: &[ReadValueId],
     limits: Limits,
     flags: &SessionFlags,
 ) -> Result<(), DriverError> {
-    let ids: Vec<ReadValueId> = nodes
-        .iter()
-        .filter_map(|n| n.as_ref().ok().map(ReadValueId::from))
-        .collect();
     let started = Instant::now();
-    let per_call = limits.nodes_per_read.unwrap_or(usize::MAX).max(1);
-    let mut result = Ok(Vec::with_capacity(ids.len()));
-    for chunk in ids.chunks(per_call) {
+    let per_call = limits.nodes_per_read.unwrap_or(usize::MAX);
+    let count_call = || {
         ctx.status.requests.fetch_add(1, Ordering::Relaxed);
-        match session.read(chunk, TimestampsToReturn::Both, 0.0).await {
-            Ok(values) => {
-                if let Ok(all) = result.as_mut() {
-                    all.extend(values);
-                }
-            }
-            Err(e) => {
-                result = Err(e);
-                break;
-            }
-        }
-    }
+    };
+    let result = client::read_chunked(
+        session,
+        reads,
+        per_call,
+        TimestampsToReturn::Both,
+        count_call,
+    )
+    .await;
     let now = Timestamp::now();
     let samples: Vec<Sample> = match result {
         Ok(values) => {
@@ -742,8 +740,8 @@ async fn read_all(
                 // The event loop reports the outage; no second batch of bad samples.
                 return Ok(());
             }
-            debug!(device = %ctx.name, status = %e.status(), "read failed");
-            let reason = match e.status() {
+            debug!(device = %ctx.name, status = %e, "read failed");
+            let reason = match e {
                 StatusCode::BadTimeout | StatusCode::BadRequestTimeout => Reason::Timeout,
                 s => Reason::Status(s.bits()),
             };
