@@ -39,6 +39,20 @@ fn node(sim: &SimOpcUa, id: &str) -> NodeRef {
     NodeRef::Id(opcua::parse_node_id(&format!("ns={};s={id}", sim.namespace())).unwrap())
 }
 
+/// The simulator's counter as the only tag.
+fn counter(sim: &SimOpcUa) -> Vec<OpcUaTag> {
+    vec![tag("counter", node(sim, "Sim.Counter"))]
+}
+
+/// A cuttable proxy in front of the simulator, and the endpoint that goes through it.
+async fn behind_proxy(sim: &SimOpcUa) -> (Proxy, String) {
+    let proxy = Proxy::start(([127, 0, 0, 1], sim.port()).into())
+        .await
+        .unwrap();
+    let endpoint = format!("opc.tcp://127.0.0.1:{}/", proxy.addr().port());
+    (proxy, endpoint)
+}
+
 fn tag(name: &str, node: NodeRef) -> OpcUaTag {
     OpcUaTag {
         name: name.into(),
@@ -391,11 +405,8 @@ async fn calls_are_split_to_the_servers_operation_limits() {
 async fn a_cut_link_makes_tags_bad_then_values_flow_again() {
     init_tracing();
     let sim = sim().await;
-    let proxy = Proxy::start(([127, 0, 0, 1], sim.port()).into())
-        .await
-        .unwrap();
+    let (proxy, endpoint) = behind_proxy(&sim).await;
     let pki = tempfile::tempdir().unwrap();
-    let endpoint = format!("opc.tcp://127.0.0.1:{}/", proxy.addr().port());
     let tags = vec![
         tag("counter", node(&sim, "Sim.Counter")),
         tag("setpoint", node(&sim, "Sim.Setpoint")),
@@ -439,16 +450,9 @@ async fn a_cut_link_makes_tags_bad_then_values_flow_again() {
 async fn poll_mode_keeps_its_session_through_a_cut_link() {
     init_tracing();
     let sim = sim().await;
-    let proxy = Proxy::start(([127, 0, 0, 1], sim.port()).into())
-        .await
-        .unwrap();
+    let (proxy, endpoint) = behind_proxy(&sim).await;
     let pki = tempfile::tempdir().unwrap();
-    let endpoint = format!("opc.tcp://127.0.0.1:{}/", proxy.addr().port());
-    let mut s = settings(
-        &endpoint,
-        pki.path(),
-        vec![tag("counter", node(&sim, "Sim.Counter"))],
-    );
+    let mut s = settings(&endpoint, pki.path(), counter(&sim));
     s.mode = Mode::Poll;
     let mut run = start(s);
     run.until("a good value", all_good).await;
@@ -476,16 +480,9 @@ async fn poll_mode_keeps_its_session_through_a_cut_link() {
 async fn a_reconnect_that_hangs_without_an_answer_is_abandoned_and_retried() {
     init_tracing();
     let sim = sim().await;
-    let proxy = Proxy::start(([127, 0, 0, 1], sim.port()).into())
-        .await
-        .unwrap();
+    let (proxy, endpoint) = behind_proxy(&sim).await;
     let pki = tempfile::tempdir().unwrap();
-    let endpoint = format!("opc.tcp://127.0.0.1:{}/", proxy.addr().port());
-    let mut s = settings(
-        &endpoint,
-        pki.path(),
-        vec![tag("counter", node(&sim, "Sim.Counter"))],
-    );
+    let mut s = settings(&endpoint, pki.path(), counter(&sim));
     s.timeout = Duration::from_millis(500);
     let mut run = start(s);
     run.until("a good value", all_good).await;
@@ -511,7 +508,7 @@ async fn a_restarted_server_is_picked_up_without_restarting_the_driver() {
     let sim = sim().await;
     let port = sim.port();
     let pki = tempfile::tempdir().unwrap();
-    let tags = vec![tag("counter", node(&sim, "Sim.Counter"))];
+    let tags = counter(&sim);
     let mut run = start(settings(&sim.endpoint(), pki.path(), tags));
     run.until("a good value", all_good).await;
     let sessions = sim.sessions_created();
@@ -555,11 +552,7 @@ async fn a_server_that_never_answers_does_not_block_other_devices() {
     drop(dead_rx_unused_tx);
     let dead = start_on(dead_settings, tx.clone(), dead_rx_unused, DeviceId(1));
     let mut live = start_on(
-        settings(
-            &sim.endpoint(),
-            pki.path(),
-            vec![tag("counter", node(&sim, "Sim.Counter"))],
-        ),
+        settings(&sim.endpoint(), pki.path(), counter(&sim)),
         tx,
         rx,
         DeviceId(0),
@@ -628,11 +621,7 @@ async fn every_policy_and_mode_works_with_every_identity() {
     }
     for (policy, mode) in combos {
         for identity in &identities {
-            let mut s = settings(
-                &sim.endpoint(),
-                pki.path(),
-                vec![tag("counter", node(&sim, "Sim.Counter"))],
-            );
+            let mut s = settings(&sim.endpoint(), pki.path(), counter(&sim));
             s.security_policy = policy;
             s.security_mode = mode;
             s.identity = identity.clone();
