@@ -649,11 +649,7 @@ fn encrypted_as_operator(
 ) -> OpcUaSettings {
     let password_file = secrets.join("password");
     std::fs::write(&password_file, password).unwrap();
-    let mut s = settings(
-        &sim.endpoint(),
-        pki,
-        vec![tag("counter", node(sim, "Sim.Counter"))],
-    );
+    let mut s = settings(&sim.endpoint(), pki, counter(sim));
     s.security_policy = SecurityPolicy::Aes256Sha256RsaPss;
     s.security_mode = SecurityMode::SignAndEncrypt;
     s.identity = Identity::UserName {
