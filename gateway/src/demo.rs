@@ -162,8 +162,8 @@ pub const DEMO_OPCUA_TAGS: [(&str, &str); 6] = [
     ("setpoint", "Sim.Setpoint"),
 ];
 
-/// An OPC UA device in subscribe mode with signed and encrypted messages, for the demo and
-/// tests: `tags` are (tag name, string id in namespace `ns`).
+/// The demo's OPC UA device: subscribe mode with signed and encrypted messages; `tags` are
+/// (tag name, string id in namespace `ns`).
 pub fn opcua_device(
     name: &str,
     endpoint: &str,
