@@ -9,19 +9,26 @@
 //! 1. **Syntax.** The text is parsed with `toml_edit::ImDocument`, which keeps byte spans. A
 //!    syntax error is the only problem reported: nothing else can be checked.
 //! 2. **Shape.** The text is also parsed into a `toml::Table`, and each unit (`[gateway]`,
-//!    `[buffer]`, `[mqtt]`, each `[[devices]]` entry without its `tags`, each
-//!    `[[devices.tags]]` entry) is deserialized on its own into a plain
+//!    `[buffer]`, `[mqtt]`, each `[[devices]]` entry without its `units` and `tags`, each
+//!    `[[devices.units]]` entry without its `tags`, each `[[devices.tags]]` or
+//!    `[[devices.units.tags]]` entry) is deserialized on its own into a plain
 //!    `#[serde(deny_unknown_fields)]` raw struct. A small deserializer records which key
 //!    failed; that key is then dropped and the unit retried, so every unknown key and every
 //!    wrongly typed value of a unit is reported and the unit's other keys are still checked.
 //!    A device's `protocol` is read first and picks the raw structs of the device and its
-//!    tags (`modbus_tcp` or `opcua`); a key that belongs to the other protocol is reported as
-//!    unknown for this one, saying whose key it is.
+//!    tags (`modbus_tcp` and `modbus_rtu_over_tcp` share theirs, `modbus_rtu` has a serial
+//!    port instead of an address, `opcua` has its own); a key that belongs to another
+//!    protocol is reported as unknown for this one, saying whose key it is.
 //! 3. **Meaning.** Each raw unit is checked and turned into its runtime type (ranges, names,
 //!    addresses, durations, sizes, the broker URL); the rules that span units (unique names,
 //!    overlapping registers) run as the units are collected.
 //!
-//! A problem carries a field path such as `devices[0].tags[2].address`. Its line is found by
+//! A Modbus device describes its units (slave ids) in one of two forms: `unit_id` and
+//! `[[devices.tags]]` on the device for one unit, or `[[devices.units]]` entries, each with
+//! its own `name`, `unit_id` and `[[devices.units.tags]]`, for several units sharing the line.
+//!
+//! A problem carries a field path such as `devices[0].tags[2].address` or
+//! `devices[0].units[1].tags[2].address`. Its line is found by
 //! walking the `toml_edit` document along that path: the key's line, or for a missing key the
 //! line of its table's header.
 //!
@@ -34,7 +41,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocols::modbus::ModbusTcpSettings;
+use protocols::modbus::ModbusSettings;
 use protocols::opcua::OpcUaSettings;
 
 /// A validated configuration, ready to build a topology from.
@@ -131,10 +138,10 @@ pub struct DeviceSettings {
 }
 
 impl DeviceSettings {
-    /// Number of tags of the device.
+    /// Number of tags of the device (over all its units, for a Modbus line).
     pub fn tag_count(&self) -> usize {
         match &self.kind {
-            DeviceKind::ModbusTcp(m) => m.tags.len(),
+            DeviceKind::Modbus(m) => m.tag_count(),
             DeviceKind::OpcUa(o) => o.tags.len(),
         }
     }
@@ -143,8 +150,8 @@ impl DeviceSettings {
 /// The protocol of a device.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeviceKind {
-    /// `protocol = "modbus_tcp"`
-    ModbusTcp(ModbusTcpSettings),
+    /// `protocol = "modbus_tcp"`, `"modbus_rtu"` or `"modbus_rtu_over_tcp"`
+    Modbus(ModbusSettings),
     /// `protocol = "opcua"`
     OpcUa(OpcUaSettings),
 }
@@ -156,10 +163,12 @@ pub enum DeviceKind {
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::{self, Write as _};
 use std::net::Ipv6Addr;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::Path;
 
-use protocols::modbus::{Address, Area, DataType, Report, TagSpec, WordOrder};
+use protocols::modbus::{
+    Address, Area, DataType, Link, Parity, Report, SerialSettings, TagSpec, UnitSettings, WordOrder,
+};
 use protocols::opcua::{
     check_endpoint, check_security, parse_browse_path, parse_node_id, Identity, Mode, NodeRef,
     OpcUaTag, SecurityMode, SecurityPolicy,
@@ -179,10 +188,14 @@ const MS: Duration = Duration::from_millis(1);
 const DEFAULT_MQTT_PORT: u16 = 1883;
 /// The sections of the file, in the order they are documented.
 const SECTIONS: &[&str] = &["gateway", "buffer", "mqtt", "devices"];
-/// Protocols the gateway drives.
-const PROTOCOLS: &[&str] = &["modbus_tcp", "opcua"];
-/// Protocols the contract names but the gateway does not drive yet.
-const UNSUPPORTED_PROTOCOLS: &[&str] = &["modbus_rtu", "modbus_rtu_over_tcp"];
+/// The keys of a Modbus device that hold arrays of tables, checked apart from the device.
+const MODBUS_ARRAYS: &[&str] = &["units", "tags"];
+/// The keys of an OPC UA device that hold arrays of tables.
+const OPCUA_ARRAYS: &[&str] = &["tags"];
+/// Serial line speeds the gateway accepts, in bits per second.
+const BAUD_RATES: RangeInclusive<i64> = 50..=4_000_000;
+/// The longest pause between two Modbus transactions on a line.
+const MAX_INTER_REQUEST_DELAY: Duration = Duration::from_secs(10);
 /// Largest server-side queue of an OPC UA monitored item.
 const MAX_QUEUE_SIZE: i64 = 10_000;
 
@@ -506,17 +519,31 @@ fn plain_serde_message(message: &str) -> String {
         .replace("invalid type: sequence", "invalid type: array")
 }
 
-/// An unknown key of a device or tag unit; a key of the other protocol is named as such.
+/// An unknown key of a device or tag unit; a key of other protocols is named as such, with
+/// the keys of this one (a near name would be no typo: the key is in the wrong device).
 fn unknown_device_key_message(key: &str, known: &[&str], foreign: &Foreign) -> String {
-    if !foreign.other_keys.contains(&key) {
+    let owners = foreign.owners(key);
+    let Some((last, first)) = owners.split_last() else {
         return unknown_key_message("key", key, known);
-    }
+    };
+    let owners = match first {
+        [] => format!("protocol `{last}`"),
+        _ => format!("protocols `{}` and `{last}`", first.join("`, `")),
+    };
     format!(
-        "unknown key `{key}` for protocol `{}` (it belongs to protocol `{}`); {}",
+        "unknown key `{key}` for protocol `{}` (it belongs to {owners}); expected one of: {}",
         foreign.protocol,
-        foreign.other,
-        suggestion(key, known)
+        known.join(", ")
     )
+}
+
+/// `a, b or c`.
+fn one_of(words: &[&str]) -> String {
+    match words.split_last() {
+        Some((last, first)) if !first.is_empty() => format!("{} or {last}", first.join(", ")),
+        Some((last, _)) => (*last).to_owned(),
+        None => String::new(),
+    }
 }
 
 fn unknown_key_message(what: &str, key: &str, known: &[&str]) -> String {
@@ -665,17 +692,18 @@ struct RawMqtt {
     ack_timeout: Option<Dur>,
 }
 
-/// A `protocol = "modbus_tcp"` `[[devices]]` entry without its `tags`, which are checked one
-/// by one.
+/// A `protocol = "modbus_tcp"` or `"modbus_rtu_over_tcp"` `[[devices]]` entry without its
+/// `units` and `tags`, which are checked one by one.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawDevice {
+struct RawModbusDevice {
     name: String,
     /// Read and checked before the unit is deserialized; listed so that it is a known key.
     #[allow(dead_code)]
     protocol: de::IgnoredAny,
     address: String,
     unit_id: Option<i64>,
+    inter_request_delay: Option<Dur>,
     scan_interval: Option<Dur>,
     timeout: Option<Dur>,
     max_registers_per_read: Option<i64>,
@@ -685,6 +713,119 @@ struct RawDevice {
     backoff_min: Option<Dur>,
     backoff_max: Option<Dur>,
     enabled: Option<bool>,
+}
+
+/// A `protocol = "modbus_rtu"` `[[devices]]` entry without its `units` and `tags`: a serial
+/// port instead of an address, and the Modbus keys of [`RawModbusDevice`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRtuDevice {
+    name: String,
+    /// Read and checked before the unit is deserialized; listed so that it is a known key.
+    #[allow(dead_code)]
+    protocol: de::IgnoredAny,
+    port: String,
+    baud_rate: Option<i64>,
+    parity: Option<Parity>,
+    data_bits: Option<i64>,
+    stop_bits: Option<i64>,
+    unit_id: Option<i64>,
+    inter_request_delay: Option<Dur>,
+    scan_interval: Option<Dur>,
+    timeout: Option<Dur>,
+    max_registers_per_read: Option<i64>,
+    max_gap: Option<i64>,
+    report: Option<Report>,
+    max_silence: Option<Dur>,
+    backoff_min: Option<Dur>,
+    backoff_max: Option<Dur>,
+    enabled: Option<bool>,
+}
+
+/// The keys every Modbus device has, whatever its link.
+struct RawModbusLine {
+    name: String,
+    unit_id: Option<i64>,
+    inter_request_delay: Option<Dur>,
+    scan_interval: Option<Dur>,
+    timeout: Option<Dur>,
+    max_registers_per_read: Option<i64>,
+    max_gap: Option<i64>,
+    report: Option<Report>,
+    max_silence: Option<Dur>,
+    backoff_min: Option<Dur>,
+    backoff_max: Option<Dur>,
+    enabled: Option<bool>,
+}
+
+/// How a Modbus device is reached, as written.
+enum RawLink {
+    /// `address`, for `modbus_tcp` and `modbus_rtu_over_tcp`.
+    Address(String),
+    /// The serial keys of `modbus_rtu`.
+    Serial {
+        port: String,
+        baud_rate: Option<i64>,
+        parity: Option<Parity>,
+        data_bits: Option<i64>,
+        stop_bits: Option<i64>,
+    },
+}
+
+impl RawModbusDevice {
+    fn split(self) -> (RawModbusLine, RawLink) {
+        let line = RawModbusLine {
+            name: self.name,
+            unit_id: self.unit_id,
+            inter_request_delay: self.inter_request_delay,
+            scan_interval: self.scan_interval,
+            timeout: self.timeout,
+            max_registers_per_read: self.max_registers_per_read,
+            max_gap: self.max_gap,
+            report: self.report,
+            max_silence: self.max_silence,
+            backoff_min: self.backoff_min,
+            backoff_max: self.backoff_max,
+            enabled: self.enabled,
+        };
+        (line, RawLink::Address(self.address))
+    }
+}
+
+impl RawRtuDevice {
+    fn split(self) -> (RawModbusLine, RawLink) {
+        let line = RawModbusLine {
+            name: self.name,
+            unit_id: self.unit_id,
+            inter_request_delay: self.inter_request_delay,
+            scan_interval: self.scan_interval,
+            timeout: self.timeout,
+            max_registers_per_read: self.max_registers_per_read,
+            max_gap: self.max_gap,
+            report: self.report,
+            max_silence: self.max_silence,
+            backoff_min: self.backoff_min,
+            backoff_max: self.backoff_max,
+            enabled: self.enabled,
+        };
+        let link = RawLink::Serial {
+            port: self.port,
+            baud_rate: self.baud_rate,
+            parity: self.parity,
+            data_bits: self.data_bits,
+            stop_bits: self.stop_bits,
+        };
+        (line, link)
+    }
+}
+
+/// A `[[devices.units]]` entry of a Modbus device, without its `tags`. Its keys are required,
+/// but optional here so that a unit missing both is reported once for each.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnit {
+    name: Option<String>,
+    unit_id: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -762,16 +903,36 @@ fn keys_of<T: DeserializeOwned>() -> &'static [&'static str] {
     }
 }
 
-/// A device's or tag's protocol and the other protocol's keys for the same kind of unit, so
-/// that a key of the other protocol is reported as unknown for this one, saying whose it is.
-#[derive(Clone, Copy)]
+/// A device's or tag's protocol and the other protocols' keys for the same kind of unit, so
+/// that a key of another protocol is reported as unknown for this one, saying whose it is.
 struct Foreign {
     /// The protocol of the device the unit belongs to.
     protocol: &'static str,
-    /// The other protocol.
-    other: &'static str,
-    /// The other protocol's keys (from [`keys_of`]).
-    other_keys: &'static [&'static str],
+    /// Each other protocol with its keys (from [`keys_of`]), in the order of [`Protocol::ALL`].
+    others: Vec<(&'static str, Vec<&'static str>)>,
+}
+
+impl Foreign {
+    /// The other protocols' keys of one kind of unit, `keys` giving a protocol's.
+    fn new(protocol: Protocol, keys: fn(Protocol) -> Vec<&'static str>) -> Self {
+        Foreign {
+            protocol: protocol.name(),
+            others: Protocol::ALL
+                .into_iter()
+                .filter(|&other| other != protocol)
+                .map(|other| (other.name(), keys(other)))
+                .collect(),
+        }
+    }
+
+    /// The other protocols that have `key`.
+    fn owners(&self, key: &str) -> Vec<&'static str> {
+        self.others
+            .iter()
+            .filter(|(_, keys)| keys.contains(&key))
+            .map(|&(protocol, _)| protocol)
+            .collect()
+    }
 }
 
 // ---- Durations and sizes -------------------------------------------------------------------
@@ -1205,10 +1366,67 @@ enum DeviceOutcome {
 }
 
 /// The protocols a device can have.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Protocol {
     ModbusTcp,
+    ModbusRtu,
+    ModbusRtuOverTcp,
     OpcUa,
+}
+
+impl Protocol {
+    /// Every protocol, in the order they are listed to the user.
+    const ALL: [Protocol; 4] = [
+        Protocol::ModbusTcp,
+        Protocol::ModbusRtu,
+        Protocol::ModbusRtuOverTcp,
+        Protocol::OpcUa,
+    ];
+
+    /// The value of `protocol`.
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::ModbusTcp => "modbus_tcp",
+            Protocol::ModbusRtu => "modbus_rtu",
+            Protocol::ModbusRtuOverTcp => "modbus_rtu_over_tcp",
+            Protocol::OpcUa => "opcua",
+        }
+    }
+
+    /// `modbus_tcp, modbus_rtu, modbus_rtu_over_tcp or opcua`.
+    fn list() -> String {
+        one_of(&Protocol::ALL.map(Protocol::name))
+    }
+
+    /// The keys of a `[[devices]]` entry of this protocol, its arrays of tables included.
+    fn device_keys(self) -> Vec<&'static str> {
+        let (keys, arrays) = match self {
+            Protocol::ModbusTcp | Protocol::ModbusRtuOverTcp => {
+                (keys_of::<RawModbusDevice>(), MODBUS_ARRAYS)
+            }
+            Protocol::ModbusRtu => (keys_of::<RawRtuDevice>(), MODBUS_ARRAYS),
+            Protocol::OpcUa => (keys_of::<RawOpcUaDevice>(), OPCUA_ARRAYS),
+        };
+        keys.iter().chain(arrays).copied().collect()
+    }
+
+    /// The keys of a tag of a device of this protocol.
+    fn tag_keys(self) -> Vec<&'static str> {
+        match self {
+            Protocol::OpcUa => keys_of::<RawOpcUaTag>().to_vec(),
+            _ => keys_of::<RawTag>().to_vec(),
+        }
+    }
+
+    /// The unit ids a Modbus device of this protocol can address. On a serial line 0 is the
+    /// broadcast address, which no unit answers, and 248 to 255 are reserved; a Modbus TCP
+    /// device takes any byte (many ignore it; a gateway routes by it).
+    fn unit_ids(self) -> RangeInclusive<i64> {
+        match self {
+            Protocol::ModbusTcp => 0..=255,
+            _ => 1..=247,
+        }
+    }
 }
 
 /// The timing keys every device has.
@@ -1639,8 +1857,8 @@ impl Checker<'_> {
         };
         let tags = table.remove("tags");
         match self.protocol(&path, table.get("protocol")) {
-            Some(Protocol::ModbusTcp) => self.modbus_device(&path, table, tags, names),
             Some(Protocol::OpcUa) => self.opcua_device(&path, table, tags, names, data_dir),
+            Some(protocol) => self.modbus_device(&path, protocol, table, tags, names),
             None => DeviceOutcome::Invalid,
         }
     }
@@ -1649,7 +1867,7 @@ impl Checker<'_> {
     /// so a device without a known protocol is not checked further.
     fn protocol(&mut self, path: &FieldPath, value: Option<&toml::Value>) -> Option<Protocol> {
         let field = path.key("protocol");
-        let use_one = PROTOCOLS.join(" or ");
+        let use_one = Protocol::list();
         let protocol = match value {
             Some(toml::Value::String(protocol)) => protocol,
             Some(other) => {
@@ -1666,36 +1884,34 @@ impl Checker<'_> {
                 return None;
             }
         };
-        match protocol.as_str() {
-            "modbus_tcp" => Some(Protocol::ModbusTcp),
-            "opcua" => Some(Protocol::OpcUa),
-            other if UNSUPPORTED_PROTOCOLS.contains(&other) => {
-                self.report(&field, format!("protocol `{other}` is not supported yet"));
-                None
-            }
-            other => {
-                self.report(&field, format!("unknown protocol `{other}`: use {use_one}"));
-                None
-            }
+        let known = Protocol::ALL.into_iter().find(|p| p.name() == protocol);
+        if known.is_none() {
+            self.report(
+                &field,
+                format!("unknown protocol `{protocol}`: use {use_one}"),
+            );
         }
+        known
     }
 
-    /// A device's `[[devices.tags]]` entries; an enabled device needs at least one.
+    /// The entries of a `tags` array of tables (written `header`); `missing`, when given, is
+    /// the problem reported when there are none.
     fn tag_entries(
         &mut self,
         path: &FieldPath,
         tags: Option<toml::Value>,
-        enabled: bool,
+        header: &str,
+        missing: Option<&str>,
     ) -> Vec<toml::Value> {
         let before = self.problems.len();
         let entries = match tags {
-            Some(tags) => self.entries(tags, path, "[[devices.tags]]"),
+            Some(tags) => self.entries(tags, path, header),
             None => Vec::new(),
         };
-        if enabled && entries.is_empty() && self.problems.len() == before {
-            let message =
-                "an enabled device needs at least one [[devices.tags]] entry (or enabled = false)";
-            self.report(path, message);
+        if let Some(message) = missing {
+            if entries.is_empty() && self.problems.len() == before {
+                self.report(path, message);
+            }
         }
         entries
     }
@@ -1817,57 +2033,104 @@ impl Checker<'_> {
         resolved
     }
 
-    // ---- Modbus TCP devices --------------------------------------------------------------
+    // ---- Modbus devices ------------------------------------------------------------------
 
+    /// A `modbus_tcp`, `modbus_rtu` or `modbus_rtu_over_tcp` device: its own keys, then its
+    /// units, in either form (one unit on the device, or `[[devices.units]]`).
     fn modbus_device(
         &mut self,
         path: &FieldPath,
-        table: toml::Table,
+        protocol: Protocol,
+        mut table: toml::Table,
         tags: Option<toml::Value>,
         names: &mut HashMap<String, usize>,
     ) -> DeviceOutcome {
-        let foreign = Foreign {
-            protocol: "modbus_tcp",
-            other: "opcua",
-            other_keys: keys_of::<RawOpcUaDevice>(),
+        let units = table.remove("units");
+        let unit_id_given = table.contains_key("unit_id");
+        let foreign = Foreign::new(protocol, Protocol::device_keys);
+        let raw = match protocol {
+            Protocol::ModbusRtu => self
+                .unit::<RawRtuDevice>(table, path, MODBUS_ARRAYS, Some(&foreign))
+                .map(|(raw, dropped)| (raw.split(), dropped)),
+            _ => self
+                .unit::<RawModbusDevice>(table, path, MODBUS_ARRAYS, Some(&foreign))
+                .map(|(raw, dropped)| (raw.split(), dropped)),
         };
-        let device = self
-            .unit::<RawDevice>(table, path, &["tags"], Some(&foreign))
-            .map(|(raw, dropped)| self.modbus_settings(path, raw, &dropped, names));
+        let device = raw.map(|((line, link), dropped)| {
+            self.modbus_settings(path, protocol, line, link, &dropped, names)
+        });
         let defaults = TagDefaults {
             scan_interval: device
                 .as_ref()
-                .map_or(Duration::from_secs(1), |(common, _)| common.scan_interval),
+                .map_or(Duration::from_secs(1), |(common, _, _)| {
+                    common.scan_interval
+                }),
             max_registers_per_read: device
                 .as_ref()
-                .map_or(125, |(_, settings)| settings.max_registers_per_read),
+                .map_or(125, |(_, settings, _)| settings.max_registers_per_read),
         };
-        let enabled = device.as_ref().is_none_or(|(common, _)| common.enabled);
-        let tags_path = path.key("tags");
-        let entries = self.tag_entries(&tags_path, tags, enabled);
-        let tags = self.tags(&tags_path, entries, &defaults);
-        match (device, tags) {
-            (Some((common, mut settings)), Some(tags)) => {
-                settings.tags = tags;
-                common.outcome(DeviceKind::ModbusTcp(settings))
+        let enabled = device.as_ref().is_none_or(|(common, _, _)| common.enabled);
+        let units = match units {
+            Some(units) if unit_id_given || tags.is_some() => {
+                let given = match (unit_id_given, tags.is_some()) {
+                    (true, true) => "`unit_id` and `tags`",
+                    (true, false) => "`unit_id`",
+                    _ => "`tags`",
+                };
+                let message = format!(
+                    "give either `units` (a [[devices.units]] entry per unit) or `unit_id` and \
+                     [[devices.tags]] (one unit), not both: this device also has {given}"
+                );
+                self.report(&path.key("units"), message);
+                // Both forms are still checked, so that every problem is reported at once.
+                self.units(&path.key("units"), units, protocol, &defaults);
+                let tags_path = path.key("tags");
+                let entries = self.tag_entries(&tags_path, tags, "[[devices.tags]]", None);
+                self.tags(&tags_path, entries, &defaults, protocol, "[[devices.tags]]");
+                None
+            }
+            Some(units) => self.units(&path.key("units"), units, protocol, &defaults),
+            None => {
+                let tags_path = path.key("tags");
+                let missing = enabled.then_some(
+                    "an enabled device needs at least one [[devices.tags]] entry, or \
+                     [[devices.units]] entries with their tags (or enabled = false)",
+                );
+                let entries = self.tag_entries(&tags_path, tags, "[[devices.tags]]", missing);
+                let tags = self.tags(&tags_path, entries, &defaults, protocol, "[[devices.tags]]");
+                let unit_id = device.as_ref().and_then(|&(_, _, unit_id)| unit_id);
+                tags.zip(unit_id).map(|(tags, unit_id)| {
+                    vec![UnitSettings {
+                        name: None,
+                        unit_id,
+                        tags,
+                    }]
+                })
+            }
+        };
+        match (device, units) {
+            (Some((common, mut settings, _)), Some(units)) => {
+                settings.units = units;
+                common.outcome(DeviceKind::Modbus(settings))
             }
             _ => DeviceOutcome::Invalid,
         }
     }
 
-    /// Checks a Modbus TCP device's own keys; returns its settings without tags.
+    /// Checks a Modbus device's own keys; returns its settings without units, and the unit id
+    /// of the one-unit form (`unit_id`, 1 by default) when it is valid.
     fn modbus_settings(
         &mut self,
         path: &FieldPath,
-        raw: RawDevice,
+        protocol: Protocol,
+        raw: RawModbusLine,
+        link: RawLink,
         dropped: &BTreeSet<String>,
         names: &mut HashMap<String, usize>,
-    ) -> (Common, ModbusTcpSettings) {
+    ) -> (Common, ModbusSettings, Option<u8>) {
         self.device_name(path, &raw.name, names);
-        if let Err(e) = split_host_port(&raw.address, None) {
-            self.report(&path.key("address"), e.to_string());
-        }
-        let unit_id = self.integer(&path.key("unit_id"), raw.unit_id, 1, 0, 255);
+        let link = self.link(path, protocol, link);
+        let unit_id = self.unit_id(&path.key("unit_id"), raw.unit_id.unwrap_or(1), protocol);
         let timing = self.timing(
             path,
             Timing {
@@ -1884,6 +2147,13 @@ impl Checker<'_> {
                 backoff_max: Duration::from_secs(30),
             },
         );
+        let inter_request_delay = self.duration(
+            &path.key("inter_request_delay"),
+            raw.inter_request_delay,
+            Duration::ZERO,
+            Duration::ZERO,
+            MAX_INTER_REQUEST_DELAY,
+        );
         let max_registers_per_read = self.integer(
             &path.key("max_registers_per_read"),
             raw.max_registers_per_read,
@@ -1899,38 +2169,267 @@ impl Checker<'_> {
             NONZERO,
             MAX_DURATION,
         );
-        let settings = ModbusTcpSettings {
-            address: raw.address,
-            unit_id,
+        let settings = ModbusSettings {
+            link,
             timeout: timing.timeout,
+            inter_request_delay,
             max_registers_per_read,
             max_gap,
             report: raw.report.unwrap_or_default(),
             max_silence,
             backoff_min: timing.backoff_min,
             backoff_max: timing.backoff_max,
-            tags: Vec::new(),
+            units: Vec::new(),
         };
         let common = Common {
             name: raw.name.into(),
             scan_interval: timing.scan_interval,
             enabled: raw.enabled.unwrap_or(true),
         };
-        (common, settings)
+        (common, settings, unit_id)
     }
 
-    /// Checks a device's tags, each on its own and then against each other.
+    /// Checks how a Modbus device is reached: an address, or a serial port and its settings.
+    fn link(&mut self, path: &FieldPath, protocol: Protocol, raw: RawLink) -> Link {
+        match raw {
+            RawLink::Address(address) => {
+                if let Err(e) = split_host_port(&address, None) {
+                    self.report(&path.key("address"), e.to_string());
+                }
+                match protocol {
+                    Protocol::ModbusRtuOverTcp => Link::RtuOverTcp { address },
+                    _ => Link::Tcp { address },
+                }
+            }
+            RawLink::Serial {
+                port,
+                baud_rate,
+                parity,
+                data_bits,
+                stop_bits,
+            } => {
+                if port.is_empty() {
+                    let message = "must not be empty: name the serial device, e.g. \
+                                   \"/dev/ttyUSB0\"";
+                    self.report(&path.key("port"), message);
+                } else if port.contains('\0') {
+                    self.report(&path.key("port"), "must not contain NUL");
+                }
+                let baud_rate = self.integer(
+                    &path.key("baud_rate"),
+                    baud_rate,
+                    19_200u32,
+                    *BAUD_RATES.start(),
+                    *BAUD_RATES.end(),
+                );
+                let data_bits = match data_bits {
+                    None | Some(8) => 8,
+                    Some(other) => {
+                        let message =
+                            format!("must be 8, not {other}: Modbus RTU frames carry 8-bit bytes");
+                        self.report(&path.key("data_bits"), message);
+                        8
+                    }
+                };
+                let stop_bits = match stop_bits {
+                    None => 1,
+                    Some(bits @ 1..=2) => u8::try_from(bits).unwrap_or(1),
+                    Some(other) => {
+                        self.report(
+                            &path.key("stop_bits"),
+                            format!("must be 1 or 2, not {other}"),
+                        );
+                        1
+                    }
+                };
+                Link::Rtu(SerialSettings {
+                    port,
+                    baud_rate,
+                    parity: parity.unwrap_or_default(),
+                    data_bits,
+                    stop_bits,
+                })
+            }
+        }
+    }
+
+    /// Checks a unit id against the protocol's range; returns it when valid.
+    fn unit_id(&mut self, path: &FieldPath, value: i64, protocol: Protocol) -> Option<u8> {
+        let range = protocol.unit_ids();
+        if range.contains(&value) {
+            return u8::try_from(value).ok();
+        }
+        let why = match value {
+            0 => ": 0 is the broadcast address, which no unit answers",
+            248..=255 => ": 248 to 255 are reserved on a serial line",
+            _ => "",
+        };
+        let message = format!(
+            "must be between {} and {}, not {value}{why}",
+            range.start(),
+            range.end()
+        );
+        self.report(path, message);
+        None
+    }
+
+    /// Checks a Modbus device's `[[devices.units]]` entries, each on its own and then against
+    /// each other (names, unit ids); there must be at least one.
+    fn units(
+        &mut self,
+        path: &FieldPath,
+        value: toml::Value,
+        protocol: Protocol,
+        defaults: &TagDefaults,
+    ) -> Option<Vec<UnitSettings>> {
+        let before = self.problems.len();
+        let entries = self.entries(value, path, "[[devices.units]]");
+        if entries.is_empty() {
+            if self.problems.len() == before {
+                let message = "must not be empty: give each unit on the line a \
+                               [[devices.units]] entry (or use `unit_id` and \
+                               [[devices.tags]] for one unit)";
+                self.report(path, message);
+            }
+            return None;
+        }
+        let mut units = Vec::new();
+        let mut complete = true;
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut ids: HashMap<u8, usize> = HashMap::new();
+        for (index, entry) in entries.into_iter().enumerate() {
+            let unit_path = path.index(index);
+            let Some(mut table) = self.entry(entry, &unit_path, "[[devices.units]]") else {
+                complete = false;
+                continue;
+            };
+            let tags = table.remove("tags");
+            let (name, unit_id) = match self.unit::<RawUnit>(table, &unit_path, &["tags"], None) {
+                Some((raw, dropped)) => {
+                    let name = self.unit_name(path, index, raw.name, &dropped, &mut names);
+                    let unit_id = self.unit_unit_id(path, index, raw.unit_id, &dropped, protocol);
+                    if let Some(unit_id) = unit_id {
+                        self.unique_unit_id(path, index, unit_id, &mut ids);
+                    }
+                    (name, unit_id)
+                }
+                None => (None, None),
+            };
+            let tags_path = unit_path.key("tags");
+            let entries = self.tag_entries(
+                &tags_path,
+                tags,
+                "[[devices.units.tags]]",
+                Some("a unit needs at least one [[devices.units.tags]] entry"),
+            );
+            let tags = self.tags(
+                &tags_path,
+                entries,
+                defaults,
+                protocol,
+                "[[devices.units.tags]]",
+            );
+            match (name, unit_id, tags) {
+                (Some(name), Some(unit_id), Some(tags)) => units.push(UnitSettings {
+                    name: Some(name.into()),
+                    unit_id,
+                    tags,
+                }),
+                _ => complete = false,
+            }
+        }
+        complete.then_some(units)
+    }
+
+    /// Checks a unit's name (required; the rules of a device name) and that no earlier unit
+    /// of the device (under `units`) has it.
+    fn unit_name(
+        &mut self,
+        units: &FieldPath,
+        index: usize,
+        name: Option<String>,
+        dropped: &BTreeSet<String>,
+        names: &mut HashMap<String, usize>,
+    ) -> Option<String> {
+        let name_path = units.index(index).key("name");
+        let Some(name) = name else {
+            if !dropped.contains("name") {
+                self.report(&name_path, "missing required key `name`");
+            }
+            return None;
+        };
+        if let Err(message) = check_device_name(&name) {
+            self.report(&name_path, message);
+        }
+        if let Some(&first) = names.get(&name) {
+            let first_path = units.index(first).key("name");
+            let message = match self.line_of(&first_path) {
+                Some(line) => {
+                    format!("duplicate unit name `{name}`: the unit on line {line} has it already")
+                }
+                None => format!("duplicate unit name `{name}`: {first_path} has it already"),
+            };
+            self.report(&name_path, message);
+        } else {
+            names.insert(name.clone(), index);
+        }
+        Some(name)
+    }
+
+    /// Checks a unit's `unit_id` (required; the protocol's range).
+    fn unit_unit_id(
+        &mut self,
+        units: &FieldPath,
+        index: usize,
+        unit_id: Option<i64>,
+        dropped: &BTreeSet<String>,
+        protocol: Protocol,
+    ) -> Option<u8> {
+        let id_path = units.index(index).key("unit_id");
+        match unit_id {
+            Some(unit_id) => self.unit_id(&id_path, unit_id, protocol),
+            None => {
+                if !dropped.contains("unit_id") {
+                    self.report(&id_path, "missing required key `unit_id`");
+                }
+                None
+            }
+        }
+    }
+
+    /// Checks that no earlier unit of the device (under `units`) has the same unit id.
+    fn unique_unit_id(
+        &mut self,
+        units: &FieldPath,
+        index: usize,
+        unit_id: u8,
+        ids: &mut HashMap<u8, usize>,
+    ) {
+        let Some(&first) = ids.get(&unit_id) else {
+            ids.insert(unit_id, index);
+            return;
+        };
+        let first_path = units.index(first).key("unit_id");
+        let message = match self.line_of(&first_path) {
+            Some(line) => {
+                format!("duplicate unit_id {unit_id}: the unit on line {line} has it already")
+            }
+            None => format!("duplicate unit_id {unit_id}: {first_path} has it already"),
+        };
+        self.report(&units.index(index).key("unit_id"), message);
+    }
+
+    /// Checks the tags of a Modbus unit (written `header`), each on its own and then against
+    /// each other (names, overlapping registers).
     fn tags(
         &mut self,
         path: &FieldPath,
         entries: Vec<toml::Value>,
         defaults: &TagDefaults,
+        protocol: Protocol,
+        header: &str,
     ) -> Option<Vec<TagSpec>> {
-        let foreign = Foreign {
-            protocol: "modbus_tcp",
-            other: "opcua",
-            other_keys: keys_of::<RawOpcUaTag>(),
-        };
+        let foreign = Foreign::new(protocol, Protocol::tag_keys);
         let mut specs = Vec::new();
         let mut complete = true;
         let mut names: HashMap<String, usize> = HashMap::new();
@@ -1939,7 +2438,7 @@ impl Checker<'_> {
         let mut covered: HashMap<(Area, u32), usize> = HashMap::new();
         for (index, entry) in entries.into_iter().enumerate() {
             let tag_path = path.index(index);
-            let Some(table) = self.entry(entry, &tag_path, "[[devices.tags]]") else {
+            let Some(table) = self.entry(entry, &tag_path, header) else {
                 complete = false;
                 continue;
             };
@@ -2117,13 +2616,9 @@ impl Checker<'_> {
         names: &mut HashMap<String, usize>,
         data_dir: &Path,
     ) -> DeviceOutcome {
-        let foreign = Foreign {
-            protocol: "opcua",
-            other: "modbus_tcp",
-            other_keys: keys_of::<RawDevice>(),
-        };
+        let foreign = Foreign::new(Protocol::OpcUa, Protocol::device_keys);
         let device = self
-            .unit::<RawOpcUaDevice>(table, path, &["tags"], Some(&foreign))
+            .unit::<RawOpcUaDevice>(table, path, OPCUA_ARRAYS, Some(&foreign))
             .map(|(raw, dropped)| self.opcua_settings(path, raw, &dropped, names, data_dir));
         let publishing_interval = device.as_ref().map_or_else(
             || OpcUaSettings::new("", Vec::new()).publishing_interval,
@@ -2131,7 +2626,10 @@ impl Checker<'_> {
         );
         let enabled = device.as_ref().is_none_or(|(common, _)| common.enabled);
         let tags_path = path.key("tags");
-        let entries = self.tag_entries(&tags_path, tags, enabled);
+        let missing = enabled.then_some(
+            "an enabled device needs at least one [[devices.tags]] entry (or enabled = false)",
+        );
+        let entries = self.tag_entries(&tags_path, tags, "[[devices.tags]]", missing);
         let tags = self.opcua_tags(&tags_path, entries, publishing_interval);
         match (device, tags) {
             (Some((common, mut settings)), Some(tags)) => {
@@ -2313,11 +2811,7 @@ impl Checker<'_> {
         entries: Vec<toml::Value>,
         publishing_interval: Duration,
     ) -> Option<Vec<OpcUaTag>> {
-        let foreign = Foreign {
-            protocol: "opcua",
-            other: "modbus_tcp",
-            other_keys: keys_of::<RawTag>(),
-        };
+        let foreign = Foreign::new(Protocol::OpcUa, Protocol::tag_keys);
         let mut tags: Vec<OpcUaTag> = Vec::new();
         let mut complete = true;
         let mut names: HashMap<String, usize> = HashMap::new();
@@ -2531,10 +3025,18 @@ enabled = true
         }
     }
 
-    fn modbus(device: &DeviceSettings) -> &ModbusTcpSettings {
+    fn modbus(device: &DeviceSettings) -> &ModbusSettings {
         match &device.kind {
-            DeviceKind::ModbusTcp(settings) => settings,
-            other => panic!("expected a modbus_tcp device, got {other:?}"),
+            DeviceKind::Modbus(settings) => settings,
+            other => panic!("expected a Modbus device, got {other:?}"),
+        }
+    }
+
+    /// The one unnamed unit of a Modbus device in the one-unit form.
+    fn only_unit(device: &DeviceSettings) -> &UnitSettings {
+        match &modbus(device).units[..] {
+            [unit] if unit.name.is_none() => unit,
+            other => panic!("expected one unnamed unit, got {other:?}"),
         }
     }
 
@@ -2613,7 +3115,7 @@ enabled = true
             "the disabled Modbus and OPC UA devices are left out"
         );
         let press = &config.devices[0];
-        let tags = &modbus(press).tags;
+        let tags = &only_unit(press).tags;
         let summary: Vec<(&str, String, DataType, u16)> = tags
             .iter()
             .map(|t| (&*t.name, t.address.to_string(), t.data_type, t.width()))
@@ -2662,29 +3164,35 @@ enabled = true
             devices: vec![DeviceSettings {
                 name: "press7".into(),
                 scan_interval: Duration::from_secs(1),
-                kind: DeviceKind::ModbusTcp(ModbusTcpSettings {
-                    address: "127.0.0.1:5020".to_owned(),
-                    unit_id: 1,
+                kind: DeviceKind::Modbus(ModbusSettings {
+                    link: Link::Tcp {
+                        address: "127.0.0.1:5020".to_owned(),
+                    },
                     timeout: Duration::from_secs(1),
+                    inter_request_delay: Duration::ZERO,
                     max_registers_per_read: 125,
                     max_gap: 16,
                     report: Report::EveryScan,
                     max_silence: Duration::from_secs(60),
                     backoff_min: Duration::from_millis(100),
                     backoff_max: Duration::from_secs(30),
-                    tags: vec![TagSpec {
-                        name: "sine".into(),
-                        address: Address {
-                            area: Area::HoldingRegister,
-                            offset: 1,
-                        },
-                        data_type: DataType::F32,
-                        order: WordOrder::ABCD,
-                        length: 0,
-                        scale: 1.0,
-                        offset: 0.0,
-                        deadband: 0.0,
-                        scan_interval: Duration::from_millis(250),
+                    units: vec![UnitSettings {
+                        name: None,
+                        unit_id: 1,
+                        tags: vec![TagSpec {
+                            name: "sine".into(),
+                            address: Address {
+                                area: Area::HoldingRegister,
+                                offset: 1,
+                            },
+                            data_type: DataType::F32,
+                            order: WordOrder::ABCD,
+                            length: 0,
+                            scale: 1.0,
+                            offset: 0.0,
+                            deadband: 0.0,
+                            scan_interval: Duration::from_millis(250),
+                        }],
                     }],
                 }),
             }],
@@ -2713,16 +3221,24 @@ enabled = true
         let device = &config.devices[0];
         assert_eq!(device.scan_interval, Duration::from_secs(1));
         let settings = modbus(device);
-        assert_eq!(settings.unit_id, 1);
+        assert_eq!(
+            settings.link,
+            Link::Tcp {
+                address: "127.0.0.1:5020".to_owned()
+            }
+        );
+        assert_eq!(only_unit(device).unit_id, 1);
         assert_eq!(settings.timeout, Duration::from_secs(1));
+        assert_eq!(settings.inter_request_delay, Duration::ZERO);
         assert_eq!(settings.max_registers_per_read, 125);
         assert_eq!(settings.max_gap, 16);
         assert_eq!(settings.report, Report::EveryScan);
         assert_eq!(settings.max_silence, Duration::from_secs(60));
         assert_eq!(settings.backoff_min, Duration::from_millis(100));
         assert_eq!(settings.backoff_max, Duration::from_secs(30));
-        let [register, coil] = &settings.tags[..] else {
-            panic!("expected two tags, got {:?}", settings.tags);
+        let tags = &only_unit(device).tags;
+        let [register, coil] = &tags[..] else {
+            panic!("expected two tags, got {tags:?}");
         };
         assert_eq!(register.data_type, DataType::U16, "u16 on registers");
         assert_eq!(coil.data_type, DataType::Bool, "bool on coils");
@@ -2743,7 +3259,7 @@ enabled = true
         let config = config(&src);
         let device = &config.devices[0];
         assert_eq!(device.scan_interval, Duration::from_secs(2));
-        let intervals: Vec<Duration> = modbus(device)
+        let intervals: Vec<Duration> = only_unit(device)
             .tags
             .iter()
             .map(|t| t.scan_interval)
@@ -3207,37 +3723,19 @@ devices = [
 
     #[test]
     fn protocol_rules() {
-        for protocol in ["modbus_rtu", "modbus_rtu_over_tcp"] {
-            let src = BASE.replace(
-                "\"modbus_tcp\"",
-                &format!("\"{protocol}\"\nport = \"/dev/ttyS0\""),
-            );
-            let found = problems(&src);
-            assert_eq!(
-                found.len(),
-                1,
-                "only the protocol is reported:\n{}",
-                listing(&found)
-            );
-            assert_problem(
-                &src,
-                "devices[0].protocol",
-                "protocol =",
-                &format!("protocol `{protocol}` is not supported yet"),
-            );
-        }
         assert_problem(
             &BASE.replace("\"modbus_tcp\"", "\"modbus\""),
             "devices[0].protocol",
             "protocol =",
-            "unknown protocol `modbus`: use modbus_tcp or opcua",
+            "unknown protocol `modbus`: use modbus_tcp, modbus_rtu, modbus_rtu_over_tcp or opcua",
         );
         // Without a known protocol the device's other keys mean nothing: only the protocol
         // is reported.
         for (protocol, message) in [
             (
                 "\"opc-ua\"",
-                "unknown protocol `opc-ua`: use modbus_tcp or opcua",
+                "unknown protocol `opc-ua`: use modbus_tcp, modbus_rtu, modbus_rtu_over_tcp or \
+                 opcua",
             ),
             ("5", "invalid type: integer `5`, expected a string"),
         ] {
@@ -3253,7 +3751,8 @@ devices = [
             &src,
             "devices[0].protocol",
             "[[devices]]",
-            "missing required key `protocol`: use modbus_tcp or opcua",
+            "missing required key `protocol`: use modbus_tcp, modbus_rtu, modbus_rtu_over_tcp \
+             or opcua",
         );
     }
 
@@ -3966,8 +4465,8 @@ address = "127.0.0.1:4840"
                 "security_mode \"Sign\" needs a security_policy other than \"None\"",
                 "`username` needs `password_file`, the file holding the password",
                 "unknown key `publishing_intervall`; did you mean `publishing_interval`?",
-                "unknown key `address` for protocol `opcua` (it belongs to protocol `modbus_tcp`); expected \
-                 one of: name, protocol, endpoint, security_policy, security_mode, username, \
+                "unknown key `address` for protocol `opcua` (it belongs to protocols `modbus_tcp` \
+                 and `modbus_rtu_over_tcp`); expected one of: name, protocol, endpoint, security_policy, security_mode, username, \
                  password_file, user_cert_file, user_key_file, pki_dir, trust_server_cert, \
                  publishing_interval, mode, scan_interval, timeout, backoff_min, backoff_max, \
                  enabled, tags",
@@ -3976,8 +4475,8 @@ address = "127.0.0.1:4840"
                 "set either `node_id` or `browse_path`, not both",
                 "a tag needs `node_id` (e.g. \"ns=2;s=Oven.Temp\") or `browse_path` \
                  (e.g. \"Objects/Oven/Temp\")",
-                "unknown key `type` for protocol `opcua` (it belongs to protocol `modbus_tcp`); expected \
-                 one of: name, node_id, browse_path, sampling_interval, deadband, queue_size",
+                "unknown key `type` for protocol `opcua` (it belongs to protocols `modbus_tcp`, \
+                 `modbus_rtu` and `modbus_rtu_over_tcp`); expected one of: name, node_id, browse_path, sampling_interval, deadband, queue_size",
                 "must be between 1 and 10000, not 0",
                 "must not be negative",
                 "duplicate node `ns=2;s=Oven.Speed`: tag `speed` on line 31 reads it already",
@@ -4213,7 +4712,8 @@ address = "127.0.0.1:4840"
             (
                 "name = \"t\"\n  node_id = \"i=1\"\n  address = \"hr:1\"",
                 "address",
-                "unknown key `address` for protocol `opcua` (it belongs to protocol `modbus_tcp`)",
+                "unknown key `address` for protocol `opcua` (it belongs to protocols \
+                 `modbus_tcp`, `modbus_rtu` and `modbus_rtu_over_tcp`)",
             ),
             (
                 "name = \"t\"\n  node_id = \"i=1\"\n  nodeid = \"i=2\"",
@@ -4333,7 +4833,8 @@ address = "127.0.0.1:4840"
             &with_opcua_device("unit_id = 1"),
             "devices[0].unit_id",
             "unit_id",
-            "unknown key `unit_id` for protocol `opcua` (it belongs to protocol `modbus_tcp`)",
+            "unknown key `unit_id` for protocol `opcua` (it belongs to protocols `modbus_tcp`, \
+             `modbus_rtu` and `modbus_rtu_over_tcp`)",
         );
         // Keys both have are known to both.
         config(&with_opcua_device(
@@ -4428,6 +4929,976 @@ address = "127.0.0.1:4840"
             ),
             Err(errors) => panic!("{errors}"),
         }
+    }
+
+    // ---- Modbus RTU and multi-unit lines ---------------------------------------------------
+
+    /// The issue's RTU line, with a second unit.
+    const RTU: &str = r#"[gateway]
+id = "edge-01"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+
+[[devices]]
+name = "meters"
+protocol = "modbus_rtu"             # or "modbus_rtu_over_tcp" with address = "host:port"
+port = "/dev/ttyUSB0"
+baud_rate = 19200
+parity = "even"                     # none, even, odd
+data_bits = 8
+stop_bits = 1
+timeout = "300ms"
+inter_request_delay = "0ms"         # some devices need a pause between transactions
+scan_interval = "1s"
+
+  [[devices.units]]                 # several unit ids share the line
+  unit_id = 3
+  name = "meter3"
+    [[devices.units.tags]]
+    name = "active_power"
+    address = "ir:12"
+    type = "f32"
+    order = "CDAB"
+
+  [[devices.units]]
+  unit_id = 4
+  name = "meter4"
+    [[devices.units.tags]]
+    name = "active_power"
+    address = "ir:12"
+    type = "f32"
+    order = "CDAB"
+    [[devices.units.tags]]
+    name = "energy"
+    address = "ir:20"
+    type = "u32"
+    scan_interval = "10s"
+"#;
+
+    /// A small valid RTU device in the one-unit form, for the rule tests to edit.
+    const RTU_BASE: &str = r#"[gateway]
+id = "edge-01"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+
+[[devices]]
+name = "meters"
+protocol = "modbus_rtu"
+port = "/dev/ttyUSB0"
+
+  [[devices.tags]]
+  name = "active_power"
+  address = "ir:12"
+"#;
+
+    fn with_rtu_device(lines: &str) -> String {
+        let port = "port = \"/dev/ttyUSB0\"\n";
+        RTU_BASE.replace(port, &format!("{port}{lines}\n"))
+    }
+
+    /// A Modbus tag with the defaults but for its address, type, order and scan interval.
+    fn tag_spec(
+        name: &str,
+        address: &str,
+        data_type: DataType,
+        order: WordOrder,
+        scan_interval: Duration,
+    ) -> TagSpec {
+        TagSpec {
+            name: name.into(),
+            address: match address.parse() {
+                Ok(address) => address,
+                Err(e) => panic!("{address}: {e}"),
+            },
+            data_type,
+            order,
+            length: 0,
+            scale: 1.0,
+            offset: 0.0,
+            deadband: 0.0,
+            scan_interval,
+        }
+    }
+
+    fn unit_summary(settings: &ModbusSettings) -> Vec<(Option<&str>, u8, Vec<&str>)> {
+        settings
+            .units
+            .iter()
+            .map(|u| {
+                let tags = u.tags.iter().map(|t| &*t.name).collect();
+                (u.name.as_deref(), u.unit_id, tags)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_rtu_line_in_the_issues_shape_loads_into_its_settings() {
+        let config = config(RTU);
+        let [device] = &config.devices[..] else {
+            panic!("expected one device, got {:?}", config.devices);
+        };
+        assert_eq!(&*device.name, "meters");
+        assert_eq!(device.scan_interval, Duration::from_secs(1));
+        assert_eq!(device.tag_count(), 3);
+        let second = Duration::from_secs(1);
+        let power = tag_spec(
+            "active_power",
+            "ir:12",
+            DataType::F32,
+            WordOrder::CDAB,
+            second,
+        );
+        let expected = ModbusSettings {
+            link: Link::Rtu(SerialSettings {
+                port: "/dev/ttyUSB0".to_owned(),
+                baud_rate: 19_200,
+                parity: Parity::Even,
+                data_bits: 8,
+                stop_bits: 1,
+            }),
+            timeout: Duration::from_millis(300),
+            inter_request_delay: Duration::ZERO,
+            max_registers_per_read: 125,
+            max_gap: 16,
+            report: Report::EveryScan,
+            max_silence: Duration::from_secs(60),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            units: vec![
+                UnitSettings {
+                    name: Some("meter3".into()),
+                    unit_id: 3,
+                    tags: vec![power.clone()],
+                },
+                UnitSettings {
+                    name: Some("meter4".into()),
+                    unit_id: 4,
+                    tags: vec![
+                        power,
+                        tag_spec(
+                            "energy",
+                            "ir:20",
+                            DataType::U32,
+                            WordOrder::ABCD,
+                            Duration::from_secs(10),
+                        ),
+                    ],
+                },
+            ],
+        };
+        assert_eq!(modbus(device), &expected);
+        assert!(modbus(device).link.is_rtu());
+    }
+
+    #[test]
+    fn an_rtu_device_takes_the_serial_defaults_and_other_serial_settings() {
+        let settings = modbus(&config(RTU_BASE).devices[0]).clone();
+        assert_eq!(
+            settings.link,
+            Link::Rtu(SerialSettings {
+                port: "/dev/ttyUSB0".to_owned(),
+                baud_rate: 19_200,
+                parity: Parity::Even,
+                data_bits: 8,
+                stop_bits: 1,
+            })
+        );
+        assert_eq!(settings.inter_request_delay, Duration::ZERO);
+        assert_eq!(settings.timeout, Duration::from_secs(1));
+        assert_eq!(unit_summary(&settings), [(None, 1, vec!["active_power"])]);
+
+        for (lines, baud_rate, parity, stop_bits) in [
+            (
+                "baud_rate = 9600\nparity = \"none\"\nstop_bits = 2",
+                9600,
+                Parity::None,
+                2,
+            ),
+            ("baud_rate = 50\nparity = \"odd\"", 50, Parity::Odd, 1),
+            ("baud_rate = 4000000", 4_000_000, Parity::Even, 1),
+        ] {
+            let config = config(&with_rtu_device(lines));
+            let Link::Rtu(serial) = &modbus(&config.devices[0]).link else {
+                panic!("expected a serial link");
+            };
+            assert_eq!(
+                (serial.baud_rate, serial.parity, serial.stop_bits),
+                (baud_rate, parity, stop_bits),
+                "{lines}"
+            );
+        }
+        let config = config(&RTU_BASE.replace(
+            "/dev/ttyUSB0",
+            "/dev/serial/by-id/usb-FTDI_RS485-if00-port0",
+        ));
+        assert_eq!(
+            modbus(&config.devices[0]).link.target(),
+            "/dev/serial/by-id/usb-FTDI_RS485-if00-port0"
+        );
+        let config = self::config(&with_rtu_device("inter_request_delay = \"10s\""));
+        assert_eq!(
+            modbus(&config.devices[0]).inter_request_delay,
+            Duration::from_secs(10)
+        );
+    }
+
+    #[test]
+    fn an_rtu_over_tcp_converter_with_units_loads() {
+        let serial = ["port", "baud_rate", "parity", "data_bits", "stop_bits"];
+        let src: String = RTU
+            .lines()
+            .filter(|line| !serial.iter().any(|key| line.starts_with(key)))
+            .map(|line| {
+                if line.starts_with("protocol =") {
+                    "protocol = \"modbus_rtu_over_tcp\"\naddress = \"10.0.0.7:4001\"\n".to_owned()
+                } else {
+                    format!("{}\n", line.replace("\"0ms\"", "\"20ms\""))
+                }
+            })
+            .collect();
+        let config = config(&src);
+        let settings = modbus(&config.devices[0]);
+        assert_eq!(
+            settings.link,
+            Link::RtuOverTcp {
+                address: "10.0.0.7:4001".to_owned()
+            }
+        );
+        assert!(settings.link.is_rtu());
+        assert_eq!(settings.inter_request_delay, Duration::from_millis(20));
+        assert_eq!(settings.timeout, Duration::from_millis(300));
+        assert_eq!(
+            unit_summary(settings),
+            [
+                (Some("meter3"), 3, vec!["active_power"]),
+                (Some("meter4"), 4, vec!["active_power", "energy"]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_modbus_tcp_gateway_with_units_loads() {
+        let units = "\n  [[devices.units]]\n  name = \"drive-1\"\n  unit_id = 0\n    \
+                     [[devices.units.tags]]\n    name = \"speed\"\n    address = \"hr:0\"\n\
+                     \n  [[devices.units]]\n  name = \"drive-2\"\n  unit_id = 255\n    \
+                     [[devices.units.tags]]\n    name = \"speed\"\n    address = \"hr:0\"\n    \
+                     [[devices.units.tags]]\n    name = \"torque\"\n    address = \"hr:1\"\n    \
+                     type = \"i16\"\n";
+        let src = BASE.replace(
+            "\n  [[devices.tags]]\n  name = \"counter\"\n  address = \"hr:0\"\n",
+            units,
+        );
+        let config = config(&src);
+        let device = &config.devices[0];
+        let settings = modbus(device);
+        assert_eq!(
+            settings.link,
+            Link::Tcp {
+                address: "127.0.0.1:5020".to_owned()
+            }
+        );
+        assert!(!settings.link.is_rtu());
+        assert_eq!(
+            unit_summary(settings),
+            [
+                (Some("drive-1"), 0, vec!["speed"]),
+                (Some("drive-2"), 255, vec!["speed", "torque"]),
+            ],
+            "a TCP device takes unit ids 0 to 255"
+        );
+        assert_eq!(device.tag_count(), 3);
+        let torque = &settings.units[1].tags[1];
+        assert_eq!(torque.data_type, DataType::I16);
+        assert_eq!(torque.scan_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_one_unit_form_works_for_every_modbus_protocol() {
+        let link_keys = [
+            ("modbus_tcp", "address = \"10.0.0.7:502\""),
+            ("modbus_rtu_over_tcp", "address = \"10.0.0.7:4001\""),
+            ("modbus_rtu", "port = \"/dev/ttyS1\""),
+        ];
+        for (protocol, link) in link_keys {
+            let src = BASE
+                .replace("\"modbus_tcp\"", &format!("\"{protocol}\""))
+                .replace("address = \"127.0.0.1:5020\"", link);
+            let config = config(&src);
+            let unit = only_unit(&config.devices[0]);
+            assert_eq!(unit.unit_id, 1, "{protocol}: unit_id defaults to 1");
+            assert_eq!(unit.tags.len(), 1);
+            assert_eq!(&*unit.tags[0].name, "counter");
+            let src = src.replace(link, &format!("{link}\nunit_id = 17"));
+            let config = self::config(&src);
+            assert_eq!(only_unit(&config.devices[0]).unit_id, 17, "{protocol}");
+            let link = &modbus(&config.devices[0]).link;
+            let expected = match protocol {
+                "modbus_tcp" => matches!(link, Link::Tcp { .. }),
+                "modbus_rtu_over_tcp" => matches!(link, Link::RtuOverTcp { .. }),
+                _ => matches!(link, Link::Rtu(_)),
+            };
+            assert!(expected, "{protocol}: {link:?}");
+        }
+    }
+
+    #[test]
+    fn every_unit_and_serial_problem_is_reported_at_its_line_at_once() {
+        let src = r#"[gateway]
+id = "edge-01"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+
+[[devices]]
+name = "meters"
+protocol = "modbus_rtu"
+port = "/dev/ttyUSB0"
+baud_rate = 10
+parity = "mark"
+data_bits = 7
+stop_bits = 3
+inter_request_delay = "11s"
+address = "10.0.0.7:502"
+
+  [[devices.units]]
+  unit_id = 3
+  name = "meter3"
+    [[devices.units.tags]]
+    name = "a"
+    address = "hr:0"
+    type = "f32"
+    [[devices.units.tags]]
+    name = "b"
+    address = "hr:1"
+
+  [[devices.units]]
+  unit_id = 3
+  name = "meter3"
+  colour = "red"
+    [[devices.units.tags]]
+    name = "a"
+    address = "hr:0"
+    [[devices.units.tags]]
+    name = "a"
+    address = "hr:1"
+    [[devices.units.tags]]
+    name = "c"
+    address = "xr:2"
+
+  [[devices.units]]
+  unit_id = 0
+  name = "meter 5"
+
+  [[devices.units]]
+    [[devices.units.tags]]
+    name = "a"
+    address = "hr:0"
+
+  [[devices.units]]
+  unit_id = 248
+  name = "meter248"
+    [[devices.units.tags]]
+    name = "a"
+    address = "hr:0"
+
+[[devices]]
+name = "drives"
+protocol = "modbus_tcp"
+address = "10.0.0.8:502"
+unit_id = 1
+
+  [[devices.units]]
+  unit_id = 300
+  name = "drive"
+    [[devices.units.tags]]
+    name = "speed"
+    address = "hr:0"
+
+[[devices]]
+name = "converter"
+protocol = "modbus_rtu_over_tcp"
+address = "10.0.0.9:4001"
+port = "/dev/ttyS0"
+units = []
+"#;
+        let found = problems(src);
+        let summary: Vec<(Option<usize>, &str)> =
+            found.iter().map(|p| (p.line, p.field.as_str())).collect();
+        assert_eq!(
+            summary,
+            [
+                (Some(11), "devices[0].baud_rate"),
+                (Some(12), "devices[0].parity"),
+                (Some(13), "devices[0].data_bits"),
+                (Some(14), "devices[0].stop_bits"),
+                (Some(15), "devices[0].inter_request_delay"),
+                (Some(16), "devices[0].address"),
+                (Some(27), "devices[0].units[0].tags[1].address"),
+                (Some(30), "devices[0].units[1].unit_id"),
+                (Some(31), "devices[0].units[1].name"),
+                (Some(32), "devices[0].units[1].colour"),
+                (Some(37), "devices[0].units[1].tags[1].name"),
+                (Some(41), "devices[0].units[1].tags[2].address"),
+                (Some(43), "devices[0].units[2].tags"),
+                (Some(44), "devices[0].units[2].unit_id"),
+                (Some(45), "devices[0].units[2].name"),
+                (Some(47), "devices[0].units[3].name"),
+                (Some(47), "devices[0].units[3].unit_id"),
+                (Some(53), "devices[0].units[4].unit_id"),
+                (Some(65), "devices[1].units"),
+                (Some(66), "devices[1].units[0].unit_id"),
+                (Some(76), "devices[2].port"),
+                (Some(77), "devices[2].units"),
+            ],
+            "got:\n{}",
+            listing(&found)
+        );
+        let message = |field: &str| {
+            found
+                .iter()
+                .filter(|p| p.field == field)
+                .map(|p| p.message.as_str())
+                .collect::<Vec<_>>()
+                .join(" | ")
+        };
+        let expected = [
+            (
+                "devices[0].baud_rate",
+                "must be between 50 and 4000000, not 10",
+            ),
+            (
+                "devices[0].parity",
+                "unknown value `mark`, expected one of `none`, `even`, `odd`",
+            ),
+            (
+                "devices[0].data_bits",
+                "must be 8, not 7: Modbus RTU frames carry 8-bit bytes",
+            ),
+            ("devices[0].stop_bits", "must be 1 or 2, not 3"),
+            (
+                "devices[0].inter_request_delay",
+                "must be between 0s and 10s, not 11s",
+            ),
+            (
+                "devices[0].address",
+                "unknown key `address` for protocol `modbus_rtu` (it belongs to protocols \
+                 `modbus_tcp` and `modbus_rtu_over_tcp`); expected one of: name, protocol, \
+                 port, baud_rate, parity, data_bits, stop_bits, unit_id, inter_request_delay, \
+                 scan_interval, timeout, max_registers_per_read, max_gap, report, \
+                 max_silence, backoff_min, backoff_max, enabled, units, tags",
+            ),
+            (
+                "devices[0].units[0].tags[1].address",
+                "overlaps tag `a` (hr:0..hr:1)",
+            ),
+            (
+                "devices[0].units[1].unit_id",
+                "duplicate unit_id 3: the unit on line 19 has it already",
+            ),
+            (
+                "devices[0].units[1].name",
+                "duplicate unit name `meter3`: the unit on line 20 has it already",
+            ),
+            (
+                "devices[0].units[1].colour",
+                "unknown key `colour`; expected one of: name, unit_id, tags",
+            ),
+            (
+                "devices[0].units[1].tags[1].name",
+                "duplicate tag name `a`: the tag on line 34 has it already",
+            ),
+            (
+                "devices[0].units[1].tags[2].address",
+                "unknown area `xr`: use hr (holding)",
+            ),
+            (
+                "devices[0].units[2].tags",
+                "a unit needs at least one [[devices.units.tags]] entry",
+            ),
+            (
+                "devices[0].units[2].unit_id",
+                "must be between 1 and 247, not 0: 0 is the broadcast address, which no unit \
+                 answers",
+            ),
+            ("devices[0].units[2].name", "' ' is not allowed"),
+            ("devices[0].units[3].name", "missing required key `name`"),
+            (
+                "devices[0].units[3].unit_id",
+                "missing required key `unit_id`",
+            ),
+            (
+                "devices[0].units[4].unit_id",
+                "must be between 1 and 247, not 248: 248 to 255 are reserved on a serial line",
+            ),
+            (
+                "devices[1].units",
+                "give either `units` (a [[devices.units]] entry per unit) or `unit_id` and \
+                 [[devices.tags]] (one unit), not both: this device also has `unit_id`",
+            ),
+            (
+                "devices[1].units[0].unit_id",
+                "must be between 0 and 255, not 300",
+            ),
+            (
+                "devices[2].port",
+                "unknown key `port` for protocol `modbus_rtu_over_tcp` (it belongs to \
+                 protocol `modbus_rtu`); expected one of:",
+            ),
+            (
+                "devices[2].units",
+                "must not be empty: give each unit on the line a [[devices.units]] entry",
+            ),
+        ];
+        for (field, fragment) in expected {
+            assert!(
+                message(field).contains(fragment),
+                "{field}: expected `{fragment}`, got `{}`",
+                message(field)
+            );
+        }
+        let rendered = match parse(src, "gateway.toml") {
+            Ok(_) => panic!("expected problems"),
+            Err(errors) => errors.to_string(),
+        };
+        assert!(
+            rendered.contains(
+                "\ngateway.toml:41: devices[0].units[1].tags[2].address: unknown area `xr`"
+            ),
+            "{rendered}"
+        );
+        assert!(
+            rendered.contains("\ngateway.toml:30: devices[0].units[1].unit_id: duplicate"),
+            "{rendered}"
+        );
+    }
+
+    #[test]
+    fn serial_rules() {
+        let cases = [
+            (
+                "baud_rate = 4000001",
+                "baud_rate",
+                "between 50 and 4000000, not 4000001",
+            ),
+            (
+                "baud_rate = 49",
+                "baud_rate",
+                "between 50 and 4000000, not 49",
+            ),
+            ("baud_rate = \"fast\"", "baud_rate", "expected an integer"),
+            (
+                "parity = \"Even\"",
+                "parity",
+                "unknown value `Even`, expected one of `none`, `even`, `odd`",
+            ),
+            ("parity = 1", "parity", "invalid type: integer `1`"),
+            (
+                "data_bits = 9",
+                "data_bits",
+                "must be 8, not 9: Modbus RTU frames carry 8-bit bytes",
+            ),
+            ("stop_bits = 0", "stop_bits", "must be 1 or 2, not 0"),
+            (
+                "inter_request_delay = \"1m\"",
+                "inter_request_delay",
+                "between 0s and 10s, not 1m",
+            ),
+            (
+                "inter_request_delay = 5",
+                "inter_request_delay",
+                BARE_DURATION,
+            ),
+            (
+                "unit_id = 0",
+                "unit_id",
+                "must be between 1 and 247, not 0: 0 is the broadcast address",
+            ),
+            (
+                "unit_id = 255",
+                "unit_id",
+                "must be between 1 and 247, not 255",
+            ),
+            ("baudrate = 9600", "baudrate", "did you mean `baud_rate`?"),
+        ];
+        for (line, key, fragment) in cases {
+            assert_problem(
+                &with_rtu_device(line),
+                &format!("devices[0].{key}"),
+                line,
+                fragment,
+            );
+        }
+        assert_problem(
+            &RTU_BASE.replace("port = \"/dev/ttyUSB0\"", "port = \"\""),
+            "devices[0].port",
+            "port = ",
+            "must not be empty",
+        );
+        assert_problem(
+            &RTU_BASE.replace("port = \"/dev/ttyUSB0\"\n", ""),
+            "devices[0].port",
+            "[[devices]]",
+            "missing required key `port`",
+        );
+        // The common Modbus keys keep their rules on a serial line.
+        assert_problem(
+            &with_rtu_device("max_registers_per_read = 126"),
+            "devices[0].max_registers_per_read",
+            "max_registers_per_read",
+            "between 1 and 125",
+        );
+        assert_problem(
+            &with_rtu_device("backoff_min = \"10s\"\nbackoff_max = \"1s\""),
+            "devices[0].backoff_max",
+            "backoff_max",
+            "at least backoff_min (10s), not 1s",
+        );
+        let settings = modbus(
+            &config(&with_rtu_device(
+                "report = \"on_change\"\nmax_silence = \"5m\"\nmax_gap = 0\n\
+                 max_registers_per_read = 64\nbackoff_min = \"1s\"\nbackoff_max = \"5s\"",
+            ))
+            .devices[0],
+        )
+        .clone();
+        assert_eq!(settings.report, Report::OnChange);
+        assert_eq!(settings.max_silence, Duration::from_secs(300));
+        assert_eq!((settings.max_gap, settings.max_registers_per_read), (0, 64));
+        assert_eq!(
+            (settings.backoff_min, settings.backoff_max),
+            (Duration::from_secs(1), Duration::from_secs(5))
+        );
+        // Neither form: the device has no tags.
+        let src = RTU_BASE.replace(
+            "\n  [[devices.tags]]\n  name = \"active_power\"\n  address = \"ir:12\"\n",
+            "\n",
+        );
+        assert_problem(
+            &src,
+            "devices[0].tags",
+            "[[devices]]",
+            "an enabled device needs at least one [[devices.tags]] entry, or [[devices.units]]",
+        );
+        config(&src.replace(
+            "port = \"/dev/ttyUSB0\"",
+            "port = \"/dev/ttyUSB0\"\nenabled = false",
+        ));
+    }
+
+    #[test]
+    fn unit_rules() {
+        let one_unit = |lines: &str| {
+            format!(
+                "{}\n  [[devices.units]]\n{lines}\n",
+                RTU_BASE.replace(
+                    "\n  [[devices.tags]]\n  name = \"active_power\"\n  address = \"ir:12\"\n",
+                    "\n",
+                )
+            )
+        };
+        let tag = "\n    [[devices.units.tags]]\n    name = \"t\"\n    address = \"hr:0\"";
+        let cases = [
+            (
+                format!("  name = \"m\"\n  unit_id = 248{tag}"),
+                "unit_id",
+                "unit_id = 248",
+                "between 1 and 247, not 248",
+            ),
+            (
+                format!("  name = \"m\"\n  unit_id = \"1\"{tag}"),
+                "unit_id",
+                "unit_id = \"1\"",
+                "invalid type: string \"1\", expected an integer",
+            ),
+            (
+                format!("  name = \"m/1\"\n  unit_id = 1{tag}"),
+                "name",
+                "name = \"m/1\"",
+                "'/' is not allowed",
+            ),
+            (
+                format!("  name = \"{}\"\n  unit_id = 1{tag}", "m".repeat(65)),
+                "name",
+                "mmmm",
+                "1 to 64 characters long, not 65",
+            ),
+            (
+                format!("  unit_id = 1{tag}"),
+                "name",
+                "[[devices.units]]",
+                "missing required key `name`",
+            ),
+            (
+                format!("  name = \"m\"{tag}"),
+                "unit_id",
+                "[[devices.units]]",
+                "missing required key `unit_id`",
+            ),
+            (
+                "  name = \"m\"\n  unit_id = 1".to_owned(),
+                "tags",
+                "[[devices.units]]",
+                "a unit needs at least one [[devices.units.tags]] entry",
+            ),
+            (
+                "  name = \"m\"\n  unit_id = 1\n  tags = []".to_owned(),
+                "tags",
+                "tags = []",
+                "a unit needs at least one [[devices.units.tags]] entry",
+            ),
+            (
+                "  name = \"m\"\n  unit_id = 1\n    [devices.units.tags]\n    name = \"t\"\n    \
+                 address = \"hr:0\""
+                    .to_owned(),
+                "tags",
+                "[devices.units.tags]",
+                "write [[devices.units.tags]] with double brackets",
+            ),
+            (
+                format!("  name = \"m\"\n  unit_id = 1\n  port = \"/dev/ttyS0\"{tag}"),
+                "port",
+                "port = \"/dev/ttyS0\"",
+                "unknown key `port`; expected one of: name, unit_id, tags",
+            ),
+            (
+                format!("  name = \"m\"\n  unit_id = 1{tag}\n    colour = 1"),
+                "tags[0].colour",
+                "colour",
+                "unknown key `colour`",
+            ),
+            (
+                format!("  name = \"m\"\n  unit_id = 1{tag}\n    node_id = \"i=1\""),
+                "tags[0].node_id",
+                "node_id",
+                "unknown key `node_id` for protocol `modbus_rtu` (it belongs to protocol \
+                 `opcua`)",
+            ),
+        ];
+        for (lines, key, needle, fragment) in cases {
+            assert_problem(
+                &one_unit(&lines),
+                &format!("devices[0].units[0].{key}"),
+                needle,
+                fragment,
+            );
+        }
+        let base = RTU_BASE.replace(
+            "\n  [[devices.tags]]\n  name = \"active_power\"\n  address = \"ir:12\"\n",
+            "\n",
+        );
+        assert_problem(
+            &format!("{base}\n  [devices.units]\n  name = \"m\"\n  unit_id = 1\n"),
+            "devices[0].units",
+            "[devices.units]",
+            "write [[devices.units]] with double brackets",
+        );
+        assert_problem(
+            &with_rtu_device("units = \"meter3\""),
+            "devices[0].units",
+            "units = ",
+            "expected [[devices.units]] entries, found string",
+        );
+        // Both forms at once: the fields are named, and both forms are still checked.
+        let both = format!(
+            "{}\n  [[devices.units]]\n  name = \"m\"\n  unit_id = 2{tag}\n",
+            with_rtu_device("unit_id = 1")
+        );
+        let found = problems(&both);
+        assert_eq!(found.len(), 1, "got:\n{}", listing(&found));
+        assert_problem(
+            &both,
+            "devices[0].units",
+            "[[devices.units]]",
+            "not both: this device also has `unit_id` and `tags`",
+        );
+        let both_bad = both
+            .replace("address = \"ir:12\"", "address = \"xr:12\"")
+            .replace("address = \"hr:0\"", "address = \"hr:x\"");
+        let fields: Vec<String> = problems(&both_bad).into_iter().map(|p| p.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "devices[0].tags[0].address",
+                "devices[0].units",
+                "devices[0].units[0].tags[0].address",
+            ]
+        );
+        // A disabled device's units are still checked.
+        assert_problem(
+            &one_unit("  name = \"m\"\n  unit_id = 0").replace(
+                "port = \"/dev/ttyUSB0\"",
+                "port = \"/dev/ttyUSB0\"\nenabled = false",
+            ),
+            "devices[0].units[0].unit_id",
+            "unit_id = 0",
+            "not 0: 0 is the broadcast address",
+        );
+        // Unit names and ids are unique within a device, tag names within a unit; another
+        // device may reuse them.
+        let second = format!(
+            "\n[[devices]]\nname = \"meters-2\"\nprotocol = \"modbus_rtu\"\nport = \"/dev/ttyUSB1\"\n\
+             \n  [[devices.units]]\n  name = \"m\"\n  unit_id = 1{tag}\n"
+        );
+        let src = format!(
+            "{}{second}",
+            one_unit(&format!("  name = \"m\"\n  unit_id = 1{tag}"))
+        );
+        let config = config(&src);
+        assert_eq!(config.devices.len(), 2);
+    }
+
+    #[test]
+    fn each_modbus_protocol_has_its_own_link_keys() {
+        for (key, line) in [
+            ("port", "port = \"/dev/ttyUSB0\""),
+            ("baud_rate", "baud_rate = 19200"),
+            ("parity", "parity = \"even\""),
+            ("data_bits", "data_bits = 8"),
+            ("stop_bits", "stop_bits = 1"),
+        ] {
+            for protocol in ["modbus_tcp", "modbus_rtu_over_tcp"] {
+                let src = with_device(line).replace("\"modbus_tcp\"", &format!("\"{protocol}\""));
+                assert_problem(
+                    &src,
+                    &format!("devices[0].{key}"),
+                    line,
+                    &format!(
+                        "unknown key `{key}` for protocol `{protocol}` (it belongs to protocol \
+                         `modbus_rtu`); expected one of: name, protocol, address, unit_id, \
+                         inter_request_delay, scan_interval"
+                    ),
+                );
+            }
+        }
+        assert_problem(
+            &with_rtu_device("address = \"10.0.0.7:502\""),
+            "devices[0].address",
+            "address = \"10.0.0.7:502\"",
+            "unknown key `address` for protocol `modbus_rtu` (it belongs to protocols \
+             `modbus_tcp` and `modbus_rtu_over_tcp`)",
+        );
+        assert_problem(
+            &with_rtu_device("endpoint = \"opc.tcp://h:4840\""),
+            "devices[0].endpoint",
+            "endpoint",
+            "unknown key `endpoint` for protocol `modbus_rtu` (it belongs to protocol `opcua`)",
+        );
+        // An address is checked the same way on a converter as on a TCP device.
+        let converter = BASE.replace("\"modbus_tcp\"", "\"modbus_rtu_over_tcp\"");
+        for (address, fragment) in [("10.0.0.7", "has no port"), (":4001", "no host")] {
+            assert_problem(
+                &converter.replace("127.0.0.1:5020", address),
+                "devices[0].address",
+                "address = ",
+                fragment,
+            );
+        }
+        assert_problem(
+            &converter.replace("address = \"127.0.0.1:5020\"\n", ""),
+            "devices[0].address",
+            "[[devices]]",
+            "missing required key `address`",
+        );
+        // inter_request_delay is a key of every Modbus protocol, and an OPC UA device's
+        // `units` is reported as a Modbus key.
+        config(&with_device("inter_request_delay = \"5ms\""));
+        assert_problem(
+            &format!("{OPCUA_BASE}\n  [[devices.units]]\n  name = \"m\"\n  unit_id = 1\n"),
+            "devices[0].units",
+            "[[devices.units]]",
+            "unknown key `units` for protocol `opcua` (it belongs to protocols `modbus_tcp`, \
+             `modbus_rtu` and `modbus_rtu_over_tcp`)",
+        );
+    }
+
+    #[test]
+    fn lines_are_found_under_units_in_every_toml_form() {
+        // Array-of-tables headers.
+        let found = problems(&RTU.replace("\"ir:20\"", "\"ir:x\""));
+        assert_eq!(found.len(), 1, "got:\n{}", listing(&found));
+        assert_eq!(found[0].field, "devices[0].units[1].tags[1].address");
+        assert_eq!(found[0].line, Some(line_containing(RTU, "\"ir:20\"")));
+        // A missing key: the line of its table's header.
+        let src = RTU.replace("  unit_id = 4\n", "");
+        let found = problems(&src);
+        assert_eq!(found.len(), 1, "got:\n{}", listing(&found));
+        assert_eq!(found[0].field, "devices[0].units[1].unit_id");
+        let second_unit = src
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.trim_start().starts_with("[[devices.units]]"))
+            .nth(1)
+            .map(|(i, _)| i + 1);
+        assert_eq!(found[0].line, second_unit);
+        // Inline tables and arrays.
+        let src = r#"[gateway]
+id = "edge-01"
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+[[devices]]
+name = "meters"
+protocol = "modbus_rtu"
+port = "/dev/ttyUSB0"
+units = [
+  { name = "meter3", unit_id = 3, tags = [{ name = "p", address = "ir:12" }] },
+  { name = "meter4", unit_id = 4, tags = [
+    { name = "p", address = "ir:12" },
+    { name = "q", address = "xr:13" },
+  ] },
+]
+"#;
+        assert_problem(
+            src,
+            "devices[0].units[1].tags[1].address",
+            "xr:13",
+            "unknown area `xr`",
+        );
+        // Dotted keys inside a unit's table.
+        let dotted = RTU.replace(
+            "  unit_id = 4\n  name = \"meter4\"\n",
+            "  unit_id = 4\n  name = \"meter4\"\n  extra.colour = \"red\"\n",
+        );
+        assert_problem(
+            &dotted,
+            "devices[0].units[1].extra",
+            "extra.colour",
+            "unknown key `extra`",
+        );
+    }
+
+    #[test]
+    fn the_commented_modbus_rtu_examples_of_the_example_file_are_valid() {
+        // Each commented-out device is a paragraph whose first line is `# [[devices]]`.
+        let blocks: Vec<String> = EXAMPLE
+            .split("\n\n")
+            .filter(|paragraph| paragraph.starts_with("# [[devices]]"))
+            .map(|paragraph| {
+                paragraph
+                    .lines()
+                    .map(|line| {
+                        line.strip_prefix("# ")
+                            .unwrap_or(line.trim_start_matches('#'))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect();
+        assert_eq!(blocks.len(), 2, "an RTU line and an RTU-over-TCP converter");
+        let src = format!("{EXAMPLE}\n{}\n", blocks.join("\n\n"));
+        let config = config(&src);
+        let lines: Vec<(&str, &Link, usize)> = config
+            .devices
+            .iter()
+            .skip(1)
+            .map(|d| (&*d.name, &modbus(d).link, modbus(d).units.len()))
+            .collect();
+        let [(_, Link::Rtu(serial), 2), (_, Link::RtuOverTcp { .. }, units)] = &lines[..] else {
+            panic!("expected an RTU line with two units and a converter, got {lines:?}");
+        };
+        assert!(*units >= 1);
+        assert_eq!(serial.data_bits, 8);
     }
 
     /// A small edit of the example file.

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocols::modbus::{Address, Area, DataType, ModbusTcpSettings, Report, TagSpec, WordOrder};
+use protocols::modbus::{Address, Area, DataType, ModbusSettings, TagSpec, WordOrder};
 use protocols::opcua::{NodeId, NodeRef, OpcUaSettings, OpcUaTag, SecurityMode, SecurityPolicy};
 use protocols::sim::modbus::{SimDevice, SimServer};
 use protocols::sim::opcua::{SimOpcUa, SimOptions};
@@ -67,17 +67,9 @@ pub fn modbus_device(
     DeviceSettings {
         name: name.into(),
         scan_interval: scan,
-        kind: DeviceKind::ModbusTcp(ModbusTcpSettings {
-            address: addr.to_string(),
-            unit_id: 1,
-            timeout: Duration::from_secs(1),
-            max_registers_per_read: 125,
-            max_gap: 16,
-            report: Report::EveryScan,
-            max_silence: Duration::from_secs(60),
-            backoff_min: Duration::from_millis(100),
+        kind: DeviceKind::Modbus(ModbusSettings {
             backoff_max: Duration::from_secs(5),
-            tags,
+            ..ModbusSettings::tcp(addr.to_string(), 1, tags)
         }),
     }
 }

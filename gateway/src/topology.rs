@@ -127,13 +127,29 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let boot = seqs.boot();
     info!(gateway = %config.gateway.id, boot, backlog = report.records, devices = config.devices.len(), "starting gateway");
 
+    // A Modbus line with a `units` list publishes each unit as its own device, named
+    // `line/unit`: a meter on an RS-485 line is a device to the plant, the line is not.
     let mut catalog = Catalog::default();
+    let mut lines = Vec::new();
     for d in &config.devices {
-        let tags = match &d.kind {
-            DeviceKind::ModbusTcp(m) => m.tags.iter().map(|t| t.name.clone()).collect(),
-            DeviceKind::OpcUa(o) => o.tags.iter().map(|t| t.name.clone()).collect(),
+        let ids: Vec<_> = match &d.kind {
+            DeviceKind::Modbus(m) => m
+                .units
+                .iter()
+                .map(|u| {
+                    let name: Arc<str> = match &u.name {
+                        Some(unit) => format!("{}/{unit}", d.name).into(),
+                        None => d.name.clone(),
+                    };
+                    catalog.add_device(name, u.tags.iter().map(|t| t.name.clone()).collect())
+                })
+                .collect(),
+            DeviceKind::OpcUa(o) => vec![catalog.add_device(
+                d.name.clone(),
+                o.tags.iter().map(|t| t.name.clone()).collect(),
+            )],
         };
-        catalog.add_device(d.name.clone(), tags);
+        lines.push((d.kind.clone(), ids));
     }
     let catalog = Arc::new(catalog);
     let metrics = Arc::new(Metrics::default());
@@ -146,25 +162,35 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let mut devices = Vec::new();
     let mut drivers = Vec::new();
-    for ((id, entry), settings) in catalog.devices().zip(&config.devices) {
-        let status = Arc::new(DeviceStatus::default());
-        devices.push(DeviceHandle {
-            name: entry.name.clone(),
-            status: status.clone(),
-        });
-        let ctx = DriverContext {
-            device: id,
-            name: entry.name.clone(),
-            emitter: Emitter::new(batch_tx.clone()),
-            cancel: drivers_cancel.clone(),
-            status,
-        };
-        let kind = settings.kind.clone();
+    for (kind, ids) in lines {
+        let mut contexts = Vec::with_capacity(ids.len());
+        for id in ids {
+            let name = catalog
+                .device(id)
+                .map_or_else(|| "?".into(), |e| e.name.clone());
+            let status = Arc::new(DeviceStatus::default());
+            devices.push(DeviceHandle {
+                name: name.clone(),
+                status: status.clone(),
+            });
+            contexts.push(DriverContext {
+                device: id,
+                name,
+                emitter: Emitter::new(batch_tx.clone()),
+                cancel: drivers_cancel.clone(),
+                status,
+            });
+        }
         drivers.push(tokio::spawn(async move {
-            let name = ctx.name.clone();
+            let name = contexts
+                .first()
+                .map_or_else(|| "?".into(), |c| c.name.clone());
             let result = match kind {
-                DeviceKind::ModbusTcp(m) => modbus::tcp::run(m, ctx).await,
-                DeviceKind::OpcUa(o) => opcua::driver::run(o, ctx).await,
+                DeviceKind::Modbus(m) => modbus::line::run(m, contexts).await,
+                DeviceKind::OpcUa(o) => match contexts.pop() {
+                    Some(ctx) => opcua::driver::run(o, ctx).await,
+                    None => Ok(()),
+                },
             };
             if let Err(e) = result {
                 warn!(device = %name, error = %e, "driver stopped");

@@ -1,4 +1,4 @@
-//! The Modbus TCP driver against the in-process simulator (a real tokio-modbus server).
+//! The Modbus line driver on Modbus TCP against the in-process simulator (a real tokio-modbus server).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -9,7 +9,7 @@ use edge_gateway::config::DeviceKind;
 use edge_gateway::demo::{modbus_device, tag};
 use gateway_tests::{eventually, init_tracing};
 use protocols::driver::{DeviceStatus, DriverContext, Emitter};
-use protocols::modbus::{self, Address, Area, DataType, ModbusTcpSettings, TagSpec, WordOrder};
+use protocols::modbus::{self, Address, Area, DataType, ModbusSettings, TagSpec, WordOrder};
 use protocols::model::{Batch, DeviceId, Quality, Reason, Value};
 use protocols::sim::modbus::SimDevice;
 use tokio::sync::mpsc;
@@ -24,8 +24,8 @@ fn hr(offset: u16) -> Address {
     }
 }
 
-fn settings(addr: SocketAddr, tags: Vec<TagSpec>) -> ModbusTcpSettings {
-    let DeviceKind::ModbusTcp(mut s) = modbus_device("dev", addr, SCAN, tags).kind else {
+fn settings(addr: SocketAddr, tags: Vec<TagSpec>) -> ModbusSettings {
+    let DeviceKind::Modbus(mut s) = modbus_device("dev", addr, SCAN, tags).kind else {
         unreachable!("modbus_device builds a Modbus TCP device")
     };
     s.timeout = Duration::from_millis(200);
@@ -40,7 +40,7 @@ struct Running {
     cancel: CancellationToken,
 }
 
-fn start(s: ModbusTcpSettings) -> Running {
+fn start(s: ModbusSettings) -> Running {
     let (tx, rx) = mpsc::channel(64);
     let status = Arc::new(DeviceStatus::default());
     let cancel = CancellationToken::new();
@@ -51,7 +51,7 @@ fn start(s: ModbusTcpSettings) -> Running {
         cancel: cancel.clone(),
         status: status.clone(),
     };
-    tokio::spawn(modbus::tcp::run(s, ctx));
+    tokio::spawn(modbus::line::run(s, vec![ctx]));
     Running { rx, status, cancel }
 }
 

@@ -2,8 +2,13 @@
 //! validation; a driver never sees an unchecked value.
 
 pub mod codec;
+pub mod frame;
+pub mod line;
+pub mod link;
 pub mod planner;
+pub mod rtu;
 pub mod scan;
+pub mod schedule;
 pub mod tcp;
 
 use std::fmt;
@@ -206,15 +211,95 @@ impl TagSpec {
     }
 }
 
-/// A validated Modbus TCP device.
+/// How the gateway reaches a Modbus line.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ModbusTcpSettings {
-    /// `host:port` of the device.
-    pub address: String,
-    /// Unit id (slave id) of the device.
+pub enum Link {
+    /// Modbus TCP (MBAP framing) to `host:port`.
+    Tcp {
+        /// `host:port` of the device or gateway.
+        address: String,
+    },
+    /// RTU frames carried over a TCP connection to `host:port` (serial-to-Ethernet converters).
+    RtuOverTcp {
+        /// `host:port` of the converter.
+        address: String,
+    },
+    /// RTU frames on a local serial port.
+    Rtu(SerialSettings),
+}
+
+impl Link {
+    /// Where the line is, for logs: an address or a port path.
+    pub fn target(&self) -> &str {
+        match self {
+            Link::Tcp { address } | Link::RtuOverTcp { address } => address,
+            Link::Rtu(serial) => &serial.port,
+        }
+    }
+
+    /// Whether the link carries RTU frames (one transaction at a time, t3.5 gaps).
+    pub fn is_rtu(&self) -> bool {
+        !matches!(self, Link::Tcp { .. })
+    }
+}
+
+/// Parity of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    /// No parity bit.
+    None,
+    /// Even parity (the Modbus default).
+    #[default]
+    Even,
+    /// Odd parity.
+    Odd,
+}
+
+/// Settings of a serial line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SerialSettings {
+    /// Path of the serial device, e.g. `/dev/ttyUSB0` or a `/dev/serial/by-id/...` link.
+    pub port: String,
+    /// Bits per second.
+    pub baud_rate: u32,
+    /// Parity bit.
+    pub parity: Parity,
+    /// Data bits per character (8 for RTU).
+    pub data_bits: u8,
+    /// Stop bits, 1 or 2.
+    pub stop_bits: u8,
+}
+
+impl SerialSettings {
+    /// Bits on the wire per character: start, data, parity and stop bits.
+    pub fn bits_per_char(&self) -> u32 {
+        let parity = u32::from(self.parity != Parity::None);
+        1 + u32::from(self.data_bits) + parity + u32::from(self.stop_bits)
+    }
+}
+
+/// One unit (slave id) on a Modbus line and its tags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitSettings {
+    /// The unit's name from a `[[devices.units]]` entry; `None` for the one-unit form
+    /// (`unit_id` and `tags` on the device itself).
+    pub name: Option<Arc<str>>,
+    /// Unit id (slave id), 0-247 on RTU (0 only for TCP devices that ignore it), 0-255 on TCP.
     pub unit_id: u8,
+    /// The unit's tags, in config order; a tag's index is its `TagId` within the unit.
+    pub tags: Vec<TagSpec>,
+}
+
+/// A validated Modbus line: one connection or serial port shared by one or more units.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModbusSettings {
+    /// How the line is reached.
+    pub link: Link,
     /// Timeout for connecting and for each request.
     pub timeout: Duration,
+    /// Pause between the end of one transaction and the next request on the line.
+    pub inter_request_delay: Duration,
     /// Largest number of registers in one read request.
     pub max_registers_per_read: u16,
     /// Largest run of unused registers read to merge two blocks.
@@ -223,10 +308,40 @@ pub struct ModbusTcpSettings {
     pub report: Report,
     /// In `on_change` mode, the longest time a tag goes unreported.
     pub max_silence: Duration,
-    /// First reconnect delay; doubles up to `backoff_max`.
+    /// First reconnect delay; doubles up to `backoff_max`. Also the longest probe period of a
+    /// demoted unit is `backoff_max`.
     pub backoff_min: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
-    /// The tags, in config order; a tag's index is its `TagId`.
-    pub tags: Vec<TagSpec>,
+    /// The units on the line, at least one.
+    pub units: Vec<UnitSettings>,
+}
+
+impl ModbusSettings {
+    /// A line with one unnamed unit and the defaults of a Modbus TCP device.
+    pub fn tcp(address: impl Into<String>, unit_id: u8, tags: Vec<TagSpec>) -> Self {
+        ModbusSettings {
+            link: Link::Tcp {
+                address: address.into(),
+            },
+            timeout: Duration::from_secs(1),
+            inter_request_delay: Duration::ZERO,
+            max_registers_per_read: 125,
+            max_gap: 16,
+            report: Report::EveryScan,
+            max_silence: Duration::from_secs(60),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            units: vec![UnitSettings {
+                name: None,
+                unit_id,
+                tags,
+            }],
+        }
+    }
+
+    /// Number of tags over all units.
+    pub fn tag_count(&self) -> usize {
+        self.units.iter().map(|u| u.tags.len()).sum()
+    }
 }

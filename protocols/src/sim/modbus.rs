@@ -4,6 +4,7 @@
 //! real devices with sparse register maps do), counts the requests it receives, and can be told
 //! to answer late, not at all, or with a given exception, so tests can drive every failure path.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -107,7 +108,8 @@ impl Image {
         Ok(range)
     }
 
-    fn answer(&self, req: &Request<'_>) -> Result<Response, ExceptionCode> {
+    /// The answer to a request: a read of the image, or the exception the device gives.
+    pub(crate) fn answer(&self, req: &Request<'_>) -> Result<Response, ExceptionCode> {
         match *req {
             Request::ReadHoldingRegisters(a, n) => {
                 let r = self.check(Area::HoldingRegister, a, n)?;
@@ -309,6 +311,15 @@ pub struct SimServer {
 }
 
 impl SimServer {
+    /// A handle on a server task that stops when `cancel` is cancelled.
+    pub(crate) fn from_parts(
+        addr: SocketAddr,
+        cancel: CancellationToken,
+        task: JoinHandle<()>,
+    ) -> Self {
+        SimServer { addr, cancel, task }
+    }
+
     /// The address the server listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -326,4 +337,58 @@ impl Drop for SimServer {
         self.cancel.cancel();
         self.task.abort();
     }
+}
+
+/// Several devices behind one Modbus TCP server, addressed by unit id, as behind a Modbus TCP
+/// to RTU gateway.
+#[derive(Debug, Clone)]
+struct Units(Arc<HashMap<u8, SimDevice>>);
+
+impl Service for Units {
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = Pin<Box<dyn Future<Output = Result<Option<Response>, ExceptionCode>> + Send>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        match self.0.get(&req.slave) {
+            Some(device) => device.call(req),
+            // What a real gateway answers when nothing behind it responds for that unit.
+            None => Box::pin(std::future::ready(Err(ExceptionCode::GatewayTargetDevice))),
+        }
+    }
+}
+
+/// Starts a Modbus TCP server on `addr` (use `127.0.0.1:0`) answering for several units, as a
+/// Modbus TCP gateway with devices behind it does: each request goes to the device of its unit
+/// id (silence and delay as in [`SimDevice::serve`]); an unknown unit id answers exception 0x0B
+/// (gateway target device failed to respond). Every accepted connection is counted on every
+/// unit.
+pub async fn serve_units(
+    units: Vec<(u8, SimDevice)>,
+    addr: SocketAddr,
+) -> std::io::Result<SimServer> {
+    let listener = TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let cancel = CancellationToken::new();
+    let units = Units(Arc::new(units.into_iter().collect()));
+    let stop = cancel.clone();
+    let task = tokio::spawn(async move {
+        let server = Server::new(listener);
+        let on_connected = |stream, socket_addr| {
+            let units = units.clone();
+            for device in units.0.values() {
+                device.faults.connections.fetch_add(1, Ordering::Relaxed);
+            }
+            async move { accept_tcp_connection(stream, socket_addr, move |_| Ok(Some(units.clone()))) }
+        };
+        let _ = server
+            .serve_until(
+                &on_connected,
+                |_err| {},
+                async move { stop.cancelled().await },
+            )
+            .await;
+    });
+    Ok(SimServer::from_parts(addr, cancel, task))
 }

@@ -1,0 +1,436 @@
+//! The Modbus line driver: one task per line (a Modbus TCP connection, an RTU-over-TCP
+//! converter or a serial port), shared by the line's units.
+//!
+//! Invariants:
+//! - One transaction at a time on the line; the [`Schedule`] decides which unit goes next
+//!   (earliest due first, round-robin on ties) and demotes units that stop answering, so a
+//!   dead unit costs the healthy ones a bounded share of the line (see `schedule.rs`).
+//! - "The device said no" (an exception) marks only the tags of that read bad and the scan goes
+//!   on. "The unit did not answer" (timeout, garbled answer) ends that unit's scan and marks its
+//!   tags bad; on Modbus TCP it also drops the connection (a late reply on a reused connection
+//!   would be taken as the next answer), on RTU the line resynchronises by silence.
+//!   "The link failed" (port gone, connection refused or reset) marks every unit's tags bad
+//!   once per outage and reopens the line with capped, jittered backoff.
+//! - Exception 02 (illegal data address) on a block that merged several tags splits the block
+//!   at a tag boundary and retries at once; the split is kept, so a `max_gap` that bridges a
+//!   hole in the device's register map never turns good tags bad.
+//! - Each scan of a unit's scan class is one batch of that unit's device.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio_modbus::ExceptionCode;
+use tracing::{debug, info, warn};
+
+use super::codec;
+use super::link::{BlockData, Conn, ReadError};
+use super::planner::{Block, Limits};
+use super::scan::{self, ChangeFilter, ScanClass};
+use super::schedule::{Schedule, Transition};
+use super::{ModbusSettings, TagSpec, UnitSettings};
+use crate::backoff::Backoff;
+use crate::driver::{DriverContext, DriverError};
+use crate::model::{Batch, Reason, Sample, TagId, Timestamp};
+
+/// Largest number of coils or discrete inputs in one request (Modbus limit).
+const MAX_BITS: u16 = 2000;
+
+/// Gateway exceptions: the gateway answered, but the unit behind it did not.
+const GATEWAY_PATH_UNAVAILABLE: u8 = 0x0A;
+const GATEWAY_TARGET_FAILED: u8 = 0x0B;
+
+/// The limits the planner works with for these settings.
+pub fn limits(settings: &ModbusSettings) -> Limits {
+    Limits {
+        max_registers: settings.max_registers_per_read.clamp(1, 125),
+        max_bits: MAX_BITS,
+        max_gap_registers: settings.max_gap,
+        max_gap_bits: settings.max_gap.saturating_mul(16),
+    }
+}
+
+/// One unit's runtime state.
+struct Unit {
+    ctx: DriverContext,
+    settings: UnitSettings,
+    filter: ChangeFilter,
+}
+
+/// How one scan of a unit's class ended.
+enum ScanEnd {
+    /// Every block got an answer (data or an exception).
+    Answered(Vec<Sample>),
+    /// The unit did not answer or garbled its answer.
+    Silent(ReadError),
+    /// The line failed.
+    LinkDown(ReadError),
+}
+
+/// Runs the driver of one line until the context is cancelled. `units` holds one context per
+/// unit of `settings.units`, in the same order.
+pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<(), DriverError> {
+    let Some(first) = units.first() else {
+        return Err(DriverError::Config(
+            "a Modbus line needs at least one unit".into(),
+        ));
+    };
+    let cancel = first.cancel.clone();
+    if units.len() != settings.units.len() {
+        return Err(DriverError::Config(format!(
+            "line {}: {} unit contexts for {} units",
+            first.name,
+            units.len(),
+            settings.units.len()
+        )));
+    }
+    if let Some(u) = settings
+        .units
+        .iter()
+        .zip(&units)
+        .find(|(u, _)| u.tags.is_empty())
+    {
+        return Err(DriverError::Config(format!(
+            "device {} has no tags",
+            u.1.name
+        )));
+    }
+    let line_name = line_name(&units, &settings);
+    let start = Instant::now();
+    let limits = limits(&settings);
+    let schedule_units = settings
+        .units
+        .iter()
+        .map(|u| scan::classes(&u.tags, limits, start))
+        .collect();
+    let mut schedule = Schedule::new(schedule_units, settings.timeout, settings.backoff_max);
+    let mut units: Vec<Unit> = settings
+        .units
+        .iter()
+        .cloned()
+        .zip(units)
+        .map(|(s, ctx)| Unit {
+            filter: ChangeFilter::new(settings.report, settings.max_silence, &s.tags),
+            settings: s,
+            ctx,
+        })
+        .collect();
+    let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
+    let mut conn: Option<Conn> = None;
+    // Whether the tags already went bad for the current outage (reported once per episode).
+    let mut line_down = false;
+    let mut opened_once = false;
+
+    loop {
+        let Some(next) = schedule.next_due() else {
+            cancel.cancelled().await;
+            return Ok(());
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep_until(next.into()) => {}
+        }
+        let Some(job) = schedule.pick(Instant::now()) else {
+            continue;
+        };
+
+        if conn.is_none() {
+            if opened_once {
+                units.iter().for_each(|u| {
+                    u.ctx.status.reconnects.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+            let opened = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                c = Conn::open(&settings) => c,
+            };
+            match opened {
+                Ok(c) => {
+                    if !opened_once || line_down {
+                        info!(line = %line_name, target = settings.link.target(), "line open");
+                    }
+                    opened_once = true;
+                    conn = Some(c);
+                    if line_down {
+                        line_down = false;
+                        backoff.reset();
+                        units.iter_mut().for_each(|u| u.filter.reset());
+                        schedule.all_due(Instant::now());
+                    }
+                    for (i, u) in units.iter().enumerate() {
+                        u.ctx
+                            .status
+                            .connected
+                            .store(!schedule.is_demoted(i), Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    if !line_down {
+                        warn!(line = %line_name, target = settings.link.target(), error = %e, "cannot open the line; retrying with backoff");
+                        line_down = true;
+                        for u in &mut units {
+                            emit_unit_bad(u, reason_of(&e)).await?;
+                        }
+                    } else {
+                        debug!(line = %line_name, error = %e, "reopening the line failed");
+                    }
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(link) = conn.as_mut() else {
+            continue;
+        };
+        let Some(unit) = units.get_mut(job.unit) else {
+            continue;
+        };
+        let Some(class) = schedule.class_mut(job) else {
+            continue;
+        };
+
+        let started = Instant::now();
+        let end = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            end = scan_class(link, class, &settings, unit) => end,
+        };
+        match end {
+            ScanEnd::Answered(samples) => {
+                let status = &unit.ctx.status;
+                status.scans.fetch_add(1, Ordering::Relaxed);
+                status
+                    .last_scan_us
+                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                emit(unit, samples).await?;
+                let transition = schedule.finish(job, true, Instant::now());
+                report_transition(&line_name, unit, &settings, transition);
+            }
+            ScanEnd::Silent(e) => {
+                unit.ctx.status.errors.fetch_add(1, Ordering::Relaxed);
+                if job.probe {
+                    debug!(line = %line_name, unit = %unit.ctx.name, error = %e, "demoted unit still not answering");
+                } else {
+                    warn!(line = %line_name, unit = %unit.ctx.name, unit_id = unit.settings.unit_id, error = %e, "unit did not answer");
+                }
+                emit_unit_bad(unit, reason_of(&e)).await?;
+                let transition = schedule.finish(job, false, Instant::now());
+                report_transition(&line_name, unit, &settings, transition);
+                if link.drop_after_failed_read() {
+                    if let Some(c) = conn.take() {
+                        c.close().await;
+                    }
+                }
+            }
+            ScanEnd::LinkDown(e) => {
+                unit.ctx.status.errors.fetch_add(1, Ordering::Relaxed);
+                warn!(line = %line_name, target = settings.link.target(), error = %e, "line failed; reopening it");
+                if let Some(c) = conn.take() {
+                    c.close().await;
+                }
+                line_down = true;
+                for u in &mut units {
+                    u.ctx.status.connected.store(false, Ordering::Relaxed);
+                    emit_unit_bad(u, Reason::Disconnected).await?;
+                }
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The line's name for logs: the device name, without a unit suffix.
+fn line_name(units: &[DriverContext], settings: &ModbusSettings) -> String {
+    let first = units.first().map_or("", |u| &*u.name);
+    match settings.units.first().and_then(|u| u.name.as_deref()) {
+        Some(unit) => first
+            .strip_suffix(unit)
+            .and_then(|s| s.strip_suffix('/'))
+            .unwrap_or(first)
+            .to_string(),
+        None => first.to_string(),
+    }
+}
+
+fn report_transition(
+    line: &str,
+    unit: &Unit,
+    settings: &ModbusSettings,
+    transition: Option<Transition>,
+) {
+    match transition {
+        Some(Transition::Demoted { period }) => {
+            unit.ctx.status.connected.store(false, Ordering::Relaxed);
+            if settings.units.len() > 1 {
+                warn!(line = %line, unit = %unit.ctx.name, unit_id = unit.settings.unit_id, probe_every = ?period, "unit demoted: it is probed with backoff while the other units keep their scan rates");
+            } else {
+                warn!(line = %line, unit_id = unit.settings.unit_id, probe_every = ?period, "device keeps not answering: probing it with backoff");
+            }
+        }
+        Some(Transition::Promoted) => {
+            unit.ctx.status.connected.store(true, Ordering::Relaxed);
+            info!(line = %line, unit = %unit.ctx.name, unit_id = unit.settings.unit_id, "unit answers again: scanned at its rates");
+        }
+        None => {}
+    }
+}
+
+fn reason_of(e: &ReadError) -> Reason {
+    match e {
+        ReadError::NoAnswer(_) => Reason::Timeout,
+        ReadError::Garbled(_) => Reason::Protocol,
+        ReadError::Link(_) => Reason::Disconnected,
+    }
+}
+
+async fn emit(unit: &mut Unit, samples: Vec<Sample>) -> Result<(), DriverError> {
+    let read_at = Instant::now();
+    let samples: Vec<Sample> = samples
+        .into_iter()
+        .filter(|s| unit.filter.admit(s, read_at))
+        .collect();
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let batch = Batch {
+        device: unit.ctx.device,
+        samples,
+        read_at,
+    };
+    unit.ctx.emitter.emit(batch, &unit.ctx.status).await
+}
+
+async fn emit_unit_bad(unit: &mut Unit, reason: Reason) -> Result<(), DriverError> {
+    let now = Timestamp::now();
+    let samples = (0..unit.settings.tags.len())
+        .map(|i| Sample::bad(TagId(i as u32), reason, now))
+        .collect();
+    emit(unit, samples).await
+}
+
+/// Reads every block of a class of one unit.
+async fn scan_class(
+    link: &mut Conn,
+    class: &mut ScanClass,
+    settings: &ModbusSettings,
+    unit: &Unit,
+) -> ScanEnd {
+    let ctx = &unit.ctx;
+    let tags = &unit.settings.tags;
+    let mut samples = Vec::with_capacity(class.blocks.iter().map(|b| b.slots.len()).sum());
+    let mut i = 0;
+    while i < class.blocks.len() {
+        let block = &class.blocks[i];
+        ctx.status.requests.fetch_add(1, Ordering::Relaxed);
+        let answer = match link
+            .read(
+                unit.settings.unit_id,
+                block.area,
+                block.start,
+                block.count,
+                settings.timeout,
+            )
+            .await
+        {
+            Ok(answer) => answer,
+            Err(e @ ReadError::Link(_)) => return ScanEnd::LinkDown(e),
+            Err(e) => return ScanEnd::Silent(e),
+        };
+        let now = Timestamp::now();
+        match answer {
+            Ok(data) => {
+                decode_block(block, &data, tags, now, &mut samples);
+                i += 1;
+            }
+            Err(ExceptionCode::IllegalDataAddress) if block.slots.len() > 1 => {
+                if let Some((a, b)) = block.split() {
+                    info!(
+                        device = %ctx.name,
+                        area = block.area.prefix(),
+                        start = block.start,
+                        count = block.count,
+                        "device refused a merged read (illegal data address); splitting it for good"
+                    );
+                    class.blocks.splice(i..=i, [a, b]);
+                    continue;
+                }
+                ctx.status.errors.fetch_add(1, Ordering::Relaxed);
+                mark_bad(block, 2, now, &mut samples);
+                i += 1;
+            }
+            Err(code) => {
+                let code = u8::from(code);
+                if code == GATEWAY_PATH_UNAVAILABLE || code == GATEWAY_TARGET_FAILED {
+                    // The gateway in front answered for a unit that did not.
+                    return ScanEnd::Silent(ReadError::Garbled(format!(
+                        "the gateway reports the unit unreachable (exception {code})"
+                    )));
+                }
+                ctx.status.errors.fetch_add(1, Ordering::Relaxed);
+                debug!(device = %ctx.name, area = block.area.prefix(), start = block.start, code, "device answered with an exception");
+                mark_bad(block, code, now, &mut samples);
+                i += 1;
+            }
+        }
+    }
+    ScanEnd::Answered(samples)
+}
+
+fn mark_bad(block: &Block, code: u8, now: Timestamp, out: &mut Vec<Sample>) {
+    out.extend(
+        block
+            .slots
+            .iter()
+            .map(|s| Sample::bad(s.tag, Reason::Exception(code), now)),
+    );
+}
+
+fn decode_block(
+    block: &Block,
+    data: &BlockData,
+    tags: &[TagSpec],
+    now: Timestamp,
+    out: &mut Vec<Sample>,
+) {
+    for slot in &block.slots {
+        let Some(spec) = tags.get(slot.tag.0 as usize) else {
+            continue;
+        };
+        let start = usize::from(slot.offset);
+        let end = start + usize::from(slot.width);
+        let value = match data {
+            BlockData::Registers(regs) => regs.get(start..end).and_then(|r| {
+                codec::decode_registers(spec.data_type, spec.order, spec.length, r)
+                    .ok()
+                    .map(|v| codec::apply_scaling(v, spec.scale, spec.offset))
+            }),
+            BlockData::Bits(bits) => bits.get(start).map(|b| codec::decode_bit(*b)),
+        };
+        out.push(match value {
+            Some(v) => Sample::good(slot.tag, v, now),
+            None => Sample::bad(slot.tag, Reason::Decode, now),
+        });
+    }
+}
+
+/// Performs one read on a line opened for it, for the `read` command: the raw answer.
+pub async fn read_once(
+    settings: &ModbusSettings,
+    unit_id: u8,
+    area: super::Area,
+    start: u16,
+    count: u16,
+) -> Result<Result<BlockData, ExceptionCode>, ReadError> {
+    let mut conn = Conn::open(settings).await?;
+    let answer = conn
+        .read(unit_id, area, start, count, settings.timeout)
+        .await;
+    conn.close().await;
+    answer
+}

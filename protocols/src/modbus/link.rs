@@ -1,0 +1,156 @@
+//! One open Modbus line, whatever carries it: Modbus TCP, RTU over TCP or a serial port.
+
+use std::time::{Duration, Instant};
+
+use tokio_modbus::client::Context;
+use tokio_modbus::ExceptionCode;
+
+use super::rtu::{self, RtuLink};
+use super::{tcp, Area, Link, ModbusSettings};
+
+/// The data of one block read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockData {
+    /// Registers of a holding or input register read.
+    Registers(Vec<u16>),
+    /// Bits of a coil or discrete input read.
+    Bits(Vec<bool>),
+}
+
+impl BlockData {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            BlockData::Registers(r) => r.len(),
+            BlockData::Bits(b) => b.len(),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a read got no usable answer. "The device said no" is not here: an exception is an
+/// answer (`Ok(Err(code))`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// The unit did not answer in time.
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
+    /// Something arrived but it was no valid answer to the request.
+    #[error("garbled answer: {0}")]
+    Garbled(String),
+    /// The port or connection failed; it has to be opened again.
+    #[error("{0}")]
+    Link(String),
+}
+
+/// An open line.
+#[derive(Debug)]
+pub enum Conn {
+    /// Modbus TCP through tokio-modbus.
+    Tcp(TcpConn),
+    /// RTU frames over a TCP connection to a converter.
+    RtuOverTcp(RtuLink<tokio::net::TcpStream>),
+    /// RTU frames on a serial port.
+    Serial(RtuLink<tokio_serial::SerialStream>),
+}
+
+/// A Modbus TCP connection and the pacing of its requests.
+pub struct TcpConn {
+    context: Context,
+    inter_request_delay: Duration,
+    last_answer: Instant,
+}
+
+impl std::fmt::Debug for TcpConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpConn")
+            .field("inter_request_delay", &self.inter_request_delay)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// Opens the line described by `settings`.
+    pub async fn open(settings: &ModbusSettings) -> Result<Conn, ReadError> {
+        match &settings.link {
+            Link::Tcp { address } => {
+                let context = tcp::connect(address, settings.timeout).await?;
+                Ok(Conn::Tcp(TcpConn {
+                    context,
+                    inter_request_delay: settings.inter_request_delay,
+                    last_answer: Instant::now(),
+                }))
+            }
+            Link::RtuOverTcp { address } => {
+                let stream = tcp::connect_stream(address, settings.timeout).await?;
+                Ok(Conn::RtuOverTcp(RtuLink::new(
+                    stream,
+                    None,
+                    settings.inter_request_delay,
+                    settings.timeout,
+                )))
+            }
+            Link::Rtu(serial) => {
+                let port = rtu::open_serial(serial)?;
+                Ok(Conn::Serial(RtuLink::new(
+                    port,
+                    Some(rtu::timing(serial)),
+                    settings.inter_request_delay,
+                    settings.timeout,
+                )))
+            }
+        }
+    }
+
+    /// Reads `count` items of `area` from `start` on unit `unit`. Answers shorter than asked
+    /// for are garbled, never passed on.
+    pub async fn read(
+        &mut self,
+        unit: u8,
+        area: Area,
+        start: u16,
+        count: u16,
+        timeout: Duration,
+    ) -> Result<Result<BlockData, ExceptionCode>, ReadError> {
+        let answer = match self {
+            Conn::Tcp(c) => {
+                if !c.inter_request_delay.is_zero() {
+                    tokio::time::sleep_until((c.last_answer + c.inter_request_delay).into()).await;
+                }
+                let answer = tcp::read(&mut c.context, unit, area, start, count, timeout).await;
+                c.last_answer = Instant::now();
+                answer?
+            }
+            Conn::RtuOverTcp(l) => l.read(unit, area, start, count, timeout).await?,
+            Conn::Serial(l) => l.read(unit, area, start, count, timeout).await?,
+        };
+        if let Ok(data) = &answer {
+            if data.len() < usize::from(count) {
+                return Err(ReadError::Garbled(format!(
+                    "answer holds {} values, {count} were asked for",
+                    data.len()
+                )));
+            }
+        }
+        Ok(answer)
+    }
+
+    /// Whether a read that got no answer leaves the line unusable. Modbus TCP connections are
+    /// dropped after a timeout: tokio-modbus would take a late reply for the next request's.
+    /// RTU lines resynchronise by silence instead.
+    pub fn drop_after_failed_read(&self) -> bool {
+        matches!(self, Conn::Tcp(_))
+    }
+
+    /// Closes the line, politely where the protocol has a way to.
+    pub async fn close(self) {
+        if let Conn::Tcp(mut c) = self {
+            use tokio_modbus::client::Client;
+            let _ = tokio::time::timeout(Duration::from_millis(100), c.context.disconnect()).await;
+        }
+    }
+}

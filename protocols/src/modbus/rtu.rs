@@ -1,0 +1,351 @@
+//! The RTU master side of a line: one transaction at a time over a serial port or a TCP
+//! connection to a serial converter.
+//!
+//! Invariants:
+//! - Before every request the line has been silent for the gap (t3.5 on a serial line, or the
+//!   configured `inter_request_delay` if longer). Bytes arriving meanwhile are strays (a late
+//!   answer, noise) and are discarded; each one restarts the silence. So a late frame never
+//!   reaches the next transaction.
+//! - After a transaction that got no valid answer the silence required is longer
+//!   ([`RtuLink::quiet_after_failure`]), so the answer of a unit that is merely late lands
+//!   in the guard and is thrown away.
+//! - An answer is accepted only from the addressed unit, with the requested function, the
+//!   exact byte count and a valid CRC ([`frame::find_response`]); bytes before it are counted
+//!   as discarded.
+//! - A line that never goes quiet, an I/O error or end of file is a link failure: the driver
+//!   closes the port or connection and opens it again.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_modbus::ExceptionCode;
+
+use super::frame::{self, Answer, Expect, Found, LineTiming};
+use super::link::{BlockData, ReadError};
+use super::{Area, Parity, SerialSettings};
+
+/// Received bytes kept while looking for an answer; the longest frame is 256 bytes.
+const MAX_BUFFERED: usize = 4 * frame::MAX_FRAME;
+
+/// The master end of an RTU line over any byte stream.
+#[derive(Debug)]
+pub struct RtuLink<T> {
+    io: T,
+    /// Time to send one character, zero when the stream is not a serial port.
+    char_time: Duration,
+    /// Silence required before each request.
+    gap: Duration,
+    /// Silence required after a transaction that failed.
+    quiet_after_failure: Duration,
+    /// When the last byte was sent or received.
+    last_activity: Instant,
+    /// Whether the last transaction got no valid answer.
+    failed: bool,
+    request: Vec<u8>,
+    buf: Vec<u8>,
+    discarded: u64,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
+    /// A link over `io`. `timing` is the serial line's timing (`None` over TCP, where the
+    /// converter does the serial timing); `inter_request_delay` and `timeout` come from the
+    /// line's settings.
+    pub fn new(
+        io: T,
+        timing: Option<LineTiming>,
+        inter_request_delay: Duration,
+        timeout: Duration,
+    ) -> Self {
+        let t35 = timing.map_or(Duration::ZERO, |t| t.t35);
+        let gap = t35.max(inter_request_delay);
+        RtuLink {
+            io,
+            char_time: timing.map_or(Duration::ZERO, |t| t.char_time),
+            gap,
+            quiet_after_failure: gap.max((timeout / 4).min(Duration::from_millis(50))),
+            last_activity: Instant::now(),
+            failed: false,
+            request: Vec::with_capacity(frame::REQUEST_LEN),
+            buf: Vec::with_capacity(MAX_BUFFERED),
+            discarded: 0,
+        }
+    }
+
+    /// Bytes thrown away so far: strays between transactions and garbage before answers.
+    pub fn discarded(&self) -> u64 {
+        self.discarded
+    }
+
+    /// Reads `count` items of `area` from `start` on unit `unit`.
+    pub async fn read(
+        &mut self,
+        unit: u8,
+        area: Area,
+        start: u16,
+        count: u16,
+        timeout: Duration,
+    ) -> Result<Result<BlockData, ExceptionCode>, ReadError> {
+        let quiet = if self.failed {
+            self.quiet_after_failure
+        } else {
+            self.gap
+        };
+        self.wait_for_silence(quiet, timeout).await?;
+
+        frame::encode_read(unit, area, start, count, &mut self.request);
+        self.io
+            .write_all(&self.request)
+            .await
+            .map_err(|e| ReadError::Link(format!("cannot send: {e}")))?;
+        self.io
+            .flush()
+            .await
+            .map_err(|e| ReadError::Link(format!("cannot send: {e}")))?;
+        // On a real UART the request is still on the wire when write returns.
+        let sent = Instant::now() + self.char_time * frame::REQUEST_LEN as u32;
+        self.last_activity = sent;
+        let deadline = sent + timeout;
+        let expect = Expect { unit, area, count };
+
+        self.buf.clear();
+        let result = loop {
+            let mut chunk = [0u8; 512];
+            let read = tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => None,
+                r = self.io.read(&mut chunk) => Some(r),
+            };
+            let n = match read {
+                None if self.buf.is_empty() => break Err(ReadError::NoAnswer(timeout)),
+                None => {
+                    break Err(ReadError::Garbled(format!(
+                        "{} bytes arrived but hold no valid answer from unit {unit}",
+                        self.buf.len()
+                    )))
+                }
+                Some(Ok(0)) => return Err(ReadError::Link("the line was closed".into())),
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(ReadError::Link(format!("cannot receive: {e}"))),
+            };
+            self.last_activity = Instant::now();
+            if self.buf.len() + n > MAX_BUFFERED {
+                // No valid frame is longer than MAX_FRAME: what lies further back is noise.
+                let drop = self.buf.len() + n - MAX_BUFFERED / 2;
+                let drop = drop.min(self.buf.len());
+                self.buf.drain(..drop);
+                self.discarded += drop as u64;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+            match frame::find_response(&self.buf, expect) {
+                Found::Incomplete => continue,
+                Found::Answer {
+                    answer,
+                    skipped,
+                    end,
+                } => {
+                    self.discarded += (skipped + self.buf.len() - end) as u64;
+                    break Ok(match answer {
+                        Answer::Exception(code) => Err(ExceptionCode::new(code)),
+                        Answer::Data { start, len } => {
+                            let data = &self.buf[start..start + len];
+                            Ok(if area.is_bit() {
+                                BlockData::Bits(frame::bits(data, count))
+                            } else {
+                                BlockData::Registers(frame::registers(data, count))
+                            })
+                        }
+                    });
+                }
+            }
+        };
+        self.failed = result.is_err();
+        result
+    }
+
+    /// Waits until nothing has arrived for `quiet`, discarding what does arrive. A line that
+    /// is still talking after `limit` has failed.
+    async fn wait_for_silence(
+        &mut self,
+        quiet: Duration,
+        limit: Duration,
+    ) -> Result<(), ReadError> {
+        let give_up = Instant::now() + limit.max(quiet * 4);
+        let mut chunk = [0u8; 256];
+        let mut strays = 0usize;
+        loop {
+            let until = self.last_activity + quiet;
+            let now = Instant::now();
+            if now >= until {
+                self.discarded += strays as u64;
+                return Ok(());
+            }
+            if now >= give_up {
+                return Err(ReadError::Link(format!(
+                    "the line did not go quiet: {strays} stray bytes in {limit:?}"
+                )));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(until.min(give_up).into()) => {}
+                r = self.io.read(&mut chunk) => match r {
+                    Ok(0) => return Err(ReadError::Link("the line was closed".into())),
+                    Ok(n) => {
+                        strays += n;
+                        self.last_activity = Instant::now();
+                    }
+                    Err(e) => return Err(ReadError::Link(format!("cannot receive: {e}"))),
+                },
+            }
+        }
+    }
+
+    /// The stream, to close it.
+    pub fn into_inner(self) -> T {
+        self.io
+    }
+}
+
+/// Opens a serial port for RTU: raw, no flow control, the configured framing, input flushed.
+pub fn open_serial(settings: &SerialSettings) -> Result<tokio_serial::SerialStream, ReadError> {
+    use tokio_serial::SerialPort;
+    let builder = tokio_serial::new(settings.port.as_str(), settings.baud_rate)
+        .data_bits(match settings.data_bits {
+            5 => tokio_serial::DataBits::Five,
+            6 => tokio_serial::DataBits::Six,
+            7 => tokio_serial::DataBits::Seven,
+            _ => tokio_serial::DataBits::Eight,
+        })
+        .parity(match settings.parity {
+            Parity::None => tokio_serial::Parity::None,
+            Parity::Even => tokio_serial::Parity::Even,
+            Parity::Odd => tokio_serial::Parity::Odd,
+        })
+        .stop_bits(if settings.stop_bits == 2 {
+            tokio_serial::StopBits::Two
+        } else {
+            tokio_serial::StopBits::One
+        })
+        .flow_control(tokio_serial::FlowControl::None);
+    let port = tokio_serial::SerialStream::open(&builder)
+        .map_err(|e| ReadError::Link(format!("cannot open {}: {e}", settings.port)))?;
+    // Whatever a device sent before we opened the port belongs to no request of ours.
+    let _ = port.clear(tokio_serial::ClearBuffer::All);
+    Ok(port)
+}
+
+/// The timing of a serial line's settings.
+pub fn timing(settings: &SerialSettings) -> LineTiming {
+    LineTiming::new(settings.baud_rate, settings.bits_per_char())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    fn link(io: tokio::io::DuplexStream) -> RtuLink<tokio::io::DuplexStream> {
+        RtuLink::new(
+            io,
+            Some(LineTiming::new(115_200, 11)),
+            Duration::ZERO,
+            Duration::from_millis(200),
+        )
+    }
+
+    async fn answer_next(peer: &mut tokio::io::DuplexStream, prefix: &[u8], regs: &[u16]) {
+        let mut req = [0u8; frame::REQUEST_LEN];
+        peer.read_exact(&mut req).await.expect("request");
+        let parsed = frame::parse_request(&req).expect("crc").expect("complete");
+        let mut out = prefix.to_vec();
+        let mut answer = Vec::new();
+        frame::encode_registers(parsed.unit, parsed.function, regs, &mut answer);
+        out.extend_from_slice(&answer);
+        peer.write_all(&out).await.expect("answer");
+    }
+
+    #[tokio::test]
+    async fn reads_registers_and_skips_garbage_before_the_answer() {
+        let (a, mut b) = duplex(1024);
+        let mut l = link(a);
+        let peer = tokio::spawn(async move {
+            answer_next(&mut b, &[0xFF, 0x00, 0x07], &[10, 20]).await;
+            b
+        });
+        let got = l
+            .read(7, Area::HoldingRegister, 0, 2, Duration::from_millis(500))
+            .await
+            .expect("link")
+            .expect("no exception");
+        assert!(matches!(got, BlockData::Registers(r) if r == [10, 20]));
+        assert_eq!(l.discarded(), 3);
+        drop(peer.await);
+    }
+
+    #[tokio::test]
+    async fn a_late_answer_is_discarded_before_the_next_request() {
+        let (a, mut b) = duplex(1024);
+        let mut l = link(a);
+        let first = l
+            .read(1, Area::HoldingRegister, 0, 1, Duration::from_millis(30))
+            .await;
+        assert!(matches!(first, Err(ReadError::NoAnswer(_))));
+        // The unit answers the first request late, just before the master's next request.
+        let mut req = [0u8; frame::REQUEST_LEN];
+        b.read_exact(&mut req).await.expect("first request");
+        let mut late = Vec::new();
+        frame::encode_registers(1, 3, &[666], &mut late);
+        b.write_all(&late).await.expect("late answer");
+        let peer = tokio::spawn(async move {
+            answer_next(&mut b, &[], &[42]).await;
+            b
+        });
+        let second = l
+            .read(1, Area::HoldingRegister, 0, 1, Duration::from_millis(500))
+            .await
+            .expect("link")
+            .expect("no exception");
+        assert!(
+            matches!(second, BlockData::Registers(ref r) if r == &[42]),
+            "the late 666 must not be taken for the answer: {second:?}"
+        );
+        assert_eq!(l.discarded(), late.len() as u64);
+        drop(peer.await);
+    }
+
+    #[tokio::test]
+    async fn a_garbled_answer_is_reported_and_an_exception_passed_on() {
+        let (a, mut b) = duplex(1024);
+        let mut l = link(a);
+        let peer = tokio::spawn(async move {
+            let mut req = [0u8; frame::REQUEST_LEN];
+            b.read_exact(&mut req).await.expect("request");
+            let mut answer = Vec::new();
+            frame::encode_registers(2, 3, &[1], &mut answer);
+            answer[3] ^= 0x40;
+            b.write_all(&answer).await.expect("answer");
+            b.read_exact(&mut req).await.expect("request");
+            frame::encode_exception(2, 3, 2, &mut answer);
+            b.write_all(&answer).await.expect("answer");
+            b
+        });
+        let garbled = l
+            .read(2, Area::HoldingRegister, 0, 1, Duration::from_millis(50))
+            .await;
+        assert!(matches!(garbled, Err(ReadError::Garbled(_))), "{garbled:?}");
+        let refused = l
+            .read(2, Area::HoldingRegister, 0, 1, Duration::from_millis(500))
+            .await
+            .expect("link");
+        assert_eq!(refused.err(), Some(ExceptionCode::IllegalDataAddress));
+        drop(peer.await);
+    }
+
+    #[tokio::test]
+    async fn a_closed_stream_is_a_link_failure() {
+        let (a, b) = duplex(64);
+        let mut l = link(a);
+        drop(b);
+        let r = l
+            .read(1, Area::Coil, 0, 8, Duration::from_millis(100))
+            .await;
+        assert!(matches!(r, Err(ReadError::Link(_))), "{r:?}");
+    }
+}

@@ -1,0 +1,352 @@
+//! The scheduler of a shared Modbus line, free of I/O.
+//!
+//! A line (a serial port, an RTU-over-TCP converter, or a Modbus TCP gateway) carries one
+//! transaction at a time for all of its units. The line driver asks [`Schedule::pick`] for one
+//! job (one scan of one unit's scan class), runs it, and reports the outcome with
+//! [`Schedule::finish`].
+//!
+//! Invariants:
+//! - Fair: the job due earliest goes first, so when the line cannot keep up every unit slips
+//!   by the same amount instead of one unit starving the others; equal due times are served
+//!   round-robin across units.
+//! - A unit that leaves [`DEMOTE_AFTER`] jobs in a row unanswered is demoted: its scans stop
+//!   and one probe scan is made per probe period instead. The period starts at
+//!   [`BUDGET_FACTOR`] request timeouts (at least one second) and doubles up to the line's
+//!   `backoff_max`. A dead unit therefore costs the line at most one timeout per period, at
+//!   most 1/[`BUDGET_FACTOR`] of its time: that is the demotion budget the healthy units pay.
+//! - A probe that gets an answer (data or an exception: the unit is alive) promotes the unit;
+//!   all of its classes are due at once.
+
+use std::time::{Duration, Instant};
+
+use super::scan::ScanClass;
+
+/// Unanswered jobs in a row after which a unit is demoted.
+pub const DEMOTE_AFTER: u32 = 3;
+
+/// A demoted unit is probed at most once per this many request timeouts.
+pub const BUDGET_FACTOR: u32 = 10;
+
+/// Shortest probe period of a demoted unit.
+const MIN_PROBE_PERIOD: Duration = Duration::from_secs(1);
+
+/// One scan of one unit's scan class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Job {
+    /// Index of the unit on the line.
+    pub unit: usize,
+    /// Index of the scan class within the unit.
+    pub class: usize,
+    /// Whether the unit is demoted and this scan probes whether it is back.
+    pub probe: bool,
+}
+
+/// A change of a unit's standing, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// The unit was demoted; it is probed every `period` (growing while it stays silent).
+    Demoted {
+        /// The first probe period.
+        period: Duration,
+    },
+    /// The unit answered a probe and is scanned at its rates again.
+    Promoted,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Demotion {
+    period: Duration,
+    next_probe: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Unit {
+    classes: Vec<ScanClass>,
+    failures: u32,
+    demoted: Option<Demotion>,
+}
+
+impl Unit {
+    /// The unit's earliest due class and when it is due.
+    fn due(&self) -> Option<(Instant, usize)> {
+        let (class, earliest) = self
+            .classes
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, c)| c.next_due)?;
+        match self.demoted {
+            Some(d) => Some((d.next_probe, class)),
+            None => Some((earliest.next_due, class)),
+        }
+    }
+}
+
+/// The jobs of one line and the standing of its units.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    units: Vec<Unit>,
+    first_period: Duration,
+    max_period: Duration,
+    next_turn: usize,
+}
+
+impl Schedule {
+    /// A schedule for units given by their scan classes; `timeout` is the request timeout and
+    /// `max_period` the longest probe period of a demoted unit.
+    pub fn new(units: Vec<Vec<ScanClass>>, timeout: Duration, max_period: Duration) -> Self {
+        let first_period = (timeout * BUDGET_FACTOR).max(MIN_PROBE_PERIOD);
+        Schedule {
+            units: units
+                .into_iter()
+                .map(|classes| Unit {
+                    classes,
+                    failures: 0,
+                    demoted: None,
+                })
+                .collect(),
+            first_period,
+            max_period: max_period.max(first_period),
+            next_turn: 0,
+        }
+    }
+
+    /// When the next job is due, if the line has any.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.units
+            .iter()
+            .filter_map(|u| u.due())
+            .map(|(t, _)| t)
+            .min()
+    }
+
+    /// The job to run now: the one due earliest, ties served round-robin across units.
+    pub fn pick(&mut self, now: Instant) -> Option<Job> {
+        let n = self.units.len();
+        let mut best: Option<(Instant, usize, usize)> = None;
+        for k in 0..n {
+            let unit = (self.next_turn + k) % n;
+            let Some((due, class)) = self.units[unit].due() else {
+                continue;
+            };
+            if due > now {
+                continue;
+            }
+            if best.is_none_or(|(t, _, _)| due < t) {
+                best = Some((due, unit, class));
+            }
+        }
+        let (_, unit, class) = best?;
+        self.next_turn = (unit + 1) % n;
+        Some(Job {
+            unit,
+            class,
+            probe: self.units[unit].demoted.is_some(),
+        })
+    }
+
+    /// The scan class of a job, to read its blocks (and keep the splits learned on the way).
+    pub fn class_mut(&mut self, job: Job) -> Option<&mut ScanClass> {
+        self.units.get_mut(job.unit)?.classes.get_mut(job.class)
+    }
+
+    /// Records the outcome of a job: `answered` when the unit answered at all (data or an
+    /// exception), false when it stayed silent or its answer was garbled.
+    pub fn finish(&mut self, job: Job, answered: bool, now: Instant) -> Option<Transition> {
+        let (first_period, max_period) = (self.first_period, self.max_period);
+        let unit = self.units.get_mut(job.unit)?;
+        if let Some(class) = unit.classes.get_mut(job.class) {
+            class.advance(now);
+        }
+        if answered {
+            unit.failures = 0;
+            if unit.demoted.take().is_some() {
+                unit.classes
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| *i != job.class)
+                    .for_each(|(_, c)| c.next_due = now);
+                return Some(Transition::Promoted);
+            }
+            return None;
+        }
+        unit.failures = unit.failures.saturating_add(1);
+        match &mut unit.demoted {
+            Some(d) => {
+                d.period = (d.period * 2).min(max_period);
+                d.next_probe = now + d.period;
+                None
+            }
+            None if unit.failures >= DEMOTE_AFTER => {
+                unit.demoted = Some(Demotion {
+                    period: first_period,
+                    next_probe: now + first_period,
+                });
+                Some(Transition::Demoted {
+                    period: first_period,
+                })
+            }
+            None => None,
+        }
+    }
+
+    /// Whether a unit is demoted.
+    pub fn is_demoted(&self, unit: usize) -> bool {
+        self.units.get(unit).is_some_and(|u| u.demoted.is_some())
+    }
+
+    /// Makes every healthy unit's classes due at `now` (after the link came back).
+    pub fn all_due(&mut self, now: Instant) {
+        for unit in self.units.iter_mut().filter(|u| u.demoted.is_none()) {
+            unit.classes.iter_mut().for_each(|c| c.next_due = now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(interval_ms: u64, due: Instant) -> ScanClass {
+        ScanClass {
+            interval: Duration::from_millis(interval_ms),
+            blocks: Vec::new(),
+            next_due: due,
+        }
+    }
+
+    fn line(units: usize, t0: Instant) -> Schedule {
+        Schedule::new(
+            (0..units).map(|_| vec![class(100, t0)]).collect(),
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        )
+    }
+
+    #[test]
+    fn equal_due_times_are_served_round_robin() {
+        let t0 = Instant::now();
+        let mut s = line(3, t0);
+        let order: Vec<usize> = (0..3)
+            .map(|_| {
+                let job = s.pick(t0).expect("a job is due");
+                s.finish(job, true, t0);
+                job.unit
+            })
+            .collect();
+        assert_eq!(order, [0, 1, 2]);
+        assert_eq!(s.pick(t0), None, "nothing is due until the next interval");
+        assert_eq!(s.next_due(), Some(t0 + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn the_earliest_due_job_goes_first() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(
+            vec![
+                vec![class(100, t0 + Duration::from_millis(5))],
+                vec![class(100, t0)],
+            ],
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        );
+        let now = t0 + Duration::from_millis(10);
+        assert_eq!(s.pick(now).map(|j| j.unit), Some(1));
+    }
+
+    #[test]
+    fn a_silent_unit_is_demoted_then_probed_with_growing_periods_and_promoted_when_it_answers() {
+        let t0 = Instant::now();
+        let mut s = line(2, t0);
+        let mut now = t0;
+        let mut transitions = Vec::new();
+        for _ in 0..DEMOTE_AFTER {
+            let job = Job {
+                unit: 1,
+                class: 0,
+                probe: false,
+            };
+            transitions.push(s.finish(job, false, now));
+            now += Duration::from_millis(100);
+        }
+        assert_eq!(
+            transitions.last(),
+            Some(&Some(Transition::Demoted {
+                period: Duration::from_secs(2)
+            })),
+            "demoted after {DEMOTE_AFTER} silent jobs, first period 10 x 200 ms"
+        );
+        assert!(s.is_demoted(1));
+        // Only unit 0 is scanned until the probe is due.
+        for _ in 0..15 {
+            let job = s.pick(now).expect("unit 0 is due");
+            assert_eq!(job.unit, 0);
+            s.finish(job, true, now);
+            now += Duration::from_millis(100);
+        }
+        // The probe comes 2 s after the demotion; it fails and the period doubles.
+        now = t0 + Duration::from_millis(200) + Duration::from_secs(2);
+        let probe = loop {
+            let job = s.pick(now).expect("something is due");
+            if job.unit == 1 {
+                break job;
+            }
+            s.finish(job, true, now);
+        };
+        assert!(probe.probe);
+        assert_eq!(s.finish(probe, false, now), None);
+        assert!(s.next_due().is_some());
+        let later = now + Duration::from_millis(3999);
+        assert!(
+            s.pick(later).is_none_or(|j| j.unit == 0),
+            "the second probe waits 4 s"
+        );
+        let probe_at = now + Duration::from_secs(4);
+        let probe = loop {
+            let job = s.pick(probe_at).expect("something is due");
+            if job.unit == 1 {
+                break job;
+            }
+            s.finish(job, true, probe_at);
+        };
+        assert_eq!(s.finish(probe, true, probe_at), Some(Transition::Promoted));
+        assert!(!s.is_demoted(1));
+    }
+
+    #[test]
+    fn an_answer_resets_the_failure_count() {
+        let t0 = Instant::now();
+        let mut s = line(1, t0);
+        let job = Job {
+            unit: 0,
+            class: 0,
+            probe: false,
+        };
+        for _ in 0..DEMOTE_AFTER - 1 {
+            s.finish(job, false, t0);
+        }
+        s.finish(job, true, t0);
+        for _ in 0..DEMOTE_AFTER - 1 {
+            assert_eq!(s.finish(job, false, t0), None);
+        }
+        assert!(!s.is_demoted(0));
+    }
+
+    #[test]
+    fn the_probe_period_is_capped() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(
+            vec![vec![class(100, t0)]],
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+        );
+        let job = Job {
+            unit: 0,
+            class: 0,
+            probe: false,
+        };
+        for _ in 0..20 {
+            s.finish(job, false, t0);
+        }
+        assert_eq!(s.next_due(), Some(t0 + Duration::from_secs(5)));
+    }
+}

@@ -1,0 +1,975 @@
+//! An in-process Modbus RTU slave simulator: several units on one simulated RS-485 line.
+//!
+//! Design:
+//! - [`RtuSim`] is the line: a set of units, each a [`SimDevice`] (its register image answers
+//!   the reads, its [`Faults`](super::modbus::Faults) make it silent or late and count its
+//!   requests), plus [`LineFaults`] for what goes wrong on the wire itself. It is a cheap,
+//!   cloneable handle: a test keeps one while the line serves.
+//! - One serving loop, [`RtuSim::serve_stream`], runs over any byte stream. It behaves like the
+//!   slaves on a bus: bytes are accumulated, an 8-byte read request with a valid CRC at the start
+//!   of the buffer is a transaction, and anything else is dropped one byte at a time until a
+//!   request lines up again (a slave resynchronises on noise). Requests are handled one at a
+//!   time in order; a unit nobody simulates, unit 0 (broadcast) and a silent unit do not answer;
+//!   a late unit answers after its delay even when the master has long given up, which is what
+//!   makes late answers collide with the next transaction on a real line.
+//! - The line is reachable three ways: over a pseudo-terminal behind a symlink, exactly as the
+//!   gateway opens a USB adapter under `/dev/serial/by-id/` ([`RtuSim::serve_pty`]), over TCP as
+//!   behind a serial-to-Ethernet converter ([`RtuSim::serve_tcp`]), or over any in-process
+//!   stream. Several TCP connections share the line: their transactions are serialised.
+//! - A pty or socket delivers bytes instantly. With [`RtuSim::emulate_line`] each transaction
+//!   takes what it takes on the wire: the request's reception plus the t3.5 end-of-frame silence
+//!   before the unit starts answering, then the answer paced at the character rate in chunks of
+//!   about a millisecond, each sent at an absolute deadline computed from the start of the
+//!   answer, so timer rounding does not add up.
+//! - The pty's slave side is opened by the simulator too and kept open for the pty's lifetime,
+//!   in raw mode: the gateway can close and reopen the port without the master seeing a hangup,
+//!   and nothing is echoed or translated before the gateway configures the port.
+//!   [`PtyLine::unplug`] closes both sides and removes the symlink: the gateway's open port
+//!   fails as when a USB adapter is pulled; [`PtyLine::replug`] brings a new pty behind the
+//!   same link.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt, PtyMaster};
+use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+use rand::Rng;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, Instant};
+use tokio_modbus::{ExceptionCode, Request, Response};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::modbus::{Image, SimDevice, SimServer};
+use crate::modbus::frame::{self, LineTiming, MAX_FRAME, REQUEST_LEN};
+use crate::modbus::Area;
+
+/// Bytes buffered by the serving loop; a request is 8 bytes, so this only bounds one read.
+const RX_CAPACITY: usize = 512;
+
+/// Most garbage bytes written before an answer by [`LineFaults::noise_before`].
+const MAX_NOISE: usize = 7;
+
+/// Wire faults and counters of a simulated line, shared with its serving loops.
+///
+/// Each fault switch is a count of answers still to be affected: setting `corrupt_crc` to 2
+/// spoils the next two answers. Only answers actually sent count (not silent or unknown units).
+#[derive(Debug, Default)]
+pub struct LineFaults {
+    /// Next answers preceded by 3 to 7 random bytes of line noise.
+    pub noise_before: AtomicU32,
+    /// Next answers sent with one bit of their CRC flipped.
+    pub corrupt_crc: AtomicU32,
+    /// Next answers cut after the first half of the frame.
+    pub truncate: AtomicU32,
+    /// Answers sent (normal and exception frames, spoilt or not).
+    pub answers: AtomicU64,
+    /// Bytes dropped to resynchronise: noise, frames with a bad CRC, frames that are no request.
+    pub bad_requests: AtomicU64,
+}
+
+impl LineFaults {
+    /// Answers sent so far.
+    pub fn answers(&self) -> u64 {
+        self.answers.load(Ordering::Relaxed)
+    }
+
+    /// Bytes dropped for resynchronisation so far.
+    pub fn bad_requests(&self) -> u64 {
+        self.bad_requests.load(Ordering::Relaxed)
+    }
+}
+
+/// Takes one from a fault count; whether the fault applies to this answer.
+fn take(count: &AtomicU32) -> bool {
+    count
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// Simulated Modbus RTU slaves sharing one line; clones share the units, faults and line.
+///
+/// Build it with [`RtuSim::with_unit`] and [`RtuSim::emulate_line`] before serving: a clone
+/// changed by a builder method afterwards gets its own unit set (faults stay shared).
+#[derive(Debug, Clone, Default)]
+pub struct RtuSim {
+    units: Arc<HashMap<u8, SimDevice>>,
+    timing: Option<LineTiming>,
+    faults: Arc<LineFaults>,
+    /// The line itself: one transaction at a time, whichever connection it came from.
+    bus: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl RtuSim {
+    /// A line with no units, delivering bytes as fast as the transport does.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) the unit `unit_id`, served by `device`; unit 0 (broadcast) never answers.
+    pub fn with_unit(mut self, unit_id: u8, device: SimDevice) -> Self {
+        Arc::make_mut(&mut self.units).insert(unit_id, device);
+        self
+    }
+
+    /// Makes each transaction take the time it takes on a line at `baud` with `bits_per_char`
+    /// bits per character (11 for 8E1 or 8N2, 10 for 8N1).
+    pub fn emulate_line(mut self, baud: u32, bits_per_char: u32) -> Self {
+        self.timing = Some(LineTiming::new(baud, bits_per_char));
+        self
+    }
+
+    /// The emulated line timing, if any.
+    pub fn timing(&self) -> Option<LineTiming> {
+        self.timing
+    }
+
+    /// The wire fault switches and counters.
+    pub fn faults(&self) -> &LineFaults {
+        &self.faults
+    }
+
+    /// The device serving `unit_id`, sharing its image and faults with the line.
+    pub fn device(&self, unit_id: u8) -> Option<SimDevice> {
+        self.units.get(&unit_id).cloned()
+    }
+
+    /// Serves the line over `stream` until end of file or an I/O error (returned).
+    pub async fn serve_stream<S>(&self, mut stream: S) -> io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut rx = [0u8; RX_CAPACITY];
+        let (mut start, mut end) = (0, 0);
+        let mut frame = Vec::with_capacity(MAX_FRAME);
+        let mut tx = Vec::with_capacity(MAX_NOISE + MAX_FRAME);
+        loop {
+            loop {
+                match frame::parse_request(&rx[start..end]) {
+                    Ok(None) => break,
+                    Err(()) => {
+                        start += 1;
+                        self.faults.bad_requests.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Some(request)) => {
+                        start += REQUEST_LEN;
+                        self.transact(request, &mut stream, &mut frame, &mut tx)
+                            .await?;
+                    }
+                }
+            }
+            // Fewer than a request's bytes are left: move them to the front and read more.
+            rx.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+            let n = stream.read(&mut rx[end..]).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            end += n;
+        }
+    }
+
+    /// Handles one request: counts it, and answers if the unit exists and is not silent.
+    async fn transact<S>(
+        &self,
+        request: frame::Request,
+        stream: &mut S,
+        frame: &mut Vec<u8>,
+        tx: &mut Vec<u8>,
+    ) -> io::Result<()>
+    where
+        S: AsyncWrite + Unpin,
+    {
+        let arrived = Instant::now();
+        let _line = self.bus.lock().await;
+        if request.unit == 0 {
+            return Ok(());
+        }
+        let Some(device) = self.units.get(&request.unit) else {
+            return Ok(());
+        };
+        let faults = device.faults();
+        faults.requests.fetch_add(1, Ordering::Relaxed);
+        if faults.silent.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let delay = Duration::from_millis(faults.delay_ms.load(Ordering::Relaxed));
+        encode_answer(&device.image(), &request, frame);
+        self.spoil(frame, tx);
+
+        let mut at = arrived;
+        if let Some(timing) = self.timing {
+            // The request's characters and the end-of-frame silence before the unit may answer.
+            at += timing.chars(REQUEST_LEN) + timing.t35;
+            sleep_until(at).await;
+        }
+        if !delay.is_zero() {
+            at += delay;
+            sleep_until(at).await;
+        }
+        match self.timing {
+            Some(timing) => write_paced(stream, tx, timing, at).await?,
+            None => stream.write_all(tx).await?,
+        }
+        stream.flush().await?;
+        self.faults.answers.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Copies `frame` into `tx` with the wire faults due for this answer applied.
+    fn spoil(&self, frame: &mut [u8], tx: &mut Vec<u8>) {
+        tx.clear();
+        if take(&self.faults.noise_before) {
+            let mut rng = rand::rng();
+            let n = rng.random_range(3..=MAX_NOISE);
+            tx.extend((0..n).map(|_| rng.random::<u8>()));
+        }
+        if take(&self.faults.corrupt_crc) {
+            if let Some(crc_low) = frame.len().checked_sub(2).and_then(|i| frame.get_mut(i)) {
+                *crc_low ^= 0x01;
+            }
+        }
+        let len = if take(&self.faults.truncate) {
+            frame.len() / 2
+        } else {
+            frame.len()
+        };
+        tx.extend_from_slice(&frame[..len]);
+    }
+
+    /// Serves the line over TCP on `addr` (use `127.0.0.1:0`), as a serial-to-Ethernet converter
+    /// in transparent mode does: RTU frames, CRC included, over the connection. Every accepted
+    /// connection is served and counted on every unit's `faults.connections`.
+    pub async fn serve_tcp(&self, addr: SocketAddr) -> io::Result<SimServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        let sim = self.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        debug!("RTU simulator cannot accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                for device in sim.units.values() {
+                    device.faults().connections.fetch_add(1, Ordering::Relaxed);
+                }
+                let sim = sim.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    if let Some(Err(e)) = stop.run_until_cancelled(sim.serve_stream(stream)).await {
+                        debug!("RTU simulator connection from {peer} ended: {e}");
+                    }
+                });
+            }
+        });
+        Ok(SimServer::from_parts(addr, cancel, task))
+    }
+
+    /// Serves the line on a new pseudo-terminal reachable through a symlink at `link` (replaced
+    /// if it exists), as a USB adapter under `/dev/serial/by-id/`. Must be called within a tokio
+    /// runtime; the returned handle stops the line when dropped.
+    pub fn serve_pty(&self, link: &Path) -> io::Result<PtyLine> {
+        let handle = Handle::try_current().map_err(io::Error::other)?;
+        let mut line = PtyLine {
+            sim: self.clone(),
+            link: link.to_path_buf(),
+            handle,
+            pty: None,
+        };
+        line.plug()?;
+        Ok(line)
+    }
+}
+
+/// Writes the answer for `request` from `image` into `frame`: data, or an exception frame.
+fn encode_answer(image: &Image, request: &frame::Request, frame: &mut Vec<u8>) {
+    let (unit, function, start, count) =
+        (request.unit, request.function, request.start, request.count);
+    let Some(area) = frame::area_of(function) else {
+        frame::encode_exception(unit, function, ExceptionCode::IllegalFunction.into(), frame);
+        return;
+    };
+    // The protocol limits of one read; a larger count cannot even be framed.
+    let limit = if area.is_bit() { 2000 } else { 125 };
+    if count == 0 || count > limit {
+        frame::encode_exception(
+            unit,
+            function,
+            ExceptionCode::IllegalDataValue.into(),
+            frame,
+        );
+        return;
+    }
+    let read = match area {
+        Area::Coil => Request::ReadCoils(start, count),
+        Area::DiscreteInput => Request::ReadDiscreteInputs(start, count),
+        Area::HoldingRegister => Request::ReadHoldingRegisters(start, count),
+        Area::InputRegister => Request::ReadInputRegisters(start, count),
+    };
+    match image.answer(&read) {
+        Ok(Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits)) => {
+            frame::encode_bits(unit, function, &bits, frame);
+        }
+        Ok(Response::ReadHoldingRegisters(regs) | Response::ReadInputRegisters(regs)) => {
+            frame::encode_registers(unit, function, &regs, frame);
+        }
+        Ok(_) => {
+            frame::encode_exception(
+                unit,
+                function,
+                ExceptionCode::ServerDeviceFailure.into(),
+                frame,
+            );
+        }
+        Err(code) => frame::encode_exception(unit, function, code.into(), frame),
+    }
+}
+
+/// Writes `bytes` at the character rate of `timing`, starting at `start`: each chunk of about a
+/// millisecond is sent when its last character would have been received on the wire.
+async fn write_paced<S>(
+    stream: &mut S,
+    bytes: &[u8],
+    timing: LineTiming,
+    start: Instant,
+) -> io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    let char_nanos = timing.char_time.as_nanos();
+    if char_nanos == 0 {
+        return stream.write_all(bytes).await;
+    }
+    let per_ms = (1_000_000 + char_nanos / 2) / char_nanos;
+    let chunk = usize::try_from(per_ms).unwrap_or(usize::MAX).max(1);
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let next = bytes.len().min(sent.saturating_add(chunk));
+        sleep_until(start + timing.chars(next)).await;
+        stream.write_all(&bytes[sent..next]).await?;
+        sent = next;
+    }
+    Ok(())
+}
+
+/// The pty master shared by a serving loop and its [`PtyLine`], which closes it by taking it.
+type MasterSlot = Arc<Mutex<Option<AsyncFd<PtyMaster>>>>;
+
+fn lock(slot: &MasterSlot) -> MutexGuard<'_, Option<AsyncFd<PtyMaster>>> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The master side of a pty as a tokio stream; end of file once the master is closed.
+struct PtyIo {
+    master: MasterSlot,
+}
+
+impl AsyncRead for PtyIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let slot = lock(&self.master);
+        let Some(master) = slot.as_ref() else {
+            return Poll::Ready(Ok(()));
+        };
+        loop {
+            let mut guard = ready!(master.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|fd| fd.get_ref().read(unfilled)) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for PtyIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let slot = lock(&self.master);
+        let Some(master) = slot.as_ref() else {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        };
+        loop {
+            let mut guard = ready!(master.poll_write_ready(cx))?;
+            match guard.try_io(|fd| fd.get_ref().write(buf)) {
+                Ok(result) => return Poll::Ready(result),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// One plugged-in pty and the task serving it.
+#[derive(Debug)]
+struct Pty {
+    master: MasterSlot,
+    /// Our own open slave fd: keeps the line up while the gateway closes and reopens the port.
+    slave: File,
+    /// The slave's device path, `/dev/pts/N`.
+    tty: PathBuf,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// A simulated RTU line on a pseudo-terminal behind a symlink; dropping it unplugs the line.
+#[derive(Debug)]
+pub struct PtyLine {
+    sim: RtuSim,
+    link: PathBuf,
+    handle: Handle,
+    pty: Option<Pty>,
+}
+
+impl PtyLine {
+    /// The symlink the gateway opens as its serial port.
+    pub fn path(&self) -> &Path {
+        &self.link
+    }
+
+    /// The pty slave the link points to (`/dev/pts/N`), while plugged in.
+    pub fn tty(&self) -> Option<&Path> {
+        self.pty.as_ref().map(|pty| pty.tty.as_path())
+    }
+
+    /// Pulls the adapter: stops serving, removes the symlink and closes both sides of the pty,
+    /// so a port the gateway has open fails. Does nothing when already unplugged.
+    pub fn unplug(&mut self) {
+        let Some(pty) = self.pty.take() else {
+            return;
+        };
+        pty.cancel.cancel();
+        pty.task.abort();
+        if fs::read_link(&self.link).is_ok_and(|target| target == pty.tty) {
+            let _ = fs::remove_file(&self.link);
+        }
+        drop(lock(&pty.master).take());
+        drop(pty.slave);
+    }
+
+    /// Plugs a new adapter in: a new pty (its number may differ) behind the same symlink.
+    /// Unplugs the current one first if still plugged.
+    pub fn replug(&mut self) -> io::Result<()> {
+        self.unplug();
+        self.plug()
+    }
+
+    /// Stops serving and unplugs the line.
+    pub fn stop(mut self) {
+        self.unplug();
+    }
+
+    fn plug(&mut self) -> io::Result<()> {
+        let (master, slave, tty) = open_pty()?;
+        let master = {
+            let _runtime = self.handle.enter();
+            // `AsyncFd::new` is deprecated because an arbitrary `T` could close its fd while
+            // registered. `PtyMaster` owns its fd and closes it only when dropped, which
+            // `AsyncFd` does after deregistering it, so this use is sound; the replacement,
+            // `AsyncFd::register`, is `unsafe` and the crate forbids unsafe code.
+            #[allow(deprecated)]
+            AsyncFd::new(master)?
+        };
+        let master: MasterSlot = Arc::new(Mutex::new(Some(master)));
+        point_link(&self.link, &tty)?;
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        let sim = self.sim.clone();
+        let io = PtyIo {
+            master: Arc::clone(&master),
+        };
+        let tty_name = tty.display().to_string();
+        let task = self.handle.spawn(async move {
+            match stop.run_until_cancelled(sim.serve_stream(io)).await {
+                Some(Err(e)) => debug!("RTU simulator on {tty_name} stopped: {e}"),
+                Some(Ok(())) => debug!("RTU simulator on {tty_name} closed"),
+                None => {}
+            }
+        });
+        self.pty = Some(Pty {
+            master,
+            slave,
+            tty,
+            cancel,
+            task,
+        });
+        Ok(())
+    }
+}
+
+impl Drop for PtyLine {
+    fn drop(&mut self) {
+        self.unplug();
+    }
+}
+
+/// Opens a pty pair: the master (non-blocking), the slave opened by us in raw mode, its path.
+fn open_pty() -> io::Result<(PtyMaster, File, PathBuf)> {
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let tty = PathBuf::from(ptsname_r(&master)?);
+    let slave = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(OFlag::O_NOCTTY.bits())
+        .open(&tty)?;
+    let mut termios = tcgetattr(&slave)?;
+    cfmakeraw(&mut termios);
+    tcsetattr(&slave, SetArg::TCSANOW, &termios)?;
+    let flags = OFlag::from_bits_truncate(fcntl(&master, FcntlArg::F_GETFL)?);
+    fcntl(&master, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok((master, slave, tty))
+}
+
+/// Points the symlink `link` at `target`, atomically replacing an existing symlink.
+fn point_link(link: &Path, target: &Path) -> io::Result<()> {
+    if let Ok(meta) = fs::symlink_metadata(link) {
+        if !meta.file_type().is_symlink() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a symlink", link.display()),
+            ));
+        }
+    }
+    let Some(name) = link.file_name() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is no file path", link.display()),
+        ));
+    };
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let tmp = link.with_file_name(tmp_name);
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)?;
+    fs::rename(&tmp, link).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{duplex, DuplexStream};
+    use tokio::net::TcpStream;
+    use tokio::time::timeout;
+    use tokio_modbus::client::{tcp, Reader};
+    use tokio_modbus::Slave;
+    use tokio_serial::{SerialPortBuilderExt, SerialStream};
+
+    const NOTHING: Duration = Duration::from_millis(200);
+    const ANSWER: Duration = Duration::from_secs(5);
+
+    /// Unit 1 with hr:0..3 = 1, 2, 3; unit 2 with hr:0..3 = 10, 20, 30; unit 3 silent.
+    fn line() -> RtuSim {
+        let one = SimDevice::new();
+        one.image().hr[..3].copy_from_slice(&[1, 2, 3]);
+        let two = SimDevice::new();
+        two.image().hr[..3].copy_from_slice(&[10, 20, 30]);
+        let three = SimDevice::new();
+        three.faults().silent.store(true, Ordering::Relaxed);
+        RtuSim::new()
+            .with_unit(1, one)
+            .with_unit(2, two)
+            .with_unit(3, three)
+    }
+
+    fn read_request(unit: u8, area: Area, start: u16, count: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame::encode_read(unit, area, start, count, &mut out);
+        out
+    }
+
+    fn registers_answer(unit: u8, regs: &[u16]) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame::encode_registers(unit, 3, regs, &mut out);
+        out
+    }
+
+    fn exception_answer(unit: u8, function: u8, code: u8) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame::encode_exception(unit, function, code, &mut out);
+        out
+    }
+
+    /// A fresh link path in the temp directory, unique per test and process.
+    fn link_path(test: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("rtu-sim-{}-{test}", std::process::id()))
+    }
+
+    fn open_port(path: &Path) -> SerialStream {
+        tokio_serial::new(path.to_string_lossy(), 19_200)
+            .open_native_async()
+            .expect("open the pty link as a serial port")
+    }
+
+    async fn send<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) {
+        io.write_all(bytes).await.expect("write request");
+    }
+
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+        io: &mut S,
+        request: &[u8],
+        len: usize,
+    ) -> Vec<u8> {
+        io.write_all(request).await.expect("write request");
+        let mut answer = vec![0; len];
+        timeout(ANSWER, io.read_exact(&mut answer))
+            .await
+            .expect("answer in time")
+            .expect("read answer");
+        answer
+    }
+
+    async fn assert_silence<S: AsyncRead + Unpin>(io: &mut S) {
+        let mut byte = [0u8; 1];
+        if let Ok(read) = timeout(NOTHING, io.read(&mut byte)).await {
+            panic!("expected no answer, got {read:?} ({byte:?})");
+        }
+    }
+
+    /// Everything that arrives until the line has been quiet for 100 ms.
+    async fn read_burst<S: AsyncRead + Unpin>(io: &mut S) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok(read) = timeout(Duration::from_millis(100), io.read(&mut buf)).await {
+            let n = read.expect("read");
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    }
+
+    fn serve_duplex(sim: &RtuSim) -> DuplexStream {
+        let (master, slave) = duplex(4096);
+        let sim = sim.clone();
+        tokio::spawn(async move { sim.serve_stream(slave).await });
+        master
+    }
+
+    #[tokio::test]
+    async fn pty_link_answers_each_unit_and_ignores_unknown_and_silent_ones() {
+        let sim = line();
+        let link = link_path("units");
+        let pty = sim.serve_pty(&link).expect("serve pty");
+        assert_eq!(pty.path(), link);
+        assert!(fs::read_link(&link)
+            .expect("a symlink")
+            .starts_with("/dev/pts"));
+        let mut port = open_port(&link);
+
+        let hr = Area::HoldingRegister;
+        let answer = exchange(&mut port, &read_request(1, hr, 0, 3), 11).await;
+        assert_eq!(answer, registers_answer(1, &[1, 2, 3]));
+        let answer = exchange(&mut port, &read_request(2, hr, 1, 2), 9).await;
+        assert_eq!(answer, registers_answer(2, &[20, 30]));
+
+        send(&mut port, &read_request(9, hr, 0, 1)).await;
+        assert_silence(&mut port).await;
+        send(&mut port, &read_request(3, hr, 0, 1)).await;
+        assert_silence(&mut port).await;
+
+        let device = |unit| sim.device(unit).expect("unit").requests();
+        assert_eq!((device(1), device(2), device(3)), (1, 1, 1));
+        assert!(sim.device(9).is_none());
+        assert_eq!(sim.faults().answers(), 2);
+        drop(pty);
+        assert!(fs::symlink_metadata(&link).is_err(), "link removed on drop");
+    }
+
+    #[tokio::test]
+    async fn garbage_before_a_request_is_skipped() {
+        let sim = line();
+        let link = link_path("garbage");
+        let _pty = sim.serve_pty(&link).expect("serve pty");
+        let mut port = open_port(&link);
+        let mut bytes = vec![0xFF, 0x00, 0x42];
+        bytes.extend_from_slice(&read_request(1, Area::HoldingRegister, 0, 2));
+        let answer = exchange(&mut port, &bytes, 9).await;
+        assert_eq!(answer, registers_answer(1, &[1, 2]));
+        assert_eq!(sim.faults().bad_requests(), 3);
+    }
+
+    #[tokio::test]
+    async fn emulated_line_takes_the_wire_time_of_a_transaction() {
+        let sim = line().emulate_line(19_200, 11);
+        let timing = sim.timing().expect("timing");
+        let link = link_path("timing");
+        let _pty = sim.serve_pty(&link).expect("serve pty");
+        let mut port = open_port(&link);
+        let started = std::time::Instant::now();
+        let answer = exchange(
+            &mut port,
+            &read_request(2, Area::HoldingRegister, 0, 125),
+            255,
+        )
+        .await;
+        let elapsed = started.elapsed();
+        assert!(frame::crc_ok(&answer));
+        assert_eq!(&answer[..5], &[2, 3, 250, 0, 10]);
+        let floor = timing.chars(REQUEST_LEN + 255) + timing.t35;
+        assert!(elapsed >= floor, "{elapsed:?} < {floor:?}");
+    }
+
+    #[tokio::test]
+    async fn the_line_survives_the_port_being_closed_and_reopened() {
+        let sim = line();
+        let link = link_path("reopen");
+        let _pty = sim.serve_pty(&link).expect("serve pty");
+        let request = read_request(1, Area::HoldingRegister, 2, 1);
+        for _ in 0..3 {
+            let mut port = open_port(&link);
+            assert_eq!(
+                exchange(&mut port, &request, 7).await,
+                registers_answer(1, &[3])
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn unplug_fails_the_open_port_and_replug_brings_the_line_back() {
+        let sim = line();
+        let link = link_path("replug");
+        let mut pty = sim.serve_pty(&link).expect("serve pty");
+        let request = read_request(2, Area::HoldingRegister, 0, 1);
+        let mut port = open_port(&link);
+        assert_eq!(
+            exchange(&mut port, &request, 7).await,
+            registers_answer(2, &[10])
+        );
+
+        pty.unplug();
+        assert!(fs::symlink_metadata(&link).is_err(), "link removed");
+        assert!(pty.tty().is_none());
+        let mut buf = [0u8; 8];
+        match timeout(ANSWER, AsyncReadExt::read(&mut port, &mut buf)).await {
+            Ok(Ok(0) | Err(_)) => {}
+            other => panic!("the open port should fail after unplug: {other:?}"),
+        }
+        drop(port);
+
+        pty.replug().expect("replug");
+        assert!(pty.tty().is_some());
+        let mut port = open_port(&link);
+        assert_eq!(
+            exchange(&mut port, &request, 7).await,
+            registers_answer(2, &[10])
+        );
+        pty.stop();
+        assert!(fs::symlink_metadata(&link).is_err(), "link removed on stop");
+    }
+
+    #[tokio::test]
+    async fn rtu_over_tcp_answers_like_the_serial_line() {
+        let sim = line();
+        let server = sim
+            .serve_tcp("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("serve tcp");
+        let mut conn = TcpStream::connect(server.addr()).await.expect("connect");
+        let hr = Area::HoldingRegister;
+        let answer = exchange(&mut conn, &read_request(1, hr, 0, 3), 11).await;
+        assert_eq!(answer, registers_answer(1, &[1, 2, 3]));
+        let answer = exchange(&mut conn, &read_request(2, hr, 0, 3), 11).await;
+        assert_eq!(answer, registers_answer(2, &[10, 20, 30]));
+        conn.write_all(&read_request(9, hr, 0, 1))
+            .await
+            .expect("write");
+        assert_silence(&mut conn).await;
+
+        // A second connection to the same converter reaches the same line.
+        let mut other = TcpStream::connect(server.addr()).await.expect("connect");
+        let answer = exchange(&mut other, &read_request(1, hr, 1, 1), 7).await;
+        assert_eq!(answer, registers_answer(1, &[2]));
+        assert_eq!(
+            sim.device(1)
+                .expect("unit")
+                .faults()
+                .connections
+                .load(Ordering::Relaxed),
+            2
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn modbus_tcp_units_are_dispatched_by_unit_id() {
+        let sim = line();
+        let units = [1, 2, 3]
+            .map(|u| (u, sim.device(u).expect("unit")))
+            .to_vec();
+        let server = super::super::modbus::serve_units(units, "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("serve units");
+
+        let mut one = tcp::connect_slave(server.addr(), Slave(1))
+            .await
+            .expect("connect");
+        let regs = one
+            .read_holding_registers(0, 3)
+            .await
+            .expect("io")
+            .expect("regs");
+        assert_eq!(regs, [1, 2, 3]);
+        let mut two = tcp::connect_slave(server.addr(), Slave(2))
+            .await
+            .expect("connect");
+        let regs = two
+            .read_holding_registers(0, 3)
+            .await
+            .expect("io")
+            .expect("regs");
+        assert_eq!(regs, [10, 20, 30]);
+        let mut unknown = tcp::connect_slave(server.addr(), Slave(9))
+            .await
+            .expect("connect");
+        let answer = unknown.read_holding_registers(0, 1).await.expect("io");
+        assert_eq!(answer, Err(ExceptionCode::GatewayTargetDevice));
+        let mut silent = tcp::connect_slave(server.addr(), Slave(3))
+            .await
+            .expect("connect");
+        assert!(timeout(NOTHING, silent.read_holding_registers(0, 1))
+            .await
+            .is_err());
+        assert_eq!(sim.device(3).expect("unit").requests(), 1);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn exceptions_follow_the_image_and_the_protocol_limits() {
+        let sim = line();
+        sim.device(1)
+            .expect("unit")
+            .image()
+            .holes
+            .push((Area::InputRegister, 100..110));
+        let mut io = serve_duplex(&sim);
+        let answer = exchange(&mut io, &read_request(1, Area::InputRegister, 105, 2), 5).await;
+        assert_eq!(answer, exception_answer(1, 4, 2));
+        let answer = exchange(&mut io, &read_request(1, Area::HoldingRegister, 0, 126), 5).await;
+        assert_eq!(answer, exception_answer(1, 3, 3));
+        // Write single register (06) has a read's shape but is not supported.
+        let mut write = vec![1, 0x06, 0, 1, 0, 7];
+        frame::push_crc(&mut write);
+        assert_eq!(
+            exchange(&mut io, &write, 5).await,
+            exception_answer(1, 6, 1)
+        );
+        let mut coils = Vec::new();
+        sim.device(2).expect("unit").image().co[..3].copy_from_slice(&[true, false, true]);
+        frame::encode_bits(2, 1, &[true, false, true], &mut coils);
+        assert_eq!(
+            exchange(&mut io, &read_request(2, Area::Coil, 0, 3), 6).await,
+            coils
+        );
+    }
+
+    #[tokio::test]
+    async fn a_late_unit_answers_after_the_master_gave_up() {
+        let sim = line();
+        sim.device(1)
+            .expect("unit")
+            .faults()
+            .delay_ms
+            .store(300, Ordering::Relaxed);
+        let mut io = serve_duplex(&sim);
+        io.write_all(&read_request(1, Area::HoldingRegister, 0, 1))
+            .await
+            .expect("write");
+        assert_silence(&mut io).await;
+        let mut answer = vec![0; 7];
+        timeout(ANSWER, io.read_exact(&mut answer))
+            .await
+            .expect("late answer")
+            .expect("read");
+        assert_eq!(answer, registers_answer(1, &[1]));
+    }
+
+    #[tokio::test]
+    async fn wire_faults_spoil_the_next_answers() {
+        let sim = line();
+        let mut io = serve_duplex(&sim);
+        let request = read_request(2, Area::HoldingRegister, 0, 3);
+        let good = registers_answer(2, &[10, 20, 30]);
+        let faults = sim.faults();
+
+        faults.noise_before.store(1, Ordering::Relaxed);
+        io.write_all(&request).await.expect("write");
+        let noisy = read_burst(&mut io).await;
+        assert!(noisy.ends_with(&good), "{noisy:?}");
+        assert!(
+            (3..=MAX_NOISE).contains(&(noisy.len() - good.len())),
+            "{noisy:?}"
+        );
+
+        faults.corrupt_crc.store(1, Ordering::Relaxed);
+        io.write_all(&request).await.expect("write");
+        let corrupt = read_burst(&mut io).await;
+        assert_eq!(corrupt.len(), good.len());
+        assert_eq!(corrupt[..good.len() - 2], good[..good.len() - 2]);
+        assert!(!frame::crc_ok(&corrupt));
+
+        faults.truncate.store(2, Ordering::Relaxed);
+        for _ in 0..2 {
+            io.write_all(&request).await.expect("write");
+            assert_eq!(read_burst(&mut io).await, good[..good.len() / 2]);
+        }
+
+        io.write_all(&request).await.expect("write");
+        assert_eq!(read_burst(&mut io).await, good);
+        assert_eq!(faults.answers(), 5);
+        assert_eq!(faults.truncate.load(Ordering::Relaxed), 0);
+    }
+}
