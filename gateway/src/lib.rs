@@ -10,6 +10,7 @@ pub mod demo;
 pub mod ledger;
 pub mod metrics;
 pub mod publish;
+pub mod read;
 pub mod record;
 pub mod state;
 pub mod topology;

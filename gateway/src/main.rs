@@ -1,4 +1,4 @@
-//! The `edge-gateway` command: run, check, browse, demo and bench.
+//! The `edge-gateway` command: run, check, browse, read, demo and bench.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +57,9 @@ enum Command {
     /// Browse an OPC UA server's address space: a tree of objects and variables (node id, data
     /// type, access), or with `--format toml` ready-to-paste `[[devices.tags]]` entries.
     Browse(edge_gateway::browse::BrowseArgs),
+    /// One Modbus read, printed raw and decoded as every type and word order: `--device NAME
+    /// --config FILE`, or a line given by `--tcp`, `--rtu-over-tcp` or `--serial` flags.
+    Read(edge_gateway::read::ReadArgs),
     /// Measure the whole pipeline: simulated devices → gateway (a child process) → broker →
     /// subscriber; prints samples/s, CPU per 100k samples, peak RSS, latency and disk writes.
     Bench(edge_gateway::bench::BenchOptions),
@@ -197,6 +200,12 @@ fn main() -> ExitCode {
             Command::Browse(args) => {
                 init_tracing("error");
                 let text = edge_gateway::browse::run(&args).await?;
+                print!("{text}");
+                Ok(())
+            }
+            Command::Read(args) => {
+                init_tracing("error");
+                let text = edge_gateway::read::run(&args).await?;
                 print!("{text}");
                 Ok(())
             }

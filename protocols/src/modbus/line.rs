@@ -60,8 +60,8 @@ struct Unit {
 enum ScanEnd {
     /// Every block got an answer (data or an exception).
     Answered(Vec<Sample>),
-    /// The unit did not answer or garbled its answer.
-    Silent(ReadError),
+    /// The unit did not answer or garbled its answer (or a gateway in front said so).
+    Silent(ReadError, Reason),
     /// The line failed.
     LinkDown(ReadError),
 }
@@ -208,14 +208,14 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                 let transition = schedule.finish(job, true, Instant::now());
                 report_transition(&line_name, unit, &settings, transition);
             }
-            ScanEnd::Silent(e) => {
+            ScanEnd::Silent(e, reason) => {
                 unit.ctx.status.errors.fetch_add(1, Ordering::Relaxed);
                 if job.probe {
                     debug!(line = %line_name, unit = %unit.ctx.name, error = %e, "demoted unit still not answering");
                 } else {
                     warn!(line = %line_name, unit = %unit.ctx.name, unit_id = unit.settings.unit_id, error = %e, "unit did not answer");
                 }
-                emit_unit_bad(unit, reason_of(&e)).await?;
+                emit_unit_bad(unit, reason).await?;
                 let transition = schedule.finish(job, false, Instant::now());
                 report_transition(&line_name, unit, &settings, transition);
                 if link.drop_after_failed_read() {
@@ -340,7 +340,10 @@ async fn scan_class(
         {
             Ok(answer) => answer,
             Err(e @ ReadError::Link(_)) => return ScanEnd::LinkDown(e),
-            Err(e) => return ScanEnd::Silent(e),
+            Err(e) => {
+                let reason = reason_of(&e);
+                return ScanEnd::Silent(e, reason);
+            }
         };
         let now = Timestamp::now();
         match answer {
@@ -368,9 +371,12 @@ async fn scan_class(
                 let code = u8::from(code);
                 if code == GATEWAY_PATH_UNAVAILABLE || code == GATEWAY_TARGET_FAILED {
                     // The gateway in front answered for a unit that did not.
-                    return ScanEnd::Silent(ReadError::Garbled(format!(
-                        "the gateway reports the unit unreachable (exception {code})"
-                    )));
+                    return ScanEnd::Silent(
+                        ReadError::Garbled(format!(
+                            "the gateway reports the unit unreachable (exception {code})"
+                        )),
+                        Reason::Exception(code),
+                    );
                 }
                 ctx.status.errors.fetch_add(1, Ordering::Relaxed);
                 debug!(device = %ctx.name, area = block.area.prefix(), start = block.start, code, "device answered with an exception");

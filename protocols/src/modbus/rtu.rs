@@ -158,6 +158,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
             }
         };
         self.failed = result.is_err();
+        if self.failed {
+            // The guard before the next request runs from now, so an answer that is merely
+            // late arrives inside it and is discarded.
+            self.last_activity = Instant::now();
+        }
         result
     }
 

@@ -10,10 +10,11 @@
 //!   by the same amount instead of one unit starving the others; equal due times are served
 //!   round-robin across units.
 //! - A unit that leaves [`DEMOTE_AFTER`] jobs in a row unanswered is demoted: its scans stop
-//!   and one probe scan is made per probe period instead. The period starts at
-//!   [`BUDGET_FACTOR`] request timeouts (at least one second) and doubles up to the line's
-//!   `backoff_max`. A dead unit therefore costs the line at most one timeout per period, at
-//!   most 1/[`BUDGET_FACTOR`] of its time: that is the demotion budget the healthy units pay.
+//!   and one probe scan is made per probe period instead. A silent probe costs the line one
+//!   request timeout plus the resynchronisation guard after it (at most a quarter timeout, see
+//!   `rtu.rs`). The period starts at [`BUDGET_FACTOR`] such costs (at least one second) and
+//!   doubles up to the line's `backoff_max`, so a dead unit takes at most 1/[`BUDGET_FACTOR`]
+//!   of the line's time: that is the demotion budget the healthy units pay.
 //! - A probe that gets an answer (data or an exception: the unit is alive) promotes the unit;
 //!   all of its classes are due at once.
 
@@ -24,7 +25,7 @@ use super::scan::ScanClass;
 /// Unanswered jobs in a row after which a unit is demoted.
 pub const DEMOTE_AFTER: u32 = 3;
 
-/// A demoted unit is probed at most once per this many request timeouts.
+/// A demoted unit is probed at most once per this many probe costs (timeout and guard).
 pub const BUDGET_FACTOR: u32 = 10;
 
 /// Shortest probe period of a demoted unit.
@@ -94,7 +95,8 @@ impl Schedule {
     /// A schedule for units given by their scan classes; `timeout` is the request timeout and
     /// `max_period` the longest probe period of a demoted unit.
     pub fn new(units: Vec<Vec<ScanClass>>, timeout: Duration, max_period: Duration) -> Self {
-        let first_period = (timeout * BUDGET_FACTOR).max(MIN_PROBE_PERIOD);
+        let probe_cost = timeout + timeout / 4;
+        let first_period = (probe_cost * BUDGET_FACTOR).max(MIN_PROBE_PERIOD);
         Schedule {
             units: units
                 .into_iter()
@@ -271,9 +273,9 @@ mod tests {
         assert_eq!(
             transitions.last(),
             Some(&Some(Transition::Demoted {
-                period: Duration::from_secs(2)
+                period: Duration::from_millis(2500)
             })),
-            "demoted after {DEMOTE_AFTER} silent jobs, first period 10 x 200 ms"
+            "demoted after {DEMOTE_AFTER} silent jobs, first period 10 x (200 + 50) ms"
         );
         assert!(s.is_demoted(1));
         // Only unit 0 is scanned until the probe is due.
@@ -283,8 +285,8 @@ mod tests {
             s.finish(job, true, now);
             now += Duration::from_millis(100);
         }
-        // The probe comes 2 s after the demotion; it fails and the period doubles.
-        now = t0 + Duration::from_millis(200) + Duration::from_secs(2);
+        // The probe comes 2.5 s after the demotion; it fails and the period doubles.
+        now = t0 + Duration::from_millis(2700);
         let probe = loop {
             let job = s.pick(now).expect("something is due");
             if job.unit == 1 {
@@ -295,12 +297,12 @@ mod tests {
         assert!(probe.probe);
         assert_eq!(s.finish(probe, false, now), None);
         assert!(s.next_due().is_some());
-        let later = now + Duration::from_millis(3999);
+        let later = now + Duration::from_millis(4999);
         assert!(
             s.pick(later).is_none_or(|j| j.unit == 0),
-            "the second probe waits 4 s"
+            "the second probe waits 5 s"
         );
-        let probe_at = now + Duration::from_secs(4);
+        let probe_at = now + Duration::from_secs(5);
         let probe = loop {
             let job = s.pick(probe_at).expect("something is due");
             if job.unit == 1 {
@@ -337,7 +339,7 @@ mod tests {
         let mut s = Schedule::new(
             vec![vec![class(100, t0)]],
             Duration::from_millis(200),
-            Duration::from_secs(5),
+            Duration::from_secs(6),
         );
         let job = Job {
             unit: 0,
@@ -347,6 +349,6 @@ mod tests {
         for _ in 0..20 {
             s.finish(job, false, t0);
         }
-        assert_eq!(s.next_due(), Some(t0 + Duration::from_secs(5)));
+        assert_eq!(s.next_due(), Some(t0 + Duration::from_secs(6)));
     }
 }
