@@ -726,7 +726,7 @@ struct RawRtuDevice {
     protocol: de::IgnoredAny,
     port: String,
     baud_rate: Option<i64>,
-    parity: Option<Parity>,
+    parity: Option<String>,
     data_bits: Option<i64>,
     stop_bits: Option<i64>,
     unit_id: Option<i64>,
@@ -766,7 +766,7 @@ enum RawLink {
     Serial {
         port: String,
         baud_rate: Option<i64>,
-        parity: Option<Parity>,
+        parity: Option<String>,
         data_bits: Option<i64>,
         stop_bits: Option<i64>,
     },
@@ -1214,6 +1214,16 @@ fn parse_data_type(text: &str) -> Option<DataType> {
         "string" => DataType::String,
         _ => return None,
     })
+}
+
+/// `none`, `even` or `odd`, in any case.
+fn parse_parity(text: &str) -> Option<Parity> {
+    match text.to_ascii_lowercase().as_str() {
+        "none" => Some(Parity::None),
+        "even" => Some(Parity::Even),
+        "odd" => Some(Parity::Odd),
+        _ => None,
+    }
 }
 
 fn parse_order(text: &str) -> Option<WordOrder> {
@@ -2222,6 +2232,14 @@ impl Checker<'_> {
                     *BAUD_RATES.start(),
                     *BAUD_RATES.end(),
                 );
+                let parity = match parity.as_deref() {
+                    None => Parity::default(),
+                    Some(text) => parse_parity(text).unwrap_or_else(|| {
+                        let message = format!("unknown parity `{text}`: use none, even or odd");
+                        self.report(&path.key("parity"), message);
+                        Parity::default()
+                    }),
+                };
                 let data_bits = match data_bits {
                     None | Some(8) => 8,
                     Some(other) => {
@@ -2245,7 +2263,7 @@ impl Checker<'_> {
                 Link::Rtu(SerialSettings {
                     port,
                     baud_rate,
-                    parity: parity.unwrap_or_default(),
+                    parity,
                     data_bits,
                     stop_bits,
                 })
@@ -4466,17 +4484,18 @@ address = "127.0.0.1:4840"
                 "`username` needs `password_file`, the file holding the password",
                 "unknown key `publishing_intervall`; did you mean `publishing_interval`?",
                 "unknown key `address` for protocol `opcua` (it belongs to protocols `modbus_tcp` \
-                 and `modbus_rtu_over_tcp`); expected one of: name, protocol, endpoint, security_policy, security_mode, username, \
-                 password_file, user_cert_file, user_key_file, pki_dir, trust_server_cert, \
-                 publishing_interval, mode, scan_interval, timeout, backoff_min, backoff_max, \
-                 enabled, tags",
+                 and `modbus_rtu_over_tcp`); expected one of: name, protocol, endpoint, \
+                 security_policy, security_mode, username, password_file, user_cert_file, \
+                 user_key_file, pki_dir, trust_server_cert, publishing_interval, mode, \
+                 scan_interval, timeout, backoff_min, backoff_max, enabled, tags",
                 "invalid node id \"ns=2;x=Oven.Temp\"; expected ns=<index>;<i|s|g|b>=<value>, \
                  e.g. \"ns=2;s=Oven.Temp\" or \"i=2258\"",
                 "set either `node_id` or `browse_path`, not both",
                 "a tag needs `node_id` (e.g. \"ns=2;s=Oven.Temp\") or `browse_path` \
                  (e.g. \"Objects/Oven/Temp\")",
                 "unknown key `type` for protocol `opcua` (it belongs to protocols `modbus_tcp`, \
-                 `modbus_rtu` and `modbus_rtu_over_tcp`); expected one of: name, node_id, browse_path, sampling_interval, deadband, queue_size",
+                 `modbus_rtu` and `modbus_rtu_over_tcp`); expected one of: name, node_id, \
+                 browse_path, sampling_interval, deadband, queue_size",
                 "must be between 1 and 10000, not 0",
                 "must not be negative",
                 "duplicate node `ns=2;s=Oven.Speed`: tag `speed` on line 31 reads it already",
@@ -5118,6 +5137,7 @@ port = "/dev/ttyUSB0"
             ),
             ("baud_rate = 50\nparity = \"odd\"", 50, Parity::Odd, 1),
             ("baud_rate = 4000000", 4_000_000, Parity::Even, 1),
+            ("parity = \"ODD\"", 19_200, Parity::Odd, 1),
         ] {
             let config = config(&with_rtu_device(lines));
             let Link::Rtu(serial) = &modbus(&config.devices[0]).link else {
@@ -5370,7 +5390,7 @@ units = []
             ),
             (
                 "devices[0].parity",
-                "unknown value `mark`, expected one of `none`, `even`, `odd`",
+                "unknown parity `mark`: use none, even or odd",
             ),
             (
                 "devices[0].data_bits",
@@ -5489,11 +5509,15 @@ units = []
             ),
             ("baud_rate = \"fast\"", "baud_rate", "expected an integer"),
             (
-                "parity = \"Even\"",
+                "parity = \"space\"",
                 "parity",
-                "unknown value `Even`, expected one of `none`, `even`, `odd`",
+                "unknown parity `space`: use none, even or odd",
             ),
-            ("parity = 1", "parity", "invalid type: integer `1`"),
+            (
+                "parity = 1",
+                "parity",
+                "invalid type: integer `1`, expected a string",
+            ),
             (
                 "data_bits = 9",
                 "data_bits",
@@ -5738,8 +5762,8 @@ units = []
         // Unit names and ids are unique within a device, tag names within a unit; another
         // device may reuse them.
         let second = format!(
-            "\n[[devices]]\nname = \"meters-2\"\nprotocol = \"modbus_rtu\"\nport = \"/dev/ttyUSB1\"\n\
-             \n  [[devices.units]]\n  name = \"m\"\n  unit_id = 1{tag}\n"
+            "\n[[devices]]\nname = \"meters-2\"\nprotocol = \"modbus_rtu\"\n\
+             port = \"/dev/ttyUSB1\"\n\n  [[devices.units]]\n  name = \"m\"\n  unit_id = 1{tag}\n"
         );
         let src = format!(
             "{}{second}",
