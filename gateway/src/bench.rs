@@ -41,6 +41,20 @@ pub struct BenchOptions {
     /// OPC UA security: "None" or a policy name, used with SignAndEncrypt.
     #[arg(long, default_value = "None")]
     pub opcua_security: String,
+    /// Instead of Modbus TCP devices: one serial RTU line at this baud rate on a pseudo-terminal,
+    /// its timing emulated by the simulator, with --units units of --rtu-registers u16 tags
+    /// each (one read per unit scan). Use a small --scan-ms to keep the line saturated.
+    #[arg(long, default_value_t = 0)]
+    pub rtu_baud: u32,
+    /// Bits per character on the RTU line: 11 (8E1, the Modbus default) or 10 (8N1).
+    #[arg(long, default_value_t = 11, value_parser = clap::value_parser!(u32).range(10..=11))]
+    pub rtu_bits: u32,
+    /// Units on the RTU line.
+    #[arg(long, default_value_t = 4)]
+    pub units: usize,
+    /// Registers (u16 tags) per RTU unit, read in one request when at most 125.
+    #[arg(long, default_value_t = 125)]
+    pub rtu_registers: usize,
     /// Profiling hook: do not start the gateway child; print the config path and keep the
     /// simulator, broker and subscriber running for warm-up + --seconds, so the child can be
     /// started by hand (under a profiler) with `bench-child --config PATH`.
@@ -140,6 +154,35 @@ pub fn bench_opcua_config(
     s
 }
 
+/// Writes a config for one RTU line on `port` with `units` units of `registers` u16 tags.
+pub fn bench_rtu_config(dir: &Path, mqtt_port: u16, port: &Path, opts: &BenchOptions) -> String {
+    let mut s = config_header(dir, mqtt_port);
+    let parity = if opts.rtu_bits == 11 { "even" } else { "none" };
+    let _ = writeln!(
+        s,
+        "[[devices]]\nname = \"line\"\nprotocol = \"modbus_rtu\"\nport = \"{}\"\n\
+         baud_rate = {}\nparity = \"{parity}\"\nscan_interval = \"{}ms\"\n",
+        port.display(),
+        opts.rtu_baud,
+        opts.scan_ms
+    );
+    for u in 0..opts.units {
+        let _ = writeln!(
+            s,
+            "  [[devices.units]]\n  name = \"u{}\"\n  unit_id = {}\n",
+            u + 1,
+            u + 1
+        );
+        for t in 0..opts.rtu_registers {
+            let _ = writeln!(
+                s,
+                "    [[devices.units.tags]]\n    name = \"t{t}\"\n    address = \"hr:{t}\"\n    type = \"u16\"\n"
+            );
+        }
+    }
+    s
+}
+
 #[derive(Debug, Default)]
 struct Received {
     samples: AtomicU64,
@@ -231,7 +274,9 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
     let cancel = CancellationToken::new();
     let mut servers = Vec::new();
     let mut opcua_sim = None;
-    let devices = if opts.opcua_items > 0 {
+    let mut rtu_line = None;
+    let mut rtu_max = 0.0;
+    let devices = if opts.opcua_items > 0 || opts.rtu_baud > 0 {
         0
     } else {
         opts.devices
@@ -274,6 +319,30 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
         let what = format!(
             "1 OPC UA session ({}) x {} monitored items sampled every {} ms, publishing every {} ms",
             opts.opcua_security, opts.opcua_items, opts.scan_ms, opts.publishing_ms
+        );
+        (config, offered, what)
+    } else if opts.rtu_baud > 0 {
+        let mut sim = protocols::sim::rtu::RtuSim::new().emulate_line(opts.rtu_baud, opts.rtu_bits);
+        for u in 0..opts.units {
+            let dev = SimDevice::new();
+            {
+                let mut img = dev.image();
+                for (i, r) in img.hr.iter_mut().take(opts.rtu_registers).enumerate() {
+                    *r = i as u16;
+                }
+            }
+            sim = sim.with_unit(u8::try_from(u + 1).map_err(setup)?, dev);
+        }
+        let port = dir.join("ttyBENCH");
+        rtu_line = Some(sim.serve_pty(&port).map_err(setup)?);
+        let config = bench_rtu_config(&dir, broker.port(), &port, &opts);
+        let timing = protocols::modbus::frame::LineTiming::new(opts.rtu_baud, opts.rtu_bits);
+        let per_read = u16::try_from(opts.rtu_registers.min(125)).unwrap_or(125);
+        rtu_max = timing.max_registers_per_second(per_read);
+        let offered = opts.units as f64 * opts.rtu_registers as f64 * 1000.0 / opts.scan_ms as f64;
+        let what = format!(
+            "1 RTU line on a pty, {} baud, {} bits per character (timing emulated), {} units x {} registers every {} ms",
+            opts.rtu_baud, opts.rtu_bits, opts.units, opts.rtu_registers, opts.scan_ms
         );
         (config, offered, what)
     } else {
@@ -346,6 +415,13 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
         "samples/s end to end (received by the subscriber): {:.0}",
         samples / elapsed
     );
+    if rtu_max > 0.0 {
+        let rate = samples / elapsed;
+        println!(
+            "RTU registers/s: {rate:.0} of {rtu_max:.0} computed for the line ({:.1}%)",
+            rate / rtu_max * 100.0
+        );
+    }
     println!(
         "gateway CPU: {:.2} s over {:.1} s = {:.0}% of one core",
         cpu,
@@ -382,6 +458,7 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
         _ => println!("gateway did not exit within 15 s of SIGTERM"),
     }
     drop(servers);
+    drop(rtu_line);
     if let Some(sim) = opcua_sim {
         sim.stop().await;
     }
@@ -452,5 +529,10 @@ mod tests {
         let opcua = bench_opcua_config(dir, 1883, "opc.tcp://127.0.0.1:4840/", 2, 5, &opts);
         let cfg = crate::config::parse(&opcua, "bench.toml").unwrap();
         assert_eq!(cfg.devices[0].tag_count(), 5);
+
+        let opts = Cli::parse_from(["bench", "--rtu-baud", "19200", "--units", "2"]).opts;
+        let rtu = bench_rtu_config(dir, 1883, Path::new("/tmp/bench/tty"), &opts);
+        let cfg = crate::config::parse(&rtu, "bench.toml").unwrap();
+        assert_eq!(cfg.devices[0].tag_count(), 250);
     }
 }

@@ -26,7 +26,7 @@ use super::codec;
 use super::link::{BlockData, Conn, ReadError};
 use super::planner::{Block, Limits};
 use super::scan::{self, ChangeFilter, ScanClass};
-use super::schedule::{Schedule, Transition};
+use super::schedule::{budgeted_probe_period, Schedule, Transition};
 use super::{ModbusSettings, TagSpec, UnitSettings};
 use crate::backoff::Backoff;
 use crate::driver::{DriverContext, DriverError};
@@ -102,7 +102,12 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
         .iter()
         .map(|u| scan::classes(&u.tags, limits, start))
         .collect();
-    let mut schedule = Schedule::new(schedule_units, settings.timeout, settings.backoff_max);
+    let first_probe = if settings.units.len() > 1 {
+        budgeted_probe_period(settings.timeout)
+    } else {
+        settings.backoff_min
+    };
+    let mut schedule = Schedule::new(schedule_units, first_probe, settings.backoff_max);
     let mut units: Vec<Unit> = settings
         .units
         .iter()

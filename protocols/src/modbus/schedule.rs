@@ -12,9 +12,11 @@
 //! - A unit that leaves [`DEMOTE_AFTER`] jobs in a row unanswered is demoted: its scans stop
 //!   and one probe scan is made per probe period instead. A silent probe costs the line one
 //!   request timeout plus the resynchronisation guard after it (at most a quarter timeout, see
-//!   `rtu.rs`). The period starts at [`BUDGET_FACTOR`] such costs (at least one second) and
-//!   doubles up to the line's `backoff_max`, so a dead unit takes at most 1/[`BUDGET_FACTOR`]
-//!   of the line's time: that is the demotion budget the healthy units pay.
+//!   `rtu.rs`). On a line with several units the period starts at [`BUDGET_FACTOR`] such
+//!   costs (at least one second) and doubles up to the line's `backoff_max`, so a dead unit
+//!   takes at most 1/[`BUDGET_FACTOR`] of the line's time: that is the demotion budget the
+//!   healthy units pay. A line with one unit has nobody to protect: its unit is probed from
+//!   the line's `backoff_min` on, like a reconnect.
 //! - A probe that gets an answer (data or an exception: the unit is alive) promotes the unit;
 //!   all of its classes are due at once.
 
@@ -30,6 +32,13 @@ pub const BUDGET_FACTOR: u32 = 10;
 
 /// Shortest probe period of a demoted unit.
 const MIN_PROBE_PERIOD: Duration = Duration::from_secs(1);
+
+/// The first probe period that keeps a dead unit within the demotion budget on a line whose
+/// requests time out after `timeout`: [`BUDGET_FACTOR`] times a silent probe's cost.
+pub fn budgeted_probe_period(timeout: Duration) -> Duration {
+    let probe_cost = timeout + timeout / 4;
+    (probe_cost * BUDGET_FACTOR).max(MIN_PROBE_PERIOD)
+}
 
 /// One scan of one unit's scan class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,11 +101,10 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// A schedule for units given by their scan classes; `timeout` is the request timeout and
-    /// `max_period` the longest probe period of a demoted unit.
-    pub fn new(units: Vec<Vec<ScanClass>>, timeout: Duration, max_period: Duration) -> Self {
-        let probe_cost = timeout + timeout / 4;
-        let first_period = (probe_cost * BUDGET_FACTOR).max(MIN_PROBE_PERIOD);
+    /// A schedule for units given by their scan classes; `first_period` is the first probe
+    /// period of a demoted unit (see [`budgeted_probe_period`]) and `max_period` the longest.
+    pub fn new(units: Vec<Vec<ScanClass>>, first_period: Duration, max_period: Duration) -> Self {
+        let first_period = first_period.max(Duration::from_millis(1));
         Schedule {
             units: units
                 .into_iter()
@@ -219,7 +227,7 @@ mod tests {
     fn line(units: usize, t0: Instant) -> Schedule {
         Schedule::new(
             (0..units).map(|_| vec![class(100, t0)]).collect(),
-            Duration::from_millis(200),
+            budgeted_probe_period(Duration::from_millis(200)),
             Duration::from_secs(30),
         )
     }
@@ -248,7 +256,7 @@ mod tests {
                 vec![class(100, t0 + Duration::from_millis(5))],
                 vec![class(100, t0)],
             ],
-            Duration::from_millis(200),
+            budgeted_probe_period(Duration::from_millis(200)),
             Duration::from_secs(30),
         );
         let now = t0 + Duration::from_millis(10);
@@ -338,7 +346,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Schedule::new(
             vec![vec![class(100, t0)]],
-            Duration::from_millis(200),
+            budgeted_probe_period(Duration::from_millis(200)),
             Duration::from_secs(6),
         );
         let job = Job {
