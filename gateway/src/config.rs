@@ -16,9 +16,10 @@
 //!    failed; that key is then dropped and the unit retried, so every unknown key and every
 //!    wrongly typed value of a unit is reported and the unit's other keys are still checked.
 //!    A device's `protocol` is read first and picks the raw structs of the device and its
-//!    tags (`modbus_tcp` and `modbus_rtu_over_tcp` share theirs, `modbus_rtu` has a serial
-//!    port instead of an address, `opcua` has its own); a key that belongs to another
-//!    protocol is reported as unknown for this one, saying whose key it is.
+//!    tags (the Modbus protocols share theirs, `opcua` has its own) and the keys allowed:
+//!    `address` for `modbus_tcp` and `modbus_rtu_over_tcp`, a serial port instead for
+//!    `modbus_rtu`; a key that belongs to another protocol is reported as unknown for this
+//!    one, saying whose key it is.
 //! 3. **Meaning.** Each raw unit is checked and turned into its runtime type (ranges, names,
 //!    addresses, durations, sizes, the broker URL); the rules that span units (unique names,
 //!    overlapping registers) run as the units are collected.
@@ -192,6 +193,8 @@ const SECTIONS: &[&str] = &["gateway", "buffer", "mqtt", "devices"];
 const MODBUS_ARRAYS: &[&str] = &["units", "tags"];
 /// The keys of an OPC UA device that hold arrays of tables.
 const OPCUA_ARRAYS: &[&str] = &["tags"];
+/// The keys of a [`RawModbusDevice`] that only a `modbus_rtu` device has.
+const SERIAL_KEYS: &[&str] = &["port", "baud_rate", "parity", "data_bits", "stop_bits"];
 /// Serial line speeds the gateway accepts, in bits per second.
 const BAUD_RATES: RangeInclusive<i64> = 50..=4_000_000;
 /// The longest pause between two Modbus transactions on a line.
@@ -453,15 +456,17 @@ impl de::Error for UnitError {
     }
 }
 
-/// Deserializes a struct from a table, naming the key whose value failed.
-struct UnitDeserializer(toml::Table);
+/// Deserializes a struct from a table, naming the key whose value failed. When the keys of
+/// the unit are given, any other key is unknown, even one the struct has.
+struct UnitDeserializer<'k>(toml::Table, Option<&'k [&'static str]>);
 
-impl<'de> de::Deserializer<'de> for UnitDeserializer {
+impl<'de> de::Deserializer<'de> for UnitDeserializer<'_> {
     type Error = UnitError;
 
     fn deserialize_any<V: de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, UnitError> {
         visitor.visit_map(UnitMap {
             entries: self.0.into_iter(),
+            known: self.1,
             pending: None,
         })
     }
@@ -473,12 +478,13 @@ impl<'de> de::Deserializer<'de> for UnitDeserializer {
     }
 }
 
-struct UnitMap {
+struct UnitMap<'k> {
     entries: <toml::Table as IntoIterator>::IntoIter,
+    known: Option<&'k [&'static str]>,
     pending: Option<(String, toml::Value)>,
 }
 
-impl<'de> de::MapAccess<'de> for UnitMap {
+impl<'de> de::MapAccess<'de> for UnitMap<'_> {
     type Error = UnitError;
 
     fn next_key_seed<K: de::DeserializeSeed<'de>>(
@@ -488,6 +494,12 @@ impl<'de> de::MapAccess<'de> for UnitMap {
         let Some((key, value)) = self.entries.next() else {
             return Ok(None);
         };
+        if self
+            .known
+            .is_some_and(|known| !known.iter().any(|k| *k == key))
+        {
+            return Err(UnitError::UnknownKey { key, expected: &[] });
+        }
         let deserializer: de::value::StrDeserializer<'_, UnitError> =
             key.as_str().into_deserializer();
         let parsed = seed.deserialize(deserializer)?;
@@ -692,8 +704,10 @@ struct RawMqtt {
     ack_timeout: Option<Dur>,
 }
 
-/// A `protocol = "modbus_tcp"` or `"modbus_rtu_over_tcp"` `[[devices]]` entry without its
-/// `units` and `tags`, which are checked one by one.
+/// A `protocol = "modbus_tcp"`, `"modbus_rtu"` or `"modbus_rtu_over_tcp"` `[[devices]]`
+/// entry without its `units` and `tags`, which are checked one by one. The protocol allows
+/// either `address` or `port` and the serial keys ([`Protocol::device_keys`]), and requires
+/// `address` or `port` ([`Checker::modbus_settings`]).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawModbusDevice {
@@ -701,30 +715,8 @@ struct RawModbusDevice {
     /// Read and checked before the unit is deserialized; listed so that it is a known key.
     #[allow(dead_code)]
     protocol: de::IgnoredAny,
-    address: String,
-    unit_id: Option<i64>,
-    inter_request_delay: Option<Dur>,
-    scan_interval: Option<Dur>,
-    timeout: Option<Dur>,
-    max_registers_per_read: Option<i64>,
-    max_gap: Option<i64>,
-    report: Option<Report>,
-    max_silence: Option<Dur>,
-    backoff_min: Option<Dur>,
-    backoff_max: Option<Dur>,
-    enabled: Option<bool>,
-}
-
-/// A `protocol = "modbus_rtu"` `[[devices]]` entry without its `units` and `tags`: a serial
-/// port instead of an address, and the Modbus keys of [`RawModbusDevice`].
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRtuDevice {
-    name: String,
-    /// Read and checked before the unit is deserialized; listed so that it is a known key.
-    #[allow(dead_code)]
-    protocol: de::IgnoredAny,
-    port: String,
+    address: Option<String>,
+    port: Option<String>,
     baud_rate: Option<i64>,
     parity: Option<String>,
     data_bits: Option<i64>,
@@ -740,83 +732,6 @@ struct RawRtuDevice {
     backoff_min: Option<Dur>,
     backoff_max: Option<Dur>,
     enabled: Option<bool>,
-}
-
-/// The keys every Modbus device has, whatever its link.
-struct RawModbusLine {
-    name: String,
-    unit_id: Option<i64>,
-    inter_request_delay: Option<Dur>,
-    scan_interval: Option<Dur>,
-    timeout: Option<Dur>,
-    max_registers_per_read: Option<i64>,
-    max_gap: Option<i64>,
-    report: Option<Report>,
-    max_silence: Option<Dur>,
-    backoff_min: Option<Dur>,
-    backoff_max: Option<Dur>,
-    enabled: Option<bool>,
-}
-
-/// How a Modbus device is reached, as written.
-enum RawLink {
-    /// `address`, for `modbus_tcp` and `modbus_rtu_over_tcp`.
-    Address(String),
-    /// The serial keys of `modbus_rtu`.
-    Serial {
-        port: String,
-        baud_rate: Option<i64>,
-        parity: Option<String>,
-        data_bits: Option<i64>,
-        stop_bits: Option<i64>,
-    },
-}
-
-impl RawModbusDevice {
-    fn split(self) -> (RawModbusLine, RawLink) {
-        let line = RawModbusLine {
-            name: self.name,
-            unit_id: self.unit_id,
-            inter_request_delay: self.inter_request_delay,
-            scan_interval: self.scan_interval,
-            timeout: self.timeout,
-            max_registers_per_read: self.max_registers_per_read,
-            max_gap: self.max_gap,
-            report: self.report,
-            max_silence: self.max_silence,
-            backoff_min: self.backoff_min,
-            backoff_max: self.backoff_max,
-            enabled: self.enabled,
-        };
-        (line, RawLink::Address(self.address))
-    }
-}
-
-impl RawRtuDevice {
-    fn split(self) -> (RawModbusLine, RawLink) {
-        let line = RawModbusLine {
-            name: self.name,
-            unit_id: self.unit_id,
-            inter_request_delay: self.inter_request_delay,
-            scan_interval: self.scan_interval,
-            timeout: self.timeout,
-            max_registers_per_read: self.max_registers_per_read,
-            max_gap: self.max_gap,
-            report: self.report,
-            max_silence: self.max_silence,
-            backoff_min: self.backoff_min,
-            backoff_max: self.backoff_max,
-            enabled: self.enabled,
-        };
-        let link = RawLink::Serial {
-            port: self.port,
-            baud_rate: self.baud_rate,
-            parity: self.parity,
-            data_bits: self.data_bits,
-            stop_bits: self.stop_bits,
-        };
-        (line, link)
-    }
 }
 
 /// A `[[devices.units]]` entry of a Modbus device, without its `tags`. Its keys are required,
@@ -897,7 +812,7 @@ struct RawOpcUaTag {
 fn keys_of<T: DeserializeOwned>() -> &'static [&'static str] {
     let mut probe = toml::Table::new();
     probe.insert("\0".to_owned(), toml::Value::Boolean(true));
-    match T::deserialize(UnitDeserializer(probe)) {
+    match T::deserialize(UnitDeserializer(probe, None)) {
         Err(UnitError::UnknownKey { expected, .. }) => expected,
         _ => &[],
     }
@@ -908,6 +823,8 @@ fn keys_of<T: DeserializeOwned>() -> &'static [&'static str] {
 struct Foreign {
     /// The protocol of the device the unit belongs to.
     protocol: &'static str,
+    /// The keys of the unit for this protocol: any other key is unknown.
+    own: Vec<&'static str>,
     /// Each other protocol with its keys (from [`keys_of`]), in the order of [`Protocol::ALL`].
     others: Vec<(&'static str, Vec<&'static str>)>,
 }
@@ -917,6 +834,7 @@ impl Foreign {
     fn new(protocol: Protocol, keys: fn(Protocol) -> Vec<&'static str>) -> Self {
         Foreign {
             protocol: protocol.name(),
+            own: keys(protocol),
             others: Protocol::ALL
                 .into_iter()
                 .filter(|&other| other != protocol)
@@ -1410,14 +1328,15 @@ impl Protocol {
 
     /// The keys of a `[[devices]]` entry of this protocol, its arrays of tables included.
     fn device_keys(self) -> Vec<&'static str> {
-        let (keys, arrays) = match self {
+        let (keys, arrays, not_ours): (_, _, &[&str]) = match self {
             Protocol::ModbusTcp | Protocol::ModbusRtuOverTcp => {
-                (keys_of::<RawModbusDevice>(), MODBUS_ARRAYS)
+                (keys_of::<RawModbusDevice>(), MODBUS_ARRAYS, SERIAL_KEYS)
             }
-            Protocol::ModbusRtu => (keys_of::<RawRtuDevice>(), MODBUS_ARRAYS),
-            Protocol::OpcUa => (keys_of::<RawOpcUaDevice>(), OPCUA_ARRAYS),
+            Protocol::ModbusRtu => (keys_of::<RawModbusDevice>(), MODBUS_ARRAYS, &["address"]),
+            Protocol::OpcUa => (keys_of::<RawOpcUaDevice>(), OPCUA_ARRAYS, &[]),
         };
-        keys.iter().chain(arrays).copied().collect()
+        let keys = keys.iter().chain(arrays).copied();
+        keys.filter(|key| !not_ours.contains(key)).collect()
     }
 
     /// The keys of a tag of a device of this protocol.
@@ -1515,7 +1434,8 @@ impl Checker<'_> {
     /// Deserializes one unit; every unknown key and bad value is reported, and the unit is
     /// retried without it so that all of them are found. Also returns the keys dropped for a
     /// bad value, whose defaults must not be checked against other keys. A device's or tag's
-    /// unit names the other protocol when an unknown key is one of its keys (`foreign`).
+    /// unit has the keys of its protocol, and names the other protocol when an unknown key is
+    /// one of its keys (`foreign`); another unit has the keys of `T` and `extra_keys`.
     fn unit<T: DeserializeOwned>(
         &mut self,
         mut table: toml::Table,
@@ -1525,13 +1445,17 @@ impl Checker<'_> {
     ) -> Option<(T, BTreeSet<String>)> {
         let mut dropped = BTreeSet::new();
         for _ in 0..=table.len() {
-            match T::deserialize(UnitDeserializer(table.clone())) {
+            let own = foreign.map(|foreign| &foreign.own[..]);
+            match T::deserialize(UnitDeserializer(table.clone(), own)) {
                 Ok(raw) => return Some((raw, dropped)),
                 Err(UnitError::UnknownKey { key, expected }) => {
-                    let known: Vec<&str> = expected.iter().chain(extra_keys).copied().collect();
                     let message = match foreign {
-                        Some(foreign) => unknown_device_key_message(&key, &known, foreign),
-                        None => unknown_key_message("key", &key, &known),
+                        Some(foreign) => unknown_device_key_message(&key, &foreign.own, foreign),
+                        None => {
+                            let known: Vec<&str> =
+                                expected.iter().chain(extra_keys).copied().collect();
+                            unknown_key_message("key", &key, &known)
+                        }
                     };
                     self.report(&path.key(&key), message);
                     table.remove(&key)?;
@@ -1542,9 +1466,7 @@ impl Checker<'_> {
                     dropped.insert(key);
                 }
                 Err(UnitError::MissingKey(key)) => {
-                    if !dropped.contains(key) {
-                        self.report(&path.key(key), format!("missing required key `{key}`"));
-                    }
+                    self.missing(path, key, &dropped);
                     return None;
                 }
                 Err(UnitError::Other(message)) => {
@@ -1554,6 +1476,14 @@ impl Checker<'_> {
             }
         }
         None
+    }
+
+    /// Reports a missing required key of the unit at `path`, unless it was dropped for a bad
+    /// value (already reported).
+    fn missing(&mut self, path: &FieldPath, key: &str, dropped: &BTreeSet<String>) {
+        if !dropped.contains(key) {
+            self.report(&path.key(key), format!("missing required key `{key}`"));
+        }
     }
 
     /// A section's table; a missing optional section is an empty one.
@@ -2058,17 +1988,9 @@ impl Checker<'_> {
         let units = table.remove("units");
         let unit_id_given = table.contains_key("unit_id");
         let foreign = Foreign::new(protocol, Protocol::device_keys);
-        let raw = match protocol {
-            Protocol::ModbusRtu => self
-                .unit::<RawRtuDevice>(table, path, MODBUS_ARRAYS, Some(&foreign))
-                .map(|(raw, dropped)| (raw.split(), dropped)),
-            _ => self
-                .unit::<RawModbusDevice>(table, path, MODBUS_ARRAYS, Some(&foreign))
-                .map(|(raw, dropped)| (raw.split(), dropped)),
-        };
-        let device = raw.map(|((line, link), dropped)| {
-            self.modbus_settings(path, protocol, line, link, &dropped, names)
-        });
+        let device = self
+            .unit::<RawModbusDevice>(table, path, &[], Some(&foreign))
+            .and_then(|(raw, dropped)| self.modbus_settings(path, protocol, raw, &dropped, names));
         let defaults = TagDefaults {
             scan_interval: device
                 .as_ref()
@@ -2128,18 +2050,26 @@ impl Checker<'_> {
     }
 
     /// Checks a Modbus device's own keys; returns its settings without units, and the unit id
-    /// of the one-unit form (`unit_id`, 1 by default) when it is valid.
+    /// of the one-unit form (`unit_id`, 1 by default) when it is valid. Like any missing
+    /// required key, a missing `address` (or `port` for `modbus_rtu`) leaves the rest unchecked.
     fn modbus_settings(
         &mut self,
         path: &FieldPath,
         protocol: Protocol,
-        raw: RawModbusLine,
-        link: RawLink,
+        mut raw: RawModbusDevice,
         dropped: &BTreeSet<String>,
         names: &mut HashMap<String, usize>,
-    ) -> (Common, ModbusSettings, Option<u8>) {
+    ) -> Option<(Common, ModbusSettings, Option<u8>)> {
+        let (key, target) = match protocol {
+            Protocol::ModbusRtu => ("port", raw.port.take()),
+            _ => ("address", raw.address.take()),
+        };
+        let Some(target) = target else {
+            self.missing(path, key, dropped);
+            return None;
+        };
         self.device_name(path, &raw.name, names);
-        let link = self.link(path, protocol, link);
+        let link = self.link(path, protocol, target, &raw);
         let unit_id = self.unit_id(&path.key("unit_id"), raw.unit_id.unwrap_or(1), protocol);
         let timing = self.timing(
             path,
@@ -2196,28 +2126,21 @@ impl Checker<'_> {
             scan_interval: timing.scan_interval,
             enabled: raw.enabled.unwrap_or(true),
         };
-        (common, settings, unit_id)
+        Some((common, settings, unit_id))
     }
 
-    /// Checks how a Modbus device is reached: an address, or a serial port and its settings.
-    fn link(&mut self, path: &FieldPath, protocol: Protocol, raw: RawLink) -> Link {
-        match raw {
-            RawLink::Address(address) => {
-                if let Err(e) = split_host_port(&address, None) {
-                    self.report(&path.key("address"), e.to_string());
-                }
-                match protocol {
-                    Protocol::ModbusRtuOverTcp => Link::RtuOverTcp { address },
-                    _ => Link::Tcp { address },
-                }
-            }
-            RawLink::Serial {
-                port,
-                baud_rate,
-                parity,
-                data_bits,
-                stop_bits,
-            } => {
+    /// Checks how a Modbus device is reached: `target` is its address, or for `modbus_rtu` its
+    /// serial port, whose settings are the serial keys of `raw`.
+    fn link(
+        &mut self,
+        path: &FieldPath,
+        protocol: Protocol,
+        target: String,
+        raw: &RawModbusDevice,
+    ) -> Link {
+        match protocol {
+            Protocol::ModbusRtu => {
+                let port = target;
                 if port.is_empty() {
                     let message = "must not be empty: name the serial device, e.g. \
                                    \"/dev/ttyUSB0\"";
@@ -2227,12 +2150,12 @@ impl Checker<'_> {
                 }
                 let baud_rate = self.integer(
                     &path.key("baud_rate"),
-                    baud_rate,
+                    raw.baud_rate,
                     19_200u32,
                     *BAUD_RATES.start(),
                     *BAUD_RATES.end(),
                 );
-                let parity = match parity.as_deref() {
+                let parity = match raw.parity.as_deref() {
                     None => Parity::default(),
                     Some(text) => parse_parity(text).unwrap_or_else(|| {
                         let message = format!("unknown parity `{text}`: use none, even or odd");
@@ -2240,7 +2163,7 @@ impl Checker<'_> {
                         Parity::default()
                     }),
                 };
-                let data_bits = match data_bits {
+                let data_bits = match raw.data_bits {
                     None | Some(8) => 8,
                     Some(other) => {
                         let message =
@@ -2249,7 +2172,7 @@ impl Checker<'_> {
                         8
                     }
                 };
-                let stop_bits = match stop_bits {
+                let stop_bits = match raw.stop_bits {
                     None => 1,
                     Some(bits @ 1..=2) => u8::try_from(bits).unwrap_or(1),
                     Some(other) => {
@@ -2267,6 +2190,16 @@ impl Checker<'_> {
                     data_bits,
                     stop_bits,
                 })
+            }
+            _ => {
+                let address = target;
+                if let Err(e) = split_host_port(&address, None) {
+                    self.report(&path.key("address"), e.to_string());
+                }
+                match protocol {
+                    Protocol::ModbusRtuOverTcp => Link::RtuOverTcp { address },
+                    _ => Link::Tcp { address },
+                }
             }
         }
     }
@@ -2636,7 +2569,7 @@ impl Checker<'_> {
     ) -> DeviceOutcome {
         let foreign = Foreign::new(Protocol::OpcUa, Protocol::device_keys);
         let device = self
-            .unit::<RawOpcUaDevice>(table, path, OPCUA_ARRAYS, Some(&foreign))
+            .unit::<RawOpcUaDevice>(table, path, &[], Some(&foreign))
             .map(|(raw, dropped)| self.opcua_settings(path, raw, &dropped, names, data_dir));
         let publishing_interval = device.as_ref().map_or_else(
             || OpcUaSettings::new("", Vec::new()).publishing_interval,

@@ -27,6 +27,9 @@ use super::{Area, Parity, SerialSettings};
 /// Received bytes kept while looking for an answer; the longest frame is 256 bytes.
 const MAX_BUFFERED: usize = 4 * frame::MAX_FRAME;
 
+/// Timer granularity: a sleep may end this much after its deadline.
+const TIMER_SLACK: Duration = Duration::from_millis(1);
+
 /// The master end of an RTU line over any byte stream.
 #[derive(Debug)]
 pub struct RtuLink<T> {
@@ -106,6 +109,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
         self.last_activity = sent;
         let deadline = sent + timeout;
         let expect = Expect { unit, area, count };
+        let function = frame::function_code(area);
+        let normal_len = frame::response_len(area, count);
 
         self.buf.clear();
         let result = loop {
@@ -136,7 +141,21 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
             }
             self.buf.extend_from_slice(&chunk[..n]);
             match frame::find_response(&self.buf, expect) {
-                Found::Incomplete => continue,
+                Found::Incomplete => {
+                    // On a serial line the rest of the answer cannot arrive faster than the
+                    // character rate: sleep until shortly before it can be complete instead of
+                    // waking for every few bytes (the port buffers them meanwhile). The last
+                    // stretch is left to the read itself, so timer rounding adds no latency.
+                    let missing = self
+                        .expected_len(function, normal_len)
+                        .saturating_sub(self.buf.len());
+                    let wait = self.char_time * u32::try_from(missing).unwrap_or(u32::MAX);
+                    if wait > TIMER_SLACK * 2 {
+                        let until = (Instant::now() + wait - TIMER_SLACK).min(deadline);
+                        tokio::time::sleep_until(until.into()).await;
+                    }
+                    continue;
+                }
                 Found::Answer {
                     answer,
                     skipped,
@@ -164,6 +183,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
             self.last_activity = Instant::now();
         }
         result
+    }
+
+    /// The length of the answer being received, judged from its first bytes: an exception
+    /// when the function code has its error bit set, else the normal answer.
+    fn expected_len(&self, function: u8, normal_len: usize) -> usize {
+        match self.buf.get(1) {
+            Some(&f) if f == function | 0x80 => frame::EXCEPTION_LEN,
+            _ => normal_len,
+        }
     }
 
     /// Waits until nothing has arrived for `quiet`, discarding what does arrive. A line that
