@@ -1,19 +1,27 @@
-//! The demo: simulated Modbus TCP devices and an OPC UA server, an embedded MQTT broker and the real pipeline between
+//! The demo: simulated Modbus TCP devices, an RS-485 line of energy meters (Modbus RTU on a
+//! pseudo-terminal) and an OPC UA server, an embedded MQTT broker and the real pipeline between
 //! them, with a live view fed by an MQTT subscriber, so what it shows has made the whole trip.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocols::modbus::{Address, Area, DataType, ModbusSettings, TagSpec, WordOrder};
+use protocols::modbus::{
+    Address, Area, DataType, Link, ModbusSettings, Parity, SerialSettings, TagSpec, UnitSettings,
+    WordOrder,
+};
+use protocols::model::Value;
 use protocols::opcua::{NodeId, NodeRef, OpcUaSettings, OpcUaTag, SecurityMode, SecurityPolicy};
 use protocols::sim::modbus::{SimDevice, SimServer};
 use protocols::sim::opcua::{SimOpcUa, SimOptions};
+use protocols::sim::rtu::{PtyLine, RtuSim};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::config::{
     BufferSettings, Config, DeviceKind, DeviceSettings, Format, GatewaySettings, MqttSettings,
@@ -203,6 +211,173 @@ pub async fn start_demo_opcua(data_dir: &std::path::Path) -> Result<SimOpcUa, De
     Ok(sim)
 }
 
+/// Name of the demo's RS-485 line of energy meters; each unit is published as its own device,
+/// `meters/meter1` and `meters/meter2`.
+pub const DEMO_METER_LINE: &str = "meters";
+
+/// The demo meters' register map: (tag name, address, type, order, scale).
+pub const DEMO_METER_TAGS: [(&str, Address, DataType, WordOrder, f64); 3] = [
+    (
+        "voltage",
+        input_register(0),
+        DataType::U16,
+        WordOrder::ABCD,
+        0.1,
+    ),
+    (
+        "active_power",
+        METER_POWER_AT,
+        DataType::F32,
+        WordOrder::CDAB,
+        1.0,
+    ),
+    (
+        "energy",
+        input_register(20),
+        DataType::U32,
+        WordOrder::ABCD,
+        0.1,
+    ),
+];
+
+/// The meters on the demo line: (unit name, unit id, mean active power in kW, energy at start
+/// in kWh).
+pub const DEMO_METERS: [(&str, u8, f64, f64); 2] =
+    [("meter1", 1, 12.0, 48_213.7), ("meter2", 2, 4.5, 9_876.5)];
+
+/// The demo line runs at 19200 baud, 8E1 (11 bits per character).
+const METER_BAUD: u32 = 19_200;
+const METER_BITS_PER_CHAR: u32 = 11;
+
+/// Where a demo meter holds its active power (f32, CDAB).
+const METER_POWER_AT: Address = input_register(12);
+
+/// Demo time passes this much faster for the meters' energy counters, so they visibly count.
+const METER_TIME_LAPSE: f64 = 600.0;
+
+const fn input_register(offset: u16) -> Address {
+    Address {
+        area: Area::InputRegister,
+        offset,
+    }
+}
+
+/// The values of [`DEMO_METER_TAGS`], raw as the meter holds them, `t` seconds into the demo.
+fn meter_values(t: f64, phase: f64, mean_kw: f64, energy_kwh: f64) -> [Value; 3] {
+    let volts = 230.0 + 3.0 * (t * 0.23 + phase).sin();
+    let kw = meter_power(t, phase, mean_kw);
+    [
+        Value::UInt((volts * 10.0).round() as u64),
+        Value::Float(kw),
+        Value::UInt((energy_kwh * 10.0) as u64 % (1 << 32)),
+    ]
+}
+
+/// Active power in kW, `t` seconds into the demo: a load that swings around its mean.
+fn meter_power(t: f64, phase: f64, mean_kw: f64) -> f64 {
+    mean_kw * (1.0 + 0.25 * (t * 0.7 + phase).sin() + 0.03 * (t * 5.3).sin())
+}
+
+/// Keeps one simulated meter's values moving until cancelled: voltage and power swing, the
+/// energy counter integrates the power (time-lapsed).
+fn animate_meter(
+    device: SimDevice,
+    phase: f64,
+    mean_kw: f64,
+    start_kwh: f64,
+    period: Duration,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
+    let write = move |device: &SimDevice, t: f64, energy: f64| {
+        let mut image = device.image();
+        let values = meter_values(t, phase, mean_kw, energy);
+        for ((_, address, data_type, order, _), value) in DEMO_METER_TAGS.iter().zip(&values) {
+            image.set(address.area, address.offset, *data_type, *order, 0, value);
+        }
+    };
+    write(&device, 0.0, start_kwh);
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut energy = start_kwh;
+        let mut interval = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            let t = started.elapsed().as_secs_f64();
+            energy +=
+                meter_power(t, phase, mean_kw) * period.as_secs_f64() * METER_TIME_LAPSE / 3600.0;
+            write(&device, t, energy);
+        }
+    })
+}
+
+/// Starts the demo's animated meters ([`DEMO_METERS`]) on a simulated RS-485 line at 19200
+/// baud 8E1, served on a pseudo-terminal behind the symlink `link`, which the gateway opens as
+/// its serial port. Fails where no pseudo-terminal can be had (no `/dev/ptmx`).
+pub fn start_demo_meters(
+    link: &Path,
+    cancel: &CancellationToken,
+) -> std::io::Result<(RtuSim, PtyLine)> {
+    let devices: Vec<SimDevice> = DEMO_METERS.iter().map(|_| SimDevice::new()).collect();
+    let sim = DEMO_METERS
+        .iter()
+        .zip(&devices)
+        .fold(RtuSim::new(), |sim, ((_, unit_id, ..), device)| {
+            sim.with_unit(*unit_id, device.clone())
+        })
+        .emulate_line(METER_BAUD, METER_BITS_PER_CHAR);
+    let pty = sim.serve_pty(link)?;
+    for (i, ((_, _, mean_kw, start_kwh), device)) in DEMO_METERS.iter().zip(devices).enumerate() {
+        animate_meter(
+            device,
+            i as f64 * 2.0,
+            *mean_kw,
+            *start_kwh,
+            Duration::from_millis(100),
+            cancel.clone(),
+        );
+    }
+    Ok((sim, pty))
+}
+
+/// The settings of the demo's meter line on the serial port `port`: a `modbus_rtu` device named
+/// [`DEMO_METER_LINE`] with one unit per meter, as `[[devices.units]]` entries in a config file.
+pub fn demo_meter_line(port: &Path, scan: Duration) -> DeviceSettings {
+    let units = DEMO_METERS
+        .iter()
+        .map(|(name, unit_id, ..)| UnitSettings {
+            name: Some((*name).into()),
+            unit_id: *unit_id,
+            tags: DEMO_METER_TAGS
+                .iter()
+                .map(|(tag_name, address, data_type, order, scale)| TagSpec {
+                    scale: *scale,
+                    ..tag(tag_name, *address, *data_type, *order, 0, scan)
+                })
+                .collect(),
+        })
+        .collect();
+    DeviceSettings {
+        name: DEMO_METER_LINE.into(),
+        scan_interval: scan,
+        kind: DeviceKind::Modbus(ModbusSettings {
+            link: Link::Rtu(SerialSettings {
+                port: port.display().to_string(),
+                baud_rate: METER_BAUD,
+                parity: Parity::Even,
+                data_bits: 8,
+                stop_bits: 1,
+            }),
+            timeout: Duration::from_millis(300),
+            backoff_max: Duration::from_secs(5),
+            units,
+            ..ModbusSettings::tcp(String::new(), 1, Vec::new())
+        }),
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Seen {
     value: String,
@@ -295,8 +470,31 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoE
     let servers = start_demo_devices(opts.devices, &sims_cancel).await?;
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
     std::fs::create_dir_all(&opts.data_dir)?;
-    let opcua_sim = start_demo_opcua(&opts.data_dir).await?;
     let mut devices = demo_devices(&addrs, opts.scan_interval);
+    let mut notes = Vec::new();
+    // The meter line needs a pseudo-terminal; without one the demo runs without the meters.
+    let meters = match start_demo_meters(&opts.data_dir.join("ttyDEMO0"), &sims_cancel) {
+        Ok((sim, pty)) => {
+            devices.push(demo_meter_line(pty.path(), opts.scan_interval));
+            // The same line behind a simulated serial-to-Ethernet converter, so `read` can be
+            // tried on the meters while the gateway polls them.
+            let converter = match sim.serve_tcp(SocketAddr::from(([127, 0, 0, 1], 0))).await {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    warn!(error = %e, "the meter line's RTU-over-TCP port did not start");
+                    None
+                }
+            };
+            notes.push(meter_note(&pty, converter.as_ref()));
+            Some((pty, converter))
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot serve the simulated RS-485 meter line on a pseudo-terminal; the demo runs without it");
+            notes.push(format!("RS-485 meter line not simulated: {e}"));
+            None
+        }
+    };
+    let opcua_sim = start_demo_opcua(&opts.data_dir).await?;
     devices.push(opcua_device(
         "oven1",
         &opcua_sim.endpoint(),
@@ -317,6 +515,11 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoE
     let running = crate::topology::start(config).await?;
 
     let tty = std::io::stdout().is_terminal() && !opts.plain;
+    if !tty {
+        for note in &notes {
+            println!("{note}");
+        }
+    }
     let started = Instant::now();
     let mut last = (Instant::now(), 0u64);
     let mut tick = tokio::time::interval(if tty {
@@ -338,7 +541,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoE
             .received_samples;
         let rate = (received - last.1) as f64 / last.0.elapsed().as_secs_f64().max(0.001);
         last = (Instant::now(), received);
-        let text = render(&running, &view, broker.port(), &prefix, rate, tty);
+        let text = render(&running, &view, broker.port(), &prefix, &notes, rate, tty);
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(text.as_bytes());
         let _ = out.flush();
@@ -348,9 +551,28 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoE
     viewer_cancel.cancel();
     sims_cancel.cancel();
     drop(servers);
+    drop(meters);
     opcua_sim.stop().await;
     println!("stopped cleanly.");
     Ok(())
+}
+
+/// The view's line about the meter line: where its port is, and how to read a meter by hand.
+fn meter_note(pty: &PtyLine, converter: Option<&SimServer>) -> String {
+    let mut note = format!(
+        "RS-485 meter line (simulated, {METER_BAUD} baud 8E1) on {}",
+        pty.path().display()
+    );
+    if let Some(tty) = pty.tty() {
+        note.push_str(&format!(" -> {}", tty.display()));
+    }
+    if let Some(server) = converter {
+        note.push_str(&format!(
+            "\nread a meter yourself: edge-gateway read --rtu-over-tcp {} --unit-id 1 --address {METER_POWER_AT} --count 2",
+            server.addr()
+        ));
+    }
+    note
 }
 
 fn render(
@@ -358,6 +580,7 @@ fn render(
     view: &Mutex<View>,
     port: u16,
     prefix: &str,
+    notes: &[String],
     rate: f64,
     tty: bool,
 ) -> String {
@@ -370,6 +593,14 @@ fn render(
         "DISCONNECTED"
     };
     let v = view.lock().unwrap_or_else(|e| e.into_inner());
+    let device_width = running
+        .devices
+        .iter()
+        .map(|d| d.name.chars().count())
+        .chain(v.tags.keys().map(|(dev, _)| dev.chars().count()))
+        .max()
+        .unwrap_or(0)
+        .max(10);
     if !tty {
         let _ = writeln!(
             s,
@@ -379,6 +610,7 @@ fn render(
             Metrics::get(&m.buffer_records),
             v.received_samples
         );
+        plain_devices(&mut s, &v, device_width);
         return s;
     }
     s.push_str("\x1b[2J\x1b[H");
@@ -388,6 +620,9 @@ fn render(
         running.boot
     );
     let _ = writeln!(s, "embedded MQTT broker on 127.0.0.1:{port} · watch: mosquitto_sub -h 127.0.0.1 -p {port} -t '{prefix}/#' -v");
+    for note in notes {
+        let _ = writeln!(s, "{note}");
+    }
     let _ = writeln!(s);
     let _ = writeln!(
         s,
@@ -404,7 +639,7 @@ fn render(
         let st = &d.status;
         let _ = writeln!(
             s,
-            "device {:<8} {:<12} scans {:>7} · requests {:>7} · errors {} · reconnects {} · last scan {} µs",
+            "device {:<device_width$} {:<12} scans {:>7} · requests {:>7} · errors {} · reconnects {} · last scan {} µs",
             d.name,
             if st.is_connected() { "connected" } else { "DISCONNECTED" },
             st.scans.load(Ordering::Relaxed),
@@ -414,10 +649,17 @@ fn render(
             st.last_scan_us.load(Ordering::Relaxed),
         );
     }
+    let tag_width = v
+        .tags
+        .keys()
+        .map(|(_, tag)| tag.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(10);
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "{:<10} {:<10} {:>18}  {:<22} {:>8}",
+        "{:<device_width$} {:<tag_width$} {:>18}  {:<22} {:>8}",
         "DEVICE", "TAG", "VALUE", "QUALITY", "AGE"
     );
     let now = protocols::model::Timestamp::now().0;
@@ -425,9 +667,34 @@ fn render(
         let age = (now - seen.ts).max(0) as f64 / 1000.0;
         let _ = writeln!(
             s,
-            "{:<10} {:<10} {:>18}  {:<22} {:>7.1}s",
+            "{:<device_width$} {:<tag_width$} {:>18}  {:<22} {:>7.1}s",
             dev, tag, seen.value, seen.quality, age
         );
     }
     s
+}
+
+/// For `--plain`: one line per device as the subscriber last saw it, e.g.
+/// `  meters/meter1  3/3 good  active_power=12.345 energy=48213.700 voltage=230.100`; a tag that
+/// is not good carries its quality in brackets.
+fn plain_devices(s: &mut String, v: &View, device_width: usize) {
+    use std::fmt::Write as _;
+    let mut devices: BTreeMap<&str, Vec<(&str, &Seen)>> = BTreeMap::new();
+    for ((dev, tag), seen) in &v.tags {
+        devices.entry(dev).or_default().push((tag, seen));
+    }
+    for (dev, tags) in devices {
+        let good = tags
+            .iter()
+            .filter(|(_, seen)| seen.quality == "good")
+            .count();
+        let _ = write!(s, "  {dev:<device_width$} {good}/{} good ", tags.len());
+        for (tag, seen) in tags {
+            let _ = write!(s, " {tag}={}", seen.value);
+            if seen.quality != "good" {
+                let _ = write!(s, " [{}]", seen.quality);
+            }
+        }
+        let _ = writeln!(s);
+    }
 }

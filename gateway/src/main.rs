@@ -139,10 +139,19 @@ fn main() -> ExitCode {
                     .iter()
                     .map(config::DeviceSettings::tag_count)
                     .sum();
+                // Each unit of a Modbus line is published as a device of its own.
+                let devices: usize = cfg
+                    .devices
+                    .iter()
+                    .map(|d| match &d.kind {
+                        config::DeviceKind::Modbus(m) => m.units.len(),
+                        config::DeviceKind::OpcUa(_) => 1,
+                    })
+                    .sum();
                 println!(
                     "{}: OK ({} devices, {} tags)",
                     path.display(),
-                    cfg.devices.len(),
+                    devices,
                     tags
                 );
                 ExitCode::SUCCESS

@@ -96,12 +96,12 @@ pub enum ReadCommandError {
         meaning: &'static str,
     },
     /// No usable answer.
-    #[error("{target}: {source}")]
+    #[error("{target}: {error}")]
     Read {
         /// The line that was read.
         target: String,
         /// What went wrong.
-        source: ReadError,
+        error: ReadError,
     },
 }
 
@@ -116,9 +116,9 @@ pub async fn run(args: &ReadArgs) -> Result<String, ReadCommandError> {
         args.count,
     )
     .await
-    .map_err(|source| ReadCommandError::Read {
+    .map_err(|error| ReadCommandError::Read {
         target: settings.link.target().to_string(),
-        source,
+        error,
     })?;
     match answer {
         Ok(data) => Ok(render(&label, args.address, &data)),
@@ -262,14 +262,18 @@ pub fn render(label: &str, address: Address, data: &BlockData) -> String {
     let area = address.area.prefix();
     match data {
         BlockData::Bits(bits) => {
-            let _ = writeln!(out, "{label}: {} bits from {address}", bits.len());
+            let _ = writeln!(out, "{label}: {} from {address}", plural(bits.len(), "bit"));
             for (i, b) in bits.iter().enumerate() {
                 let at = usize::from(address.offset) + i;
                 let _ = writeln!(out, "  {area}:{at:<6} {}", u8::from(*b));
             }
         }
         BlockData::Registers(regs) => {
-            let _ = writeln!(out, "{label}: {} registers from {address}", regs.len());
+            let _ = writeln!(
+                out,
+                "{label}: {} from {address}",
+                plural(regs.len(), "register")
+            );
             let _ = writeln!(
                 out,
                 "  {:<10} {:<8} {:<8} {:<8} bits",
@@ -324,6 +328,14 @@ pub fn render(label: &str, address: Address, data: &BlockData) -> String {
         }
     }
     out
+}
+
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
 }
 
 /// A float as plain digits when that is short, else in exponent form (denormals, huge values).

@@ -223,3 +223,322 @@ fn browse_prints_a_tree_and_pasteable_tags_from_a_live_server() {
     );
     runtime.block_on(sim.stop());
 }
+
+// ---- Modbus RTU lines and the `read` command ----------------------------------------------
+
+// A module of its own, under `cfg(test)` so its helpers may unwrap like the tests do.
+#[cfg(test)]
+mod rtu {
+    use std::path::Path;
+    use std::process::{Output, Stdio};
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use protocols::modbus::{Area, DataType, WordOrder};
+    use protocols::model::Value;
+    use protocols::sim::modbus::SimDevice;
+    use protocols::sim::rtu::RtuSim;
+
+    use super::gateway;
+
+    /// A unit holding `value` as an f32 in CDAB order at hr:10, and a hole at hr:100..110.
+    fn unit_with_f32(value: f64) -> SimDevice {
+        let device = SimDevice::new();
+        let mut image = device.image();
+        image.set(
+            Area::HoldingRegister,
+            10,
+            DataType::F32,
+            WordOrder::CDAB,
+            0,
+            &Value::Float(value),
+        );
+        image.holes.push((Area::HoldingRegister, 100..110));
+        drop(image);
+        device
+    }
+
+    /// Units 3 (12.5 at hr:10) and 7 (-3.25 at hr:10); unit 9 exists but never answers.
+    fn meter_line() -> RtuSim {
+        let silent = SimDevice::new();
+        silent.faults().silent.store(true, Ordering::Relaxed);
+        RtuSim::new()
+            .with_unit(3, unit_with_f32(12.5))
+            .with_unit(7, unit_with_f32(-3.25))
+            .with_unit(9, silent)
+    }
+
+    fn read(args: &[&str]) -> Output {
+        gateway().arg("read").args(args).output().unwrap()
+    }
+
+    fn stdout(out: &Output) -> String {
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn stderr(out: &Output) -> String {
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// The cells of the `type` row of the decoded table: type, ABCD, CDAB, BADC, DCBA.
+    fn decoded_row(text: &str, data_type: &str) -> Vec<String> {
+        text.lines()
+            .map(str::split_whitespace)
+            .map(|cells| cells.map(str::to_owned).collect::<Vec<_>>())
+            .find(|cells| cells.first().map(String::as_str) == Some(data_type))
+            .unwrap_or_else(|| panic!("no {data_type} row in:\n{text}"))
+    }
+
+    /// A successful read of hr:10..12 shows both raw registers and the f32 in the CDAB column.
+    fn assert_shows_f32_in_cdab(out: &Output, raw: [&str; 2], value: &str) {
+        assert!(out.status.success(), "{}", stderr(out));
+        let text = stdout(out);
+        assert!(text.contains(&format!("hr:10      {}", raw[0])), "{text}");
+        assert!(text.contains(&format!("hr:11      {}", raw[1])), "{text}");
+        let f32_row = decoded_row(&text, "f32");
+        assert_eq!(f32_row[2], value, "CDAB column of {f32_row:?}");
+    }
+
+    const LINE_CONFIG: &str = r#"[gateway]
+id = "gw"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+
+[[devices]]
+name = "meters"
+protocol = "modbus_rtu"
+port = "PORT"
+baud_rate = 19200
+parity = "even"
+timeout = "300ms"
+inter_request_delay = "5ms"
+
+  [[devices.units]]
+  name = "meter3"
+  unit_id = 3
+
+    [[devices.units.tags]]
+    name = "active_power"
+    address = "hr:10"
+    type = "f32"
+    order = "CDAB"
+
+    [[devices.units.tags]]
+    name = "voltage"
+    address = "hr:0"
+    scale = 0.1
+
+  [[devices.units]]
+  name = "meter7"
+  unit_id = 7
+
+    [[devices.units.tags]]
+    name = "active_power"
+    address = "hr:10"
+    type = "f32"
+    order = "CDAB"
+"#;
+
+    fn write_config(dir: &Path, port: &Path) -> std::path::PathBuf {
+        let path = dir.join("meters.toml");
+        std::fs::write(
+            &path,
+            LINE_CONFIG.replace("PORT", &port.display().to_string()),
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn read_over_rtu_over_tcp_prints_the_raw_registers_and_the_f32_in_cdab_order() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let server = runtime
+            .block_on(meter_line().serve_tcp("127.0.0.1:0".parse().unwrap()))
+            .unwrap();
+        let address = server.addr().to_string();
+        let out = read(&[
+            "--rtu-over-tcp",
+            &address,
+            "--unit-id",
+            "3",
+            "--address",
+            "hr:10",
+            "--count",
+            "2",
+        ]);
+        // 12.5f32 is 0x4148_0000; in CDAB order the low word comes first.
+        assert_shows_f32_in_cdab(&out, ["0x0000", "0x4148"], "12.5");
+        assert!(stdout(&out).contains("unit 3"), "{}", stdout(&out));
+    }
+
+    #[test]
+    fn read_a_unit_of_a_configured_rtu_line_by_unit_name_or_as_line_slash_unit() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pty = {
+            let _runtime = runtime.enter();
+            meter_line().serve_pty(&dir.path().join("ttyUSB0")).unwrap()
+        };
+        let config = write_config(dir.path(), pty.path());
+        let config = config.to_str().unwrap();
+
+        let out = read(&[
+            "--device",
+            "meters",
+            "--unit",
+            "meter3",
+            "--config",
+            config,
+            "--address",
+            "hr:10",
+            "--count",
+            "2",
+        ]);
+        assert_shows_f32_in_cdab(&out, ["0x0000", "0x4148"], "12.5");
+        assert!(
+            stdout(&out).contains("meters/meter3 (unit 3)"),
+            "{}",
+            stdout(&out)
+        );
+
+        // -3.25f32 is 0xC050_0000.
+        let out = read(&[
+            "--device",
+            "meters/meter7",
+            "--config",
+            config,
+            "--address",
+            "hr:10",
+            "--count",
+            "2",
+        ]);
+        assert_shows_f32_in_cdab(&out, ["0x0000", "0xC050"], "-3.25");
+        assert!(
+            stdout(&out).contains("meters/meter7 (unit 7)"),
+            "{}",
+            stdout(&out)
+        );
+
+        // A unit may also be named by its unit id.
+        let out = read(&[
+            "--device",
+            "meters",
+            "--unit",
+            "7",
+            "--config",
+            config,
+            "--address",
+            "hr:10",
+            "--count",
+            "2",
+        ]);
+        assert_shows_f32_in_cdab(&out, ["0x0000", "0xC050"], "-3.25");
+        drop(pty);
+    }
+
+    #[test]
+    fn read_names_the_units_of_a_line_when_the_unit_is_missing_or_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing is opened: the unit is looked up before the line.
+        let config = write_config(dir.path(), &dir.path().join("ttyUSB0"));
+        let config = config.to_str().unwrap();
+        for device in ["meters", "meters/meter4"] {
+            let out = read(&["--device", device, "--config", config, "--address", "hr:10"]);
+            assert_eq!(out.status.code(), Some(1), "{device}");
+            let err = stderr(&out);
+            assert!(err.contains("meter3 = 3, meter7 = 7"), "{device}: {err}");
+        }
+    }
+
+    #[test]
+    fn read_reports_an_exception_by_its_name_and_exits_non_zero() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let server = runtime
+            .block_on(meter_line().serve_tcp("127.0.0.1:0".parse().unwrap()))
+            .unwrap();
+        let address = server.addr().to_string();
+        let out = read(&[
+            "--rtu-over-tcp",
+            &address,
+            "--unit-id",
+            "3",
+            "--address",
+            "hr:104",
+            "--count",
+            "2",
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = stderr(&out);
+        assert!(err.contains("exception 2"), "{err}");
+        assert!(err.contains("illegal data address"), "{err}");
+        assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+    }
+
+    #[test]
+    fn read_reports_a_silent_unit_as_no_answer_and_exits_non_zero() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pty = {
+            let _runtime = runtime.enter();
+            meter_line().serve_pty(&dir.path().join("ttyUSB0")).unwrap()
+        };
+        let port = pty.path().to_str().unwrap();
+        let mut child = gateway()
+            .args([
+                "read",
+                "--serial",
+                port,
+                "--unit-id",
+                "9",
+                "--address",
+                "hr:10",
+            ])
+            .args(["--timeout", "300ms"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The command gives up on its own; the deadline only keeps a hang from stalling the suite.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("`read` of a silent unit never gave up");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = stderr(&out);
+        assert!(err.contains("no answer"), "{err}");
+        assert!(err.contains(port), "names the line: {err}");
+        drop(pty);
+    }
+
+    #[test]
+    fn read_without_a_target_is_a_usage_error_with_exit_2() {
+        let out = read(&["--address", "hr:10"]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = stderr(&out);
+        assert!(err.contains("--device"), "{err}");
+        assert!(err.contains("Usage"), "{err}");
+    }
+
+    #[test]
+    fn check_accepts_an_rtu_line_with_units_and_counts_its_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), Path::new("/dev/ttyUSB0"));
+        let out = gateway()
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        assert!(
+            text.contains("OK (2 devices, 3 tags)"),
+            "each unit is a device: {text}"
+        );
+    }
+}
