@@ -1773,15 +1773,49 @@ impl Checker<'_> {
         }
         let mut names = HashMap::new();
         let mut devices = Vec::new();
+        // Serial ports of enabled lines, with the index of the first device on each.
+        let mut ports: HashMap<String, (usize, Arc<str>)> = HashMap::new();
         let mut complete = true;
         for (index, entry) in entries.into_iter().enumerate() {
             match self.device(index, entry, &mut names, data_dir) {
-                DeviceOutcome::Enabled(device) => devices.push(*device),
+                DeviceOutcome::Enabled(device) => {
+                    self.port_not_shared(index, &device, &mut ports);
+                    devices.push(*device);
+                }
                 DeviceOutcome::Disabled => {}
                 DeviceOutcome::Invalid => complete = false,
             }
         }
         complete.then_some(devices)
+    }
+
+    /// One serial port is one line: two devices on it would take the port from each other.
+    fn port_not_shared(
+        &mut self,
+        index: usize,
+        device: &DeviceSettings,
+        ports: &mut HashMap<String, (usize, Arc<str>)>,
+    ) {
+        let DeviceKind::Modbus(ModbusSettings {
+            link: Link::Rtu(serial),
+            ..
+        }) = &device.kind
+        else {
+            return;
+        };
+        match ports.get(&serial.port) {
+            Some((first, name)) => {
+                let message = format!(
+                    "serial port `{}` is already the line of device `{name}` (devices[{first}]): \
+                     one port is one device; list its units under that device's [[devices.units]]",
+                    serial.port
+                );
+                self.report(&FieldPath::top("devices").index(index).key("port"), message);
+            }
+            None => {
+                ports.insert(serial.port.clone(), (index, device.name.clone()));
+            }
+        }
     }
 
     fn device(
@@ -5424,6 +5458,30 @@ units = []
         assert!(
             rendered.contains("\ngateway.toml:30: devices[0].units[1].unit_id: duplicate"),
             "{rendered}"
+        );
+    }
+
+    #[test]
+    fn two_devices_on_one_serial_port_are_refused() {
+        let src = format!(
+            "{RTU_BASE}\n[[devices]]\nname = \"drives\"\nprotocol = \"modbus_rtu\"\n\
+             port = \"/dev/ttyUSB0\" # the same adapter\n\n  [[devices.tags]]\n  \
+             name = \"speed\"\n  address = \"hr:1\"\n"
+        );
+        assert_problem(
+            &src,
+            "devices[1].port",
+            "the same adapter",
+            "serial port `/dev/ttyUSB0` is already the line of device `meters` (devices[0])",
+        );
+        let other_port = src.replace(
+            "port = \"/dev/ttyUSB0\" # the same adapter",
+            "port = \"/dev/ttyUSB1\"",
+        );
+        assert!(
+            problems(&other_port).is_empty(),
+            "{}",
+            listing(&problems(&other_port))
         );
     }
 

@@ -37,7 +37,7 @@ pub struct ReadArgs {
     #[arg(long)]
     pub serial: Option<String>,
     /// Serial bits per second.
-    #[arg(long, default_value_t = 19_200)]
+    #[arg(long, default_value_t = 19_200, value_parser = clap::value_parser!(u32).range(50..=4_000_000))]
     pub baud_rate: u32,
     /// Serial parity: none, even or odd.
     #[arg(long, default_value = "even", value_parser = parse_parity)]
@@ -54,8 +54,8 @@ pub struct ReadArgs {
     /// The first register or bit, e.g. hr:100, ir:7, co:0, di:12 (zero-based).
     #[arg(long, value_parser = parse_address)]
     pub address: Address,
-    /// How many registers or bits.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=125))]
+    /// How many registers (at most 125) or bits (at most 2000).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=2000))]
     pub count: u16,
 }
 
@@ -69,7 +69,11 @@ fn parse_parity(s: &str) -> Result<Parity, String> {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    config::parse_duration(s).map_err(|e| e.to_string())
+    match config::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than 0s".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_address(s: &str) -> Result<Address, String> {
@@ -82,9 +86,10 @@ pub enum ReadCommandError {
     /// The config file does not load.
     #[error("{0}")]
     Config(String),
-    /// The device or unit is not in the config, or is not a Modbus device.
+    /// The device or unit is not in the config, is not a Modbus device, or the read asked
+    /// for more than one request can return.
     #[error("{0}")]
-    NotFound(String),
+    Invalid(String),
     /// The device answered with an exception.
     #[error("unit {unit} answered exception {code} ({meaning})")]
     Exception {
@@ -107,6 +112,12 @@ pub enum ReadCommandError {
 
 /// Runs the command and returns the text to print.
 pub async fn run(args: &ReadArgs) -> Result<String, ReadCommandError> {
+    if !args.address.area.is_bit() && args.count > 125 {
+        return Err(ReadCommandError::Invalid(format!(
+            "--count {}: one read returns at most 125 registers",
+            args.count
+        )));
+    }
     let (settings, unit_id, label) = target(args)?;
     let answer = line::read_once(
         &settings,
@@ -170,7 +181,7 @@ fn target(args: &ReadArgs) -> Result<(ModbusSettings, u8, String), ReadCommandEr
         return Ok((s, args.unit_id, format!("{port} unit {}", args.unit_id)));
     }
     let (Some(device), Some(path)) = (&args.device, &args.config) else {
-        return Err(ReadCommandError::NotFound(
+        return Err(ReadCommandError::Invalid(
             "give --device with --config, or one of --tcp, --rtu-over-tcp, --serial".into(),
         ));
     };
@@ -182,14 +193,14 @@ fn target(args: &ReadArgs) -> Result<(ModbusSettings, u8, String), ReadCommandEr
     };
     let Some(found) = cfg.devices.iter().find(|d| &*d.name == line_name) else {
         let names: Vec<&str> = cfg.devices.iter().map(|d| &*d.name).collect();
-        return Err(ReadCommandError::NotFound(format!(
+        return Err(ReadCommandError::Invalid(format!(
             "{}: no device `{line_name}`; devices: {}",
             path.display(),
             names.join(", ")
         )));
     };
     let DeviceKind::Modbus(settings) = &found.kind else {
-        return Err(ReadCommandError::NotFound(format!(
+        return Err(ReadCommandError::Invalid(format!(
             "{}: device `{line_name}` is not a Modbus device",
             path.display()
         )));
@@ -197,7 +208,7 @@ fn target(args: &ReadArgs) -> Result<(ModbusSettings, u8, String), ReadCommandEr
     let unit = match &unit_arg {
         None if settings.units.len() == 1 => settings.units.first(),
         None => {
-            return Err(ReadCommandError::NotFound(format!(
+            return Err(ReadCommandError::Invalid(format!(
                 "device `{line_name}` has {} units: name one with --unit ({})",
                 settings.units.len(),
                 unit_list(settings)
@@ -208,7 +219,7 @@ fn target(args: &ReadArgs) -> Result<(ModbusSettings, u8, String), ReadCommandEr
         }),
     };
     let Some(unit) = unit else {
-        return Err(ReadCommandError::NotFound(format!(
+        return Err(ReadCommandError::Invalid(format!(
             "device `{line_name}` has no unit `{}`; units: {}",
             unit_arg.unwrap_or_default(),
             unit_list(settings)

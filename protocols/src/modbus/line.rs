@@ -17,7 +17,7 @@
 //! - Each scan of a unit's scan class is one batch of that unit's device.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_modbus::ExceptionCode;
 use tracing::{debug, info, warn};
@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use super::codec;
 use super::link::{BlockData, Conn, ReadError};
 use super::planner::{Block, Limits};
+use super::rtu::HOLD_OFF_TIMEOUTS;
 use super::scan::{self, ChangeFilter, ScanClass};
 use super::schedule::{budgeted_probe_period, Schedule, Transition};
 use super::{ModbusSettings, TagSpec, UnitSettings};
@@ -60,8 +61,9 @@ struct Unit {
 enum ScanEnd {
     /// Every block got an answer (data or an exception).
     Answered(Vec<Sample>),
-    /// The unit did not answer or garbled its answer (or a gateway in front said so).
-    Silent(ReadError, Reason),
+    /// The unit did not answer or garbled its answer (or a gateway in front said so); the
+    /// flag says whether the link may hold a late answer (not when a gateway answered).
+    Silent(ReadError, Reason, bool),
     /// The line failed.
     LinkDown(ReadError),
 }
@@ -107,7 +109,14 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
     } else {
         settings.backoff_min
     };
-    let mut schedule = Schedule::new(schedule_units, first_probe, settings.backoff_max);
+    // Modbus TCP drops the connection after a failed read, so no late answer can come back;
+    // an RTU line holds the unit back instead (see `rtu.rs`).
+    let hold_off = if settings.link.is_rtu() {
+        settings.timeout * HOLD_OFF_TIMEOUTS
+    } else {
+        Duration::ZERO
+    };
+    let mut schedule = Schedule::new(schedule_units, first_probe, settings.backoff_max, hold_off);
     let mut units: Vec<Unit> = settings
         .units
         .iter()
@@ -123,7 +132,7 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
     let mut conn: Option<Conn> = None;
     // Whether the tags already went bad for the current outage (reported once per episode).
     let mut line_down = false;
-    let mut opened_once = false;
+    let mut attempts: u64 = 0;
 
     loop {
         let Some(next) = schedule.next_due() else {
@@ -139,25 +148,26 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
         };
 
         if conn.is_none() {
-            if opened_once {
+            if attempts > 0 {
                 units.iter().for_each(|u| {
                     u.ctx.status.reconnects.fetch_add(1, Ordering::Relaxed);
                 });
             }
+            attempts += 1;
             let opened = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 c = Conn::open(&settings) => c,
             };
             match opened {
                 Ok(c) => {
-                    if !opened_once || line_down {
+                    if attempts == 1 || line_down {
                         info!(line = %line_name, target = settings.link.target(), "line open");
                     }
-                    opened_once = true;
                     conn = Some(c);
+                    // The backoff is reset by the first answer, not here: a port that opens
+                    // and fails at once must not be reopened in a tight loop.
                     if line_down {
                         line_down = false;
-                        backoff.reset();
                         units.iter_mut().for_each(|u| u.filter.reset());
                         schedule.all_due(Instant::now());
                     }
@@ -169,6 +179,9 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                     }
                 }
                 Err(e) => {
+                    units.iter().for_each(|u| {
+                        u.ctx.status.connected.store(false, Ordering::Relaxed);
+                    });
                     if !line_down {
                         warn!(line = %line_name, target = settings.link.target(), error = %e, "cannot open the line; retrying with backoff");
                         line_down = true;
@@ -210,10 +223,11 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                     .last_scan_us
                     .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 emit(unit, samples).await?;
+                backoff.reset();
                 let transition = schedule.finish(job, true, Instant::now());
                 report_transition(&line_name, unit, &settings, transition);
             }
-            ScanEnd::Silent(e, reason) => {
+            ScanEnd::Silent(e, reason, link_suspect) => {
                 unit.ctx.status.errors.fetch_add(1, Ordering::Relaxed);
                 if job.probe {
                     debug!(line = %line_name, unit = %unit.ctx.name, error = %e, "demoted unit still not answering");
@@ -223,7 +237,10 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                 emit_unit_bad(unit, reason).await?;
                 let transition = schedule.finish(job, false, Instant::now());
                 report_transition(&line_name, unit, &settings, transition);
-                if link.drop_after_failed_read() {
+                if link_suspect && link.drop_after_failed_read() {
+                    units.iter().for_each(|u| {
+                        u.ctx.status.connected.store(false, Ordering::Relaxed);
+                    });
                     if let Some(c) = conn.take() {
                         c.close().await;
                     }
@@ -347,7 +364,7 @@ async fn scan_class(
             Err(e @ ReadError::Link(_)) => return ScanEnd::LinkDown(e),
             Err(e) => {
                 let reason = reason_of(&e);
-                return ScanEnd::Silent(e, reason);
+                return ScanEnd::Silent(e, reason, true);
             }
         };
         let now = Timestamp::now();
@@ -381,6 +398,7 @@ async fn scan_class(
                             "the gateway reports the unit unreachable (exception {code})"
                         )),
                         Reason::Exception(code),
+                        false,
                     );
                 }
                 ctx.status.errors.fetch_add(1, Ordering::Relaxed);

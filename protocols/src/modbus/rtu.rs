@@ -6,9 +6,11 @@
 //!   configured `inter_request_delay` if longer). Bytes arriving meanwhile are strays (a late
 //!   answer, noise) and are discarded; each one restarts the silence. So a late frame never
 //!   reaches the next transaction.
-//! - After a transaction that got no valid answer the silence required is longer
-//!   ([`RtuLink::quiet_after_failure`]), so the answer of a unit that is merely late lands
-//!   in the guard and is thrown away.
+//! - Bytes already waiting when a request is due are strays too: they are drained first.
+//! - After a transaction that got no valid answer the line must be silent for a whole timeout
+//!   before the next request, so the answer of a unit that is merely late lands in the guard
+//!   and is thrown away instead of colliding with the next unit's answer. (The line driver
+//!   also holds the failed unit back for [`HOLD_OFF_TIMEOUTS`] timeouts; see `line.rs`.)
 //! - An answer is accepted only from the addressed unit, with the requested function, the
 //!   exact byte count and a valid CRC ([`frame::find_response`]); bytes before it are counted
 //!   as discarded.
@@ -17,6 +19,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_modbus::ExceptionCode;
 
@@ -26,6 +29,12 @@ use super::{Area, Parity, SerialSettings};
 
 /// Received bytes kept while looking for an answer; the longest frame is 256 bytes.
 const MAX_BUFFERED: usize = 4 * frame::MAX_FRAME;
+
+/// After a unit failed to answer, it is not addressed again for this many timeouts: any frame
+/// it sends meanwhile reaches another unit's transaction (and is skipped for its unit id) or a
+/// silence wait (and is discarded). Together with the guard, an answer up to
+/// `HOLD_OFF_TIMEOUTS + 1` timeouts late can never be taken for a later request's answer.
+pub const HOLD_OFF_TIMEOUTS: u32 = 4;
 
 /// Timer granularity: a sleep may end this much after its deadline.
 const TIMER_SLACK: Duration = Duration::from_millis(1);
@@ -38,7 +47,7 @@ pub struct RtuLink<T> {
     char_time: Duration,
     /// Silence required before each request.
     gap: Duration,
-    /// Silence required after a transaction that failed.
+    /// Silence required after a transaction that failed: a whole timeout.
     quiet_after_failure: Duration,
     /// When the last byte was sent or received.
     last_activity: Instant,
@@ -65,7 +74,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
             io,
             char_time: timing.map_or(Duration::ZERO, |t| t.char_time),
             gap,
-            quiet_after_failure: gap.max((timeout / 4).min(Duration::from_millis(50))),
+            quiet_after_failure: gap.max(timeout),
             last_activity: Instant::now(),
             failed: false,
             request: Vec::with_capacity(frame::REQUEST_LEN),
@@ -115,9 +124,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
         self.buf.clear();
         let result = loop {
             let mut chunk = [0u8; 512];
+            // Read first: bytes that are there at the deadline still count.
             let read = tokio::select! {
-                _ = tokio::time::sleep_until(deadline.into()) => None,
+                biased;
                 r = self.io.read(&mut chunk) => Some(r),
+                _ = tokio::time::sleep_until(deadline.into()) => None,
             };
             let n = match read {
                 None if self.buf.is_empty() => break Err(ReadError::NoAnswer(timeout)),
@@ -190,7 +201,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
     fn expected_len(&self, function: u8, normal_len: usize) -> usize {
         match self.buf.get(1) {
             Some(&f) if f == function | 0x80 => frame::EXCEPTION_LEN,
-            _ => normal_len,
+            Some(_) => normal_len,
+            // Until the function byte is in, it may still be a 5-byte exception.
+            None => frame::EXCEPTION_LEN,
         }
     }
 
@@ -204,6 +217,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
         let give_up = Instant::now() + limit.max(quiet * 4);
         let mut chunk = [0u8; 256];
         let mut strays = 0usize;
+        // Whatever is already waiting arrived after the last transaction ended: a stray.
+        while let Some(r) = self.io.read(&mut chunk).now_or_never() {
+            match r {
+                Ok(0) => return Err(ReadError::Link("the line was closed".into())),
+                Ok(n) => {
+                    strays += n;
+                    self.last_activity = Instant::now();
+                }
+                Err(e) => return Err(ReadError::Link(format!("cannot receive: {e}"))),
+            }
+        }
         loop {
             let until = self.last_activity + quiet;
             let now = Instant::now();

@@ -11,12 +11,15 @@
 //!   round-robin across units.
 //! - A unit that leaves [`DEMOTE_AFTER`] jobs in a row unanswered is demoted: its scans stop
 //!   and one probe scan is made per probe period instead. A silent probe costs the line one
-//!   request timeout plus the resynchronisation guard after it (at most a quarter timeout, see
+//!   request timeout plus the resynchronisation guard after it (another timeout, see
 //!   `rtu.rs`). On a line with several units the period starts at [`BUDGET_FACTOR`] such
 //!   costs (at least one second) and doubles up to the line's `backoff_max`, so a dead unit
 //!   takes at most 1/[`BUDGET_FACTOR`] of the line's time: that is the demotion budget the
 //!   healthy units pay. A line with one unit has nobody to protect: its unit is probed from
 //!   the line's `backoff_min` on, like a reconnect.
+//! - A unit that failed a job is held back for the line's hold-off (on RTU lines several
+//!   timeouts, see `rtu.rs`) before it is addressed again, even before it is demoted: a late
+//!   answer from it must not meet a request of the same shape.
 //! - A probe that gets an answer (data or an exception: the unit is alive) promotes the unit;
 //!   all of its classes are due at once.
 
@@ -36,7 +39,7 @@ const MIN_PROBE_PERIOD: Duration = Duration::from_secs(1);
 /// The first probe period that keeps a dead unit within the demotion budget on a line whose
 /// requests time out after `timeout`: [`BUDGET_FACTOR`] times a silent probe's cost.
 pub fn budgeted_probe_period(timeout: Duration) -> Duration {
-    let probe_cost = timeout + timeout / 4;
+    let probe_cost = timeout * 2;
     (probe_cost * BUDGET_FACTOR).max(MIN_PROBE_PERIOD)
 }
 
@@ -94,6 +97,7 @@ impl Unit {
 /// The jobs of one line and the standing of its units.
 #[derive(Debug, Clone)]
 pub struct Schedule {
+    hold_off: Duration,
     units: Vec<Unit>,
     first_period: Duration,
     max_period: Duration,
@@ -102,10 +106,17 @@ pub struct Schedule {
 
 impl Schedule {
     /// A schedule for units given by their scan classes; `first_period` is the first probe
-    /// period of a demoted unit (see [`budgeted_probe_period`]) and `max_period` the longest.
-    pub fn new(units: Vec<Vec<ScanClass>>, first_period: Duration, max_period: Duration) -> Self {
+    /// period of a demoted unit (see [`budgeted_probe_period`]), `max_period` the longest, and
+    /// `hold_off` how long a unit that failed a job waits before its next one.
+    pub fn new(
+        units: Vec<Vec<ScanClass>>,
+        first_period: Duration,
+        max_period: Duration,
+        hold_off: Duration,
+    ) -> Self {
         let first_period = first_period.max(Duration::from_millis(1));
         Schedule {
+            hold_off,
             units: units
                 .into_iter()
                 .map(|classes| Unit {
@@ -163,6 +174,7 @@ impl Schedule {
     /// exception), false when it stayed silent or its answer was garbled.
     pub fn finish(&mut self, job: Job, answered: bool, now: Instant) -> Option<Transition> {
         let (first_period, max_period) = (self.first_period, self.max_period);
+        let hold_off = self.hold_off;
         let unit = self.units.get_mut(job.unit)?;
         if let Some(class) = unit.classes.get_mut(job.class) {
             class.advance(now);
@@ -180,6 +192,11 @@ impl Schedule {
             return None;
         }
         unit.failures = unit.failures.saturating_add(1);
+        let held = now + hold_off;
+        unit.classes
+            .iter_mut()
+            .filter(|c| c.next_due < held)
+            .for_each(|c| c.next_due = held);
         match &mut unit.demoted {
             Some(d) => {
                 d.period = (d.period * 2).min(max_period);
@@ -229,6 +246,7 @@ mod tests {
             (0..units).map(|_| vec![class(100, t0)]).collect(),
             budgeted_probe_period(Duration::from_millis(200)),
             Duration::from_secs(30),
+            Duration::ZERO,
         )
     }
 
@@ -258,6 +276,7 @@ mod tests {
             ],
             budgeted_probe_period(Duration::from_millis(200)),
             Duration::from_secs(30),
+            Duration::ZERO,
         );
         let now = t0 + Duration::from_millis(10);
         assert_eq!(s.pick(now).map(|j| j.unit), Some(1));
@@ -281,9 +300,9 @@ mod tests {
         assert_eq!(
             transitions.last(),
             Some(&Some(Transition::Demoted {
-                period: Duration::from_millis(2500)
+                period: Duration::from_secs(4)
             })),
-            "demoted after {DEMOTE_AFTER} silent jobs, first period 10 x (200 + 50) ms"
+            "demoted after {DEMOTE_AFTER} silent jobs, first period 10 x (200 + 200) ms"
         );
         assert!(s.is_demoted(1));
         // Only unit 0 is scanned until the probe is due.
@@ -293,8 +312,8 @@ mod tests {
             s.finish(job, true, now);
             now += Duration::from_millis(100);
         }
-        // The probe comes 2.5 s after the demotion; it fails and the period doubles.
-        now = t0 + Duration::from_millis(2700);
+        // The probe comes 4 s after the demotion; it fails and the period doubles.
+        now = t0 + Duration::from_millis(4200);
         let probe = loop {
             let job = s.pick(now).expect("something is due");
             if job.unit == 1 {
@@ -305,12 +324,12 @@ mod tests {
         assert!(probe.probe);
         assert_eq!(s.finish(probe, false, now), None);
         assert!(s.next_due().is_some());
-        let later = now + Duration::from_millis(4999);
+        let later = now + Duration::from_millis(7999);
         assert!(
             s.pick(later).is_none_or(|j| j.unit == 0),
-            "the second probe waits 5 s"
+            "the second probe waits 8 s"
         );
-        let probe_at = now + Duration::from_secs(5);
+        let probe_at = now + Duration::from_secs(8);
         let probe = loop {
             let job = s.pick(probe_at).expect("something is due");
             if job.unit == 1 {
@@ -320,6 +339,29 @@ mod tests {
         };
         assert_eq!(s.finish(probe, true, probe_at), Some(Transition::Promoted));
         assert!(!s.is_demoted(1));
+    }
+
+    #[test]
+    fn a_unit_that_failed_is_held_back_for_the_hold_off() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(
+            vec![vec![class(100, t0)], vec![class(100, t0)]],
+            budgeted_probe_period(Duration::from_millis(200)),
+            Duration::from_secs(30),
+            Duration::from_millis(800),
+        );
+        let job = s.pick(t0).expect("due");
+        assert_eq!(job.unit, 0);
+        s.finish(job, false, t0);
+        let mut now = t0;
+        while now < t0 + Duration::from_millis(800) {
+            if let Some(job) = s.pick(now) {
+                assert_eq!(job.unit, 1, "unit 0 is held back at {:?}", now - t0);
+                s.finish(job, true, now);
+            }
+            now += Duration::from_millis(50);
+        }
+        assert_eq!(s.pick(now).map(|j| j.unit), Some(0));
     }
 
     #[test]
@@ -348,6 +390,7 @@ mod tests {
             vec![vec![class(100, t0)]],
             budgeted_probe_period(Duration::from_millis(200)),
             Duration::from_secs(6),
+            Duration::ZERO,
         );
         let job = Job {
             unit: 0,
