@@ -1789,31 +1789,44 @@ impl Checker<'_> {
         complete.then_some(devices)
     }
 
-    /// One serial port is one line: two devices on it would take the port from each other.
+    /// One serial line is one device: two devices on one port would take it from each other,
+    /// and two connections to one RTU-over-TCP converter would each get the other's answers.
+    /// Serial paths that exist are compared resolved, so a `/dev/serial/by-id/` link and the
+    /// `/dev/ttyUSB0` it points to are the same port.
     fn port_not_shared(
         &mut self,
         index: usize,
         device: &DeviceSettings,
         ports: &mut HashMap<String, (usize, Arc<str>)>,
     ) {
-        let DeviceKind::Modbus(ModbusSettings {
-            link: Link::Rtu(serial),
-            ..
-        }) = &device.kind
-        else {
+        let DeviceKind::Modbus(settings) = &device.kind else {
             return;
         };
-        match ports.get(&serial.port) {
+        let (key, field, what) = match &settings.link {
+            Link::Rtu(serial) => {
+                let resolved = std::fs::canonicalize(&serial.port)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| serial.port.clone());
+                (format!("serial {resolved}"), "port", "serial port")
+            }
+            Link::RtuOverTcp { address } => (
+                format!("converter {address}"),
+                "address",
+                "RTU-over-TCP converter",
+            ),
+            Link::Tcp { .. } => return,
+        };
+        match ports.get(&key) {
             Some((first, name)) => {
                 let message = format!(
-                    "serial port `{}` is already the line of device `{name}` (devices[{first}]): \
-                     one port is one device; list its units under that device's [[devices.units]]",
-                    serial.port
+                    "{what} `{}` is already the line of device `{name}` (devices[{first}]): \
+                     one line is one device; list its units under that device's [[devices.units]]",
+                    settings.link.target()
                 );
-                self.report(&FieldPath::top("devices").index(index).key("port"), message);
+                self.report(&FieldPath::top("devices").index(index).key(field), message);
             }
             None => {
-                ports.insert(serial.port.clone(), (index, device.name.clone()));
+                ports.insert(key, (index, device.name.clone()));
             }
         }
     }
@@ -5462,7 +5475,7 @@ units = []
     }
 
     #[test]
-    fn two_devices_on_one_serial_port_are_refused() {
+    fn two_devices_on_one_serial_port_or_converter_are_refused() {
         let src = format!(
             "{RTU_BASE}\n[[devices]]\nname = \"drives\"\nprotocol = \"modbus_rtu\"\n\
              port = \"/dev/ttyUSB0\" # the same adapter\n\n  [[devices.tags]]\n  \
@@ -5482,6 +5495,21 @@ units = []
             problems(&other_port).is_empty(),
             "{}",
             listing(&problems(&other_port))
+        );
+
+        let converter = "[[devices]]\nname = \"NAME\"\nprotocol = \"modbus_rtu_over_tcp\"\n\
+                         address = \"10.0.0.9:4001\" # ADDR\n\n  [[devices.tags]]\n  \
+                         name = \"x\"\n  address = \"hr:1\"\n";
+        let two = format!(
+            "{BASE}\n{}\n{}",
+            converter.replace("NAME", "a").replace("ADDR", "first"),
+            converter.replace("NAME", "b").replace("ADDR", "second")
+        );
+        assert_problem(
+            &two,
+            "devices[2].address",
+            "# second",
+            "RTU-over-TCP converter `10.0.0.9:4001` is already the line of device `a` (devices[1])",
         );
     }
 

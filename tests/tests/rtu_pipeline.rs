@@ -268,7 +268,8 @@ async fn a_unit_that_stops_answering_is_demoted_with_its_tags_bad_timeout_and_pr
             link: Link::RtuOverTcp {
                 address: converter.addr().to_string(),
             },
-            timeout: Duration::from_millis(150),
+            // Long enough that a loaded test machine does not time out the healthy unit.
+            timeout: Duration::from_millis(300),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
             units: vec![

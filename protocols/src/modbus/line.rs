@@ -55,6 +55,8 @@ struct Unit {
     ctx: DriverContext,
     settings: UnitSettings,
     filter: ChangeFilter,
+    /// Whether its last job went unanswered (its failures are logged once per episode).
+    failing: bool,
 }
 
 /// How one scan of a unit's class ended.
@@ -126,12 +128,19 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
             filter: ChangeFilter::new(settings.report, settings.max_silence, &s.tags),
             settings: s,
             ctx,
+            failing: false,
         })
         .collect();
     let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
     let mut conn: Option<Conn> = None;
     // Whether the tags already went bad for the current outage (reported once per episode).
     let mut line_down = false;
+    // Whether a failed (re)open was logged in this outage: the first one says why.
+    let mut open_failure_logged = false;
+    // Whether any unit answered since the line was opened: when none ever does, the line's
+    // settings or wiring are the likelier cause than every unit being dead.
+    let mut answered_since_open = false;
+    let mut silent_line_logged = false;
     let mut attempts: u64 = 0;
 
     loop {
@@ -164,6 +173,9 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                         info!(line = %line_name, target = settings.link.target(), "line open");
                     }
                     conn = Some(c);
+                    open_failure_logged = false;
+                    answered_since_open = false;
+                    silent_line_logged = false;
                     // The backoff is reset by the first answer, not here: a port that opens
                     // and fails at once must not be reopened in a tight loop.
                     if line_down {
@@ -182,14 +194,17 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                     units.iter().for_each(|u| {
                         u.ctx.status.connected.store(false, Ordering::Relaxed);
                     });
-                    if !line_down {
+                    if !open_failure_logged {
                         warn!(line = %line_name, target = settings.link.target(), error = %e, "cannot open the line; retrying with backoff");
+                        open_failure_logged = true;
+                    } else {
+                        debug!(line = %line_name, error = %e, "reopening the line failed");
+                    }
+                    if !line_down {
                         line_down = true;
                         for u in &mut units {
                             emit_unit_bad(u, reason_of(&e)).await?;
                         }
-                    } else {
-                        debug!(line = %line_name, error = %e, "reopening the line failed");
                     }
                     let delay = backoff.next_delay();
                     tokio::select! {
@@ -224,19 +239,30 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                     .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 emit(unit, samples).await?;
                 backoff.reset();
+                answered_since_open = true;
+                if unit.failing && !job.probe {
+                    info!(line = %line_name, unit = %unit.ctx.name, "unit answers again");
+                }
+                unit.failing = false;
                 let transition = schedule.finish(job, true, Instant::now());
                 report_transition(&line_name, unit, &settings, transition);
             }
             ScanEnd::Silent(e, reason, link_suspect) => {
                 unit.ctx.status.errors.fetch_add(1, Ordering::Relaxed);
-                if job.probe {
-                    debug!(line = %line_name, unit = %unit.ctx.name, error = %e, "demoted unit still not answering");
+                if unit.failing {
+                    debug!(line = %line_name, unit = %unit.ctx.name, error = %e, "unit still not answering");
                 } else {
                     warn!(line = %line_name, unit = %unit.ctx.name, unit_id = unit.settings.unit_id, error = %e, "unit did not answer");
                 }
+                unit.failing = true;
                 emit_unit_bad(unit, reason).await?;
                 let transition = schedule.finish(job, false, Instant::now());
                 report_transition(&line_name, unit, &settings, transition);
+                let all_demoted = (0..units.len()).all(|i| schedule.is_demoted(i));
+                if all_demoted && !answered_since_open && !silent_line_logged {
+                    silent_line_logged = true;
+                    warn!(line = %line_name, target = settings.link.target(), settings = %line_settings(&settings), "no unit on the line has answered since it was opened: check the baud rate, parity and stop bits against the devices, the A/B wiring and termination, and the unit ids");
+                }
                 if link_suspect && link.drop_after_failed_read() {
                     units.iter().for_each(|u| {
                         u.ctx.status.connected.store(false, Ordering::Relaxed);
@@ -249,6 +275,7 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
             ScanEnd::LinkDown(e) => {
                 unit.ctx.status.errors.fetch_add(1, Ordering::Relaxed);
                 warn!(line = %line_name, target = settings.link.target(), error = %e, "line failed; reopening it");
+                open_failure_logged = false;
                 if let Some(c) = conn.take() {
                     c.close().await;
                 }
@@ -264,6 +291,25 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                 }
             }
         }
+    }
+}
+
+/// The serial settings of a line for logs (`19200 8E1`), or its kind.
+fn line_settings(settings: &ModbusSettings) -> String {
+    match &settings.link {
+        super::Link::Rtu(serial) => {
+            let parity = match serial.parity {
+                super::Parity::None => 'N',
+                super::Parity::Even => 'E',
+                super::Parity::Odd => 'O',
+            };
+            format!(
+                "{} {}{parity}{}",
+                serial.baud_rate, serial.data_bits, serial.stop_bits
+            )
+        }
+        super::Link::RtuOverTcp { .. } => "RTU over TCP (serial settings on the converter)".into(),
+        super::Link::Tcp { .. } => "Modbus TCP".into(),
     }
 }
 

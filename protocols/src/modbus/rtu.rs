@@ -281,11 +281,36 @@ pub fn open_serial(settings: &SerialSettings) -> Result<tokio_serial::SerialStre
             tokio_serial::StopBits::One
         })
         .flow_control(tokio_serial::FlowControl::None);
-    let port = tokio_serial::SerialStream::open(&builder)
-        .map_err(|e| ReadError::Link(format!("cannot open {}: {e}", settings.port)))?;
+    let port = tokio_serial::SerialStream::open(&builder).map_err(|e| {
+        ReadError::Link(format!(
+            "cannot open {}: {e}{}",
+            settings.port,
+            open_hint(&e)
+        ))
+    })?;
     // Whatever a device sent before we opened the port belongs to no request of ours.
     let _ = port.clear(tokio_serial::ClearBuffer::All);
     Ok(port)
+}
+
+/// What an operator can do about a port that does not open.
+fn open_hint(e: &tokio_serial::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match e.kind() {
+        tokio_serial::ErrorKind::NoDevice
+        | tokio_serial::ErrorKind::Io(ErrorKind::NotFound) => {
+            " (is the adapter plugged in, and is the path right? /dev/serial/by-id/ names survive re-plugging)"
+        }
+        tokio_serial::ErrorKind::Io(ErrorKind::PermissionDenied) => {
+            " (the gateway's user needs the dialout group; the systemd unit grants it and allows serial devices)"
+        }
+        _ if e.to_string().to_lowercase().contains("lock")
+            || e.to_string().to_lowercase().contains("busy") =>
+        {
+            " (another program holds the port: another edge-gateway or `edge-gateway read`, ModemManager, a terminal?)"
+        }
+        _ => "",
+    }
 }
 
 /// The timing of a serial line's settings.

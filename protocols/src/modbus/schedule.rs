@@ -18,8 +18,11 @@
 //!   healthy units pay. A line with one unit has nobody to protect: its unit is probed from
 //!   the line's `backoff_min` on, like a reconnect.
 //! - A unit that failed a job is held back for the line's hold-off (on RTU lines several
-//!   timeouts, see `rtu.rs`) before it is addressed again, even before it is demoted: a late
-//!   answer from it must not meet a request of the same shape.
+//!   timeouts, see `rtu.rs`) before it is addressed again: scan, probe, or first scan after
+//!   the line reopened alike. A late answer from it must not meet a request of the same shape.
+//! - A unit that flaps (answers a probe, then fails again) starts its next demotion where the
+//!   last one left off instead of at the first period, so flapping stays within the budget;
+//!   [`FORGIVE_AFTER`] answers in a row clear that.
 //! - A probe that gets an answer (data or an exception: the unit is alive) promotes the unit;
 //!   all of its classes are due at once.
 
@@ -32,6 +35,10 @@ pub const DEMOTE_AFTER: u32 = 3;
 
 /// A demoted unit is probed at most once per this many probe costs (timeout and guard).
 pub const BUDGET_FACTOR: u32 = 10;
+
+/// Answers in a row after which a unit that was demoted before starts from the first probe
+/// period again if it is demoted anew.
+const FORGIVE_AFTER: u32 = 100;
 
 /// Shortest probe period of a demoted unit.
 const MIN_PROBE_PERIOD: Duration = Duration::from_secs(1);
@@ -76,7 +83,14 @@ struct Demotion {
 struct Unit {
     classes: Vec<ScanClass>,
     failures: u32,
+    /// Answers in a row since the unit last failed.
+    answers: u32,
     demoted: Option<Demotion>,
+    /// The first probe period of the unit's next demotion: it keeps growing for a unit that
+    /// flaps between answering and not, so flapping cannot take more than the budget.
+    next_period: Duration,
+    /// Not addressed before this (the hold-off after a failure), whatever is due.
+    held_until: Option<Instant>,
 }
 
 impl Unit {
@@ -87,10 +101,11 @@ impl Unit {
             .iter()
             .enumerate()
             .min_by_key(|(_, c)| c.next_due)?;
-        match self.demoted {
-            Some(d) => Some((d.next_probe, class)),
-            None => Some((earliest.next_due, class)),
-        }
+        let due = match self.demoted {
+            Some(d) => d.next_probe,
+            None => earliest.next_due,
+        };
+        Some((self.held_until.map_or(due, |h| due.max(h)), class))
     }
 }
 
@@ -122,7 +137,10 @@ impl Schedule {
                 .map(|classes| Unit {
                     classes,
                     failures: 0,
+                    answers: 0,
                     demoted: None,
+                    next_period: first_period,
+                    held_until: None,
                 })
                 .collect(),
             first_period,
@@ -181,6 +199,10 @@ impl Schedule {
         }
         if answered {
             unit.failures = 0;
+            unit.answers = unit.answers.saturating_add(1);
+            if unit.answers >= FORGIVE_AFTER {
+                unit.next_period = first_period;
+            }
             if unit.demoted.take().is_some() {
                 unit.classes
                     .iter_mut()
@@ -192,11 +214,8 @@ impl Schedule {
             return None;
         }
         unit.failures = unit.failures.saturating_add(1);
-        let held = now + hold_off;
-        unit.classes
-            .iter_mut()
-            .filter(|c| c.next_due < held)
-            .for_each(|c| c.next_due = held);
+        unit.answers = 0;
+        unit.held_until = Some(now + hold_off);
         match &mut unit.demoted {
             Some(d) => {
                 d.period = (d.period * 2).min(max_period);
@@ -204,13 +223,13 @@ impl Schedule {
                 None
             }
             None if unit.failures >= DEMOTE_AFTER => {
+                let period = unit.next_period;
+                unit.next_period = (period * 2).min(max_period);
                 unit.demoted = Some(Demotion {
-                    period: first_period,
-                    next_probe: now + first_period,
+                    period,
+                    next_probe: now + period,
                 });
-                Some(Transition::Demoted {
-                    period: first_period,
-                })
+                Some(Transition::Demoted { period })
             }
             None => None,
         }
@@ -221,7 +240,8 @@ impl Schedule {
         self.units.get(unit).is_some_and(|u| u.demoted.is_some())
     }
 
-    /// Makes every healthy unit's classes due at `now` (after the link came back).
+    /// Makes every healthy unit's classes due at `now` (after the link came back); a unit in
+    /// its hold-off still waits for it to end.
     pub fn all_due(&mut self, now: Instant) {
         for unit in self.units.iter_mut().filter(|u| u.demoted.is_none()) {
             unit.classes.iter_mut().for_each(|c| c.next_due = now);
@@ -362,6 +382,73 @@ mod tests {
             now += Duration::from_millis(50);
         }
         assert_eq!(s.pick(now).map(|j| j.unit), Some(0));
+    }
+
+    #[test]
+    fn a_flapping_unit_starts_its_next_demotion_where_the_last_one_left_off() {
+        let t0 = Instant::now();
+        let mut s = line(1, t0);
+        let job = Job {
+            unit: 0,
+            class: 0,
+            probe: false,
+        };
+        let demote = |s: &mut Schedule| {
+            (0..DEMOTE_AFTER)
+                .filter_map(|_| s.finish(job, false, t0))
+                .next_back()
+        };
+        assert_eq!(
+            demote(&mut s),
+            Some(Transition::Demoted {
+                period: Duration::from_secs(4)
+            })
+        );
+        assert_eq!(s.finish(job, true, t0), Some(Transition::Promoted));
+        assert_eq!(
+            demote(&mut s),
+            Some(Transition::Demoted {
+                period: Duration::from_secs(8)
+            })
+        );
+        s.finish(job, true, t0);
+        for _ in 0..FORGIVE_AFTER {
+            s.finish(job, true, t0);
+        }
+        assert_eq!(
+            demote(&mut s),
+            Some(Transition::Demoted {
+                period: Duration::from_secs(4)
+            }),
+            "a long run of answers forgives"
+        );
+    }
+
+    #[test]
+    fn a_demoted_units_probe_waits_for_the_hold_off() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(
+            vec![vec![class(100, t0)]],
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+        );
+        let job = Job {
+            unit: 0,
+            class: 0,
+            probe: false,
+        };
+        for _ in 0..DEMOTE_AFTER {
+            s.finish(job, false, t0);
+        }
+        assert!(s.is_demoted(0));
+        assert_eq!(
+            s.next_due(),
+            Some(t0 + Duration::from_secs(1)),
+            "the 100 ms probe period does not beat the 1 s hold-off"
+        );
+        s.all_due(t0);
+        assert!(s.pick(t0 + Duration::from_millis(999)).is_none());
     }
 
     #[test]
