@@ -164,10 +164,12 @@ fn unit_is(i: u32) -> impl Fn(&Batch) -> bool {
 }
 
 /// Every good sample of unit `i` must carry that unit's marker: anything else is a frame of
-/// another unit (or a stale one) taken for the answer.
+/// another unit (or a stale one) taken for the answer. Units without a marker are not checked.
 fn assert_no_foreign_values(batches: &[Batch], markers: &[u16]) {
     for b in batches {
-        let marker = markers[b.device.0 as usize];
+        let Some(&marker) = markers.get(b.device.0 as usize) else {
+            continue;
+        };
         for s in b.samples.iter().filter(|s| s.quality == Quality::Good) {
             match (s.tag.0, &s.value) {
                 (0, Some(Value::UInt(v))) => assert_eq!(
@@ -253,14 +255,7 @@ async fn a_dead_unit_is_demoted_and_costs_the_healthy_units_at_most_the_demotion
     control.drain();
     let window = Duration::from_secs(8);
     let (batches, control_batches) = tokio::join!(line.collect(window), control.collect(window));
-    assert_no_foreign_values(
-        &batches
-            .iter()
-            .filter(|b| b.device.0 < 2)
-            .cloned()
-            .collect::<Vec<_>>(),
-        &[100, 200],
-    );
+    assert_no_foreign_values(&batches, &[100, 200]);
     // Every scan of a healthy unit is one batch. The dead unit may take 1/BUDGET_FACTOR of
     // the line's time.
     let budget = 1.0 - 1.0 / f64::from(BUDGET_FACTOR);
@@ -471,14 +466,7 @@ async fn rtu_over_tcp_reads_several_units_and_demotes_a_dead_one() {
     };
     let mut line = start(settings);
     let batches = line.collect(Duration::from_secs(3)).await;
-    assert_no_foreign_values(
-        &batches
-            .iter()
-            .filter(|b| b.device.0 < 2)
-            .cloned()
-            .collect::<Vec<_>>(),
-        &[100, 200],
-    );
+    assert_no_foreign_values(&batches, &[100, 200]);
     for u in 0..2 {
         assert!(batches.iter().any(|b| b.device.0 == u && all_good(b)));
     }
@@ -511,14 +499,7 @@ async fn a_modbus_tcp_gateway_serves_several_units_on_one_connection() {
     };
     let mut line = start(settings);
     let batches = line.collect(Duration::from_secs(2)).await;
-    assert_no_foreign_values(
-        &batches
-            .iter()
-            .filter(|b| b.device.0 < 2)
-            .cloned()
-            .collect::<Vec<_>>(),
-        &[100, 200],
-    );
+    assert_no_foreign_values(&batches, &[100, 200]);
     let mut good: HashMap<u32, usize> = HashMap::new();
     for b in batches.iter().filter(|b| all_good(b)) {
         *good.entry(b.device.0).or_default() += 1;
