@@ -1,27 +1,43 @@
-//! Store-and-forward buffer over sled. The only file in the gateway that knows about sled.
+//! Store-and-forward buffer over sled, in generations. The only file in the gateway that knows
+//! about sled.
 //!
 //! Invariants:
-//! - What is in the tree is exactly what was committed and not yet acknowledged: key = the
+//! - What the generations hold is exactly what was committed and not yet acknowledged: key = the
 //!   record's sequence number (big-endian u64, so iteration is oldest first), value = the record
-//!   with its checksum ([`Record::to_bytes`]).
+//!   with its checksum ([`Record::to_bytes`]). Sequence numbers only grow, so every generation
+//!   holds a range above the ones of older generations, and reading them in order is reading
+//!   oldest first.
 //! - A commit is durable only after sled's flush *and* an fsync of sled's data file: sled's flush
 //!   uses `sync_file_range`, which does not survive a power cut (a lost length change leaves a
 //!   database that panics on open or silently misses records).
 //! - Deletes after a PUBACK are not fsynced: losing one only means the record is sent again after
 //!   a crash, with the same `seq`, which the cloud de-duplicates.
-//! - Opening never takes the gateway down: a panic inside sled is caught, the database is moved
-//!   aside to `quarantine-<time>` (never deleted) and a fresh one is started.
+//! - sled never gives space back, so the buffer does: new commits go to the newest generation
+//!   (`gen-<n>/`, one sled database each); once it has taken [`ROTATE_AFTER`] bytes, or once it
+//!   is drained after taking at least [`ROTATE_DRAINED`], a fresh generation is started. An older
+//!   generation whose database is empty is deleted: renamed to `gen-<n>.drained` first (one
+//!   atomic step, so a crash never leaves a half-deleted database to open), then removed.
+//! - Opening never takes the gateway down: a panic inside sled is caught, the generation is moved
+//!   aside to `quarantine-<time>` (never deleted) and the others are kept.
+//! - A buffer written before generations (sled's files directly in the buffer directory) is
+//!   moved into `gen-0/` on open, so an upgrade keeps its backlog.
 
 use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tracing::{error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::record::Record;
+
+/// A generation takes this many committed bytes before commits move to a fresh one.
+pub const ROTATE_AFTER: u64 = 32 << 20;
+
+/// A drained newest generation is replaced once it has taken this many bytes.
+pub const ROTATE_DRAINED: u64 = 1 << 20;
 
 /// Errors of the disk buffer.
 #[derive(Debug, thiserror::Error)]
@@ -56,10 +72,12 @@ pub struct OpenReport {
     pub bytes: u64,
     /// Values that failed their checksum and were dropped.
     pub damaged: u64,
-    /// Where an unusable database was moved, if one was.
+    /// Where an unusable generation was moved, if one was.
     pub quarantined: Option<PathBuf>,
     /// The highest sequence number on disk.
     pub last_seq: Option<u64>,
+    /// Generations found with records in them.
+    pub generations: usize,
 }
 
 /// The result of one commit.
@@ -71,12 +89,25 @@ pub struct CommitStats {
     pub bytes: u64,
 }
 
+/// One sled database of the buffer.
+#[derive(Debug)]
+struct Generation {
+    id: u64,
+    dir: PathBuf,
+    db: sled::Db,
+    data_file: Arc<File>,
+    /// Bytes committed into it since it was created or opened.
+    written: u64,
+}
+
 /// The disk buffer.
 #[derive(Debug)]
 pub struct Buffer {
-    db: sled::Db,
     dir: PathBuf,
-    data_file: File,
+    rotate_after: u64,
+    rotate_drained: u64,
+    /// Oldest first; never empty.
+    gens: Mutex<Vec<Generation>>,
     records: AtomicU64,
     bytes: AtomicU64,
     commits: AtomicU64,
@@ -111,7 +142,7 @@ fn open_sled(dir: &Path) -> Result<sled::Db, BufferError> {
     }
 }
 
-/// Scans the tree, dropping damaged values; sled may panic on a damaged file, so this is guarded.
+/// Scans a tree, dropping damaged values; sled may panic on a damaged file, so this is guarded.
 fn scan(db: &sled::Db, dir: &Path) -> Result<OpenReport, BufferError> {
     let result = catch_unwind(AssertUnwindSafe(|| {
         let mut report = OpenReport::default();
@@ -142,78 +173,261 @@ fn fsync_dir(dir: &Path) -> Result<(), BufferError> {
         .map_err(|e| io_err(dir, e))
 }
 
-impl Buffer {
-    /// Opens (or creates) the buffer in `dir`; an unusable database is quarantined, not lost.
-    pub fn open(dir: &Path) -> Result<(Buffer, OpenReport), BufferError> {
-        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        let first = open_sled(dir).and_then(|db| scan(&db, dir).map(|r| (db, r)));
-        let (db, mut report, quarantined) = match first {
-            Ok((db, report)) => (db, report, None),
-            Err(e) => {
-                let stamp = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                let parent = dir.parent().unwrap_or(Path::new("."));
-                let aside = parent.join(format!("quarantine-{stamp}"));
-                error!(path = %dir.display(), quarantine = %aside.display(), error = %e, "buffer database cannot be opened; moving it aside and starting a fresh one");
-                std::fs::rename(dir, &aside).map_err(|e| io_err(dir, e))?;
-                std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-                let db = open_sled(dir)?;
-                (db, OpenReport::default(), Some(aside))
+/// Makes a generation's files durable: sled's flush, then fsync of its data file and blobs.
+fn sync_gen(db: &sled::Db, dir: &Path, data_file: &File) -> Result<(), BufferError> {
+    db.flush().map_err(|e| db_err(dir, e))?;
+    data_file
+        .sync_all()
+        .map_err(|e| io_err(&dir.join("db"), e))?;
+    // sled does not fsync the blob files it writes for oversized pages either.
+    let blobs = dir.join("blobs");
+    if let Ok(entries) = std::fs::read_dir(&blobs) {
+        let mut any = false;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match File::open(&path).and_then(|f| f.sync_all()) {
+                Ok(()) => any = true,
+                // sled deleted the blob between the listing and the sync: nothing to keep.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path, e)),
             }
+        }
+        if any {
+            fsync_dir(&blobs)?;
+        }
+    }
+    Ok(())
+}
+
+fn gen_dir(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("gen-{id}"))
+}
+
+/// Opens (creating it if needed) generation `id` under `dir`.
+fn open_gen(dir: &Path, id: u64) -> Result<Generation, BufferError> {
+    let path = gen_dir(dir, id);
+    std::fs::create_dir_all(&path).map_err(|e| io_err(&path, e))?;
+    let db = open_sled(&path)?;
+    let data_path = path.join("db");
+    let data_file = File::open(&data_path).map_err(|e| io_err(&data_path, e))?;
+    Ok(Generation {
+        id,
+        dir: path,
+        db,
+        data_file: Arc::new(data_file),
+        written: 0,
+    })
+}
+
+/// Moves a buffer from before generations (sled's files in `dir` itself) into `gen-0/`.
+fn migrate_flat_layout(dir: &Path) -> Result<(), BufferError> {
+    if !dir.join("db").exists() {
+        return Ok(());
+    }
+    let target = gen_dir(dir, 0);
+    std::fs::create_dir_all(&target).map_err(|e| io_err(&target, e))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with("gen-") {
+            continue;
+        }
+        let to = target.join(&name);
+        std::fs::rename(entry.path(), &to).map_err(|e| io_err(&to, e))?;
+    }
+    fsync_dir(&target)?;
+    fsync_dir(dir)?;
+    info!(path = %dir.display(), "moved the buffer into its first generation");
+    Ok(())
+}
+
+/// The generation ids under `dir`, ascending; removes leftovers of interrupted deletions.
+fn list_generations(dir: &Path) -> Result<Vec<u64>, BufferError> {
+    let mut ids = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Some(rest) = name.strip_prefix("gen-") else {
+            continue;
         };
-        report.quarantined = quarantined;
+        if rest.ends_with(".drained") {
+            // Renamed for deletion, then interrupted: nothing in it was unacknowledged.
+            let _ = std::fs::remove_dir_all(entry.path());
+            continue;
+        }
+        if let Ok(id) = rest.parse::<u64>() {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Moves an unusable generation aside; returns where it went.
+fn quarantine(dir: &Path, path: &Path, e: &BufferError) -> Result<PathBuf, BufferError> {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let aside = parent.join(format!("quarantine-{stamp}"));
+    error!(path = %path.display(), quarantine = %aside.display(), error = %e, "buffer generation cannot be opened; moving it aside, never deleting it");
+    std::fs::rename(path, &aside).map_err(|e| io_err(path, e))?;
+    fsync_dir(dir)?;
+    Ok(aside)
+}
+
+/// Deletes a drained generation's directory: renamed first, so a crash leaves nothing to open.
+fn delete_gen(dir: &Path, generation: Generation) -> Result<(), BufferError> {
+    let Generation {
+        id, dir: path, db, ..
+    } = generation;
+    // sled's background threads hold the files until the last handle is gone.
+    drop(db);
+    let doomed = dir.join(format!("gen-{id}.drained"));
+    std::fs::rename(&path, &doomed).map_err(|e| io_err(&path, e))?;
+    fsync_dir(dir)?;
+    std::fs::remove_dir_all(&doomed).map_err(|e| io_err(&doomed, e))?;
+    debug!(generation = id, "drained buffer generation deleted");
+    Ok(())
+}
+
+/// Bytes of the files under `path` (what the buffer takes on disk).
+fn disk_usage(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(m) if m.is_dir() => disk_usage(&entry.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn key_seq(k: &[u8]) -> Option<u64> {
+    let b: [u8; 8] = k.try_into().ok()?;
+    Some(u64::from_be_bytes(b))
+}
+
+impl Buffer {
+    /// Opens (or creates) the buffer in `dir`; an unusable generation is quarantined, not lost.
+    pub fn open(dir: &Path) -> Result<(Buffer, OpenReport), BufferError> {
+        Self::open_with(dir, ROTATE_AFTER, ROTATE_DRAINED)
+    }
+
+    /// [`Buffer::open`] with other rotation sizes (for tests and measurements).
+    pub fn open_with(
+        dir: &Path,
+        rotate_after: u64,
+        rotate_drained: u64,
+    ) -> Result<(Buffer, OpenReport), BufferError> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        migrate_flat_layout(dir)?;
+        let mut report = OpenReport::default();
+        let mut gens = Vec::new();
+        for id in list_generations(dir)? {
+            let path = gen_dir(dir, id);
+            let opened = open_gen(dir, id).and_then(|g| scan(&g.db, &g.dir).map(|r| (g, r)));
+            match opened {
+                Ok((generation, found)) => {
+                    report.records += found.records;
+                    report.bytes += found.bytes;
+                    report.damaged += found.damaged;
+                    report.last_seq = found.last_seq.or(report.last_seq);
+                    if found.records > 0 {
+                        report.generations += 1;
+                    }
+                    gens.push(generation);
+                }
+                Err(e) => report.quarantined = Some(quarantine(dir, &path, &e)?),
+            }
+        }
         if report.damaged > 0 {
             warn!(path = %dir.display(), damaged = report.damaged, "dropped damaged records from the buffer");
         }
-        let data_path = dir.join("db");
-        let data_file = File::open(&data_path).map_err(|e| io_err(&data_path, e))?;
+        // Commits always go to a fresh generation after a start: the old ones only drain.
+        let next = gens.last().map_or(1, |g| g.id + 1);
+        gens.push(open_gen(dir, next)?);
         let buffer = Buffer {
-            db,
             dir: dir.to_path_buf(),
-            data_file,
+            rotate_after,
+            rotate_drained,
+            gens: Mutex::new(gens),
             records: AtomicU64::new(report.records),
             bytes: AtomicU64::new(report.bytes),
             commits: AtomicU64::new(0),
         };
-        // Make the database's files themselves durable before anything counts on them.
-        buffer.sync()?;
-        fsync_dir(dir)?;
+        {
+            let mut gens = buffer.lock();
+            // Make the databases' files themselves durable before anything counts on them.
+            for g in gens.iter() {
+                sync_gen(&g.db, &g.dir, &g.data_file)?;
+            }
+            fsync_dir(dir)?;
+            buffer.delete_drained(&mut gens);
+        }
         Ok((buffer, report))
     }
 
-    fn sync(&self) -> Result<(), BufferError> {
-        self.db.flush().map_err(|e| db_err(&self.dir, e))?;
-        self.data_file
-            .sync_all()
-            .map_err(|e| io_err(&self.dir.join("db"), e))?;
-        // sled does not fsync the blob files it writes for oversized pages either.
-        let blobs = self.dir.join("blobs");
-        if let Ok(entries) = std::fs::read_dir(&blobs) {
-            let mut any = false;
-            for entry in entries.flatten() {
-                let path = entry.path();
-                match File::open(&path).and_then(|f| f.sync_all()) {
-                    Ok(()) => any = true,
-                    // sled deleted the blob between the listing and the sync: nothing to keep.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err(&path, e)),
-                }
-            }
-            if any {
-                fsync_dir(&blobs)?;
-            }
-        }
-        Ok(())
+    fn lock(&self) -> MutexGuard<'_, Vec<Generation>> {
+        // A poisoned lock means a panic while holding it; the list itself is still consistent
+        // (every change to it is a single push or remove).
+        self.gens.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts records and bytes from the tree itself, after a failure left the counters unsure.
-    fn recount(&self) {
+    /// Deletes every generation but the newest whose database is empty.
+    fn delete_drained(&self, gens: &mut Vec<Generation>) {
+        let mut i = 0;
+        while i + 1 < gens.len() {
+            if gens[i].db.is_empty() {
+                let g = gens.remove(i);
+                if let Err(e) = delete_gen(&self.dir, g) {
+                    warn!(error = %e, "cannot delete a drained buffer generation; it stays on disk");
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Starts a fresh generation when the newest has taken enough, or is drained after taking
+    /// some; then deletes drained ones.
+    fn maybe_rotate(&self, gens: &mut Vec<Generation>) {
+        let Some(newest) = gens.last() else {
+            return;
+        };
+        let full = newest.written >= self.rotate_after;
+        let drained = newest.written >= self.rotate_drained && newest.db.is_empty();
+        if full || drained {
+            match open_gen(&self.dir, newest.id + 1).and_then(|g| {
+                fsync_dir(&self.dir)?;
+                Ok(g)
+            }) {
+                Ok(g) => {
+                    debug!(generation = g.id, "new buffer generation");
+                    gens.push(g);
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot start a new buffer generation; the current one goes on")
+                }
+            }
+        }
+        self.delete_drained(gens);
+    }
+
+    /// Counts records and bytes from the trees themselves, after a failure left the counters
+    /// unsure.
+    fn recount(&self, gens: &[Generation]) {
         let (mut records, mut bytes) = (0u64, 0u64);
-        for (k, v) in self.db.iter().flatten() {
-            records += 1;
-            bytes += (k.len() + v.len()) as u64;
+        for g in gens {
+            for (k, v) in g.db.iter().flatten() {
+                records += 1;
+                bytes += (k.len() + v.len()) as u64;
+            }
         }
         self.records.store(records, Ordering::Relaxed);
         self.bytes.store(bytes, Ordering::Relaxed);
@@ -232,34 +446,44 @@ impl Buffer {
             stats.bytes += 8 + value.len() as u64;
             batch.insert(&r.seq.to_be_bytes(), value);
         }
-        self.db
+        let mut gens = self.lock();
+        let Some(newest) = gens.last_mut() else {
+            return Err(io_err(&self.dir, std::io::Error::other("no generation")));
+        };
+        newest
+            .db
             .apply_batch(batch)
-            .map_err(|e| db_err(&self.dir, e))?;
-        if let Err(e) = self.sync() {
+            .map_err(|e| db_err(&newest.dir, e))?;
+        newest.written += stats.bytes;
+        if let Err(e) = sync_gen(&newest.db, &newest.dir, &newest.data_file) {
             // The batch may be in the tree but not durable; it will be committed again, so the
-            // counters are taken from the tree rather than added to twice.
-            self.recount();
+            // counters are taken from the trees rather than added to twice.
+            self.recount(&gens);
             return Err(e);
         }
         self.records.fetch_add(stats.records, Ordering::Relaxed);
         self.bytes.fetch_add(stats.bytes, Ordering::Relaxed);
         self.commits.fetch_add(1, Ordering::Relaxed);
+        self.maybe_rotate(&mut gens);
         Ok(stats)
     }
 
     /// Deletes acknowledged records (not synced: a lost delete is a harmless re-send).
     pub fn remove(&self, seqs: &[u64]) -> Result<(), BufferError> {
+        let mut gens = self.lock();
         for seq in seqs {
-            if let Some(old) = self
-                .db
-                .remove(seq.to_be_bytes())
-                .map_err(|e| db_err(&self.dir, e))?
-            {
-                self.records.fetch_sub(1, Ordering::Relaxed);
-                self.bytes
-                    .fetch_sub(8 + old.len() as u64, Ordering::Relaxed);
+            let key = seq.to_be_bytes();
+            // Acknowledgements are mostly for recent records: newest generation first.
+            for g in gens.iter().rev() {
+                if let Some(old) = g.db.remove(key).map_err(|e| db_err(&g.dir, e))? {
+                    self.records.fetch_sub(1, Ordering::Relaxed);
+                    self.bytes
+                        .fetch_sub(8 + old.len() as u64, Ordering::Relaxed);
+                    break;
+                }
             }
         }
+        self.maybe_rotate(&mut gens);
         Ok(())
     }
 
@@ -272,30 +496,36 @@ impl Buffer {
         skip: impl Fn(u64) -> bool,
     ) -> Result<Vec<Record>, BufferError> {
         let mut out = Vec::new();
-        let mut damaged = Vec::new();
-        if from >= below {
+        if from >= below || limit == 0 {
             return Ok(out);
         }
-        for item in self.db.range(from.to_be_bytes()..below.to_be_bytes()) {
-            let (k, v) = item.map_err(|e| db_err(&self.dir, e))?;
-            match Record::from_bytes(&v) {
-                Ok(r) if k.as_ref() == r.seq.to_be_bytes() => {
-                    if !skip(r.seq) {
-                        out.push(r);
-                        if out.len() >= limit {
-                            break;
+        let gens = self.lock();
+        for g in gens.iter() {
+            let mut damaged = Vec::new();
+            for item in g.db.range(from.to_be_bytes()..below.to_be_bytes()) {
+                let (k, v) = item.map_err(|e| db_err(&g.dir, e))?;
+                match Record::from_bytes(&v) {
+                    Ok(r) if k.as_ref() == r.seq.to_be_bytes() => {
+                        if !skip(r.seq) {
+                            out.push(r);
+                            if out.len() >= limit {
+                                break;
+                            }
                         }
                     }
+                    _ => damaged.push(k),
                 }
-                _ => damaged.push(k),
             }
-        }
-        for k in damaged {
-            warn!(path = %self.dir.display(), "dropping a damaged record from the buffer");
-            if let Some(old) = self.db.remove(&k).map_err(|e| db_err(&self.dir, e))? {
-                self.records.fetch_sub(1, Ordering::Relaxed);
-                self.bytes
-                    .fetch_sub((k.len() + old.len()) as u64, Ordering::Relaxed);
+            for k in damaged {
+                warn!(path = %g.dir.display(), "dropping a damaged record from the buffer");
+                if let Some(old) = g.db.remove(&k).map_err(|e| db_err(&g.dir, e))? {
+                    self.records.fetch_sub(1, Ordering::Relaxed);
+                    self.bytes
+                        .fetch_sub((k.len() + old.len()) as u64, Ordering::Relaxed);
+                }
+            }
+            if out.len() >= limit {
+                break;
             }
         }
         Ok(out)
@@ -303,29 +533,37 @@ impl Buffer {
 
     /// Removes the oldest records until at most `target_bytes` remain; returns how many went.
     pub fn evict_oldest(&self, target_bytes: u64) -> Result<u64, BufferError> {
+        let mut gens = self.lock();
         let mut evicted = 0;
-        while self.bytes.load(Ordering::Relaxed) > target_bytes {
-            match self.db.pop_min().map_err(|e| db_err(&self.dir, e))? {
-                Some((k, v)) => {
-                    self.records.fetch_sub(1, Ordering::Relaxed);
-                    self.bytes
-                        .fetch_sub((k.len() + v.len()) as u64, Ordering::Relaxed);
-                    evicted += 1;
-                }
-                None => {
-                    self.bytes.store(0, Ordering::Relaxed);
-                    break;
+        'gens: for g in gens.iter() {
+            while self.bytes.load(Ordering::Relaxed) > target_bytes {
+                match g.db.pop_min().map_err(|e| db_err(&g.dir, e))? {
+                    Some((k, v)) => {
+                        self.records.fetch_sub(1, Ordering::Relaxed);
+                        self.bytes
+                            .fetch_sub((k.len() + v.len()) as u64, Ordering::Relaxed);
+                        evicted += 1;
+                    }
+                    None => continue 'gens,
                 }
             }
+            break;
         }
+        if self.bytes.load(Ordering::Relaxed) > target_bytes && gens.iter().all(|g| g.db.is_empty())
+        {
+            self.records.store(0, Ordering::Relaxed);
+            self.bytes.store(0, Ordering::Relaxed);
+        }
+        self.maybe_rotate(&mut gens);
         Ok(evicted)
     }
 
     /// The oldest sequence number on disk.
     pub fn first_seq(&self) -> Option<u64> {
-        let (k, _) = self.db.first().ok()??;
-        let b: [u8; 8] = k.as_ref().try_into().ok()?;
-        Some(u64::from_be_bytes(b))
+        let gens = self.lock();
+        gens.iter()
+            .find_map(|g| g.db.first().ok().flatten())
+            .and_then(|(k, _)| key_seq(&k))
     }
 
     /// Records on disk.
@@ -343,6 +581,16 @@ impl Buffer {
         self.bytes.load(Ordering::Relaxed)
     }
 
+    /// What the buffer directory takes on disk: every file of every generation.
+    pub fn disk_usage(&self) -> u64 {
+        disk_usage(&self.dir)
+    }
+
+    /// Generations on disk (the newest, which takes commits, included).
+    pub fn generations(&self) -> usize {
+        self.lock().len()
+    }
+
     /// Commits (durable batch writes) since open.
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
@@ -351,12 +599,18 @@ impl Buffer {
     /// Flushes and fsyncs whatever is pending (shutdown).
     pub fn close(&self) -> Result<(), BufferError> {
         let started = Instant::now();
-        let r = self.sync();
-        tracing::debug!(
+        let gens = self.lock();
+        let mut result = Ok(());
+        for g in gens.iter() {
+            if let Err(e) = sync_gen(&g.db, &g.dir, &g.data_file) {
+                result = Err(e);
+            }
+        }
+        debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "buffer closed"
         );
-        r
+        result
     }
 }
 
@@ -411,6 +665,117 @@ mod tests {
         assert_eq!(evicted, 4);
         assert_eq!(b.first_seq(), Some(4));
         assert_eq!(b.len(), 6);
+    }
+
+    fn big(seq: u64) -> Arc<Record> {
+        Arc::new(Record {
+            seq,
+            topic: "t/d".into(),
+            payload: Bytes::from(vec![b'x'; 1000]),
+            flag_offset: crate::record::NO_FLAG,
+        })
+    }
+
+    #[test]
+    fn commits_rotate_into_generations_that_read_back_oldest_first_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer");
+        {
+            let (b, _) = Buffer::open_with(&path, 64 << 10, 16 << 10).unwrap();
+            for chunk in (0..400u64).collect::<Vec<_>>().chunks(20) {
+                b.commit(&chunk.iter().map(|&s| big(s)).collect::<Vec<_>>())
+                    .unwrap();
+            }
+            assert!(b.generations() >= 4, "{} generations", b.generations());
+            b.remove(&[0, 1, 399]).unwrap();
+        }
+        let (b, report) = Buffer::open_with(&path, 64 << 10, 16 << 10).unwrap();
+        assert_eq!(report.records, 397);
+        assert_eq!(report.last_seq, Some(398));
+        assert_eq!(b.first_seq(), Some(2));
+        let all = b.read_range(0, u64::MAX, 1000, |_| false).unwrap();
+        let seqs: Vec<u64> = all.iter().map(|r| r.seq).collect();
+        assert_eq!(
+            seqs,
+            (2..399).collect::<Vec<_>>(),
+            "oldest first across generations"
+        );
+        let some = b.read_range(50, 300, 10, |s| s % 2 == 0).unwrap();
+        assert_eq!(
+            some.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (51..70).step_by(2).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn space_comes_back_after_a_drain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer");
+        let (b, _) = Buffer::open_with(&path, 256 << 10, 64 << 10).unwrap();
+        let empty = b.disk_usage();
+        for chunk in (0..3000u64).collect::<Vec<_>>().chunks(50) {
+            b.commit(&chunk.iter().map(|&s| big(s)).collect::<Vec<_>>())
+                .unwrap();
+        }
+        let full = b.disk_usage();
+        assert!(full > 3_000_000, "3 MB of records take {full} bytes");
+        for chunk in (0..3000u64).collect::<Vec<_>>().chunks(100) {
+            b.remove(chunk).unwrap();
+        }
+        assert!(b.is_empty());
+        let drained = b.disk_usage();
+        assert!(
+            drained <= empty + (512 << 10),
+            "after the drain {drained} bytes remain (empty: {empty}, full: {full})"
+        );
+        assert!(b.generations() <= 2, "{} generations", b.generations());
+    }
+
+    #[test]
+    fn eviction_empties_old_generations_and_deletes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, _) = Buffer::open_with(dir.path(), 32 << 10, 8 << 10).unwrap();
+        for chunk in (0..200u64).collect::<Vec<_>>().chunks(10) {
+            b.commit(&chunk.iter().map(|&s| big(s)).collect::<Vec<_>>())
+                .unwrap();
+        }
+        let before = b.generations();
+        let per = b.bytes() / 200;
+        assert_eq!(b.evict_oldest(per * 50).unwrap(), 150);
+        assert_eq!(b.first_seq(), Some(150));
+        assert!(b.generations() < before);
+    }
+
+    #[test]
+    fn a_buffer_from_before_generations_keeps_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer");
+        {
+            let db = open_sled(&path).unwrap();
+            for seq in [7u64, 8] {
+                db.insert(seq.to_be_bytes(), rec(seq).to_bytes()).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let (b, report) = Buffer::open(&path).unwrap();
+        assert_eq!(report.records, 2);
+        assert!(path.join("gen-0").join("db").exists());
+        assert!(!path.join("db").exists());
+        let got = b.read_range(0, u64::MAX, 10, |_| false).unwrap();
+        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![7, 8]);
+    }
+
+    #[test]
+    fn an_interrupted_deletion_is_finished_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer");
+        std::fs::create_dir_all(path.join("gen-3.drained").join("blobs")).unwrap();
+        std::fs::write(path.join("gen-3.drained").join("db"), b"half deleted").unwrap();
+        let (b, report) = Buffer::open(&path).unwrap();
+        assert!(report.quarantined.is_none());
+        assert!(!path.join("gen-3.drained").exists());
+        b.commit(&[rec(1)]).unwrap();
+        assert_eq!(b.len(), 1);
     }
 
     #[test]
