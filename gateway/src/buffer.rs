@@ -36,6 +36,13 @@ use crate::record::Record;
 /// A generation takes this many committed bytes before commits move to a fresh one.
 pub const ROTATE_AFTER: u64 = 32 << 20;
 
+/// The rotation size for a buffer bounded to `max_size` on disk: small enough that dropping
+/// the oldest generation frees a small share of it, large enough that a long outage does not
+/// open hundreds of databases.
+pub fn rotate_after_for(max_size: u64) -> u64 {
+    (max_size / 16).clamp(256 << 10, ROTATE_AFTER)
+}
+
 /// A drained newest generation is replaced once it has taken this many bytes.
 pub const ROTATE_DRAINED: u64 = 1 << 20;
 
@@ -558,6 +565,33 @@ impl Buffer {
         Ok(evicted)
     }
 
+    /// Drops the oldest generation with everything in it, which gives its disk space back
+    /// (evicting single records from sled does not). With one generation, a fresh one is
+    /// started first, so the one holding the records can go. Returns the records dropped.
+    pub fn evict_oldest_generation(&self) -> Result<u64, BufferError> {
+        let mut gens = self.lock();
+        if gens.len() == 1 {
+            let next = gens.last().map_or(1, |g| g.id + 1);
+            gens.push(open_gen(&self.dir, next)?);
+            fsync_dir(&self.dir)?;
+        }
+        if gens.len() < 2 {
+            return Ok(0);
+        }
+        let oldest = gens.remove(0);
+        let (mut records, mut bytes) = (0u64, 0u64);
+        for (k, v) in oldest.db.iter().flatten() {
+            records += 1;
+            bytes += (k.len() + v.len()) as u64;
+        }
+        delete_gen(&self.dir, oldest)?;
+        self.records
+            .fetch_sub(records.min(self.len()), Ordering::Relaxed);
+        self.bytes
+            .fetch_sub(bytes.min(self.bytes()), Ordering::Relaxed);
+        Ok(records)
+    }
+
     /// The oldest sequence number on disk.
     pub fn first_seq(&self) -> Option<u64> {
         let gens = self.lock();
@@ -744,6 +778,32 @@ mod tests {
         assert_eq!(b.evict_oldest(per * 50).unwrap(), 150);
         assert_eq!(b.first_seq(), Some(150));
         assert!(b.generations() < before);
+    }
+
+    #[test]
+    fn evicting_the_oldest_generation_gives_its_space_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, _) = Buffer::open_with(dir.path(), 64 << 10, 16 << 10).unwrap();
+        for chunk in (0..300u64).collect::<Vec<_>>().chunks(20) {
+            b.commit(&chunk.iter().map(|&s| big(s)).collect::<Vec<_>>())
+                .unwrap();
+        }
+        let (usage, len) = (b.disk_usage(), b.len());
+        let dropped = b.evict_oldest_generation().unwrap();
+        assert!(dropped > 0);
+        assert_eq!(b.len(), len - dropped);
+        assert!(b.disk_usage() < usage);
+        assert_eq!(b.first_seq(), Some(dropped), "the oldest records went");
+        // Down to one generation: the next eviction empties it through a fresh one.
+        while b.generations() > 1 {
+            b.evict_oldest_generation().unwrap();
+        }
+        let left = b.len();
+        assert_eq!(b.evict_oldest_generation().unwrap(), left);
+        assert!(b.is_empty());
+        b.commit(&[big(1000)]).unwrap();
+        assert_eq!(b.evict_oldest_generation().unwrap(), 1);
+        assert!(b.is_empty());
     }
 
     #[test]

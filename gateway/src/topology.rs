@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::buffer::{Buffer, BufferError};
+use crate::buffer::{self, Buffer, BufferError};
 use crate::config::{Config, DeviceKind};
 use crate::metrics::Metrics;
 use crate::publish::json::JsonEncoder;
@@ -115,12 +115,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let password = read_password(&config)?;
     let buffer_dir = data_dir.join("buffer");
     let fresh = !buffer_dir.exists() && !data_dir.join("state").exists();
-    let (buffer, report) = tokio::task::spawn_blocking(move || Buffer::open(&buffer_dir))
-        .await
-        .map_err(|e| BufferError::Db {
-            path: data_dir.join("buffer"),
-            message: e.to_string(),
-        })??;
+    let rotate_after = buffer::rotate_after_for(config.buffer.max_size);
+    let (buffer, report) = tokio::task::spawn_blocking(move || {
+        Buffer::open_with(&buffer_dir, rotate_after, buffer::ROTATE_DRAINED)
+    })
+    .await
+    .map_err(|e| BufferError::Db {
+        path: data_dir.join("buffer"),
+        message: e.to_string(),
+    })??;
     let buffer = Arc::new(buffer);
     let floor = report.last_seq.map_or(0, |s| s + 1);
     let seqs = SeqState::open(&data_dir, floor, fresh)?;

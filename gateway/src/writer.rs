@@ -224,7 +224,10 @@ fn commit_once(
     }
     if due.is_empty() {
         shared.refresh_gauges();
-        if evictions.active && shared.buffer.bytes() < settings.max_size / 2 {
+        if evictions.active
+            && shared.buffer.bytes() < settings.max_size / 2
+            && shared.buffer.disk_usage() < settings.max_size / 2
+        {
             info!(evicted = evictions.count, "buffer has room again");
             *evictions = EvictionLog::default();
         }
@@ -236,6 +239,11 @@ fn commit_once(
         make_room(shared, settings, due, incoming, evictions)
     } else {
         due
+    };
+    let due = if due.is_empty() {
+        due
+    } else {
+        make_room_on_disk(shared, settings, due, evictions)
     };
     if due.is_empty() {
         shared.refresh_gauges();
@@ -272,6 +280,69 @@ fn commit_once(
         }
     }
     shared.refresh_gauges();
+}
+
+/// How much the buffer directory may grow per byte committed, at most: sled keeps pages,
+/// their rewrites and its log side by side (about 2.5x measured) until a generation is deleted.
+const DISK_GROWTH: u64 = 3;
+
+/// Keeps the buffer's real size on disk within `max_size`: when committing `due` could take it
+/// over, `drop_oldest` drops whole generations, oldest first (dropping single records frees no
+/// disk space in sled), and `drop_newest` refuses the records.
+fn make_room_on_disk(
+    shared: &Shared,
+    settings: &BufferSettings,
+    due: Vec<Arc<Record>>,
+    evictions: &mut EvictionLog,
+) -> Vec<Arc<Record>> {
+    let incoming: u64 = due.iter().map(|r| 8 + r.stored_len() as u64).sum();
+    let fits = |usage: u64| {
+        usage.saturating_add(incoming.saturating_mul(DISK_GROWTH)) <= settings.max_size
+    };
+    let mut usage = shared.buffer.disk_usage();
+    if fits(usage) {
+        return due;
+    }
+    let m = &shared.metrics;
+    if !evictions.active {
+        warn!(max_size = settings.max_size, disk_usage = usage, policy = ?settings.when_full, "buffer is full on disk; evicting records");
+        evictions.active = true;
+    }
+    match settings.when_full {
+        WhenFull::DropOldest => {
+            while !fits(usage) && !shared.buffer.is_empty() {
+                match shared.buffer.evict_oldest_generation() {
+                    Ok(n) => {
+                        Metrics::add(&m.evicted, n);
+                        evictions.count += n;
+                    }
+                    Err(e) => {
+                        Metrics::add(&m.io_errors, 1);
+                        warn!(error = %e, "eviction failed");
+                        break;
+                    }
+                }
+                usage = shared.buffer.disk_usage();
+            }
+            if fits(usage) {
+                due
+            } else {
+                // Even an empty buffer cannot take this batch: it is dropped, counted.
+                let n = due.len() as u64;
+                Metrics::add(&m.evicted, n);
+                evictions.count += n;
+                shared.ledger().discard(due.iter().map(|r| r.seq));
+                Vec::new()
+            }
+        }
+        WhenFull::DropNewest => {
+            let n = due.len() as u64;
+            Metrics::add(&m.evicted, n);
+            evictions.count += n;
+            shared.ledger().discard(due.iter().map(|r| r.seq));
+            Vec::new()
+        }
+    }
 }
 
 /// Applies the `when_full` policy; returns the records that may still be committed.
@@ -316,6 +387,61 @@ fn make_room(
 mod tests {
     use super::*;
     use protocols::model::{Catalog, DeviceId, Sample, TagId, Timestamp, Value};
+
+    #[test]
+    fn a_long_outage_keeps_the_buffer_within_max_size_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let max_size: u64 = 4 << 20;
+        let (buffer, _) = Buffer::open_with(
+            &dir.path().join("buffer"),
+            crate::buffer::rotate_after_for(max_size),
+            crate::buffer::ROTATE_DRAINED,
+        )
+        .unwrap();
+        let shared = Shared::new(Arc::new(buffer), Arc::new(Metrics::default()));
+        let settings = BufferSettings {
+            max_size,
+            when_full: WhenFull::DropOldest,
+            commit_interval: Duration::from_millis(100),
+        };
+        let mut log = EvictionLog::default();
+        let mut peak = 0;
+        let mut seq = 0u64;
+        // No PUBACK ever comes: 12 MB of records for a 4 MiB buffer.
+        for _ in 0..600 {
+            {
+                let mut ledger = shared.ledger();
+                for _ in 0..20 {
+                    let record = Record {
+                        seq,
+                        topic: "edge/gw/dev".into(),
+                        payload: bytes::Bytes::from(vec![b'x'; 1000]),
+                        flag_offset: crate::record::NO_FLAG,
+                    };
+                    ledger.insert(Arc::new(record), Instant::now());
+                    seq += 1;
+                }
+            }
+            commit_once(&shared, &settings, Duration::ZERO, false, &mut log);
+            peak = peak.max(shared.buffer.disk_usage());
+        }
+        assert!(
+            peak as f64 <= max_size as f64 * 1.05,
+            "peak {peak} bytes on disk for max_size {max_size}"
+        );
+        let evicted = shared.metrics.evicted.load(Ordering::Relaxed);
+        assert!(evicted > 0, "records were evicted");
+        assert_eq!(
+            evicted + shared.buffer.len(),
+            seq,
+            "every record is on disk or counted as evicted"
+        );
+        let newest = shared
+            .buffer
+            .read_range(seq - 1, seq, 1, |_| false)
+            .unwrap();
+        assert_eq!(newest.len(), 1, "drop_oldest keeps the newest");
+    }
 
     #[tokio::test]
     async fn a_record_too_large_for_one_packet_is_split_with_contiguous_seqs() {
