@@ -19,6 +19,10 @@
 //!   atomic step, so a crash never leaves a half-deleted database to open), then removed.
 //! - Opening never takes the gateway down: a panic inside sled is caught, the generation is moved
 //!   aside to `quarantine-<time>` (never deleted) and the others are kept.
+//! - Only the newest generation, the oldest one holding records and the one a replay is reading
+//!   stay open; the others are sealed (synced, closed), because sled keeps in memory what an
+//!   open database holds. Per-generation counts and sequence ranges route reads and deletes
+//!   without opening the sealed ones.
 //! - A buffer written before generations (sled's files directly in the buffer directory) is
 //!   moved into `gen-0/` on open, so an upgrade keeps its backlog.
 
@@ -96,15 +100,59 @@ pub struct CommitStats {
     pub bytes: u64,
 }
 
-/// One sled database of the buffer.
+/// An open sled database.
+#[derive(Debug)]
+struct OpenDb {
+    db: sled::Db,
+    data_file: File,
+}
+
+/// One sled database of the buffer. Only the newest generation and the oldest one holding
+/// records (the next to replay) are kept open; the others are sealed: synced and closed, so
+/// sled's memory for them is given back (sled keeps what it wrote in memory while open), and
+/// opened again only when a replay or an acknowledgement reaches them.
 #[derive(Debug)]
 struct Generation {
     id: u64,
     dir: PathBuf,
-    db: sled::Db,
-    data_file: Arc<File>,
+    open: Option<OpenDb>,
+    /// Lowest and highest sequence number ever put into it: routes deletes and reads.
+    seqs: Option<(u64, u64)>,
+    /// Records and stored bytes in it now.
+    records: u64,
+    bytes: u64,
     /// Bytes committed into it since it was created or opened.
     written: u64,
+}
+
+impl Generation {
+    /// A handle on the database (sled's handles are shared), opening it if it is sealed.
+    fn db(&mut self) -> Result<sled::Db, BufferError> {
+        if self.open.is_none() {
+            self.open = Some(open_db(&self.dir)?);
+        }
+        match &self.open {
+            Some(o) => Ok(o.db.clone()),
+            None => Err(io_err(&self.dir, std::io::Error::other("not open"))),
+        }
+    }
+
+    /// Syncs and closes the database.
+    fn seal(&mut self) -> Result<(), BufferError> {
+        if let Some(o) = &self.open {
+            sync_gen(&o.db, &self.dir, &o.data_file)?;
+        }
+        self.open = None;
+        Ok(())
+    }
+
+    fn may_hold(&self, seq: u64) -> bool {
+        self.seqs.is_some_and(|(lo, hi)| lo <= seq && seq <= hi)
+    }
+
+    fn overlaps(&self, from: u64, below: u64) -> bool {
+        self.seqs.is_some_and(|(lo, hi)| lo < below && from <= hi)
+    }
 }
 
 /// The disk buffer.
@@ -210,18 +258,26 @@ fn gen_dir(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("gen-{id}"))
 }
 
-/// Opens (creating it if needed) generation `id` under `dir`.
-fn open_gen(dir: &Path, id: u64) -> Result<Generation, BufferError> {
-    let path = gen_dir(dir, id);
-    std::fs::create_dir_all(&path).map_err(|e| io_err(&path, e))?;
-    let db = open_sled(&path)?;
+/// Opens (creating it if needed) the sled database in `path`.
+fn open_db(path: &Path) -> Result<OpenDb, BufferError> {
+    std::fs::create_dir_all(path).map_err(|e| io_err(path, e))?;
+    let db = open_sled(path)?;
     let data_path = path.join("db");
     let data_file = File::open(&data_path).map_err(|e| io_err(&data_path, e))?;
+    Ok(OpenDb { db, data_file })
+}
+
+/// Opens (creating it if needed) generation `id` under `dir`, with nothing counted yet.
+fn open_gen(dir: &Path, id: u64) -> Result<Generation, BufferError> {
+    let path = gen_dir(dir, id);
+    let open = open_db(&path)?;
     Ok(Generation {
         id,
         dir: path,
-        db,
-        data_file: Arc::new(data_file),
+        open: Some(open),
+        seqs: None,
+        records: 0,
+        bytes: 0,
         written: 0,
     })
 }
@@ -288,10 +344,13 @@ fn quarantine(dir: &Path, path: &Path, e: &BufferError) -> Result<PathBuf, Buffe
 /// Deletes a drained generation's directory: renamed first, so a crash leaves nothing to open.
 fn delete_gen(dir: &Path, generation: Generation) -> Result<(), BufferError> {
     let Generation {
-        id, dir: path, db, ..
+        id,
+        dir: path,
+        open,
+        ..
     } = generation;
     // sled's background threads hold the files until the last handle is gone.
-    drop(db);
+    drop(open);
     let doomed = dir.join(format!("gen-{id}.drained"));
     std::fs::rename(&path, &doomed).map_err(|e| io_err(&path, e))?;
     fsync_dir(dir)?;
@@ -338,7 +397,20 @@ impl Buffer {
         let mut gens = Vec::new();
         for id in list_generations(dir)? {
             let path = gen_dir(dir, id);
-            let opened = open_gen(dir, id).and_then(|g| scan(&g.db, &g.dir).map(|r| (g, r)));
+            let opened = open_gen(dir, id).and_then(|mut g| {
+                let found = scan(&g.db()?, &g.dir)?;
+                let first = g
+                    .db()?
+                    .first()
+                    .ok()
+                    .flatten()
+                    .and_then(|(k, _)| key_seq(&k));
+                g.seqs = first.zip(found.last_seq);
+                g.records = found.records;
+                g.bytes = found.bytes;
+                g.seal()?;
+                Ok((g, found))
+            });
             match opened {
                 Ok((generation, found)) => {
                     report.records += found.records;
@@ -370,12 +442,8 @@ impl Buffer {
         };
         {
             let mut gens = buffer.lock();
-            // Make the databases' files themselves durable before anything counts on them.
-            for g in gens.iter() {
-                sync_gen(&g.db, &g.dir, &g.data_file)?;
-            }
             fsync_dir(dir)?;
-            buffer.delete_drained(&mut gens);
+            buffer.tidy(&mut gens);
         }
         Ok((buffer, report))
     }
@@ -386,11 +454,12 @@ impl Buffer {
         self.gens.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Deletes every generation but the newest whose database is empty.
-    fn delete_drained(&self, gens: &mut Vec<Generation>) {
+    /// Deletes every generation but the newest that holds no record, and seals every one but
+    /// the newest, the oldest holding records and `keep`.
+    fn tidy_keeping(&self, gens: &mut Vec<Generation>, keep: Option<u64>) {
         let mut i = 0;
         while i + 1 < gens.len() {
-            if gens[i].db.is_empty() {
+            if gens[i].records == 0 {
                 let g = gens.remove(i);
                 if let Err(e) = delete_gen(&self.dir, g) {
                     warn!(error = %e, "cannot delete a drained buffer generation; it stays on disk");
@@ -399,16 +468,29 @@ impl Buffer {
                 i += 1;
             }
         }
+        let last = gens.len().saturating_sub(1);
+        let oldest_held = gens.iter().position(|g| g.records > 0);
+        for (i, g) in gens.iter_mut().enumerate() {
+            if i != last && Some(i) != oldest_held && Some(g.id) != keep && g.open.is_some() {
+                if let Err(e) = g.seal() {
+                    warn!(error = %e, generation = g.id, "cannot seal a buffer generation; it stays open");
+                }
+            }
+        }
+    }
+
+    fn tidy(&self, gens: &mut Vec<Generation>) {
+        self.tidy_keeping(gens, None);
     }
 
     /// Starts a fresh generation when the newest has taken enough, or is drained after taking
-    /// some; then deletes drained ones.
+    /// some; then deletes drained ones and seals the ones not in use.
     fn maybe_rotate(&self, gens: &mut Vec<Generation>) {
         let Some(newest) = gens.last() else {
             return;
         };
         let full = newest.written >= self.rotate_after;
-        let drained = newest.written >= self.rotate_drained && newest.db.is_empty();
+        let drained = newest.written >= self.rotate_drained && newest.records == 0;
         if full || drained {
             match open_gen(&self.dir, newest.id + 1).and_then(|g| {
                 fsync_dir(&self.dir)?;
@@ -423,21 +505,7 @@ impl Buffer {
                 }
             }
         }
-        self.delete_drained(gens);
-    }
-
-    /// Counts records and bytes from the trees themselves, after a failure left the counters
-    /// unsure.
-    fn recount(&self, gens: &[Generation]) {
-        let (mut records, mut bytes) = (0u64, 0u64);
-        for g in gens {
-            for (k, v) in g.db.iter().flatten() {
-                records += 1;
-                bytes += (k.len() + v.len()) as u64;
-            }
-        }
-        self.records.store(records, Ordering::Relaxed);
-        self.bytes.store(bytes, Ordering::Relaxed);
+        self.tidy(gens);
     }
 
     /// Writes records in one batch and makes them durable (flush + fsync) before returning.
@@ -447,27 +515,53 @@ impl Buffer {
         }
         let mut batch = sled::Batch::default();
         let mut stats = CommitStats::default();
+        let (mut lo, mut hi) = (u64::MAX, 0u64);
         for r in records {
             let value = r.to_bytes();
             stats.records += 1;
             stats.bytes += 8 + value.len() as u64;
+            lo = lo.min(r.seq);
+            hi = hi.max(r.seq);
             batch.insert(&r.seq.to_be_bytes(), value);
         }
         let mut gens = self.lock();
         let Some(newest) = gens.last_mut() else {
             return Err(io_err(&self.dir, std::io::Error::other("no generation")));
         };
-        newest
-            .db
-            .apply_batch(batch)
-            .map_err(|e| db_err(&newest.dir, e))?;
+        let dir = newest.dir.clone();
+        let db = newest.db()?;
+        db.apply_batch(batch).map_err(|e| db_err(&dir, e))?;
         newest.written += stats.bytes;
-        if let Err(e) = sync_gen(&newest.db, &newest.dir, &newest.data_file) {
+        newest.seqs = Some(
+            newest
+                .seqs
+                .map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))),
+        );
+        let synced = match &newest.open {
+            Some(o) => sync_gen(&o.db, &newest.dir, &o.data_file),
+            None => Err(io_err(&dir, std::io::Error::other("not open"))),
+        };
+        if let Err(e) = synced {
             // The batch may be in the tree but not durable; it will be committed again, so the
-            // counters are taken from the trees rather than added to twice.
-            self.recount(&gens);
+            // counters are taken from the tree rather than added to twice.
+            if let Some(o) = &newest.open {
+                let (mut n, mut bytes) = (0u64, 0u64);
+                for (k, v) in o.db.iter().flatten() {
+                    n += 1;
+                    bytes += (k.len() + v.len()) as u64;
+                }
+                let (old_n, old_bytes) = (newest.records, newest.bytes);
+                newest.records = n;
+                newest.bytes = bytes;
+                self.records
+                    .fetch_add(n.saturating_sub(old_n), Ordering::Relaxed);
+                self.bytes
+                    .fetch_add(bytes.saturating_sub(old_bytes), Ordering::Relaxed);
+            }
             return Err(e);
         }
+        newest.records += stats.records;
+        newest.bytes += stats.bytes;
         self.records.fetch_add(stats.records, Ordering::Relaxed);
         self.bytes.fetch_add(stats.bytes, Ordering::Relaxed);
         self.commits.fetch_add(1, Ordering::Relaxed);
@@ -478,16 +572,22 @@ impl Buffer {
     /// Deletes acknowledged records (not synced: a lost delete is a harmless re-send).
     pub fn remove(&self, seqs: &[u64]) -> Result<(), BufferError> {
         let mut gens = self.lock();
-        for seq in seqs {
+        for &seq in seqs {
             let key = seq.to_be_bytes();
             // Acknowledgements are mostly for recent records: newest generation first.
-            for g in gens.iter().rev() {
-                if let Some(old) = g.db.remove(key).map_err(|e| db_err(&g.dir, e))? {
-                    self.records.fetch_sub(1, Ordering::Relaxed);
-                    self.bytes
-                        .fetch_sub(8 + old.len() as u64, Ordering::Relaxed);
-                    break;
-                }
+            let Some(g) = gens.iter_mut().rev().find(|g| g.may_hold(seq)) else {
+                continue;
+            };
+            if g.records == 0 {
+                continue;
+            }
+            let dir = g.dir.clone();
+            if let Some(old) = g.db()?.remove(key).map_err(|e| db_err(&dir, e))? {
+                let stored = 8 + old.len() as u64;
+                g.records = g.records.saturating_sub(1);
+                g.bytes = g.bytes.saturating_sub(stored);
+                self.records.fetch_sub(1, Ordering::Relaxed);
+                self.bytes.fetch_sub(stored, Ordering::Relaxed);
             }
         }
         self.maybe_rotate(&mut gens);
@@ -506,11 +606,18 @@ impl Buffer {
         if from >= below || limit == 0 {
             return Ok(out);
         }
-        let gens = self.lock();
-        for g in gens.iter() {
+        let mut gens = self.lock();
+        let mut last_read = None;
+        for g in gens.iter_mut() {
+            if g.records == 0 || !g.overlaps(from, below) {
+                continue;
+            }
+            last_read = Some(g.id);
+            let dir = g.dir.clone();
+            let db = g.db()?;
             let mut damaged = Vec::new();
-            for item in g.db.range(from.to_be_bytes()..below.to_be_bytes()) {
-                let (k, v) = item.map_err(|e| db_err(&g.dir, e))?;
+            for item in db.range(from.to_be_bytes()..below.to_be_bytes()) {
+                let (k, v) = item.map_err(|e| db_err(&dir, e))?;
                 match Record::from_bytes(&v) {
                     Ok(r) if k.as_ref() == r.seq.to_be_bytes() => {
                         if !skip(r.seq) {
@@ -524,17 +631,21 @@ impl Buffer {
                 }
             }
             for k in damaged {
-                warn!(path = %g.dir.display(), "dropping a damaged record from the buffer");
-                if let Some(old) = g.db.remove(&k).map_err(|e| db_err(&g.dir, e))? {
+                warn!(path = %dir.display(), "dropping a damaged record from the buffer");
+                if let Some(old) = db.remove(&k).map_err(|e| db_err(&dir, e))? {
+                    let stored = (k.len() + old.len()) as u64;
+                    g.records = g.records.saturating_sub(1);
+                    g.bytes = g.bytes.saturating_sub(stored);
                     self.records.fetch_sub(1, Ordering::Relaxed);
-                    self.bytes
-                        .fetch_sub((k.len() + old.len()) as u64, Ordering::Relaxed);
+                    self.bytes.fetch_sub(stored, Ordering::Relaxed);
                 }
             }
             if out.len() >= limit {
                 break;
             }
         }
+        // The generation the replay is in stays open for the next read and its acknowledgements.
+        self.tidy_keeping(&mut gens, last_read);
         Ok(out)
     }
 
@@ -542,24 +653,26 @@ impl Buffer {
     pub fn evict_oldest(&self, target_bytes: u64) -> Result<u64, BufferError> {
         let mut gens = self.lock();
         let mut evicted = 0;
-        'gens: for g in gens.iter() {
-            while self.bytes.load(Ordering::Relaxed) > target_bytes {
-                match g.db.pop_min().map_err(|e| db_err(&g.dir, e))? {
-                    Some((k, v)) => {
-                        self.records.fetch_sub(1, Ordering::Relaxed);
-                        self.bytes
-                            .fetch_sub((k.len() + v.len()) as u64, Ordering::Relaxed);
-                        evicted += 1;
-                    }
-                    None => continue 'gens,
-                }
+        for g in gens.iter_mut() {
+            if self.bytes.load(Ordering::Relaxed) <= target_bytes {
+                break;
             }
-            break;
-        }
-        if self.bytes.load(Ordering::Relaxed) > target_bytes && gens.iter().all(|g| g.db.is_empty())
-        {
-            self.records.store(0, Ordering::Relaxed);
-            self.bytes.store(0, Ordering::Relaxed);
+            if g.records == 0 {
+                continue;
+            }
+            let dir = g.dir.clone();
+            let db = g.db()?;
+            while self.bytes.load(Ordering::Relaxed) > target_bytes {
+                let Some((k, v)) = db.pop_min().map_err(|e| db_err(&dir, e))? else {
+                    break;
+                };
+                let stored = (k.len() + v.len()) as u64;
+                g.records = g.records.saturating_sub(1);
+                g.bytes = g.bytes.saturating_sub(stored);
+                self.records.fetch_sub(1, Ordering::Relaxed);
+                self.bytes.fetch_sub(stored, Ordering::Relaxed);
+                evicted += 1;
+            }
         }
         self.maybe_rotate(&mut gens);
         Ok(evicted)
@@ -579,25 +692,22 @@ impl Buffer {
             return Ok(0);
         }
         let oldest = gens.remove(0);
-        let (mut records, mut bytes) = (0u64, 0u64);
-        for (k, v) in oldest.db.iter().flatten() {
-            records += 1;
-            bytes += (k.len() + v.len()) as u64;
-        }
+        let (records, bytes) = (oldest.records, oldest.bytes);
         delete_gen(&self.dir, oldest)?;
         self.records
             .fetch_sub(records.min(self.len()), Ordering::Relaxed);
         self.bytes
             .fetch_sub(bytes.min(self.bytes()), Ordering::Relaxed);
+        self.tidy(&mut gens);
         Ok(records)
     }
 
     /// The oldest sequence number on disk.
     pub fn first_seq(&self) -> Option<u64> {
-        let gens = self.lock();
-        gens.iter()
-            .find_map(|g| g.db.first().ok().flatten())
-            .and_then(|(k, _)| key_seq(&k))
+        let mut gens = self.lock();
+        let g = gens.iter_mut().find(|g| g.records > 0)?;
+        let first = g.db().ok()?.first().ok().flatten()?;
+        key_seq(&first.0)
     }
 
     /// Records on disk.
@@ -625,6 +735,11 @@ impl Buffer {
         self.lock().len()
     }
 
+    /// Generations open now (the others are sealed and take no memory).
+    pub fn open_generations(&self) -> usize {
+        self.lock().iter().filter(|g| g.open.is_some()).count()
+    }
+
     /// Commits (durable batch writes) since open.
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
@@ -636,8 +751,10 @@ impl Buffer {
         let gens = self.lock();
         let mut result = Ok(());
         for g in gens.iter() {
-            if let Err(e) = sync_gen(&g.db, &g.dir, &g.data_file) {
-                result = Err(e);
+            if let Some(o) = &g.open {
+                if let Err(e) = sync_gen(&o.db, &g.dir, &o.data_file) {
+                    result = Err(e);
+                }
             }
         }
         debug!(
@@ -721,17 +838,26 @@ mod tests {
                     .unwrap();
             }
             assert!(b.generations() >= 4, "{} generations", b.generations());
-            b.remove(&[0, 1, 399]).unwrap();
+            assert!(
+                b.open_generations() <= 2,
+                "only the newest and the oldest holding records stay open: {}",
+                b.open_generations()
+            );
+            // 200 lies in a sealed generation in the middle.
+            b.remove(&[0, 1, 200, 399]).unwrap();
+            let middle = b.read_range(199, 202, 10, |_| false).unwrap();
+            assert_eq!(middle.iter().map(|r| r.seq).collect::<Vec<_>>(), [199, 201]);
+            assert!(b.open_generations() <= 3, "the one being read stays open");
         }
         let (b, report) = Buffer::open_with(&path, 64 << 10, 16 << 10).unwrap();
-        assert_eq!(report.records, 397);
+        assert_eq!(report.records, 396);
         assert_eq!(report.last_seq, Some(398));
         assert_eq!(b.first_seq(), Some(2));
         let all = b.read_range(0, u64::MAX, 1000, |_| false).unwrap();
         let seqs: Vec<u64> = all.iter().map(|r| r.seq).collect();
         assert_eq!(
             seqs,
-            (2..399).collect::<Vec<_>>(),
+            (2..399).filter(|&s| s != 200).collect::<Vec<_>>(),
             "oldest first across generations"
         );
         let some = b.read_range(50, 300, 10, |s| s % 2 == 0).unwrap();
