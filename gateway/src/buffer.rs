@@ -29,7 +29,7 @@
 use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -166,6 +166,8 @@ pub struct Buffer {
     records: AtomicU64,
     bytes: AtomicU64,
     commits: AtomicU64,
+    /// Commits fail as if the disk were full while set (fault injection for tests).
+    fail_commits: AtomicBool,
 }
 
 fn db_err(path: &Path, e: sled::Error) -> BufferError {
@@ -439,6 +441,7 @@ impl Buffer {
             records: AtomicU64::new(report.records),
             bytes: AtomicU64::new(report.bytes),
             commits: AtomicU64::new(0),
+            fail_commits: AtomicBool::new(false),
         };
         {
             let mut gens = buffer.lock();
@@ -512,6 +515,12 @@ impl Buffer {
     pub fn commit(&self, records: &[Arc<Record>]) -> Result<CommitStats, BufferError> {
         if records.is_empty() {
             return Ok(CommitStats::default());
+        }
+        if self.fail_commits.load(Ordering::Relaxed) {
+            return Err(io_err(
+                &self.dir,
+                std::io::Error::other("no space left on device (injected)"),
+            ));
         }
         let mut batch = sled::Batch::default();
         let mut stats = CommitStats::default();
@@ -708,6 +717,12 @@ impl Buffer {
         let g = gens.iter_mut().find(|g| g.records > 0)?;
         let first = g.db().ok()?.first().ok().flatten()?;
         key_seq(&first.0)
+    }
+
+    /// Makes every commit fail as a full disk would, until called with `false` (for tests of
+    /// what the gateway does when its disk fails).
+    pub fn inject_commit_failures(&self, on: bool) {
+        self.fail_commits.store(on, Ordering::Relaxed);
     }
 
     /// Records on disk.

@@ -34,6 +34,8 @@ struct Pending {
 #[derive(Debug, Default)]
 pub struct Ledger {
     pending: BTreeMap<u64, Pending>,
+    /// Stored bytes of the pending records.
+    pending_bytes: u64,
     committing: BTreeSet<u64>,
     acked_while_committing: Vec<u64>,
     deletes: HashSet<u64>,
@@ -42,12 +44,21 @@ pub struct Ledger {
 impl Ledger {
     /// Adds a new record, read at `read_at`.
     pub fn insert(&mut self, record: Arc<Record>, read_at: Instant) {
-        self.pending.insert(record.seq, Pending { record, read_at });
+        self.pending_bytes += record.stored_len() as u64;
+        if let Some(old) = self.pending.insert(record.seq, Pending { record, read_at }) {
+            self.pending_bytes -= old.record.stored_len() as u64;
+        }
+    }
+
+    fn remove_pending(&mut self, seq: u64) -> Option<Pending> {
+        let p = self.pending.remove(&seq)?;
+        self.pending_bytes -= p.record.stored_len() as u64;
+        Some(p)
     }
 
     /// Records a PUBACK for `seq`.
     pub fn ack(&mut self, seq: u64) -> AckOutcome {
-        if self.pending.remove(&seq).is_some() {
+        if self.remove_pending(seq).is_some() {
             AckOutcome::Forgotten
         } else if self.committing.contains(&seq) {
             self.acked_while_committing.push(seq);
@@ -78,7 +89,7 @@ impl Ledger {
     fn take(&mut self, seqs: &[u64]) -> Vec<Arc<Record>> {
         let mut out = Vec::with_capacity(seqs.len());
         for s in seqs {
-            if let Some(p) = self.pending.remove(s) {
+            if let Some(p) = self.remove_pending(*s) {
                 self.committing.insert(*s);
                 out.push(p.record);
             }
@@ -103,8 +114,27 @@ impl Ledger {
                 self.acked_while_committing.swap_remove(i);
                 continue;
             }
-            self.pending.insert(r.seq, Pending { record: r, read_at });
+            self.insert(r, read_at);
         }
+    }
+
+    /// Drops the oldest pending records until at most `max_bytes` remain (the disk is failing
+    /// and memory is the only place left: the newest data is kept). Returns the records dropped.
+    pub fn trim_pending(&mut self, max_bytes: u64) -> u64 {
+        let mut dropped = 0;
+        while self.pending_bytes > max_bytes {
+            let Some(&oldest) = self.pending.keys().next() else {
+                break;
+            };
+            self.remove_pending(oldest);
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// Stored bytes of the records held in memory, not yet acknowledged nor committed.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes
     }
 
     /// Drops records without committing them (buffer full, `drop_newest`).
@@ -145,6 +175,23 @@ mod tests {
             payload: Bytes::new(),
             flag_offset: 0,
         })
+    }
+
+    #[test]
+    fn trimming_drops_the_oldest_pending_records_and_keeps_the_byte_count() {
+        let mut l = Ledger::default();
+        let t0 = Instant::now();
+        for seq in 1..=4 {
+            l.insert(rec(seq), t0);
+        }
+        let each = rec(1).stored_len() as u64;
+        assert_eq!(l.pending_bytes(), 4 * each);
+        assert_eq!(l.ack(2), AckOutcome::Forgotten);
+        assert_eq!(l.pending_bytes(), 3 * each);
+        assert_eq!(l.trim_pending(2 * each), 1);
+        let left: Vec<u64> = l.take_all().iter().map(|r| r.seq).collect();
+        assert_eq!(left, vec![3, 4], "the oldest went first");
+        assert_eq!(l.pending_bytes(), 0);
     }
 
     #[test]

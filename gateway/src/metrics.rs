@@ -29,6 +29,10 @@ pub struct Metrics {
     pub oversized: AtomicU64,
     /// Buffer I/O errors.
     pub io_errors: AtomicU64,
+    /// Health: commits to the disk buffer are failing (disk full, I/O errors) right now.
+    pub buffer_failing: AtomicBool,
+    /// Bytes of unacknowledged records held in memory only.
+    pub memory_bytes: AtomicU64,
     /// Records on disk.
     pub buffer_records: AtomicU64,
     /// Bytes on disk (records).

@@ -275,12 +275,41 @@ fn commit_once(
         }
         Err(e) => {
             Metrics::add(&m.io_errors, 1);
-            error!(error = %e, records = due.len(), "commit to the disk buffer failed; will retry");
-            shared.ledger().commit_failed(due, now);
+            if !m.buffer_failing.swap(true, Ordering::Relaxed) {
+                error!(error = %e, records = due.len(), keep_in_memory = FAILING_MEMORY, "commits to the disk buffer fail; retrying, and keeping the newest records in memory meanwhile");
+            } else {
+                debug!(error = %e, "commit to the disk buffer failed again");
+            }
+            let mut ledger = shared.ledger();
+            ledger.commit_failed(due, now);
+            // The disk takes nothing: memory is bounded, and the oldest records go first.
+            let dropped = ledger.trim_pending(FAILING_MEMORY);
+            m.memory_bytes
+                .store(ledger.pending_bytes(), Ordering::Relaxed);
+            drop(ledger);
+            if dropped > 0 {
+                Metrics::add(&m.evicted, dropped);
+                evictions.count += dropped;
+                if !evictions.active {
+                    warn!(
+                        dropped,
+                        "disk buffer failing and memory bound reached: dropping the oldest records"
+                    );
+                    evictions.active = true;
+                }
+            }
+            shared.refresh_gauges();
+            return;
         }
+    }
+    if m.buffer_failing.swap(false, Ordering::Relaxed) {
+        info!("commits to the disk buffer work again");
     }
     shared.refresh_gauges();
 }
+
+/// While the disk buffer fails, unacknowledged records are kept in memory up to this many bytes.
+pub const FAILING_MEMORY: u64 = 16 << 20;
 
 /// How much the buffer directory may grow per byte committed, at most: sled keeps pages,
 /// their rewrites and its log side by side (about 2.5x measured) until a generation is deleted.
@@ -441,6 +470,61 @@ mod tests {
             .read_range(seq - 1, seq, 1, |_| false)
             .unwrap();
         assert_eq!(newest.len(), 1, "drop_oldest keeps the newest");
+    }
+
+    #[test]
+    fn a_failing_disk_keeps_the_newest_records_in_bounded_memory_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (buffer, _) = Buffer::open(&dir.path().join("buffer")).unwrap();
+        let shared = Shared::new(Arc::new(buffer), Arc::new(Metrics::default()));
+        let settings = BufferSettings {
+            max_size: 1 << 30,
+            when_full: WhenFull::DropOldest,
+            commit_interval: Duration::from_millis(100),
+        };
+        let mut log = EvictionLog::default();
+        let record = |seq: u64| Record {
+            seq,
+            topic: "edge/gw/dev".into(),
+            payload: bytes::Bytes::from(vec![b'x'; 100_000]),
+            flag_offset: crate::record::NO_FLAG,
+        };
+        shared.buffer.inject_commit_failures(true);
+        // 40 MB arrive while the disk takes nothing and no PUBACK comes.
+        for seq in 0..400u64 {
+            shared
+                .ledger()
+                .insert(Arc::new(record(seq)), Instant::now());
+            commit_once(&shared, &settings, Duration::ZERO, false, &mut log);
+            assert!(shared.ledger().pending_bytes() <= FAILING_MEMORY);
+        }
+        let m = &shared.metrics;
+        assert!(
+            m.buffer_failing.load(Ordering::Relaxed),
+            "health says failing"
+        );
+        assert!(Metrics::get(&m.io_errors) >= 400);
+        let evicted = Metrics::get(&m.evicted);
+        assert!(evicted > 200, "the oldest records were dropped: {evicted}");
+        assert!(shared.buffer.is_empty());
+
+        // Space is back: what memory kept is committed, the newest included.
+        shared.buffer.inject_commit_failures(false);
+        commit_once(&shared, &settings, Duration::ZERO, false, &mut log);
+        assert!(!m.buffer_failing.load(Ordering::Relaxed));
+        assert_eq!(shared.ledger().pending_len(), 0);
+        assert_eq!(
+            shared.buffer.len() + evicted,
+            400,
+            "every record committed or counted"
+        );
+        assert_eq!(
+            shared.buffer.first_seq(),
+            Some(evicted),
+            "the oldest went first"
+        );
+        let newest = shared.buffer.read_range(399, 400, 1, |_| false).unwrap();
+        assert_eq!(newest.len(), 1);
     }
 
     #[tokio::test]
