@@ -55,6 +55,11 @@ pub struct BenchOptions {
     /// Registers (u16 tags) per RTU unit, read in one request when at most 125.
     #[arg(long, default_value_t = 125)]
     pub rtu_registers: usize,
+    /// Outage and replay: after the warm-up the gateway's link to the broker is cut for this
+    /// many seconds (records go to the disk buffer), then restored; prints how long the backlog
+    /// took to drain and at what rate, beside the live data.
+    #[arg(long, default_value_t = 0)]
+    pub outage_seconds: u64,
     /// Profiling hook: do not start the gateway child; print the config path and keep the
     /// simulator, broker and subscriber running for warm-up + --seconds, so the child can be
     /// started by hand (under a profiler) with `bench-child --config PATH`.
@@ -188,6 +193,64 @@ struct Received {
     samples: AtomicU64,
     records: AtomicU64,
     latencies_ms: Mutex<Vec<f64>>,
+    /// Samples of replayed (`historical`) records.
+    historical: AtomicU64,
+    /// When the last replayed record arrived, in ms since the UNIX epoch.
+    last_historical_ms: AtomicU64,
+    /// When the first replayed record arrived since this was last reset to 0.
+    first_historical_ms: AtomicU64,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of the broker that can cut every connection and refuse new
+/// ones, to play a broker outage.
+struct Cutter {
+    addr: SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Cutter {
+    async fn start(upstream: SocketAddr, cancel: CancellationToken) -> std::io::Result<Cutter> {
+        use std::sync::atomic::AtomicBool;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let up = Arc::new(AtomicBool::new(true));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let (u, g) = (up.clone(), generation.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut client, _) = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
+                };
+                if !u.load(Ordering::SeqCst) {
+                    continue; // refused while cut
+                }
+                let mut cut = g.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(Cutter {
+            addr,
+            up,
+            generation,
+        })
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
 }
 
 fn now_ms() -> f64 {
@@ -205,6 +268,18 @@ fn spawn_counter(port: u16, got: Arc<Received>, cancel: CancellationToken) {
         got.samples
             .fetch_add(samples.len() as u64, Ordering::Relaxed);
         got.records.fetch_add(1, Ordering::Relaxed);
+        if doc["historical"] == serde_json::Value::Bool(true) {
+            got.historical
+                .fetch_add(samples.len() as u64, Ordering::Relaxed);
+            let now = now_ms() as u64;
+            got.last_historical_ms.store(now, Ordering::Relaxed);
+            let _ = got.first_historical_ms.compare_exchange(
+                0,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         if let Some(ts) = samples.first().and_then(|s| s["ts"].as_f64()) {
             if doc["historical"] == serde_json::Value::Bool(false) {
                 got.latencies_ms
@@ -272,6 +347,12 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
     let dir = tempdir()?;
     let broker = crate::broker::start(16 << 20).map_err(setup)?;
     let cancel = CancellationToken::new();
+    // The gateway reaches the broker through a proxy that can play an outage; the subscriber
+    // connects directly.
+    let cutter = Cutter::start(broker.addr(), cancel.clone())
+        .await
+        .map_err(setup)?;
+    let gw_port = cutter.addr.port();
     let mut servers = Vec::new();
     let mut opcua_sim = None;
     let mut rtu_line = None;
@@ -308,7 +389,7 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
         .map_err(setup)?;
         let config = bench_opcua_config(
             &dir,
-            broker.port(),
+            gw_port,
             &sim.endpoint(),
             sim.namespace(),
             opts.opcua_items,
@@ -335,7 +416,7 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
         }
         let port = dir.join("ttyBENCH");
         rtu_line = Some(sim.serve_pty(&port).map_err(setup)?);
-        let config = bench_rtu_config(&dir, broker.port(), &port, &opts);
+        let config = bench_rtu_config(&dir, gw_port, &port, &opts);
         let timing = protocols::modbus::frame::LineTiming::new(opts.rtu_baud, opts.rtu_bits);
         let per_read = u16::try_from(opts.rtu_registers.min(125)).unwrap_or(125);
         rtu_max = timing.max_registers_per_second(per_read);
@@ -346,7 +427,7 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
         );
         (config, offered, what)
     } else {
-        let config = bench_config(&dir, broker.port(), &addrs, opts.tags, opts.scan_ms);
+        let config = bench_config(&dir, gw_port, &addrs, opts.tags, opts.scan_ms);
         let offered = opts.devices as f64 * opts.tags as f64 * 1000.0 / opts.scan_ms as f64;
         let what = format!(
             "{} devices x {} tags every {} ms",
@@ -383,6 +464,9 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
         opts.warmup, opts.seconds
     );
     tokio::time::sleep(Duration::from_secs(opts.warmup)).await;
+    if opts.outage_seconds > 0 {
+        outage(&opts, pid, &cutter, &got, offered).await;
+    }
     got.latencies_ms
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -464,6 +548,84 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Cuts the gateway off the broker for `--outage-seconds`, restores the link, and reports how
+/// the backlog drained.
+async fn outage(opts: &BenchOptions, pid: u32, cutter: &Cutter, got: &Received, offered: f64) {
+    let s0 = proc_stats(pid);
+    let h0 = got.historical.load(Ordering::Relaxed);
+    println!(
+        "outage: broker unreachable for {} s ({:.0} samples offered meanwhile)",
+        opts.outage_seconds,
+        offered * opts.outage_seconds as f64
+    );
+    cutter.set(false);
+    tokio::time::sleep(Duration::from_secs(opts.outage_seconds)).await;
+    let s_cut = proc_stats(pid);
+    let h_cut = got.historical.load(Ordering::Relaxed);
+    got.first_historical_ms.store(0, Ordering::Relaxed);
+    cutter.set(true);
+    let restored = Instant::now();
+    let restored_ms = now_ms() as u64;
+    got.latencies_ms
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    // Drained when replayed records have stopped arriving for 3 s.
+    let give_up = restored + Duration::from_secs(opts.outage_seconds * 10 + 60);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let last = got.last_historical_ms.load(Ordering::Relaxed);
+        let quiet = (now_ms() as u64).saturating_sub(last);
+        if (last > restored_ms && quiet > 3000) || Instant::now() > give_up {
+            break;
+        }
+    }
+    let s1 = proc_stats(pid);
+    let replayed = got.historical.load(Ordering::Relaxed) - h0;
+    let last = got.last_historical_ms.load(Ordering::Relaxed);
+    let first = got.first_historical_ms.load(Ordering::Relaxed);
+    let drain_s = last.saturating_sub(restored_ms) as f64 / 1000.0;
+    let reconnect_s = first.saturating_sub(restored_ms) as f64 / 1000.0;
+    let replay_s = last.saturating_sub(first) as f64 / 1000.0;
+    println!(
+        "outage: {replayed} samples replayed with historical=true ({} before the link was back), \
+         drained {drain_s:.1} s after the link came back ({reconnect_s:.1} s of it reconnecting)",
+        h_cut - h0
+    );
+    if replay_s > 0.0 {
+        let rate = (replayed - (h_cut - h0)) as f64 / replay_s;
+        println!(
+            "outage: replay rate {rate:.0} samples/s ({:.1}x the live load) while live data kept flowing; \
+             a 10-minute outage of this load drains in {:.0} s",
+            rate / offered.max(1.0),
+            offered * 600.0 / rate
+        );
+    }
+    let mut lat = got
+        .latencies_ms
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "outage: live latency during the drain: p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    if let (Some(a), Some(b)) = (s0.write_bytes, s_cut.write_bytes) {
+        println!(
+            "outage: gateway disk writes while cut off: {:.1} MB ({:.1} bytes per sample offered)",
+            (b - a) as f64 / 1e6,
+            (b - a) as f64 / (offered * opts.outage_seconds as f64).max(1.0)
+        );
+    }
+    println!(
+        "outage: gateway peak RSS so far {:.1} MB, CPU {:.2} s over the outage and drain",
+        s1.peak_rss_kib as f64 / 1024.0,
+        s1.cpu_s - s0.cpu_s
+    );
 }
 
 /// The `--hold` profiling hook: serves the simulator and broker for an externally started
