@@ -198,6 +198,21 @@ struct EvictionLog {
     count: u64,
 }
 
+impl EvictionLog {
+    /// Counts `n` evicted records in the metrics and in this episode.
+    fn add(&mut self, metrics: &Metrics, n: u64) {
+        Metrics::add(&metrics.evicted, n);
+        self.count += n;
+    }
+}
+
+/// Drops a batch that may not be committed, counting it as evicted.
+fn refuse(shared: &Shared, due: Vec<Arc<Record>>, evictions: &mut EvictionLog) -> Vec<Arc<Record>> {
+    evictions.add(&shared.metrics, due.len() as u64);
+    shared.ledger().discard(due.iter().map(|r| r.seq));
+    Vec::new()
+}
+
 fn commit_once(
     shared: &Shared,
     settings: &BufferSettings,
@@ -243,7 +258,7 @@ fn commit_once(
     let due = if due.is_empty() {
         due
     } else {
-        make_room_on_disk(shared, settings, due, evictions)
+        make_room_on_disk(shared, settings, due, incoming, evictions)
     };
     if due.is_empty() {
         shared.refresh_gauges();
@@ -288,8 +303,7 @@ fn commit_once(
                 .store(ledger.pending_bytes(), Ordering::Relaxed);
             drop(ledger);
             if dropped > 0 {
-                Metrics::add(&m.evicted, dropped);
-                evictions.count += dropped;
+                evictions.add(m, dropped);
                 if !evictions.active {
                     warn!(
                         dropped,
@@ -317,14 +331,14 @@ const DISK_GROWTH: u64 = 3;
 
 /// Keeps the buffer's real size on disk within `max_size`: when committing `due` could take it
 /// over, `drop_oldest` drops whole generations, oldest first (dropping single records frees no
-/// disk space in sled), and `drop_newest` refuses the records.
+/// disk space in sled), and `drop_newest` refuses the records. `incoming` is their stored size.
 fn make_room_on_disk(
     shared: &Shared,
     settings: &BufferSettings,
     due: Vec<Arc<Record>>,
+    incoming: u64,
     evictions: &mut EvictionLog,
 ) -> Vec<Arc<Record>> {
-    let incoming: u64 = due.iter().map(|r| 8 + r.stored_len() as u64).sum();
     let fits = |usage: u64| {
         usage.saturating_add(incoming.saturating_mul(DISK_GROWTH)) <= settings.max_size
     };
@@ -341,10 +355,7 @@ fn make_room_on_disk(
         WhenFull::DropOldest => {
             while !fits(usage) && !shared.buffer.is_empty() {
                 match shared.buffer.evict_oldest_generation() {
-                    Ok(n) => {
-                        Metrics::add(&m.evicted, n);
-                        evictions.count += n;
-                    }
+                    Ok(n) => evictions.add(m, n),
                     Err(e) => {
                         Metrics::add(&m.io_errors, 1);
                         warn!(error = %e, "eviction failed");
@@ -357,20 +368,10 @@ fn make_room_on_disk(
                 due
             } else {
                 // Even an empty buffer cannot take this batch: it is dropped, counted.
-                let n = due.len() as u64;
-                Metrics::add(&m.evicted, n);
-                evictions.count += n;
-                shared.ledger().discard(due.iter().map(|r| r.seq));
-                Vec::new()
+                refuse(shared, due, evictions)
             }
         }
-        WhenFull::DropNewest => {
-            let n = due.len() as u64;
-            Metrics::add(&m.evicted, n);
-            evictions.count += n;
-            shared.ledger().discard(due.iter().map(|r| r.seq));
-            Vec::new()
-        }
+        WhenFull::DropNewest => refuse(shared, due, evictions),
     }
 }
 
@@ -391,10 +392,7 @@ fn make_room(
         WhenFull::DropOldest => {
             let target = settings.max_size.saturating_sub(incoming);
             match shared.buffer.evict_oldest(target) {
-                Ok(n) => {
-                    Metrics::add(&m.evicted, n);
-                    evictions.count += n;
-                }
+                Ok(n) => evictions.add(m, n),
                 Err(e) => {
                     Metrics::add(&m.io_errors, 1);
                     warn!(error = %e, "eviction failed");
@@ -402,13 +400,7 @@ fn make_room(
             }
             due
         }
-        WhenFull::DropNewest => {
-            let n = due.len() as u64;
-            Metrics::add(&m.evicted, n);
-            evictions.count += n;
-            shared.ledger().discard(due.iter().map(|r| r.seq));
-            Vec::new()
-        }
+        WhenFull::DropNewest => refuse(shared, due, evictions),
     }
 }
 
