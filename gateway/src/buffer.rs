@@ -451,6 +451,14 @@ impl Buffer {
         Ok((buffer, report))
     }
 
+    /// Counts one record of `stored` bytes gone from generation `g`.
+    fn forget(&self, g: &mut Generation, stored: u64) {
+        g.records = g.records.saturating_sub(1);
+        g.bytes = g.bytes.saturating_sub(stored);
+        self.records.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(stored, Ordering::Relaxed);
+    }
+
     fn lock(&self) -> MutexGuard<'_, Vec<Generation>> {
         // A poisoned lock means a panic while holding it; the list itself is still consistent
         // (every change to it is a single push or remove).
@@ -592,11 +600,7 @@ impl Buffer {
             }
             let dir = g.dir.clone();
             if let Some(old) = g.db()?.remove(key).map_err(|e| db_err(&dir, e))? {
-                let stored = 8 + old.len() as u64;
-                g.records = g.records.saturating_sub(1);
-                g.bytes = g.bytes.saturating_sub(stored);
-                self.records.fetch_sub(1, Ordering::Relaxed);
-                self.bytes.fetch_sub(stored, Ordering::Relaxed);
+                self.forget(g, 8 + old.len() as u64);
             }
         }
         self.maybe_rotate(&mut gens);
@@ -642,11 +646,7 @@ impl Buffer {
             for k in damaged {
                 warn!(path = %dir.display(), "dropping a damaged record from the buffer");
                 if let Some(old) = db.remove(&k).map_err(|e| db_err(&dir, e))? {
-                    let stored = (k.len() + old.len()) as u64;
-                    g.records = g.records.saturating_sub(1);
-                    g.bytes = g.bytes.saturating_sub(stored);
-                    self.records.fetch_sub(1, Ordering::Relaxed);
-                    self.bytes.fetch_sub(stored, Ordering::Relaxed);
+                    self.forget(g, (k.len() + old.len()) as u64);
                 }
             }
             if out.len() >= limit {
@@ -675,11 +675,7 @@ impl Buffer {
                 let Some((k, v)) = db.pop_min().map_err(|e| db_err(&dir, e))? else {
                     break;
                 };
-                let stored = (k.len() + v.len()) as u64;
-                g.records = g.records.saturating_sub(1);
-                g.bytes = g.bytes.saturating_sub(stored);
-                self.records.fetch_sub(1, Ordering::Relaxed);
-                self.bytes.fetch_sub(stored, Ordering::Relaxed);
+                self.forget(g, (k.len() + v.len()) as u64);
                 evicted += 1;
             }
         }
