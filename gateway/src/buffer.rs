@@ -23,15 +23,23 @@
 //!   stay open; the others are sealed (synced, closed), because sled keeps in memory what an
 //!   open database holds. Per-generation counts and sequence ranges route reads and deletes
 //!   without opening the sealed ones.
+//! - Every commit also writes the generation's commit mark (the highest `seq` committed into it,
+//!   key [`MARK_KEY`], never deleted) in the same sled batch, and then, once durable, the
+//!   `watermark` file (written, fsynced, renamed): the generation, its commit mark and the
+//!   oldest record not yet acknowledged. On open, a generation whose commit mark is below the
+//!   watermark's lost a commit sled had made durable: that is reported (error log, metric), not
+//!   trusted. The watermark's rename is not fsynced per commit, so after a crash it may be one
+//!   commit old: the check only gets weaker, never wrong.
 //! - A buffer written before generations (sled's files directly in the buffer directory) is
 //!   moved into `gen-0/` on open, so an upgrade keeps its backlog.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, error, info, warn};
 
@@ -46,6 +54,19 @@ pub const ROTATE_AFTER: u64 = 32 << 20;
 pub fn rotate_after_for(max_size: u64) -> u64 {
     (max_size / 16).clamp(256 << 10, ROTATE_AFTER)
 }
+
+/// Key of a generation's commit mark: nine bytes, so it sorts after every record key (eight
+/// bytes, big-endian) and no range of record keys ever reaches it.
+const MARK_KEY: [u8; 9] = [0xff; 9];
+
+/// Key of a generation's first commit time (unix milliseconds), after the commit mark.
+const BORN_KEY: [u8; 10] = [0xff; 10];
+
+/// Commit times kept per generation for the oldest record's age; past this, one a second.
+const MAX_COMMIT_TIMES: usize = 1024;
+
+/// The watermark file's name, in the buffer directory.
+const WATERMARK: &str = "watermark";
 
 /// A drained newest generation is replaced once it has taken this many bytes.
 pub const ROTATE_DRAINED: u64 = 1 << 20;
@@ -89,6 +110,90 @@ pub struct OpenReport {
     pub last_seq: Option<u64>,
     /// Generations found with records in them.
     pub generations: usize,
+    /// Set when a generation holds less than the watermark says was made durable: sled lost
+    /// committed records (see the module comment).
+    pub lost_commits: Option<LostCommits>,
+}
+
+/// A generation that lost commits sled had reported durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostCommits {
+    /// The generation.
+    pub generation: u64,
+    /// The highest sequence number the watermark says was committed into it.
+    pub committed_through: u64,
+    /// The highest sequence number its commit mark still shows, if any.
+    pub found_through: Option<u64>,
+}
+
+/// What the watermark file says: the newest durable commit, and the oldest record that may be
+/// unacknowledged (everything below it was acknowledged or evicted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Watermark {
+    generation: u64,
+    committed_through: u64,
+    acked_below: u64,
+}
+
+impl Watermark {
+    fn to_text(self) -> String {
+        format!(
+            "# edge-gateway buffer watermark: the newest durable commit, and the oldest record\n\
+             # that may be unacknowledged. Rewritten after commits; do not edit.\n\
+             generation={}\ncommitted_through={}\nacked_below={}\n",
+            self.generation, self.committed_through, self.acked_below
+        )
+    }
+
+    fn parse(text: &str) -> Option<Watermark> {
+        let (mut generation, mut committed_through, mut acked_below) = (None, None, None);
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("generation", v)) => generation = v.trim().parse().ok(),
+                Some(("committed_through", v)) => committed_through = v.trim().parse().ok(),
+                Some(("acked_below", v)) => acked_below = v.trim().parse().ok(),
+                _ => {}
+            }
+        }
+        Some(Watermark {
+            generation: generation?,
+            committed_through: committed_through?,
+            acked_below: acked_below?,
+        })
+    }
+
+    /// Reads the watermark in `dir`; a missing file is `None`, an unreadable one is logged.
+    fn read(dir: &Path) -> Option<Watermark> {
+        let path = dir.join(WATERMARK);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let w = Watermark::parse(&text);
+                if w.is_none() {
+                    warn!(path = %path.display(), "buffer watermark file is damaged; not checking the buffer against it");
+                }
+                w
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot read the buffer watermark file; not checking the buffer against it");
+                None
+            }
+        }
+    }
+
+    /// Writes the watermark in `dir`: temporary file, fsync, rename (the rename's own fsync of
+    /// the directory is left to the next directory sync: an older watermark is still true).
+    fn write(self, dir: &Path) -> Result<(), BufferError> {
+        let tmp = dir.join("watermark.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, self.to_text().as_bytes())?;
+            f.sync_data()
+        };
+        write().map_err(|e| io_err(&tmp, e))?;
+        let path = dir.join(WATERMARK);
+        std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))
+    }
 }
 
 /// The result of one commit.
@@ -123,6 +228,11 @@ struct Generation {
     bytes: u64,
     /// Bytes committed into it since it was created or opened.
     written: u64,
+    /// Its commit mark: the highest sequence number committed into it, if any.
+    mark: Option<u64>,
+    /// (highest sequence number, unix ms) of its commits, oldest first: the oldest record's
+    /// age. A generation found on open has one entry, its first commit's time.
+    times: VecDeque<(u64, u64)>,
 }
 
 impl Generation {
@@ -199,13 +309,32 @@ fn open_sled(dir: &Path) -> Result<sled::Db, BufferError> {
     }
 }
 
+/// What scanning one generation found.
+#[derive(Debug, Default)]
+struct Scanned {
+    records: u64,
+    bytes: u64,
+    damaged: u64,
+    last_seq: Option<u64>,
+    mark: Option<u64>,
+    born_ms: Option<u64>,
+}
+
 /// Scans a tree, dropping damaged values; sled may panic on a damaged file, so this is guarded.
-fn scan(db: &sled::Db, dir: &Path) -> Result<OpenReport, BufferError> {
+fn scan(db: &sled::Db, dir: &Path) -> Result<Scanned, BufferError> {
     let result = catch_unwind(AssertUnwindSafe(|| {
-        let mut report = OpenReport::default();
+        let mut report = Scanned::default();
         let mut damaged = Vec::new();
         for item in db.iter() {
             let (k, v) = item.map_err(|e| db_err(dir, e))?;
+            if k.as_ref() == MARK_KEY {
+                report.mark = v.as_ref().try_into().ok().map(u64::from_be_bytes);
+                continue;
+            }
+            if k.as_ref() == BORN_KEY {
+                report.born_ms = v.as_ref().try_into().ok().map(u64::from_be_bytes);
+                continue;
+            }
             match Record::from_bytes(&v) {
                 Ok(r) if k.as_ref() == r.seq.to_be_bytes() => {
                     report.records += 1;
@@ -281,6 +410,8 @@ fn open_gen(dir: &Path, id: u64) -> Result<Generation, BufferError> {
         records: 0,
         bytes: 0,
         written: 0,
+        mark: None,
+        times: VecDeque::new(),
     })
 }
 
@@ -361,6 +492,21 @@ fn delete_gen(dir: &Path, generation: Generation) -> Result<(), BufferError> {
     Ok(())
 }
 
+/// Compares the watermark with the generations found: the generation it names must show a
+/// commit mark at least as high. A generation that is gone was deleted once drained (or was
+/// quarantined, which is reported on its own), so it says nothing.
+fn check_watermark(w: Watermark, gens: &[Generation]) -> Option<LostCommits> {
+    let g = gens.iter().find(|g| g.id == w.generation)?;
+    if w.committed_through < w.acked_below || g.mark >= Some(w.committed_through) {
+        return None;
+    }
+    Some(LostCommits {
+        generation: g.id,
+        committed_through: w.committed_through,
+        found_through: g.mark,
+    })
+}
+
 /// Bytes of the files under `path` (what the buffer takes on disk).
 fn disk_usage(path: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {
@@ -374,6 +520,12 @@ fn disk_usage(path: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn key_seq(k: &[u8]) -> Option<u64> {
@@ -410,6 +562,10 @@ impl Buffer {
                 g.seqs = first.zip(found.last_seq);
                 g.records = found.records;
                 g.bytes = found.bytes;
+                g.mark = found.mark;
+                if let Some(t) = found.born_ms.zip(found.last_seq) {
+                    g.times.push_back((t.1, t.0));
+                }
                 g.seal()?;
                 Ok((g, found))
             });
@@ -429,6 +585,16 @@ impl Buffer {
         }
         if report.damaged > 0 {
             warn!(path = %dir.display(), damaged = report.damaged, "dropped damaged records from the buffer");
+        }
+        report.lost_commits = Watermark::read(dir).and_then(|w| check_watermark(w, &gens));
+        if let Some(lost) = &report.lost_commits {
+            error!(
+                path = %dir.display(),
+                generation = lost.generation,
+                committed_through = lost.committed_through,
+                found_through = ?lost.found_through,
+                "the buffer lost records it had made durable (its storage or the disk lost fsynced writes); what is left is replayed, the loss is counted"
+            );
         }
         // Commits always go to a fresh generation after a start: the old ones only drain.
         let next = gens.last().map_or(1, |g| g.id + 1);
@@ -542,12 +708,25 @@ impl Buffer {
             batch.insert(&r.seq.to_be_bytes(), value);
         }
         let mut gens = self.lock();
+        let acked_below = gens
+            .iter()
+            .filter(|g| g.records > 0)
+            .find_map(|g| g.seqs.map(|(lo, _)| lo))
+            .unwrap_or(lo)
+            .min(lo);
         let Some(newest) = gens.last_mut() else {
             return Err(io_err(&self.dir, std::io::Error::other("no generation")));
         };
+        let mark = newest.mark.map_or(hi, |m| m.max(hi));
+        batch.insert(&MARK_KEY, &mark.to_be_bytes());
+        let now = unix_ms();
+        if newest.mark.is_none() {
+            batch.insert(&BORN_KEY, &now.to_be_bytes());
+        }
         let dir = newest.dir.clone();
         let db = newest.db()?;
         db.apply_batch(batch).map_err(|e| db_err(&dir, e))?;
+        newest.mark = Some(mark);
         newest.written += stats.bytes;
         newest.seqs = Some(
             newest
@@ -564,6 +743,9 @@ impl Buffer {
             if let Some(o) = &newest.open {
                 let (mut n, mut bytes) = (0u64, 0u64);
                 for (k, v) in o.db.iter().flatten() {
+                    if key_seq(&k).is_none() {
+                        continue;
+                    }
                     n += 1;
                     bytes += (k.len() + v.len()) as u64;
                 }
@@ -577,11 +759,28 @@ impl Buffer {
             }
             return Err(e);
         }
+        let spaced = newest.times.back().is_none_or(|&(_, t)| now >= t + 1000);
+        if newest.times.len() < MAX_COMMIT_TIMES || spaced {
+            newest.times.push_back((mark, now));
+        } else if let Some(last) = newest.times.back_mut() {
+            // Too many commits to keep each: the newest entry covers this one too.
+            last.0 = mark;
+        }
         newest.records += stats.records;
         newest.bytes += stats.bytes;
         self.records.fetch_add(stats.records, Ordering::Relaxed);
         self.bytes.fetch_add(stats.bytes, Ordering::Relaxed);
         self.commits.fetch_add(1, Ordering::Relaxed);
+        let watermark = Watermark {
+            generation: newest.id,
+            committed_through: mark,
+            acked_below,
+        };
+        // The commit is durable already; a watermark that cannot be written only weakens the
+        // check on the next open.
+        if let Err(e) = watermark.write(&self.dir) {
+            warn!(error = %e, "cannot write the buffer watermark");
+        }
         self.maybe_rotate(&mut gens);
         Ok(stats)
     }
@@ -658,31 +857,6 @@ impl Buffer {
         Ok(out)
     }
 
-    /// Removes the oldest records until at most `target_bytes` remain; returns how many went.
-    pub fn evict_oldest(&self, target_bytes: u64) -> Result<u64, BufferError> {
-        let mut gens = self.lock();
-        let mut evicted = 0;
-        for g in gens.iter_mut() {
-            if self.bytes.load(Ordering::Relaxed) <= target_bytes {
-                break;
-            }
-            if g.records == 0 {
-                continue;
-            }
-            let dir = g.dir.clone();
-            let db = g.db()?;
-            while self.bytes.load(Ordering::Relaxed) > target_bytes {
-                let Some((k, v)) = db.pop_min().map_err(|e| db_err(&dir, e))? else {
-                    break;
-                };
-                self.forget(g, (k.len() + v.len()) as u64);
-                evicted += 1;
-            }
-        }
-        self.maybe_rotate(&mut gens);
-        Ok(evicted)
-    }
-
     /// Drops the oldest generation with everything in it, which gives its disk space back
     /// (evicting single records from sled does not). With one generation, a fresh one is
     /// started first, so the one holding the records can go. Returns the records dropped.
@@ -713,6 +887,25 @@ impl Buffer {
         let g = gens.iter_mut().find(|g| g.records > 0)?;
         let first = g.db().ok()?.first().ok().flatten()?;
         key_seq(&first.0)
+    }
+
+    /// How long ago the oldest record on disk was committed (about when it was read: a commit
+    /// takes what is older than the commit interval). After a restart, a generation from before
+    /// counts from its first commit, so the age errs on the old side.
+    pub fn oldest_age(&self) -> Option<Duration> {
+        let mut gens = self.lock();
+        let g = gens.iter_mut().find(|g| g.records > 0)?;
+        // A sealed generation is not opened for this (opening one makes sled extend its file by
+        // a segment): its lowest sequence number ever is a bound that errs on the old side.
+        let first = match &g.open {
+            Some(o) => key_seq(&o.db.first().ok().flatten()?.0)?,
+            None => g.seqs?.0,
+        };
+        while g.times.len() > 1 && g.times.front().is_some_and(|&(hi, _)| hi < first) {
+            g.times.pop_front();
+        }
+        let &(_, at) = g.times.front()?;
+        Some(Duration::from_millis(unix_ms().saturating_sub(at)))
     }
 
     /// Makes every commit fail as a full disk would, until called with `false` (for tests of
@@ -805,6 +998,88 @@ mod tests {
         let all = b.read_range(0, u64::MAX, 10, |_| false).unwrap();
         assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 3]);
         assert_eq!(b.first_seq(), Some(1));
+        assert_eq!(report.lost_commits, None, "nothing was lost");
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap().flatten() {
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_generation_that_went_back_to_before_a_durable_commit_is_reported_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer");
+        let saved = dir.path().join("saved");
+        {
+            let (b, _) = Buffer::open(&path).unwrap();
+            b.commit(&[rec(1), rec(2)]).unwrap();
+            // What the disk holds after the first commit; the second is then lost, as a disk
+            // that drops fsynced writes (or a storage bug) would lose it.
+            copy_dir(&gen_dir(&path, 1), &saved);
+            b.commit(&[rec(3), rec(4)]).unwrap();
+            b.remove(&[1]).unwrap();
+        }
+        std::fs::remove_dir_all(gen_dir(&path, 1)).unwrap();
+        copy_dir(&saved, &gen_dir(&path, 1));
+        let (b, report) = Buffer::open(&path).unwrap();
+        assert_eq!(
+            report.lost_commits,
+            Some(LostCommits {
+                generation: 1,
+                committed_through: 4,
+                found_through: Some(2),
+            })
+        );
+        // What is left is still served.
+        let left = b.read_range(0, u64::MAX, 10, |_| false).unwrap();
+        assert_eq!(left.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_generation_acknowledged_to_the_end_is_not_reported_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer");
+        {
+            let (b, _) = Buffer::open(&path).unwrap();
+            b.commit(&[rec(1), rec(2)]).unwrap();
+            b.remove(&[1, 2]).unwrap();
+            b.commit(&[rec(3)]).unwrap();
+            b.remove(&[3]).unwrap();
+        }
+        let (_, report) = Buffer::open(&path).unwrap();
+        assert_eq!(report.records, 0);
+        assert_eq!(report.lost_commits, None);
+    }
+
+    #[test]
+    fn the_oldest_records_age_follows_acknowledgements_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer");
+        {
+            let (b, _) = Buffer::open(&path).unwrap();
+            assert_eq!(b.oldest_age(), None);
+            b.commit(&[rec(1)]).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            b.commit(&[rec(2)]).unwrap();
+            assert!(b.oldest_age().unwrap() >= Duration::from_millis(300));
+            b.remove(&[1]).unwrap();
+            assert!(b.oldest_age().unwrap() < Duration::from_millis(300));
+        }
+        let (b, _) = Buffer::open(&path).unwrap();
+        assert!(
+            b.oldest_age().unwrap() >= Duration::from_millis(300),
+            "counted from the generation's first commit"
+        );
+        b.remove(&[2]).unwrap();
+        assert_eq!(b.oldest_age(), None);
     }
 
     #[test]
@@ -815,18 +1090,6 @@ mod tests {
         let got = b.read_range(2, 9, 3, |s| s == 3).unwrap();
         assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![2, 4, 5]);
         assert!(b.read_range(5, 5, 3, |_| false).unwrap().is_empty());
-    }
-
-    #[test]
-    fn eviction_drops_the_oldest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let (b, _) = Buffer::open(dir.path()).unwrap();
-        b.commit(&(0..10).map(rec).collect::<Vec<_>>()).unwrap();
-        let per = b.bytes() / 10;
-        let evicted = b.evict_oldest(per * 6).unwrap();
-        assert_eq!(evicted, 4);
-        assert_eq!(b.first_seq(), Some(4));
-        assert_eq!(b.len(), 6);
     }
 
     fn big(seq: u64) -> Arc<Record> {
@@ -900,21 +1163,6 @@ mod tests {
             "after the drain {drained} bytes remain (empty: {empty}, full: {full})"
         );
         assert!(b.generations() <= 2, "{} generations", b.generations());
-    }
-
-    #[test]
-    fn eviction_empties_old_generations_and_deletes_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let (b, _) = Buffer::open_with(dir.path(), 32 << 10, 8 << 10).unwrap();
-        for chunk in (0..200u64).collect::<Vec<_>>().chunks(10) {
-            b.commit(&chunk.iter().map(|&s| big(s)).collect::<Vec<_>>())
-                .unwrap();
-        }
-        let before = b.generations();
-        let per = b.bytes() / 200;
-        assert_eq!(b.evict_oldest(per * 50).unwrap(), 150);
-        assert_eq!(b.first_seq(), Some(150));
-        assert!(b.generations() < before);
     }
 
     #[test]

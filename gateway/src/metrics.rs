@@ -39,6 +39,14 @@ pub struct Metrics {
     pub buffer_bytes: AtomicU64,
     /// Duration of the last commit in microseconds.
     pub last_commit_us: AtomicU64,
+    /// Durations of commits (sled's flush and the fsyncs).
+    pub commit_latency: Histogram,
+    /// Age of the oldest record on disk in milliseconds (0 when the disk holds none).
+    pub oldest_age_ms: AtomicU64,
+    /// Buffer generations moved aside at start because they could not be opened.
+    pub quarantined: AtomicU64,
+    /// Starts that found the buffer holding less than its watermark says was made durable.
+    pub lost_commits: AtomicU64,
     /// MQTT connection up.
     pub mqtt_connected: AtomicBool,
     /// MQTT connections made.
@@ -54,5 +62,84 @@ impl Metrics {
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds of the [`Histogram`] buckets, in microseconds; one more bucket takes the rest.
+pub const LATENCY_BUCKETS_US: [u64; 11] = [
+    500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+];
+
+/// A latency histogram with fixed buckets ([`LATENCY_BUCKETS_US`]), lock-free.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket, not cumulative; the last is above every bound.
+    pub buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    /// Sum of the observations in microseconds.
+    pub sum_us: AtomicU64,
+    /// Number of observations.
+    pub count: AtomicU64,
+}
+
+impl Histogram {
+    /// Counts one observation of `us` microseconds.
+    pub fn observe(&self, us: u64) {
+        let i = LATENCY_BUCKETS_US.partition_point(|&bound| bound < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The smallest bucket bound at or below which `q` (0..=1) of the observations fall;
+    /// `None` without observations or when the quantile is past the last bound.
+    pub fn quantile_bound_us(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let wanted = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in counts.iter().enumerate() {
+            seen += n;
+            if seen >= wanted {
+                return LATENCY_BUCKETS_US.get(i).copied();
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_puts_each_observation_in_the_first_bucket_that_holds_it() {
+        let h = Histogram::default();
+        for us in [100, 500, 501, 3_000, 2_000_000] {
+            h.observe(us);
+        }
+        let counts: Vec<u64> = h
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(counts[0], 2, "100 and 500 are within 500 us");
+        assert_eq!(counts[1], 1, "501 is within 1 ms");
+        assert_eq!(counts[3], 1, "3 ms is within 5 ms");
+        assert_eq!(
+            counts[LATENCY_BUCKETS_US.len()],
+            1,
+            "2 s is past every bound"
+        );
+        assert_eq!(h.count.load(Ordering::Relaxed), 5);
+        assert_eq!(h.quantile_bound_us(0.5), Some(1_000));
+        assert_eq!(h.quantile_bound_us(1.0), None);
+        assert_eq!(Histogram::default().quantile_bound_us(0.5), None);
     }
 }

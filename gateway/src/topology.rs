@@ -156,6 +156,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     let catalog = Arc::new(catalog);
     let metrics = Arc::new(Metrics::default());
+    if report.quarantined.is_some() {
+        Metrics::add(&metrics.quarantined, 1);
+    }
+    if report.lost_commits.is_some() {
+        Metrics::add(&metrics.lost_commits, 1);
+    }
     let shared = Arc::new(Shared::new(buffer.clone(), metrics.clone()));
 
     let cancel = CancellationToken::new();

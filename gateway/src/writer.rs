@@ -85,6 +85,8 @@ impl Shared {
         let m = &self.metrics;
         m.buffer_records.store(self.buffer.len(), Ordering::Relaxed);
         m.buffer_bytes.store(self.buffer.bytes(), Ordering::Relaxed);
+        let age = self.buffer.oldest_age().map_or(0, |a| a.as_millis() as u64);
+        m.oldest_age_ms.store(age, Ordering::Relaxed);
     }
 }
 
@@ -249,17 +251,7 @@ fn commit_once(
         return;
     }
     let incoming: u64 = due.iter().map(|r| 8 + r.stored_len() as u64).sum();
-    let room = settings.max_size.saturating_sub(shared.buffer.bytes());
-    let due = if incoming > room {
-        make_room(shared, settings, due, incoming, evictions)
-    } else {
-        due
-    };
-    let due = if due.is_empty() {
-        due
-    } else {
-        make_room_on_disk(shared, settings, due, incoming, evictions)
-    };
+    let due = make_room_on_disk(shared, settings, due, incoming, evictions);
     if due.is_empty() {
         shared.refresh_gauges();
         return;
@@ -267,8 +259,9 @@ fn commit_once(
     let started = Instant::now();
     match shared.buffer.commit(&due) {
         Ok(stats) => {
-            m.last_commit_us
-                .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            let took = started.elapsed().as_micros() as u64;
+            m.last_commit_us.store(took, Ordering::Relaxed);
+            m.commit_latency.observe(took);
             Metrics::add(&m.commits, 1);
             Metrics::add(&m.committed, stats.records);
             Metrics::add(&m.bytes_written, stats.bytes);
@@ -370,35 +363,6 @@ fn make_room_on_disk(
                 // Even an empty buffer cannot take this batch: it is dropped, counted.
                 refuse(shared, due, evictions)
             }
-        }
-        WhenFull::DropNewest => refuse(shared, due, evictions),
-    }
-}
-
-/// Applies the `when_full` policy; returns the records that may still be committed.
-fn make_room(
-    shared: &Shared,
-    settings: &BufferSettings,
-    due: Vec<Arc<Record>>,
-    incoming: u64,
-    evictions: &mut EvictionLog,
-) -> Vec<Arc<Record>> {
-    let m = &shared.metrics;
-    if !evictions.active {
-        warn!(max_size = settings.max_size, policy = ?settings.when_full, "buffer is full; evicting records");
-        evictions.active = true;
-    }
-    match settings.when_full {
-        WhenFull::DropOldest => {
-            let target = settings.max_size.saturating_sub(incoming);
-            match shared.buffer.evict_oldest(target) {
-                Ok(n) => evictions.add(m, n),
-                Err(e) => {
-                    Metrics::add(&m.io_errors, 1);
-                    warn!(error = %e, "eviction failed");
-                }
-            }
-            due
         }
         WhenFull::DropNewest => refuse(shared, due, evictions),
     }
