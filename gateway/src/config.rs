@@ -87,6 +87,9 @@ pub struct BufferSettings {
     pub when_full: WhenFull,
     /// A record not acknowledged within this time is committed to disk.
     pub commit_interval: Duration,
+    /// Replayed records per second at most; `None` (the default) replays as fast as the broker
+    /// acknowledges, always after live records.
+    pub replay_rate: Option<u32>,
 }
 
 /// Northbound payload format.
@@ -686,6 +689,7 @@ struct RawBuffer {
     max_size: Option<Size>,
     when_full: Option<WhenFull>,
     commit_interval: Option<Dur>,
+    replay_rate: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -1672,10 +1676,20 @@ impl Checker<'_> {
             MS,
             Duration::from_secs(60),
         );
+        let replay_rate = raw.replay_rate.map(|_| {
+            self.integer(
+                &path.key("replay_rate"),
+                raw.replay_rate,
+                1000,
+                1,
+                1_000_000,
+            )
+        });
         Some(BufferSettings {
             max_size,
             when_full: raw.when_full.unwrap_or_default(),
             commit_interval,
+            replay_rate,
         })
     }
 
@@ -3144,6 +3158,7 @@ enabled = true
                 max_size: 1 << 30,
                 when_full: WhenFull::DropOldest,
                 commit_interval: Duration::from_millis(100),
+                replay_rate: None,
             },
             mqtt: MqttSettings {
                 host: "127.0.0.1".to_owned(),
@@ -3485,6 +3500,11 @@ devices = [
                 "buffer.commit_interval",
                 BARE_DURATION,
             ),
+            (
+                "replay_rate = 0",
+                "buffer.replay_rate",
+                "between 1 and 1000000, not 0",
+            ),
         ];
         for (line, field, fragment) in cases {
             assert_problem(&with_buffer(line), field, line, fragment);
@@ -3494,6 +3514,9 @@ devices = [
         ));
         assert_eq!(config.buffer.max_size, 100_000_000);
         assert_eq!(config.buffer.when_full, WhenFull::DropNewest);
+        assert_eq!(config.buffer.replay_rate, None, "unlimited by default");
+        let paced = self::tests::config(&with_buffer("replay_rate = 500"));
+        assert_eq!(paced.buffer.replay_rate, Some(500));
     }
 
     #[test]

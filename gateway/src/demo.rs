@@ -98,6 +98,7 @@ pub fn local_config(
             max_size: 1 << 30,
             when_full: WhenFull::DropOldest,
             commit_interval: Duration::from_millis(100),
+            replay_rate: None,
         },
         mqtt: MqttSettings {
             host: "127.0.0.1".into(),

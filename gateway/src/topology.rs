@@ -232,6 +232,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let publisher = tokio::spawn(Publisher::run(
         config.mqtt.clone(),
         config.buffer.commit_interval,
+        config.buffer.replay_rate,
         password,
         shared.clone(),
         live_rx,

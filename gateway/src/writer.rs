@@ -388,6 +388,7 @@ mod tests {
             max_size,
             when_full: WhenFull::DropOldest,
             commit_interval: Duration::from_millis(100),
+            replay_rate: None,
         };
         let mut log = EvictionLog::default();
         let mut peak = 0;
@@ -437,6 +438,7 @@ mod tests {
             max_size: 1 << 30,
             when_full: WhenFull::DropOldest,
             commit_interval: Duration::from_millis(100),
+            replay_rate: None,
         };
         let mut log = EvictionLog::default();
         let record = |seq: u64| Record {

@@ -257,3 +257,51 @@ async fn an_unreachable_broker_at_start_up_is_retried_not_fatal() {
         "nothing from before the connection is lost"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_rate_paces_the_backlog_while_live_records_flow() {
+    let mut rig = Rig::new(2, Duration::from_millis(50)).await;
+    let rate = 20;
+    rig.config.buffer.replay_rate = Some(rate);
+    let sub = rig.collector().await;
+    let gw = rig.start().await;
+    let m = gw.metrics.clone();
+    let connected = || m.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed);
+    eventually(Duration::from_secs(10), "connected", connected).await;
+
+    rig.proxy.cut();
+    eventually(Duration::from_secs(20), "a backlog on disk", || {
+        gw.buffer.len() > 80
+    })
+    .await;
+    let replayed_before = Metrics::get(&m.replayed);
+    rig.proxy.restore();
+    eventually(Duration::from_secs(20), "reconnected", connected).await;
+    let started = std::time::Instant::now();
+    let live_before = sub.messages().iter().filter(|r| !r.historical()).count();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let replayed = Metrics::get(&m.replayed) - replayed_before;
+    let elapsed = started.elapsed().as_secs_f64();
+    let live = sub.messages().iter().filter(|r| !r.historical()).count() - live_before;
+    // A tenth of a second's burst, the rate since, and one chunk read before the count started.
+    let allowed = (f64::from(rate) * (elapsed + 0.1)).ceil() as u64 + 2;
+    assert!(
+        replayed <= allowed,
+        "{replayed} records replayed in {elapsed:.1} s at replay_rate {rate}"
+    );
+    assert!(replayed > 0, "the replay goes on at its pace");
+    assert!(live > 10, "live records flow during the replay ({live})");
+
+    // Paced, the backlog still drains completely, with no hole.
+    eventually(Duration::from_secs(60), "the backlog drains", || {
+        gw.buffer.is_empty()
+    })
+    .await;
+    let created = Metrics::get(&m.records);
+    sub.wait_for(Duration::from_secs(20), "every record", |msgs| {
+        contiguous_len(msgs) >= created
+    })
+    .await;
+    gw.shutdown().await;
+    contiguous_seqs(&sub.messages(), 1);
+}

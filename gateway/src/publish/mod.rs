@@ -13,6 +13,7 @@
 //! - A window that sees no PUBACK for `ack_timeout` is a dead link: the connection is dropped.
 
 pub mod json;
+pub mod pace;
 pub mod window;
 
 use std::collections::VecDeque;
@@ -32,6 +33,7 @@ use crate::ledger::AckOutcome;
 use crate::metrics::Metrics;
 use crate::record::Record;
 use crate::writer::Shared;
+use pace::Pace;
 use window::Window;
 
 /// Records read from disk per replay step.
@@ -97,6 +99,8 @@ pub struct Publisher {
     live_bytes: usize,
     commit_interval: Duration,
     replay_from: Option<u64>,
+    /// Paces the replay at `replay_rate`.
+    pace: Pace,
     connected: bool,
     draining: bool,
     down_logged: bool,
@@ -109,6 +113,7 @@ impl Publisher {
     pub async fn run(
         settings: MqttSettings,
         commit_interval: Duration,
+        replay_rate: Option<u32>,
         password: Option<String>,
         shared: Arc<Shared>,
         mut live_rx: mpsc::Receiver<Arc<Record>>,
@@ -126,6 +131,7 @@ impl Publisher {
             live_bytes: 0,
             commit_interval,
             replay_from: None,
+            pace: Pace::new(replay_rate),
             connected: false,
             draining: false,
             down_logged: false,
@@ -146,6 +152,12 @@ impl Publisher {
                     break;
                 }
             }
+            let now = Instant::now();
+            let replay_at = if p.connected && p.replay_from.is_some() && !p.draining {
+                p.pace.next_at(now)
+            } else {
+                None
+            };
             tokio::select! {
                 (el, event) = &mut poll => {
                     let mut el = el;
@@ -193,6 +205,9 @@ impl Publisher {
                     }
                 }
                 _ = check.tick() => p.check_ack_timeout(),
+                // The replay waits for its pace; live records and acknowledgements wake the
+                // loop on their own.
+                _ = tokio::time::sleep_until(replay_at.unwrap_or(now).into()), if replay_at.is_some() => {}
             }
         }
         p.disconnect(poll).await;
@@ -223,7 +238,14 @@ impl Publisher {
             self.live_bytes -= r.payload.len();
             // A record that waited out a commit interval (an outage) went the store-and-forward
             // way, even when it is still in memory: it is flagged historical like a replayed one.
-            let payload = if queued.elapsed() >= self.commit_interval {
+            let stale = queued.elapsed() >= self.commit_interval;
+            if stale && self.pace.is_limited() {
+                // With a replay rate, it is left to the replay, which paces it: it is in the
+                // ledger until acknowledged, so it is committed and the commit points the
+                // replay at it.
+                continue;
+            }
+            let payload = if stale {
                 r.historical_payload()
             } else {
                 r.payload.clone()
@@ -235,7 +257,12 @@ impl Publisher {
             let Some(from) = self.replay_from else {
                 break;
             };
-            let limit = self.window.room().min(REPLAY_CHUNK);
+            let limit = self
+                .pace
+                .allowance(Instant::now(), self.window.room().min(REPLAY_CHUNK));
+            if limit == 0 {
+                break;
+            }
             let chunk = {
                 let window = &self.window;
                 let ledger = self.shared.ledger();
@@ -256,6 +283,7 @@ impl Publisher {
                 break;
             };
             self.replay_from = Some(last + 1);
+            self.pace.spend(chunk.len());
             for r in chunk {
                 Metrics::add(&self.shared.metrics.replayed, 1);
                 let payload = r.historical_payload();
