@@ -126,7 +126,8 @@ pub struct MqttSettings {
     pub max_packet_size: usize,
     /// At shutdown, how long to wait for outstanding acknowledgements.
     pub shutdown_grace: Duration,
-    /// A publish not acknowledged within this time is taken as a dead link: reconnect.
+    /// Unacknowledged publishes and no PUBACK for this long (or one publish skipped this long
+    /// while later ones are acknowledged) is taken as a dead link: reconnect.
     pub ack_timeout: Duration,
 }
 

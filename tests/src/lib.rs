@@ -2,12 +2,15 @@
 //! broker), a fault-injecting TCP proxy to cut links, and an MQTT subscriber that records what
 //! arrives.
 
+
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +30,7 @@ pub struct Proxy {
     silent: Arc<AtomicBool>,
     generation: watch::Sender<u64>,
     cancel: CancellationToken,
+    faults: Arc<Faults>,
 }
 
 impl Proxy {
@@ -40,6 +44,8 @@ impl Proxy {
         let cancel = CancellationToken::new();
         let (u, g, c) = (up.clone(), generation.clone(), cancel.clone());
         let quiet = silent.clone();
+        let faults = Arc::new(Faults::new(upstream));
+        let f = faults.clone();
         tokio::spawn(async move {
             loop {
                 let (client, _) = tokio::select! {
@@ -61,15 +67,17 @@ impl Proxy {
                 }
                 let mut cut = g.subscribe();
                 let c = c.clone();
+                let f = f.clone();
                 tokio::spawn(async move {
+                    let upstream = *f.upstream.lock().unwrap();
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy(&mut cr, &mut sw) => {}
-                        _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                        _ = pump_up(cr, sw, f.clone()) => {}
+                        _ = pump_down(sr, cw, f) => {}
                         _ = cut.changed() => {}
                         _ = c.cancelled() => {}
                     }
@@ -82,6 +90,7 @@ impl Proxy {
             silent,
             generation,
             cancel,
+            faults,
         })
     }
 
@@ -103,10 +112,206 @@ impl Proxy {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// Lets connections through again.
+    /// Lets connections through again and ends the fault modes below (the upstream stays).
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
         self.silent.store(false, Ordering::SeqCst);
+        let f = &self.faults;
+        f.drop_downstream.store(false, Ordering::SeqCst);
+        f.cut_after.store(NO_CUT, Ordering::SeqCst);
+        f.throttle.store(0, Ordering::SeqCst);
+    }
+
+    /// Swallows every upstream→client MQTT packet but CONNACK, whole packets only, on live and
+    /// new connections: publishes reach the broker, PUBACKs never come back, TCP stays up.
+    pub fn drop_downstream(&self) {
+        self.faults.drop_downstream.store(true, Ordering::SeqCst);
+    }
+
+    /// Cuts each connection, live or new, once it has carried `n` more client→upstream bytes
+    /// (the first `n` are delivered, then both sides are closed), until [`Proxy::restore`].
+    pub fn cut_after_bytes(&self, n: u64) {
+        self.faults
+            .cut_after
+            .store(n.min(NO_CUT - 1), Ordering::SeqCst);
+        self.faults.cut_epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Connections cut by [`Proxy::cut_after_bytes`] so far.
+    pub fn cuts(&self) -> u64 {
+        self.faults.cuts.load(Ordering::SeqCst)
+    }
+
+    /// Of those, the ones cut inside an MQTT packet (the upstream got part of it).
+    pub fn cuts_mid_packet(&self) -> u64 {
+        self.faults.cuts_mid_packet.load(Ordering::SeqCst)
+    }
+
+    /// Passes at most `bytes_per_sec` client→upstream per connection (a slow link or a slow
+    /// broker: PUBACKs come back as slowly), until [`Proxy::restore`]; 0 lifts the limit.
+    pub fn throttle(&self, bytes_per_sec: u64) {
+        self.faults.throttle.store(bytes_per_sec, Ordering::SeqCst);
+    }
+
+    /// Sends new connections to `upstream` from now on; live ones keep their upstream.
+    pub fn repoint(&self, upstream: SocketAddr) {
+        *self.faults.upstream.lock().unwrap() = upstream;
+    }
+}
+
+/// `Faults::cut_after` when connections are not cut.
+const NO_CUT: u64 = u64::MAX;
+
+/// The fault modes a proxy's connections read as they pass bytes.
+struct Faults {
+    upstream: Mutex<SocketAddr>,
+    drop_downstream: AtomicBool,
+    cut_after: AtomicU64,
+    cut_epoch: AtomicU64,
+    cuts: AtomicU64,
+    cuts_mid_packet: AtomicU64,
+    throttle: AtomicU64,
+}
+
+impl Faults {
+    fn new(upstream: SocketAddr) -> Faults {
+        Faults {
+            upstream: Mutex::new(upstream),
+            drop_downstream: AtomicBool::new(false),
+            cut_after: AtomicU64::new(NO_CUT),
+            cut_epoch: AtomicU64::new(0),
+            cuts: AtomicU64::new(0),
+            cuts_mid_packet: AtomicU64::new(0),
+            throttle: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Follows MQTT packet boundaries in a byte stream without buffering it: fixed header byte,
+/// remaining length (1 to 4 bytes), body. Meaningless, and unused, on other protocols.
+#[derive(Debug, Default)]
+struct Framer {
+    /// Bytes of the current packet still to come after its header, once the length is known.
+    body: u64,
+    /// The current packet's length field so far, and its bytes read.
+    len: Option<(u64, u32)>,
+    /// Whether the current packet is forwarded (decided on its first byte).
+    pass: bool,
+}
+
+impl Framer {
+    /// Whether the stream is between two packets.
+    fn at_boundary(&self) -> bool {
+        self.len.is_none() && self.body == 0
+    }
+
+    /// Splits `data` into runs forwarded or swallowed; `pass(first_byte)` decides per packet.
+    fn feed(&mut self, data: &[u8], pass: impl Fn(u8) -> bool, out: &mut Vec<u8>) {
+        let mut i = 0;
+        while i < data.len() {
+            if self.body > 0 {
+                let n = (self.body.min((data.len() - i) as u64)) as usize;
+                if self.pass {
+                    out.extend_from_slice(&data[i..i + n]);
+                }
+                self.body -= n as u64;
+                i += n;
+                continue;
+            }
+            let b = data[i];
+            i += 1;
+            match self.len {
+                None => {
+                    self.pass = pass(b);
+                    self.len = Some((0, 0));
+                }
+                Some((value, count)) => {
+                    let value = value | (u64::from(b & 0x7f) << (7 * count));
+                    if b & 0x80 != 0 && count < 3 {
+                        self.len = Some((value, count + 1));
+                    } else {
+                        self.len = None;
+                        self.body = value;
+                    }
+                }
+            }
+            if self.pass {
+                out.push(b);
+            }
+        }
+    }
+}
+
+/// Client→upstream bytes, cut after the `cut_after` budget and paced by `throttle`.
+async fn pump_up(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, f: Arc<Faults>) {
+    let mut buf = vec![0u8; 16 << 10];
+    let mut framer = Framer::default();
+    let mut out = Vec::new();
+    let mut epoch = f.cut_epoch.load(Ordering::SeqCst);
+    let mut carried = 0u64;
+    loop {
+        let rate = f.throttle.load(Ordering::SeqCst);
+        // Throttled: small reads, each followed by the pause its size costs at the rate.
+        let max = if rate == 0 {
+            buf.len()
+        } else {
+            ((rate / 20) as usize).clamp(1, buf.len())
+        };
+        let n = match from.read(&mut buf[..max]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let e = f.cut_epoch.load(Ordering::SeqCst);
+        if e != epoch {
+            epoch = e;
+            carried = 0;
+        }
+        let limit = f.cut_after.load(Ordering::SeqCst);
+        let left = limit.saturating_sub(carried);
+        let (take, cut) = if limit != NO_CUT && n as u64 >= left {
+            (left as usize, true)
+        } else {
+            (n, false)
+        };
+        out.clear();
+        framer.feed(&buf[..take], |_| true, &mut out);
+        if to.write_all(&out).await.is_err() {
+            return;
+        }
+        carried += take as u64;
+        if cut {
+            let _ = to.flush().await;
+            f.cuts.fetch_add(1, Ordering::SeqCst);
+            if !framer.at_boundary() {
+                f.cuts_mid_packet.fetch_add(1, Ordering::SeqCst);
+            }
+            return;
+        }
+        let rate = f.throttle.load(Ordering::SeqCst);
+        if rate > 0 {
+            let pause = Duration::from_secs_f64(take as f64 / rate as f64);
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+/// Upstream→client bytes; with `drop_downstream`, only CONNACK packets get through.
+async fn pump_down(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, f: Arc<Faults>) {
+    const CONNACK: u8 = 2;
+    let mut buf = vec![0u8; 16 << 10];
+    let mut framer = Framer::default();
+    let mut out = Vec::new();
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        out.clear();
+        let drop = |first: u8| f.drop_downstream.load(Ordering::SeqCst) && first >> 4 != CONNACK;
+        framer.feed(&buf[..n], |b| !drop(b), &mut out);
+        if !out.is_empty() && to.write_all(&out).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -143,6 +348,7 @@ impl Received {
 /// An MQTT subscriber (QoS 1) that keeps every message it receives.
 pub struct Collector {
     messages: Arc<Mutex<Vec<Received>>>,
+    garbled: Arc<AtomicU64>,
     cancel: CancellationToken,
 }
 
@@ -153,8 +359,10 @@ impl Collector {
         o.set_max_packet_size(16 << 20, 64 << 10);
         let (client, mut el) = AsyncClient::new(o, 64);
         let messages = Arc::new(Mutex::new(Vec::new()));
+        let garbled = Arc::new(AtomicU64::new(0));
         let cancel = CancellationToken::new();
         let (m, c) = (messages.clone(), cancel.clone());
+        let bad = garbled.clone();
         let (subscribed_tx, mut subscribed) = watch::channel(false);
         let filter = filter.to_string();
         tokio::spawn(async move {
@@ -176,6 +384,8 @@ impl Collector {
                                 topic: p.topic.clone(),
                                 doc,
                             });
+                        } else {
+                            bad.fetch_add(1, Ordering::SeqCst);
                         }
                     }
                     Ok(_) => {}
@@ -184,12 +394,21 @@ impl Collector {
             }
         });
         let _ = tokio::time::timeout(Duration::from_secs(10), subscribed.wait_for(|s| *s)).await;
-        Collector { messages, cancel }
+        Collector {
+            messages,
+            garbled,
+            cancel,
+        }
     }
 
     /// Everything received so far.
     pub fn messages(&self) -> Vec<Received> {
         self.messages.lock().unwrap().clone()
+    }
+
+    /// Messages received whose payload is not JSON (they are not in [`Collector::messages`]).
+    pub fn garbled(&self) -> u64 {
+        self.garbled.load(Ordering::SeqCst)
     }
 
     /// Waits until `pred` holds for the received messages, or panics after `timeout`.
@@ -256,4 +475,82 @@ pub fn contiguous_seqs(messages: &[Received], boot: u64) -> Vec<u64> {
         );
     }
     seqs
+}
+
+/// A broker on 127.0.0.1 that answers every CONNECT with a refusing CONNACK and closes.
+pub struct RefusingBroker {
+    attempts: Arc<Mutex<Vec<Instant>>>,
+    cancel: CancellationToken,
+}
+
+impl RefusingBroker {
+    /// CONNECT packets refused so far.
+    pub fn attempts(&self) -> usize {
+        self.attempts.lock().unwrap().len()
+    }
+
+    /// When each refused CONNECT arrived, oldest first.
+    pub fn attempt_times(&self) -> Vec<Instant> {
+        self.attempts.lock().unwrap().clone()
+    }
+}
+
+impl Drop for RefusingBroker {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Starts a broker that refuses every CONNECT with return `code` (MQTT 3.1.1: 1 to 5, 5 = not
+/// authorized); it stops when the handle is dropped.
+pub async fn refusing_broker(code: u8) -> (SocketAddr, RefusingBroker) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let cancel = CancellationToken::new();
+    let (a, c) = (attempts.clone(), cancel.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = tokio::select! {
+                _ = c.cancelled() => return,
+                r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            };
+            let a = a.clone();
+            let c = c.clone();
+            tokio::spawn(async move {
+                let refuse = async {
+                    if read_connect(&mut conn).await.is_some() {
+                        a.lock().unwrap().push(Instant::now());
+                        let _ = conn.write_all(&[0x20, 0x02, 0x00, code]).await;
+                        let _ = conn.shutdown().await;
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::timeout(Duration::from_secs(5), refuse) => {}
+                    _ = c.cancelled() => {}
+                }
+            });
+        }
+    });
+    (addr, RefusingBroker { attempts, cancel })
+}
+
+/// Reads one MQTT CONNECT packet; `None` if the stream ends first or sends something else.
+async fn read_connect(conn: &mut TcpStream) -> Option<()> {
+    const CONNECT: u8 = 1;
+    let first = conn.read_u8().await.ok()?;
+    if first >> 4 != CONNECT {
+        return None;
+    }
+    let mut len = 0u64;
+    for i in 0..4 {
+        let b = conn.read_u8().await.ok()?;
+        len |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; usize::try_from(len).ok()?.min(1 << 16)];
+    conn.read_exact(&mut body).await.ok()?;
+    Some(())
 }

@@ -11,6 +11,9 @@
 //!   that falls out of the bounded live queue is simply left to the ledger and comes back
 //!   through the disk.
 //! - A window that sees no PUBACK for `ack_timeout` is a dead link: the connection is dropped.
+//!   A slow link that keeps acknowledging is not dead, however long a full window takes to
+//!   drain; a record left unacknowledged for `ack_timeout` while later ones are acknowledged
+//!   is a broker that skipped it, and drops the connection too (see [`dead_link`]).
 
 pub mod json;
 pub mod pace;
@@ -64,6 +67,25 @@ fn poll_after(mut el: EventLoop, delay: Duration, kick: Arc<Notify>) -> PollFutu
     })
 }
 
+/// Whether a connection with unacknowledged records is dead: the oldest was submitted at
+/// `oldest`, the last PUBACK came at `last_ack.0` for a record submitted at `last_ack.1`. Dead
+/// when nothing was acknowledged for `timeout` since the oldest went out, or when the oldest
+/// waited `timeout` while a record submitted after it was acknowledged (the broker skipped it).
+pub fn dead_link(
+    now: Instant,
+    oldest: Instant,
+    last_ack: Option<(Instant, Instant)>,
+    timeout: Duration,
+) -> bool {
+    let waited = |since: Instant| now.saturating_duration_since(since) > timeout;
+    match last_ack {
+        None => waited(oldest),
+        Some((acked_at, submitted)) => {
+            waited(oldest.max(acked_at)) || (waited(oldest) && submitted > oldest)
+        }
+    }
+}
+
 /// Drops what rumqttc remembers of a finished connection beyond its own `clean()`.
 fn forget_old_connection(el: &mut EventLoop) {
     el.state.events.clear();
@@ -99,6 +121,8 @@ pub struct Publisher {
     live_bytes: usize,
     commit_interval: Duration,
     replay_from: Option<u64>,
+    /// The last PUBACK on this connection: when it came, and when its record was submitted.
+    last_ack: Option<(Instant, Instant)>,
     /// Paces the replay at `replay_rate`.
     pace: Pace,
     connected: bool,
@@ -131,6 +155,7 @@ impl Publisher {
             live_bytes: 0,
             commit_interval,
             replay_from: None,
+            last_ack: None,
             pace: Pace::new(replay_rate),
             connected: false,
             draining: false,
@@ -317,6 +342,7 @@ impl Publisher {
                 self.connected = true;
                 self.down_logged = false;
                 self.window.clear();
+                self.last_ack = None;
                 // Everything on disk is unacknowledged: replay it from the start.
                 self.replay_from = Some(0);
                 let m = &self.shared.metrics;
@@ -335,7 +361,8 @@ impl Publisher {
                 self.kick.notify_one();
             }
             Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some((seq, _)) = self.window.on_ack(ack.pkid) {
+                if let Some((seq, submitted)) = self.window.on_ack(ack.pkid) {
+                    self.last_ack = Some((Instant::now(), submitted));
                     let m = &self.shared.metrics;
                     Metrics::add(&m.acked, 1);
                     // A record that was committed is deleted by the committer's next tick.
@@ -364,7 +391,12 @@ impl Publisher {
 
     fn check_ack_timeout(&mut self) {
         if let Some(oldest) = self.window.oldest() {
-            if oldest.elapsed() > self.settings.ack_timeout {
+            if dead_link(
+                Instant::now(),
+                oldest,
+                self.last_ack,
+                self.settings.ack_timeout,
+            ) {
                 warn!(
                     timeout_s = self.settings.ack_timeout.as_secs(),
                     outstanding = self.window.len(),
@@ -406,5 +438,54 @@ impl Publisher {
             .metrics
             .mqtt_connected
             .store(false, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn a_window_without_any_puback_for_the_timeout_is_a_dead_link() {
+        let t0 = Instant::now();
+        assert!(!dead_link(t0 + Duration::from_secs(29), t0, None, T));
+        assert!(dead_link(t0 + Duration::from_secs(31), t0, None, T));
+        // The last PUBACK was long ago, before the oldest record went out.
+        let long_ago = Some((t0, t0));
+        let oldest = t0 + Duration::from_secs(100);
+        assert!(dead_link(
+            oldest + Duration::from_secs(31),
+            oldest,
+            long_ago,
+            T
+        ));
+    }
+
+    #[test]
+    fn a_slow_link_that_keeps_acknowledging_in_order_is_alive() {
+        let t0 = Instant::now();
+        // The oldest record went out a minute ago; the broker acknowledged the one before it
+        // a second ago (in order: it was submitted earlier still).
+        let now = t0 + Duration::from_secs(60);
+        let ack = Some((now - Duration::from_secs(1), t0 - Duration::from_millis(10)));
+        assert!(!dead_link(now, t0, ack, T));
+        // Acknowledgements stopped 31 s ago: dead.
+        let ack = Some((
+            now - Duration::from_secs(31),
+            t0 - Duration::from_millis(10),
+        ));
+        assert!(dead_link(now, t0, ack, T));
+    }
+
+    #[test]
+    fn a_record_skipped_while_later_ones_are_acknowledged_is_a_dead_link() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(31);
+        // A record submitted after the oldest was just acknowledged.
+        let ack = Some((now, t0 + Duration::from_millis(5)));
+        assert!(dead_link(now, t0, ack, T));
+        assert!(!dead_link(t0 + Duration::from_secs(29), t0, ack, T));
     }
 }
