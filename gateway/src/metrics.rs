@@ -31,7 +31,8 @@ pub struct Metrics {
     pub io_errors: AtomicU64,
     /// Health: commits to the disk buffer are failing (disk full, I/O errors) right now.
     pub buffer_failing: AtomicBool,
-    /// Bytes of unacknowledged records held in memory only.
+    /// Bytes of unacknowledged records held in memory only (not yet committed), as of the
+    /// committer's last tick.
     pub memory_bytes: AtomicU64,
     /// Records on disk.
     pub buffer_records: AtomicU64,

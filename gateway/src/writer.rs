@@ -87,6 +87,8 @@ impl Shared {
         m.buffer_bytes.store(self.buffer.bytes(), Ordering::Relaxed);
         let age = self.buffer.oldest_age().map_or(0, |a| a.as_millis() as u64);
         m.oldest_age_ms.store(age, Ordering::Relaxed);
+        let memory = self.ledger().pending_bytes();
+        m.memory_bytes.store(memory, Ordering::Relaxed);
     }
 }
 
@@ -292,8 +294,6 @@ fn commit_once(
             ledger.commit_failed(due, now);
             // The disk takes nothing: memory is bounded, and the oldest records go first.
             let dropped = ledger.trim_pending(FAILING_MEMORY);
-            m.memory_bytes
-                .store(ledger.pending_bytes(), Ordering::Relaxed);
             drop(ledger);
             if dropped > 0 {
                 evictions.add(m, dropped);
@@ -465,12 +465,22 @@ mod tests {
         let evicted = Metrics::get(&m.evicted);
         assert!(evicted > 200, "the oldest records were dropped: {evicted}");
         assert!(shared.buffer.is_empty());
+        let held = Metrics::get(&m.memory_bytes);
+        assert!(
+            held > FAILING_MEMORY / 2 && held <= FAILING_MEMORY,
+            "memory held: {held}"
+        );
 
         // Space is back: what memory kept is committed, the newest included.
         shared.buffer.inject_commit_failures(false);
         commit_once(&shared, &settings, Duration::ZERO, false, &mut log);
         assert!(!m.buffer_failing.load(Ordering::Relaxed));
         assert_eq!(shared.ledger().pending_len(), 0);
+        assert_eq!(
+            Metrics::get(&m.memory_bytes),
+            0,
+            "nothing held in memory only"
+        );
         assert_eq!(
             shared.buffer.len() + evicted,
             400,
