@@ -102,6 +102,7 @@ pub fn mqtt_options(settings: &MqttSettings, password: Option<String>) -> MqttOp
     o.set_inflight(settings.max_inflight.saturating_mul(4).max(16));
     o.set_max_packet_size(64 * 1024, settings.max_packet_size);
     o.set_request_channel_capacity(usize::from(settings.max_inflight) + 8);
+
     if let Some(user) = &settings.username {
         o.set_credentials(user, password.unwrap_or_default());
     }
@@ -143,7 +144,13 @@ impl Publisher {
         mut live_rx: mpsc::Receiver<Arc<Record>>,
     ) {
         let options = mqtt_options(&settings, password);
-        let (client, eventloop) = AsyncClient::new(options, usize::from(settings.max_inflight) + 8);
+        let (client, mut eventloop) =
+            AsyncClient::new(options, usize::from(settings.max_inflight) + 8);
+        // Nagle's algorithm holds a small publish until TCP has acknowledged the previous one,
+        // and the broker's delayed ACK makes that about 40 ms: records go out as they come.
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let window_cap = usize::from(settings.max_inflight);
         let mut p = Publisher {
             settings,
