@@ -3,14 +3,18 @@
 //! A connection that saw a timeout or a transport error is dropped by the line driver, never
 //! reused: a late reply on a reused connection would be taken as the answer to the next
 //! request (see [`super::link::Conn::drop_after_failed_read`]).
+//!
+//! An answer that is no valid answer to the request (wrong header, function code, byte count or
+//! number of values, undecodable PDU) is garbled, never a link failure and never passed on.
 
+use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio_modbus::client::{tcp, Context, Reader};
+use tokio_modbus::client::{tcp, Client, Context};
 use tokio_modbus::prelude::SlaveContext;
-use tokio_modbus::{ExceptionCode, Slave};
+use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 
 use super::link::{BlockData, ReadError};
 use super::Area;
@@ -56,27 +60,124 @@ pub async fn read(
     timeout: Duration,
 ) -> Result<Result<BlockData, ExceptionCode>, ReadError> {
     client.set_slave(Slave(unit));
-    let request = async {
-        Ok::<_, tokio_modbus::Error>(match area {
-            Area::HoldingRegister => client
-                .read_holding_registers(start, count)
-                .await?
-                .map(BlockData::Registers),
-            Area::InputRegister => client
-                .read_input_registers(start, count)
-                .await?
-                .map(BlockData::Registers),
-            Area::Coil => client.read_coils(start, count).await?.map(BlockData::Bits),
-            Area::DiscreteInput => client
-                .read_discrete_inputs(start, count)
-                .await?
-                .map(BlockData::Bits),
-        })
+    let request = match area {
+        Area::HoldingRegister => Request::ReadHoldingRegisters(start, count),
+        Area::InputRegister => Request::ReadInputRegisters(start, count),
+        Area::Coil => Request::ReadCoils(start, count),
+        Area::DiscreteInput => Request::ReadDiscreteInputs(start, count),
     };
-    match tokio::time::timeout(timeout, request).await {
+    // `call`, not tokio-modbus's `Reader` methods: those `debug_assert` that the answer holds as
+    // many values as asked for (a device answering fewer or more panicked the line's task in
+    // debug builds) and pass on surplus values unchecked; `answer_data` checks the count.
+    match tokio::time::timeout(timeout, client.call(request)).await {
         Err(_) => Err(ReadError::NoAnswer(timeout)),
         Ok(Err(tokio_modbus::Error::Protocol(e))) => Err(ReadError::Garbled(e.to_string())),
+        Ok(Err(tokio_modbus::Error::Transport(e))) if undecodable(&e) => {
+            Err(ReadError::Garbled(e.to_string()))
+        }
         Ok(Err(e)) => Err(ReadError::Link(e.to_string())),
-        Ok(Ok(answer)) => Ok(answer),
+        Ok(Ok(Err(code))) => Ok(Err(code)),
+        Ok(Ok(Ok(response))) => answer_data(response, count).map(Ok),
+    }
+}
+
+/// Whether a transport error is tokio-modbus's decoder refusing a frame that came (a byte count
+/// that disagrees with the data, a PDU too short or too long): the device answered, wrongly,
+/// which is a protocol error of that unit, not a failed link that takes every unit of the line
+/// down (the connection is dropped all the same). Socket errors carry an OS error code; the
+/// decoder's never do.
+fn undecodable(e: &io::Error) -> bool {
+    e.raw_os_error().is_none()
+        && matches!(
+            e.kind(),
+            io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof
+        )
+}
+
+/// The values of a read answer, if it holds exactly the `count` values asked for.
+fn answer_data(response: Response, count: u16) -> Result<BlockData, ReadError> {
+    let count = usize::from(count);
+    match response {
+        Response::ReadHoldingRegisters(regs) | Response::ReadInputRegisters(regs) => {
+            if regs.len() == count {
+                Ok(BlockData::Registers(regs))
+            } else {
+                Err(ReadError::Garbled(format!(
+                    "answer holds {} registers, {count} were asked for",
+                    regs.len()
+                )))
+            }
+        }
+        Response::ReadCoils(mut bits) | Response::ReadDiscreteInputs(mut bits) => {
+            // tokio-modbus unpacks every byte of the byte count: 8 bits each.
+            let bytes = count.div_ceil(8);
+            if bits.len() == bytes * 8 {
+                bits.truncate(count);
+                Ok(BlockData::Bits(bits))
+            } else {
+                Err(ReadError::Garbled(format!(
+                    "answer holds {} bytes of bits, {bytes} were asked for",
+                    bits.len() / 8
+                )))
+            }
+        }
+        other => Err(ReadError::Garbled(format!(
+            "answer of function {} to a read",
+            other.function_code()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_must_hold_exactly_the_values_asked_for() {
+        let regs = |n| Response::ReadHoldingRegisters(vec![7; n]);
+        assert_eq!(
+            answer_data(regs(3), 3),
+            Ok(BlockData::Registers(vec![7; 3]))
+        );
+        assert!(matches!(
+            answer_data(regs(2), 3),
+            Err(ReadError::Garbled(_))
+        ));
+        assert!(matches!(
+            answer_data(regs(4), 3),
+            Err(ReadError::Garbled(_))
+        ));
+        // Bits come unpacked from whole bytes: 3 coils are one byte, 8 bits.
+        let bits = |n| Response::ReadCoils(vec![true; n]);
+        assert_eq!(answer_data(bits(8), 3), Ok(BlockData::Bits(vec![true; 3])));
+        assert!(matches!(
+            answer_data(bits(0), 3),
+            Err(ReadError::Garbled(_))
+        ));
+        assert!(matches!(
+            answer_data(bits(16), 3),
+            Err(ReadError::Garbled(_))
+        ));
+        assert!(matches!(
+            answer_data(Response::ReadInputRegisters(vec![1]), 2),
+            Err(ReadError::Garbled(_))
+        ));
+    }
+
+    #[test]
+    fn decoder_errors_are_garbled_answers_and_socket_errors_are_not() {
+        assert!(undecodable(&io::Error::new(
+            io::ErrorKind::InvalidData,
+            "undecoded response data"
+        )));
+        assert!(undecodable(&io::Error::from(io::ErrorKind::UnexpectedEof)));
+        // EINVAL from a socket is of kind InvalidInput too, but no answer came.
+        let einval = io::Error::from_raw_os_error(22);
+        assert_eq!(einval.kind(), io::ErrorKind::InvalidInput);
+        assert!(!undecodable(&einval));
+        assert!(!undecodable(&io::Error::from(
+            io::ErrorKind::ConnectionReset
+        )));
+        assert!(!undecodable(&io::Error::other("bytes remaining on stream")));
     }
 }
