@@ -2,6 +2,7 @@
 //! broker), a fault-injecting TCP proxy to cut links, and an MQTT subscriber that records what
 //! arrives.
 
+pub mod powercut;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,0 +1,1538 @@
+//! powercut: an `LD_PRELOAD` library that keeps, next to a directory tree, the image a power cut
+//! would leave of it. Built by `tests/build.rs` with plain `rustc` (std only, no crates).
+//!
+//! Model: a file's durable content and length are what they were at its last `fsync` or
+//! `fdatasync` (through any fd on the same file); a file never synced since its creation is
+//! durable as an empty file. Directory operations (create, rename, unlink, mkdir, rmdir) are
+//! durable at once. `sync_file_range` and everything else give no durability.
+//!
+//! Configuration (environment):
+//! - `POWERCUT_ROOT`: absolute directory whose regular files are tracked.
+//! - `POWERCUT_SHADOW`: absolute directory holding the durable image, same relative layout.
+//!   It must start as an exact copy of the root (everything on disk is durable before a start).
+//! - `POWERCUT_STATS` (optional): a file rewritten after every tracked sync with counters.
+//! - `POWERCUT_DEBUG=1` (optional): one stderr line per tracked open, sync and directory change.
+//!
+//! How: writes to tracked files record dirty byte ranges per file (device + inode), whichever fd
+//! they go through; a sync copies the file's dirty ranges from the real file into the shadow file
+//! and gives the shadow the real file's length. Directory operations are mirrored in the shadow.
+//! After the process is killed, copying the shadow over the root is the power cut.
+//!
+//! Rules kept here: the shim's own I/O goes through std, which calls back into these functions;
+//! a thread-local flag sends such nested calls straight to the real functions. Nothing panics
+//! across the FFI boundary: bookkeeping runs under `catch_unwind`, and on any internal error the
+//! call is passed through and one line goes to stderr. Files outside the root cost a path-prefix
+//! check; fds not tracked cost one atomic load.
+//!
+//! `open`, `openat` and `fcntl` are variadic in C. They are defined here with the optional
+//! argument as a fixed one: on x86_64 and aarch64 Linux a variadic argument travels in the same
+//! register as a fixed one, and the value is only used where the caller passed it (`mode` with
+//! `O_CREAT`/`O_TMPFILE`, the `fcntl` argument for commands that take one).
+
+#![allow(clippy::missing_safety_doc)]
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::ffi::{CStr, OsStr};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::mem::ManuallyDrop;
+use std::os::raw::{c_char, c_int, c_long, c_uint, c_void};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::FromRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+// ---------------------------------------------------------------------------------------------
+// libc, declared by hand
+
+type SizeT = usize;
+type SsizeT = isize;
+type OffT = i64;
+type ModeT = c_uint;
+
+#[repr(C)]
+pub struct IoVec {
+    base: *mut c_void,
+    len: SizeT,
+}
+
+extern "C" {
+    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    fn __errno_location() -> *mut c_int;
+    fn lseek64(fd: c_int, offset: OffT, whence: c_int) -> OffT;
+}
+
+fn rtld_next() -> *mut c_void {
+    -1isize as *mut c_void
+}
+
+const O_ACCMODE: c_int = 0o3;
+const O_WRONLY: c_int = 0o1;
+const O_CREAT: c_int = 0o100;
+const O_TRUNC: c_int = 0o1000;
+const O_APPEND: c_int = 0o2000;
+const AT_FDCWD: c_int = -100;
+const AT_REMOVEDIR: c_int = 0x200;
+const RENAME_EXCHANGE: c_uint = 2;
+const F_DUPFD: c_int = 0;
+const F_SETFL: c_int = 4;
+const F_DUPFD_CLOEXEC: c_int = 1030;
+const SEEK_CUR: c_int = 1;
+const FALLOC_FL_COLLAPSE_RANGE: c_int = 0x08;
+const FALLOC_FL_INSERT_RANGE: c_int = 0x20;
+const ENOSYS: c_int = 38;
+
+fn errno() -> c_int {
+    // SAFETY: glibc's per-thread errno location is always valid.
+    unsafe { *__errno_location() }
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: as above.
+    unsafe { *__errno_location() = e }
+}
+
+/// Looks a real libc function up once (`dlsym(RTLD_NEXT)`), as a value of the pointer type `$ty`.
+macro_rules! real {
+    ($name:literal, $ty:ty) => {{
+        static P: AtomicUsize = AtomicUsize::new(0);
+        let mut p = P.load(Ordering::Relaxed);
+        if p == 0 {
+            p = dlsym(rtld_next(), concat!($name, "\0").as_ptr() as *const c_char) as usize;
+            P.store(p, Ordering::Relaxed);
+        }
+        if p == 0 {
+            None
+        } else {
+            Some(std::mem::transmute::<usize, $ty>(p))
+        }
+    }};
+}
+
+fn missing<T: From<i8>>() -> T {
+    set_errno(ENOSYS);
+    T::from(-1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reentrancy guard and configuration
+
+thread_local! {
+    static BUSY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Held while the shim does bookkeeping on this thread; nested calls pass straight through.
+struct Busy;
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let _ = BUSY.try_with(|b| b.set(false));
+    }
+}
+
+fn enter() -> Option<Busy> {
+    match BUSY.try_with(|b| {
+        if b.get() {
+            false
+        } else {
+            b.set(true);
+            true
+        }
+    }) {
+        Ok(true) => Some(Busy),
+        _ => None,
+    }
+}
+
+struct Config {
+    /// As given (made lexically normal): tracked paths are kept under this spelling.
+    root: PathBuf,
+    /// The root with symbolic links resolved, when that is another spelling of it (relative
+    /// paths resolve through `getcwd`, which gives this one).
+    real_root: Option<PathBuf>,
+    shadow: PathBuf,
+    stats: Option<PathBuf>,
+    debug: bool,
+}
+
+static CONFIG: OnceLock<Option<Config>> = OnceLock::new();
+
+/// The configuration; call only while holding [`Busy`].
+fn config() -> Option<&'static Config> {
+    CONFIG
+        .get_or_init(|| {
+            let root = PathBuf::from(std::env::var_os("POWERCUT_ROOT")?);
+            let shadow = PathBuf::from(std::env::var_os("POWERCUT_SHADOW")?);
+            if !root.is_absolute() || !shadow.is_absolute() {
+                log("POWERCUT_ROOT and POWERCUT_SHADOW must be absolute; not tracking anything");
+                return None;
+            }
+            let root = normalize(&root);
+            let real_root = fs::canonicalize(&root).ok().filter(|r| *r != root);
+            Some(Config {
+                root,
+                real_root,
+                shadow: normalize(&shadow),
+                stats: std::env::var_os("POWERCUT_STATS").map(PathBuf::from),
+                debug: std::env::var_os("POWERCUT_DEBUG").is_some_and(|v| v == "1"),
+            })
+        })
+        .as_ref()
+}
+
+/// One line to stderr; call only while holding [`Busy`] (the write passes through).
+fn log(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "powercut: {msg}");
+}
+
+fn debug(cfg: &Config, msg: impl FnOnce() -> String) {
+    if cfg.debug {
+        log(&msg());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State
+
+/// Disjoint, non-adjacent byte ranges `[start, end)`, keyed by start.
+#[derive(Default)]
+struct Ranges(BTreeMap<u64, u64>);
+
+impl Ranges {
+    fn add(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut s, mut e) = (start, end);
+        let touching: Vec<(u64, u64)> = self
+            .0
+            .range(..=end)
+            .rev()
+            .take_while(|(_, &re)| re >= start)
+            .map(|(&rs, &re)| (rs, re))
+            .collect();
+        for (rs, re) in touching {
+            self.0.remove(&rs);
+            s = s.min(rs);
+            e = e.max(re);
+        }
+        self.0.insert(s, e);
+    }
+}
+
+type Key = (u64, u64);
+
+struct Tracked {
+    /// Where the file is now (absolute, under the root); `None` once unlinked.
+    path: Option<PathBuf>,
+    dirty: Ranges,
+    fds: usize,
+}
+
+#[derive(Clone)]
+enum Fd {
+    File {
+        key: Key,
+        append: bool,
+        readable: bool,
+    },
+    /// A directory under the root or above it: resolves `*at` calls.
+    Dir { path: PathBuf, key: Key },
+}
+
+#[derive(Default)]
+struct Stats {
+    opens: u64,
+    writes: u64,
+    write_bytes: u64,
+    syncs: u64,
+    synced_bytes: u64,
+    sync_file_ranges: u64,
+    dir_ops: u64,
+    errors: u64,
+}
+
+struct State {
+    fds: BTreeMap<c_int, Fd>,
+    files: BTreeMap<Key, Tracked>,
+    stats: Stats,
+}
+
+static STATE: Mutex<State> = Mutex::new(State {
+    fds: BTreeMap::new(),
+    files: BTreeMap::new(),
+    stats: Stats {
+        opens: 0,
+        writes: 0,
+        write_bytes: 0,
+        syncs: 0,
+        synced_bytes: 0,
+        sync_file_ranges: 0,
+        dir_ops: 0,
+        errors: 0,
+    },
+});
+
+fn state() -> MutexGuard<'static, State> {
+    STATE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One flag per small fd: set while the fd may be in [`State::fds`], so untracked fds cost one
+/// atomic load. Larger fds always look the table up.
+const FLAGS_LEN: usize = 1 << 16;
+static FLAGS: [AtomicU8; FLAGS_LEN] = [const { AtomicU8::new(0) }; FLAGS_LEN];
+
+fn maybe_tracked(fd: c_int) -> bool {
+    fd >= 0 && (fd as usize >= FLAGS_LEN || FLAGS[fd as usize].load(Ordering::Acquire) != 0)
+}
+
+fn set_flag(fd: c_int, on: bool) {
+    if fd >= 0 && (fd as usize) < FLAGS_LEN {
+        FLAGS[fd as usize].store(on as u8, Ordering::Release);
+    }
+}
+
+impl State {
+    /// Maps `fd` to `entry`; the caller has removed what `fd` mapped to before.
+    fn insert_fd(&mut self, fd: c_int, entry: Fd) {
+        if let Fd::File { key, .. } = &entry {
+            if let Some(t) = self.files.get_mut(key) {
+                t.fds += 1;
+            }
+        }
+        self.fds.insert(fd, entry);
+        set_flag(fd, true);
+    }
+
+    fn remove_fd(&mut self, fd: c_int) {
+        if let Some(Fd::File { key, .. }) = self.fds.remove(&fd) {
+            if let Some(t) = self.files.get_mut(&key) {
+                t.fds = t.fds.saturating_sub(1);
+                if t.fds == 0 && (t.dirty.0.is_empty() || t.path.is_none()) {
+                    self.files.remove(&key);
+                }
+            }
+        }
+        set_flag(fd, false);
+    }
+
+    fn file_key(&self, fd: c_int) -> Option<(Key, bool, bool)> {
+        match self.fds.get(&fd)? {
+            Fd::File {
+                key,
+                append,
+                readable,
+            } => Some((*key, *append, *readable)),
+            Fd::Dir { .. } => None,
+        }
+    }
+
+    fn mark(&mut self, key: Key, start: u64, end: u64, counted: u64) {
+        if let Some(t) = self.files.get_mut(&key) {
+            t.dirty.add(start, end);
+        }
+        self.stats.writes += 1;
+        self.stats.write_bytes += counted;
+    }
+
+    /// Every tracked path at or under `from` now is at or under `to`.
+    fn rebase(&mut self, from: &Path, to: &Path) {
+        let moved = |p: &Path| -> Option<PathBuf> {
+            let rest = p.strip_prefix(from).ok()?;
+            Some(if rest.as_os_str().is_empty() {
+                to.to_path_buf()
+            } else {
+                to.join(rest)
+            })
+        };
+        for t in self.files.values_mut() {
+            if let Some(n) = t.path.as_deref().and_then(moved) {
+                t.path = Some(n);
+            }
+        }
+        for f in self.fds.values_mut() {
+            if let Fd::Dir { path, .. } = f {
+                if let Some(n) = moved(path) {
+                    *path = n;
+                }
+            }
+        }
+    }
+
+    /// Swaps the tracked paths at or under `a` with those at or under `b`.
+    fn exchange(&mut self, a: &Path, b: &Path) {
+        let swapped = |p: &Path| -> Option<PathBuf> {
+            for (from, to) in [(a, b), (b, a)] {
+                if let Ok(rest) = p.strip_prefix(from) {
+                    return Some(if rest.as_os_str().is_empty() {
+                        to.to_path_buf()
+                    } else {
+                        to.join(rest)
+                    });
+                }
+            }
+            None
+        };
+        for t in self.files.values_mut() {
+            if let Some(n) = t.path.as_deref().and_then(swapped) {
+                t.path = Some(n);
+            }
+        }
+        for f in self.fds.values_mut() {
+            if let Fd::Dir { path, .. } = f {
+                if let Some(n) = swapped(path) {
+                    *path = n;
+                }
+            }
+        }
+    }
+
+    /// Tracked files at `path` (or under it, with `tree`) are gone from the namespace.
+    fn forget_path(&mut self, path: &Path, tree: bool) {
+        let gone = |p: &Path| if tree { p.starts_with(path) } else { p == path };
+        self.files.retain(|_, t| {
+            if t.path.as_deref().is_some_and(gone) {
+                t.path = None;
+            }
+            t.path.is_some() || t.fds > 0
+        });
+    }
+
+    fn write_stats(&self, cfg: &Config) {
+        let Some(path) = &cfg.stats else { return };
+        let s = &self.stats;
+        let text = format!(
+            "opens={}\nwrites={}\nwrite_bytes={}\nsyncs={}\nsynced_bytes={}\nsync_file_ranges={}\ndir_ops={}\nerrors={}\n",
+            s.opens, s.writes, s.write_bytes, s.syncs, s.synced_bytes, s.sync_file_ranges, s.dir_ops, s.errors
+        );
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".tmp");
+        if let Err(e) = fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, path)) {
+            log(&format!("cannot write stats to {}: {e}", path.display()));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths
+
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::RootDir => out.push("/"),
+            Component::CurDir | Component::Prefix(_) => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(x) => out.push(x),
+        }
+    }
+    out
+}
+
+enum Place {
+    /// At or under the root.
+    Under(PathBuf),
+    /// A directory above the root (its fd may resolve paths into the root).
+    Above(PathBuf),
+    Outside,
+}
+
+impl Place {
+    fn under(&self) -> Option<&Path> {
+        match self {
+            Place::Under(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+fn place(cfg: &Config, abs: PathBuf) -> Place {
+    let abs = if abs.components().any(|c| c == Component::ParentDir) {
+        normalize(&abs)
+    } else {
+        abs
+    };
+    if abs.starts_with(&cfg.root) {
+        return Place::Under(abs);
+    }
+    if cfg.root.starts_with(&abs) {
+        return Place::Above(abs);
+    }
+    if let Some(real) = &cfg.real_root {
+        if let Ok(rest) = abs.strip_prefix(real) {
+            return Place::Under(cfg.root.join(rest));
+        }
+        if real.starts_with(&abs) {
+            return Place::Above(abs);
+        }
+    }
+    Place::Outside
+}
+
+/// Whether `p` may be at, under or above the root, spelt either way.
+fn near_root(cfg: &Config, p: &Path) -> bool {
+    let near = |root: &Path| p.starts_with(root) || root.starts_with(p);
+    near(&cfg.root) || cfg.real_root.as_deref().is_some_and(near)
+}
+
+/// Where `path` (relative to `dirfd`) is, relative to the root. Call while holding [`Busy`].
+unsafe fn locate(cfg: &Config, dirfd: c_int, path: *const c_char) -> Place {
+    if path.is_null() {
+        return Place::Outside;
+    }
+    let bytes = CStr::from_ptr(path).to_bytes();
+    let p = Path::new(OsStr::from_bytes(bytes));
+    if p.is_absolute() {
+        // The common case, without allocating: clearly outside the root.
+        if !near_root(cfg, p) && !p.components().any(|c| c == Component::ParentDir) {
+            return Place::Outside;
+        }
+        return place(cfg, p.to_path_buf());
+    }
+    if dirfd == AT_FDCWD {
+        return match std::env::current_dir() {
+            Ok(cwd) => place(cfg, cwd.join(p)),
+            Err(_) => Place::Outside,
+        };
+    }
+    if !maybe_tracked(dirfd) {
+        return Place::Outside;
+    }
+    let base = match state().fds.get(&dirfd) {
+        Some(Fd::Dir { path, key }) => (path.clone(), *key),
+        _ => return Place::Outside,
+    };
+    // The directory fd may have been closed behind the shim's back (closedir) and reused.
+    match fstat(dirfd) {
+        Some(m) if (m.dev(), m.ino()) == base.1 => {}
+        _ => {
+            state().remove_fd(dirfd);
+            return Place::Outside;
+        }
+    }
+    place(cfg, base.0.join(p))
+}
+
+fn shadow_of(cfg: &Config, path: &Path) -> Option<PathBuf> {
+    let rest = path.strip_prefix(&cfg.root).ok()?;
+    Some(if rest.as_os_str().is_empty() {
+        cfg.shadow.clone()
+    } else {
+        cfg.shadow.join(rest)
+    })
+}
+
+fn fstat(fd: c_int) -> Option<fs::Metadata> {
+    // SAFETY: the File is never dropped, so the fd stays the caller's.
+    let f = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+    f.metadata().ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bookkeeping, run after the real call succeeded
+
+/// Runs `f` with the configuration, guarded: `None` when the shim is off, nested or failing.
+fn guarded<T>(what: &str, f: impl FnOnce(&'static Config) -> T) -> Option<T> {
+    let busy = enter()?;
+    let cfg = config()?;
+    let saved = errno();
+    let out = match catch_unwind(AssertUnwindSafe(|| f(cfg))) {
+        Ok(v) => Some(v),
+        Err(_) => {
+            log(&format!("internal error (panic) in {what}; passed through"));
+            None
+        }
+    };
+    set_errno(saved);
+    drop(busy);
+    out
+}
+
+fn note_error(what: &str, e: impl std::fmt::Display) {
+    log(&format!("{what}: {e}"));
+    state().stats.errors += 1;
+}
+
+/// After a successful open of `path` as `fd`.
+fn opened(cfg: &Config, at: Place, fd: c_int, flags: c_int) {
+    let Some(m) = fstat(fd) else {
+        return;
+    };
+    let key = (m.dev(), m.ino());
+    match at {
+        Place::Under(path) | Place::Above(path) if m.is_dir() => {
+            let mut st = state();
+            st.remove_fd(fd);
+            st.insert_fd(fd, Fd::Dir { path, key });
+        }
+        Place::Under(path) if m.is_file() => {
+            if flags & O_CREAT != 0 {
+                if let Some(shadow) = shadow_of(cfg, &path) {
+                    if fs::symlink_metadata(&shadow).is_err() {
+                        // A new file: durable as an empty file until it is synced.
+                        let made = shadow
+                            .parent()
+                            .map_or(Ok(()), fs::create_dir_all)
+                            .and_then(|()| File::create(&shadow).map(drop));
+                        if let Err(e) = made {
+                            note_error(&format!("cannot create shadow {}", shadow.display()), e);
+                        }
+                    }
+                }
+            }
+            debug(cfg, || format!("open {} fd {fd}", path.display()));
+            let mut st = state();
+            // First drop what an unseen close left on this fd: it could be this very file.
+            st.remove_fd(fd);
+            let t = st.files.entry(key).or_insert_with(|| Tracked {
+                path: None,
+                dirty: Ranges::default(),
+                fds: 0,
+            });
+            t.path = Some(path);
+            if flags & O_TRUNC != 0 {
+                t.dirty.add(0, u64::MAX);
+            }
+            st.stats.opens += 1;
+            st.insert_fd(
+                fd,
+                Fd::File {
+                    key,
+                    append: flags & O_APPEND != 0,
+                    readable: flags & O_ACCMODE != O_WRONLY,
+                },
+            );
+        }
+        _ => forget_stale(fd),
+    }
+}
+
+/// A new fd the shim does not track: drop what an unseen close left behind.
+fn forget_stale(fd: c_int) {
+    if maybe_tracked(fd) {
+        state().remove_fd(fd);
+    }
+}
+
+unsafe fn do_open(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    call: impl FnOnce() -> c_int,
+) -> c_int {
+    let Some(busy) = enter() else {
+        return call();
+    };
+    let Some(cfg) = config() else {
+        drop(busy);
+        return call();
+    };
+    let at = locate(cfg, dirfd, path);
+    drop(busy);
+    if matches!(at, Place::Outside) {
+        let fd = call();
+        if fd >= 0 && maybe_tracked(fd) {
+            let e = errno();
+            guarded("open", |_| forget_stale(fd));
+            set_errno(e);
+        }
+        return fd;
+    }
+    let fd = call();
+    if fd >= 0 {
+        guarded("open", |cfg| opened(cfg, at, fd, flags));
+    }
+    fd
+}
+
+/// After `newfd` became a copy of `oldfd`.
+fn duplicated(oldfd: c_int, newfd: c_int) {
+    let mut st = state();
+    st.remove_fd(newfd);
+    if let Some(entry) = st.fds.get(&oldfd).cloned() {
+        st.insert_fd(newfd, entry);
+    }
+}
+
+/// `n` bytes were written to the file behind `fd`, at `start` (`None`: unknown). `positional`:
+/// by a pwrite, which on an O_APPEND fd appends whatever the offset says (Linux).
+fn written(fd: c_int, start: Option<u64>, n: SsizeT, positional: bool) {
+    if n <= 0 {
+        return;
+    }
+    let n = n as u64;
+    let mut st = state();
+    let Some((key, append, _)) = st.file_key(fd) else {
+        return;
+    };
+    let start = if append && positional {
+        drop(st);
+        // The data went to the end; a pwrite leaves the file offset alone, so ask the length.
+        let end = match fstat(fd) {
+            Some(m) => m.len(),
+            None => return,
+        };
+        st = state();
+        Some(end.saturating_sub(n))
+    } else {
+        start
+    };
+    match start {
+        Some(s) => st.mark(key, s, s.saturating_add(n), n),
+        None => {
+            st.stats.errors += 1;
+            drop(st);
+            log(&format!(
+                "fd {fd}: a write at an unknown offset is not tracked"
+            ));
+        }
+    }
+}
+
+unsafe fn do_write(fd: c_int, call: impl FnOnce() -> SsizeT) -> SsizeT {
+    if !maybe_tracked(fd) {
+        return call();
+    }
+    // Where the write goes: the offset before it; on an O_APPEND fd, the end, which is known
+    // atomically only after it (the offset is then just past the data).
+    let before = guarded("write", |_| {
+        let (_, append, _) = state().file_key(fd)?;
+        if append {
+            return Some(None);
+        }
+        let off = lseek64(fd, 0, SEEK_CUR);
+        Some((off >= 0).then_some(off as u64))
+    })
+    .flatten();
+    let n = call();
+    if n > 0 {
+        if let Some(before) = before {
+            guarded("write", |_| {
+                let start = before.or_else(|| {
+                    let end = lseek64(fd, 0, SEEK_CUR);
+                    (end >= n as OffT).then(|| (end - n as OffT) as u64)
+                });
+                written(fd, start, n, false)
+            });
+        }
+    }
+    n
+}
+
+unsafe fn do_pwrite(fd: c_int, off: OffT, call: impl FnOnce() -> SsizeT) -> SsizeT {
+    if !maybe_tracked(fd) {
+        return call();
+    }
+    let n = call();
+    if n > 0 && off >= 0 {
+        guarded("pwrite", |_| written(fd, Some(off as u64), n, true));
+    }
+    n
+}
+
+fn resized(fd: c_int, start: u64, end: u64) {
+    let mut st = state();
+    if let Some((key, _, _)) = st.file_key(fd) {
+        if let Some(t) = st.files.get_mut(&key) {
+            t.dirty.add(start, end);
+        }
+    }
+}
+
+/// Copies the dirty ranges of the file behind `fd` into its shadow; returns the bytes copied.
+fn sync_file(cfg: &Config, st: &mut State, fd: c_int) -> Result<u64, String> {
+    let Some((key, _, readable)) = st.file_key(fd) else {
+        return Ok(0);
+    };
+    let m = fstat(fd).ok_or("fstat failed")?;
+    if (m.dev(), m.ino()) != key {
+        // Closed behind the shim's back and reused for another file.
+        st.remove_fd(fd);
+        return Ok(0);
+    }
+    let Some(t) = st.files.get_mut(&key) else {
+        return Ok(0);
+    };
+    let Some(path) = t.path.clone() else {
+        // Unlinked: durable, but nowhere to be found after the cut.
+        t.dirty = Ranges::default();
+        return Ok(0);
+    };
+    let shadow = shadow_of(cfg, &path).ok_or("tracked file outside the root")?;
+    let len = m.len();
+    let err = |what: &str, e: std::io::Error| format!("{what} {}: {e}", shadow.display());
+    let sh = match OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&shadow)
+    {
+        Ok(f) => f,
+        Err(_) => {
+            if let Some(parent) = shadow.parent() {
+                fs::create_dir_all(parent).map_err(|e| err("mkdir for", e))?;
+            }
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&shadow)
+                .map_err(|e| err("open", e))?
+        }
+    };
+    let sh_len = sh.metadata().map_err(|e| err("stat", e))?.len();
+    if t.dirty.0.is_empty() {
+        if sh_len == len {
+            return Ok(0);
+        }
+        log(&format!(
+            "{}: length {len} but durable length {sh_len} with no write seen; copying it whole",
+            path.display()
+        ));
+        t.dirty.add(0, u64::MAX);
+    }
+    let reopened;
+    // SAFETY: the File is never dropped, so the fd stays the caller's.
+    let borrowed = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+    let src: &File = if readable {
+        &borrowed
+    } else {
+        reopened =
+            File::open(format!("/proc/self/fd/{fd}")).map_err(|e| err("reopen source of", e))?;
+        &reopened
+    };
+    sh.set_len(len).map_err(|e| err("set_len", e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copied = 0u64;
+    for (&start, &end) in &t.dirty.0 {
+        let end = end.min(len);
+        let mut at = start;
+        while at < end {
+            let want = ((end - at) as usize).min(buf.len());
+            let got = src
+                .read_at(&mut buf[..want], at)
+                .map_err(|e| format!("read {}: {e}", path.display()))?;
+            if got == 0 {
+                break; // truncated meanwhile
+            }
+            sh.write_all_at(&buf[..got], at)
+                .map_err(|e| err("write", e))?;
+            at += got as u64;
+            copied += got as u64;
+        }
+    }
+    t.dirty = Ranges::default();
+    Ok(copied)
+}
+
+unsafe fn do_sync(fd: c_int, call: impl FnOnce() -> c_int) -> c_int {
+    if !maybe_tracked(fd) {
+        return call();
+    }
+    let r = call();
+    if r == 0 {
+        guarded("fsync", |cfg| {
+            // The lock is held through the copy: no second sync returns before this one is done.
+            let mut st = state();
+            match sync_file(cfg, &mut st, fd) {
+                Ok(n) => {
+                    st.stats.syncs += 1;
+                    st.stats.synced_bytes += n;
+                    debug(cfg, || format!("sync fd {fd}: {n} bytes made durable"));
+                }
+                Err(e) => {
+                    st.stats.errors += 1;
+                    log(&format!(
+                        "sync of fd {fd} not mirrored (stays not durable): {e}"
+                    ));
+                }
+            }
+            st.write_stats(cfg);
+        });
+    }
+    r
+}
+
+fn remove_shadow(shadow: &Path) -> std::io::Result<()> {
+    match fs::symlink_metadata(shadow) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(shadow),
+        Ok(_) => fs::remove_file(shadow),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    let m = fs::symlink_metadata(from)?;
+    if m.is_dir() {
+        fs::create_dir_all(to)?;
+        for entry in fs::read_dir(from)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else if m.is_file() {
+        fs::copy(from, to).map(drop)
+    } else {
+        Ok(())
+    }
+}
+
+/// After a successful rename from `old` to `new`.
+fn renamed(cfg: &Config, old: Place, new: Place, flags: c_uint) {
+    type RenameAt2 =
+        unsafe extern "C" fn(c_int, *const c_char, c_int, *const c_char, c_uint) -> c_int;
+    state().stats.dir_ops += 1;
+    match (old, new) {
+        (Place::Under(old), Place::Under(new)) => {
+            debug(cfg, || {
+                format!("rename {} -> {}", old.display(), new.display())
+            });
+            let (Some(so), Some(sn)) = (shadow_of(cfg, &old), shadow_of(cfg, &new)) else {
+                return;
+            };
+            let mirrored = if flags == 0 {
+                fs::rename(&so, &sn)
+            } else {
+                let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).ok();
+                match (c(&so), c(&sn)) {
+                    // SAFETY: valid C strings; the real renameat2.
+                    (Some(a), Some(b)) => match unsafe { real!("renameat2", RenameAt2) } {
+                        Some(f)
+                            if unsafe { f(AT_FDCWD, a.as_ptr(), AT_FDCWD, b.as_ptr(), flags) }
+                                == 0 =>
+                        {
+                            Ok(())
+                        }
+                        _ => Err(std::io::Error::last_os_error()),
+                    },
+                    _ => Err(std::io::Error::other("path with a NUL byte")),
+                }
+            };
+            if let Err(e) = mirrored {
+                note_error(
+                    &format!(
+                        "rename not mirrored in the shadow ({} -> {}); copying the file as it is",
+                        so.display(),
+                        sn.display()
+                    ),
+                    e,
+                );
+                let _ = remove_shadow(&sn);
+                if let Err(e) = copy_tree(&new, &sn) {
+                    note_error("copy", e);
+                }
+            }
+            let mut st = state();
+            if flags & RENAME_EXCHANGE != 0 {
+                st.exchange(&old, &new);
+            } else {
+                st.forget_path(&new, true);
+                st.rebase(&old, &new);
+            }
+        }
+        (Place::Under(old), _) => {
+            // Moved out of the tracked tree: gone from the durable image.
+            if let Some(so) = shadow_of(cfg, &old) {
+                if let Err(e) = remove_shadow(&so) {
+                    note_error(&format!("cannot remove shadow {}", so.display()), e);
+                }
+            }
+            state().forget_path(&old, true);
+        }
+        (_, Place::Under(new)) => {
+            // Moved in: taken as durable as it is.
+            if let Some(sn) = shadow_of(cfg, &new) {
+                let _ = remove_shadow(&sn);
+                if let Err(e) = copy_tree(&new, &sn) {
+                    note_error(&format!("cannot copy {} into the shadow", new.display()), e);
+                }
+            }
+            state().forget_path(&new, true);
+        }
+        _ => {}
+    }
+}
+
+unsafe fn do_rename(
+    olddirfd: c_int,
+    old: *const c_char,
+    newdirfd: c_int,
+    new: *const c_char,
+    flags: c_uint,
+    call: impl FnOnce() -> c_int,
+) -> c_int {
+    let places = guarded("rename", |cfg| {
+        (locate(cfg, olddirfd, old), locate(cfg, newdirfd, new))
+    });
+    let Some((po, pn)) = places else {
+        return call();
+    };
+    if po.under().is_none() && pn.under().is_none() {
+        return call();
+    }
+    let r = call();
+    if r == 0 {
+        guarded("rename", |cfg| renamed(cfg, po, pn, flags));
+    }
+    r
+}
+
+unsafe fn do_unlink(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    call: impl FnOnce() -> c_int,
+) -> c_int {
+    let Some(Place::Under(p)) = guarded("unlink", |cfg| locate(cfg, dirfd, path)) else {
+        return call();
+    };
+    let r = call();
+    if r == 0 {
+        guarded("unlink", |cfg| {
+            debug(cfg, || format!("unlink {}", p.display()));
+            if let Some(s) = shadow_of(cfg, &p) {
+                let done = if flags & AT_REMOVEDIR != 0 {
+                    remove_shadow(&s)
+                } else {
+                    fs::remove_file(&s)
+                };
+                match done {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        note_error(&format!("cannot remove shadow {}", s.display()), e)
+                    }
+                    _ => {}
+                }
+            }
+            let mut st = state();
+            st.stats.dir_ops += 1;
+            st.forget_path(&p, flags & AT_REMOVEDIR != 0);
+        });
+    }
+    r
+}
+
+unsafe fn do_mkdir(dirfd: c_int, path: *const c_char, call: impl FnOnce() -> c_int) -> c_int {
+    let Some(Place::Under(p)) = guarded("mkdir", |cfg| locate(cfg, dirfd, path)) else {
+        return call();
+    };
+    let r = call();
+    if r == 0 {
+        guarded("mkdir", |cfg| {
+            debug(cfg, || format!("mkdir {}", p.display()));
+            state().stats.dir_ops += 1;
+            if let Some(s) = shadow_of(cfg, &p) {
+                if let Err(e) = fs::create_dir_all(&s) {
+                    note_error(&format!("cannot create shadow {}", s.display()), e);
+                }
+            }
+        });
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// The interposed functions
+
+type OpenFn = unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int;
+type OpenAtFn = unsafe extern "C" fn(c_int, *const c_char, c_int, ...) -> c_int;
+type CreatFn = unsafe extern "C" fn(*const c_char, ModeT) -> c_int;
+
+#[no_mangle]
+pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: ModeT) -> c_int {
+    let Some(real) = real!("open", OpenFn) else {
+        return missing();
+    };
+    do_open(AT_FDCWD, path, flags, || real(path, flags, mode))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: ModeT) -> c_int {
+    let Some(real) = real!("open64", OpenFn) else {
+        return missing();
+    };
+    do_open(AT_FDCWD, path, flags, || real(path, flags, mode))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn openat(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: ModeT,
+) -> c_int {
+    let Some(real) = real!("openat", OpenAtFn) else {
+        return missing();
+    };
+    do_open(dirfd, path, flags, || real(dirfd, path, flags, mode))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn openat64(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: ModeT,
+) -> c_int {
+    let Some(real) = real!("openat64", OpenAtFn) else {
+        return missing();
+    };
+    do_open(dirfd, path, flags, || real(dirfd, path, flags, mode))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn creat(path: *const c_char, mode: ModeT) -> c_int {
+    let Some(real) = real!("creat", CreatFn) else {
+        return missing();
+    };
+    do_open(AT_FDCWD, path, O_CREAT | O_WRONLY | O_TRUNC, || {
+        real(path, mode)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn creat64(path: *const c_char, mode: ModeT) -> c_int {
+    let Some(real) = real!("creat64", CreatFn) else {
+        return missing();
+    };
+    do_open(AT_FDCWD, path, O_CREAT | O_WRONLY | O_TRUNC, || {
+        real(path, mode)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: SizeT) -> SsizeT {
+    type F = unsafe extern "C" fn(c_int, *const c_void, SizeT) -> SsizeT;
+    let Some(real) = real!("write", F) else {
+        return missing();
+    };
+    do_write(fd, || real(fd, buf, n))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn writev(fd: c_int, iov: *const IoVec, cnt: c_int) -> SsizeT {
+    type F = unsafe extern "C" fn(c_int, *const IoVec, c_int) -> SsizeT;
+    let Some(real) = real!("writev", F) else {
+        return missing();
+    };
+    do_write(fd, || real(fd, iov, cnt))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn pwrite(fd: c_int, buf: *const c_void, n: SizeT, off: OffT) -> SsizeT {
+    type F = unsafe extern "C" fn(c_int, *const c_void, SizeT, OffT) -> SsizeT;
+    let Some(real) = real!("pwrite", F) else {
+        return missing();
+    };
+    do_pwrite(fd, off, || real(fd, buf, n, off))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn pwrite64(fd: c_int, buf: *const c_void, n: SizeT, off: OffT) -> SsizeT {
+    type F = unsafe extern "C" fn(c_int, *const c_void, SizeT, OffT) -> SsizeT;
+    let Some(real) = real!("pwrite64", F) else {
+        return missing();
+    };
+    do_pwrite(fd, off, || real(fd, buf, n, off))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn pwritev(fd: c_int, iov: *const IoVec, cnt: c_int, off: OffT) -> SsizeT {
+    type F = unsafe extern "C" fn(c_int, *const IoVec, c_int, OffT) -> SsizeT;
+    let Some(real) = real!("pwritev", F) else {
+        return missing();
+    };
+    do_pwrite(fd, off, || real(fd, iov, cnt, off))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn pwritev64(fd: c_int, iov: *const IoVec, cnt: c_int, off: OffT) -> SsizeT {
+    type F = unsafe extern "C" fn(c_int, *const IoVec, c_int, OffT) -> SsizeT;
+    let Some(real) = real!("pwritev64", F) else {
+        return missing();
+    };
+    do_pwrite(fd, off, || real(fd, iov, cnt, off))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn pwritev2(
+    fd: c_int,
+    iov: *const IoVec,
+    cnt: c_int,
+    off: OffT,
+    flags: c_int,
+) -> SsizeT {
+    type F = unsafe extern "C" fn(c_int, *const IoVec, c_int, OffT, c_int) -> SsizeT;
+    let Some(real) = real!("pwritev2", F) else {
+        return missing();
+    };
+    if off == -1 {
+        do_write(fd, || real(fd, iov, cnt, off, flags))
+    } else {
+        do_pwrite(fd, off, || real(fd, iov, cnt, off, flags))
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn pwritev64v2(
+    fd: c_int,
+    iov: *const IoVec,
+    cnt: c_int,
+    off: OffT,
+    flags: c_int,
+) -> SsizeT {
+    type F = unsafe extern "C" fn(c_int, *const IoVec, c_int, OffT, c_int) -> SsizeT;
+    let Some(real) = real!("pwritev64v2", F) else {
+        return missing();
+    };
+    if off == -1 {
+        do_write(fd, || real(fd, iov, cnt, off, flags))
+    } else {
+        do_pwrite(fd, off, || real(fd, iov, cnt, off, flags))
+    }
+}
+
+unsafe fn do_ftruncate(fd: c_int, len: OffT, call: impl FnOnce() -> c_int) -> c_int {
+    if !maybe_tracked(fd) {
+        return call();
+    }
+    let r = call();
+    if r == 0 && len >= 0 {
+        guarded("ftruncate", |_| resized(fd, len as u64, u64::MAX));
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn ftruncate(fd: c_int, len: OffT) -> c_int {
+    type F = unsafe extern "C" fn(c_int, OffT) -> c_int;
+    let Some(real) = real!("ftruncate", F) else {
+        return missing();
+    };
+    do_ftruncate(fd, len, || real(fd, len))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn ftruncate64(fd: c_int, len: OffT) -> c_int {
+    type F = unsafe extern "C" fn(c_int, OffT) -> c_int;
+    let Some(real) = real!("ftruncate64", F) else {
+        return missing();
+    };
+    do_ftruncate(fd, len, || real(fd, len))
+}
+
+unsafe fn do_truncate(path: *const c_char, len: OffT, call: impl FnOnce() -> c_int) -> c_int {
+    let Some(Place::Under(p)) = guarded("truncate", |cfg| locate(cfg, AT_FDCWD, path)) else {
+        return call();
+    };
+    let r = call();
+    if r == 0 && len >= 0 {
+        guarded("truncate", |_| {
+            let Ok(m) = fs::metadata(&p) else { return };
+            let mut st = state();
+            let t = st
+                .files
+                .entry((m.dev(), m.ino()))
+                .or_insert_with(|| Tracked {
+                    path: None,
+                    dirty: Ranges::default(),
+                    fds: 0,
+                });
+            t.path = Some(p);
+            t.dirty.add(len as u64, u64::MAX);
+        });
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn truncate(path: *const c_char, len: OffT) -> c_int {
+    type F = unsafe extern "C" fn(*const c_char, OffT) -> c_int;
+    let Some(real) = real!("truncate", F) else {
+        return missing();
+    };
+    do_truncate(path, len, || real(path, len))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn truncate64(path: *const c_char, len: OffT) -> c_int {
+    type F = unsafe extern "C" fn(*const c_char, OffT) -> c_int;
+    let Some(real) = real!("truncate64", F) else {
+        return missing();
+    };
+    do_truncate(path, len, || real(path, len))
+}
+
+unsafe fn do_fallocate(
+    fd: c_int,
+    mode: c_int,
+    off: OffT,
+    len: OffT,
+    call: impl FnOnce() -> c_int,
+) -> c_int {
+    if !maybe_tracked(fd) {
+        return call();
+    }
+    let r = call();
+    if r == 0 && off >= 0 && len >= 0 {
+        let start = off as u64;
+        // Collapse and insert move everything after `off`; the others change at most the range.
+        let end = if mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE) != 0 {
+            u64::MAX
+        } else {
+            start.saturating_add(len as u64)
+        };
+        guarded("fallocate", |_| resized(fd, start, end));
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fallocate(fd: c_int, mode: c_int, off: OffT, len: OffT) -> c_int {
+    type F = unsafe extern "C" fn(c_int, c_int, OffT, OffT) -> c_int;
+    let Some(real) = real!("fallocate", F) else {
+        return missing();
+    };
+    do_fallocate(fd, mode, off, len, || real(fd, mode, off, len))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fallocate64(fd: c_int, mode: c_int, off: OffT, len: OffT) -> c_int {
+    type F = unsafe extern "C" fn(c_int, c_int, OffT, OffT) -> c_int;
+    let Some(real) = real!("fallocate64", F) else {
+        return missing();
+    };
+    do_fallocate(fd, mode, off, len, || real(fd, mode, off, len))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
+    type F = unsafe extern "C" fn(c_int) -> c_int;
+    let Some(real) = real!("fsync", F) else {
+        return missing();
+    };
+    do_sync(fd, || real(fd))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
+    type F = unsafe extern "C" fn(c_int) -> c_int;
+    let Some(real) = real!("fdatasync", F) else {
+        return missing();
+    };
+    do_sync(fd, || real(fd))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn sync_file_range(fd: c_int, off: OffT, n: OffT, flags: c_uint) -> c_int {
+    type F = unsafe extern "C" fn(c_int, OffT, OffT, c_uint) -> c_int;
+    let Some(real) = real!("sync_file_range", F) else {
+        return missing();
+    };
+    // No durability: only counted.
+    if maybe_tracked(fd) {
+        guarded("sync_file_range", |_| state().stats.sync_file_ranges += 1);
+    }
+    real(fd, off, n, flags)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    type F = unsafe extern "C" fn(c_int) -> c_int;
+    let Some(real) = real!("close", F) else {
+        return missing();
+    };
+    if maybe_tracked(fd) {
+        // Forgotten before the real close: once closed, the number may be handed out again.
+        guarded("close", |_| state().remove_fd(fd));
+    }
+    real(fd)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dup(oldfd: c_int) -> c_int {
+    type F = unsafe extern "C" fn(c_int) -> c_int;
+    let Some(real) = real!("dup", F) else {
+        return missing();
+    };
+    let fd = real(oldfd);
+    if fd >= 0 && (maybe_tracked(oldfd) || maybe_tracked(fd)) {
+        guarded("dup", |_| duplicated(oldfd, fd));
+    }
+    fd
+}
+
+unsafe fn do_dup2(oldfd: c_int, newfd: c_int, call: impl FnOnce() -> c_int) -> c_int {
+    if !maybe_tracked(oldfd) && !maybe_tracked(newfd) {
+        return call();
+    }
+    let Some(busy) = enter() else {
+        return call();
+    };
+    // The lock is held across the call: `newfd` changes files atomically for the other threads.
+    let mut st = state();
+    let r = call();
+    let saved = errno();
+    if r >= 0 && oldfd != newfd {
+        st.remove_fd(newfd);
+        if let Some(entry) = st.fds.get(&oldfd).cloned() {
+            st.insert_fd(newfd, entry);
+        }
+    }
+    drop(st);
+    drop(busy);
+    set_errno(saved);
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dup2(oldfd: c_int, newfd: c_int) -> c_int {
+    type F = unsafe extern "C" fn(c_int, c_int) -> c_int;
+    let Some(real) = real!("dup2", F) else {
+        return missing();
+    };
+    do_dup2(oldfd, newfd, || real(oldfd, newfd))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dup3(oldfd: c_int, newfd: c_int, flags: c_int) -> c_int {
+    type F = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
+    let Some(real) = real!("dup3", F) else {
+        return missing();
+    };
+    do_dup2(oldfd, newfd, || real(oldfd, newfd, flags))
+}
+
+unsafe fn do_fcntl(fd: c_int, cmd: c_int, arg: c_long, call: impl FnOnce() -> c_int) -> c_int {
+    if !maybe_tracked(fd) || !matches!(cmd, F_DUPFD | F_DUPFD_CLOEXEC | F_SETFL) {
+        let r = call();
+        if r >= 0 && matches!(cmd, F_DUPFD | F_DUPFD_CLOEXEC) && maybe_tracked(r) {
+            guarded("fcntl", |_| forget_stale(r));
+        }
+        return r;
+    }
+    let r = call();
+    if r >= 0 {
+        guarded("fcntl", |_| {
+            if cmd == F_SETFL {
+                if let Some(Fd::File { append, .. }) = state().fds.get_mut(&fd) {
+                    *append = arg as c_int & O_APPEND != 0;
+                }
+            } else {
+                duplicated(fd, r);
+            }
+        });
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
+    type F = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
+    let Some(real) = real!("fcntl", F) else {
+        return missing();
+    };
+    do_fcntl(fd, cmd, arg, || real(fd, cmd, arg))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
+    type F = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
+    let Some(real) = real!("fcntl64", F) else {
+        return missing();
+    };
+    do_fcntl(fd, cmd, arg, || real(fd, cmd, arg))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn rename(old: *const c_char, new: *const c_char) -> c_int {
+    type F = unsafe extern "C" fn(*const c_char, *const c_char) -> c_int;
+    let Some(real) = real!("rename", F) else {
+        return missing();
+    };
+    do_rename(AT_FDCWD, old, AT_FDCWD, new, 0, || real(old, new))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn renameat(
+    olddirfd: c_int,
+    old: *const c_char,
+    newdirfd: c_int,
+    new: *const c_char,
+) -> c_int {
+    type F = unsafe extern "C" fn(c_int, *const c_char, c_int, *const c_char) -> c_int;
+    let Some(real) = real!("renameat", F) else {
+        return missing();
+    };
+    do_rename(olddirfd, old, newdirfd, new, 0, || {
+        real(olddirfd, old, newdirfd, new)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn renameat2(
+    olddirfd: c_int,
+    old: *const c_char,
+    newdirfd: c_int,
+    new: *const c_char,
+    flags: c_uint,
+) -> c_int {
+    type F = unsafe extern "C" fn(c_int, *const c_char, c_int, *const c_char, c_uint) -> c_int;
+    let Some(real) = real!("renameat2", F) else {
+        return missing();
+    };
+    do_rename(olddirfd, old, newdirfd, new, flags, || {
+        real(olddirfd, old, newdirfd, new, flags)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn unlink(path: *const c_char) -> c_int {
+    type F = unsafe extern "C" fn(*const c_char) -> c_int;
+    let Some(real) = real!("unlink", F) else {
+        return missing();
+    };
+    do_unlink(AT_FDCWD, path, 0, || real(path))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn unlinkat(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    type F = unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int;
+    let Some(real) = real!("unlinkat", F) else {
+        return missing();
+    };
+    do_unlink(dirfd, path, flags, || real(dirfd, path, flags))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn rmdir(path: *const c_char) -> c_int {
+    type F = unsafe extern "C" fn(*const c_char) -> c_int;
+    let Some(real) = real!("rmdir", F) else {
+        return missing();
+    };
+    do_unlink(AT_FDCWD, path, AT_REMOVEDIR, || real(path))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn mkdir(path: *const c_char, mode: ModeT) -> c_int {
+    type F = unsafe extern "C" fn(*const c_char, ModeT) -> c_int;
+    let Some(real) = real!("mkdir", F) else {
+        return missing();
+    };
+    do_mkdir(AT_FDCWD, path, || real(path, mode))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn mkdirat(dirfd: c_int, path: *const c_char, mode: ModeT) -> c_int {
+    type F = unsafe extern "C" fn(c_int, *const c_char, ModeT) -> c_int;
+    let Some(real) = real!("mkdirat", F) else {
+        return missing();
+    };
+    do_mkdir(dirfd, path, || real(dirfd, path, mode))
+}

@@ -1,0 +1,237 @@
+//! Power cuts for child processes. A child runs with the `powercut` shim preloaded
+//! (`tests/powercut/shim.rs`, built by `tests/build.rs`): it keeps, in a shadow directory, the
+//! image of the child's data directory that a power cut would leave (a file's content and length
+//! as of its last `fsync`/`fdatasync`; directory operations durable at once). After the child was
+//! killed with SIGKILL, [`power_cut`] puts that image in place of the data directory.
+//!
+//! The cycle: [`prepare`] (everything on disk is durable before a start), start the child with
+//! [`env`], SIGKILL it, [`power_cut`], and again.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// The shim library, on platforms that build it (Linux).
+pub fn shim() -> Option<&'static str> {
+    option_env!("POWERCUT_SHIM").filter(|s| !s.is_empty())
+}
+
+/// Environment for a child whose files under `root` get power cuts, their durable image kept in
+/// `shadow`. Both paths must be absolute. Panics where there is no shim (see [`shim`]).
+pub fn env(root: &Path, shadow: &Path) -> [(&'static str, OsString); 3] {
+    let shim = shim().expect("the power-cut shim is only built on Linux");
+    assert!(
+        root.is_absolute() && shadow.is_absolute(),
+        "power-cut paths must be absolute"
+    );
+    [
+        ("LD_PRELOAD", shim.into()),
+        ("POWERCUT_ROOT", root.as_os_str().to_owned()),
+        ("POWERCUT_SHADOW", shadow.as_os_str().to_owned()),
+    ]
+}
+
+/// Environment asking the shim to keep its counters (see [`ShimStats`]) in `path`.
+pub fn stats_env(path: &Path) -> (&'static str, OsString) {
+    ("POWERCUT_STATS", path.as_os_str().to_owned())
+}
+
+/// Makes `shadow` an exact copy of `root` (created if missing): what is on disk before a start is
+/// durable.
+pub fn prepare(root: &Path, shadow: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(root)?;
+    remove(shadow)?;
+    copy_tree(root, shadow)
+}
+
+/// One file the power cut changed.
+#[derive(Debug, Clone)]
+pub struct Reverted {
+    /// Relative to the root.
+    pub path: PathBuf,
+    /// Length before the cut (`None`: the file did not survive).
+    pub before: Option<u64>,
+    /// Length after the cut (`None`: the file was not there before).
+    pub after: Option<u64>,
+    /// Bytes that differ, counting a length difference as that many bytes.
+    pub bytes: u64,
+}
+
+/// What a power cut reverted.
+#[derive(Debug, Clone, Default)]
+pub struct Cut {
+    /// Files whose content or length went back.
+    pub files_reverted: usize,
+    /// Bytes that went back, over all files.
+    pub bytes_reverted: u64,
+    /// Every changed file.
+    pub files: Vec<Reverted>,
+}
+
+impl fmt::Display for Cut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} bytes reverted in {} files",
+            self.bytes_reverted, self.files_reverted
+        )?;
+        for r in &self.files {
+            let len = |l: Option<u64>| l.map_or_else(|| "absent".to_string(), |l| l.to_string());
+            write!(
+                f,
+                "; {} {}->{} ({} bytes)",
+                r.path.display(),
+                len(r.before),
+                len(r.after),
+                r.bytes
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The power cut, once the child is dead: `root` becomes the durable image kept in `shadow`.
+pub fn power_cut(root: &Path, shadow: &Path) -> io::Result<Cut> {
+    let mut cut = Cut::default();
+    let mut real = Vec::new();
+    let mut durable = Vec::new();
+    list_files(root, Path::new(""), &mut real)?;
+    list_files(shadow, Path::new(""), &mut durable)?;
+    real.sort();
+    durable.sort();
+    let mut paths: Vec<&PathBuf> = real.iter().chain(durable.iter()).collect();
+    paths.sort();
+    paths.dedup();
+    for rel in paths {
+        let before = read_if_file(&root.join(rel))?;
+        let after = read_if_file(&shadow.join(rel))?;
+        let bytes = match (&before, &after) {
+            (Some(a), Some(b)) => diff(a, b),
+            (Some(a), None) => a.len() as u64,
+            (None, Some(b)) => b.len() as u64,
+            (None, None) => 0,
+        };
+        if bytes > 0 || before.is_none() != after.is_none() {
+            cut.files_reverted += 1;
+            cut.bytes_reverted += bytes;
+            cut.files.push(Reverted {
+                path: rel.clone(),
+                before: before.map(|b| b.len() as u64),
+                after: after.map(|b| b.len() as u64),
+                bytes,
+            });
+        }
+    }
+    remove(root)?;
+    copy_tree(shadow, root)?;
+    Ok(cut)
+}
+
+/// The shim's counters, kept in the file given with [`stats_env`] (rewritten at every sync of a
+/// tracked file).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShimStats {
+    /// Tracked files opened.
+    pub opens: u64,
+    /// Writes to tracked files.
+    pub writes: u64,
+    /// Bytes written to tracked files.
+    pub write_bytes: u64,
+    /// `fsync`/`fdatasync` calls on tracked files.
+    pub syncs: u64,
+    /// Bytes those syncs made durable.
+    pub synced_bytes: u64,
+    /// `sync_file_range` calls on tracked files (no durability).
+    pub sync_file_ranges: u64,
+    /// Renames, unlinks and mkdirs mirrored.
+    pub dir_ops: u64,
+    /// Internal errors of the shim.
+    pub errors: u64,
+}
+
+/// Reads the shim's counters; all zero if the file is missing (no sync happened).
+pub fn read_stats(path: &Path) -> ShimStats {
+    let mut s = ShimStats::default();
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return s;
+    };
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let v: u64 = v.trim().parse().unwrap_or(0);
+        match k {
+            "opens" => s.opens = v,
+            "writes" => s.writes = v,
+            "write_bytes" => s.write_bytes = v,
+            "syncs" => s.syncs = v,
+            "synced_bytes" => s.synced_bytes = v,
+            "sync_file_ranges" => s.sync_file_ranges = v,
+            "dir_ops" => s.dir_ops = v,
+            "errors" => s.errors = v,
+            _ => {}
+        }
+    }
+    s
+}
+
+fn diff(a: &[u8], b: &[u8]) -> u64 {
+    let common = a.len().min(b.len());
+    let differing = a[..common]
+        .iter()
+        .zip(&b[..common])
+        .filter(|(x, y)| x != y)
+        .count();
+    (differing + a.len().max(b.len()) - common) as u64
+}
+
+fn read_if_file(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => std::fs::read(path).map(Some),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn list_files(base: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
+    let entries = match std::fs::read_dir(base.join(rel)) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let child = rel.join(entry.file_name());
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            list_files(base, &child, out)?;
+        } else if kind.is_file() {
+            out.push(child);
+        }
+    }
+    Ok(())
+}
+
+fn remove(path: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else if kind.is_file() {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! The power-cut shim itself: a probe process does scripted file operations under the shim and
+//! is killed with SIGKILL; after the power cut, what was synced is there and nothing else is.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use gateway_tests::powercut::{self, Cut, ShimStats};
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    base: PathBuf,
+    root: PathBuf,
+    /// The root as the shim is told it (`root` unless a test spells it otherwise).
+    shim_root: PathBuf,
+    shadow: PathBuf,
+    stats: PathBuf,
+}
+
+impl Rig {
+    /// `None` where the shim is not built (not Linux).
+    fn new() -> Option<Rig> {
+        if powercut::shim().is_none() {
+            eprintln!("skipped: no power-cut shim on this platform");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let rig = Rig {
+            root: base.join("root"),
+            shim_root: base.join("root"),
+            shadow: base.join("shadow"),
+            stats: base.join("stats"),
+            base,
+            _dir: dir,
+        };
+        std::fs::create_dir_all(&rig.root).unwrap();
+        Some(rig)
+    }
+
+    /// Puts a file in place before the probe starts (durable: `prepare` copies it).
+    fn put(&self, rel: &str, content: &[u8]) {
+        let path = self.root.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+
+    /// Runs the probe with the operations in `script` (words; `@` stands for the root) under
+    /// the shim, kills it once it is done, cuts the power.
+    fn run(&self, script: &str) -> Cut {
+        self.run_in(&self.base, script)
+    }
+
+    fn run_in(&self, cwd: &Path, script: &str) -> Cut {
+        powercut::prepare(&self.root, &self.shadow).unwrap();
+        let root = self.root.display().to_string();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_powercut-probe"))
+            .args(script.split_whitespace().map(|w| w.replace('@', &root)))
+            .envs(powercut::env(&self.shim_root, &self.shadow))
+            .envs([powercut::stats_env(&self.stats)])
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ready = line.trim() == "ready";
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        eprint!("{stderr}");
+        assert!(ready, "the probe failed before it was done");
+        // The shim complains when it had to guess (a length changed with no write seen) or failed.
+        assert!(!stderr.contains("powercut:"), "the shim complained");
+        let cut = powercut::power_cut(&self.root, &self.shadow).unwrap();
+        eprintln!("power cut: {cut}");
+        cut
+    }
+
+    fn read(&self, rel: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.root.join(rel)).ok()
+    }
+
+    fn stats(&self) -> ShimStats {
+        powercut::read_stats(&self.stats)
+    }
+}
+
+#[test]
+fn synced_writes_survive_and_unsynced_writes_are_reverted() {
+    let Some(rig) = Rig::new() else { return };
+    rig.put("old", b"0123456789");
+    let cut = rig.run(
+        "open a @/new   write a 0 durable   fsync a   write a 0 X   write a 7 -and-lost
+         open b @/old   write b 2 zz",
+    );
+    assert_eq!(rig.read("new").unwrap(), b"durable");
+    assert_eq!(rig.read("old").unwrap(), b"0123456789");
+    // "X" over "d", "-and-lost" past the end, "zz" over "23".
+    assert_eq!(cut.bytes_reverted, 1 + 9 + 2, "{cut}");
+    assert_eq!(cut.files_reverted, 2, "{cut}");
+    // The counters as of the last sync.
+    let s = rig.stats();
+    assert_eq!((s.opens, s.writes, s.syncs), (1, 1, 1), "{s:?}");
+    assert_eq!(s.synced_bytes, 7, "{s:?}");
+}
+
+#[test]
+fn a_new_file_never_synced_is_empty_after_the_cut() {
+    let Some(rig) = Rig::new() else { return };
+    let cut = rig.run(
+        "open a @/fresh   write a 0 never-synced
+         mkdir @/sub   create b @/sub/made   seq b neither   close b
+         open c @/sub/synced   write c 0 synced   fdatasync c",
+    );
+    assert_eq!(rig.read("fresh").unwrap(), b"", "exists, but empty");
+    assert_eq!(rig.read("sub/made").unwrap(), b"", "exists, but empty");
+    assert_eq!(rig.read("sub/synced").unwrap(), b"synced");
+    assert_eq!(cut.files_reverted, 2, "{cut}");
+}
+
+#[test]
+fn length_changes_without_a_sync_are_reverted() {
+    let Some(rig) = Rig::new() else { return };
+    rig.put("shrunk", &[b'a'; 100]);
+    rig.put("grown", &[b'b'; 10]);
+    rig.put("synced", &[b'c'; 100]);
+    rig.put("zeroed", &[b'd'; 100]);
+    rig.put("truncated", b"old contents");
+    rig.put("trunc-lost", b"old contents");
+    // "zeroed" is shrunk to nothing and grown back, "truncated" is opened with O_TRUNC and
+    // written past a hole: their durable images hold zeros, not the old bytes.
+    rig.run(
+        "open a @/shrunk   setlen a 10
+         open b @/grown    setlen b 5000
+         open c @/synced   setlen c 10   fsync c   setlen c 50
+         open d @/zeroed   setlen d 0    setlen d 100   fsync d
+         create e @/truncated   write e 5 x   fsync e
+         create f @/trunc-lost   write f 0 new",
+    );
+    assert_eq!(rig.read("shrunk").unwrap(), [b'a'; 100]);
+    assert_eq!(rig.read("grown").unwrap(), [b'b'; 10]);
+    assert_eq!(rig.read("synced").unwrap(), [b'c'; 10]);
+    assert_eq!(rig.read("zeroed").unwrap(), [0u8; 100]);
+    assert_eq!(rig.read("truncated").unwrap(), b"\0\0\0\0\0x");
+    assert_eq!(rig.read("trunc-lost").unwrap(), b"old contents");
+}
+
+#[test]
+fn a_sync_through_a_second_fd_on_the_same_path_makes_the_file_durable() {
+    let Some(rig) = Rig::new() else { return };
+    rig.put("db", b"old contents");
+    rig.put("db2", b"old contents");
+    // The gateway's pattern: sled writes through its fd, the gateway fsyncs another one.
+    rig.run(
+        "open w @/db    write w 0 new    read r @/db    fsync r   write w 3 !!!
+         open v @/db2   write v 0 NEW    read q @/db2   fdatasync q",
+    );
+    assert_eq!(rig.read("db").unwrap(), b"new contents");
+    assert_eq!(rig.read("db2").unwrap(), b"NEW contents");
+}
+
+#[test]
+fn a_sync_through_a_dup_makes_the_file_durable() {
+    let Some(rig) = Rig::new() else { return };
+    for name in ["dup", "dup2", "clone"] {
+        rig.put(name, b"old data");
+    }
+    rig.run(
+        "open a @/dup     write a 0 new   dup a2 a     fsync a2   close a   write a2 3 !!!!!
+         open b @/dup2    write b 0 new   dup2 b2 b    fsync b2
+         open c @/clone   write c 0 new   clone c2 c   fsync c2   write c2 0 NEW",
+    );
+    assert_eq!(rig.read("dup").unwrap(), b"new data");
+    assert_eq!(rig.read("dup2").unwrap(), b"new data");
+    assert_eq!(rig.read("clone").unwrap(), b"new data");
+}
+
+#[test]
+fn writes_before_a_close_are_made_durable_by_a_later_sync() {
+    let Some(rig) = Rig::new() else { return };
+    rig.put("f", b"old contents");
+    rig.run("open a @/f   write a 0 new   close a   read b @/f   fsync b");
+    assert_eq!(rig.read("f").unwrap(), b"new contents");
+}
+
+#[test]
+fn sequential_and_append_writes_are_tracked() {
+    let Some(rig) = Rig::new() else { return };
+    rig.put("log", b"old|");
+    rig.put("seq", b"_________");
+    // pwrite on an O_APPEND fd appends on Linux, whatever the offset.
+    rig.run(
+        "append a @/log   seq a one|   fsync a   seq a two|
+         open b @/seq     seq b abc   seq b def   fsync b   seq b ghi
+         append c @/log2  write c 0 first   write c 0 second   fsync c",
+    );
+    assert_eq!(rig.read("log").unwrap(), b"old|one|");
+    assert_eq!(rig.read("seq").unwrap(), b"abcdef___");
+    assert_eq!(rig.read("log2").unwrap(), b"firstsecond");
+}
+
+#[test]
+fn renames_unlinks_and_directories_are_kept() {
+    let Some(rig) = Rig::new() else { return };
+    rig.put("state", b"v1");
+    rig.put("state2", b"old");
+    rig.put("doomed", b"x");
+    rig.put("tree/a/b", b"y");
+    rig.run(
+        // A temporary file written, synced and renamed over the old one.
+        "create t @/state.tmp   seq t v2   fsync t   close t   rename @/state.tmp @/state
+         create u @/state2.tmp  seq u unsynced   close u     rename @/state2.tmp @/state2
+         mkdir @/d   open f @/d/x   write f 0 moved   rename @/d @/e   fsync f
+         unlink @/doomed   rmtree @/tree   mkdir @/empty   mkdir @/gone   rmdir @/gone",
+    );
+    assert_eq!(rig.read("state").unwrap(), b"v2");
+    // The rename holds, the content never synced does not.
+    assert_eq!(rig.read("state2").unwrap(), b"");
+    assert!(!rig.root.join("state.tmp").exists());
+    assert!(!rig.root.join("state2.tmp").exists());
+    // A directory renamed under an open file: the sync after it lands at the new name.
+    assert_eq!(rig.read("e/x").unwrap(), b"moved");
+    assert!(!rig.root.join("d").exists());
+    assert!(!rig.root.join("doomed").exists());
+    assert!(!rig.root.join("tree").exists());
+    assert!(rig.root.join("empty").is_dir());
+    assert!(!rig.root.join("gone").exists());
+}
+
+#[test]
+fn relative_paths_are_tracked() {
+    let Some(rig) = Rig::new() else { return };
+    rig.run_in(
+        &rig.root,
+        "open a rel   write a 0 synced   fsync a   write a 6 +not
+         open b ../root/./dotted   write b 0 lost",
+    );
+    assert_eq!(rig.read("rel").unwrap(), b"synced");
+    assert_eq!(rig.read("dotted").unwrap(), b"");
+}
+
+#[test]
+fn files_outside_the_root_are_not_tracked() {
+    let Some(rig) = Rig::new() else { return };
+    rig.run(
+        "open o @/../outside   write o 0 not-tracked   fsync o
+         open a @/inside       write a 0 tracked       fsync a",
+    );
+    assert_eq!(
+        std::fs::read(rig.base.join("outside")).unwrap(),
+        b"not-tracked"
+    );
+    assert!(!rig.shadow.join("outside").exists());
+    let s = rig.stats();
+    assert_eq!((s.opens, s.writes, s.syncs), (1, 1, 1), "{s:?}");
+}
+
+#[test]
+fn a_sync_copies_only_the_dirty_ranges_of_a_large_file() {
+    let Some(rig) = Rig::new() else { return };
+    rig.put("big", &vec![7u8; 4 << 20]);
+    rig.run("open a @/big   write a 2097152 0123456789   fsync a   write a 3145728 lost");
+    let big = rig.read("big").unwrap();
+    assert_eq!(big.len(), 4 << 20);
+    assert_eq!(&big[(2 << 20)..(2 << 20) + 10], b"0123456789");
+    assert_eq!(&big[(3 << 20)..(3 << 20) + 4], [7u8; 4]);
+    assert_eq!(rig.stats().synced_bytes, 10);
+}
+
+#[test]
+fn a_root_given_through_a_symlink_is_tracked_under_either_spelling() {
+    let Some(mut rig) = Rig::new() else { return };
+    let link = rig.base.join("link");
+    std::os::unix::fs::symlink(&rig.root, &link).unwrap();
+    rig.shim_root = link.clone();
+    rig.run(&format!(
+        "open a {l}/by-link   write a 0 synced   fsync a   write a 6 +lost
+         open b {r}/by-real   write b 0 synced   fsync b   write b 6 +lost
+         open c {l}/unsynced  write c 0 lost",
+        l = link.display(),
+        r = rig.root.display()
+    ));
+    assert_eq!(rig.read("by-link").unwrap(), b"synced");
+    assert_eq!(rig.read("by-real").unwrap(), b"synced");
+    assert_eq!(rig.read("unsynced").unwrap(), b"");
+}
