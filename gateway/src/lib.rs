@@ -5,6 +5,7 @@ pub mod bench;
 pub mod broker;
 pub mod browse;
 pub mod buffer;
+pub mod chunk;
 pub mod config;
 pub mod demo;
 pub mod ledger;

@@ -3,6 +3,10 @@
 //! sequence number is handed out, a range containing it is on disk (written to a temporary file,
 //! fsynced, renamed over the old one, directory fsynced). A crash wastes at most the unused rest
 //! of the range, which shows up as a jump between boots, never as a repeat.
+//!
+//! The file always has the same size ([`FILE_SIZE`], padded), so on a full disk, where the
+//! temporary file cannot be written, it is overwritten in place instead: that needs no new
+//! block, and a write this small lies within one sector.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -13,6 +17,9 @@ use tracing::warn;
 
 /// How many sequence numbers are reserved per write of the state file.
 pub const RESERVE: u64 = 100_000;
+
+/// The state file's size: its text, padded with spaces.
+const FILE_SIZE: usize = 128;
 
 /// Errors reading or writing the state file.
 #[derive(Debug, thiserror::Error)]
@@ -92,12 +99,32 @@ impl SeqState {
             path: self.path.clone(),
             source,
         };
-        let mut f = File::create(&tmp).map_err(err)?;
-        write!(f, "boot={}\nseq_reserved={}\n", self.boot, reserved).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        let mut text = format!("boot={}\nseq_reserved={}\n", self.boot, reserved);
+        text.push_str(&" ".repeat(FILE_SIZE.saturating_sub(text.len() + 1)));
+        text.push('\n');
+        let replace = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &self.path)?;
+            if let Some(dir) = self.path.parent() {
+                File::open(dir).and_then(|d| d.sync_all())?;
+            }
+            Ok(())
+        };
+        match replace() {
+            Ok(()) => {}
+            Err(e) if is_disk_full(&e) && self.path.exists() => {
+                let _ = fs::remove_file(&tmp);
+                warn!(path = %self.path.display(), "disk full: overwriting the state file in place");
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&self.path)
+                    .map_err(err)?;
+                f.write_all(text.as_bytes()).map_err(err)?;
+                f.sync_all().map_err(err)?;
+            }
+            Err(e) => return Err(err(e)),
         }
         self.reserved = reserved;
         Ok(())
@@ -122,6 +149,11 @@ impl SeqState {
         }
         Ok(self.next)
     }
+}
+
+/// Whether an I/O error says the file system is full (ENOSPC, EDQUOT).
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28 | 122))
 }
 
 #[cfg(test)]

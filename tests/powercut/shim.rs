@@ -12,6 +12,34 @@
 //!   It must start as an exact copy of the root (everything on disk is durable before a start).
 //! - `POWERCUT_STATS` (optional): a file rewritten after every tracked sync with counters.
 //! - `POWERCUT_DEBUG=1` (optional): one stderr line per tracked open, sync and directory change.
+//! - `POWERCUT_SPACE_FILE` (optional, absolute): the disk-full mode, below.
+//!
+//! Disk-full mode: the file named by `POWERCUT_SPACE_FILE` (the control file; keep it outside
+//! the root) holds whitespace-separated words: a number of bytes, the space the tracked files may
+//! take, and/or `eio`. Absent or empty: no limit, no error. It is read again at most every 50 ms
+//! (by time), so a test can change it while the process runs; replace it atomically (write a
+//! temporary file, rename it), or a read may see it half-written.
+//! - A limit caps the sum of the lengths of the regular files under the root (files unlinked but
+//!   still open are not counted, directories take nothing). Like a full file system, a write
+//!   (`write`, `pwrite`, `writev`, `pwritev` and their variants) that would take the sum past the
+//!   limit is cut short: it writes the bytes that still fit and returns that count; with no byte
+//!   left it fails with `ENOSPC` (so `write_all` fills up to the limit, then fails). Overwriting
+//!   bytes inside a file's length takes no space and always passes. Growing a file with
+//!   `ftruncate`, `truncate` or `fallocate` past the limit fails whole with `ENOSPC` (an
+//!   `fallocate` that keeps the size, punches a hole or collapses a range grows nothing).
+//!   Shrinking, deleting and truncating files gives the space back at once. Opening and creating
+//!   files, directory operations and syncs are not limited. The sum is measured by walking the
+//!   root when the control file is read again and after a tracked open that creates or
+//!   truncates, a close, a rename or an unlink, and kept up to date by the calls above in between;
+//!   those calls run one at a time while a limit is in force, so two cannot both take the last
+//!   free bytes.
+//! - `eio` fails every `fsync` and `fdatasync` of a tracked file or directory under the root with
+//!   `EIO`, without calling the real function: the sync makes nothing durable, and the data it
+//!   would have made durable stays pending for a later sync that succeeds (unlike some kernels,
+//!   which may drop those pages after an error).
+//! - Calls refused or cut short are counted in the stats file (`enospc`, `short_writes`, `eio`),
+//!   which is also rewritten after each of them. The mode needs `POWERCUT_ROOT` and
+//!   `POWERCUT_SHADOW` like the power-cut tracking it runs alongside, which it leaves unchanged.
 //!
 //! How: writes to tracked files record dirty byte ranges per file (device + inode), whichever fd
 //! they go through; a sync copies the file's dirty ranges from the real file into the shadow file
@@ -43,8 +71,9 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::FromRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------------------------
 // libc, declared by hand
@@ -82,6 +111,8 @@ const F_DUPFD: c_int = 0;
 const F_SETFL: c_int = 4;
 const F_DUPFD_CLOEXEC: c_int = 1030;
 const SEEK_CUR: c_int = 1;
+const FALLOC_FL_KEEP_SIZE: c_int = 0x01;
+const FALLOC_FL_PUNCH_HOLE: c_int = 0x02;
 const FALLOC_FL_COLLAPSE_RANGE: c_int = 0x08;
 const FALLOC_FL_INSERT_RANGE: c_int = 0x20;
 const ENOSYS: c_int = 38;
@@ -157,6 +188,8 @@ struct Config {
     shadow: PathBuf,
     stats: Option<PathBuf>,
     debug: bool,
+    /// The disk-full mode's control file.
+    space: Option<PathBuf>,
 }
 
 static CONFIG: OnceLock<Option<Config>> = OnceLock::new();
@@ -173,12 +206,17 @@ fn config() -> Option<&'static Config> {
             }
             let root = normalize(&root);
             let real_root = fs::canonicalize(&root).ok().filter(|r| *r != root);
+            let space = std::env::var_os("POWERCUT_SPACE_FILE").map(PathBuf::from);
+            if space.as_ref().is_some_and(|p| !p.is_absolute()) {
+                log("POWERCUT_SPACE_FILE must be absolute; no disk-full mode");
+            }
             Some(Config {
                 root,
                 real_root,
                 shadow: normalize(&shadow),
                 stats: std::env::var_os("POWERCUT_STATS").map(PathBuf::from),
                 debug: std::env::var_os("POWERCUT_DEBUG").is_some_and(|v| v == "1"),
+                space: space.filter(|p| p.is_absolute()),
             })
         })
         .as_ref()
@@ -405,16 +443,284 @@ impl State {
     fn write_stats(&self, cfg: &Config) {
         let Some(path) = &cfg.stats else { return };
         let s = &self.stats;
-        let text = format!(
+        let mut text = format!(
             "opens={}\nwrites={}\nwrite_bytes={}\nsyncs={}\nsynced_bytes={}\nsync_file_ranges={}\ndir_ops={}\nerrors={}\n",
             s.opens, s.writes, s.write_bytes, s.syncs, s.synced_bytes, s.sync_file_ranges, s.dir_ops, s.errors
         );
+        if cfg.space.is_some() {
+            let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            text.push_str(&format!(
+                "enospc={}\nshort_writes={}\neio={}\n",
+                n(&REFUSED.enospc),
+                n(&REFUSED.short_writes),
+                n(&REFUSED.eio)
+            ));
+        }
         let mut tmp = path.clone().into_os_string();
         tmp.push(".tmp");
         if let Err(e) = fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, path)) {
             log(&format!("cannot write stats to {}: {e}", path.display()));
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Disk-full mode
+
+/// How often the control file is read again, at most.
+const SPACE_REREAD: Duration = Duration::from_millis(50);
+
+const ENOSPC: c_int = 28;
+const EIO: c_int = 5;
+
+/// Calls the disk-full mode refused or cut short.
+struct Refused {
+    enospc: AtomicU64,
+    short_writes: AtomicU64,
+    eio: AtomicU64,
+}
+
+static REFUSED: Refused = Refused {
+    enospc: AtomicU64::new(0),
+    short_writes: AtomicU64::new(0),
+    eio: AtomicU64::new(0),
+};
+
+/// The disk-full mode's state. Lock order: [`STATE`] may be held when this is taken, never the
+/// other way round.
+struct Space {
+    /// When the control file was last read.
+    read_at: Option<Instant>,
+    /// What it held then (`None`: absent or unreadable).
+    text: Option<String>,
+    /// Bytes the tracked files may take, if limited.
+    limit: Option<u64>,
+    /// Whether syncs fail with `EIO`.
+    eio: bool,
+    /// Bytes the tracked files take; `None` when it has to be measured again.
+    usage: Option<u64>,
+}
+
+static SPACE: Mutex<Space> = Mutex::new(Space {
+    read_at: None,
+    text: None,
+    limit: None,
+    eio: false,
+    usage: None,
+});
+
+/// The disk-full mode's state, the control file read again if it is due; `None` when the mode
+/// is off. Call while holding [`Busy`], without holding [`SPACE`].
+fn space(cfg: &Config) -> Option<MutexGuard<'static, Space>> {
+    let file = cfg.space.as_deref()?;
+    let mut s = SPACE.lock().unwrap_or_else(|e| e.into_inner());
+    if s.read_at.is_none_or(|t| t.elapsed() >= SPACE_REREAD) {
+        s.reread(cfg, file);
+    }
+    Some(s)
+}
+
+/// The tracked files' lengths may have changed behind the running sum: it is measured again.
+fn space_changed(cfg: &Config) {
+    if cfg.space.is_some() {
+        SPACE.lock().unwrap_or_else(|e| e.into_inner()).usage = None;
+    }
+}
+
+impl Space {
+    fn reread(&mut self, cfg: &Config, file: &Path) {
+        self.read_at = Some(Instant::now());
+        // Measured again at every read: whatever changed the files behind the shim's back.
+        self.usage = None;
+        let text = fs::read_to_string(file).ok();
+        if text == self.text {
+            return;
+        }
+        let (mut limit, mut eio) = (None, false);
+        for word in text.as_deref().unwrap_or("").split_whitespace() {
+            if word.eq_ignore_ascii_case("eio") {
+                eio = true;
+            } else if let Ok(n) = word.parse::<u64>() {
+                limit = Some(n);
+            } else {
+                log(&format!(
+                    "{}: `{word}` is neither a number of bytes nor `eio`; ignored",
+                    file.display()
+                ));
+            }
+        }
+        debug(cfg, || format!("space: limit {limit:?}, eio {eio}"));
+        self.text = text;
+        self.limit = limit;
+        self.eio = eio;
+    }
+}
+
+/// Sum of the lengths of the regular files at or under `dir`.
+fn tree_len(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut sum = 0;
+    for entry in entries.flatten() {
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => sum += tree_len(&entry.path()),
+            Ok(t) if t.is_file() => sum += entry.metadata().map_or(0, |m| m.len()),
+            _ => {}
+        }
+    }
+    sum
+}
+
+/// A call that may grow a tracked file, let through while a limit is in force. It holds the
+/// lock until [`Admitted::now`]: calls that grow files run one at a time.
+struct Admitted {
+    space: MutexGuard<'static, Space>,
+    /// The file's length before the call.
+    len: u64,
+    /// Bytes the file may grow by.
+    room: u64,
+}
+
+impl Admitted {
+    /// How many of `n` bytes written at `at` fit.
+    fn fitting(&self, at: u64, n: usize) -> usize {
+        let end = self.len.saturating_add(self.room);
+        if at.saturating_add(n as u64) <= end {
+            n
+        } else {
+            end.saturating_sub(at).min(n as u64) as usize
+        }
+    }
+
+    /// Whether the file may be `new_len` bytes long.
+    fn fits(&self, new_len: u64) -> bool {
+        new_len <= self.len.saturating_add(self.room)
+    }
+
+    /// After the call: the file is `new_len` bytes long.
+    fn now(mut self, new_len: u64) {
+        let len = self.len;
+        if let Some(u) = &mut self.space.usage {
+            *u = (*u + new_len).saturating_sub(len);
+        }
+    }
+}
+
+/// Admits a call that may grow a file, when a limit is in force; `len` gives the file's length.
+fn admit(cfg: &Config, len: impl FnOnce() -> Option<u64>) -> Option<Admitted> {
+    let mut space = space(cfg)?;
+    let limit = space.limit?;
+    let usage = *space.usage.get_or_insert_with(|| tree_len(&cfg.root));
+    Some(Admitted {
+        space,
+        len: len()?,
+        room: limit.saturating_sub(usage),
+    })
+}
+
+/// Counts a refused or shortened call and rewrites the stats file; `what` says what it was
+/// (shown with `POWERCUT_DEBUG=1`).
+fn refused(counter: &AtomicU64, what: impl FnOnce() -> String) {
+    counter.fetch_add(1, Ordering::Relaxed);
+    guarded("stats", |cfg| {
+        debug(cfg, what);
+        state().write_stats(cfg)
+    });
+}
+
+/// `fd` and the path it has open, for messages.
+fn fd_name(fd: c_int) -> String {
+    let path = fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default();
+    format!("fd {fd} ({})", path.display())
+}
+
+/// Whether a sync of `fd` is to fail with `EIO`: the mode says so, and `fd` is a tracked file or
+/// a directory at or under the root.
+fn sync_fails(cfg: &Config, fd: c_int) -> bool {
+    if !space(cfg).is_some_and(|s| s.eio) {
+        return false;
+    }
+    match state().fds.get(&fd) {
+        Some(Fd::File { .. }) => true,
+        Some(Fd::Dir { path, .. }) => path.starts_with(&cfg.root),
+        None => false,
+    }
+}
+
+/// Runs a write of `n` bytes at `at` under the space limit: `call(k)` writes the first `k`.
+unsafe fn limited_write(
+    fd: c_int,
+    at: Option<u64>,
+    n: usize,
+    call: impl FnOnce(usize) -> SsizeT,
+) -> SsizeT {
+    let Some(gate) = guarded("write", |cfg| admit(cfg, || Some(fstat(fd)?.len()))).flatten() else {
+        return call(n);
+    };
+    let at = at.unwrap_or(gate.len);
+    let fit = gate.fitting(at, n);
+    if fit == 0 && n > 0 {
+        drop(gate);
+        refused(&REFUSED.enospc, || {
+            format!("write of {n} bytes: ENOSPC, {}", fd_name(fd))
+        });
+        set_errno(ENOSPC);
+        return -1;
+    }
+    let r = call(fit);
+    let saved = errno();
+    let len = gate.len;
+    gate.now(if r > 0 { len.max(at + r as u64) } else { len });
+    if r >= 0 && (r as usize) < n {
+        refused(&REFUSED.short_writes, || {
+            format!("write of {n} bytes: {r} written, {}", fd_name(fd))
+        });
+    }
+    set_errno(saved);
+    r
+}
+
+/// Runs a call that makes the file behind `fd` (or at `path`) `new_len(its length)` bytes long
+/// under the space limit: it fails whole with `ENOSPC` if that does not fit.
+unsafe fn limited_resize(
+    what: &str,
+    fd: c_int,
+    path: Option<&Path>,
+    new_len: impl FnOnce(u64) -> u64,
+    call: impl FnOnce() -> c_int,
+) -> c_int {
+    let gate = guarded(what, |cfg| {
+        if path.is_none() {
+            // A tracked regular file: resizing anything else fails on its own.
+            state().file_key(fd)?;
+        }
+        let a = admit(cfg, || match path {
+            Some(p) => Some(fs::metadata(p).ok()?.len()),
+            None => Some(fstat(fd)?.len()),
+        })?;
+        let new = new_len(a.len);
+        Some((a, new))
+    })
+    .flatten();
+    let Some((gate, new)) = gate else {
+        return call();
+    };
+    if !gate.fits(new) {
+        drop(gate);
+        refused(&REFUSED.enospc, || {
+            let target = path.map_or_else(|| fd_name(fd), |p| p.display().to_string());
+            format!("{what} to {new} bytes: ENOSPC, {target}")
+        });
+        set_errno(ENOSPC);
+        return -1;
+    }
+    let r = call();
+    let saved = errno();
+    let len = gate.len;
+    gate.now(if r == 0 { new } else { len });
+    set_errno(saved);
+    r
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -608,6 +914,10 @@ fn opened(cfg: &Config, at: Place, fd: c_int, flags: c_int) {
                     readable: flags & O_ACCMODE != O_WRONLY,
                 },
             );
+            drop(st);
+            if flags & (O_CREAT | O_TRUNC) != 0 {
+                space_changed(cfg);
+            }
         }
         _ => forget_stale(fd),
     }
@@ -695,9 +1005,10 @@ fn written(fd: c_int, start: Option<u64>, n: SsizeT, positional: bool) {
     }
 }
 
-unsafe fn do_write(fd: c_int, call: impl FnOnce() -> SsizeT) -> SsizeT {
+/// A write of `n` bytes at the file offset; `call(k)` writes the first `k` of them.
+unsafe fn do_write(fd: c_int, n: usize, call: impl FnOnce(usize) -> SsizeT) -> SsizeT {
     if !maybe_tracked(fd) {
-        return call();
+        return call(n);
     }
     // Where the write goes: the offset before it; on an O_APPEND fd, the end, which is known
     // atomically only after it (the offset is then just past the data).
@@ -710,7 +1021,10 @@ unsafe fn do_write(fd: c_int, call: impl FnOnce() -> SsizeT) -> SsizeT {
         Some((off >= 0).then_some(off as u64))
     })
     .flatten();
-    let n = call();
+    let n = match before {
+        Some(at) => limited_write(fd, at, n, call),
+        None => call(n),
+    };
     if n > 0 {
         if let Some(before) = before {
             guarded("write", |_| {
@@ -725,11 +1039,17 @@ unsafe fn do_write(fd: c_int, call: impl FnOnce() -> SsizeT) -> SsizeT {
     n
 }
 
-unsafe fn do_pwrite(fd: c_int, off: OffT, call: impl FnOnce() -> SsizeT) -> SsizeT {
+/// A write of `n` bytes at `off`; `call(k)` writes the first `k` of them.
+unsafe fn do_pwrite(fd: c_int, off: OffT, n: usize, call: impl FnOnce(usize) -> SsizeT) -> SsizeT {
     if !maybe_tracked(fd) {
-        return call();
+        return call(n);
     }
-    let n = call();
+    let append = guarded("pwrite", |_| Some(state().file_key(fd)?.1)).flatten();
+    let n = match append {
+        // On an O_APPEND fd the data goes to the end, whatever the offset (Linux).
+        Some(append) if off >= 0 => limited_write(fd, (!append).then_some(off as u64), n, call),
+        _ => call(n),
+    };
     if n > 0 && off >= 0 {
         guarded("pwrite", |_| written(fd, Some(off as u64), n, true));
     }
@@ -834,6 +1154,11 @@ fn sync_file(cfg: &Config, st: &mut State, fd: c_int) -> Result<u64, String> {
 unsafe fn do_sync(fd: c_int, call: impl FnOnce() -> c_int) -> c_int {
     if !maybe_tracked(fd) {
         return call();
+    }
+    if guarded("fsync", |cfg| sync_fails(cfg, fd)).unwrap_or(false) {
+        refused(&REFUSED.eio, || format!("sync: EIO, {}", fd_name(fd)));
+        set_errno(EIO);
+        return -1;
     }
     let r = call();
     if r == 0 {
@@ -958,6 +1283,7 @@ fn renamed(cfg: &Config, old: Place, new: Place, flags: c_uint) {
         }
         _ => {}
     }
+    space_changed(cfg);
 }
 
 unsafe fn do_rename(
@@ -1013,6 +1339,8 @@ unsafe fn do_unlink(
             let mut st = state();
             st.stats.dir_ops += 1;
             st.forget_path(&p, flags & AT_REMOVEDIR != 0);
+            drop(st);
+            space_changed(cfg);
         });
     }
     r
@@ -1112,7 +1440,7 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: SizeT) -> Ssize
     let Some(real) = real!("write", F) else {
         return missing();
     };
-    do_write(fd, || real(fd, buf, n))
+    do_write(fd, n, |k| real(fd, buf, k))
 }
 
 #[no_mangle]
@@ -1121,7 +1449,9 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const IoVec, cnt: c_int) -> Ssi
     let Some(real) = real!("writev", F) else {
         return missing();
     };
-    do_write(fd, || real(fd, iov, cnt))
+    do_write(fd, iov_len(iov, cnt), |k| {
+        with_iov(iov, cnt, k, |v, c| real(fd, v, c))
+    })
 }
 
 #[no_mangle]
@@ -1130,7 +1460,7 @@ pub unsafe extern "C" fn pwrite(fd: c_int, buf: *const c_void, n: SizeT, off: Of
     let Some(real) = real!("pwrite", F) else {
         return missing();
     };
-    do_pwrite(fd, off, || real(fd, buf, n, off))
+    do_pwrite(fd, off, n, |k| real(fd, buf, k, off))
 }
 
 #[no_mangle]
@@ -1139,7 +1469,7 @@ pub unsafe extern "C" fn pwrite64(fd: c_int, buf: *const c_void, n: SizeT, off: 
     let Some(real) = real!("pwrite64", F) else {
         return missing();
     };
-    do_pwrite(fd, off, || real(fd, buf, n, off))
+    do_pwrite(fd, off, n, |k| real(fd, buf, k, off))
 }
 
 #[no_mangle]
@@ -1148,7 +1478,9 @@ pub unsafe extern "C" fn pwritev(fd: c_int, iov: *const IoVec, cnt: c_int, off: 
     let Some(real) = real!("pwritev", F) else {
         return missing();
     };
-    do_pwrite(fd, off, || real(fd, iov, cnt, off))
+    do_pwrite(fd, off, iov_len(iov, cnt), |k| {
+        with_iov(iov, cnt, k, |v, c| real(fd, v, c, off))
+    })
 }
 
 #[no_mangle]
@@ -1157,7 +1489,9 @@ pub unsafe extern "C" fn pwritev64(fd: c_int, iov: *const IoVec, cnt: c_int, off
     let Some(real) = real!("pwritev64", F) else {
         return missing();
     };
-    do_pwrite(fd, off, || real(fd, iov, cnt, off))
+    do_pwrite(fd, off, iov_len(iov, cnt), |k| {
+        with_iov(iov, cnt, k, |v, c| real(fd, v, c, off))
+    })
 }
 
 #[no_mangle]
@@ -1173,9 +1507,13 @@ pub unsafe extern "C" fn pwritev2(
         return missing();
     };
     if off == -1 {
-        do_write(fd, || real(fd, iov, cnt, off, flags))
+        do_write(fd, iov_len(iov, cnt), |k| {
+            with_iov(iov, cnt, k, |v, c| real(fd, v, c, off, flags))
+        })
     } else {
-        do_pwrite(fd, off, || real(fd, iov, cnt, off, flags))
+        do_pwrite(fd, off, iov_len(iov, cnt), |k| {
+            with_iov(iov, cnt, k, |v, c| real(fd, v, c, off, flags))
+        })
     }
 }
 
@@ -1192,17 +1530,60 @@ pub unsafe extern "C" fn pwritev64v2(
         return missing();
     };
     if off == -1 {
-        do_write(fd, || real(fd, iov, cnt, off, flags))
+        do_write(fd, iov_len(iov, cnt), |k| {
+            with_iov(iov, cnt, k, |v, c| real(fd, v, c, off, flags))
+        })
     } else {
-        do_pwrite(fd, off, || real(fd, iov, cnt, off, flags))
+        do_pwrite(fd, off, iov_len(iov, cnt), |k| {
+            with_iov(iov, cnt, k, |v, c| real(fd, v, c, off, flags))
+        })
     }
+}
+
+/// Bytes in `cnt` buffers at `iov`.
+unsafe fn iov_len(iov: *const IoVec, cnt: c_int) -> usize {
+    if iov.is_null() || cnt <= 0 {
+        return 0;
+    }
+    (0..cnt as usize).fold(0usize, |sum, i| sum.saturating_add((*iov.add(i)).len))
+}
+
+/// Calls `f` with the buffers at `iov`, cut to their first `k` bytes.
+unsafe fn with_iov(
+    iov: *const IoVec,
+    cnt: c_int,
+    k: usize,
+    f: impl FnOnce(*const IoVec, c_int) -> SsizeT,
+) -> SsizeT {
+    if k >= iov_len(iov, cnt) {
+        return f(iov, cnt);
+    }
+    let mut cut = Vec::new();
+    let mut left = k;
+    for i in 0..cnt as usize {
+        if left == 0 {
+            break;
+        }
+        let v = &*iov.add(i);
+        let take = v.len.min(left);
+        cut.push(IoVec {
+            base: v.base,
+            len: take,
+        });
+        left -= take;
+    }
+    f(cut.as_ptr(), cut.len() as c_int)
 }
 
 unsafe fn do_ftruncate(fd: c_int, len: OffT, call: impl FnOnce() -> c_int) -> c_int {
     if !maybe_tracked(fd) {
         return call();
     }
-    let r = call();
+    let r = if len >= 0 {
+        limited_resize("ftruncate", fd, None, |_| len as u64, call)
+    } else {
+        call()
+    };
     if r == 0 && len >= 0 {
         guarded("ftruncate", |_| resized(fd, len as u64, u64::MAX));
     }
@@ -1231,7 +1612,11 @@ unsafe fn do_truncate(path: *const c_char, len: OffT, call: impl FnOnce() -> c_i
     let Some(Place::Under(p)) = guarded("truncate", |cfg| locate(cfg, AT_FDCWD, path)) else {
         return call();
     };
-    let r = call();
+    let r = if len >= 0 {
+        limited_resize("truncate", -1, Some(&p), |_| len as u64, call)
+    } else {
+        call()
+    };
     if r == 0 && len >= 0 {
         guarded("truncate", |_| {
             let Ok(m) = fs::metadata(&p) else { return };
@@ -1279,7 +1664,23 @@ unsafe fn do_fallocate(
     if !maybe_tracked(fd) {
         return call();
     }
-    let r = call();
+    let r = if off >= 0 && len >= 0 {
+        let (off, n) = (off as u64, len as u64);
+        let new_len = move |old: u64| {
+            if mode & FALLOC_FL_INSERT_RANGE != 0 {
+                old.saturating_add(n)
+            } else if mode & FALLOC_FL_COLLAPSE_RANGE != 0 {
+                old.saturating_sub(n)
+            } else if mode & (FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE) != 0 {
+                old
+            } else {
+                old.max(off.saturating_add(n))
+            }
+        };
+        limited_resize("fallocate", fd, None, new_len, call)
+    } else {
+        call()
+    };
     if r == 0 && off >= 0 && len >= 0 {
         let start = off as u64;
         // Collapse and insert move everything after `off`; the others change at most the range.
@@ -1350,7 +1751,13 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     };
     if maybe_tracked(fd) {
         // Forgotten before the real close: once closed, the number may be handed out again.
-        guarded("close", |_| state().remove_fd(fd));
+        guarded("close", |cfg| {
+            let was_file = state().file_key(fd).is_some();
+            state().remove_fd(fd);
+            if was_file {
+                space_changed(cfg);
+            }
+        });
     }
     real(fd)
 }

@@ -6,6 +6,11 @@
 //!
 //! The cycle: [`prepare`] (everything on disk is durable before a start), start the child with
 //! [`env`], SIGKILL it, [`power_cut`], and again.
+//!
+//! The shim also fills the disk on request: with [`space_env`], the control file it names limits
+//! the bytes the files under the root may take ([`limit_space`]: writes past it are cut short,
+//! then fail with `ENOSPC`) or fails their syncs with `EIO` ([`fail_syncs`]), until
+//! [`lift_space_limits`]; the child picks a change up within about 50 ms. See the shim's header.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -35,6 +40,58 @@ pub fn env(root: &Path, shadow: &Path) -> [(&'static str, OsString); 3] {
 /// Environment asking the shim to keep its counters (see [`ShimStats`]) in `path`.
 pub fn stats_env(path: &Path) -> (&'static str, OsString) {
     ("POWERCUT_STATS", path.as_os_str().to_owned())
+}
+
+/// Environment turning the shim's disk-full mode on, ruled by the control file `control`
+/// (absolute, outside the root; absent means no limit).
+pub fn space_env(control: &Path) -> (&'static str, OsString) {
+    assert!(
+        control.is_absolute(),
+        "the space control file must be absolute"
+    );
+    ("POWERCUT_SPACE_FILE", control.as_os_str().to_owned())
+}
+
+/// Writes the control file atomically (the shim never reads it half-written).
+fn write_control(control: &Path, text: &str) -> io::Result<()> {
+    let mut tmp = control.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, control)
+}
+
+/// Lets the files under the root take `bytes` in all ([`tracked_len`] counts them).
+pub fn limit_space(control: &Path, bytes: u64) -> io::Result<()> {
+    write_control(control, &format!("{bytes}\n"))
+}
+
+/// Makes every `fsync`/`fdatasync` under the root fail with `EIO` (no limit on space).
+pub fn fail_syncs(control: &Path) -> io::Result<()> {
+    write_control(control, "eio\n")
+}
+
+/// Lifts the limit and the sync failures.
+pub fn lift_space_limits(control: &Path) -> io::Result<()> {
+    match std::fs::remove_file(control) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The bytes the shim counts against a limit: the lengths of the regular files under `root`.
+pub fn tracked_len(root: &Path) -> io::Result<u64> {
+    let mut files = Vec::new();
+    list_files(root, Path::new(""), &mut files)?;
+    let mut sum = 0;
+    for rel in files {
+        match std::fs::symlink_metadata(root.join(rel)) {
+            Ok(m) => sum += m.len(),
+            // Deleted since the listing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(sum)
 }
 
 /// Makes `shadow` an exact copy of `root` (created if missing): what is on disk before a start is
@@ -129,7 +186,7 @@ pub fn power_cut(root: &Path, shadow: &Path) -> io::Result<Cut> {
 }
 
 /// The shim's counters, kept in the file given with [`stats_env`] (rewritten at every sync of a
-/// tracked file).
+/// tracked file, and at every call the disk-full mode refuses or cuts short).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ShimStats {
     /// Tracked files opened.
@@ -148,6 +205,12 @@ pub struct ShimStats {
     pub dir_ops: u64,
     /// Internal errors of the shim.
     pub errors: u64,
+    /// Disk-full mode: calls failed with `ENOSPC`.
+    pub enospc: u64,
+    /// Disk-full mode: writes cut short at the limit.
+    pub short_writes: u64,
+    /// Disk-full mode: syncs failed with `EIO`.
+    pub eio: u64,
 }
 
 /// Reads the shim's counters; all zero if the file is missing (no sync happened).
@@ -170,6 +233,9 @@ pub fn read_stats(path: &Path) -> ShimStats {
             "sync_file_ranges" => s.sync_file_ranges = v,
             "dir_ops" => s.dir_ops = v,
             "errors" => s.errors = v,
+            "enospc" => s.enospc = v,
+            "short_writes" => s.short_writes = v,
+            "eio" => s.eio = v,
             _ => {}
         }
     }

@@ -1,5 +1,7 @@
 //! The power-cut shim itself: a probe process does scripted file operations under the shim and
 //! is killed with SIGKILL; after the power cut, what was synced is there and nothing else is.
+//! And its disk-full mode: writes past a space limit are cut short, then fail with `ENOSPC`;
+//! `eio` fails syncs.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -15,6 +17,8 @@ struct Rig {
     shim_root: PathBuf,
     shadow: PathBuf,
     stats: PathBuf,
+    /// The disk-full mode's control file, when the mode is on.
+    space: Option<PathBuf>,
 }
 
 impl Rig {
@@ -31,11 +35,26 @@ impl Rig {
             shim_root: base.join("root"),
             shadow: base.join("shadow"),
             stats: base.join("stats"),
+            space: None,
             base,
             _dir: dir,
         };
         std::fs::create_dir_all(&rig.root).unwrap();
         Some(rig)
+    }
+
+    /// A rig whose probe runs with the disk-full mode on (`%` in a script stands for its control
+    /// file, absent at first).
+    fn with_space() -> Option<Rig> {
+        let mut rig = Rig::new()?;
+        rig.space = Some(rig.base.join("space"));
+        Some(rig)
+    }
+
+    fn control(&self) -> &Path {
+        self.space
+            .as_deref()
+            .expect("a rig with the disk-full mode")
     }
 
     /// Puts a file in place before the probe starts (durable: `prepare` copies it).
@@ -48,27 +67,47 @@ impl Rig {
     /// Runs the probe with the operations in `script` (words; `@` stands for the root) under
     /// the shim, kills it once it is done, cuts the power.
     fn run(&self, script: &str) -> Cut {
-        self.run_in(&self.base, script)
+        self.run_in(&self.base, script).0
     }
 
-    fn run_in(&self, cwd: &Path, script: &str) -> Cut {
+    /// [`Rig::run`], returning the result lines of the tried operations.
+    fn try_run(&self, script: &str) -> Vec<String> {
+        self.run_in(&self.base, script).1
+    }
+
+    fn run_in(&self, cwd: &Path, script: &str) -> (Cut, Vec<String>) {
         powercut::prepare(&self.root, &self.shadow).unwrap();
         let root = self.root.display().to_string();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_powercut-probe"))
-            .args(script.split_whitespace().map(|w| w.replace('@', &root)))
-            .envs(powercut::env(&self.shim_root, &self.shadow))
-            .envs([powercut::stats_env(&self.stats)])
-            .current_dir(cwd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let ready = line.trim() == "ready";
+        let control = self
+            .space
+            .as_ref()
+            .map_or_else(String::new, |p| p.display().to_string());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_powercut-probe"));
+        cmd.args(
+            script
+                .split_whitespace()
+                .map(|w| w.replace('@', &root).replace('%', &control)),
+        )
+        .envs(powercut::env(&self.shim_root, &self.shadow))
+        .envs([powercut::stats_env(&self.stats)])
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if let Some(space) = &self.space {
+            cmd.envs([powercut::space_env(space)]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = Vec::new();
+        let mut ready = false;
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            if line.trim() == "ready" {
+                ready = true;
+                break;
+            }
+            lines.push(line);
+        }
         child.kill().unwrap();
         child.wait().unwrap();
         let mut stderr = String::new();
@@ -84,7 +123,7 @@ impl Rig {
         assert!(!stderr.contains("powercut:"), "the shim complained");
         let cut = powercut::power_cut(&self.root, &self.shadow).unwrap();
         eprintln!("power cut: {cut}");
-        cut
+        (cut, lines)
     }
 
     fn read(&self, rel: &str) -> Option<Vec<u8>> {
@@ -294,4 +333,180 @@ fn a_root_given_through_a_symlink_is_tracked_under_either_spelling() {
     assert_eq!(rig.read("by-link").unwrap(), b"synced");
     assert_eq!(rig.read("by-real").unwrap(), b"synced");
     assert_eq!(rig.read("unsynced").unwrap(), b"");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Disk-full mode
+
+/// `n` bytes of `c`, as one script word.
+fn word(c: char, n: usize) -> String {
+    std::iter::repeat_n(c, n).collect()
+}
+
+#[test]
+fn a_write_past_the_space_limit_is_cut_short_then_fails_with_enospc() {
+    let Some(rig) = Rig::with_space() else { return };
+    rig.put("old", &[b'o'; 100]);
+    powercut::limit_space(rig.control(), 150).unwrap();
+    let out = rig.try_run(&format!(
+        // 40 bytes fit, then 10 of 20, then none; overwriting inside the file takes no space.
+        "open a @/f   twrite a 0 {a40}   twrite a 40 {b20}   twrite a 50 x   twrite a 0 OVER
+         tseq a abc   tfill a 48 4 33   fsync a",
+        a40 = word('a', 40),
+        b20 = word('b', 20),
+    ));
+    assert_eq!(
+        out,
+        [
+            "twrite 40",
+            "twrite 10",
+            "twrite errno 28",
+            "twrite 4",
+            "tseq 3",
+            "tfill 2 errno 28"
+        ]
+    );
+    let f = rig.read("f").unwrap();
+    assert_eq!(f.len(), 50, "the file stops at the limit");
+    assert_eq!(&f[..4], b"abcR");
+    assert_eq!(&f[40..], b"bbbbbbbb!!");
+    assert_eq!(rig.read("old").unwrap(), [b'o'; 100]);
+    let s = rig.stats();
+    assert_eq!((s.enospc, s.short_writes), (2, 2), "{s:?}");
+    assert_eq!(s.errors, 0, "{s:?}");
+}
+
+#[test]
+fn vectored_and_appending_writes_stop_at_the_limit_too() {
+    let Some(rig) = Rig::with_space() else { return };
+    powercut::limit_space(rig.control(), 10).unwrap();
+    let out = rig.try_run(
+        "append a @/log   tappendv a 123456 789ABC   tappendv a x y   fsync a
+         open b @/v   twritev b 0 ab cd   twritev b 0 {} {}",
+    );
+    assert_eq!(
+        out,
+        [
+            "tappendv 10",
+            "tappendv errno 28",
+            "twritev errno 28",
+            "twritev errno 28"
+        ]
+    );
+    assert_eq!(rig.read("log").unwrap(), b"123456789A");
+    assert_eq!(rig.read("v").unwrap(), b"");
+}
+
+#[test]
+fn growing_a_file_by_setlen_or_fallocate_fails_whole_at_the_limit() {
+    let Some(rig) = Rig::with_space() else { return };
+    powercut::limit_space(rig.control(), 100).unwrap();
+    let out = rig.try_run(
+        "open a @/f   tsetlen a 101   tsetlen a 100   tsetlen a 40   tfallocate a 0 120
+         tfallocate a 0 100   twrite a 100 x   twrite a 99 yz   fsync a",
+    );
+    assert_eq!(
+        out,
+        [
+            "tsetlen errno 28",
+            "tsetlen ok",
+            "tsetlen ok",
+            "tfallocate errno 28",
+            "tfallocate ok",
+            "twrite errno 28",
+            "twrite 1"
+        ]
+    );
+    let f = rig.read("f").unwrap();
+    assert_eq!(f.len(), 100);
+    assert_eq!(f[99], b'y');
+}
+
+#[test]
+fn deleting_or_truncating_files_gives_their_space_back() {
+    let Some(rig) = Rig::with_space() else { return };
+    rig.put("big", &[1; 60]);
+    rig.put("other", &[2; 40]);
+    powercut::limit_space(rig.control(), 100).unwrap();
+    let out = rig.try_run(&format!(
+        // Full: nothing fits. The unlink frees 60 bytes, of which 5 and then 55 of 60 are
+        // taken; opening `other` with O_TRUNC frees its 40.
+        "open a @/new   twrite a 0 x   unlink @/big   twrite a 0 hello   twrite a 5 {c60}
+         create c @/other   twrite a 60 {d40}   twrite a 100 e   fsync a",
+        c60 = word('c', 60),
+        d40 = word('d', 40),
+    ));
+    assert_eq!(
+        out,
+        [
+            "twrite errno 28",
+            "twrite 5",
+            "twrite 55",
+            "twrite 40",
+            "twrite errno 28"
+        ]
+    );
+    assert_eq!(rig.read("new").unwrap().len(), 100);
+}
+
+#[test]
+fn the_control_file_is_read_again_while_the_process_runs() {
+    let Some(rig) = Rig::with_space() else { return };
+    // No control file: no limit. Each change is seen by the first call at least 50 ms after
+    // the previous read.
+    let out = rig.try_run(
+        "open a @/f   twrite a 0 hello
+         put % 5   sleep 60   twrite a 5 more
+         put % 1000   sleep 60   twrite a 5 more
+         unlink %   sleep 60   tfill a 9 3000 7   fsync a",
+    );
+    assert_eq!(
+        out,
+        ["twrite 5", "twrite errno 28", "twrite 4", "tfill 3000"]
+    );
+    assert_eq!(rig.read("f").unwrap().len(), 3009);
+}
+
+#[test]
+fn eio_fails_fsync_and_fdatasync_and_makes_nothing_durable_until_a_sync_succeeds() {
+    let Some(rig) = Rig::with_space() else { return };
+    rig.put("kept", b"old");
+    powercut::fail_syncs(rig.control()).unwrap();
+    // Writes still work; the syncs fail and make nothing durable. Once the errors stop, a sync
+    // makes what was written before them durable.
+    let out = rig.try_run(
+        "open a @/late    twrite a 0 data   tfsync a   tfdatasync a
+         open b @/never   twrite b 0 lost   tfsync b
+         open c @/kept    twrite c 0 new    tfdatasync c
+         unlink %   sleep 60   tfsync a",
+    );
+    assert_eq!(
+        out,
+        [
+            "twrite 4",
+            "tfsync errno 5",
+            "tfdatasync errno 5",
+            "twrite 4",
+            "tfsync errno 5",
+            "twrite 3",
+            "tfdatasync errno 5",
+            "tfsync ok"
+        ]
+    );
+    assert_eq!(rig.read("late").unwrap(), b"data");
+    assert_eq!(rig.read("never").unwrap(), b"");
+    assert_eq!(rig.read("kept").unwrap(), b"old");
+    let s = rig.stats();
+    assert_eq!(s.eio, 4, "{s:?}");
+    assert_eq!(s.syncs, 1, "only the last sync happened: {s:?}");
+}
+
+#[test]
+fn a_space_file_that_is_absent_limits_nothing() {
+    let Some(rig) = Rig::with_space() else { return };
+    let out = rig.try_run("open a @/f   tfill a 0 1048576 9   tsetlen a 2097152   tfsync a");
+    assert_eq!(out, ["tfill 1048576", "tsetlen ok", "tfsync ok"]);
+    assert_eq!(rig.read("f").unwrap().len(), 2 << 20);
+    let s = rig.stats();
+    assert_eq!((s.enospc, s.short_writes, s.eio), (0, 0, 0), "{s:?}");
 }

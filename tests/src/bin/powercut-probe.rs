@@ -9,6 +9,17 @@
 //! - `fsync H`, `fdatasync H`, `setlen H LEN` (ftruncate), `close H`
 //! - `dup NEW H` (dup), `dup2 NEW H` (dup2 onto a fresh fd), `clone NEW H` (fcntl F_DUPFD_CLOEXEC)
 //! - `rename FROM TO`, `unlink PATH`, `mkdir PATH`, `rmdir PATH`, `rmtree PATH`
+//! - `put PATH TEXT` (writes a whole file atomically: temporary file, rename), `sleep MS`
+//!
+//! Tried operations report their result on stdout instead of panicking, one line each before
+//! `ready`: the operation's name and the bytes written, `ok`, or `errno N`.
+//! - `twrite H OFFSET TEXT` (one pwrite), `tseq H TEXT` (one write at the current offset),
+//!   `twritev H OFFSET TEXT TEXT` (one pwritev of two buffers), `tappendv H TEXT TEXT` (one
+//!   writev of two buffers at the current offset)
+//! - `tfill H OFFSET LEN BYTE` (pwrites until LEN bytes landed or one fails: the bytes that
+//!   landed, then `errno N` if one failed)
+//! - `tsetlen H LEN` (ftruncate), `tfallocate H OFFSET LEN` (fallocate, mode 0)
+//! - `tfsync H`, `tfdatasync H`
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -29,6 +40,62 @@ fn dup(f: &File, onto: Option<File>) -> File {
         assert!(fd >= 0, "dup: {}", std::io::Error::last_os_error());
         File::from_raw_fd(fd)
     }
+}
+
+/// `pwritev(2)` of two buffers, or `writev(2)` when `offset` is `None`: std has no positional
+/// vectored write, and its `write_vectored` is not sure to be one call.
+#[allow(unsafe_code)]
+fn vectored(f: &File, offset: Option<u64>, a: &[u8], b: &[u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let iov = [
+        libc::iovec {
+            iov_base: a.as_ptr() as *mut libc::c_void,
+            iov_len: a.len(),
+        },
+        libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        },
+    ];
+    // SAFETY: two valid buffers that outlive the call; `f` is open.
+    let n = unsafe {
+        match offset {
+            Some(off) => libc::pwritev(f.as_raw_fd(), iov.as_ptr(), 2, off as libc::off_t),
+            None => libc::writev(f.as_raw_fd(), iov.as_ptr(), 2),
+        }
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `fallocate(2)` with mode 0.
+#[allow(unsafe_code)]
+fn fallocate(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `f` is open; no memory is passed.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// One result line of a tried operation.
+fn report<T: std::fmt::Display>(op: &str, result: std::io::Result<T>) {
+    match result {
+        Ok(v) => say(&format!("{op} {v}")),
+        Err(e) => say(&format!("{op} errno {}", e.raw_os_error().unwrap_or(-1))),
+    }
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout();
+    writeln!(out, "{line}").unwrap();
+    out.flush().unwrap();
 }
 
 fn main() {
@@ -98,6 +165,66 @@ fn main() {
             "mkdir" => std::fs::create_dir(arg()).unwrap(),
             "rmdir" => std::fs::remove_dir(arg()).unwrap(),
             "rmtree" => std::fs::remove_dir_all(arg()).unwrap(),
+            "put" => {
+                let (path, text) = (arg(), arg());
+                let tmp = format!("{path}.tmp");
+                std::fs::write(&tmp, text).unwrap();
+                std::fs::rename(&tmp, &path).unwrap();
+            }
+            "sleep" => std::thread::sleep(std::time::Duration::from_millis(num(arg()))),
+            "twrite" => {
+                let (h, off, text) = (arg(), num(arg()), arg());
+                report(&op, files[&h].write_at(text.as_bytes(), off));
+            }
+            "tseq" => {
+                let (h, text) = (arg(), arg());
+                report(&op, (&files[&h]).write(text.as_bytes()));
+            }
+            "twritev" => {
+                let (h, off, a, b) = (arg(), num(arg()), arg(), arg());
+                report(
+                    &op,
+                    vectored(&files[&h], Some(off), a.as_bytes(), b.as_bytes()),
+                );
+            }
+            "tappendv" => {
+                let (h, a, b) = (arg(), arg(), arg());
+                report(&op, vectored(&files[&h], None, a.as_bytes(), b.as_bytes()));
+            }
+            "tfill" => {
+                let (h, off, len, byte) = (arg(), num(arg()), num(arg()), num(arg()));
+                let data = vec![byte as u8; len as usize];
+                let mut at = 0;
+                let mut failed = None;
+                while at < data.len() {
+                    match files[&h].write_at(&data[at..], off + at as u64) {
+                        Ok(0) => break,
+                        Ok(n) => at += n,
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                // The bytes that landed, then how it ended.
+                match failed {
+                    None => say(&format!("{op} {at}")),
+                    Some(e) => say(&format!(
+                        "{op} {at} errno {}",
+                        e.raw_os_error().unwrap_or(-1)
+                    )),
+                }
+            }
+            "tsetlen" => {
+                let (h, len) = (arg(), num(arg()));
+                report(&op, files[&h].set_len(len).map(|()| "ok"));
+            }
+            "tfallocate" => {
+                let (h, off, len) = (arg(), num(arg()), num(arg()));
+                report(&op, fallocate(&files[&h], off, len).map(|()| "ok"));
+            }
+            "tfsync" => report(&op, files[&arg()].sync_all().map(|()| "ok")),
+            "tfdatasync" => report(&op, files[&arg()].sync_data().map(|()| "ok")),
             other => panic!("unknown operation `{other}`"),
         }
     }
