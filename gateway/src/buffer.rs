@@ -280,6 +280,10 @@ struct Generation {
     /// Its chunks by key (first sequence number): the records not yet acknowledged in each, and
     /// the bytes the chunk takes (key and value). Only chunks with such records are here.
     chunks: BTreeMap<u64, Stored>,
+    /// No more commits go into it: found at start (commits go to a fresh generation after a
+    /// start), or an fsync of it failed (Linux may drop the failed pages, so what follows in
+    /// its log could hang on a hole).
+    closed: bool,
 }
 
 /// A chunk on disk.
@@ -362,10 +366,16 @@ pub struct Buffer {
     deferred: Mutex<Vec<u64>>,
     /// The id the next new generation takes.
     next_gen: AtomicU64,
-    /// The lowest sequence number of records that became readable again since the last
-    /// [`Buffer::take_recovered`].
-    recovered: Mutex<Option<u64>>,
+    /// When the deferred generations are tried next.
+    next_retry: Mutex<Instant>,
+    /// When a new generation may be tried next (after one could not be made).
+    next_attempt: Mutex<Instant>,
+    /// The generation a replay read last (`u64::MAX`: none): it stays open.
+    reading: AtomicU64,
 }
+
+/// How often generations the disk failed to give are tried again.
+const RETRY_DEFERRED: Duration = Duration::from_secs(5);
 
 fn db_err(path: &Path, e: sled::Error) -> BufferError {
     match e {
@@ -394,13 +404,25 @@ fn io_err(path: &Path, source: std::io::Error) -> BufferError {
 /// file of its own under `blobs/`, which `sync_gen` fsyncs.
 const SEGMENT_SIZE: usize = 1 << 20;
 
+/// The segment size of generations written before [`SEGMENT_SIZE`] was lowered: sled refuses
+/// to open a database with another segment size than the one it was made with.
+const LEGACY_SEGMENT_SIZE: usize = 8 << 20;
+
 fn open_sled(dir: &Path) -> Result<sled::Db, BufferError> {
-    let cfg = sled::Config::new()
-        .path(dir)
-        .segment_size(SEGMENT_SIZE)
-        .cache_capacity(16 * 1024 * 1024)
-        .flush_every_ms(Some(1000));
-    match catch_unwind(AssertUnwindSafe(|| cfg.open())) {
+    let open = |segment_size: usize| {
+        let cfg = sled::Config::new()
+            .path(dir)
+            .segment_size(segment_size)
+            .cache_capacity(16 * 1024 * 1024)
+            .flush_every_ms(Some(1000));
+        catch_unwind(AssertUnwindSafe(|| cfg.open()))
+    };
+    let mut opened = open(SEGMENT_SIZE);
+    if matches!(opened, Ok(Err(sled::Error::Unsupported(_)))) {
+        // Made by an earlier version with the older segment size.
+        opened = open(LEGACY_SEGMENT_SIZE);
+    }
+    match opened {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(e)) => Err(db_err(dir, e)),
         Err(_) => Err(BufferError::Panicked(dir.to_path_buf())),
@@ -557,6 +579,7 @@ fn open_gen(dir: &Path, id: u64) -> Result<Generation, BufferError> {
         mark: None,
         times: VecDeque::new(),
         chunks: BTreeMap::new(),
+        closed: false,
     })
 }
 
@@ -573,6 +596,7 @@ fn load_gen(dir: &Path, id: u64) -> Result<(Generation, Scanned), BufferError> {
         g.times.push_back((t.1, t.0));
     }
     g.seal()?;
+    g.closed = true;
     Ok((g, found))
 }
 
@@ -719,7 +743,7 @@ impl Buffer {
                     report.records += found.records;
                     report.bytes += found.bytes;
                     report.damaged += found.damaged;
-                    report.last_seq = found.last_seq.or(report.last_seq);
+                    report.last_seq = report.last_seq.max(found.last_seq);
                     if found.records > 0 {
                         report.generations += 1;
                     }
@@ -767,7 +791,9 @@ impl Buffer {
             fail_commits: AtomicBool::new(false),
             deferred: Mutex::new(deferred),
             next_gen: AtomicU64::new(next + 1),
-            recovered: Mutex::new(None),
+            next_retry: Mutex::new(Instant::now() + RETRY_DEFERRED),
+            next_attempt: Mutex::new(Instant::now()),
+            reading: AtomicU64::new(u64::MAX),
         };
         {
             let mut gens = buffer.lock();
@@ -779,41 +805,76 @@ impl Buffer {
         Ok((buffer, report))
     }
 
-    /// The disk takes writes again: reads the generations it failed to give at open, and
-    /// notes where their records start for [`Buffer::take_recovered`].
-    fn retry_deferred(&self, gens: &mut Vec<Generation>) {
+    /// A fresh generation for commits, with an id no generation ever had (ids of generations
+    /// the disk failed to give at start included).
+    fn new_gen(&self) -> Result<Generation, BufferError> {
+        {
+            let mut next = self.next_attempt.lock().unwrap_or_else(|e| e.into_inner());
+            if Instant::now() < *next {
+                return Err(io_err(
+                    &self.dir,
+                    std::io::Error::other("making a generation failed a moment ago"),
+                ));
+            }
+            *next = Instant::now();
+        }
+        let id = self.next_gen.fetch_add(1, Ordering::Relaxed);
+        let made = open_gen(&self.dir, id).and_then(|g| {
+            fsync_dir(&self.dir)?;
+            Ok(g)
+        });
+        if made.is_err() {
+            // Nothing was committed into it: leave no half-made directory behind, and wait a
+            // moment before the next try (commits retry every quarter interval).
+            let _ = std::fs::remove_dir_all(gen_dir(&self.dir, id));
+            *self.next_attempt.lock().unwrap_or_else(|e| e.into_inner()) =
+                Instant::now() + Duration::from_secs(1);
+        }
+        made
+    }
+
+    /// Tries again, at most every [`RETRY_DEFERRED`], the generations the disk failed to give
+    /// at start; returns the lowest sequence number of records that became readable, where the
+    /// replay must go back to. One that fails otherwise than by the disk is quarantined.
+    pub fn retry_deferred(&self) -> Option<u64> {
         let mut deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        if deferred.is_empty() {
+            return None;
+        }
+        {
+            let mut next = self.next_retry.lock().unwrap_or_else(|e| e.into_inner());
+            if Instant::now() < *next {
+                return None;
+            }
+            *next = Instant::now() + RETRY_DEFERRED;
+        }
+        let mut gens = self.lock();
+        let mut recovered: Option<u64> = None;
         deferred.retain(|&id| match load_gen(&self.dir, id) {
             Ok((g, found)) => {
-                info!(
-                    generation = id,
-                    records = found.records,
-                    "buffer generation readable again; its records are replayed"
-                );
+                info!(generation = id, records = found.records, "buffer generation readable again; its records are replayed");
                 self.records.fetch_add(found.records, Ordering::Relaxed);
                 self.bytes.fetch_add(found.bytes, Ordering::Relaxed);
                 if let Some(first) = g.first_live() {
-                    let mut r = self.recovered.lock().unwrap_or_else(|e| e.into_inner());
-                    *r = Some(r.map_or(first, |s| s.min(first)));
+                    recovered = Some(recovered.map_or(first, |r| r.min(first)));
                 }
                 let at = gens.partition_point(|o| o.id < id);
                 gens.insert(at, g);
                 false
             }
-            Err(e) => {
+            Err(e) if e.is_io() => {
                 debug!(generation = id, error = %e, "buffer generation still unreadable");
                 true
             }
+            Err(e) => {
+                if let Err(moved) = quarantine(&self.dir, &gen_dir(&self.dir, id), &e) {
+                    warn!(generation = id, error = %moved, "cannot move an unusable buffer generation aside");
+                    return true;
+                }
+                false
+            }
         });
-    }
-
-    /// The lowest sequence number of records that became readable again since the last call
-    /// (a generation the disk failed to give at open): the replay must go back to it.
-    pub fn take_recovered(&self) -> Option<u64> {
-        self.recovered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        recovered
     }
 
     /// Takes `seq` out of generation `g` (acknowledged, or unreadable) and deletes its chunk
@@ -877,7 +938,8 @@ impl Buffer {
     }
 
     fn tidy(&self, gens: &mut Vec<Generation>) {
-        self.tidy_keeping(gens, None);
+        let reading = self.reading.load(Ordering::Relaxed);
+        self.tidy_keeping(gens, (reading != u64::MAX).then_some(reading));
     }
 
     /// Starts a fresh generation when the newest has taken enough, or is drained after taking
@@ -889,10 +951,7 @@ impl Buffer {
         let full = newest.written >= self.rotate_after;
         let drained = newest.written >= self.rotate_drained && newest.records == 0;
         if full || drained {
-            match open_gen(&self.dir, newest.id + 1).and_then(|g| {
-                fsync_dir(&self.dir)?;
-                Ok(g)
-            }) {
+            match self.new_gen() {
                 Ok(g) => {
                     debug!(generation = g.id, "new buffer generation");
                     gens.push(g);
@@ -942,10 +1001,8 @@ impl Buffer {
             .find_map(|g| g.seqs.map(|(lo, _)| lo))
             .unwrap_or(lo)
             .min(lo);
-        if gens.is_empty() {
-            let id = self.next_gen.fetch_add(1, Ordering::Relaxed);
-            gens.push(open_gen(&self.dir, id)?);
-            fsync_dir(&self.dir)?;
+        if gens.last().is_none_or(|g| g.closed) {
+            gens.push(self.new_gen()?);
         }
         let Some(newest) = gens.last_mut() else {
             return Err(io_err(&self.dir, std::io::Error::other("no generation")));
@@ -960,6 +1017,7 @@ impl Buffer {
         let db = newest.db()?;
         if let Err(e) = db.apply_batch(batch) {
             drop(db);
+            newest.closed = true;
             newest.failed();
             return Err(db_err(&dir, e));
         }
@@ -983,8 +1041,14 @@ impl Buffer {
             }
             drop(db);
             if matches!(e, BufferError::Db { .. } | BufferError::DbIo { .. }) {
+                // sled failed: the retry goes to a fresh generation.
+                newest.closed = true;
                 newest.failed();
             }
+            // A failed fsync of our own keeps the generation: a fresh one could not be made
+            // durable either while fsyncs fail (and dropping sled's handle then panics inside
+            // sled). Linux may have dropped the pages that failed, so what is committed after
+            // them relies on sled's recovery skipping the hole; the watermark reports it if not.
             return Err(e);
         }
         for (key, stored) in made {
@@ -1021,7 +1085,6 @@ impl Buffer {
             warn!(error = %e, "cannot write the buffer watermark");
         }
         self.maybe_rotate(&mut gens);
-        self.retry_deferred(&mut gens);
         Ok(stats)
     }
 
@@ -1078,15 +1141,13 @@ impl Buffer {
                         break 'chunks;
                     }
                 };
-                let (records, damaged) = value.map_or((Vec::new(), 1), |v| chunk::decode(&v));
-                if damaged > 0 {
-                    // Records the chunk should hold and does not give back are dropped below.
-                    while let Some(s) = wanted {
-                        if !records.iter().any(|r| r.seq == s) {
-                            unreadable.push(s);
-                        }
-                        wanted = live.next_from(s + 1).filter(|&s| s < below);
+                let records = value.map_or_else(Vec::new, |v| chunk::decode(&v).0);
+                // Records the chunk should hold and does not give back are dropped below.
+                while let Some(s) = wanted {
+                    if !records.iter().any(|r| r.seq == s) {
+                        unreadable.push(s);
                     }
+                    wanted = live.next_from(s + 1).filter(|&s| s < below);
                 }
                 for r in records {
                     if r.seq < from || r.seq >= below || !live.contains(r.seq) || skip(r.seq) {
@@ -1113,6 +1174,9 @@ impl Buffer {
             }
         }
         // The generation the replay is in stays open for the next read and its acknowledgements.
+        if let Some(id) = last_read {
+            self.reading.store(id, Ordering::Relaxed);
+        }
         self.tidy_keeping(&mut gens, last_read);
         Ok(out)
     }
@@ -1123,9 +1187,7 @@ impl Buffer {
     pub fn evict_oldest_generation(&self) -> Result<u64, BufferError> {
         let mut gens = self.lock();
         if gens.len() == 1 {
-            let next = gens.last().map_or(1, |g| g.id + 1);
-            gens.push(open_gen(&self.dir, next)?);
-            fsync_dir(&self.dir)?;
+            gens.push(self.new_gen()?);
         }
         if gens.len() < 2 {
             return Ok(0);
@@ -1362,6 +1424,65 @@ mod tests {
         drop(b);
         let (_, report) = Buffer::open(&path).unwrap();
         assert_eq!((report.records, report.damaged), (2, 1));
+    }
+
+    #[test]
+    fn a_generation_from_an_earlier_version_opens_with_its_segment_size_and_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer");
+        {
+            // As an earlier version wrote it: 8 MiB segments, one record per value.
+            let db = sled::Config::new()
+                .path(gen_dir(&path, 3))
+                .segment_size(8 << 20)
+                .open()
+                .unwrap();
+            for seq in [5u64, 6] {
+                db.insert(seq.to_be_bytes(), rec(seq).to_bytes()).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let (b, report) = Buffer::open(&path).unwrap();
+        assert!(report.quarantined.is_none(), "not set aside");
+        assert_eq!(report.records, 2);
+        let all = b.read_range(0, u64::MAX, 10, |_| false).unwrap();
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![5, 6]);
+        b.remove(&[5, 6]).unwrap();
+        assert_eq!(b.len(), 0);
+    }
+
+    #[test]
+    fn a_replay_in_steps_across_generations_reads_every_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, _) = Buffer::open_with(dir.path(), 64 << 10, 16 << 10).unwrap();
+        let n = 3000u64;
+        for chunk in (0..n).collect::<Vec<_>>().chunks(10) {
+            b.commit(&chunk.iter().map(|&s| big(s)).collect::<Vec<_>>())
+                .unwrap();
+        }
+        assert!(b.generations() > 10, "{} generations", b.generations());
+        // As the publisher replays: 64 at a time from a cursor, acknowledging as it goes, with
+        // commits of new records in between.
+        let mut seen = Vec::new();
+        let mut from = 0;
+        let mut next_new = n;
+        loop {
+            let got = b.read_range(from, u64::MAX, 64, |_| false).unwrap();
+            let Some(last) = got.last().map(|r| r.seq) else {
+                break;
+            };
+            from = last + 1;
+            let seqs: Vec<u64> = got.iter().map(|r| r.seq).collect();
+            b.remove(&seqs).unwrap();
+            seen.extend(seqs);
+            if next_new < n + 200 {
+                b.commit(&(next_new..next_new + 10).map(big).collect::<Vec<_>>())
+                    .unwrap();
+                next_new += 10;
+            }
+        }
+        assert_eq!(seen, (0..next_new).collect::<Vec<_>>());
+        assert_eq!(b.len(), 0);
     }
 
     #[test]

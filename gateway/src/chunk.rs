@@ -88,7 +88,7 @@ pub fn decode(value: &[u8]) -> (Vec<Record>, u64) {
             .map(|b| u32::from_be_bytes(b) as usize);
         let Some(bytes) = len.and_then(|len| value.get(at + 4..at + 4 + len)) else {
             // Cut short: the rest is lost.
-            damaged += (count - i) as u64;
+            damaged += (count - i).min(MAX_RECORDS) as u64;
             break;
         };
         at += 4 + bytes.len();
@@ -96,6 +96,10 @@ pub fn decode(value: &[u8]) -> (Vec<Record>, u64) {
             Ok(r) => records.push(r),
             Err(_) => damaged += 1,
         }
+    }
+    if at < value.len() && damaged == 0 {
+        // Bytes after the last record: the count itself was damaged, and records may be lost.
+        damaged += 1;
     }
     (records, damaged)
 }

@@ -71,12 +71,19 @@ impl Ledger {
 
     /// Takes the records read at least `min_age` before `now` for a commit.
     pub fn take_due(&mut self, now: Instant, min_age: Duration) -> Vec<Arc<Record>> {
-        let due: Vec<u64> = self
+        // Everything up to the newest due record: drivers stamp `read_at` before their batches
+        // meet in the channel, so read times are not quite in `seq` order, and commits that take
+        // a prefix of the pending records never interleave their sequence numbers on disk.
+        let Some(last) = self
             .pending
             .iter()
             .filter(|(_, p)| now.saturating_duration_since(p.read_at) >= min_age)
             .map(|(s, _)| *s)
-            .collect();
+            .next_back()
+        else {
+            return Vec::new();
+        };
+        let due: Vec<u64> = self.pending.range(..=last).map(|(s, _)| *s).collect();
         self.take(&due)
     }
 
@@ -157,7 +164,13 @@ impl Ledger {
         self.deletes.contains(&seq) || self.acked_while_committing.contains(&seq)
     }
 
-    /// Records held in memory, not yet acknowledged nor committed.
+    /// Whether `seq` is held in memory only: neither acknowledged nor committed (nor being
+    /// committed).
+    pub fn is_pending(&self, seq: u64) -> bool {
+        self.pending.contains_key(&seq)
+    }
+
+    /// Pending records (held in memory only).
     pub fn pending_len(&self) -> usize {
         self.pending.len()
     }

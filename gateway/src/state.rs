@@ -40,17 +40,33 @@ pub struct SeqState {
     reserved: u64,
 }
 
+/// The file's text: the values, then a checksum of them (an in-place write torn by a power cut
+/// must not read as a lower reservation).
+fn text(boot: u64, reserved: u64) -> String {
+    let values = format!("boot={boot}\nseq_reserved={reserved}\n");
+    let crc = crc32fast::hash(values.as_bytes());
+    format!("{values}crc={crc:08x}\n")
+}
+
 fn parse(text: &str) -> Option<(u64, u64)> {
     let mut boot = None;
     let mut reserved = None;
+    let mut crc = None;
     for line in text.lines() {
         match line.split_once('=') {
             Some(("boot", v)) => boot = v.trim().parse().ok(),
             Some(("seq_reserved", v)) => reserved = v.trim().parse().ok(),
+            Some(("crc", v)) => crc = Some(u32::from_str_radix(v.trim(), 16).ok()?),
             _ => {}
         }
     }
-    Some((boot?, reserved?))
+    let (boot, reserved) = (boot?, reserved?);
+    // Files written before the checksum have none; one that has it must match.
+    let values = format!("boot={boot}\nseq_reserved={reserved}\n");
+    if crc.is_some_and(|c| c != crc32fast::hash(values.as_bytes())) {
+        return None;
+    }
+    Some((boot, reserved))
 }
 
 impl SeqState {
@@ -99,7 +115,7 @@ impl SeqState {
             path: self.path.clone(),
             source,
         };
-        let mut text = format!("boot={}\nseq_reserved={}\n", self.boot, reserved);
+        let mut text = text(self.boot, reserved);
         text.push_str(&" ".repeat(FILE_SIZE.saturating_sub(text.len() + 1)));
         text.push('\n');
         let replace = || -> std::io::Result<()> {
@@ -198,6 +214,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = SeqState::open(dir.path(), 0, false).unwrap();
         assert!(s.next_seq().unwrap() > 1_000_000_000);
+    }
+
+    #[test]
+    fn a_state_file_torn_in_place_is_damaged_not_a_lower_reservation() {
+        let good = text(7, 1_000_000);
+        assert_eq!(parse(&good), Some((7, 1_000_000)));
+        // The new text's start over the old one's end: the digits no longer match the crc.
+        let torn = format!("{}{}", &text(7, 900_000)[..22], &good[22..]);
+        assert_eq!(parse(&torn), None);
+        assert_eq!(
+            parse("boot=3\nseq_reserved=5\n"),
+            Some((3, 5)),
+            "before checksums"
+        );
     }
 
     #[test]

@@ -243,6 +243,9 @@ fn commit_once(
         (due, l.take_deletes())
     };
     let m = &shared.metrics;
+    if let Some(seq) = shared.buffer.retry_deferred() {
+        shared.hint_replay(seq);
+    }
     if !deletes.is_empty() {
         if let Err(e) = shared.buffer.remove(&deletes) {
             Metrics::add(&m.io_errors, 1);
@@ -282,8 +285,7 @@ fn commit_once(
                     warn!(error = %e, "cannot delete acknowledged records from the buffer");
                 }
             }
-            let recovered = shared.buffer.take_recovered();
-            if let Some(min) = due.iter().map(|r| r.seq).chain(recovered).min() {
+            if let Some(min) = due.iter().map(|r| r.seq).min() {
                 shared.hint_replay(min);
             }
             debug!(

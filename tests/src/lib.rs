@@ -555,3 +555,66 @@ async fn read_connect(conn: &mut TcpStream) -> Option<()> {
     conn.read_exact(&mut body).await.ok()?;
     Some(())
 }
+
+/// The TOML config of a gateway child for the crash and disk tests: gateway `id`, one Modbus
+/// TCP device at `device` with two tags scanned every `scan_ms`, the broker on `mqtt_port`.
+pub fn child_config(
+    id: &str,
+    data_dir: &std::path::Path,
+    mqtt_port: u16,
+    device: SocketAddr,
+    commit_interval_ms: u64,
+    scan_ms: u64,
+) -> String {
+    format!(
+        r#"
+[gateway]
+id = "{id}"
+data_dir = "{data}"
+
+[buffer]
+commit_interval = "{commit_interval_ms}ms"
+
+[mqtt]
+url = "mqtt://127.0.0.1:{mqtt_port}"
+shutdown_grace = "200ms"
+
+[[devices]]
+name = "press"
+protocol = "modbus_tcp"
+address = "{device}"
+scan_interval = "{scan_ms}ms"
+
+  [[devices.tags]]
+  name = "counter"
+  address = "hr:0"
+
+  [[devices.tags]]
+  name = "sine"
+  address = "hr:1"
+  type = "f32"
+"#,
+        data = data_dir.display()
+    )
+}
+
+/// `quarantine-*` directories anywhere under `data`: a generation sled could not open.
+pub fn quarantined(data: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![data.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("quarantine-")
+                {
+                    found.push(entry.path());
+                }
+                dirs.push(entry.path());
+            }
+        }
+    }
+    found
+}

@@ -10,12 +10,14 @@
 //! `GATEWAY_LONG_TESTS=1` runs 50 kills (and 50 cuts) instead of 4 (and 6).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edge_gateway::broker;
-use gateway_tests::{contiguous_seqs, init_tracing, powercut, Collector, Proxy, Received};
+use gateway_tests::{
+    child_config, contiguous_seqs, init_tracing, powercut, quarantined, Collector, Proxy, Received,
+};
 use protocols::sim::modbus::SimDevice;
 use tokio_util::sync::CancellationToken;
 
@@ -29,36 +31,14 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-fn config(data_dir: &std::path::Path, mqtt_port: u16, device: std::net::SocketAddr) -> String {
-    format!(
-        r#"
-[gateway]
-id = "crash"
-data_dir = "{data}"
-
-[buffer]
-commit_interval = "{COMMIT_INTERVAL_MS}ms"
-
-[mqtt]
-url = "mqtt://127.0.0.1:{mqtt_port}"
-shutdown_grace = "200ms"
-
-[[devices]]
-name = "press"
-protocol = "modbus_tcp"
-address = "{device}"
-scan_interval = "{SCAN_MS}ms"
-
-  [[devices.tags]]
-  name = "counter"
-  address = "hr:0"
-
-  [[devices.tags]]
-  name = "sine"
-  address = "hr:1"
-  type = "f32"
-"#,
-        data = data_dir.display()
+fn config(data_dir: &Path, mqtt_port: u16, device: std::net::SocketAddr) -> String {
+    child_config(
+        "crash",
+        data_dir,
+        mqtt_port,
+        device,
+        COMMIT_INTERVAL_MS,
+        SCAN_MS,
     )
 }
 
@@ -200,27 +180,6 @@ async fn sigkill_loses_only_records_younger_than_the_commit_interval() {
     cancel.cancel();
     audit(&sub.messages(), &kill_times, last_boot);
     drop(server);
-}
-
-/// `quarantine-*` directories anywhere under `data`: a generation sled could not open.
-fn quarantined(data: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut dirs = vec![data.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                if entry
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with("quarantine-")
-                {
-                    found.push(entry.path());
-                }
-                dirs.push(entry.path());
-            }
-        }
-    }
-    found
 }
 
 /// Lines of a child's log about the buffer's files: the buffer's and sled's warnings, panics,

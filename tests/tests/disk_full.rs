@@ -21,7 +21,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edge_gateway::broker::{self, EmbeddedBroker};
-use gateway_tests::{contiguous_seqs, init_tracing, powercut, Collector, Proxy, Received};
+use gateway_tests::{
+    child_config, contiguous_seqs, init_tracing, powercut, quarantined, Collector, Proxy, Received,
+};
 use protocols::sim::modbus::{SimDevice, SimServer};
 use tokio_util::sync::CancellationToken;
 
@@ -32,35 +34,13 @@ const FAILING: &str = "commits to the disk buffer fail";
 const RECOVERED: &str = "commits to the disk buffer work again";
 
 fn config(data_dir: &Path, mqtt_port: u16, device: std::net::SocketAddr) -> String {
-    format!(
-        r#"
-[gateway]
-id = "diskfull"
-data_dir = "{data}"
-
-[buffer]
-commit_interval = "{COMMIT_INTERVAL_MS}ms"
-
-[mqtt]
-url = "mqtt://127.0.0.1:{mqtt_port}"
-shutdown_grace = "200ms"
-
-[[devices]]
-name = "press"
-protocol = "modbus_tcp"
-address = "{device}"
-scan_interval = "{SCAN_MS}ms"
-
-  [[devices.tags]]
-  name = "counter"
-  address = "hr:0"
-
-  [[devices.tags]]
-  name = "sine"
-  address = "hr:1"
-  type = "f32"
-"#,
-        data = data_dir.display()
+    child_config(
+        "diskfull",
+        data_dir,
+        mqtt_port,
+        device,
+        COMMIT_INTERVAL_MS,
+        SCAN_MS,
     )
 }
 
@@ -265,27 +245,6 @@ fn terminate(child: &mut Child, rig: &Rig, boot: u64) {
         "the gateway exited with {status} after SIGTERM\nchild log:\n{}",
         rig.log_text(boot)
     );
-}
-
-/// `quarantine-*` directories anywhere under `data`: a generation sled could not open.
-fn quarantined(data: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut dirs = vec![data.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                if entry
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with("quarantine-")
-                {
-                    found.push(entry.path());
-                }
-                dirs.push(entry.path());
-            }
-        }
-    }
-    found
 }
 
 /// Duplicates (re-sends) must carry the same content as the first copy.

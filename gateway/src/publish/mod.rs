@@ -271,10 +271,11 @@ impl Publisher {
             // A record that waited out a commit interval (an outage) went the store-and-forward
             // way, even when it is still in memory: it is flagged historical like a replayed one.
             let stale = queued.elapsed() >= self.commit_interval;
-            if stale && self.pace.is_limited() {
-                // With a replay rate, it is left to the replay, which paces it: it is in the
-                // ledger until acknowledged, so it is committed and the commit points the
-                // replay at it.
+            if stale && self.pace.is_limited() && !self.shared.ledger().is_pending(r.seq) {
+                // With a replay rate, a record already on disk (or being committed, or
+                // acknowledged) is left to the replay, which paces it; the commit pointed the
+                // replay at it. One held in memory only (commits failing) goes now: nothing
+                // else would send it.
                 continue;
             }
             let payload = if stale {
@@ -311,6 +312,13 @@ impl Publisher {
                 }
             };
             let Some(last) = chunk.last().map(|r| r.seq) else {
+                if from > 0 && !self.shared.buffer.is_empty() {
+                    // Nothing past the cursor, yet records are on disk: one more pass from the
+                    // start, so none is left behind until the next reconnect (it skips the
+                    // ones in flight or acknowledged, and ends the replay when it finds none).
+                    self.replay_from = Some(0);
+                    continue;
+                }
                 self.replay_from = None;
                 break;
             };
