@@ -39,7 +39,7 @@ impl EmbeddedBroker {
     }
 }
 
-fn config(listen: SocketAddr, max_payload: usize) -> Config {
+fn config(listen: SocketAddr, max_payload: usize, segments: usize) -> Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: 5000,
         max_payload_size: max_payload,
@@ -61,7 +61,7 @@ fn config(listen: SocketAddr, max_payload: usize) -> Config {
             max_connections: 1024,
             max_outgoing_packet_count: 2000,
             max_segment_size: 16 * 1024 * 1024,
-            max_segment_count: 4,
+            max_segment_count: segments,
             ..Default::default()
         },
         v4: Some(HashMap::from([("1".to_string(), server)])),
@@ -71,11 +71,17 @@ fn config(listen: SocketAddr, max_payload: usize) -> Config {
 
 /// Starts a broker on 127.0.0.1 that accepts payloads up to `max_payload` bytes.
 pub fn start(max_payload: usize) -> Result<EmbeddedBroker, BrokerError> {
+    start_keeping(max_payload, 4)
+}
+
+/// [`start`], keeping up to `segments` x 16 MiB of messages for a subscriber that lags
+/// behind (rumqttd skips a subscriber past what it no longer keeps: messages it never gets).
+pub fn start_keeping(max_payload: usize, segments: usize) -> Result<EmbeddedBroker, BrokerError> {
     for _ in 0..5 {
         let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(BrokerError::Port)?;
         let addr = probe.local_addr().map_err(BrokerError::Port)?;
         drop(probe);
-        let mut broker = Broker::new(config(addr, max_payload));
+        let mut broker = Broker::new(config(addr, max_payload, segments));
         let spawned = std::thread::Builder::new()
             .name("mqtt-broker".into())
             .spawn(move || {
