@@ -966,6 +966,13 @@ impl Buffer {
 
     /// Writes records in one batch and makes them durable (flush + fsync) before returning.
     pub fn commit(&self, records: &[Arc<Record>]) -> Result<CommitStats, BufferError> {
+        // sled can panic on a damaged file: that is a failed commit (the records stay in memory
+        // and are retried), not a lost committer.
+        catch_unwind(AssertUnwindSafe(|| self.commit_guarded(records)))
+            .unwrap_or_else(|_| Err(BufferError::Panicked(self.dir.clone())))
+    }
+
+    fn commit_guarded(&self, records: &[Arc<Record>]) -> Result<CommitStats, BufferError> {
         if records.is_empty() {
             return Ok(CommitStats::default());
         }
@@ -1106,6 +1113,20 @@ impl Buffer {
 
     /// Up to `limit` records with `seq >= from` and `seq < below`, oldest first, skipping `skip`.
     pub fn read_range(
+        &self,
+        from: u64,
+        below: u64,
+        limit: usize,
+        skip: impl Fn(u64) -> bool,
+    ) -> Result<Vec<Record>, BufferError> {
+        // sled can panic on a damaged file: a failed read, not a lost publisher.
+        catch_unwind(AssertUnwindSafe(|| {
+            self.read_range_guarded(from, below, limit, skip)
+        }))
+        .unwrap_or_else(|_| Err(BufferError::Panicked(self.dir.clone())))
+    }
+
+    fn read_range_guarded(
         &self,
         from: u64,
         below: u64,
