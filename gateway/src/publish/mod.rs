@@ -126,6 +126,8 @@ pub struct Publisher {
     last_ack: Option<(Instant, Instant)>,
     /// Paces the replay at `replay_rate`.
     pace: Pace,
+    /// After a failed read of the buffer, the replay waits until then.
+    replay_held_until: Option<Instant>,
     connected: bool,
     draining: bool,
     down_logged: bool,
@@ -164,6 +166,7 @@ impl Publisher {
             replay_from: None,
             last_ack: None,
             pace: Pace::new(replay_rate),
+            replay_held_until: None,
             connected: false,
             draining: false,
             down_logged: false,
@@ -286,7 +289,8 @@ impl Publisher {
             self.submit(&r.topic, payload, r.seq).await;
         }
         // While draining for shutdown only live records go out: the backlog stays on disk.
-        while self.window.room() > 0 && !self.draining {
+        let held_back = self.replay_held_until.is_some_and(|t| Instant::now() < t);
+        while self.window.room() > 0 && !self.draining && !held_back {
             let Some(from) = self.replay_from else {
                 break;
             };
@@ -306,11 +310,21 @@ impl Publisher {
             let chunk = match chunk {
                 Ok(c) => c,
                 Err(e) => {
+                    // Tried again in a second (the periodic check wakes the loop), not on
+                    // every event: one warning per failure, not a flood.
                     Metrics::add(&self.shared.metrics.io_errors, 1);
-                    warn!(error = %e, "cannot read the buffer for replay");
+                    if self.replay_held_until.is_none() {
+                        warn!(error = %e, "cannot read the buffer for replay; retrying every second");
+                    } else {
+                        debug!(error = %e, "buffer read for replay failed again");
+                    }
+                    self.replay_held_until = Some(Instant::now() + Duration::from_secs(1));
                     break;
                 }
             };
+            if self.replay_held_until.take().is_some() {
+                info!("the buffer reads again; replay goes on");
+            }
             let Some(last) = chunk.last().map(|r| r.seq) else {
                 if from > 0 && !self.shared.buffer.is_empty() {
                     // Nothing past the cursor, yet records are on disk: one more pass from the
