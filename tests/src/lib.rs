@@ -618,3 +618,29 @@ pub fn quarantined(data: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+/// Re-sends carry the first copy's topic and content (`historical` aside), per boot and `seq`.
+pub fn assert_resends_identical(msgs: &[Received]) {
+    let mut first: std::collections::HashMap<(u64, u64), (&str, serde_json::Value)> =
+        std::collections::HashMap::new();
+    for m in msgs {
+        let mut doc = m.doc.clone();
+        doc["historical"] = serde_json::Value::Bool(false);
+        match first.get(&(m.boot(), m.seq())) {
+            None => {
+                first.insert((m.boot(), m.seq()), (&m.topic, doc));
+            }
+            Some((topic, seen)) => {
+                let (boot, seq) = (m.boot(), m.seq());
+                assert_eq!(
+                    *topic, m.topic,
+                    "boot {boot}, seq {seq} re-sent to another topic"
+                );
+                assert_eq!(
+                    *seen, doc,
+                    "a duplicate (boot {boot}, seq {seq}) differs in content"
+                );
+            }
+        }
+    }
+}

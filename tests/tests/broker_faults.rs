@@ -6,7 +6,7 @@
 //! The gateway reaches the embedded rumqttd broker through a fault-injecting [`Proxy`]; the
 //! subscriber that audits what arrived connects to the broker directly.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -17,7 +17,8 @@ use edge_gateway::demo::{demo_devices, local_config, start_demo_devices};
 use edge_gateway::metrics::Metrics;
 use edge_gateway::topology::{self, Running};
 use gateway_tests::{
-    contiguous_seqs, eventually, init_tracing, refusing_broker, Collector, Proxy, Received,
+    assert_resends_identical, contiguous_seqs, eventually, init_tracing, refusing_broker,
+    Collector, Proxy, Received,
 };
 use protocols::sim::modbus::SimServer;
 use tokio_util::sync::CancellationToken;
@@ -129,22 +130,7 @@ fn assert_no_loss(msgs: &[Received], created: u64) {
         "{} distinct seqs arrived, {created} were created",
         seqs.len()
     );
-    let mut first: HashMap<u64, (&str, serde_json::Value)> = HashMap::new();
-    for m in msgs.iter().filter(|m| m.boot() == 1) {
-        let mut doc = m.doc.clone();
-        doc.as_object_mut()
-            .expect("a record is a JSON object")
-            .remove("historical");
-        match first.get(&m.seq()) {
-            None => {
-                first.insert(m.seq(), (&m.topic, doc));
-            }
-            Some((topic, seen)) => {
-                assert_eq!(*topic, m.topic, "seq {} re-sent to another topic", m.seq());
-                assert_eq!(*seen, doc, "seq {} re-sent with other content", m.seq());
-            }
-        }
-    }
+    assert_resends_identical(msgs);
 }
 
 /// Waits until the backlog has drained and every record created so far arrived at `subs`, shuts

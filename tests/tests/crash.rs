@@ -16,7 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edge_gateway::broker;
 use gateway_tests::{
-    child_config, contiguous_seqs, init_tracing, powercut, quarantined, Collector, Proxy, Received,
+    assert_resends_identical, child_config, contiguous_seqs, init_tracing, powercut, quarantined,
+    Collector, Proxy, Received,
 };
 use protocols::sim::modbus::SimDevice;
 use tokio_util::sync::CancellationToken;
@@ -101,20 +102,7 @@ async fn final_run(cfg: &Path, sub: &Collector, last_boot: u64) {
 /// boot, and the newest delivered record of each killed boot was read at most the commit
 /// interval (plus a scan and slack) before the kill.
 fn audit(msgs: &[Received], kill_times: &HashMap<u64, i64>, last_boot: u64) {
-    let mut by_key: HashMap<(u64, u64), serde_json::Value> = HashMap::new();
-    for m in msgs {
-        let mut doc = m.doc.clone();
-        doc["historical"] = serde_json::Value::Bool(false);
-        if let Some(prev) = by_key.insert((m.boot(), m.seq()), doc.clone()) {
-            assert_eq!(
-                prev,
-                doc,
-                "a duplicate (boot {}, seq {}) differs in content",
-                m.boot(),
-                m.seq()
-            );
-        }
-    }
+    assert_resends_identical(msgs);
     for boot in 1..last_boot {
         let seqs = contiguous_seqs(msgs, boot);
         assert!(!seqs.is_empty(), "boot {boot} delivered nothing");

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use edge_gateway::broker::{self, EmbeddedBroker};
 use gateway_tests::{
-    child_config, contiguous_seqs, init_tracing, powercut, quarantined, Collector, Proxy, Received,
+    assert_resends_identical, child_config, contiguous_seqs, init_tracing, powercut, quarantined,
+    Collector, Proxy, Received,
 };
 use protocols::sim::modbus::{SimDevice, SimServer};
 use tokio_util::sync::CancellationToken;
@@ -247,24 +248,6 @@ fn terminate(child: &mut Child, rig: &Rig, boot: u64) {
     );
 }
 
-/// Duplicates (re-sends) must carry the same content as the first copy.
-fn assert_duplicates_identical(msgs: &[Received]) {
-    let mut by_key: HashMap<(u64, u64), serde_json::Value> = HashMap::new();
-    for m in msgs {
-        let mut doc = m.doc.clone();
-        doc["historical"] = serde_json::Value::Bool(false);
-        if let Some(prev) = by_key.insert((m.boot(), m.seq()), doc.clone()) {
-            assert_eq!(
-                prev,
-                doc,
-                "a duplicate (boot {}, seq {}) differs in content",
-                m.boot(),
-                m.seq()
-            );
-        }
-    }
-}
-
 /// Ranges `[a, b]` of the seqs below `below` missing from `seqs`.
 fn holes(seqs: &BTreeSet<u64>, below: u64) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -431,7 +414,7 @@ async fn run(trouble: Trouble, also: Also) {
 
     let msgs = rig.sub.messages();
     assert_eq!(rig.sub.garbled(), 0, "garbled payloads arrived");
-    assert_duplicates_identical(&msgs);
+    assert_resends_identical(&msgs);
     let seqs = delivered(&msgs, boot);
     let missing = holes(&seqs, made);
     eprintln!(
@@ -506,7 +489,7 @@ async fn start_in_trouble(trouble: Trouble) {
     assert_clean_log(&rig, 2);
     assert_eq!(rig.sub.garbled(), 0, "garbled payloads arrived");
     let msgs = rig.sub.messages();
-    assert_duplicates_identical(&msgs);
+    assert_resends_identical(&msgs);
     contiguous_seqs(&msgs, 2);
     eprintln!("took {} ms", started.elapsed().as_millis());
 }
