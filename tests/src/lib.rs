@@ -644,3 +644,39 @@ pub fn assert_resends_identical(msgs: &[Received]) {
         }
     }
 }
+
+/// What a gateway child talks to: the embedded broker, a proxy in front of it that can cut the
+/// link, and the animated demo Modbus device (its animation stops when this is dropped).
+pub struct ChildPeers {
+    /// The broker.
+    pub broker: edge_gateway::broker::EmbeddedBroker,
+    /// The proxy the gateway reaches the broker through.
+    pub proxy: Proxy,
+    /// The device's server.
+    pub device: protocols::sim::modbus::SimServer,
+    animation: CancellationToken,
+}
+
+impl ChildPeers {
+    /// Starts the broker, the proxy and the device on 127.0.0.1.
+    pub async fn start() -> ChildPeers {
+        let broker = edge_gateway::broker::start(16 << 20).unwrap();
+        let proxy = Proxy::start(broker.addr()).await.unwrap();
+        let animation = CancellationToken::new();
+        let dev = protocols::sim::modbus::SimDevice::demo();
+        dev.animate(Duration::from_millis(20), animation.clone());
+        let device = dev.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        ChildPeers {
+            broker,
+            proxy,
+            device,
+            animation,
+        }
+    }
+}
+
+impl Drop for ChildPeers {
+    fn drop(&mut self) {
+        self.animation.cancel();
+    }
+}

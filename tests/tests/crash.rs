@@ -14,13 +14,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use edge_gateway::broker;
 use gateway_tests::{
     assert_resends_identical, child_config, contiguous_seqs, init_tracing, powercut, quarantined,
-    Collector, Proxy, Received,
+    ChildPeers, Collector, Received,
 };
-use protocols::sim::modbus::SimDevice;
-use tokio_util::sync::CancellationToken;
 
 const COMMIT_INTERVAL_MS: u64 = 100;
 const SCAN_MS: u64 = 50;
@@ -126,12 +123,8 @@ async fn sigkill_loses_only_records_younger_than_the_commit_interval() {
     } else {
         4
     };
-    let broker = broker::start(16 << 20).unwrap();
-    let proxy = Proxy::start(broker.addr()).await.unwrap();
-    let cancel = CancellationToken::new();
-    let dev = SimDevice::demo();
-    dev.animate(Duration::from_millis(20), cancel.clone());
-    let server = dev.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let peers = ChildPeers::start().await;
+    let (broker, proxy, server) = (&peers.broker, &peers.proxy, &peers.device);
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("gw.toml");
     std::fs::write(
@@ -165,9 +158,7 @@ async fn sigkill_loses_only_records_younger_than_the_commit_interval() {
     proxy.restore();
     let last_boot = kills as u64 + 1;
     final_run(&cfg, &sub, last_boot).await;
-    cancel.cancel();
     audit(&sub.messages(), &kill_times, last_boot);
-    drop(server);
 }
 
 /// Lines of a child's log about the buffer's files: the buffer's and sled's warnings, panics,
@@ -202,12 +193,8 @@ async fn a_power_cut_loses_no_committed_record() {
     } else {
         6
     };
-    let broker = broker::start(16 << 20).unwrap();
-    let proxy = Proxy::start(broker.addr()).await.unwrap();
-    let cancel = CancellationToken::new();
-    let dev = SimDevice::demo();
-    dev.animate(Duration::from_millis(20), cancel.clone());
-    let server = dev.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let peers = ChildPeers::start().await;
+    let (broker, proxy, server) = (&peers.broker, &peers.proxy, &peers.device);
     let dir = tempfile::tempdir().unwrap();
     // Canonical: the shim compares the gateway's paths with its root by prefix.
     let base = dir.path().canonicalize().unwrap();
@@ -284,7 +271,6 @@ async fn a_power_cut_loses_no_committed_record() {
     proxy.restore();
     let last_boot = cuts as u64 + 1;
     final_run(&cfg, &sub, last_boot).await;
-    cancel.cancel();
     let aside = quarantined(&data);
     assert!(
         aside.is_empty(),
@@ -302,5 +288,4 @@ async fn a_power_cut_loses_no_committed_record() {
     // once (sled's `conf` too), so most cuts find nothing to take back. That the shim does take
     // back what was not synced is the subject of `powercut_shim.rs`.
     audit(&sub.messages(), &kill_times, last_boot);
-    drop(server);
 }

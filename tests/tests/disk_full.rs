@@ -20,13 +20,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edge_gateway::broker::{self, EmbeddedBroker};
 use gateway_tests::{
     assert_resends_identical, child_config, contiguous_seqs, init_tracing, powercut, quarantined,
-    Collector, Proxy, Received,
+    ChildPeers, Collector, Received,
 };
-use protocols::sim::modbus::{SimDevice, SimServer};
-use tokio_util::sync::CancellationToken;
 
 const COMMIT_INTERVAL_MS: u64 = 100;
 const SCAN_MS: u64 = 50;
@@ -103,27 +100,24 @@ struct Rig {
     control: PathBuf,
     metrics: PathBuf,
     cfg: PathBuf,
-    proxy: Proxy,
+    peers: ChildPeers,
     sub: Collector,
-    cancel: CancellationToken,
-    _server: SimServer,
-    _broker: EmbeddedBroker,
 }
 
 impl Rig {
     async fn start() -> Rig {
-        let broker = broker::start(16 << 20).unwrap();
-        let proxy = Proxy::start(broker.addr()).await.unwrap();
-        let cancel = CancellationToken::new();
-        let dev = SimDevice::demo();
-        dev.animate(Duration::from_millis(20), cancel.clone());
-        let server = dev.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let peers = ChildPeers::start().await;
+        let (broker, proxy) = (&peers.broker, &peers.proxy);
         let dir = tempfile::tempdir().unwrap();
         // Canonical: the shim compares the gateway's paths with its root by prefix.
         let base = dir.path().canonicalize().unwrap();
         let data = base.join("data");
         let cfg = base.join("gw.toml");
-        std::fs::write(&cfg, config(&data, proxy.addr().port(), server.addr())).unwrap();
+        std::fs::write(
+            &cfg,
+            config(&data, proxy.addr().port(), peers.device.addr()),
+        )
+        .unwrap();
         let sub = Collector::start(broker.port(), "edge/diskfull/#").await;
         Rig {
             shadow: base.join("shadow"),
@@ -134,11 +128,8 @@ impl Rig {
             cfg,
             base,
             _dir: dir,
-            proxy,
+            peers,
             sub,
-            cancel,
-            _server: server,
-            _broker: broker,
         }
     }
 
@@ -215,12 +206,6 @@ impl Rig {
     }
 }
 
-impl Drop for Rig {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
 fn get(m: &HashMap<String, u64>, key: &str) -> u64 {
     m.get(key).copied().unwrap_or(0)
 }
@@ -280,7 +265,7 @@ async fn run(trouble: Trouble, also: Also) {
     let boot = 1;
 
     // The broker is cut from the start: every record goes to disk.
-    rig.proxy.cut();
+    rig.peers.proxy.cut();
     let mut child = rig.spawn(boot);
     let before = rig
         .wait_metrics(boot, Duration::from_secs(10), "a committed backlog", |m| {
@@ -350,7 +335,7 @@ async fn run(trouble: Trouble, also: Also) {
     );
 
     // The broker is back: everything made must arrive or be counted as evicted.
-    rig.proxy.restore();
+    rig.peers.proxy.restore();
     let target = get(&recovered, "records");
     rig.sub
         .wait_for(Duration::from_secs(10), "the backlog to arrive", |msgs| {
@@ -449,7 +434,7 @@ async fn start_in_trouble(trouble: Trouble) {
     init_tracing();
     let started = Instant::now();
     let rig = Rig::start().await;
-    rig.proxy.cut();
+    rig.peers.proxy.cut();
     let mut child = rig.spawn(1);
     rig.wait_metrics(1, Duration::from_secs(10), "a committed backlog", |m| {
         get(m, "committed") >= 30
@@ -474,7 +459,7 @@ async fn start_in_trouble(trouble: Trouble) {
     .await;
 
     powercut::lift_space_limits(&rig.control).unwrap();
-    rig.proxy.restore();
+    rig.peers.proxy.restore();
     rig.sub
         .wait_for(
             Duration::from_secs(10),
