@@ -1058,17 +1058,9 @@ impl Buffer {
             // them relies on sled's recovery skipping the hole; the watermark reports it if not.
             return Err(e);
         }
-        for (key, stored) in made {
-            // A chunk of the same key from a commit whose sync failed: replaced.
-            if let Some(old) = newest.chunks.insert(key, stored) {
-                newest.records = newest.records.saturating_sub(old.live.len());
-                newest.bytes = newest.bytes.saturating_sub(old.bytes);
-                self.records
-                    .fetch_sub(old.live.len().min(self.len()), Ordering::Relaxed);
-                self.bytes
-                    .fetch_sub(old.bytes.min(self.bytes()), Ordering::Relaxed);
-            }
-        }
+        // A record is in one successful commit only (the chunks of a failed one are never
+        // tracked), so no key is taken twice.
+        newest.chunks.extend(made);
         let spaced = newest.times.back().is_none_or(|&(_, t)| now >= t + 1000);
         if newest.times.len() < MAX_COMMIT_TIMES || spaced {
             newest.times.push_back((mark, now));
