@@ -201,6 +201,19 @@ struct Received {
     first_historical_ms: AtomicU64,
 }
 
+impl Received {
+    /// The read-to-subscriber latencies so far, in milliseconds, ascending.
+    fn sorted_latencies(&self) -> Vec<f64> {
+        let mut lat = self
+            .latencies_ms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        lat
+    }
+}
+
 /// A TCP proxy on 127.0.0.1 in front of the broker that can cut every connection and refuse new
 /// ones, to play a broker outage.
 struct Cutter {
@@ -490,12 +503,7 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
     cancel.cancel();
 
     let samples = (n1 - n0) as f64;
-    let mut lat = got
-        .latencies_ms
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    lat.sort_by(|a, b| a.total_cmp(b));
+    let lat = got.sorted_latencies();
     let cpu = s1.cpu_s - s0.cpu_s;
     println!(
         "samples/s end to end (received by the subscriber): {:.0}",
@@ -605,12 +613,7 @@ async fn outage(opts: &BenchOptions, pid: u32, cutter: &Cutter, got: &Received, 
             offered * 600.0 / rate
         );
     }
-    let mut lat = got
-        .latencies_ms
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    lat.sort_by(|a, b| a.total_cmp(b));
+    let lat = got.sorted_latencies();
     println!(
         "outage: live latency during the drain: p50 {:.1} ms, p99 {:.1} ms",
         percentile(&lat, 0.5),
