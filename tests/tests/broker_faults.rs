@@ -95,6 +95,15 @@ impl Rig {
     async fn start(&self) -> Running {
         topology::start(self.config.clone()).await.unwrap()
     }
+
+    /// A subscriber, then the gateway, once the subscriber has received live records from it.
+    async fn start_live(&self) -> (Collector, Running) {
+        let sub = self.collector().await;
+        let gw = self.start().await;
+        sub.wait_for(Duration::from_secs(10), "live records", |m| m.len() >= 10)
+            .await;
+        (sub, gw)
+    }
 }
 
 impl Drop for Rig {
@@ -202,11 +211,8 @@ async fn without_pubacks_the_publisher_times_the_window_out_reconnects_and_resen
     let mut rig = Rig::new(None).await;
     let ack_timeout = Duration::from_secs(1);
     rig.config.mqtt.ack_timeout = ack_timeout;
-    let sub = rig.collector().await;
-    let gw = rig.start().await;
+    let (sub, gw) = rig.start_live().await;
     let m = gw.metrics.clone();
-    sub.wait_for(Duration::from_secs(10), "live records", |m| m.len() >= 10)
-        .await;
     let connects = Metrics::get(&m.mqtt_connects);
 
     // Publishes reach the broker; its PUBACKs never reach the gateway, TCP stays up.
@@ -263,11 +269,8 @@ async fn without_pubacks_the_publisher_times_the_window_out_reconnects_and_resen
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_cut_mid_packet_again_and_again_lose_nothing_and_corrupt_nothing() {
     let rig = Rig::new(None).await;
-    let sub = rig.collector().await;
-    let gw = rig.start().await;
+    let (sub, gw) = rig.start_live().await;
     let m = gw.metrics.clone();
-    sub.wait_for(Duration::from_secs(10), "live records", |m| m.len() >= 10)
-        .await;
     let connects = Metrics::get(&m.mqtt_connects);
 
     // Every connection carries a CONNECT and a few publishes, then is cut inside the next one.
@@ -340,11 +343,8 @@ async fn a_slow_broker_gets_everything_while_the_backlog_waits_on_disk_not_in_me
     let mut rig = Rig::new(None).await;
     // A small window, so the publisher's live queue (four windows) holds less than the backlog.
     rig.config.mqtt.max_inflight = 16;
-    let sub = rig.collector().await;
-    let gw = rig.start().await;
+    let (sub, gw) = rig.start_live().await;
     let m = gw.metrics.clone();
-    sub.wait_for(Duration::from_secs(10), "live records", |m| m.len() >= 10)
-        .await;
     let connects = Metrics::get(&m.mqtt_connects);
 
     // About a quarter of what the devices produce gets through.
@@ -392,11 +392,8 @@ async fn a_slow_broker_that_keeps_acknowledging_is_not_taken_for_a_dead_link() {
     // The link drains a full window (256 records) in ~25 s, far beyond the ack timeout, but a
     // PUBACK comes back every ~100 ms: the link is slow, not dead.
     rig.config.mqtt.ack_timeout = Duration::from_secs(2);
-    let sub = rig.collector().await;
-    let gw = rig.start().await;
+    let (sub, gw) = rig.start_live().await;
     let m = gw.metrics.clone();
-    sub.wait_for(Duration::from_secs(10), "live records", |m| m.len() >= 10)
-        .await;
     let connects = Metrics::get(&m.mqtt_connects);
     rig.proxy.throttle(8_000);
     let started = Instant::now();
