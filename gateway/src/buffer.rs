@@ -256,6 +256,37 @@ fn close_quietly(db: sled::Db) {
     }
 }
 
+/// Logs panics raised inside sled as one error line instead of a panic report. The buffer
+/// contains every one of them (a failed open, commit, read or close; see [`close_quietly`]),
+/// but the default hook would still print `panicked at` and a backtrace for each, which on a
+/// failing disk is one report per generation closed or retried: noise that reads as a crash.
+/// Panics anywhere else go to the hook that was installed before.
+pub fn contain_sled_panic_reports() {
+    let before = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_sled = info.location().is_some_and(|l| {
+            let file = l.file();
+            file.contains("/sled-") || file.contains("\\sled-")
+        });
+        if !in_sled {
+            return before(info);
+        }
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()));
+        error!(
+            at = at.unwrap_or_default(),
+            message, "sled failed inside (the disk failed); the buffer contains it and goes on"
+        );
+    }));
+}
+
 /// One sled database of the buffer. Only the newest generation and the oldest one holding
 /// records (the next to replay) are kept open; the others are sealed: synced and closed, so
 /// sled's memory for them is given back (sled keeps what it wrote in memory while open), and

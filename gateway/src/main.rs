@@ -87,6 +87,7 @@ fn init_tracing(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    edge_gateway::buffer::contain_sled_panic_reports();
 }
 
 /// Cancelled on Ctrl-C or SIGTERM.

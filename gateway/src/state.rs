@@ -4,6 +4,13 @@
 //! fsynced, renamed over the old one, directory fsynced). A crash wastes at most the unused rest
 //! of the range, which shows up as a jump between boots, never as a repeat.
 //!
+//! When the file cannot be read or made durable (a failing disk), the gateway does not stop:
+//! it goes on with a *volatile boot*, whose boot number is the time in milliseconds and whose
+//! sequence numbers start from a time-based floor, neither of which a restart reading the old
+//! file can repeat; so a `(boot, seq)` still never names two different records, and sequence
+//! numbers stay contiguous within a boot. The file is tried again every second, and a volatile
+//! boot that gets it written is durable from then on.
+//!
 //! The file always has the same size ([`FILE_SIZE`], padded), so on a full disk, where the
 //! temporary file cannot be written, it is overwritten in place instead: that needs no new
 //! block, and a write this small lies within one sector.
@@ -11,12 +18,15 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tracing::warn;
+use tracing::{error, info, warn};
 
 /// How many sequence numbers are reserved per write of the state file.
 pub const RESERVE: u64 = 100_000;
+
+/// How often a volatile boot tries to write the state file again.
+const RETRY: Duration = Duration::from_secs(1);
 
 /// The state file's size: its text, padded with spaces.
 const FILE_SIZE: usize = 128;
@@ -38,6 +48,10 @@ pub struct SeqState {
     boot: u64,
     next: u64,
     reserved: u64,
+    /// Whether `reserved` is on disk; false during a volatile boot.
+    durable: bool,
+    /// When a volatile boot tries to write the state file again.
+    retry_at: Instant,
 }
 
 /// The file's text: the values, then a checksum of them (an in-place write torn by a power cut
@@ -69,53 +83,111 @@ fn parse(text: &str) -> Option<(u64, u64)> {
     Some((boot, reserved))
 }
 
+/// The time-based sequence floor: above anything an earlier boot can have used, unless it
+/// handed out more than 1,000 sequence numbers per millisecond of wall time.
+fn time_floor() -> u64 {
+    unix_ms().saturating_mul(1000)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl SeqState {
     /// Opens the state in `dir`, counts this boot and reserves the first range. `floor` is one
     /// past the highest sequence number known to be used (from the buffer). `fresh` says the data
-    /// directory is new, so a missing state file means a first start, not a lost file.
-    pub fn open(dir: &Path, floor: u64, fresh: bool) -> Result<SeqState, StateError> {
+    /// directory is new, so a missing state file means a first start, not a lost file. Never
+    /// fails: a state file that cannot be read or made durable starts a volatile boot.
+    pub fn open(dir: &Path, floor: u64, fresh: bool) -> SeqState {
         let path = dir.join("state");
-        // Unknown how far an earlier boot got: start past anything it could have used.
-        let time_floor = || {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64 * 1000)
-                .unwrap_or(0)
-        };
-        let (boot, reserved) = match fs::read_to_string(&path) {
+        let read = match fs::read_to_string(&path) {
             Ok(text) => match parse(&text) {
-                Some(v) => v,
+                Some(v) => Some(v),
                 None => {
+                    // Unknown how far an earlier boot got: start past anything it could have used.
                     warn!(path = %path.display(), "state file is damaged; continuing sequence numbers from a time-based floor");
-                    (0, time_floor())
+                    Some((0, time_floor()))
                 }
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && fresh => (0, 0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && fresh => Some((0, 0)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 warn!(path = %path.display(), "state file is missing from a used data directory; continuing sequence numbers from a time-based floor");
-                (0, time_floor())
+                Some((0, time_floor()))
             }
-            Err(source) => return Err(StateError { path, source }),
+            Err(e) => {
+                error!(path = %path.display(), error = %e, "cannot read the state file");
+                None
+            }
         };
-        let next = reserved.max(floor);
         let mut state = SeqState {
             path,
-            boot: boot + 1,
-            next,
-            reserved: next,
+            boot: 0,
+            next: floor,
+            reserved: floor,
+            durable: true,
+            retry_at: Instant::now(),
         };
-        state.reserve()?;
-        Ok(state)
+        match read {
+            Some((boot, reserved)) => {
+                state.boot = boot + 1;
+                state.next = reserved.max(floor);
+                state.reserved = state.next;
+                state.reserve();
+            }
+            None => state.go_volatile(),
+        }
+        state
     }
 
-    fn reserve(&mut self) -> Result<(), StateError> {
+    /// Reserves the next range on disk; when that fails, goes on with a volatile boot (and
+    /// tries again every [`RETRY`]).
+    fn reserve(&mut self) {
         let reserved = self.next + RESERVE;
+        match self.write(self.boot, reserved) {
+            Ok(()) => {
+                if !self.durable {
+                    info!(path = %self.path.display(), boot = self.boot, "state file writable again; sequence numbers are reserved on disk again");
+                }
+                self.durable = true;
+                self.reserved = reserved;
+            }
+            Err(e) => {
+                self.retry_at = Instant::now() + RETRY;
+                if self.durable {
+                    error!(error = %e, "cannot reserve sequence numbers on disk; going on with a volatile boot (a new boot number and sequence numbers from a time-based floor, which a restart cannot repeat)");
+                    self.go_volatile();
+                }
+                // The range is in memory only: a restart does not reuse it (a new boot number,
+                // and the time-based floor is far above it), so there is nothing to wait for.
+                self.reserved = self.next + RESERVE;
+            }
+        }
+    }
+
+    /// Starts a volatile boot: a boot number and sequence numbers no restart can repeat, even
+    /// one that reads the state file as it was before this boot. The boot number is the time in
+    /// milliseconds (a restart counts on from the file's boot number, far below); the sequence
+    /// numbers start above the time-based floor, which the ones a restart takes from the file
+    /// stay far below.
+    fn go_volatile(&mut self) {
+        self.durable = false;
+        self.boot = unix_ms().max(self.boot + 1);
+        self.next = self.next.max(time_floor());
+        self.reserved = self.next;
+        self.retry_at = Instant::now() + RETRY;
+    }
+
+    /// Writes the file (temporary file, fsync, rename, directory fsync; in place on a full disk).
+    fn write(&self, boot: u64, reserved: u64) -> Result<(), StateError> {
         let tmp = self.path.with_extension("tmp");
         let err = |source| StateError {
             path: self.path.clone(),
             source,
         };
-        let mut text = text(self.boot, reserved);
+        let mut text = text(boot, reserved);
         text.push_str(&" ".repeat(FILE_SIZE.saturating_sub(text.len() + 1)));
         text.push('\n');
         let replace = || -> std::io::Result<()> {
@@ -129,7 +201,7 @@ impl SeqState {
             Ok(())
         };
         match replace() {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             Err(e) if is_disk_full(&e) && self.path.exists() => {
                 let _ = fs::remove_file(&tmp);
                 warn!(path = %self.path.display(), "disk full: overwriting the state file in place");
@@ -138,32 +210,37 @@ impl SeqState {
                     .open(&self.path)
                     .map_err(err)?;
                 f.write_all(text.as_bytes()).map_err(err)?;
-                f.sync_all().map_err(err)?;
+                f.sync_all().map_err(err)
             }
-            Err(e) => return Err(err(e)),
+            Err(e) => Err(err(e)),
         }
-        self.reserved = reserved;
-        Ok(())
     }
 
-    /// This boot's number (1 for the first start).
+    /// This boot's number (1 for the first start). A volatile boot changes it (see
+    /// [`SeqState::is_durable`]), so records take it from here, not once at start.
     pub fn boot(&self) -> u64 {
         self.boot
     }
 
-    /// The next sequence number; reserves a new range on disk when the current one is used up.
-    pub fn next_seq(&mut self) -> Result<u64, StateError> {
-        let seq = self.peek_seq()?;
+    /// Whether the sequence numbers handed out are reserved on disk (false during a volatile
+    /// boot, while the state file cannot be written).
+    pub fn is_durable(&self) -> bool {
+        self.durable
+    }
+
+    /// The next sequence number; reserves a new range when the current one is used up.
+    pub fn next_seq(&mut self) -> u64 {
+        let seq = self.peek_seq();
         self.next += 1;
-        Ok(seq)
+        seq
     }
 
     /// The sequence number [`SeqState::next_seq`] will return, without using it up.
-    pub fn peek_seq(&mut self) -> Result<u64, StateError> {
-        if self.next >= self.reserved {
-            self.reserve()?;
+    pub fn peek_seq(&mut self) -> u64 {
+        if self.next >= self.reserved || (!self.durable && Instant::now() >= self.retry_at) {
+            self.reserve();
         }
-        Ok(self.next)
+        self.next
     }
 }
 
@@ -179,32 +256,32 @@ mod tests {
     #[test]
     fn boots_count_up_and_sequences_never_repeat_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = SeqState::open(dir.path(), 0, true).unwrap();
+        let mut s = SeqState::open(dir.path(), 0, true);
         assert_eq!(s.boot(), 1);
-        let a = s.next_seq().unwrap();
-        let b = s.next_seq().unwrap();
+        let a = s.next_seq();
+        let b = s.next_seq();
         assert_eq!((a, b), (0, 1));
         drop(s); // a crash: the rest of the range is skipped
-        let mut s = SeqState::open(dir.path(), 0, true).unwrap();
+        let mut s = SeqState::open(dir.path(), 0, true);
         assert_eq!(s.boot(), 2);
-        assert!(s.next_seq().unwrap() >= RESERVE);
+        assert!(s.next_seq() >= RESERVE);
     }
 
     #[test]
     fn the_floor_from_the_buffer_wins_over_a_lost_state_file() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = SeqState::open(dir.path(), 500, true).unwrap();
-        assert_eq!(s.next_seq().unwrap(), 500);
+        let mut s = SeqState::open(dir.path(), 500, true);
+        assert_eq!(s.next_seq(), 500);
     }
 
     #[test]
     fn a_new_range_is_reserved_when_one_runs_out() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = SeqState::open(dir.path(), 0, true).unwrap();
+        let mut s = SeqState::open(dir.path(), 0, true);
         for _ in 0..RESERVE {
-            s.next_seq().unwrap();
+            s.next_seq();
         }
-        assert_eq!(s.next_seq().unwrap(), RESERVE);
+        assert_eq!(s.next_seq(), RESERVE);
         let text = fs::read_to_string(dir.path().join("state")).unwrap();
         assert!(text.contains(&format!("seq_reserved={}", 2 * RESERVE)));
     }
@@ -212,8 +289,8 @@ mod tests {
     #[test]
     fn a_lost_state_file_in_a_used_data_directory_does_not_restart_sequences_at_zero() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = SeqState::open(dir.path(), 0, false).unwrap();
-        assert!(s.next_seq().unwrap() > 1_000_000_000);
+        let mut s = SeqState::open(dir.path(), 0, false);
+        assert!(s.next_seq() > 1_000_000_000);
     }
 
     #[test]
@@ -234,7 +311,67 @@ mod tests {
     fn a_damaged_state_file_does_not_restart_sequences_at_zero() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("state"), "garbage").unwrap();
-        let mut s = SeqState::open(dir.path(), 0, true).unwrap();
-        assert!(s.next_seq().unwrap() > 1_000_000_000);
+        let mut s = SeqState::open(dir.path(), 0, true);
+        assert!(s.next_seq() > 1_000_000_000);
+    }
+
+    #[test]
+    fn a_state_file_that_cannot_be_read_starts_a_volatile_boot_that_turns_durable_once_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: reading and replacing it both fail.
+        fs::create_dir(dir.path().join("state")).unwrap();
+        let mut s = SeqState::open(dir.path(), 0, false);
+        assert!(!s.is_durable());
+        let boot = s.boot();
+        assert!(boot > 1_000_000_000, "a time-based boot number: {boot}");
+        let first = s.next_seq();
+        assert!(first > 1_000_000_000);
+        assert_eq!(s.next_seq(), first + 1, "contiguous within the boot");
+
+        fs::remove_dir(dir.path().join("state")).unwrap();
+        std::thread::sleep(RETRY);
+        assert_eq!(s.next_seq(), first + 2);
+        assert!(s.is_durable());
+        assert_eq!(s.boot(), boot, "the boot keeps its number once durable");
+        let again = SeqState::open(dir.path(), 0, false);
+        assert_eq!(again.boot(), boot + 1);
+        assert!(again.next >= first + 3);
+    }
+
+    #[test]
+    fn a_reservation_failing_mid_run_goes_on_with_a_boot_and_seqs_a_restart_cannot_repeat() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SeqState::open(dir.path(), 0, true);
+        let mut used = Vec::new();
+        for _ in 0..RESERVE {
+            used.push((s.boot(), s.next_seq()));
+        }
+        // The temporary file cannot be made: the next reservation fails.
+        fs::create_dir(dir.path().join("state.tmp")).unwrap();
+        for _ in 0..10 {
+            used.push((s.boot(), s.next_seq()));
+        }
+        assert!(!s.is_durable());
+        assert_ne!(used[0].0, used[used.len() - 1].0, "a new boot number");
+        let volatile: Vec<u64> = used[RESERVE as usize..].iter().map(|u| u.1).collect();
+        assert!(volatile.windows(2).all(|w| w[1] == w[0] + 1));
+        assert!(
+            volatile[0] > used[RESERVE as usize - 1].1,
+            "sequence numbers only grow"
+        );
+
+        // A crash now, and the disk works again: the restart reads the file as the first range
+        // left it.
+        fs::remove_dir(dir.path().join("state.tmp")).unwrap();
+        let mut r = SeqState::open(dir.path(), 0, true);
+        assert!(r.is_durable());
+        for _ in 0..1000 {
+            let next = (r.boot(), r.next_seq());
+            assert!(
+                !used.contains(&next),
+                "{next:?} was used before the restart"
+            );
+            assert!(!volatile.contains(&next.1));
+        }
     }
 }

@@ -20,7 +20,7 @@ use crate::config::{Config, DeviceKind};
 use crate::metrics::Metrics;
 use crate::publish::json::JsonEncoder;
 use crate::publish::Publisher;
-use crate::state::{SeqState, StateError};
+use crate::state::SeqState;
 use crate::writer::{run_committer, run_writer, Shared};
 
 /// Capacity of the drivers' shared batch channel.
@@ -40,9 +40,6 @@ pub enum StartError {
     /// The disk buffer cannot be opened.
     #[error(transparent)]
     Buffer(#[from] BufferError),
-    /// The state file cannot be used.
-    #[error(transparent)]
-    State(#[from] StateError),
     /// The MQTT password file cannot be read.
     #[error("mqtt.password_file {path}: {source}")]
     Password {
@@ -126,7 +123,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     })??;
     let buffer = Arc::new(buffer);
     let floor = report.last_seq.map_or(0, |s| s + 1);
-    let seqs = SeqState::open(&data_dir, floor, fresh)?;
+    let seqs = SeqState::open(&data_dir, floor, fresh);
     let boot = seqs.boot();
     info!(gateway = %config.gateway.id, boot, backlog = report.records, devices = config.devices.len(), "starting gateway");
 

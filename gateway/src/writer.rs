@@ -110,16 +110,9 @@ pub async fn run_writer(
     while let Some(batch) = batches.recv().await {
         todo.push(batch);
         while let Some(batch) = todo.pop() {
-            let seq = loop {
-                match seqs.peek_seq() {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        // An unreserved number could repeat after a crash: wait instead.
-                        error!(error = %e, "cannot reserve sequence numbers; holding the pipeline");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            };
+            let seq = seqs.peek_seq();
+            // A volatile boot (the state file cannot be written) has a boot number of its own.
+            encoder.set_boot(seqs.boot());
             let record = encoder.encode(seq, &batch);
             if record.topic.len() + record.payload.len() + PACKET_OVERHEAD > max_packet {
                 // No seq is used up for a record that is not made: seqs stay contiguous.
@@ -136,9 +129,7 @@ pub async fn run_writer(
                 }
                 continue;
             }
-            if seqs.next_seq().is_err() {
-                continue; // unreachable: peek_seq reserved this number
-            }
+            seqs.next_seq();
             let record = Arc::new(record);
             let m = &shared.metrics;
             Metrics::add(&m.records, 1);
@@ -515,7 +506,7 @@ mod tests {
         let tags = (0..100).map(|i| Arc::from(format!("tag{i}"))).collect();
         catalog.add_device("dev".into(), tags);
         let encoder = JsonEncoder::new("gw", 1, "edge/gw", &catalog);
-        let seqs = SeqState::open(dir.path(), 0, true).unwrap();
+        let seqs = SeqState::open(dir.path(), 0, true);
         let (batch_tx, batch_rx) = mpsc::channel(4);
         let (live_tx, mut live_rx) = mpsc::channel(64);
         let writer = tokio::spawn(run_writer(

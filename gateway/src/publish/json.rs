@@ -15,6 +15,8 @@ use crate::record::{Record, NO_FLAG};
 /// Encodes batches of one gateway boot into records.
 #[derive(Debug)]
 pub struct JsonEncoder {
+    gateway: Vec<u8>,
+    boot: u64,
     head: Vec<u8>,
     topics: Vec<Arc<str>>,
     devices: Vec<Vec<u8>>,
@@ -25,10 +27,8 @@ pub struct JsonEncoder {
 impl JsonEncoder {
     /// An encoder for a gateway id, boot number and topic prefix.
     pub fn new(gateway: &str, boot: u64, topic_prefix: &str, catalog: &Catalog) -> Self {
-        let mut head = Vec::new();
-        head.extend_from_slice(b"{\"gateway\":");
-        write_str(&mut head, gateway);
-        let _ = write!(head, ",\"boot\":{boot},\"device\":");
+        let mut quoted = Vec::new();
+        write_str(&mut quoted, gateway);
         let topics = catalog
             .devices()
             .map(|(_, d)| Arc::from(format!("{topic_prefix}/{}", d.name)))
@@ -55,12 +55,31 @@ impl JsonEncoder {
                     .collect()
             })
             .collect();
-        JsonEncoder {
-            head,
+        let mut encoder = JsonEncoder {
+            gateway: quoted,
+            boot,
+            head: Vec::new(),
             topics,
             devices,
             tags,
             capacity_hint: 256,
+        };
+        encoder.write_head();
+        encoder
+    }
+
+    fn write_head(&mut self) {
+        self.head.clear();
+        self.head.extend_from_slice(b"{\"gateway\":");
+        self.head.extend_from_slice(&self.gateway);
+        let _ = write!(self.head, ",\"boot\":{},\"device\":", self.boot);
+    }
+
+    /// Encodes later records with boot number `boot` (a volatile boot starts mid-run).
+    pub fn set_boot(&mut self, boot: u64) {
+        if boot != self.boot {
+            self.boot = boot;
+            self.write_head();
         }
     }
 
@@ -215,6 +234,21 @@ mod tests {
         assert_eq!(v["samples"][2]["value"], "a\u{1}b");
         let h: serde_json::Value = serde_json::from_slice(&r.historical_payload()).unwrap();
         assert_eq!(h["historical"], true);
+    }
+
+    #[test]
+    fn a_new_boot_number_goes_into_later_records() {
+        let mut e = encoder();
+        let batch = Batch {
+            device: protocols::model::DeviceId(0),
+            samples: vec![Sample::good(TagId(0), Value::Float(1.0), Timestamp(1))],
+            read_at: Instant::now(),
+        };
+        e.set_boot(1795763581588);
+        let v: serde_json::Value = serde_json::from_slice(&e.encode(9, &batch).payload).unwrap();
+        assert_eq!(v["boot"], 1795763581588u64);
+        assert_eq!(v["gateway"], "edge-01");
+        assert_eq!(v["device"], "press7");
     }
 
     #[test]

@@ -55,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .try_init();
+    edge_gateway::buffer::contain_sled_panic_reports();
     let path: PathBuf = std::env::args_os()
         .nth(1)
         .context("usage: gateway-child CONFIG")?
