@@ -14,6 +14,12 @@
 //!   database that panics on open or silently misses records).
 //! - Deletes after a PUBACK are not fsynced: losing one only means the record is sent again after
 //!   a crash, with the same `seq`, which the cloud de-duplicates.
+//! - A generation whose fsync failed is frozen: nothing more is written to it, not even a
+//!   delete (Linux may drop the pages that failed, and sled's recovery stops at such a hole, so
+//!   a later write that moved committed pages past it could lose them). Its acknowledgements
+//!   stay in memory; it is deleted whole once drained. The failed batch is committed again into
+//!   a fresh generation; should it have reached the disk after all, a restart finds it twice,
+//!   and an acknowledgement takes it out of both.
 //! - sled does not fsync its `conf` file; the buffer does once per new generation, so a power
 //!   cut never leaves a database whose configuration is empty or torn.
 //! - sled never gives space back, so the buffer does: new commits go to the newest generation
@@ -312,9 +318,15 @@ struct Generation {
     /// the bytes the chunk takes (key and value). Only chunks with such records are here.
     chunks: BTreeMap<u64, Stored>,
     /// No more commits go into it: found at start (commits go to a fresh generation after a
-    /// start), or an fsync of it failed (Linux may drop the failed pages, so what follows in
-    /// its log could hang on a hole).
+    /// start), or a write or an fsync of it failed.
     closed: bool,
+    /// An fsync of it failed: nothing at all is written to it any more, deletes included.
+    /// Linux may drop the pages whose writeback failed, leaving a hole in sled's log; sled's
+    /// recovery stops at a hole, so anything written after it (a delete that makes sled move
+    /// committed pages while it cleans a segment) could take committed records with it. Its
+    /// acknowledgements are kept in memory only, and it is deleted whole once drained (a
+    /// restart before that sends what it holds again, as re-sends).
+    frozen: bool,
 }
 
 /// A chunk on disk.
@@ -351,10 +363,12 @@ impl Generation {
         }
     }
 
-    /// Syncs and closes the database.
+    /// Syncs and closes the database (a frozen one is only closed: it holds nothing new).
     fn seal(&mut self) -> Result<(), BufferError> {
         if let Some(o) = &self.open {
-            sync_gen(o, &self.dir)?;
+            if !self.frozen {
+                sync_gen(o, &self.dir)?;
+            }
         }
         self.open = None;
         Ok(())
@@ -392,6 +406,9 @@ pub struct Buffer {
     commits: AtomicU64,
     /// Commits fail as if the disk were full while set (fault injection for tests).
     fail_commits: AtomicBool,
+    /// The fsync after a commit's flush fails while set (fault injection for unit tests).
+    #[cfg(test)]
+    fail_syncs: AtomicBool,
     /// Generations that could not be read at open because the disk failed: kept on disk and
     /// tried again after each commit that works.
     deferred: Mutex<Vec<u64>>,
@@ -611,6 +628,7 @@ fn open_gen(dir: &Path, id: u64) -> Result<Generation, BufferError> {
         times: VecDeque::new(),
         chunks: BTreeMap::new(),
         closed: false,
+        frozen: false,
     })
 }
 
@@ -820,6 +838,8 @@ impl Buffer {
             bytes: AtomicU64::new(report.bytes),
             commits: AtomicU64::new(0),
             fail_commits: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_syncs: AtomicBool::new(false),
             deferred: Mutex::new(deferred),
             next_gen: AtomicU64::new(next + 1),
             next_retry: Mutex::new(Instant::now() + RETRY_DEFERRED),
@@ -928,6 +948,9 @@ impl Buffer {
             g.bytes = g.bytes.saturating_sub(bytes);
             self.bytes
                 .fetch_sub(bytes.min(self.bytes()), Ordering::Relaxed);
+            if g.frozen {
+                return Ok(true);
+            }
             let dir = g.dir.clone();
             if let Err(e) = g.db()?.remove(key.to_be_bytes()) {
                 g.failed();
@@ -1070,23 +1093,32 @@ impl Buffer {
             Some(o) => sync_gen(o, &newest.dir),
             None => Err(io_err(&dir, std::io::Error::other("not open"))),
         };
+        #[cfg(test)]
+        let synced = synced.and_then(|()| {
+            if self.fail_syncs.load(Ordering::Relaxed) {
+                Err(io_err(
+                    &dir,
+                    std::io::Error::other("fsync failed (injected)"),
+                ))
+            } else {
+                Ok(())
+            }
+        });
         if let Err(e) = synced {
             // The batch may be in the tree but is not durable; the records are committed again,
-            // so its chunks are taken out (should that fail too, or should they have reached the
-            // disk after all, they come back on the next start as re-sends).
-            for (key, _) in &made {
-                let _ = db.remove(key.to_be_bytes());
-            }
+            // into a fresh generation. Its chunks are not tracked here, so they are never read
+            // or counted; should they have reached the disk after all, a restart finds them
+            // here as well as in the generation they go to, and sends them again (re-sends).
             drop(db);
+            newest.closed = true;
             if matches!(e, BufferError::Db { .. } | BufferError::DbIo { .. }) {
-                // sled failed: the retry goes to a fresh generation.
-                newest.closed = true;
+                // sled failed: it holds the error until the database is opened again.
                 newest.failed();
+            } else {
+                // Our own fsync failed: nothing more goes into this database (see `frozen`).
+                newest.frozen = true;
+                warn!(generation = newest.id, "an fsync of a buffer generation failed; it takes no more writes, and what it holds drains from memory");
             }
-            // A failed fsync of our own keeps the generation: a fresh one could not be made
-            // durable either while fsyncs fail (and dropping sled's handle then panics inside
-            // sled). Linux may have dropped the pages that failed, so what is committed after
-            // them relies on sled's recovery skipping the hole; the watermark reports it if not.
             return Err(e);
         }
         // A record is in one successful commit only (the chunks of a failed one are never
@@ -1122,12 +1154,13 @@ impl Buffer {
     pub fn remove(&self, seqs: &[u64]) -> Result<(), BufferError> {
         let mut gens = self.lock();
         for &seq in seqs {
-            // Acknowledgements are mostly for recent records: newest generation first.
-            let Some(g) = gens.iter_mut().rev().find(|g| g.may_hold(seq)) else {
-                continue;
-            };
-            if g.records > 0 {
-                self.drop_seq(g, seq)?;
+            // Acknowledgements are mostly for recent records: newest generation first. A record
+            // can be in two generations (a commit whose fsync failed, found on disk after all
+            // by a restart): both copies go.
+            for g in gens.iter_mut().rev() {
+                if g.records > 0 && g.may_hold(seq) {
+                    self.drop_seq(g, seq)?;
+                }
             }
         }
         self.maybe_rotate(&mut gens);
@@ -1272,6 +1305,12 @@ impl Buffer {
         self.fail_commits.store(on, Ordering::Relaxed);
     }
 
+    /// Makes the fsync after each commit's flush fail, as a failing disk's would.
+    #[cfg(test)]
+    fn inject_sync_failures(&self, on: bool) {
+        self.fail_syncs.store(on, Ordering::Relaxed);
+    }
+
     /// Records on disk.
     pub fn len(&self) -> u64 {
         self.records.load(Ordering::Relaxed)
@@ -1312,7 +1351,7 @@ impl Buffer {
         let started = Instant::now();
         let gens = self.lock();
         let mut result = Ok(());
-        for g in gens.iter() {
+        for g in gens.iter().filter(|g| !g.frozen) {
             if let Some(o) = &g.open {
                 if let Err(e) = sync_gen(o, &g.dir) {
                     result = Err(e);
@@ -1444,6 +1483,63 @@ mod tests {
         );
         b.remove(&[2]).unwrap();
         assert_eq!(b.oldest_age(), None);
+    }
+
+    #[test]
+    fn a_generation_whose_fsync_failed_takes_no_more_writes_and_its_records_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, _) = Buffer::open(dir.path()).unwrap();
+        let commit = |r: std::ops::Range<u64>| b.commit(&r.map(rec).collect::<Vec<_>>());
+        commit(0..10).unwrap();
+        commit(10..20).unwrap();
+        let before = b.generations();
+        b.inject_sync_failures(true);
+        assert!(commit(20..30).is_err());
+        b.inject_sync_failures(false);
+        // The retry goes to a fresh generation; the failed one keeps what it had.
+        commit(20..30).unwrap();
+        assert_eq!(b.generations(), before + 1);
+        assert_eq!(b.len(), 30);
+        // A whole chunk acknowledged would be deleted from a sound generation; from this one
+        // it is not, so a restart sends it again.
+        b.remove(&(0..10).collect::<Vec<_>>()).unwrap();
+        assert_eq!(b.len(), 20);
+        b.close().unwrap();
+        drop(b);
+        let (b, report) = Buffer::open(dir.path()).unwrap();
+        let mut seqs: Vec<u64> = b
+            .read_range(0, u64::MAX, 100, |_| false)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs, (0..30).collect::<Vec<_>>(), "{report:?}");
+        assert!(report.lost_commits.is_none(), "{report:?}");
+    }
+
+    #[test]
+    fn a_record_found_in_two_generations_goes_from_both_once_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, _) = Buffer::open(dir.path()).unwrap();
+        let commit = |r: std::ops::Range<u64>| b.commit(&r.map(rec).collect::<Vec<_>>());
+        commit(0..5).unwrap();
+        b.inject_sync_failures(true);
+        assert!(commit(5..10).is_err());
+        b.inject_sync_failures(false);
+        commit(5..10).unwrap();
+        b.close().unwrap();
+        drop(b);
+        // The failed batch reached the disk after all: both generations hold it.
+        let (b, report) = Buffer::open(dir.path()).unwrap();
+        assert_eq!(report.records, 15, "{report:?}");
+        b.remove(&(0..10).collect::<Vec<_>>()).unwrap();
+        assert!(b.is_empty(), "{} left", b.len());
+        assert!(b
+            .read_range(0, u64::MAX, 100, |_| false)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

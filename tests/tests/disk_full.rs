@@ -29,6 +29,8 @@ const SCAN_MS: u64 = 50;
 /// The gateway's error when commits start failing, and its note when they work again.
 const FAILING: &str = "commits to the disk buffer fail";
 const RECOVERED: &str = "commits to the disk buffer work again";
+/// The gateway's warning when it stops writing to a generation whose fsync failed.
+const FROZEN: &str = "it takes no more writes";
 
 fn config(data_dir: &Path, mqtt_port: u16, device: std::net::SocketAddr) -> String {
     child_config(
@@ -309,7 +311,13 @@ async fn run(trouble: Trouble, also: Also) {
     eprintln!("the shim so far: {s:?}");
     match trouble {
         Trouble::Full => assert!(s.enospc > 0, "no write hit ENOSPC: {s:?}"),
-        Trouble::Eio => assert!(s.eio > 0, "no sync failed with EIO: {s:?}"),
+        Trouble::Eio => {
+            assert!(s.eio > 0, "no sync failed with EIO: {s:?}");
+            assert!(
+                !rig.log_lines(boot, FROZEN).is_empty(),
+                "a generation whose fsync failed was written on"
+            );
+        }
     }
     let errors = rig.log_lines(boot, FAILING);
     assert_eq!(
