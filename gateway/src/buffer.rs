@@ -12,6 +12,10 @@
 //! - A commit is durable only after sled's flush *and* an fsync of sled's data file: sled's flush
 //!   uses `sync_file_range`, which does not survive a power cut (a lost length change leaves a
 //!   database that panics on open or silently misses records).
+//! - A commit writes and fsyncs without holding the generations' lock (commits are serialized
+//!   by a lock of their own), so a replay read or an acknowledgement never waits for a slow
+//!   fsync; its chunks are tracked, and so readable, only once durable, and the generation it
+//!   writes is neither sealed nor deleted meanwhile.
 //! - Deletes after a PUBACK are not fsynced: losing one only means the record is sent again after
 //!   a crash, with the same `seq`, which the cloud de-duplicates.
 //! - A generation whose fsync failed is frozen: nothing more is written to it, not even a
@@ -301,7 +305,8 @@ pub fn contain_sled_panic_reports() {
 struct Generation {
     id: u64,
     dir: PathBuf,
-    open: Option<OpenDb>,
+    /// Shared with a commit in progress, which writes and syncs without the buffer's lock.
+    open: Option<Arc<OpenDb>>,
     /// Lowest and highest sequence number ever put into it: routes deletes and reads.
     seqs: Option<(u64, u64)>,
     /// Records and stored bytes in it now.
@@ -327,6 +332,9 @@ struct Generation {
     /// acknowledgements are kept in memory only, and it is deleted whole once drained (a
     /// restart before that sends what it holds again, as re-sends).
     frozen: bool,
+    /// A commit is writing into it without the buffer's lock: it is neither sealed nor deleted
+    /// until the commit is done.
+    committing: bool,
 }
 
 /// A chunk on disk.
@@ -340,7 +348,7 @@ impl Generation {
     /// A handle on the database (sled's handles are shared), opening it if it is sealed.
     fn db(&mut self) -> Result<sled::Db, BufferError> {
         if self.open.is_none() {
-            self.open = Some(open_db(&self.dir)?);
+            self.open = Some(Arc::new(open_db(&self.dir)?));
         }
         match &self.open {
             Some(o) => {
@@ -409,6 +417,9 @@ pub struct Buffer {
     /// The fsync after a commit's flush fails while set (fault injection for unit tests).
     #[cfg(test)]
     fail_syncs: AtomicBool,
+    /// A commit says it is writing (first channel) and waits for a go (second) while set.
+    #[cfg(test)]
+    commit_gate: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
     /// Generations that could not be read at open because the disk failed: kept on disk and
     /// tried again after each commit that works.
     deferred: Mutex<Vec<u64>>,
@@ -420,6 +431,9 @@ pub struct Buffer {
     next_attempt: Mutex<Instant>,
     /// The generation a replay read last (`u64::MAX`: none): it stays open.
     reading: AtomicU64,
+    /// Held through a whole commit, so commits (and their commit marks) never interleave; the
+    /// generations' lock is not held while a commit writes and syncs.
+    committing: Mutex<()>,
 }
 
 /// How often generations the disk failed to give are tried again.
@@ -619,7 +633,7 @@ fn open_gen(dir: &Path, id: u64) -> Result<Generation, BufferError> {
     Ok(Generation {
         id,
         dir: path,
-        open: Some(open),
+        open: Some(Arc::new(open)),
         seqs: None,
         records: 0,
         bytes: 0,
@@ -629,6 +643,7 @@ fn open_gen(dir: &Path, id: u64) -> Result<Generation, BufferError> {
         chunks: BTreeMap::new(),
         closed: false,
         frozen: false,
+        committing: false,
     })
 }
 
@@ -840,11 +855,14 @@ impl Buffer {
             fail_commits: AtomicBool::new(false),
             #[cfg(test)]
             fail_syncs: AtomicBool::new(false),
+            #[cfg(test)]
+            commit_gate: Mutex::new(None),
             deferred: Mutex::new(deferred),
             next_gen: AtomicU64::new(next + 1),
             next_retry: Mutex::new(Instant::now() + RETRY_DEFERRED),
             next_attempt: Mutex::new(Instant::now()),
             reading: AtomicU64::new(u64::MAX),
+            committing: Mutex::new(()),
         };
         {
             let mut gens = buffer.lock();
@@ -971,7 +989,7 @@ impl Buffer {
     fn tidy_keeping(&self, gens: &mut Vec<Generation>, keep: Option<u64>) {
         let mut i = 0;
         while i + 1 < gens.len() {
-            if gens[i].records == 0 {
+            if gens[i].records == 0 && !gens[i].committing {
                 let g = gens.remove(i);
                 if let Err(e) = delete_gen(&self.dir, g) {
                     warn!(error = %e, "cannot delete a drained buffer generation; it stays on disk");
@@ -983,7 +1001,8 @@ impl Buffer {
         let last = gens.len().saturating_sub(1);
         let oldest_held = gens.iter().position(|g| g.records > 0);
         for (i, g) in gens.iter_mut().enumerate() {
-            if i != last && Some(i) != oldest_held && Some(g.id) != keep && g.open.is_some() {
+            let in_use = i == last || Some(i) == oldest_held || Some(g.id) == keep;
+            if !in_use && !g.committing && g.open.is_some() {
                 if let Err(e) = g.seal() {
                     warn!(error = %e, generation = g.id, "cannot seal a buffer generation; it stays open");
                 }
@@ -1055,46 +1074,50 @@ impl Buffer {
             batch.insert(&key.to_be_bytes(), value);
             made.push((key, Stored { live, bytes }));
         }
-        let mut gens = self.lock();
-        let acked_below = gens
-            .iter()
-            .filter(|g| g.records > 0)
-            .find_map(|g| g.seqs.map(|(lo, _)| lo))
-            .unwrap_or(lo)
-            .min(lo);
-        if gens.last().is_none_or(|g| g.closed) {
-            gens.push(self.new_gen()?);
-        }
-        let Some(newest) = gens.last_mut() else {
-            return Err(io_err(&self.dir, std::io::Error::other("no generation")));
+        let _one_at_a_time = self.committing.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the lock: pick the generation and take its handles.
+        let (id, dir, db, open, mark, acked_below, now) = {
+            let mut gens = self.lock();
+            let acked_below = gens
+                .iter()
+                .filter(|g| g.records > 0)
+                .find_map(|g| g.seqs.map(|(lo, _)| lo))
+                .unwrap_or(lo)
+                .min(lo);
+            if gens.last().is_none_or(|g| g.closed) {
+                gens.push(self.new_gen()?);
+            }
+            let Some(newest) = gens.last_mut() else {
+                return Err(io_err(&self.dir, std::io::Error::other("no generation")));
+            };
+            let mark = newest.mark.map_or(hi, |m| m.max(hi));
+            batch.insert(&MARK_KEY, &mark.to_be_bytes());
+            let now = unix_ms();
+            if newest.mark.is_none() {
+                batch.insert(&BORN_KEY, &now.to_be_bytes());
+            }
+            let db = newest.db()?;
+            let Some(open) = newest.open.clone() else {
+                return Err(io_err(&newest.dir, std::io::Error::other("not open")));
+            };
+            newest.committing = true;
+            let dir = newest.dir.clone();
+            (newest.id, dir, db, open, mark, acked_below, now)
         };
-        let mark = newest.mark.map_or(hi, |m| m.max(hi));
-        batch.insert(&MARK_KEY, &mark.to_be_bytes());
-        let now = unix_ms();
-        if newest.mark.is_none() {
-            batch.insert(&BORN_KEY, &now.to_be_bytes());
+        // Without it: the write and the fsync can take long on an SD card, and replays and
+        // acknowledgements go on meanwhile. The new chunks are not tracked yet, so nothing
+        // reads or counts them before they are durable.
+        #[cfg(test)]
+        if let Some((entered, go)) = &*self.commit_gate.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = entered.send(());
+            let _ = go.recv();
         }
-        let dir = newest.dir.clone();
-        let db = newest.db()?;
-        if let Err(e) = db.apply_batch(batch) {
-            drop(db);
-            newest.closed = true;
-            newest.failed();
-            return Err(db_err(&dir, e));
-        }
-        newest.mark = Some(mark);
-        newest.written += stats.bytes;
-        newest.seqs = Some(
-            newest
-                .seqs
-                .map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))),
-        );
-        let synced = match &newest.open {
-            Some(o) => sync_gen(o, &newest.dir),
-            None => Err(io_err(&dir, std::io::Error::other("not open"))),
+        let written = match db.apply_batch(batch) {
+            Ok(()) => sync_gen(&open, &dir),
+            Err(e) => Err(db_err(&dir, e)),
         };
         #[cfg(test)]
-        let synced = synced.and_then(|()| {
+        let written = written.and_then(|()| {
             if self.fail_syncs.load(Ordering::Relaxed) {
                 Err(io_err(
                     &dir,
@@ -1104,40 +1127,51 @@ impl Buffer {
                 Ok(())
             }
         });
-        if let Err(e) = synced {
+        drop((db, open));
+        let mut gens = self.lock();
+        // `committing` kept it from being deleted meanwhile.
+        let Some(g) = gens.iter_mut().find(|g| g.id == id) else {
+            return Err(io_err(&dir, std::io::Error::other("generation gone")));
+        };
+        g.committing = false;
+        g.seqs = Some(g.seqs.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+        if let Err(e) = written {
             // The batch may be in the tree but is not durable; the records are committed again,
             // into a fresh generation. Its chunks are not tracked here, so they are never read
             // or counted; should they have reached the disk after all, a restart finds them
             // here as well as in the generation they go to, and sends them again (re-sends).
-            drop(db);
-            newest.closed = true;
+            g.closed = true;
             if matches!(e, BufferError::Db { .. } | BufferError::DbIo { .. }) {
                 // sled failed: it holds the error until the database is opened again.
-                newest.failed();
+                g.failed();
             } else {
                 // Our own fsync failed: nothing more goes into this database (see `frozen`).
-                newest.frozen = true;
-                warn!(generation = newest.id, "an fsync of a buffer generation failed; it takes no more writes, and what it holds drains from memory");
+                g.frozen = true;
+                warn!(generation = g.id, "an fsync of a buffer generation failed; it takes no more writes, and what it holds drains from memory");
             }
             return Err(e);
         }
+        g.mark = Some(mark);
+        g.written += stats.bytes;
         // A record is in one successful commit only (the chunks of a failed one are never
         // tracked), so no key is taken twice.
-        newest.chunks.extend(made);
-        let spaced = newest.times.back().is_none_or(|&(_, t)| now >= t + 1000);
-        if newest.times.len() < MAX_COMMIT_TIMES || spaced {
-            newest.times.push_back((mark, now));
-        } else if let Some(last) = newest.times.back_mut() {
+        g.chunks.extend(made);
+        let spaced = g.times.back().is_none_or(|&(_, t)| now >= t + 1000);
+        if g.times.len() < MAX_COMMIT_TIMES || spaced {
+            g.times.push_back((mark, now));
+        } else if let Some(last) = g.times.back_mut() {
             // Too many commits to keep each: the newest entry covers this one too.
             last.0 = mark;
         }
-        newest.records += stats.records;
-        newest.bytes += stats.bytes;
+        g.records += stats.records;
+        g.bytes += stats.bytes;
         self.records.fetch_add(stats.records, Ordering::Relaxed);
         self.bytes.fetch_add(stats.bytes, Ordering::Relaxed);
         self.commits.fetch_add(1, Ordering::Relaxed);
+        self.maybe_rotate(&mut gens);
+        drop(gens);
         let watermark = Watermark {
-            generation: newest.id,
+            generation: id,
             committed_through: mark,
             acked_below,
         };
@@ -1146,7 +1180,6 @@ impl Buffer {
         if let Err(e) = watermark.write(&self.dir) {
             warn!(error = %e, "cannot write the buffer watermark");
         }
-        self.maybe_rotate(&mut gens);
         Ok(stats)
     }
 
@@ -1266,7 +1299,7 @@ impl Buffer {
         if gens.len() == 1 {
             gens.push(self.new_gen()?);
         }
-        if gens.len() < 2 {
+        if gens.len() < 2 || gens[0].committing {
             return Ok(0);
         }
         let oldest = gens.remove(0);
@@ -1520,6 +1553,43 @@ mod tests {
     }
 
     #[test]
+    fn replays_and_acknowledgements_do_not_wait_for_a_commit_in_progress() {
+        use std::sync::mpsc::channel;
+        let dir = tempfile::tempdir().unwrap();
+        let (b, _) = Buffer::open(dir.path()).unwrap();
+        b.commit(&(0..10).map(rec).collect::<Vec<_>>()).unwrap();
+        let (entered_tx, entered) = channel();
+        let (go, go_rx) = channel();
+        *b.commit_gate.lock().unwrap() = Some((entered_tx, go_rx));
+        std::thread::scope(|scope| {
+            let committer = scope.spawn(|| b.commit(&(10..20).map(rec).collect::<Vec<_>>()));
+            entered.recv().unwrap();
+            let (done_tx, done) = channel();
+            let b = &b;
+            scope.spawn(move || {
+                let read = b.read_range(0, u64::MAX, 100, |_| false).map(|r| r.len());
+                let removed = b.remove(&[0, 1]);
+                let _ = done_tx.send((read, removed));
+            });
+            let outcome = done.recv_timeout(Duration::from_secs(5));
+            go.send(()).unwrap();
+            let (read, removed) = outcome.expect("a read waited for the commit to finish");
+            assert_eq!(read.unwrap(), 10, "only what is durable is read");
+            removed.unwrap();
+            committer.join().unwrap().unwrap();
+        });
+        *b.commit_gate.lock().unwrap() = None;
+        assert_eq!(b.len(), 18);
+        let seqs: Vec<u64> = b
+            .read_range(0, u64::MAX, 100, |_| false)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, (2..20).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn a_record_found_in_two_generations_goes_from_both_once_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
         let (b, _) = Buffer::open(dir.path()).unwrap();
@@ -1636,10 +1706,18 @@ mod tests {
     }
 
     fn big(seq: u64) -> Arc<Record> {
+        // Pseudo-random bytes: chunks are deflated, and these must take their size on disk.
+        let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let noise = (0..1000).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        });
         Arc::new(Record {
             seq,
             topic: "t/d".into(),
-            payload: Bytes::from(vec![b'x'; 1000]),
+            payload: noise.collect(),
             flag_offset: crate::record::NO_FLAG,
         })
     }
