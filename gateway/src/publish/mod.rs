@@ -300,13 +300,12 @@ impl Publisher {
             if limit == 0 {
                 break;
             }
-            let chunk = {
-                let window = &self.window;
-                let ledger = self.shared.ledger();
-                self.shared.buffer.read_range(from, u64::MAX, limit, |s| {
-                    window.contains(s) || ledger.is_acknowledged(s)
-                })
-            };
+            // The ledger's lock is taken per record, not across the read: a read can open a
+            // sealed generation, and the writer must not wait for that.
+            let (window, shared) = (&self.window, &self.shared);
+            let chunk = shared.buffer.read_range(from, u64::MAX, limit, |s| {
+                window.contains(s) || shared.ledger().is_acknowledged(s)
+            });
             let chunk = match chunk {
                 Ok(c) => c,
                 Err(e) => {
