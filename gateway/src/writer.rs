@@ -327,6 +327,8 @@ const DISK_GROWTH: u64 = 3;
 /// Keeps the buffer's real size on disk within `max_size`: when committing `due` could take it
 /// over, `drop_oldest` drops whole generations, oldest first (dropping single records frees no
 /// disk space in sled), and `drop_newest` refuses the records. `incoming` is their stored size.
+/// A generation the disk failed to give at start counts in the usage but is never evicted: what
+/// it holds cannot be counted, and it may read again; with only such left, records are refused.
 fn make_room_on_disk(
     shared: &Shared,
     settings: &BufferSettings,
