@@ -109,6 +109,27 @@ impl Record {
     }
 }
 
+/// A record whose payload does not compress: `size` pseudo-random bytes (for tests that need
+/// chunks to take their size on disk).
+#[cfg(test)]
+pub(crate) fn incompressible(seq: u64, size: usize) -> Arc<Record> {
+    let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let payload: Vec<u8> = (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect();
+    Arc::new(Record {
+        seq,
+        topic: "edge/gw/noise".into(),
+        payload: Bytes::from(payload),
+        flag_offset: NO_FLAG,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

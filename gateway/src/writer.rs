@@ -402,13 +402,9 @@ mod tests {
             {
                 let mut ledger = shared.ledger();
                 for _ in 0..20 {
-                    let record = Record {
-                        seq,
-                        topic: "edge/gw/dev".into(),
-                        payload: bytes::Bytes::from(vec![b'x'; 1000]),
-                        flag_offset: crate::record::NO_FLAG,
-                    };
-                    ledger.insert(Arc::new(record), Instant::now());
+                    // Chunks are deflated: these must take their size on disk.
+                    let record = crate::record::incompressible(seq, 1000);
+                    ledger.insert(record, Instant::now());
                     seq += 1;
                 }
             }
