@@ -159,6 +159,27 @@ pub fn bench_opcua_config(
     s
 }
 
+/// Moves every value of `dev` a small random step each `period`, as plant values do, so the
+/// payloads (and how well the disk buffer compresses them) are those of a live plant, not of
+/// registers that never change.
+fn wander(dev: &SimDevice, tags: usize, period: Duration, seed: u64) {
+    let dev = dev.clone();
+    tokio::spawn(async move {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let mut img = dev.image();
+            for r in img.hr.iter_mut().take(tags) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *r = r.wrapping_add((x >> 60) as u16).wrapping_sub(8);
+            }
+        }
+    });
+}
+
 /// Writes a config for one RTU line on `port` with `units` units of `registers` u16 tags.
 pub fn bench_rtu_config(dir: &Path, mqtt_port: u16, port: &Path, opts: &BenchOptions) -> String {
     let mut s = config_header(dir, mqtt_port);
@@ -377,7 +398,7 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
     } else {
         opts.devices
     };
-    for _ in 0..devices {
+    for d in 0..devices {
         let dev = SimDevice::new();
         {
             let mut img = dev.image();
@@ -385,6 +406,12 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
                 *r = i as u16;
             }
         }
+        wander(
+            &dev,
+            opts.tags,
+            Duration::from_millis(opts.scan_ms),
+            d as u64,
+        );
         servers.push(
             dev.serve(SocketAddr::from(([127, 0, 0, 1], 0)))
                 .await
