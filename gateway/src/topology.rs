@@ -37,6 +37,12 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Another gateway runs on the same data directory.
+    #[error("data directory {path} is in use by another gateway process (its `lock` file is locked); two gateways on one buffer would hand out the same sequence numbers")]
+    DataDirInUse {
+        /// The directory.
+        path: std::path::PathBuf,
+    },
     /// The disk buffer cannot be opened.
     #[error(transparent)]
     Buffer(#[from] BufferError),
@@ -102,6 +108,34 @@ fn read_password(config: &Config) -> Result<Option<String>, StartError> {
     Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()))
 }
 
+/// Takes the data directory's lock (`flock` on `lock`, released by the kernel whenever the
+/// process ends), so a second gateway started on the same directory by mistake stops at once
+/// instead of sharing the state file's sequence numbers and the buffer with the first.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    use fs2::FileExt;
+    let path = data_dir.join("lock");
+    let err = |source| StartError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(err)?;
+    if let Err(e) = file.try_lock_exclusive() {
+        return Err(if e.kind() == fs2::lock_contended_error().kind() {
+            StartError::DataDirInUse {
+                path: data_dir.to_path_buf(),
+            }
+        } else {
+            err(e)
+        });
+    }
+    Ok(file)
+}
+
 /// Opens the buffer and starts every task of the gateway.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let data_dir = config.gateway.data_dir.clone();
@@ -109,6 +143,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         path: data_dir.clone(),
         source,
     })?;
+    let lock = lock_data_dir(&data_dir)?;
     let password = read_password(&config)?;
     let buffer_dir = data_dir.join("buffer");
     let fresh = !buffer_dir.exists() && !data_dir.join("state").exists();
@@ -237,6 +272,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let stop = cancel.clone();
     let done = tokio::spawn(async move {
+        // Held until everything is on disk.
+        let _lock = lock;
         stop.cancelled().await;
         info!("shutting down: stopping drivers");
         for d in drivers {
@@ -258,4 +295,22 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         cancel,
         done,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_gateway_on_the_same_data_directory_is_refused_until_the_first_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_data_dir(dir.path()).unwrap();
+        let second = lock_data_dir(dir.path());
+        assert!(
+            matches!(second, Err(StartError::DataDirInUse { .. })),
+            "{second:?}"
+        );
+        drop(first);
+        assert!(lock_data_dir(dir.path()).is_ok());
+    }
 }
