@@ -680,3 +680,88 @@ impl Drop for ChildPeers {
         self.animation.cancel();
     }
 }
+
+/// What an in-process gateway talks to: the embedded broker, a proxy in front of it (or in
+/// front of another upstream) that can inject faults, animated demo devices, and a config that
+/// points the gateway at the proxy. The devices stop when this is dropped.
+pub struct GatewayRig {
+    /// The broker the subscriber reads from.
+    pub broker: edge_gateway::broker::EmbeddedBroker,
+    /// The proxy the gateway reaches its broker through.
+    pub proxy: Proxy,
+    /// The gateway's config, for the test to adjust before `start`.
+    pub config: edge_gateway::config::Config,
+    _sims: Vec<protocols::sim::modbus::SimServer>,
+    sims_cancel: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayRig {
+    /// Gateway `id` with `devices` demo devices scanned every `scan`; the proxy forwards to
+    /// `upstream`, or to the broker if `None`.
+    pub async fn new(
+        id: &str,
+        devices: usize,
+        scan: Duration,
+        upstream: Option<SocketAddr>,
+    ) -> GatewayRig {
+        use edge_gateway::demo::{demo_devices, local_config, start_demo_devices};
+        init_tracing();
+        let broker = edge_gateway::broker::start(16 << 20).unwrap();
+        let proxy = Proxy::start(upstream.unwrap_or(broker.addr()))
+            .await
+            .unwrap();
+        let sims_cancel = CancellationToken::new();
+        let sims = start_demo_devices(devices, &sims_cancel).await.unwrap();
+        let addrs: Vec<_> = sims.iter().map(|s| s.addr()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = local_config(
+            id,
+            dir.path().join("data"),
+            proxy.addr().port(),
+            demo_devices(&addrs, scan),
+        );
+        config.mqtt.client_id = format!("gw-{}", dir.path().display()).replace('/', "-");
+        config.mqtt.shutdown_grace = Duration::from_millis(500);
+        GatewayRig {
+            broker,
+            proxy,
+            config,
+            _sims: sims,
+            sims_cancel,
+            _dir: dir,
+        }
+    }
+
+    /// The topic filter of everything the gateway publishes.
+    pub fn filter(&self) -> String {
+        format!("{}/#", self.config.mqtt.topic_prefix)
+    }
+
+    /// A subscriber to everything the gateway publishes.
+    pub async fn collector(&self) -> Collector {
+        Collector::start(self.broker.port(), &self.filter()).await
+    }
+
+    /// Starts the gateway with the config as it is now.
+    pub async fn start(&self) -> edge_gateway::topology::Running {
+        edge_gateway::topology::start(self.config.clone())
+            .await
+            .unwrap()
+    }
+
+    /// A subscriber, then the gateway, once the subscriber has received live records from it.
+    pub async fn start_live(&self) -> (Collector, edge_gateway::topology::Running) {
+        let sub = self.collector().await;
+        let gw = self.start().await;
+        sub.wait_for(Duration::from_secs(10), "live records", |m| m.len() >= 10)
+            .await;
+        (sub, gw)
+    }
+}
+
+impl Drop for GatewayRig {
+    fn drop(&mut self) {
+        self.sims_cancel.cancel();
+    }
+}

@@ -11,17 +11,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use edge_gateway::broker::{self, EmbeddedBroker};
+use edge_gateway::broker;
 use edge_gateway::config::Config;
-use edge_gateway::demo::{demo_devices, local_config, start_demo_devices};
 use edge_gateway::metrics::Metrics;
-use edge_gateway::topology::{self, Running};
+use edge_gateway::topology::Running;
 use gateway_tests::{
-    assert_resends_identical, contiguous_seqs, eventually, init_tracing, refusing_broker,
-    Collector, Proxy, Received,
+    assert_resends_identical, contiguous_seqs, eventually, refusing_broker, Collector, GatewayRig,
+    Received,
 };
-use protocols::sim::modbus::SimServer;
-use tokio_util::sync::CancellationToken;
 
 /// Simulated devices, each scanned every `SCAN`: one record per device and scan.
 const DEVICES: usize = 2;
@@ -44,72 +41,9 @@ fn not_committed(m: &Metrics) -> u64 {
     Metrics::get(&m.records).saturating_sub(Metrics::get(&m.committed))
 }
 
-struct Rig {
-    broker: EmbeddedBroker,
-    proxy: Proxy,
-    _sims: Vec<SimServer>,
-    sims_cancel: CancellationToken,
-    config: Config,
-    _dir: tempfile::TempDir,
-}
-
-impl Rig {
-    /// A broker, a proxy in front of `upstream` (the broker if `None`), the devices and a config
-    /// pointing the gateway at the proxy.
-    async fn new(upstream: Option<SocketAddr>) -> Rig {
-        init_tracing();
-        let broker = broker::start(16 << 20).unwrap();
-        let proxy = Proxy::start(upstream.unwrap_or(broker.addr()))
-            .await
-            .unwrap();
-        let sims_cancel = CancellationToken::new();
-        let sims = start_demo_devices(DEVICES, &sims_cancel).await.unwrap();
-        let addrs: Vec<_> = sims.iter().map(|s| s.addr()).collect();
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = local_config(
-            "gw-faults",
-            dir.path().join("data"),
-            proxy.addr().port(),
-            demo_devices(&addrs, SCAN),
-        );
-        config.mqtt.client_id = format!("gw-{}", dir.path().display()).replace('/', "-");
-        config.mqtt.shutdown_grace = Duration::from_millis(500);
-        Rig {
-            broker,
-            proxy,
-            _sims: sims,
-            sims_cancel,
-            config,
-            _dir: dir,
-        }
-    }
-
-    fn filter(&self) -> String {
-        format!("{}/#", self.config.mqtt.topic_prefix)
-    }
-
-    async fn collector(&self) -> Collector {
-        Collector::start(self.broker.port(), &self.filter()).await
-    }
-
-    async fn start(&self) -> Running {
-        topology::start(self.config.clone()).await.unwrap()
-    }
-
-    /// A subscriber, then the gateway, once the subscriber has received live records from it.
-    async fn start_live(&self) -> (Collector, Running) {
-        let sub = self.collector().await;
-        let gw = self.start().await;
-        sub.wait_for(Duration::from_secs(10), "live records", |m| m.len() >= 10)
-            .await;
-        (sub, gw)
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        self.sims_cancel.cancel();
-    }
+/// The gateway's peers: `DEVICES` demo devices, and a proxy to `upstream` (the broker if `None`).
+async fn rig(upstream: Option<SocketAddr>) -> GatewayRig {
+    GatewayRig::new("gw-faults", DEVICES, SCAN, upstream).await
 }
 
 /// How many seqs of boot 1, from 0 on, arrived without a gap.
@@ -166,7 +100,7 @@ async fn drain_and_audit(gw: Running, subs: &[&Collector]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connect_is_retried_with_growing_delays_and_nothing_is_lost_once_accepted() {
     let (refusing_addr, refusing) = refusing_broker(5).await;
-    let rig = Rig::new(Some(refusing_addr)).await;
+    let rig = rig(Some(refusing_addr)).await;
     let sub = rig.collector().await;
     let gw = rig.start().await;
     let m = gw.metrics.clone();
@@ -208,7 +142,7 @@ async fn a_refused_connect_is_retried_with_growing_delays_and_nothing_is_lost_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_pubacks_the_publisher_times_the_window_out_reconnects_and_resends_everything() {
-    let mut rig = Rig::new(None).await;
+    let mut rig = rig(None).await;
     let ack_timeout = Duration::from_secs(1);
     rig.config.mqtt.ack_timeout = ack_timeout;
     let (sub, gw) = rig.start_live().await;
@@ -268,7 +202,7 @@ async fn without_pubacks_the_publisher_times_the_window_out_reconnects_and_resen
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_cut_mid_packet_again_and_again_lose_nothing_and_corrupt_nothing() {
-    let rig = Rig::new(None).await;
+    let rig = rig(None).await;
     let (sub, gw) = rig.start_live().await;
     let m = gw.metrics.clone();
     let connects = Metrics::get(&m.mqtt_connects);
@@ -296,7 +230,7 @@ async fn connections_cut_mid_packet_again_and_again_lose_nothing_and_corrupt_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_loses_nothing_and_what_it_never_acknowledged_is_sent_again() {
-    let rig = Rig::new(None).await;
+    let rig = rig(None).await;
     let before_restart = rig.collector().await;
     let gw = rig.start().await;
     let m = gw.metrics.clone();
@@ -340,7 +274,7 @@ async fn a_broker_restart_loses_nothing_and_what_it_never_acknowledged_is_sent_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_broker_gets_everything_while_the_backlog_waits_on_disk_not_in_memory() {
-    let mut rig = Rig::new(None).await;
+    let mut rig = rig(None).await;
     // A small window, so the publisher's live queue (four windows) holds less than the backlog.
     rig.config.mqtt.max_inflight = 16;
     let (sub, gw) = rig.start_live().await;
@@ -388,7 +322,7 @@ async fn a_slow_broker_gets_everything_while_the_backlog_waits_on_disk_not_in_me
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_broker_that_keeps_acknowledging_is_not_taken_for_a_dead_link() {
-    let mut rig = Rig::new(None).await;
+    let mut rig = rig(None).await;
     // The link drains a full window (256 records) in ~25 s, far beyond the ack timeout, but a
     // PUBACK comes back every ~100 ms: the link is slow, not dead.
     rig.config.mqtt.ack_timeout = Duration::from_secs(2);

@@ -4,70 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use edge_gateway::broker::{self, EmbeddedBroker};
 use edge_gateway::buffer::Buffer;
-use edge_gateway::config::Config;
-use edge_gateway::demo::{demo_devices, local_config, start_demo_devices};
 use edge_gateway::metrics::Metrics;
-use edge_gateway::topology::{self, Running};
-use gateway_tests::{contiguous_seqs, eventually, init_tracing, Collector, Proxy};
-use protocols::sim::modbus::SimServer;
-use tokio_util::sync::CancellationToken;
-
-struct Rig {
-    broker: EmbeddedBroker,
-    proxy: Proxy,
-    _sims: Vec<SimServer>,
-    sims_cancel: CancellationToken,
-    config: Config,
-    _dir: tempfile::TempDir,
-}
-
-impl Rig {
-    async fn new(devices: usize, scan: Duration) -> Rig {
-        init_tracing();
-        let broker = broker::start(16 << 20).unwrap();
-        let proxy = Proxy::start(broker.addr()).await.unwrap();
-        let sims_cancel = CancellationToken::new();
-        let sims = start_demo_devices(devices, &sims_cancel).await.unwrap();
-        let addrs: Vec<_> = sims.iter().map(|s| s.addr()).collect();
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = local_config(
-            "gw-test",
-            dir.path().join("data"),
-            proxy.addr().port(),
-            demo_devices(&addrs, scan),
-        );
-        config.mqtt.client_id = format!("gw-{}", dir.path().display()).replace('/', "-");
-        config.mqtt.shutdown_grace = Duration::from_millis(500);
-        Rig {
-            broker,
-            proxy,
-            _sims: sims,
-            sims_cancel,
-            config,
-            _dir: dir,
-        }
-    }
-
-    async fn collector(&self) -> Collector {
-        Collector::start(
-            self.broker.port(),
-            &format!("{}/#", self.config.mqtt.topic_prefix),
-        )
-        .await
-    }
-
-    async fn start(&self) -> Running {
-        topology::start(self.config.clone()).await.unwrap()
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        self.sims_cancel.cancel();
-    }
-}
+use gateway_tests::{contiguous_seqs, eventually, GatewayRig};
 
 fn buffer_len(data_dir: &Path) -> u64 {
     let (b, _) = Buffer::open(&data_dir.join("buffer")).unwrap();
@@ -76,7 +15,7 @@ fn buffer_len(data_dir: &Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_each_scan_as_one_json_record_with_the_payload_contract() {
-    let rig = Rig::new(1, Duration::from_millis(100)).await;
+    let rig = GatewayRig::new("gw-test", 1, Duration::from_millis(100), None).await;
     let sub = rig.collector().await;
     let gw = rig.start().await;
     sub.wait_for(Duration::from_secs(10), "three records", |m| m.len() >= 3)
@@ -111,7 +50,7 @@ async fn publishes_each_scan_as_one_json_record_with_the_payload_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_nothing_to_disk_while_the_broker_keeps_up() {
-    let mut rig = Rig::new(2, Duration::from_millis(50)).await;
+    let mut rig = GatewayRig::new("gw-test", 2, Duration::from_millis(50), None).await;
     // "Keeps up" means acknowledging within the commit interval; a generous one keeps a busy CI
     // machine's scheduling hiccups from counting as a lagging broker.
     rig.config.buffer.commit_interval = Duration::from_millis(500);
@@ -131,7 +70,7 @@ async fn writes_nothing_to_disk_while_the_broker_keeps_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_every_record_after_a_broker_outage_with_no_hole_in_seq() {
-    let rig = Rig::new(2, Duration::from_millis(50)).await;
+    let rig = GatewayRig::new("gw-test", 2, Duration::from_millis(50), None).await;
     let sub = rig.collector().await;
     let gw = rig.start().await;
     sub.wait_for(Duration::from_secs(10), "live records", |m| m.len() >= 10)
@@ -187,7 +126,7 @@ fn contiguous_len(msgs: &[gateway_tests::Received]) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_commits_what_is_unacknowledged_and_the_next_start_delivers_it() {
-    let mut rig = Rig::new(1, Duration::from_millis(50)).await;
+    let mut rig = GatewayRig::new("gw-test", 1, Duration::from_millis(50), None).await;
     rig.config.mqtt.shutdown_grace = Duration::from_millis(200);
     let sub = rig.collector().await;
     let gw = rig.start().await;
@@ -236,7 +175,7 @@ async fn shutdown_commits_what_is_unacknowledged_and_the_next_start_delivers_it(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_at_start_up_is_retried_not_fatal() {
-    let rig = Rig::new(1, Duration::from_millis(100)).await;
+    let rig = GatewayRig::new("gw-test", 1, Duration::from_millis(100), None).await;
     rig.proxy.cut();
     let sub = rig.collector().await;
     let gw = rig.start().await;
@@ -260,7 +199,7 @@ async fn an_unreachable_broker_at_start_up_is_retried_not_fatal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_rate_paces_the_backlog_while_live_records_flow() {
-    let mut rig = Rig::new(2, Duration::from_millis(50)).await;
+    let mut rig = GatewayRig::new("gw-test", 2, Duration::from_millis(50), None).await;
     let rate = 20;
     rig.config.buffer.replay_rate = Some(rate);
     let sub = rig.collector().await;
