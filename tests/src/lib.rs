@@ -765,3 +765,74 @@ impl Drop for GatewayRig {
         self.sims_cancel.cancel();
     }
 }
+
+/// A Modbus line driver for one device, run as the gateway runs it: its batches and status.
+/// Dropping it cancels the driver.
+pub struct ModbusDriverRun {
+    /// The driver's batches.
+    pub rx: tokio::sync::mpsc::Receiver<protocols::model::Batch>,
+    /// The device's status as the driver reports it.
+    pub status: Arc<protocols::driver::DeviceStatus>,
+    cancel: CancellationToken,
+    driver: Option<tokio::task::JoinHandle<Result<(), protocols::driver::DriverError>>>,
+}
+
+impl ModbusDriverRun {
+    /// Starts the driver of one line with `settings`, reporting as device 0.
+    pub fn start(settings: protocols::modbus::ModbusSettings) -> ModbusDriverRun {
+        use protocols::driver::{DeviceStatus, DriverContext, Emitter};
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let status = Arc::new(DeviceStatus::default());
+        let cancel = CancellationToken::new();
+        let ctx = DriverContext {
+            device: protocols::model::DeviceId(0),
+            name: "dev".into(),
+            emitter: Emitter::new(tx),
+            cancel: cancel.clone(),
+            status: status.clone(),
+        };
+        let driver = tokio::spawn(protocols::modbus::line::run(settings, vec![ctx]));
+        ModbusDriverRun {
+            rx,
+            status,
+            cancel,
+            driver: Some(driver),
+        }
+    }
+
+    /// The next batch; panics when none comes within 5 s (a stuck driver) or the driver ended.
+    pub async fn next(&mut self) -> protocols::model::Batch {
+        tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
+            .await
+            .expect("a batch within 5 s: the driver is stuck")
+            .expect("the driver ended (did it panic?)")
+    }
+
+    /// Stops the driver, which must end cleanly and at once.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        let Some(driver) = self.driver.take() else {
+            return;
+        };
+        let ended = tokio::time::timeout(Duration::from_secs(2), driver)
+            .await
+            .expect("the driver stops when cancelled");
+        assert!(
+            matches!(ended, Ok(Ok(()))),
+            "the driver ends without error: {ended:?}"
+        );
+    }
+}
+
+impl Drop for ModbusDriverRun {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Whether every sample of a batch is good.
+pub fn all_good(b: &protocols::model::Batch) -> bool {
+    b.samples
+        .iter()
+        .all(|s| s.quality == protocols::model::Quality::Good)
+}

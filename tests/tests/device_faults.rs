@@ -11,19 +11,15 @@
 //! batches keep coming, good values are right, and the process's resident memory stays flat.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edge_gateway::demo::tag;
-use gateway_tests::init_tracing;
-use protocols::driver::{DeviceStatus, DriverContext, DriverError, Emitter};
-use protocols::modbus::{self, Address, Area, DataType, ModbusSettings, TagSpec, WordOrder};
-use protocols::model::{Batch, DeviceId, Quality, Reason, Value};
+use gateway_tests::{all_good, init_tracing, ModbusDriverRun};
+use protocols::modbus::{Address, Area, DataType, ModbusSettings, TagSpec, WordOrder};
+use protocols::model::{Batch, Quality, Reason, Value};
 use protocols::sim::faulty::{ByteCount, Fault, FaultyProxy};
 use protocols::sim::modbus::SimDevice;
-use tokio::sync::{mpsc, RwLock};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::RwLock;
 
 const SCAN: Duration = Duration::from_millis(50);
 const TIMEOUT: Duration = Duration::from_millis(200);
@@ -103,10 +99,7 @@ fn device() -> SimDevice {
 struct Rig {
     proxy: FaultyProxy,
     expected: Vec<Value>,
-    rx: mpsc::Receiver<Batch>,
-    status: Arc<DeviceStatus>,
-    cancel: CancellationToken,
-    driver: JoinHandle<Result<(), DriverError>>,
+    run: ModbusDriverRun,
     _device: SimDevice,
 }
 
@@ -121,34 +114,17 @@ impl Rig {
         settings.timeout = timeout;
         settings.backoff_min = timeout / 10;
         settings.backoff_max = timeout / 2;
-        let (tx, rx) = mpsc::channel(64);
-        let status = Arc::new(DeviceStatus::default());
-        let cancel = CancellationToken::new();
-        let ctx = DriverContext {
-            device: DeviceId(0),
-            name: "dev".into(),
-            emitter: Emitter::new(tx),
-            cancel: cancel.clone(),
-            status: status.clone(),
-        };
-        let driver = tokio::spawn(modbus::line::run(settings, vec![ctx]));
         Rig {
             proxy,
             expected,
-            rx,
-            status,
-            cancel,
-            driver,
+            run: ModbusDriverRun::start(settings),
             _device: dev,
         }
     }
 
     /// The next batch, whose good samples must carry their tags' values.
     async fn next(&mut self) -> Batch {
-        let batch = tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
-            .await
-            .expect("a batch within 5 s: the driver is stuck")
-            .expect("the driver ended (did it panic?)");
+        let batch = self.run.next().await;
         for s in &batch.samples {
             if s.quality == Quality::Good {
                 assert_eq!(
@@ -175,19 +151,8 @@ impl Rig {
 
     /// Stops the driver, which must end cleanly.
     async fn stop(self) {
-        self.cancel.cancel();
-        let ended = tokio::time::timeout(Duration::from_secs(2), self.driver)
-            .await
-            .expect("the driver stops when cancelled");
-        assert!(
-            matches!(ended, Ok(Ok(()))),
-            "the driver ends without error: {ended:?}"
-        );
+        self.run.stop().await;
     }
-}
-
-fn all_good(b: &Batch) -> bool {
-    b.samples.iter().all(|s| s.quality == Quality::Good)
 }
 
 /// Plays `fault` against a rig reading `tags`: the tags go bad with one of `reasons` only,
@@ -196,7 +161,7 @@ async fn fault_on(tags: Tags, fault: Fault, reasons: &[Reason]) {
     let mut rig = Rig::start(tags, SCAN, TIMEOUT).await;
     rig.until_good().await;
     let connections = rig.proxy.connections();
-    let reconnects = rig.status.reconnects.load(Ordering::Relaxed);
+    let reconnects = rig.run.status.reconnects.load(Ordering::Relaxed);
 
     rig.proxy.set(fault);
     let since = Instant::now();
@@ -229,8 +194,8 @@ async fn fault_on(tags: Tags, fault: Fault, reasons: &[Reason]) {
         opened >= applied,
         "{fault:?} on {tags:?}: every spoilt answer ends its connection ({applied} spoilt, {opened} connections opened)"
     );
-    assert!(rig.status.reconnects.load(Ordering::Relaxed) - reconnects >= applied);
-    assert!(rig.status.is_connected());
+    assert!(rig.run.status.reconnects.load(Ordering::Relaxed) - reconnects >= applied);
+    assert!(rig.run.status.is_connected());
     rig.stop().await;
 }
 

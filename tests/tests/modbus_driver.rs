@@ -2,18 +2,14 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use edge_gateway::config::DeviceKind;
 use edge_gateway::demo::{modbus_device, tag};
-use gateway_tests::{eventually, init_tracing};
-use protocols::driver::{DeviceStatus, DriverContext, Emitter};
-use protocols::modbus::{self, Address, Area, DataType, ModbusSettings, TagSpec, WordOrder};
-use protocols::model::{Batch, DeviceId, Quality, Reason, Value};
+use gateway_tests::{all_good, eventually, init_tracing, ModbusDriverRun};
+use protocols::modbus::{Address, Area, DataType, ModbusSettings, TagSpec, WordOrder};
+use protocols::model::{Batch, Quality, Reason, Value};
 use protocols::sim::modbus::SimDevice;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 const SCAN: Duration = Duration::from_millis(50);
 
@@ -34,55 +30,15 @@ fn settings(addr: SocketAddr, tags: Vec<TagSpec>) -> ModbusSettings {
     s
 }
 
-struct Running {
-    rx: mpsc::Receiver<Batch>,
-    status: Arc<DeviceStatus>,
-    cancel: CancellationToken,
-}
-
-fn start(s: ModbusSettings) -> Running {
-    let (tx, rx) = mpsc::channel(64);
-    let status = Arc::new(DeviceStatus::default());
-    let cancel = CancellationToken::new();
-    let ctx = DriverContext {
-        device: DeviceId(0),
-        name: "dev".into(),
-        emitter: Emitter::new(tx),
-        cancel: cancel.clone(),
-        status: status.clone(),
-    };
-    tokio::spawn(modbus::line::run(s, vec![ctx]));
-    Running { rx, status, cancel }
-}
-
-impl Running {
-    async fn next(&mut self) -> Batch {
-        tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
-            .await
-            .expect("a batch within 5 s")
-            .expect("driver alive")
-    }
-
-    /// Skips batches until one satisfies `pred`.
-    async fn until(&mut self, what: &str, pred: impl Fn(&Batch) -> bool) -> Batch {
-        for _ in 0..200 {
-            let b = self.next().await;
-            if pred(&b) {
-                return b;
-            }
+/// Skips batches until one satisfies `pred`.
+async fn until(run: &mut ModbusDriverRun, what: &str, pred: impl Fn(&Batch) -> bool) -> Batch {
+    for _ in 0..200 {
+        let b = run.next().await;
+        if pred(&b) {
+            return b;
         }
-        panic!("no batch with {what}");
     }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
-fn all_good(b: &Batch) -> bool {
-    b.samples.iter().all(|s| s.quality == Quality::Good)
+    panic!("no batch with {what}");
 }
 
 #[tokio::test]
@@ -119,7 +75,7 @@ async fn plans_tags_into_as_few_block_reads_as_the_limits_allow() {
     }
     let mut s = settings(server.addr(), tags);
     s.max_gap = 16;
-    let mut run = start(s);
+    let mut run = ModbusDriverRun::start(s);
     run.next().await;
     let before = dev.requests();
     for _ in 0..5 {
@@ -150,7 +106,7 @@ async fn plans_tags_into_as_few_block_reads_as_the_limits_allow() {
         .collect();
     let mut s = settings(server2.addr(), tags);
     s.max_registers_per_read = 40;
-    let mut run2 = start(s);
+    let mut run2 = ModbusDriverRun::start(s);
     run2.next().await;
     let before = dev2.requests();
     for _ in 0..4 {
@@ -177,7 +133,7 @@ async fn splits_a_merged_read_refused_for_a_register_hole_and_remembers_the_spli
         tag("a", hr(0), DataType::U16, WordOrder::ABCD, 0, SCAN),
         tag("b", hr(10), DataType::U16, WordOrder::ABCD, 0, SCAN),
     ];
-    let mut run = start(settings(server.addr(), tags));
+    let mut run = ModbusDriverRun::start(settings(server.addr(), tags));
     let first = run.next().await;
     assert!(
         all_good(&first),
@@ -221,7 +177,7 @@ async fn an_exception_marks_only_the_affected_tags_bad() {
             SCAN,
         ),
     ];
-    let mut run = start(settings(server.addr(), tags));
+    let mut run = ModbusDriverRun::start(settings(server.addr(), tags));
     for _ in 0..3 {
         let b = run.next().await;
         let good = b.samples.iter().find(|s| s.tag.0 == 0).unwrap();
@@ -245,16 +201,16 @@ async fn a_timeout_drops_the_connection_and_tags_recover_on_a_new_one() {
     dev.image().hr[0] = 7;
     let server = dev.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let tags = vec![tag("x", hr(0), DataType::U16, WordOrder::ABCD, 0, SCAN)];
-    let mut run = start(settings(server.addr(), tags));
+    let mut run = ModbusDriverRun::start(settings(server.addr(), tags));
     assert!(all_good(&run.next().await));
     assert_eq!(dev.faults().connections.load(Ordering::Relaxed), 1);
 
     dev.faults().silent.store(true, Ordering::Relaxed);
-    let bad = run.until("a timeout", |b| !all_good(b)).await;
+    let bad = until(&mut run, "a timeout", |b| !all_good(b)).await;
     assert_eq!(bad.samples[0].quality, Quality::Bad(Reason::Timeout));
     dev.faults().silent.store(false, Ordering::Relaxed);
 
-    let good = run.until("good values again", all_good).await;
+    let good = until(&mut run, "good values again", all_good).await;
     assert_eq!(good.samples[0].value, Some(Value::UInt(7)));
     assert!(
         dev.faults().connections.load(Ordering::Relaxed) >= 2,
@@ -271,11 +227,11 @@ async fn tags_go_bad_while_the_device_is_down_and_good_again_after() {
     let server = dev.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = server.addr();
     let tags = vec![tag("x", hr(0), DataType::U16, WordOrder::ABCD, 0, SCAN)];
-    let mut run = start(settings(addr, tags));
+    let mut run = ModbusDriverRun::start(settings(addr, tags));
     assert!(all_good(&run.next().await));
 
     server.stop().await;
-    let bad = run.until("bad quality", |b| !all_good(b)).await;
+    let bad = until(&mut run, "bad quality", |b| !all_good(b)).await;
     assert!(matches!(
         bad.samples[0].quality,
         Quality::Bad(Reason::Disconnected | Reason::Timeout)
@@ -286,8 +242,7 @@ async fn tags_go_bad_while_the_device_is_down_and_good_again_after() {
     .await;
 
     let server = dev.serve(addr).await.unwrap();
-    run.until("good values after the device returns", all_good)
-        .await;
+    until(&mut run, "good values after the device returns", all_good).await;
     assert!(run.status.is_connected());
     drop(server);
 }
@@ -338,7 +293,7 @@ async fn decodes_the_demo_register_map_with_its_word_orders() {
         tag("text", hr(10), DataType::String, WordOrder::ABCD, 16, SCAN),
         tag("f32", hr(20), DataType::F32, WordOrder::BADC, 0, SCAN),
     ];
-    let mut run = start(settings(server.addr(), tags));
+    let mut run = ModbusDriverRun::start(settings(server.addr(), tags));
     let b = run.next().await;
     let values: Vec<_> = b.samples.iter().map(|s| s.value.clone()).collect();
     assert_eq!(
