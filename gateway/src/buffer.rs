@@ -140,7 +140,7 @@ pub struct OpenReport {
     pub damaged: u64,
     /// Where an unusable generation was moved, if one was.
     pub quarantined: Option<PathBuf>,
-    /// The highest sequence number on disk.
+    /// The highest sequence number known to be used: on disk, or committed as the watermark says.
     pub last_seq: Option<u64>,
     /// Generations found with records in them.
     pub generations: usize,
@@ -347,6 +347,13 @@ struct Stored {
 impl Generation {
     /// A handle on the database (sled's handles are shared), opening it if it is sealed.
     fn db(&mut self) -> Result<sled::Db, BufferError> {
+        if self.open.is_none() && self.frozen {
+            // Opening writes (sled pads its file, fsyncs): never again into a frozen one.
+            return Err(io_err(
+                &self.dir,
+                std::io::Error::other("frozen and closed"),
+            ));
+        }
         if self.open.is_none() {
             self.open = Some(Arc::new(open_db(&self.dir)?));
         }
@@ -363,7 +370,8 @@ impl Generation {
     /// error) as an error of the whole database until it is opened again, so the next use
     /// reopens it, and commits resume once the disk takes writes again.
     fn failed(&mut self) {
-        if self.open.take().is_some() {
+        // A frozen one keeps its handle: it may not be opened again (see `frozen`).
+        if !self.frozen && self.open.take().is_some() {
             debug!(
                 generation = self.id,
                 "buffer generation closed after a failed write; the next use reopens it"
@@ -417,6 +425,9 @@ pub struct Buffer {
     /// The fsync after a commit's flush fails while set (fault injection for unit tests).
     #[cfg(test)]
     fail_syncs: AtomicBool,
+    /// A commit panics inside its write while set (as sled can on a damaged file).
+    #[cfg(test)]
+    panic_commits: AtomicBool,
     /// A commit says it is writing (first channel) and waits for a go (second) while set.
     #[cfg(test)]
     commit_gate: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
@@ -845,7 +856,13 @@ impl Buffer {
         if report.damaged > 0 {
             warn!(path = %dir.display(), damaged = report.damaged, "dropped damaged records from the buffer");
         }
-        report.lost_commits = Watermark::read(dir).and_then(|w| check_watermark(w, &gens));
+        let watermark = Watermark::read(dir);
+        report.lost_commits = watermark.and_then(|w| check_watermark(w, &gens));
+        // A generation that cannot be read now (deferred) may hold the highest seqs: the
+        // watermark knows how far commits went, and the seqs of the next boot start above it.
+        if let Some(w) = watermark {
+            report.last_seq = report.last_seq.max(Some(w.committed_through));
+        }
         if let Some(lost) = &report.lost_commits {
             error!(
                 path = %dir.display(),
@@ -877,6 +894,8 @@ impl Buffer {
             fail_commits: AtomicBool::new(false),
             #[cfg(test)]
             fail_syncs: AtomicBool::new(false),
+            #[cfg(test)]
+            panic_commits: AtomicBool::new(false),
             #[cfg(test)]
             commit_gate: Mutex::new(None),
             deferred: Mutex::new(deferred),
@@ -1023,7 +1042,8 @@ impl Buffer {
         let last = gens.len().saturating_sub(1);
         let oldest_held = gens.iter().position(|g| g.records > 0);
         for (i, g) in gens.iter_mut().enumerate() {
-            let in_use = i == last || Some(i) == oldest_held || Some(g.id) == keep;
+            // A frozen one stays open until drained: reopening it would write to it.
+            let in_use = i == last || Some(i) == oldest_held || Some(g.id) == keep || g.frozen;
             if !in_use && !g.committing && g.open.is_some() {
                 if let Err(e) = g.seal() {
                     warn!(error = %e, generation = g.id, "cannot seal a buffer generation; it stays open");
@@ -1134,10 +1154,19 @@ impl Buffer {
             let _ = entered.send(());
             let _ = go.recv();
         }
-        let written = match db.apply_batch(batch) {
-            Ok(()) => sync_gen(&open, &dir),
-            Err(e) => Err(db_err(&dir, e)),
-        };
+        // A panic inside sled here must still reach the bookkeeping below, which clears
+        // `committing` (a generation left flagged would never be deleted nor evicted).
+        let written = catch_unwind(AssertUnwindSafe(|| {
+            #[cfg(test)]
+            if self.panic_commits.load(Ordering::Relaxed) {
+                panic!("injected panic inside a commit");
+            }
+            match db.apply_batch(batch) {
+                Ok(()) => sync_gen(&open, &dir),
+                Err(e) => Err(db_err(&dir, e)),
+            }
+        }))
+        .unwrap_or_else(|_| Err(BufferError::Panicked(dir.clone())));
         #[cfg(test)]
         let written = written.and_then(|()| {
             if self.fail_syncs.load(Ordering::Relaxed) {
@@ -1163,7 +1192,10 @@ impl Buffer {
             // or counted; should they have reached the disk after all, a restart finds them
             // here as well as in the generation they go to, and sends them again (re-sends).
             g.closed = true;
-            if matches!(e, BufferError::Db { .. } | BufferError::DbIo { .. }) {
+            if matches!(
+                e,
+                BufferError::Db { .. } | BufferError::DbIo { .. } | BufferError::Panicked(_)
+            ) {
                 // sled failed: it holds the error until the database is opened again.
                 g.failed();
             } else {
@@ -1321,8 +1353,14 @@ impl Buffer {
         if gens.len() == 1 {
             gens.push(self.new_gen()?);
         }
-        if gens.len() < 2 || gens[0].committing {
+        if gens.len() < 2 {
             return Ok(0);
+        }
+        if gens[0].committing {
+            return Err(io_err(
+                &self.dir,
+                std::io::Error::other("the oldest generation is being committed into"),
+            ));
         }
         let oldest = gens.remove(0);
         let (records, bytes) = (oldest.records, oldest.bytes);
@@ -1458,7 +1496,8 @@ mod tests {
         // A chunk acknowledged in part comes back whole (2 is sent again, as a re-send); one
         // acknowledged in full is gone.
         assert_eq!(report.records, 3);
-        assert_eq!(report.last_seq, Some(3));
+        // 4 is gone from the disk, but the watermark says it was committed: a seq in use.
+        assert_eq!(report.last_seq, Some(4));
         let all = b.read_range(0, u64::MAX, 10, |_| false).unwrap();
         assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
         assert_eq!(b.first_seq(), Some(1));
@@ -1605,6 +1644,50 @@ mod tests {
         assert_eq!(b.len(), 18);
         let seqs: Vec<u64> = seqs_on_disk(&b);
         assert_eq!(seqs, (2..20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_panic_inside_a_commit_leaves_its_generation_deletable_once_drained() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, _) = Buffer::open(dir.path()).unwrap();
+        let commit = |r: std::ops::Range<u64>| b.commit(&r.map(rec).collect::<Vec<_>>());
+        commit(0..10).unwrap();
+        b.panic_commits.store(true, Ordering::Relaxed);
+        assert!(matches!(commit(10..20), Err(BufferError::Panicked(_))));
+        b.panic_commits.store(false, Ordering::Relaxed);
+        commit(10..20).unwrap();
+        assert_eq!(b.generations(), 2);
+        b.remove(&(0..20).collect::<Vec<_>>()).unwrap();
+        assert_eq!(b.generations(), 1, "the drained generation is deleted");
+        commit(20..30).unwrap();
+        assert_eq!(b.evict_oldest_generation().unwrap(), 10);
+    }
+
+    #[test]
+    fn a_frozen_generation_is_never_reopened_so_a_replay_writes_nothing_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit =
+            |b: &Buffer, r: std::ops::Range<u64>| b.commit(&r.map(rec).collect::<Vec<_>>());
+        {
+            let (b, _) = Buffer::open(dir.path()).unwrap();
+            commit(&b, 0..10).unwrap();
+            b.close().unwrap();
+        }
+        // gen-1 holds records from before the restart; gen-2 takes commits.
+        let (b, _) = Buffer::open(dir.path()).unwrap();
+        commit(&b, 10..20).unwrap();
+        b.inject_sync_failures(true);
+        assert!(commit(&b, 20..30).is_err());
+        b.inject_sync_failures(false);
+        commit(&b, 20..30).unwrap();
+        let frozen_db = dir.path().join("gen-2").join("db");
+        let size = std::fs::metadata(&frozen_db).unwrap().len();
+        assert_eq!(seqs_on_disk(&b), (0..30).collect::<Vec<_>>());
+        b.remove(&(0..10).collect::<Vec<_>>()).unwrap();
+        assert_eq!(seqs_on_disk(&b), (10..30).collect::<Vec<_>>());
+        assert_eq!(std::fs::metadata(&frozen_db).unwrap().len(), size);
+        b.remove(&(10..20).collect::<Vec<_>>()).unwrap();
+        assert!(!frozen_db.exists(), "deleted once drained");
     }
 
     #[test]

@@ -110,30 +110,34 @@ fn read_password(config: &Config) -> Result<Option<String>, StartError> {
 
 /// Takes the data directory's lock (`flock` on `lock`, released by the kernel whenever the
 /// process ends), so a second gateway started on the same directory by mistake stops at once
-/// instead of sharing the state file's sequence numbers and the buffer with the first.
-fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+/// instead of sharing the state file's sequence numbers and the buffer with the first. Only a
+/// lock held by another process stops the start: a disk that cannot make or lock the file (full,
+/// failing) is warned about, as the gateway runs on such a disk.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<Option<std::fs::File>, StartError> {
     use fs2::FileExt;
     let path = data_dir.join("lock");
-    let err = |source| StartError::DataDir {
-        path: path.clone(),
-        source,
-    };
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&path)
-        .map_err(err)?;
-    if let Err(e) = file.try_lock_exclusive() {
-        return Err(if e.kind() == fs2::lock_contended_error().kind() {
-            StartError::DataDirInUse {
-                path: data_dir.to_path_buf(),
-            }
-        } else {
-            err(e)
-        });
+        .open(&path);
+    let file = match file {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot create the data directory's lock file; going on without the lock");
+            return Ok(None);
+        }
+    };
+    match file.try_lock_exclusive() {
+        Ok(()) => Ok(Some(file)),
+        Err(e) if e.kind() == fs2::lock_contended_error().kind() => Err(StartError::DataDirInUse {
+            path: data_dir.to_path_buf(),
+        }),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot lock the data directory; going on without the lock");
+            Ok(None)
+        }
     }
-    Ok(file)
 }
 
 /// Opens the buffer and starts every task of the gateway.
@@ -305,12 +309,13 @@ mod tests {
     fn a_second_gateway_on_the_same_data_directory_is_refused_until_the_first_ends() {
         let dir = tempfile::tempdir().unwrap();
         let first = lock_data_dir(dir.path()).unwrap();
+        assert!(first.is_some());
         let second = lock_data_dir(dir.path());
         assert!(
             matches!(second, Err(StartError::DataDirInUse { .. })),
             "{second:?}"
         );
         drop(first);
-        assert!(lock_data_dir(dir.path()).is_ok());
+        assert!(lock_data_dir(dir.path()).unwrap().is_some());
     }
 }

@@ -359,7 +359,12 @@ fn make_room_on_disk(
                         break;
                     }
                 }
+                let before = usage;
                 usage = shared.buffer.disk_usage();
+                if usage >= before {
+                    // Nothing was freed: another round would not free anything either.
+                    break;
+                }
             }
             if fits(usage) {
                 due
