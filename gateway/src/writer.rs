@@ -25,7 +25,7 @@ use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::publish::json::JsonEncoder;
 use crate::record::Record;
-use crate::state::SeqState;
+use crate::state::{SeqState, StateError};
 
 /// State shared by the writer, the committer and the publisher.
 #[derive(Debug)]
@@ -95,24 +95,60 @@ impl Shared {
 /// MQTT fixed header and topic length field, beyond topic and payload.
 const PACKET_OVERHEAD: usize = 16;
 
+fn lock(seqs: &std::sync::Mutex<SeqState>) -> std::sync::MutexGuard<'_, SeqState> {
+    // Poisoned only by a panic while held; the state is still what it was.
+    seqs.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The next sequence number; the state file's writes and retries run where blocking is fine,
+/// not on the runtime's few threads (a failing SD card can hang a write for long).
+async fn peek_seq(seqs: &Arc<std::sync::Mutex<SeqState>>) -> Result<u64, StateError> {
+    if !lock(seqs).wants_disk() {
+        return lock(seqs).peek_seq();
+    }
+    let s = seqs.clone();
+    match tokio::task::spawn_blocking(move || lock(&s).peek_seq()).await {
+        Ok(r) => r,
+        // Not possible short of a panic in `peek_seq`: the state is as it was, try again.
+        Err(_) => lock(seqs).peek_seq(),
+    }
+}
+
 /// Runs the writer until every driver has dropped its emitter. A batch whose record would not
 /// fit in `max_packet` bytes is split in halves (each its own record); a single sample that does
 /// not fit is dropped and counted, since the broker could never take it.
 pub async fn run_writer(
     mut batches: mpsc::Receiver<Batch>,
     mut encoder: JsonEncoder,
-    mut seqs: SeqState,
+    seqs: SeqState,
     shared: Arc<Shared>,
     live: mpsc::Sender<Arc<Record>>,
     max_packet: usize,
 ) {
+    let seqs = Arc::new(std::sync::Mutex::new(seqs));
     let mut todo: Vec<Batch> = Vec::new();
+    let mut holding = false;
     while let Some(batch) = batches.recv().await {
         todo.push(batch);
         while let Some(batch) = todo.pop() {
-            let seq = seqs.peek_seq();
+            let seq = loop {
+                match peek_seq(&seqs).await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        // An unreserved number could repeat after a crash: wait instead.
+                        if !holding {
+                            error!(error = %e, "cannot hand out sequence numbers; holding the pipeline");
+                            holding = true;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            };
+            if std::mem::take(&mut holding) {
+                info!("sequence numbers are handed out again");
+            }
             // A volatile boot (the state file cannot be written) has a boot number of its own.
-            encoder.set_boot(seqs.boot());
+            encoder.set_boot(lock(&seqs).boot());
             let record = encoder.encode(seq, &batch);
             if record.topic.len() + record.payload.len() + PACKET_OVERHEAD > max_packet {
                 // No seq is used up for a record that is not made: seqs stay contiguous.
@@ -129,7 +165,9 @@ pub async fn run_writer(
                 }
                 continue;
             }
-            seqs.next_seq();
+            if lock(&seqs).next_seq().is_err() {
+                continue; // unreachable: peek_seq found this number usable
+            }
             let record = Arc::new(record);
             let m = &shared.metrics;
             Metrics::add(&m.records, 1);
