@@ -556,6 +556,13 @@ fn scan(db: &sled::Db, dir: &Path) -> Result<Scanned, BufferError> {
                 empty.push(k);
                 continue;
             };
+            if chunk::from_a_newer_version(&v) {
+                // After a downgrade: set the generation aside whole rather than drop it.
+                return Err(BufferError::Db {
+                    path: dir.to_path_buf(),
+                    message: "written by a newer version of the gateway".into(),
+                });
+            }
             let (records, damaged) = chunk::decode(&v);
             report.damaged += damaged;
             let mut live = Live::new(key);
@@ -1708,6 +1715,29 @@ mod tests {
         b.remove(&(0..10).collect::<Vec<_>>()).unwrap();
         assert!(b.is_empty(), "{} left", b.len());
         assert!(seqs_on_disk(&b).is_empty());
+    }
+
+    #[test]
+    fn a_generation_from_a_newer_version_is_set_aside_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer");
+        {
+            let (b, _) = Buffer::open(&path).unwrap();
+            b.commit(&(1..=3).map(rec).collect::<Vec<_>>()).unwrap();
+            let mut gens = b.lock();
+            let g = gens.last_mut().unwrap();
+            g.db()
+                .unwrap()
+                .insert(9u64.to_be_bytes(), &[0xC7, 1, 2, 3])
+                .unwrap();
+            drop(gens);
+            b.close().unwrap();
+        }
+        let (b, report) = Buffer::open(&path).unwrap();
+        let aside = report.quarantined.expect("set aside");
+        assert!(aside.exists());
+        assert_eq!((report.records, report.damaged), (0, 0));
+        assert!(b.is_empty());
     }
 
     #[test]

@@ -19,7 +19,9 @@
 //! still reads. A damaged record in a plain body is dropped alone; damage in a deflated body
 //! loses the records from the damage on (what inflated before it is read, each record checked
 //! against its checksum, so nothing garbled gets through). A value in the form of a single
-//! record is a value from before chunks and reads as a chunk of one.
+//! record is a value from before chunks and reads as a chunk of one. First bytes 0xC3 to 0xCF
+//! are kept for later formats: a buffer that holds one (after a downgrade) is set aside whole,
+//! not read as damage and dropped.
 
 use std::sync::Arc;
 
@@ -97,6 +99,14 @@ pub(crate) fn encode_plain(records: &[Arc<Record>]) -> Vec<u8> {
         out.extend_from_slice(&bytes[..len as usize]);
     }
     out
+}
+
+/// Whether a value is a chunk in a format a newer version of the gateway writes (first bytes
+/// 0xC3 to 0xCF are kept for those): it cannot be read here, and must not be taken for damage.
+pub fn from_a_newer_version(value: &[u8]) -> bool {
+    value
+        .first()
+        .is_some_and(|&b| (DEFLATED + 1..=0xCF).contains(&b))
 }
 
 /// The records a chunk value holds, and how many were damaged (dropped). Never panics: a
@@ -323,6 +333,17 @@ mod tests {
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(packed);
         out
+    }
+
+    #[test]
+    fn formats_of_newer_versions_are_told_apart_from_damage() {
+        let records: Vec<_> = (1..=3).map(|s| scan(s, 10)).collect();
+        assert!(!from_a_newer_version(&encode(&records)));
+        assert!(!from_a_newer_version(&encode_plain(&records)));
+        assert!(!from_a_newer_version(&records[0].to_bytes()));
+        assert!(from_a_newer_version(&[0xC3, 0, 0]));
+        assert!(from_a_newer_version(&[0xCF]));
+        assert!(!from_a_newer_version(&[0xD0]) && !from_a_newer_version(&[]));
     }
 
     #[test]
