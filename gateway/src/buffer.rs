@@ -33,8 +33,8 @@
 //!   atomic step, so a crash never leaves a half-deleted database to open), then removed.
 //! - Opening never takes the gateway down: a panic inside sled is caught, the generation is moved
 //!   aside to `quarantine-<time>` (never deleted) and the others are kept.
-//! - Only the newest generation, the oldest one holding records and the one a replay is reading
-//!   stay open; the others are sealed (synced, closed), because sled keeps in memory what an
+//! - Only the newest generation, the oldest one holding records, the one a replay is reading
+//!   and frozen ones (until drained) stay open; the others are sealed (synced, closed), because sled keeps in memory what an
 //!   open database holds. Per-generation counts and sequence ranges route reads and deletes
 //!   without opening the sealed ones.
 //! - Every commit also writes the generation's commit mark (the highest `seq` committed into it,
@@ -297,10 +297,11 @@ pub fn contain_sled_panic_reports() {
     }));
 }
 
-/// One sled database of the buffer. Only the newest generation and the oldest one holding
-/// records (the next to replay) are kept open; the others are sealed: synced and closed, so
-/// sled's memory for them is given back (sled keeps what it wrote in memory while open), and
-/// opened again only when a replay or an acknowledgement reaches them.
+/// One sled database of the buffer. Only the newest generation, the oldest one holding records
+/// (the next to replay), the one a replay reads and frozen ones are kept open; the others are
+/// sealed: synced and closed, so sled's memory for them is given back (sled keeps what it wrote
+/// in memory while open), and opened again only when a replay or an acknowledgement reaches
+/// them.
 #[derive(Debug)]
 struct Generation {
     id: u64,
