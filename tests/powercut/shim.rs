@@ -129,7 +129,7 @@ fn set_errno(e: c_int) {
 
 /// Looks a real libc function up once (`dlsym(RTLD_NEXT)`), as a value of the pointer type `$ty`.
 macro_rules! real {
-    ($name:literal, $ty:ty) => {{
+    ($name:expr, $ty:ty) => {{
         static P: AtomicUsize = AtomicUsize::new(0);
         let mut p = P.load(Ordering::Relaxed);
         if p == 0 {
@@ -142,6 +142,35 @@ macro_rules! real {
             Some(std::mem::transmute::<usize, $ty>(p))
         }
     }};
+}
+
+/// Exports one wrapper under each of the names: glibc gives the large-file variants (`open64`,
+/// `pwrite64`, ...) symbols of their own with the same signature, and each must reach its own
+/// real function, which `$real` names in the body.
+macro_rules! wrappers {
+    (
+        [$($name:ident),+]
+        fn $args:tt -> $ret:ty;
+        real $real:ident: $fty:ty => $body:expr
+    ) => {
+        $( wrapper!($name $args -> $ret; $real: $fty => $body); )+
+    };
+}
+
+/// One exported wrapper (see [`wrappers`]).
+macro_rules! wrapper {
+    (
+        $name:ident ($($arg:ident: $t:ty),* $(,)?) -> $ret:ty;
+        $real:ident: $fty:ty => $body:expr
+    ) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $t),*) -> $ret {
+            let Some($real) = real!(stringify!($name), $fty) else {
+                return missing();
+            };
+            $body
+        }
+    };
 }
 
 fn missing<T: From<i8>>() -> T {
@@ -1372,66 +1401,19 @@ type OpenFn = unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int;
 type OpenAtFn = unsafe extern "C" fn(c_int, *const c_char, c_int, ...) -> c_int;
 type CreatFn = unsafe extern "C" fn(*const c_char, ModeT) -> c_int;
 
-#[no_mangle]
-pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: ModeT) -> c_int {
-    let Some(real) = real!("open", OpenFn) else {
-        return missing();
-    };
-    do_open(AT_FDCWD, path, flags, || real(path, flags, mode))
+wrappers! {
+    [open, open64] fn(path: *const c_char, flags: c_int, mode: ModeT) -> c_int;
+    real real: OpenFn => do_open(AT_FDCWD, path, flags, || real(path, flags, mode))
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: ModeT) -> c_int {
-    let Some(real) = real!("open64", OpenFn) else {
-        return missing();
-    };
-    do_open(AT_FDCWD, path, flags, || real(path, flags, mode))
+wrappers! {
+    [openat, openat64] fn(dirfd: c_int, path: *const c_char, flags: c_int, mode: ModeT) -> c_int;
+    real real: OpenAtFn => do_open(dirfd, path, flags, || real(dirfd, path, flags, mode))
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn openat(
-    dirfd: c_int,
-    path: *const c_char,
-    flags: c_int,
-    mode: ModeT,
-) -> c_int {
-    let Some(real) = real!("openat", OpenAtFn) else {
-        return missing();
-    };
-    do_open(dirfd, path, flags, || real(dirfd, path, flags, mode))
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn openat64(
-    dirfd: c_int,
-    path: *const c_char,
-    flags: c_int,
-    mode: ModeT,
-) -> c_int {
-    let Some(real) = real!("openat64", OpenAtFn) else {
-        return missing();
-    };
-    do_open(dirfd, path, flags, || real(dirfd, path, flags, mode))
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn creat(path: *const c_char, mode: ModeT) -> c_int {
-    let Some(real) = real!("creat", CreatFn) else {
-        return missing();
-    };
-    do_open(AT_FDCWD, path, O_CREAT | O_WRONLY | O_TRUNC, || {
-        real(path, mode)
-    })
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn creat64(path: *const c_char, mode: ModeT) -> c_int {
-    let Some(real) = real!("creat64", CreatFn) else {
-        return missing();
-    };
-    do_open(AT_FDCWD, path, O_CREAT | O_WRONLY | O_TRUNC, || {
-        real(path, mode)
-    })
+wrappers! {
+    [creat, creat64] fn(path: *const c_char, mode: ModeT) -> c_int;
+    real real: CreatFn => do_open(AT_FDCWD, path, O_CREAT | O_WRONLY | O_TRUNC, || real(path, mode))
 }
 
 #[no_mangle]
@@ -1454,90 +1436,33 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const IoVec, cnt: c_int) -> Ssi
     })
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn pwrite(fd: c_int, buf: *const c_void, n: SizeT, off: OffT) -> SsizeT {
-    type F = unsafe extern "C" fn(c_int, *const c_void, SizeT, OffT) -> SsizeT;
-    let Some(real) = real!("pwrite", F) else {
-        return missing();
-    };
-    do_pwrite(fd, off, n, |k| real(fd, buf, k, off))
+wrappers! {
+    [pwrite, pwrite64] fn(fd: c_int, buf: *const c_void, n: SizeT, off: OffT) -> SsizeT;
+    real real: unsafe extern "C" fn(c_int, *const c_void, SizeT, OffT) -> SsizeT =>
+        do_pwrite(fd, off, n, |k| real(fd, buf, k, off))
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn pwrite64(fd: c_int, buf: *const c_void, n: SizeT, off: OffT) -> SsizeT {
-    type F = unsafe extern "C" fn(c_int, *const c_void, SizeT, OffT) -> SsizeT;
-    let Some(real) = real!("pwrite64", F) else {
-        return missing();
-    };
-    do_pwrite(fd, off, n, |k| real(fd, buf, k, off))
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn pwritev(fd: c_int, iov: *const IoVec, cnt: c_int, off: OffT) -> SsizeT {
-    type F = unsafe extern "C" fn(c_int, *const IoVec, c_int, OffT) -> SsizeT;
-    let Some(real) = real!("pwritev", F) else {
-        return missing();
-    };
-    do_pwrite(fd, off, iov_len(iov, cnt), |k| {
-        with_iov(iov, cnt, k, |v, c| real(fd, v, c, off))
-    })
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn pwritev64(fd: c_int, iov: *const IoVec, cnt: c_int, off: OffT) -> SsizeT {
-    type F = unsafe extern "C" fn(c_int, *const IoVec, c_int, OffT) -> SsizeT;
-    let Some(real) = real!("pwritev64", F) else {
-        return missing();
-    };
-    do_pwrite(fd, off, iov_len(iov, cnt), |k| {
-        with_iov(iov, cnt, k, |v, c| real(fd, v, c, off))
-    })
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn pwritev2(
-    fd: c_int,
-    iov: *const IoVec,
-    cnt: c_int,
-    off: OffT,
-    flags: c_int,
-) -> SsizeT {
-    type F = unsafe extern "C" fn(c_int, *const IoVec, c_int, OffT, c_int) -> SsizeT;
-    let Some(real) = real!("pwritev2", F) else {
-        return missing();
-    };
-    if off == -1 {
-        do_write(fd, iov_len(iov, cnt), |k| {
-            with_iov(iov, cnt, k, |v, c| real(fd, v, c, off, flags))
-        })
-    } else {
+wrappers! {
+    [pwritev, pwritev64] fn(fd: c_int, iov: *const IoVec, cnt: c_int, off: OffT) -> SsizeT;
+    real real: unsafe extern "C" fn(c_int, *const IoVec, c_int, OffT) -> SsizeT =>
         do_pwrite(fd, off, iov_len(iov, cnt), |k| {
-            with_iov(iov, cnt, k, |v, c| real(fd, v, c, off, flags))
+            with_iov(iov, cnt, k, |v, c| real(fd, v, c, off))
         })
-    }
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn pwritev64v2(
-    fd: c_int,
-    iov: *const IoVec,
-    cnt: c_int,
-    off: OffT,
-    flags: c_int,
-) -> SsizeT {
-    type F = unsafe extern "C" fn(c_int, *const IoVec, c_int, OffT, c_int) -> SsizeT;
-    let Some(real) = real!("pwritev64v2", F) else {
-        return missing();
-    };
-    if off == -1 {
-        do_write(fd, iov_len(iov, cnt), |k| {
-            with_iov(iov, cnt, k, |v, c| real(fd, v, c, off, flags))
-        })
-    } else {
-        do_pwrite(fd, off, iov_len(iov, cnt), |k| {
-            with_iov(iov, cnt, k, |v, c| real(fd, v, c, off, flags))
-        })
-    }
+wrappers! {
+    [pwritev2, pwritev64v2] fn(fd: c_int, iov: *const IoVec, cnt: c_int, off: OffT, flags: c_int) -> SsizeT;
+    real real: unsafe extern "C" fn(c_int, *const IoVec, c_int, OffT, c_int) -> SsizeT =>
+        // An offset of -1 writes at the file position, as writev does.
+        if off == -1 {
+            do_write(fd, iov_len(iov, cnt), |k| {
+                with_iov(iov, cnt, k, |v, c| real(fd, v, c, off, flags))
+            })
+        } else {
+            do_pwrite(fd, off, iov_len(iov, cnt), |k| {
+                with_iov(iov, cnt, k, |v, c| real(fd, v, c, off, flags))
+            })
+        }
 }
 
 /// Bytes in `cnt` buffers at `iov`.
@@ -1590,22 +1515,9 @@ unsafe fn do_ftruncate(fd: c_int, len: OffT, call: impl FnOnce() -> c_int) -> c_
     r
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn ftruncate(fd: c_int, len: OffT) -> c_int {
-    type F = unsafe extern "C" fn(c_int, OffT) -> c_int;
-    let Some(real) = real!("ftruncate", F) else {
-        return missing();
-    };
-    do_ftruncate(fd, len, || real(fd, len))
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn ftruncate64(fd: c_int, len: OffT) -> c_int {
-    type F = unsafe extern "C" fn(c_int, OffT) -> c_int;
-    let Some(real) = real!("ftruncate64", F) else {
-        return missing();
-    };
-    do_ftruncate(fd, len, || real(fd, len))
+wrappers! {
+    [ftruncate, ftruncate64] fn(fd: c_int, len: OffT) -> c_int;
+    real real: unsafe extern "C" fn(c_int, OffT) -> c_int => do_ftruncate(fd, len, || real(fd, len))
 }
 
 unsafe fn do_truncate(path: *const c_char, len: OffT, call: impl FnOnce() -> c_int) -> c_int {
@@ -1636,22 +1548,10 @@ unsafe fn do_truncate(path: *const c_char, len: OffT, call: impl FnOnce() -> c_i
     r
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn truncate(path: *const c_char, len: OffT) -> c_int {
-    type F = unsafe extern "C" fn(*const c_char, OffT) -> c_int;
-    let Some(real) = real!("truncate", F) else {
-        return missing();
-    };
-    do_truncate(path, len, || real(path, len))
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn truncate64(path: *const c_char, len: OffT) -> c_int {
-    type F = unsafe extern "C" fn(*const c_char, OffT) -> c_int;
-    let Some(real) = real!("truncate64", F) else {
-        return missing();
-    };
-    do_truncate(path, len, || real(path, len))
+wrappers! {
+    [truncate, truncate64] fn(path: *const c_char, len: OffT) -> c_int;
+    real real: unsafe extern "C" fn(*const c_char, OffT) -> c_int =>
+        do_truncate(path, len, || real(path, len))
 }
 
 unsafe fn do_fallocate(
@@ -1694,22 +1594,10 @@ unsafe fn do_fallocate(
     r
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn fallocate(fd: c_int, mode: c_int, off: OffT, len: OffT) -> c_int {
-    type F = unsafe extern "C" fn(c_int, c_int, OffT, OffT) -> c_int;
-    let Some(real) = real!("fallocate", F) else {
-        return missing();
-    };
-    do_fallocate(fd, mode, off, len, || real(fd, mode, off, len))
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn fallocate64(fd: c_int, mode: c_int, off: OffT, len: OffT) -> c_int {
-    type F = unsafe extern "C" fn(c_int, c_int, OffT, OffT) -> c_int;
-    let Some(real) = real!("fallocate64", F) else {
-        return missing();
-    };
-    do_fallocate(fd, mode, off, len, || real(fd, mode, off, len))
+wrappers! {
+    [fallocate, fallocate64] fn(fd: c_int, mode: c_int, off: OffT, len: OffT) -> c_int;
+    real real: unsafe extern "C" fn(c_int, c_int, OffT, OffT) -> c_int =>
+        do_fallocate(fd, mode, off, len, || real(fd, mode, off, len))
 }
 
 #[no_mangle]
@@ -1839,22 +1727,10 @@ unsafe fn do_fcntl(fd: c_int, cmd: c_int, arg: c_long, call: impl FnOnce() -> c_
     r
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
-    type F = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
-    let Some(real) = real!("fcntl", F) else {
-        return missing();
-    };
-    do_fcntl(fd, cmd, arg, || real(fd, cmd, arg))
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
-    type F = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
-    let Some(real) = real!("fcntl64", F) else {
-        return missing();
-    };
-    do_fcntl(fd, cmd, arg, || real(fd, cmd, arg))
+wrappers! {
+    [fcntl, fcntl64] fn(fd: c_int, cmd: c_int, arg: c_long) -> c_int;
+    real real: unsafe extern "C" fn(c_int, c_int, ...) -> c_int =>
+        do_fcntl(fd, cmd, arg, || real(fd, cmd, arg))
 }
 
 #[no_mangle]
