@@ -457,6 +457,26 @@ fn rand_id() -> u64 {
     h.finish()
 }
 
+/// How many seqs of boot `boot`, from 0 on, arrived without a gap.
+pub fn contiguous_len(messages: &[Received], boot: u64) -> u64 {
+    let seqs: std::collections::BTreeSet<u64> = messages
+        .iter()
+        .filter(|m| m.boot() == boot)
+        .map(Received::seq)
+        .collect();
+    seqs.iter()
+        .enumerate()
+        .take_while(|(i, s)| *i as u64 == **s)
+        .count() as u64
+}
+
+/// Waits, up to `within`, until the gateway's disk buffer is drained; returns the records the
+/// gateway has made by then, which a subscriber holds from seq 0 on once all is delivered.
+pub async fn drained(gw: &edge_gateway::topology::Running, within: Duration) -> u64 {
+    eventually(within, "the backlog drains", || gw.buffer.is_empty()).await;
+    edge_gateway::metrics::Metrics::get(&gw.metrics.records)
+}
+
 /// Checks that the seqs of one boot have no hole; returns them sorted and de-duplicated.
 pub fn contiguous_seqs(messages: &[Received], boot: u64) -> Vec<u64> {
     let mut seqs: Vec<u64> = messages

@@ -16,8 +16,8 @@ use edge_gateway::config::Config;
 use edge_gateway::metrics::Metrics;
 use edge_gateway::topology::Running;
 use gateway_tests::{
-    assert_resends_identical, contiguous_seqs, eventually, refusing_broker, Collector, GatewayRig,
-    Received,
+    assert_resends_identical, contiguous_len, contiguous_seqs, drained, eventually,
+    refusing_broker, Collector, GatewayRig, Received,
 };
 
 /// Simulated devices, each scanned every `SCAN`: one record per device and scan.
@@ -46,19 +46,6 @@ async fn rig(upstream: Option<SocketAddr>) -> GatewayRig {
     GatewayRig::new("gw-faults", DEVICES, SCAN, upstream).await
 }
 
-/// How many seqs of boot 1, from 0 on, arrived without a gap.
-fn contiguous_len(msgs: &[Received]) -> u64 {
-    let seqs: BTreeSet<u64> = msgs
-        .iter()
-        .filter(|m| m.boot() == 1)
-        .map(Received::seq)
-        .collect();
-    seqs.iter()
-        .enumerate()
-        .take_while(|(i, s)| *i as u64 == **s)
-        .count() as u64
-}
-
 fn all_messages(subs: &[&Collector]) -> Vec<Received> {
     subs.iter().flat_map(|s| s.messages()).collect()
 }
@@ -79,15 +66,10 @@ fn assert_no_loss(msgs: &[Received], created: u64) {
 /// Waits until the backlog has drained and every record created so far arrived at `subs`, shuts
 /// the gateway down and audits everything received.
 async fn drain_and_audit(gw: Running, subs: &[&Collector]) {
-    let m = gw.metrics.clone();
-    eventually(Duration::from_secs(20), "the backlog drains", || {
-        gw.buffer.is_empty()
-    })
-    .await;
-    let created = Metrics::get(&m.records);
+    let created = drained(&gw, Duration::from_secs(20)).await;
     // A record that never comes fails the audit below, which names the hole.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while contiguous_len(&all_messages(subs)) < created && Instant::now() < deadline {
+    while contiguous_len(&all_messages(subs), 1) < created && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     gw.shutdown().await;
