@@ -457,6 +457,12 @@ fn rand_id() -> u64 {
     h.finish()
 }
 
+/// Whether the suite runs in its long mode (`GATEWAY_LONG_TESTS` set): more kills, cuts and
+/// soak time than the default run affords.
+pub fn long_mode() -> bool {
+    std::env::var_os("GATEWAY_LONG_TESTS").is_some()
+}
+
 /// How many seqs of boot `boot`, from 0 on, arrived without a gap.
 pub fn contiguous_len(messages: &[Received], boot: u64) -> u64 {
     let seqs: std::collections::BTreeSet<u64> = messages

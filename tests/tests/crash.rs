@@ -15,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gateway_tests::{
-    assert_resends_identical, child_config, contiguous_seqs, init_tracing, powercut, quarantined,
-    ChildPeers, Collector, Received,
+    assert_resends_identical, child_config, contiguous_seqs, init_tracing, long_mode, powercut,
+    quarantined, ChildPeers, Collector, Received,
 };
 
 const COMMIT_INTERVAL_MS: u64 = 100;
@@ -118,11 +118,7 @@ fn audit(msgs: &[Received], kill_times: &HashMap<u64, i64>, last_boot: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_only_records_younger_than_the_commit_interval() {
     init_tracing();
-    let kills: usize = if std::env::var_os("GATEWAY_LONG_TESTS").is_some() {
-        50
-    } else {
-        4
-    };
+    let kills: usize = if long_mode() { 50 } else { 4 };
     let peers = ChildPeers::start().await;
     let (broker, proxy, server) = (&peers.broker, &peers.proxy, &peers.device);
     let dir = tempfile::tempdir().unwrap();
@@ -188,11 +184,7 @@ async fn a_power_cut_loses_no_committed_record() {
         return;
     }
     init_tracing();
-    let cuts: usize = if std::env::var_os("GATEWAY_LONG_TESTS").is_some() {
-        50
-    } else {
-        6
-    };
+    let cuts: usize = if long_mode() { 50 } else { 6 };
     let peers = ChildPeers::start().await;
     let (broker, proxy, server) = (&peers.broker, &peers.proxy, &peers.device);
     let dir = tempfile::tempdir().unwrap();

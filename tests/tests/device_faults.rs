@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use edge_gateway::demo::tag;
-use gateway_tests::{all_good, init_tracing, ModbusDriverRun};
+use gateway_tests::{all_good, init_tracing, long_mode, ModbusDriverRun};
 use protocols::modbus::{Address, Area, DataType, ModbusSettings, TagSpec, WordOrder};
 use protocols::model::{Batch, Quality, Reason, Value};
 use protocols::sim::faulty::{ByteCount, Fault, FaultyProxy};
@@ -312,8 +312,7 @@ const RSS_MARGIN_KIB: u64 = 1024;
 async fn under_a_fault_mix_the_driver_keeps_reporting_right_values_in_flat_memory() {
     let _alone = ALONE.write().await;
     init_tracing();
-    let long = std::env::var_os("GATEWAY_LONG_TESTS").is_some();
-    let (warm_up, total) = if long {
+    let (warm_up, total) = if long_mode() {
         (Duration::from_secs(15), Duration::from_secs(120))
     } else {
         (Duration::from_secs(3), Duration::from_secs(12))
