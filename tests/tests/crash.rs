@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gateway_tests::{
     assert_resends_identical, child_config, contiguous_seqs, init_tracing, long_mode, powercut,
-    quarantined, ChildPeers, Collector, Received,
+    quarantined, ChildPeers, Collector, Proxy, Received,
 };
 
 const COMMIT_INTERVAL_MS: u64 = 100;
@@ -115,6 +115,29 @@ fn audit(msgs: &[Received], kill_times: &HashMap<u64, i64>, last_boot: u64) {
     contiguous_seqs(msgs, last_boot);
 }
 
+/// Round `i`'s link before the start; rounds alternate: broker reachable, broker cut (backlog on
+/// disk), cut in the middle of the run (see [`run_round`]).
+fn link_before(proxy: &Proxy, i: usize) {
+    match i % 3 {
+        1 => proxy.cut(),
+        _ => proxy.restore(),
+    }
+}
+
+/// Lets round `i`'s gateway run for 0.7 to 1.6 s, cutting the link half way in every third;
+/// returns how long, in ms.
+async fn run_round(proxy: &Proxy, i: usize) -> u64 {
+    let run_ms = 700 + (i as u64 * 137) % 900;
+    if i % 3 == 2 {
+        tokio::time::sleep(Duration::from_millis(run_ms / 2)).await;
+        proxy.cut();
+        tokio::time::sleep(Duration::from_millis(run_ms / 2)).await;
+    } else {
+        tokio::time::sleep(Duration::from_millis(run_ms)).await;
+    }
+    run_ms
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_only_records_younger_than_the_commit_interval() {
     init_tracing();
@@ -132,21 +155,9 @@ async fn sigkill_loses_only_records_younger_than_the_commit_interval() {
 
     let mut kill_times = HashMap::new();
     for i in 0..kills {
-        // Alternate: broker reachable, broker cut (backlog on disk), cut in the middle of a run.
-        match i % 3 {
-            0 => proxy.restore(),
-            1 => proxy.cut(),
-            _ => proxy.restore(),
-        }
+        link_before(proxy, i);
         let mut child = spawn(&cfg);
-        let run_ms = 700 + (i as u64 * 137) % 900;
-        if i % 3 == 2 {
-            tokio::time::sleep(Duration::from_millis(run_ms / 2)).await;
-            proxy.cut();
-            tokio::time::sleep(Duration::from_millis(run_ms / 2)).await;
-        } else {
-            tokio::time::sleep(Duration::from_millis(run_ms)).await;
-        }
+        run_round(proxy, i).await;
         kill_times.insert(i as u64 + 1, kill9(&mut child));
     }
 
@@ -205,24 +216,12 @@ async fn a_power_cut_loses_no_committed_record() {
     let mut db_cuts = 0;
     for i in 0..cuts {
         let boot = i as u64 + 1;
-        // Alternate: broker reachable, broker cut (backlog on disk), cut in the middle of a run.
-        match i % 3 {
-            0 => proxy.restore(),
-            1 => proxy.cut(),
-            _ => proxy.restore(),
-        }
+        link_before(proxy, i);
         powercut::prepare(&data, &shadow).unwrap();
         let _ = std::fs::remove_file(&stats);
         let log = base.join(format!("child-{boot}.log"));
         let mut child = spawn_under_shim(&cfg, &data, &shadow, &stats, &log);
-        let run_ms = 700 + (i as u64 * 137) % 900;
-        if i % 3 == 2 {
-            tokio::time::sleep(Duration::from_millis(run_ms / 2)).await;
-            proxy.cut();
-            tokio::time::sleep(Duration::from_millis(run_ms / 2)).await;
-        } else {
-            tokio::time::sleep(Duration::from_millis(run_ms)).await;
-        }
+        let run_ms = run_round(proxy, i).await;
         kill_times.insert(boot, kill9(&mut child));
         let cut = powercut::power_cut(&data, &shadow).unwrap();
         let s = powercut::read_stats(&stats);
