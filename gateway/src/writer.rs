@@ -103,8 +103,11 @@ fn lock(seqs: &std::sync::Mutex<SeqState>) -> std::sync::MutexGuard<'_, SeqState
 /// The next sequence number; the state file's writes and retries run where blocking is fine,
 /// not on the runtime's few threads (a failing SD card can hang a write for long).
 async fn peek_seq(seqs: &Arc<std::sync::Mutex<SeqState>>) -> Result<u64, StateError> {
-    if !lock(seqs).wants_disk() {
-        return lock(seqs).peek_seq();
+    {
+        let mut s = lock(seqs);
+        if !s.wants_disk() {
+            return s.peek_seq();
+        }
     }
     let s = seqs.clone();
     match tokio::task::spawn_blocking(move || lock(&s).peek_seq()).await {
