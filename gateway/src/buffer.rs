@@ -47,6 +47,7 @@
 //! - A buffer written before generations (sled's files directly in the buffer directory) is
 //!   moved into `gen-0/` on open, so an upgrade keeps its backlog.
 
+use std::collections::BTreeMap;
 use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::fs::File;
@@ -54,11 +55,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use protocols::model::Timestamp;
 use tracing::{debug, error, info, warn};
-
-use std::collections::BTreeMap;
 
 use crate::chunk::{self, Live};
 use crate::record::Record;
@@ -752,10 +752,7 @@ fn list_generations(dir: &Path) -> Result<Vec<u64>, BufferError> {
 
 /// Moves an unusable generation aside; returns where it went.
 fn quarantine(dir: &Path, path: &Path, e: &BufferError) -> Result<PathBuf, BufferError> {
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
+    let stamp = Timestamp::now().unix_ms();
     let parent = dir.parent().unwrap_or(Path::new("."));
     let aside = parent.join(format!("quarantine-{stamp}"));
     error!(path = %path.display(), quarantine = %aside.display(), error = %e, "buffer generation cannot be opened; moving it aside, never deleting it");
@@ -810,12 +807,6 @@ fn disk_usage(path: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn key_seq(k: &[u8]) -> Option<u64> {
@@ -1142,7 +1133,7 @@ impl Buffer {
             };
             let mark = newest.mark.map_or(hi, |m| m.max(hi));
             batch.insert(&MARK_KEY, &mark.to_be_bytes());
-            let now = unix_ms();
+            let now = Timestamp::now().unix_ms();
             if newest.mark.is_none() {
                 batch.insert(&BORN_KEY, &now.to_be_bytes());
             }
@@ -1397,7 +1388,9 @@ impl Buffer {
             g.times.pop_front();
         }
         let &(_, at) = g.times.front()?;
-        Some(Duration::from_millis(unix_ms().saturating_sub(at)))
+        Some(Duration::from_millis(
+            Timestamp::now().unix_ms().saturating_sub(at),
+        ))
     }
 
     /// Makes every commit fail as a full disk would, until called with `false` (for tests of

@@ -21,8 +21,9 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
+use protocols::model::Timestamp;
 use tracing::{error, info, warn};
 
 /// How many sequence numbers are reserved per write of the state file.
@@ -94,14 +95,7 @@ fn parse(text: &str) -> Option<(u64, u64)> {
 /// The time-based sequence floor: above anything an earlier boot can have used, unless it
 /// handed out more than 1,000 sequence numbers per millisecond of wall time.
 fn time_floor() -> u64 {
-    unix_ms().saturating_mul(1000)
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    Timestamp::now().unix_ms().saturating_mul(1000)
 }
 
 /// 2026-01-01 in ms since the epoch: a clock below it is not set yet (a box without a
@@ -219,10 +213,10 @@ impl SeqState {
                 // and the time-based floor is far above it), so there is nothing to wait for.
                 self.reserved = self.next + RESERVE;
             }
-            _ if unix_ms() >= self.trusted_after_ms => {
+            _ if Timestamp::now().unix_ms() >= self.trusted_after_ms => {
                 error!("going on with a volatile boot: a new boot number and sequence numbers from a time-based floor, which a restart cannot repeat");
                 self.mode = Mode::Volatile;
-                self.boot = unix_ms().max(self.boot + 1);
+                self.boot = Timestamp::now().unix_ms().max(self.boot + 1);
                 self.next = self.next.max(time_floor());
                 self.reserved = self.next + RESERVE;
             }
@@ -230,7 +224,7 @@ impl SeqState {
             Mode::Durable => {
                 // The clock is before 2026, or before an earlier boot last wrote here: a
                 // time-based floor could repeat that boot's numbers.
-                error!(clock_ms = unix_ms(), trusted_after_ms = self.trusted_after_ms, "the clock is not set (it is before what this disk last saw), so no volatile boot either: holding the pipeline until the state file or the clock can be trusted");
+                error!(clock_ms = Timestamp::now().unix_ms(), trusted_after_ms = self.trusted_after_ms, "the clock is not set (it is before what this disk last saw), so no volatile boot either: holding the pipeline until the state file or the clock can be trusted");
                 self.mode = Mode::Held { unread };
             }
         }
@@ -427,7 +421,7 @@ mod tests {
         // behind an earlier boot's, so a time-based floor could repeat its numbers.
         let state = dir.path().join("state");
         fs::create_dir(&state).unwrap();
-        let ahead = SystemTime::now() + Duration::from_millis(1500);
+        let ahead = std::time::SystemTime::now() + Duration::from_millis(1500);
         File::open(&state).unwrap().set_modified(ahead).unwrap();
         let mut s = SeqState::open(dir.path(), 0, false);
         assert!(s.peek_seq().is_err(), "held");

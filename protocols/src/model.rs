@@ -19,6 +19,11 @@ impl Timestamp {
             .unwrap_or(0);
         Timestamp(ms)
     }
+
+    /// Milliseconds since the Unix epoch as an unsigned count (0 for a time before it).
+    pub fn unix_ms(self) -> u64 {
+        u64::try_from(self.0).unwrap_or(0)
+    }
 }
 
 /// A typed tag value.
