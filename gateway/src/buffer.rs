@@ -380,12 +380,10 @@ impl Generation {
         }
     }
 
-    /// Syncs and closes the database (a frozen one is only closed: it holds nothing new).
+    /// Syncs and closes the database (never a frozen one: see `tidy_keeping`).
     fn seal(&mut self) -> Result<(), BufferError> {
         if let Some(o) = &self.open {
-            if !self.frozen {
-                sync_gen(o, &self.dir)?;
-            }
+            sync_gen(o, &self.dir)?;
         }
         self.open = None;
         Ok(())
