@@ -1,18 +1,15 @@
 //! The edge gateway: Modbus and OPC UA devices to MQTT, with a disk buffer that loses nothing committed.
-//! See DESIGN.md for the data flow from poll to PUBACK.
+//! See `docs/ARCHITECTURE.md` for the data flow from poll to PUBACK, the durability contract and
+//! which module owns which invariant.
 
-pub mod bench;
-pub mod broker;
-pub mod browse;
 pub mod buffer;
 pub mod chunk;
+pub mod cli;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
-pub mod ledger;
+pub mod encode;
 pub mod metrics;
+pub mod pipeline;
 pub mod publish;
-pub mod read;
 pub mod record;
-pub mod state;
-pub mod topology;
-pub mod writer;

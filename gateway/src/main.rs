@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use edge_gateway::{config, demo, topology};
+use edge_gateway::{config, pipeline};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -35,6 +35,7 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    #[cfg(feature = "demo")]
     /// Run simulated Modbus devices and an OPC UA server, an embedded MQTT broker on 127.0.0.1 and the real pipeline
     /// between them, with a live view of the values as a subscriber receives them.
     Demo {
@@ -56,13 +57,15 @@ enum Command {
     },
     /// Browse an OPC UA server's address space: a tree of objects and variables (node id, data
     /// type, access), or with `--format toml` ready-to-paste `[[devices.tags]]` entries.
-    Browse(edge_gateway::browse::BrowseArgs),
+    Browse(edge_gateway::cli::browse::BrowseArgs),
     /// One Modbus read, printed raw and decoded as every type and word order: `--device NAME
     /// --config FILE`, or a line given by `--tcp`, `--rtu-over-tcp` or `--serial` flags.
-    Read(edge_gateway::read::ReadArgs),
+    Read(edge_gateway::cli::read::ReadArgs),
+    #[cfg(feature = "demo")]
     /// Measure the whole pipeline: simulated devices → gateway (a child process) → broker →
     /// subscriber; prints samples/s, CPU per 100k samples, peak RSS, latency and disk writes.
-    Bench(edge_gateway::bench::BenchOptions),
+    Bench(edge_gateway::demo::bench::BenchOptions),
+    #[cfg(feature = "demo")]
     /// The gateway process that `bench` starts (not for direct use).
     #[command(hide = true)]
     BenchChild {
@@ -71,6 +74,7 @@ enum Command {
     },
 }
 
+#[cfg(feature = "demo")]
 fn parse_duration(s: &str) -> Result<Duration, String> {
     config::parse_duration(s).map_err(|e| e.to_string())
 }
@@ -122,7 +126,7 @@ fn shutdown_signal() -> CancellationToken {
 
 async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
     let cfg = config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let running = topology::start(cfg)
+    let running = pipeline::start(cfg)
         .await
         .with_context(|| format!("starting the gateway from {}", path.display()))?;
     shutdown_signal().cancelled().await;
@@ -180,10 +184,12 @@ fn main() -> ExitCode {
                 init_tracing("info");
                 run_gateway(config).await
             }
+            #[cfg(feature = "demo")]
             Command::BenchChild { config } => {
                 init_tracing("warn");
                 run_gateway(config).await
             }
+            #[cfg(feature = "demo")]
             Command::Demo {
                 devices,
                 scan_interval,
@@ -194,28 +200,33 @@ fn main() -> ExitCode {
                 init_tracing("warn");
                 let data_dir =
                     data_dir.unwrap_or_else(|| std::env::temp_dir().join("edge-gateway-demo"));
-                let opts = demo::DemoOptions {
+                let opts = edge_gateway::demo::DemoOptions {
                     devices: devices.max(1),
                     scan_interval,
                     data_dir,
                     duration: seconds.map(Duration::from_secs),
                     plain,
                 };
-                demo::run(opts, shutdown_signal()).await.map_err(Into::into)
+                edge_gateway::demo::run(opts, shutdown_signal())
+                    .await
+                    .map_err(Into::into)
             }
+            #[cfg(feature = "demo")]
             Command::Bench(opts) => {
                 init_tracing("warn");
-                edge_gateway::bench::run(opts).await.map_err(Into::into)
+                edge_gateway::demo::bench::run(opts)
+                    .await
+                    .map_err(Into::into)
             }
             Command::Browse(args) => {
                 init_tracing("error");
-                let text = edge_gateway::browse::run(&args).await?;
+                let text = edge_gateway::cli::browse::run(&args).await?;
                 print!("{text}");
                 Ok(())
             }
             Command::Read(args) => {
                 init_tracing("error");
-                let text = edge_gateway::read::run(&args).await?;
+                let text = edge_gateway::cli::read::run(&args).await?;
                 print!("{text}");
                 Ok(())
             }

@@ -478,7 +478,7 @@ pub fn contiguous_len(messages: &[Received], boot: u64) -> u64 {
 
 /// Waits, up to `within`, until the gateway's disk buffer is drained; returns the records the
 /// gateway has made by then, which a subscriber holds from seq 0 on once all is delivered.
-pub async fn drained(gw: &edge_gateway::topology::Running, within: Duration) -> u64 {
+pub async fn drained(gw: &edge_gateway::pipeline::Running, within: Duration) -> u64 {
     eventually(within, "the backlog drains", || gw.buffer.is_empty()).await;
     edge_gateway::metrics::Metrics::get(&gw.metrics.records)
 }
@@ -675,7 +675,7 @@ pub fn assert_resends_identical(msgs: &[Received]) {
 /// link, and the animated demo Modbus device (its animation stops when this is dropped).
 pub struct ChildPeers {
     /// The broker.
-    pub broker: edge_gateway::broker::EmbeddedBroker,
+    pub broker: edge_gateway::demo::broker::EmbeddedBroker,
     /// The proxy the gateway reaches the broker through.
     pub proxy: Proxy,
     /// The device's server.
@@ -686,7 +686,7 @@ pub struct ChildPeers {
 impl ChildPeers {
     /// Starts the broker, the proxy and the device on 127.0.0.1.
     pub async fn start() -> ChildPeers {
-        let broker = edge_gateway::broker::start(16 << 20).unwrap();
+        let broker = edge_gateway::demo::broker::start(16 << 20).unwrap();
         let proxy = Proxy::start(broker.addr()).await.unwrap();
         let animation = CancellationToken::new();
         let dev = protocols::sim::modbus::SimDevice::demo();
@@ -712,7 +712,7 @@ impl Drop for ChildPeers {
 /// points the gateway at the proxy. The devices stop when this is dropped.
 pub struct GatewayRig {
     /// The broker the subscriber reads from.
-    pub broker: edge_gateway::broker::EmbeddedBroker,
+    pub broker: edge_gateway::demo::broker::EmbeddedBroker,
     /// The proxy the gateway reaches its broker through.
     pub proxy: Proxy,
     /// The gateway's config, for the test to adjust before `start`.
@@ -733,7 +733,7 @@ impl GatewayRig {
     ) -> GatewayRig {
         use edge_gateway::demo::{demo_devices, local_config, start_demo_devices};
         init_tracing();
-        let broker = edge_gateway::broker::start(16 << 20).unwrap();
+        let broker = edge_gateway::demo::broker::start(16 << 20).unwrap();
         let proxy = Proxy::start(upstream.unwrap_or(broker.addr()))
             .await
             .unwrap();
@@ -770,14 +770,14 @@ impl GatewayRig {
     }
 
     /// Starts the gateway with the config as it is now.
-    pub async fn start(&self) -> edge_gateway::topology::Running {
-        edge_gateway::topology::start(self.config.clone())
+    pub async fn start(&self) -> edge_gateway::pipeline::Running {
+        edge_gateway::pipeline::start(self.config.clone())
             .await
             .unwrap()
     }
 
     /// A subscriber, then the gateway, once the subscriber has received live records from it.
-    pub async fn start_live(&self) -> (Collector, edge_gateway::topology::Running) {
+    pub async fn start_live(&self) -> (Collector, edge_gateway::pipeline::Running) {
         let sub = self.collector().await;
         let gw = self.start().await;
         sub.wait_for(Duration::from_secs(10), "live records", |m| m.len() >= 10)

@@ -11,10 +11,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use edge_gateway::broker;
 use edge_gateway::config::Config;
+use edge_gateway::demo::broker;
 use edge_gateway::metrics::Metrics;
-use edge_gateway::topology::Running;
+use edge_gateway::pipeline::Running;
 use gateway_tests::{
     assert_resends_identical, contiguous_len, contiguous_seqs, drained, eventually,
     refusing_broker, Collector, GatewayRig, Received,

@@ -5,10 +5,10 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use edge_gateway::broker;
 use edge_gateway::config::{self, DeviceKind, DeviceSettings};
+use edge_gateway::demo::broker;
 use edge_gateway::demo::{local_config, tag};
-use edge_gateway::topology;
+use edge_gateway::pipeline;
 use gateway_tests::{contiguous_seqs, eventually, init_tracing, Collector, Received};
 use protocols::modbus::{
     Address, Area, DataType, Link, ModbusSettings, TagSpec, UnitSettings, WordOrder,
@@ -176,7 +176,7 @@ async fn each_unit_of_a_serial_line_is_published_on_its_own_topic_with_its_own_v
     let text = rtu_config(&dir.path().join("data"), broker.port(), pty.path());
     let config = config::parse(&text, "test.toml").unwrap();
     let sub = Collector::start(broker.port(), "edge/gw-rtu/#").await;
-    let gw = topology::start(config).await.unwrap();
+    let gw = pipeline::start(config).await.unwrap();
     let names: Vec<&str> = gw.devices.iter().map(|d| &*d.name).collect();
     assert_eq!(names, ["meters/meter3", "meters/meter7"]);
 
@@ -282,7 +282,7 @@ async fn a_unit_that_stops_answering_is_demoted_with_its_tags_bad_timeout_and_pr
     let mut config = local_config("gw-rtu", dir.path().join("data"), broker.port(), vec![line]);
     config.mqtt.client_id = format!("gw-rtu-tcp-{}", std::process::id());
     let sub = Collector::start(broker.port(), "edge/gw-rtu/#").await;
-    let gw = topology::start(config).await.unwrap();
+    let gw = pipeline::start(config).await.unwrap();
     let is = |r: &Received, unit: &str| r.topic == format!("edge/gw-rtu/meters/{unit}");
 
     sub.wait_for(WAIT, "good records of both units", |m| {

@@ -15,7 +15,6 @@
 //!   drain; a record left unacknowledged for `ack_timeout` while later ones are acknowledged
 //!   is a broker that skipped it, and drops the connection too (see [`dead_link`]).
 
-pub mod json;
 pub mod pace;
 pub mod window;
 
@@ -32,10 +31,10 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
 use crate::config::MqttSettings;
-use crate::ledger::AckOutcome;
 use crate::metrics::Metrics;
+use crate::pipeline::ledger::AckOutcome;
+use crate::pipeline::Shared;
 use crate::record::Record;
-use crate::writer::Shared;
 use pace::Pace;
 use window::Window;
 

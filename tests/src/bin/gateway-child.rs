@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edge_gateway::metrics::Metrics;
-use edge_gateway::topology::DeviceHandle;
+use edge_gateway::pipeline::DeviceHandle;
 
 /// The counters as `key=value` lines.
 fn metrics_text(m: &Metrics, devices: &[DeviceHandle], boot: u64) -> String {
@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
         .context("usage: gateway-child CONFIG")?
         .into();
     let cfg = edge_gateway::config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let running = edge_gateway::topology::start(cfg).await?;
+    let running = edge_gateway::pipeline::start(cfg).await?;
     let metrics_file = std::env::var_os("GATEWAY_CHILD_METRICS").map(PathBuf::from);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));

@@ -323,7 +323,7 @@ fn spawn_counter(port: u16, got: Arc<Received>, cancel: CancellationToken) {
             }
         }
     };
-    crate::broker::subscribe_json(
+    crate::demo::broker::subscribe_json(
         port,
         "bench-subscriber",
         "edge/bench/#".into(),
@@ -381,7 +381,7 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
     let dir = tempdir()?;
     // The subscriber parses every message and lags behind a fast replay: the broker keeps up
     // to 1 GiB for it, so what the bench counts is what the gateway delivered.
-    let broker = crate::broker::start_keeping(16 << 20, 64).map_err(setup)?;
+    let broker = crate::demo::broker::start_keeping(16 << 20, 64).map_err(setup)?;
     let cancel = CancellationToken::new();
     // The gateway reaches the broker through a proxy that can play an outage; the subscriber
     // connects directly.

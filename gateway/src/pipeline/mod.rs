@@ -5,26 +5,99 @@
 //! disconnects → the committer commits everything still unacknowledged and syncs. Each stage ends
 //! when the one before it has dropped its sending half, so no record is in flight between them.
 
-use std::sync::Arc;
+pub mod committer;
+pub mod ledger;
+pub mod seq;
+pub mod writer;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use protocols::driver::{DeviceStatus, DriverContext, Emitter};
 use protocols::model::{Batch, Catalog};
 use protocols::{modbus, opcua};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::buffer::{self, Buffer, BufferError};
 use crate::config::{Config, DeviceKind};
+use crate::encode::json::JsonEncoder;
 use crate::metrics::Metrics;
-use crate::publish::json::JsonEncoder;
 use crate::publish::Publisher;
-use crate::state::SeqState;
-use crate::writer::{run_committer, run_writer, Shared};
+use committer::run_committer;
+use ledger::Ledger;
+use seq::SeqState;
+use writer::run_writer;
 
 /// Capacity of the drivers' shared batch channel.
 const BATCH_CHANNEL: usize = 1024;
+
+/// State shared by the writer, the committer and the publisher.
+#[derive(Debug)]
+pub struct Shared {
+    /// Records neither acknowledged nor committed.
+    pub ledger: Mutex<Ledger>,
+    /// The disk buffer.
+    pub buffer: Arc<Buffer>,
+    /// Pipeline counters.
+    pub metrics: Arc<Metrics>,
+    /// Lowest sequence number committed since the publisher last looked.
+    replay_hint: Mutex<Option<u64>>,
+    /// Wakes the publisher after a commit.
+    pub committed: Notify,
+}
+
+impl Shared {
+    /// Shared state over an open buffer.
+    pub fn new(buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> Self {
+        metrics
+            .buffer_records
+            .store(buffer.len(), Ordering::Relaxed);
+        metrics
+            .buffer_bytes
+            .store(buffer.bytes(), Ordering::Relaxed);
+        Shared {
+            ledger: Mutex::new(Ledger::default()),
+            buffer,
+            metrics,
+            replay_hint: Mutex::new(None),
+            committed: Notify::new(),
+        }
+    }
+
+    /// Locks the ledger. A poisoned lock is recovered: the ledger's state stays consistent
+    /// between its method calls, which never panic midway.
+    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the lowest sequence number committed since the last call.
+    pub fn take_replay_hint(&self) -> Option<u64> {
+        self.replay_hint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn hint_replay(&self, seq: u64) {
+        let mut h = self.replay_hint.lock().unwrap_or_else(|e| e.into_inner());
+        *h = Some(h.map_or(seq, |s| s.min(seq)));
+        drop(h);
+        self.committed.notify_one();
+    }
+
+    fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        m.buffer_records.store(self.buffer.len(), Ordering::Relaxed);
+        m.buffer_bytes.store(self.buffer.bytes(), Ordering::Relaxed);
+        let age = self.buffer.oldest_age().map_or(0, |a| a.as_millis() as u64);
+        m.oldest_age_ms.store(age, Ordering::Relaxed);
+        let memory = self.ledger().pending_bytes();
+        m.memory_bytes.store(memory, Ordering::Relaxed);
+    }
+}
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]

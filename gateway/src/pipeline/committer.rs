@@ -1,9 +1,3 @@
-//! The writer and the committer: the two tasks that make records and make them durable.
-//!
-//! The writer is the only task that assigns sequence numbers: it takes each batch from the
-//! drivers' channel, encodes it once into a record, enters it in the [`Ledger`] and hands it to
-//! the publisher at once.
-//!
 //! The committer upholds the durability contract: it wakes every quarter `commit_interval`,
 //! takes the records that have waited at least three quarters of an interval without a PUBACK,
 //! and commits them in one batch (sled flush + fsync). So a record is acknowledged or durable
@@ -11,187 +5,16 @@
 //! broker acks within three quarters of an interval the committer has nothing to write.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use protocols::model::Batch;
-use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::buffer::Buffer;
 use crate::config::{BufferSettings, WhenFull};
-use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::publish::json::JsonEncoder;
+use crate::pipeline::Shared;
 use crate::record::Record;
-use crate::state::{SeqState, StateError};
-
-/// State shared by the writer, the committer and the publisher.
-#[derive(Debug)]
-pub struct Shared {
-    /// Records neither acknowledged nor committed.
-    pub ledger: Mutex<Ledger>,
-    /// The disk buffer.
-    pub buffer: Arc<Buffer>,
-    /// Pipeline counters.
-    pub metrics: Arc<Metrics>,
-    /// Lowest sequence number committed since the publisher last looked.
-    replay_hint: Mutex<Option<u64>>,
-    /// Wakes the publisher after a commit.
-    pub committed: Notify,
-}
-
-impl Shared {
-    /// Shared state over an open buffer.
-    pub fn new(buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> Self {
-        metrics
-            .buffer_records
-            .store(buffer.len(), Ordering::Relaxed);
-        metrics
-            .buffer_bytes
-            .store(buffer.bytes(), Ordering::Relaxed);
-        Shared {
-            ledger: Mutex::new(Ledger::default()),
-            buffer,
-            metrics,
-            replay_hint: Mutex::new(None),
-            committed: Notify::new(),
-        }
-    }
-
-    /// Locks the ledger. A poisoned lock is recovered: the ledger's state stays consistent
-    /// between its method calls, which never panic midway.
-    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
-        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Takes the lowest sequence number committed since the last call.
-    pub fn take_replay_hint(&self) -> Option<u64> {
-        self.replay_hint
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-    }
-
-    fn hint_replay(&self, seq: u64) {
-        let mut h = self.replay_hint.lock().unwrap_or_else(|e| e.into_inner());
-        *h = Some(h.map_or(seq, |s| s.min(seq)));
-        drop(h);
-        self.committed.notify_one();
-    }
-
-    fn refresh_gauges(&self) {
-        let m = &self.metrics;
-        m.buffer_records.store(self.buffer.len(), Ordering::Relaxed);
-        m.buffer_bytes.store(self.buffer.bytes(), Ordering::Relaxed);
-        let age = self.buffer.oldest_age().map_or(0, |a| a.as_millis() as u64);
-        m.oldest_age_ms.store(age, Ordering::Relaxed);
-        let memory = self.ledger().pending_bytes();
-        m.memory_bytes.store(memory, Ordering::Relaxed);
-    }
-}
-
-/// MQTT fixed header and topic length field, beyond topic and payload.
-const PACKET_OVERHEAD: usize = 16;
-
-fn lock(seqs: &std::sync::Mutex<SeqState>) -> std::sync::MutexGuard<'_, SeqState> {
-    // Poisoned only by a panic while held; the state is still what it was.
-    seqs.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The next sequence number; the state file's writes and retries run where blocking is fine,
-/// not on the runtime's few threads (a failing SD card can hang a write for long).
-async fn peek_seq(seqs: &Arc<std::sync::Mutex<SeqState>>) -> Result<u64, StateError> {
-    {
-        let mut s = lock(seqs);
-        if !s.wants_disk() {
-            return s.peek_seq();
-        }
-    }
-    let s = seqs.clone();
-    match tokio::task::spawn_blocking(move || lock(&s).peek_seq()).await {
-        Ok(r) => r,
-        // Not possible short of a panic in `peek_seq`: the state is as it was, try again.
-        Err(_) => lock(seqs).peek_seq(),
-    }
-}
-
-/// Runs the writer until every driver has dropped its emitter. A batch whose record would not
-/// fit in `max_packet` bytes is split in halves (each its own record); a single sample that does
-/// not fit is dropped and counted, since the broker could never take it.
-pub async fn run_writer(
-    mut batches: mpsc::Receiver<Batch>,
-    mut encoder: JsonEncoder,
-    seqs: SeqState,
-    shared: Arc<Shared>,
-    live: mpsc::Sender<Arc<Record>>,
-    max_packet: usize,
-) {
-    let seqs = Arc::new(std::sync::Mutex::new(seqs));
-    let mut todo: Vec<Batch> = Vec::new();
-    let mut holding = false;
-    while let Some(batch) = batches.recv().await {
-        todo.push(batch);
-        while let Some(batch) = todo.pop() {
-            let seq = loop {
-                match peek_seq(&seqs).await {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        // An unreserved number could repeat after a crash: wait instead.
-                        if !holding {
-                            error!(error = %e, "cannot hand out sequence numbers; holding the pipeline");
-                            holding = true;
-                        }
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            };
-            if std::mem::take(&mut holding) {
-                info!("sequence numbers are handed out again");
-            }
-            // A volatile boot (the state file cannot be written) has a boot number of its own.
-            encoder.set_boot(lock(&seqs).boot());
-            let record = encoder.encode(seq, &batch);
-            if record.topic.len() + record.payload.len() + PACKET_OVERHEAD > max_packet {
-                // No seq is used up for a record that is not made: seqs stay contiguous.
-                if batch.samples.len() > 1 {
-                    let (first, second) = split(batch);
-                    todo.push(second);
-                    todo.push(first);
-                } else {
-                    Metrics::add(&shared.metrics.oversized, 1);
-                    warn!(
-                        bytes = record.payload.len(),
-                        max_packet, "a single sample does not fit in an MQTT packet; dropped"
-                    );
-                }
-                continue;
-            }
-            if lock(&seqs).next_seq().is_err() {
-                continue; // unreachable: peek_seq found this number usable
-            }
-            let record = Arc::new(record);
-            let m = &shared.metrics;
-            Metrics::add(&m.records, 1);
-            Metrics::add(&m.samples, batch.samples.len() as u64);
-            shared.ledger().insert(record.clone(), batch.read_at);
-            // A closed publisher (shutdown) is fine: the ledger commits what is not acknowledged.
-            let _ = live.send(record).await;
-        }
-    }
-    debug!("writer drained");
-}
-
-fn split(mut batch: Batch) -> (Batch, Batch) {
-    let second = batch.samples.split_off(batch.samples.len() / 2);
-    let other = Batch {
-        device: batch.device,
-        samples: second,
-        read_at: batch.read_at,
-    };
-    (batch, other)
-}
 
 /// Runs the committer until `stop` is cancelled, then commits everything unacknowledged.
 pub async fn run_committer(shared: Arc<Shared>, settings: BufferSettings, stop: CancellationToken) {
@@ -421,7 +244,7 @@ fn make_room_on_disk(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocols::model::{Catalog, DeviceId, Sample, TagId, Timestamp, Value};
+    use crate::buffer::Buffer;
 
     #[test]
     fn a_long_outage_keeps_the_buffer_within_max_size_on_disk() {
@@ -539,59 +362,5 @@ mod tests {
         );
         let newest = shared.buffer.read_range(399, 400, 1, |_| false).unwrap();
         assert_eq!(newest.len(), 1);
-    }
-
-    #[tokio::test]
-    async fn a_record_too_large_for_one_packet_is_split_with_contiguous_seqs() {
-        let dir = tempfile::tempdir().unwrap();
-        let (buffer, _) = Buffer::open(&dir.path().join("buffer")).unwrap();
-        let shared = Arc::new(Shared::new(Arc::new(buffer), Arc::new(Metrics::default())));
-        let mut catalog = Catalog::default();
-        let tags = (0..100).map(|i| Arc::from(format!("tag{i}"))).collect();
-        catalog.add_device("dev".into(), tags);
-        let encoder = JsonEncoder::new("gw", 1, "edge/gw", &catalog);
-        let seqs = SeqState::open(dir.path(), 0, true);
-        let (batch_tx, batch_rx) = mpsc::channel(4);
-        let (live_tx, mut live_rx) = mpsc::channel(64);
-        let writer = tokio::spawn(run_writer(
-            batch_rx,
-            encoder,
-            seqs,
-            shared.clone(),
-            live_tx,
-            2000,
-        ));
-        let text: Arc<str> = "x".repeat(50).into();
-        let samples = (0..100)
-            .map(|i| Sample::good(TagId(i), Value::Text(text.clone()), Timestamp(1)))
-            .collect();
-        batch_tx
-            .send(Batch {
-                device: DeviceId(0),
-                samples,
-                read_at: Instant::now(),
-            })
-            .await
-            .unwrap();
-        drop(batch_tx);
-        writer.await.unwrap();
-        let mut seqs = Vec::new();
-        let mut tags = Vec::new();
-        while let Some(r) = live_rx.recv().await {
-            assert!(r.topic.len() + r.payload.len() + PACKET_OVERHEAD <= 2000);
-            let doc: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
-            for s in doc["samples"].as_array().unwrap() {
-                tags.push(s["tag"].as_str().unwrap().to_string());
-            }
-            seqs.push(r.seq);
-        }
-        assert!(seqs.len() > 1, "split into several records");
-        assert_eq!(
-            seqs,
-            (0..seqs.len() as u64).collect::<Vec<_>>(),
-            "no seq is skipped"
-        );
-        let expected: Vec<String> = (0..100).map(|i| format!("tag{i}")).collect();
-        assert_eq!(tags, expected, "every sample once, in order");
     }
 }

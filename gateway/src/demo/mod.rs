@@ -1,6 +1,13 @@
 //! The demo: simulated Modbus TCP devices, an RS-485 line of energy meters (Modbus RTU on a
 //! pseudo-terminal) and an OPC UA server, an embedded MQTT broker and the real pipeline between
 //! them, with a live view fed by an MQTT subscriber, so what it shows has made the whole trip.
+//!
+//! Everything here is dev-only and compiled with the `demo` feature (on by default): the demo,
+//! the bench and the embedded broker. The production build (`--no-default-features`) has none of
+//! it: no broker, no simulators.
+
+pub mod bench;
+pub mod broker;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -28,7 +35,7 @@ use crate::config::{
     WhenFull,
 };
 use crate::metrics::Metrics;
-use crate::topology::Running;
+use crate::pipeline::Running;
 
 /// The demo's register map: (name, address, type, order, string length).
 pub const DEMO_TAGS: [(&str, &str, DataType, WordOrder, u16); 9] = [
@@ -429,7 +436,7 @@ fn spawn_subscriber(
             v.tags.insert(key, Seen { value, quality, ts });
         }
     };
-    crate::broker::subscribe_json(port, "demo-viewer", topic_filter, cancel, on_message);
+    crate::demo::broker::subscribe_json(port, "demo-viewer", topic_filter, cancel, on_message);
 }
 
 /// Why the demo could not start.
@@ -437,7 +444,7 @@ fn spawn_subscriber(
 pub enum DemoError {
     /// The embedded broker did not start.
     #[error(transparent)]
-    Broker(#[from] crate::broker::BrokerError),
+    Broker(#[from] crate::demo::broker::BrokerError),
     /// A simulator could not listen.
     #[error("device simulator: {0}")]
     Simulator(#[from] std::io::Error),
@@ -446,7 +453,7 @@ pub enum DemoError {
     OpcUa(String),
     /// The gateway did not start.
     #[error(transparent)]
-    Start(#[from] crate::topology::StartError),
+    Start(#[from] crate::pipeline::StartError),
 }
 
 /// Options of the demo command.
@@ -466,7 +473,7 @@ pub struct DemoOptions {
 
 /// Runs the demo until Ctrl-C (or the duration), then shuts down cleanly.
 pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoError> {
-    let broker = crate::broker::start(16 << 20)?;
+    let broker = crate::demo::broker::start(16 << 20)?;
     let sims_cancel = CancellationToken::new();
     let servers = start_demo_devices(opts.devices, &sims_cancel).await?;
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
@@ -513,7 +520,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoE
         view.clone(),
         viewer_cancel.clone(),
     );
-    let running = crate::topology::start(config).await?;
+    let running = crate::pipeline::start(config).await?;
 
     let tty = std::io::stdout().is_terminal() && !opts.plain;
     if !tty {

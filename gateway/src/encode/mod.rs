@@ -1,0 +1,4 @@
+//! Encoders: a record's payload from a device scan. The writer encodes each scan once; the
+//! publisher never parses a payload.
+
+pub mod json;
