@@ -10,6 +10,7 @@
 use std::fmt;
 
 use serde::de::{self, DeserializeOwned, IntoDeserializer};
+
 /// Why a unit did not deserialize; the derived `Deserialize` impls build these through the
 /// `de::Error` hooks, so the failing key is known without parsing messages.
 #[derive(Debug, thiserror::Error)]

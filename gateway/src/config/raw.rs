@@ -4,12 +4,12 @@
 use std::fmt;
 use std::time::Duration;
 
+use protocols::modbus::Report;
 use serde::de;
 use serde::Deserialize;
 
 use super::values::{parse_duration, parse_size};
 use super::{Format, WhenFull};
-use protocols::modbus::Report;
 
 /// The sections of the file, in the order they are documented.
 pub(super) const SECTIONS: &[&str] = &["gateway", "buffer", "mqtt", "devices"];

@@ -372,6 +372,49 @@ fn mqtt_grace_may_be_zero_and_keep_alive_fractional() {
 }
 
 #[test]
+fn the_modbus_words_of_the_file_read_back_as_they_are_written() {
+    let types = [
+        DataType::Bool,
+        DataType::I16,
+        DataType::U16,
+        DataType::I32,
+        DataType::U32,
+        DataType::I64,
+        DataType::U64,
+        DataType::F32,
+        DataType::F64,
+        DataType::String,
+    ];
+    for data_type in types {
+        assert_eq!(data_type.to_string().parse(), Ok(data_type));
+        assert_eq!(data_type.to_string().to_uppercase().parse(), Ok(data_type));
+    }
+    for order in WordOrder::ALL {
+        assert_eq!(order.to_string().parse(), Ok(order));
+        assert_eq!(order.to_string().to_lowercase().parse(), Ok(order));
+    }
+    for parity in [Parity::None, Parity::Even, Parity::Odd] {
+        assert_eq!(parity.to_string().parse(), Ok(parity));
+    }
+    for area in [
+        Area::Coil,
+        Area::DiscreteInput,
+        Area::HoldingRegister,
+        Area::InputRegister,
+    ] {
+        assert_eq!(area.to_string().parse(), Ok(area));
+    }
+    let unknown = "float".parse::<DataType>().map_err(|e| e.to_string());
+    assert_eq!(
+        unknown,
+        Err(
+            "unknown type `float`: use bool, i16, u16, i32, u32, i64, u64, f32, f64 or string"
+                .to_owned()
+        )
+    );
+}
+
+#[test]
 fn sizes_parse() {
     let table = [
         ("1000", 1000),

@@ -124,7 +124,7 @@ impl FromStr for Address {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (area, num) = s.trim().split_once(':').ok_or(AddressError::Format)?;
-        // The area is named in lower case in the message, as the file's areas are written.
+        // Lower-cased first, so that an unknown area is named the way the known ones are.
         let area = area.to_ascii_lowercase().parse::<Area>()?;
         let offset = num
             .trim()

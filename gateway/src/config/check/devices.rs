@@ -8,7 +8,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Checker;
 use crate::config::de::{keys_of, one_of, plain_serde_message, unknown_key_message};
 use crate::config::problem::FieldPath;
 use crate::config::raw::{
@@ -19,6 +18,8 @@ use crate::config::values::{
     check_device_name, check_tag_name, fmt_duration, MAX_DURATION, MS, NONZERO,
 };
 use crate::config::{DeviceKind, DeviceSettings};
+
+use super::Checker;
 
 /// What checking one `[[devices]]` entry gave.
 pub(super) enum DeviceOutcome {

@@ -12,12 +12,13 @@ use protocols::modbus::{
     WordOrder,
 };
 
-use super::devices::{Common, DeviceOutcome, Foreign, Protocol, Timing};
-use super::Checker;
 use crate::config::problem::FieldPath;
 use crate::config::raw::{RawModbusDevice, RawTag, RawUnit};
 use crate::config::values::{check_device_name, split_host_port, MAX_DURATION, MS, NONZERO};
 use crate::config::{DeviceKind, DeviceSettings};
+
+use super::devices::{Common, DeviceOutcome, Foreign, Protocol, Timing};
+use super::Checker;
 
 /// Serial line speeds the gateway accepts, in bits per second.
 const BAUD_RATES: RangeInclusive<i64> = 50..=4_000_000;

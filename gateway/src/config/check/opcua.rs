@@ -10,12 +10,13 @@ use protocols::opcua::{
     OpcUaSettings, OpcUaTag, SecurityMode, SecurityPolicy,
 };
 
-use super::devices::{Common, DeviceOutcome, Foreign, Protocol, Timing};
-use super::Checker;
 use crate::config::problem::FieldPath;
 use crate::config::raw::{RawMode, RawOpcUaDevice, RawOpcUaTag};
 use crate::config::values::{MAX_DURATION, NONZERO};
 use crate::config::DeviceKind;
+
+use super::devices::{Common, DeviceOutcome, Foreign, Protocol, Timing};
+use super::Checker;
 
 /// Largest server-side queue of an OPC UA monitored item.
 const MAX_QUEUE_SIZE: i64 = 10_000;
