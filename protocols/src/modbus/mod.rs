@@ -48,6 +48,54 @@ impl Area {
     }
 }
 
+/// A config word that names none of a type's values, e.g. `type = "float"`; says which
+/// words there are.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} `{text}`: use {expected}")]
+pub struct UnknownWord {
+    /// What the word names: `area`, `type`, `order` or `parity`.
+    what: &'static str,
+    /// The word as written.
+    text: String,
+    /// The words there are, for the message.
+    expected: &'static str,
+}
+
+impl UnknownWord {
+    fn new(what: &'static str, text: &str, expected: &'static str) -> Self {
+        UnknownWord {
+            what,
+            text: text.to_owned(),
+            expected,
+        }
+    }
+}
+
+impl FromStr for Area {
+    type Err = UnknownWord;
+
+    /// `hr`, `ir`, `co` or `di`, in any case.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "hr" => Ok(Area::HoldingRegister),
+            "ir" => Ok(Area::InputRegister),
+            "co" => Ok(Area::Coil),
+            "di" => Ok(Area::DiscreteInput),
+            _ => Err(UnknownWord::new(
+                "area",
+                s,
+                "hr (holding), ir (input), co (coil) or di (discrete input)",
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Area {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.prefix())
+    }
+}
+
 /// A zero-based address in one area, written `hr:100` in configs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Address {
@@ -64,8 +112,8 @@ pub enum AddressError {
     #[error("expected `AREA:NUMBER` with AREA one of hr, ir, co, di (e.g. `hr:100`)")]
     Format,
     /// The prefix is not one of the four areas.
-    #[error("unknown area `{0}`: use hr (holding), ir (input), co (coil) or di (discrete input)")]
-    Area(String),
+    #[error(transparent)]
+    Area(#[from] UnknownWord),
     /// The number is not in 0..=65535.
     #[error("`{0}` is not a register number between 0 and 65535")]
     Number(String),
@@ -76,13 +124,8 @@ impl FromStr for Address {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (area, num) = s.trim().split_once(':').ok_or(AddressError::Format)?;
-        let area = match area.to_ascii_lowercase().as_str() {
-            "hr" => Area::HoldingRegister,
-            "ir" => Area::InputRegister,
-            "co" => Area::Coil,
-            "di" => Area::DiscreteInput,
-            other => return Err(AddressError::Area(other.to_string())),
-        };
+        // Lower-cased first, so that an unknown area is named the way the known ones are.
+        let area = area.to_ascii_lowercase().parse::<Area>()?;
         let offset = num
             .trim()
             .parse::<u16>()
@@ -98,8 +141,7 @@ impl fmt::Display for Address {
 }
 
 /// How the bits or registers of a tag are interpreted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DataType {
     /// A coil or discrete input, or a register that is non-zero.
     Bool,
@@ -141,8 +183,41 @@ impl DataType {
     }
 }
 
+impl FromStr for DataType {
+    type Err = UnknownWord;
+
+    /// The config name ([`DataType::name`]), in any case.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "bool" => DataType::Bool,
+            "i16" => DataType::I16,
+            "u16" => DataType::U16,
+            "i32" => DataType::I32,
+            "u32" => DataType::U32,
+            "i64" => DataType::I64,
+            "u64" => DataType::U64,
+            "f32" => DataType::F32,
+            "f64" => DataType::F64,
+            "string" => DataType::String,
+            _ => {
+                return Err(UnknownWord::new(
+                    "type",
+                    s,
+                    "bool, i16, u16, i32, u32, i64, u64, f32, f64 or string",
+                ))
+            }
+        })
+    }
+}
+
+impl fmt::Display for DataType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Byte order of multi-register values; `A` is the most significant byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum WordOrder {
     /// Big-endian: registers most significant first, bytes high first (the Modbus default).
     #[default]
@@ -163,6 +238,34 @@ impl WordOrder {
         WordOrder::BADC,
         WordOrder::DCBA,
     ];
+
+    /// The config name: `ABCD`, `CDAB`, `BADC` or `DCBA`.
+    pub fn name(self) -> &'static str {
+        match self {
+            WordOrder::ABCD => "ABCD",
+            WordOrder::CDAB => "CDAB",
+            WordOrder::BADC => "BADC",
+            WordOrder::DCBA => "DCBA",
+        }
+    }
+}
+
+impl FromStr for WordOrder {
+    type Err = UnknownWord;
+
+    /// The config name ([`WordOrder::name`]), in any case.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        WordOrder::ALL
+            .into_iter()
+            .find(|order| order.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| UnknownWord::new("order", s, "ABCD, CDAB, BADC or DCBA"))
+    }
+}
+
+impl fmt::Display for WordOrder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// When a device's samples are reported.
@@ -244,8 +347,7 @@ impl Link {
 }
 
 /// Parity of a serial line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Parity {
     /// No parity bit.
     None,
@@ -254,6 +356,37 @@ pub enum Parity {
     Even,
     /// Odd parity.
     Odd,
+}
+
+impl Parity {
+    /// The config name: `none`, `even` or `odd`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Parity::None => "none",
+            Parity::Even => "even",
+            Parity::Odd => "odd",
+        }
+    }
+}
+
+impl FromStr for Parity {
+    type Err = UnknownWord;
+
+    /// The config name ([`Parity::name`]), in any case.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" => Ok(Parity::None),
+            "even" => Ok(Parity::Even),
+            "odd" => Ok(Parity::Odd),
+            _ => Err(UnknownWord::new("parity", s, "none, even or odd")),
+        }
+    }
+}
+
+impl fmt::Display for Parity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Settings of a serial line.

@@ -1,0 +1,211 @@
+//! The TOML configuration file: the validated runtime types, and the loader that builds them.
+//!
+//! # Design
+//!
+//! The runtime types here hold only checked values; the rest of the gateway codes against
+//! them and never sees the file. Loading goes through three stages, and every problem a stage
+//! finds is reported at once:
+//!
+//! 1. **Syntax.** The text is parsed into a `toml::Table`. When that fails, the text is parsed
+//!    again with `toml_edit::ImDocument` for its message and byte span (the `toml` crate's
+//!    own error is the fallback), and that syntax error is the only problem reported: nothing
+//!    else can be checked.
+//! 2. **Shape** (`de.rs`, `raw.rs`). Each unit of the table (`[gateway]`, `[buffer]`, `[mqtt]`,
+//!    each `[[devices]]` entry without its `units` and `tags`, each `[[devices.units]]` entry
+//!    without its `tags`, each `[[devices.tags]]` or `[[devices.units.tags]]` entry) is
+//!    deserialized on its own into a plain `#[serde(deny_unknown_fields)]` raw struct. A small
+//!    deserializer records which key failed; that key is then dropped and the unit retried,
+//!    so every unknown key and every wrongly typed value of a unit is reported and the unit's
+//!    other keys are still checked. A device's `protocol` is read first and picks the raw
+//!    structs of the device and its tags (the Modbus protocols share theirs, `opcua` has its
+//!    own) and the keys allowed: `address` for `modbus_tcp` and `modbus_rtu_over_tcp`, a
+//!    serial port instead for `modbus_rtu`; a key that belongs to another protocol is
+//!    reported as unknown for this one, saying whose key it is.
+//! 3. **Meaning** (`check/`, `values.rs`). Each raw unit is checked and turned into its
+//!    runtime type (ranges, names, addresses, durations, sizes, the broker URL); the rules
+//!    that span units (unique names, overlapping registers, one device per serial line) run
+//!    as the units are collected.
+//!
+//! A Modbus device describes its units (slave ids) in one of two forms: `unit_id` and
+//! `[[devices.tags]]` on the device for one unit, or `[[devices.units]]` entries, each with
+//! its own `name`, `unit_id` and `[[devices.units.tags]]`, for several units sharing the line.
+//!
+//! A problem (`problem.rs`) carries a field path such as `devices[0].tags[2].address` or
+//! `devices[0].units[1].tags[2].address`. Its line is found by walking a `toml_edit` document
+//! of the text along that path: the key's line, or for a missing key the line of its table's
+//! header. That document is parsed only when the first problem needs a line, so a valid
+//! file is parsed once.
+//!
+//! [`parse`] is pure. [`load`] reads the file, resolves relative paths (`data_dir`, the MQTT
+//! `password_file`, and an OPC UA device's `pki_dir`, `password_file`, `user_cert_file` and
+//! `user_key_file`) against the file's directory and checks that the credential files can be
+//! opened; it never reads a secret. Nothing here panics, whatever the input.
+
+mod check;
+mod de;
+mod problem;
+mod raw;
+mod values;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocols::modbus::ModbusSettings;
+use protocols::opcua::OpcUaSettings;
+
+pub use problem::{ConfigErrors, Problem};
+pub use values::{parse_duration, DurationError};
+
+/// A validated configuration, ready to build a topology from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `[gateway]`
+    pub gateway: GatewaySettings,
+    /// `[buffer]`
+    pub buffer: BufferSettings,
+    /// `[mqtt]`
+    pub mqtt: MqttSettings,
+    /// `[[devices]]`, in file order; a device's index is its `DeviceId`.
+    pub devices: Vec<DeviceSettings>,
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewaySettings {
+    /// `[A-Za-z0-9_-]+`
+    pub id: Arc<str>,
+    /// Where the disk buffer and the gateway's state file live.
+    pub data_dir: PathBuf,
+}
+
+/// What to do when the buffer reaches `max_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Evict the oldest records to make room.
+    #[default]
+    DropOldest,
+    /// Refuse new records while full.
+    DropNewest,
+}
+
+/// `[buffer]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct BufferSettings {
+    /// Hard cap on the buffer's disk use, in bytes.
+    pub max_size: u64,
+    /// Eviction policy when full.
+    pub when_full: WhenFull,
+    /// A record not acknowledged within this time is committed to disk.
+    pub commit_interval: Duration,
+    /// Replayed records per second at most; `None` (the default) replays as fast as the broker
+    /// acknowledges, always after live records.
+    pub replay_rate: Option<u32>,
+}
+
+/// Northbound payload format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// One JSON document per device scan.
+    #[default]
+    Json,
+}
+
+/// `[mqtt]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttSettings {
+    /// Broker host name or IP address.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// MQTT client id.
+    pub client_id: String,
+    /// Topic prefix; records go to `{topic_prefix}/{device}`.
+    pub topic_prefix: String,
+    /// Payload format.
+    pub format: Format,
+    /// User name, if the broker wants one.
+    pub username: Option<String>,
+    /// File holding the password; read at start-up, never logged.
+    pub password_file: Option<PathBuf>,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Publishes in flight (sent, not yet acknowledged) at most.
+    pub max_inflight: u16,
+    /// Largest MQTT packet the gateway sends.
+    pub max_packet_size: usize,
+    /// At shutdown, how long to wait for outstanding acknowledgements.
+    pub shutdown_grace: Duration,
+    /// Unacknowledged publishes and no PUBACK for this long (or one publish skipped this long
+    /// while later ones are acknowledged) is taken as a dead link: reconnect.
+    pub ack_timeout: Duration,
+}
+
+/// One `[[devices]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceSettings {
+    /// Device name, unique; `[A-Za-z0-9_-]+`-ish (no `/ + #` or NUL).
+    pub name: Arc<str>,
+    /// Scan interval of tags that set none of their own.
+    pub scan_interval: Duration,
+    /// The protocol and its settings.
+    pub kind: DeviceKind,
+}
+
+impl DeviceSettings {
+    /// Number of tags of the device (over all its units, for a Modbus line).
+    pub fn tag_count(&self) -> usize {
+        match &self.kind {
+            DeviceKind::Modbus(m) => m.tag_count(),
+            DeviceKind::OpcUa(o) => o.tags.len(),
+        }
+    }
+}
+
+/// The protocol of a device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceKind {
+    /// `protocol = "modbus_tcp"`, `"modbus_rtu"` or `"modbus_rtu_over_tcp"`
+    Modbus(ModbusSettings),
+    /// `protocol = "opcua"`
+    OpcUa(OpcUaSettings),
+}
+
+/// Reads and validates the config file at `path`, resolving relative paths against its directory.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|e| ConfigErrors::unreadable(&file, e))?;
+    let dir = path.parent().unwrap_or_else(|| Path::new(""));
+    let config = validate(&src, &file, Some(dir))?;
+    tracing::debug!(
+        file = %file,
+        devices = config.devices.len(),
+        "configuration loaded"
+    );
+    Ok(config)
+}
+
+/// Parses and validates config text; `file` names it in problems. Touches no file.
+pub fn parse(src: &str, file: &str) -> Result<Config, ConfigErrors> {
+    validate(src, file, None)
+}
+
+/// Both entry points: `dir` is the config file's directory when loading from disk.
+fn validate(src: &str, file: &str, dir: Option<&Path>) -> Result<Config, ConfigErrors> {
+    // toml_edit's document (kept only for the line numbers of problems) is parsed when a
+    // problem needs it: holding it next to the table doubled the parse's memory.
+    let root: toml::Table = match toml::from_str(src) {
+        Ok(root) => root,
+        Err(e) => {
+            toml_edit::ImDocument::parse(src)
+                .map_err(|e| ConfigErrors::syntax(src, file, e.message(), e.span()))?;
+            return Err(ConfigErrors::syntax(src, file, e.message(), e.span()));
+        }
+    };
+    check::check(root, src, file, dir)
+}
