@@ -31,10 +31,10 @@ use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgo
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
+use crate::buffer::Record;
 use crate::config::MqttSettings;
 use crate::ledger::AckOutcome;
 use crate::metrics::Metrics;
-use crate::record::Record;
 use crate::writer::Shared;
 use pace::Pace;
 use window::Window;

@@ -3,7 +3,7 @@
 //!
 //! Invariants:
 //! - What the generations hold is what was committed and not yet acknowledged, in chunks
-//!   ([`crate::chunk`]): key = the chunk's first sequence number (big-endian u64, so iteration
+//!   ([`chunk`]): key = the chunk's first sequence number (big-endian u64, so iteration
 //!   is oldest first), value = the chunk's records, each with its checksum. A chunk is deleted
 //!   once all its records are acknowledged; which of them are is kept in memory (a restart sends
 //!   a partly acknowledged chunk again, as re-sends with the same `seq`). Sequence numbers only
@@ -47,6 +47,13 @@
 //! - A buffer written before generations (sled's files directly in the buffer directory) is
 //!   moved into `gen-0/` on open, so an upgrade keeps its backlog.
 
+mod chunk;
+mod record;
+
+#[cfg(test)]
+pub(crate) use self::record::incompressible;
+pub use self::record::{Record, RecordError, NO_FLAG};
+
 use std::collections::BTreeMap;
 use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
@@ -60,8 +67,7 @@ use std::time::{Duration, Instant};
 use protocols::model::Timestamp;
 use tracing::{debug, error, info, warn};
 
-use crate::chunk::{self, Live};
-use crate::record::Record;
+use self::chunk::Live;
 
 /// A generation takes this many committed bytes before commits move to a fresh one.
 pub const ROTATE_AFTER: u64 = 32 << 20;
@@ -1468,7 +1474,7 @@ mod tests {
             seq,
             topic: "t/d".into(),
             payload: Bytes::from(format!("{{\"seq\":{seq},\"historical\":false}}")),
-            flag_offset: crate::record::NO_FLAG,
+            flag_offset: crate::buffer::NO_FLAG,
         })
     }
 
@@ -1857,7 +1863,7 @@ mod tests {
 
     fn big(seq: u64) -> Arc<Record> {
         // Chunks are deflated: these must take their size on disk.
-        crate::record::incompressible(seq, 1000)
+        crate::buffer::incompressible(seq, 1000)
     }
 
     #[test]

@@ -25,7 +25,7 @@
 
 use std::sync::Arc;
 
-use crate::record::Record;
+use super::record::Record;
 
 /// First byte of a chunk with a plain body (a single record starts with its version, 1).
 const PLAIN: u8 = 0xC1;
@@ -277,7 +277,7 @@ impl Live {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::incompressible;
+    use crate::buffer::incompressible;
     use bytes::Bytes;
     use proptest::prelude::*;
 
@@ -286,7 +286,7 @@ mod tests {
             seq,
             topic: "edge/gw/press".into(),
             payload: Bytes::from(vec![b'x'; size]),
-            flag_offset: crate::record::NO_FLAG,
+            flag_offset: crate::buffer::NO_FLAG,
         })
     }
 
@@ -306,7 +306,7 @@ mod tests {
             seq,
             topic: "edge/bench-gw/dev007".into(),
             payload: Bytes::from(p),
-            flag_offset: crate::record::NO_FLAG,
+            flag_offset: crate::buffer::NO_FLAG,
         })
     }
 
