@@ -130,9 +130,9 @@ fn a_generation_whose_fsync_failed_takes_no_more_writes_and_its_records_survive(
     commit(0..10).unwrap();
     commit(10..20).unwrap();
     let before = b.generations();
-    b.inject_sync_failures(true);
+    b.faults.fail_syncs(true);
     assert!(commit(20..30).is_err());
-    b.inject_sync_failures(false);
+    b.faults.fail_syncs(false);
     // The retry goes to a fresh generation; the failed one keeps what it had.
     commit(20..30).unwrap();
     assert_eq!(b.generations(), before + 1);
@@ -159,7 +159,7 @@ fn replays_and_acknowledgements_do_not_wait_for_a_commit_in_progress() {
     b.commit(&(0..10).map(rec).collect::<Vec<_>>()).unwrap();
     let (entered_tx, entered) = channel();
     let (go, go_rx) = channel();
-    *b.commit_gate.lock().unwrap() = Some((entered_tx, go_rx));
+    b.faults.pause_commits(Some((entered_tx, go_rx)));
     std::thread::scope(|scope| {
         let committer = scope.spawn(|| b.commit(&(10..20).map(rec).collect::<Vec<_>>()));
         entered.recv().unwrap();
@@ -177,7 +177,7 @@ fn replays_and_acknowledgements_do_not_wait_for_a_commit_in_progress() {
         removed.unwrap();
         committer.join().unwrap().unwrap();
     });
-    *b.commit_gate.lock().unwrap() = None;
+    b.faults.pause_commits(None);
     assert_eq!(b.len(), 18);
     let seqs: Vec<u64> = seqs_on_disk(&b);
     assert_eq!(seqs, (2..20).collect::<Vec<_>>());
@@ -189,9 +189,9 @@ fn a_panic_inside_a_commit_leaves_its_generation_deletable_once_drained() {
     let (b, _) = Buffer::open(dir.path()).unwrap();
     let commit = |r: std::ops::Range<u64>| b.commit(&r.map(rec).collect::<Vec<_>>());
     commit(0..10).unwrap();
-    b.panic_commits.store(true, Ordering::Relaxed);
+    b.faults.panic_commits(true);
     assert!(matches!(commit(10..20), Err(BufferError::Panicked(_))));
-    b.panic_commits.store(false, Ordering::Relaxed);
+    b.faults.panic_commits(false);
     commit(10..20).unwrap();
     assert_eq!(b.generations(), 2);
     b.remove(&(0..20).collect::<Vec<_>>()).unwrap();
@@ -212,9 +212,9 @@ fn a_frozen_generation_is_never_reopened_so_a_replay_writes_nothing_to_it() {
     // gen-1 holds records from before the restart; gen-2 takes commits.
     let (b, _) = Buffer::open(dir.path()).unwrap();
     commit(&b, 10..20).unwrap();
-    b.inject_sync_failures(true);
+    b.faults.fail_syncs(true);
     assert!(commit(&b, 20..30).is_err());
-    b.inject_sync_failures(false);
+    b.faults.fail_syncs(false);
     commit(&b, 20..30).unwrap();
     let frozen_db = dir.path().join("gen-2").join("db");
     let size = std::fs::metadata(&frozen_db).unwrap().len();
@@ -232,9 +232,9 @@ fn a_record_found_in_two_generations_goes_from_both_once_acknowledged() {
     let (b, _) = Buffer::open(dir.path()).unwrap();
     let commit = |r: std::ops::Range<u64>| b.commit(&r.map(rec).collect::<Vec<_>>());
     commit(0..5).unwrap();
-    b.inject_sync_failures(true);
+    b.faults.fail_syncs(true);
     assert!(commit(5..10).is_err());
-    b.inject_sync_failures(false);
+    b.faults.fail_syncs(false);
     commit(5..10).unwrap();
     b.close().unwrap();
     drop(b);
@@ -255,10 +255,7 @@ fn a_generation_from_a_newer_version_is_set_aside_not_dropped() {
         b.commit(&(1..=3).map(rec).collect::<Vec<_>>()).unwrap();
         let mut gens = b.lock();
         let g = gens.last_mut().unwrap();
-        g.db()
-            .unwrap()
-            .insert(9u64.to_be_bytes(), &[0xC7, 1, 2, 3])
-            .unwrap();
+        g.store().unwrap().put_raw(9, &[0xC7, 1, 2, 3]);
         drop(gens);
         b.close().unwrap();
     }
@@ -284,7 +281,7 @@ fn a_damaged_record_in_a_chunk_is_dropped_alone() {
     {
         let mut gens = b.lock();
         let g = gens.last_mut().unwrap();
-        g.db().unwrap().insert(1u64.to_be_bytes(), value).unwrap();
+        g.store().unwrap().put_raw(1, &value);
     }
     let got = b.read_range(0, u64::MAX, 10, |_| false).unwrap();
     assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 3]);
@@ -308,7 +305,7 @@ fn damage_in_a_deflated_chunk_loses_the_records_from_it_on_and_counts_them() {
     {
         let mut gens = b.lock();
         let g = gens.last_mut().unwrap();
-        g.db().unwrap().insert(1u64.to_be_bytes(), value).unwrap();
+        g.store().unwrap().put_raw(1, &value);
     }
     let got: Vec<u64> = seqs_on_disk(&b);
     assert!(!got.is_empty() && got.len() < 20, "{got:?}");
@@ -329,15 +326,8 @@ fn a_generation_from_an_earlier_version_opens_with_its_segment_size_and_records(
     let path = dir.path().join("buffer");
     {
         // As an earlier version wrote it: 8 MiB segments, one record per value.
-        let db = sled::Config::new()
-            .path(gen_dir(&path, 3))
-            .segment_size(8 << 20)
-            .open()
-            .unwrap();
-        for seq in [5u64, 6] {
-            db.insert(seq.to_be_bytes(), rec(seq).to_bytes()).unwrap();
-        }
-        db.flush().unwrap();
+        let values: Vec<_> = [5u64, 6].map(|seq| (seq, rec(seq).to_bytes())).into();
+        store::write_raw(&gen_dir(&path, 3), true, &values);
     }
     let (b, report) = Buffer::open(&path).unwrap();
     assert!(report.quarantined.is_none(), "not set aside");
@@ -499,11 +489,8 @@ fn a_buffer_from_before_generations_keeps_its_records() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("buffer");
     {
-        let db = open_sled(&path).unwrap();
-        for seq in [7u64, 8] {
-            db.insert(seq.to_be_bytes(), rec(seq).to_bytes()).unwrap();
-        }
-        db.flush().unwrap();
+        let values: Vec<_> = [7u64, 8].map(|seq| (seq, rec(seq).to_bytes())).into();
+        store::write_raw(&path, false, &values);
     }
     let (b, report) = Buffer::open(&path).unwrap();
     assert_eq!(report.records, 2);
