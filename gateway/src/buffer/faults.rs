@@ -17,7 +17,7 @@ pub(crate) struct Faults {
     /// The fsync after a commit's write fails, as a failing disk's would (after the real one,
     /// so what the commit wrote did reach the disk).
     fail_syncs: AtomicBool,
-    /// A commit panics inside its write, as sled can on a damaged file.
+    /// A commit panics inside its write, as the store can on a damaged file.
     panic_commits: AtomicBool,
     /// A commit says it is writing (first channel) and waits for a go (second), without the
     /// generations' lock.

@@ -181,12 +181,12 @@ pub struct OpenReport {
     pub last_seq: Option<u64>,
     /// Generations found with records in them.
     pub generations: usize,
-    /// Set when a generation holds less than the watermark says was made durable: sled lost
+    /// Set when a generation holds less than the watermark says was made durable: the store lost
     /// committed records (see the module comment).
     pub lost_commits: Option<LostCommits>,
 }
 
-/// A generation that lost commits sled had reported durable.
+/// A generation that lost commits the store had reported durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LostCommits {
     /// The generation.
