@@ -8,7 +8,18 @@
 //!                                              │ our fsync failed ──> Frozen
 //!   found on open ──> Draining
 //! ```
-//! Invariants of the states (the methods of [`State`] say each):
+//! What each state allows (the methods of [`State`] say each, the tests below check each):
+//! ```text
+//!               commit   delete   seal   reopen   be deleted
+//!   Accepting    yes      yes      yes    yes      yes, once empty
+//!   Committing   no       yes      no     yes      no
+//!   Draining     no       yes      yes    yes      yes, once empty
+//!   Frozen       no       no       no     no       yes, once empty
+//! ```
+//! ("delete" is an acknowledged chunk removed from its database; "be deleted" is the whole
+//! generation going, or being evicted with what it holds.)
+//!
+//! Invariants of the states:
 //! - Only an `Accepting` generation takes a commit, and commits go to the newest one only (an
 //!   older one still `Accepting` simply gets none). One commit at a time: `begin_commit` takes
 //!   an `Accepting` one to `Committing`, and the commit's end takes it back to `Accepting`, or on
@@ -556,13 +567,38 @@ mod tests {
     }
 
     #[test]
-    fn an_error_of_our_own_file_sync_is_a_failed_fsync_and_any_other_the_stores() {
+    fn our_own_fsync_failing_freezes_and_the_store_failing_drains() {
         assert_eq!(CommitEnd::of(&io()), CommitEnd::SyncFailed);
         assert_eq!(CommitEnd::of(&store_failed()), CommitEnd::StoreFailed);
         assert_eq!(
             CommitEnd::of(&BufferError::Panicked(PathBuf::from("gen-1"))),
             CommitEnd::StoreFailed
         );
+    }
+
+    #[test]
+    fn the_states_allow_what_the_module_comment_says() {
+        use State::*;
+        // (state, commit, delete, seal, reopen, be deleted)
+        let table = [
+            (Accepting, true, true, true, true, true),
+            (Committing, false, true, false, true, false),
+            (Draining, false, true, true, true, true),
+            (Frozen, false, false, false, false, true),
+        ];
+        for (s, commit, delete, seal, reopen, deleted) in table {
+            assert_eq!(
+                (
+                    s.takes_commits(),
+                    s.takes_deletes(),
+                    s.may_seal(),
+                    s.may_reopen(),
+                    s.may_delete()
+                ),
+                (commit, delete, seal, reopen, deleted),
+                "{s:?}"
+            );
+        }
     }
 
     #[test]
