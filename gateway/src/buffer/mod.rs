@@ -212,7 +212,8 @@ pub struct Buffer {
     dir: PathBuf,
     rotate_after: u64,
     rotate_drained: u64,
-    /// Oldest first; never empty.
+    /// Oldest first; empty only while no generation could be made yet (a start on a full or
+    /// failing disk: commits make one once the disk allows).
     gens: Mutex<Vec<Generation>>,
     records: AtomicU64,
     bytes: AtomicU64,
