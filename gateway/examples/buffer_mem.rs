@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use edge_gateway::buffer::{Buffer, ROTATE_AFTER, ROTATE_DRAINED};
-use edge_gateway::record::{Record, NO_FLAG};
+use edge_gateway::buffer::{Record, NO_FLAG};
 
 fn rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

@@ -3,7 +3,6 @@
 //! which module owns which invariant.
 
 pub mod buffer;
-pub mod chunk;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "demo")]
@@ -12,4 +11,3 @@ pub mod encode;
 pub mod metrics;
 pub mod pipeline;
 pub mod publish;
-pub mod record;

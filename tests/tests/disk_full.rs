@@ -547,12 +547,17 @@ async fn fsyncs_failing_with_eio_keep_the_gateway_running_and_lose_nothing_once_
     run(Trouble::Eio, Also::Nothing).await;
 }
 
-// Failed at 556520d: when the sync after `apply_batch` failed, `Buffer::commit` recounted the
+// This once failed: when the sync after `apply_batch` failed, `Buffer::commit` recounted the
 // generation from the tree, which held the failed batch already, and the retry that succeeded
 // added the batch again. The count stayed too high by the records of the failed batches (52 of
 // 159 in one run, all acknowledged, nothing in memory): the generation never looked drained, so
-// it was not deleted until a restart counted again, and the `buffer_records` gauge lied. The
-// buffer rewrite takes the failed batch out of the tree instead.
+// it was not deleted until a restart counted again, and the `buffer_records` gauge lied. Now a
+// batch is tracked and counted only once its commit is durable. The failed batch stays in the
+// generation's tree, untracked (never read nor counted there); the generation whose fsync
+// failed is frozen: it takes no more writes, not even deletes, and is deleted whole once
+// drained. The records stay in memory, and the retry commits them again into a fresh
+// generation, where they are counted once (should the failed batch have reached the disk after
+// all, a restart finds it in both, and an acknowledgement takes it out of both).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_fsyncs_failed_the_buffer_counts_no_record_once_everything_is_acknowledged() {
     run(Trouble::Eio, Also::BufferDrains).await;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use protocols::model::{Batch, Catalog, Sample, Value};
 
-use crate::record::{Record, NO_FLAG};
+use crate::buffer::{Record, NO_FLAG};
 
 /// Encodes batches of one gateway boot into records.
 #[derive(Debug)]

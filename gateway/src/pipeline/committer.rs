@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::buffer::Record;
 use crate::config::{BufferSettings, WhenFull};
 use crate::metrics::Metrics;
 use crate::pipeline::Shared;
-use crate::record::Record;
 
 /// Runs the committer until `stop` is cancelled, then commits everything unacknowledged.
 pub async fn run_committer(shared: Arc<Shared>, settings: BufferSettings, stop: CancellationToken) {
@@ -272,7 +272,7 @@ mod tests {
                 let mut ledger = shared.ledger();
                 for _ in 0..20 {
                     // Chunks are deflated: these must take their size on disk.
-                    let record = crate::record::incompressible(seq, 1000);
+                    let record = crate::buffer::incompressible(seq, 1000);
                     ledger.insert(record, Instant::now());
                     seq += 1;
                 }
@@ -314,7 +314,7 @@ mod tests {
             seq,
             topic: "edge/gw/dev".into(),
             payload: bytes::Bytes::from(vec![b'x'; 100_000]),
-            flag_offset: crate::record::NO_FLAG,
+            flag_offset: crate::buffer::NO_FLAG,
         };
         shared.buffer.inject_commit_failures(true);
         // 40 MB arrive while the disk takes nothing and no PUBACK comes.

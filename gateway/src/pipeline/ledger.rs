@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::record::Record;
+use crate::buffer::Record;
 
 /// What an acknowledgement means for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,11 +9,11 @@ use protocols::model::Batch;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
+use crate::buffer::Record;
 use crate::encode::json::JsonEncoder;
 use crate::metrics::Metrics;
 use crate::pipeline::seq::{SeqState, StateError};
 use crate::pipeline::Shared;
-use crate::record::Record;
 
 /// MQTT fixed header and topic length field, beyond topic and payload.
 const PACKET_OVERHEAD: usize = 16;

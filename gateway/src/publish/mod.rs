@@ -30,11 +30,11 @@ use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgo
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
+use crate::buffer::Record;
 use crate::config::MqttSettings;
 use crate::metrics::Metrics;
 use crate::pipeline::ledger::AckOutcome;
 use crate::pipeline::Shared;
-use crate::record::Record;
 use pace::Pace;
 use window::Window;
 

@@ -1,13 +1,13 @@
 //! A chunk: records committed together, stored as one value in the disk buffer, and the set of
 //! its records not yet acknowledged.
 //!
-//! sled rewrites a tree node whenever an entry in it changes, and a node holds many entries: a
-//! value per record cost about 5 bytes written per byte of payload (measured), one value per
-//! commit about 3.4. So the records of a commit go into chunks of at most [`MAX_RECORDS`]
-//! records and [`MAX_BYTES`] bytes, keyed by their first sequence number; a chunk is deleted
-//! once every record in it is acknowledged (or evicted). Which records of a chunk are still
-//! unacknowledged is kept in memory only: after a restart a partly acknowledged chunk is sent
-//! again whole, which the cloud de-duplicates by `seq` like any re-send.
+//! The store rewrites a tree node whenever an entry in it changes, and a node holds many
+//! entries: a value per record cost about 5 bytes written per byte of payload (measured), one
+//! value per commit about 3.4. So the records of a commit go into chunks of at most
+//! [`MAX_RECORDS`] records and [`MAX_BYTES`] bytes, keyed by their first sequence number; a
+//! chunk is deleted once every record in it is acknowledged (or evicted). Which records of a
+//! chunk are still unacknowledged is kept in memory only: after a restart a partly acknowledged
+//! chunk is sent again whole, which the cloud de-duplicates by `seq` like any re-send.
 //!
 //! Format: `[0xC2][record count, u32][body length, u32][body, raw deflate]`, the body being
 //! `[(record length, u32)(record)]...`, each record in its own checksummed form
@@ -25,7 +25,7 @@
 
 use std::sync::Arc;
 
-use crate::record::Record;
+use super::record::Record;
 
 /// First byte of a chunk with a plain body (a single record starts with its version, 1).
 const PLAIN: u8 = 0xC1;
@@ -277,7 +277,7 @@ impl Live {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::incompressible;
+    use crate::buffer::incompressible;
     use bytes::Bytes;
     use proptest::prelude::*;
 
@@ -286,7 +286,7 @@ mod tests {
             seq,
             topic: "edge/gw/press".into(),
             payload: Bytes::from(vec![b'x'; size]),
-            flag_offset: crate::record::NO_FLAG,
+            flag_offset: crate::buffer::NO_FLAG,
         })
     }
 
@@ -306,7 +306,7 @@ mod tests {
             seq,
             topic: "edge/bench-gw/dev007".into(),
             payload: Bytes::from(p),
-            flag_offset: crate::record::NO_FLAG,
+            flag_offset: crate::buffer::NO_FLAG,
         })
     }
 
