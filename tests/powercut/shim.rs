@@ -398,6 +398,17 @@ impl State {
         }
     }
 
+    /// `start..end` of the file behind `fd` is about to be written: marked dirty before the
+    /// write, so that an fsync on another thread that sees the write land before it is counted
+    /// (`mark`) still copies it, instead of finding a length with no write behind it.
+    fn expect(&mut self, fd: c_int, start: u64, end: u64) {
+        if let Some((key, _, _)) = self.file_key(fd) {
+            if let Some(t) = self.files.get_mut(&key) {
+                t.dirty.add(start, end);
+            }
+        }
+    }
+
     fn mark(&mut self, key: Key, start: u64, end: u64, counted: u64) {
         if let Some(t) = self.files.get_mut(&key) {
             t.dirty.add(start, end);
@@ -1050,6 +1061,12 @@ unsafe fn do_write(fd: c_int, n: usize, call: impl FnOnce(usize) -> SsizeT) -> S
         Some((off >= 0).then_some(off as u64))
     })
     .flatten();
+    if let Some(Some(at)) = before {
+        guarded("write", |_| {
+            state().expect(fd, at, at.saturating_add(n as u64));
+            Some(())
+        });
+    }
     let n = match before {
         Some(at) => limited_write(fd, at, n, call),
         None => call(n),
@@ -1073,7 +1090,15 @@ unsafe fn do_pwrite(fd: c_int, off: OffT, n: usize, call: impl FnOnce(usize) -> 
     if !maybe_tracked(fd) {
         return call(n);
     }
-    let append = guarded("pwrite", |_| Some(state().file_key(fd)?.1)).flatten();
+    let append = guarded("pwrite", |_| {
+        let mut st = state();
+        let append = st.file_key(fd)?.1;
+        if !append && off >= 0 {
+            st.expect(fd, off as u64, (off as u64).saturating_add(n as u64));
+        }
+        Some(append)
+    })
+    .flatten();
     let n = match append {
         // On an O_APPEND fd the data goes to the end, whatever the offset (Linux).
         Some(append) if off >= 0 => limited_write(fd, (!append).then_some(off as u64), n, call),
