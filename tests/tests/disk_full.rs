@@ -525,18 +525,16 @@ fn assert_clean_log(rig: &Rig, boot: u64) {
     );
 }
 
-// Failed at 556520d. sled writes its log buffers on its own threads; the pwrite
-// that gets ENOSPC sets sled's global error (`sled::pagecache::iobuf: hit error while writing
-// iobuf`), and `db.flush()` in `Buffer::commit` returns it. sled keeps that error until the
-// database is opened again, so every later `apply_batch`, `flush` and `remove` of the generation
-// fails with it: commits never work again once space returns, the health flag stays up, acked
-// records cannot be deleted, and the final flush at shutdown fails (what memory held is lost if
-// the broker is still away). A restart reopens the generation cleanly, with every record
-// committed before the disk filled. At 556520d, in some runs (2 of 17) the recount loop after
-// the failed sync (`o.db.iter().flatten()` in `Buffer::commit`) also spun forever, as sled's
-// iterator yields the same error again without advancing: the committer held the buffer's lock
-// at 100% CPU, nothing was published even with the broker back, and SIGTERM did not stop the
-// gateway. The buffer rewrite no longer has that loop.
+// What this guards against: sled writes its log buffers on its own threads; the pwrite that gets
+// ENOSPC sets sled's global error (`sled::pagecache::iobuf: hit error while writing iobuf`), and
+// the commit's flush returns it. sled keeps that error until the database is opened again, so
+// every later batch, flush and remove of the generation fails with it: without the reopen, commits
+// never work again once space returns, the health flag stays up, acknowledged records cannot be
+// deleted, and the final flush at shutdown fails (what memory held is lost if the broker is still
+// away). A restart reopens the generation cleanly, with every record committed before the disk
+// filled. A recount of the generation after a failed sync could also spin forever, as sled's
+// iterator yields the same error again without advancing (the committer at 100% CPU, nothing
+// published even with the broker back, SIGTERM ignored); the buffer has no such loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_hitting_enospc_keeps_the_gateway_running_and_loses_nothing_once_space_returns() {
     run(Trouble::Full, Also::Nothing).await;

@@ -107,15 +107,6 @@ const RETRY_DEFERRED: Duration = Duration::from_secs(5);
 /// Errors of the disk buffer.
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
-    /// The buffer could not be opened for a reason that is none of the others (the task that
-    /// opens it failed).
-    #[error("buffer database at {path}: {message}")]
-    Db {
-        /// The database directory.
-        path: PathBuf,
-        /// What failed.
-        message: String,
-    },
     /// The store reported an error other than a failed read or write (a damaged database, a
     /// format it does not support).
     #[error("buffer database at {path}: {source}")]

@@ -116,6 +116,15 @@ pub enum StartError {
         /// The directory.
         path: std::path::PathBuf,
     },
+    /// The task that opens the disk buffer failed (it panicked outside the store's own
+    /// containment, or the runtime is shutting down).
+    #[error("opening the buffer at {path}: {source}")]
+    OpenTask {
+        /// The buffer directory.
+        path: std::path::PathBuf,
+        /// How the task ended.
+        source: tokio::task::JoinError,
+    },
     /// The disk buffer cannot be opened.
     #[error(transparent)]
     Buffer(#[from] BufferError),
@@ -229,9 +238,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Buffer::open_with(&buffer_dir, rotate_after, buffer::ROTATE_DRAINED)
     })
     .await
-    .map_err(|e| BufferError::Db {
+    .map_err(|source| StartError::OpenTask {
         path: data_dir.join("buffer"),
-        message: e.to_string(),
+        source,
     })??;
     let buffer = Arc::new(buffer);
     let floor = report.last_seq.map_or(0, |s| s + 1);
