@@ -137,34 +137,13 @@ async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Check { config: path } = &cli.command {
-        return match config::load(path) {
-            Ok(cfg) => {
-                let tags: usize = cfg
-                    .devices
-                    .iter()
-                    .map(config::DeviceSettings::tag_count)
-                    .sum();
-                // Each unit of a Modbus line is published as a device of its own.
-                let devices: usize = cfg
-                    .devices
-                    .iter()
-                    .map(|d| match &d.kind {
-                        config::DeviceKind::Modbus(m) => m.units.len(),
-                        config::DeviceKind::OpcUa(_) => 1,
-                    })
-                    .sum();
-                println!(
-                    "{}: OK ({} devices, {} tags)",
-                    path.display(),
-                    devices,
-                    tags
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
+        let (text, ok) = edge_gateway::cli::check::run(path);
+        return if ok {
+            println!("{text}");
+            ExitCode::SUCCESS
+        } else {
+            eprintln!("{text}");
+            ExitCode::from(2)
         };
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -1,4 +1,6 @@
-//! The command-line helpers beside `run`: one Modbus `read`, and `browse` of an OPC UA server.
+//! The command-line helpers beside `run`: `check` of a config file, one Modbus `read`, and
+//! `browse` of an OPC UA server.
 
 pub mod browse;
+pub mod check;
 pub mod read;
