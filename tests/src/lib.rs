@@ -817,7 +817,7 @@ impl ModbusDriverRun {
             cancel: cancel.clone(),
             status: status.clone(),
         };
-        let driver = tokio::spawn(protocols::modbus::line::run(settings, vec![ctx]));
+        let driver = tokio::spawn(protocols::modbus::driver::run(settings, vec![ctx]));
         ModbusDriverRun {
             rx,
             status,

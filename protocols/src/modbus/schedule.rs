@@ -12,13 +12,13 @@
 //! - A unit that leaves [`DEMOTE_AFTER`] jobs in a row unanswered is demoted: its scans stop
 //!   and one probe scan is made per probe period instead. A silent probe costs the line one
 //!   request timeout plus the resynchronisation guard after it (another timeout, see
-//!   `rtu.rs`). On a line with several units the period starts at [`BUDGET_FACTOR`] such
+//!   `transport/rtu.rs`). On a line with several units the period starts at [`BUDGET_FACTOR`] such
 //!   costs (at least one second) and doubles up to the line's `backoff_max`, so a dead unit
 //!   takes at most 1/[`BUDGET_FACTOR`] of the line's time: that is the demotion budget the
 //!   healthy units pay. A line with one unit has nobody to protect: its unit is probed from
 //!   the line's `backoff_min` on, like a reconnect.
 //! - A unit that failed a job is held back for the line's hold-off (on RTU lines several
-//!   timeouts, see `rtu.rs`) before it is addressed again: scan, probe, or first scan after
+//!   timeouts, see `transport/rtu.rs`) before it is addressed again: scan, probe, or first scan after
 //!   the line reopened alike. A late answer from it must not meet a request of the same shape.
 //! - A unit that flaps (answers a probe, then fails again) starts its next demotion where the
 //!   last one left off instead of at the first period, so flapping stays within the budget;

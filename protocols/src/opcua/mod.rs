@@ -6,9 +6,11 @@
 //! offline.
 
 pub mod browse;
-pub mod client;
-pub mod convert;
+mod client;
+mod convert;
 pub mod driver;
+
+pub use client::{is_certificate_problem, trust_server_certificate, OpcUaError};
 
 use std::fmt;
 use std::path::PathBuf;

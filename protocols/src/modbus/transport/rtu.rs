@@ -10,7 +10,7 @@
 //! - After a transaction that got no valid answer the line must be silent for a whole timeout
 //!   before the next request, so the answer of a unit that is merely late lands in the guard
 //!   and is thrown away instead of colliding with the next unit's answer. (The line driver
-//!   also holds the failed unit back for [`HOLD_OFF_TIMEOUTS`] timeouts; see `line.rs`.)
+//!   also holds the failed unit back for [`HOLD_OFF_TIMEOUTS`] timeouts; see `driver.rs`.)
 //! - An answer is accepted only from the addressed unit, with the requested function, the
 //!   exact byte count and a valid CRC ([`frame::find_response`]); bytes before it are counted
 //!   as discarded.
@@ -24,8 +24,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_modbus::ExceptionCode;
 
 use super::frame::{self, Answer, Expect, Found, LineTiming};
-use super::link::{BlockData, ReadError};
-use super::{Area, Parity, SerialSettings};
+use super::{BlockData, ReadError};
+use crate::modbus::{Area, Parity, SerialSettings};
 
 /// Received bytes kept while looking for an answer; the longest frame is 256 bytes.
 const MAX_BUFFERED: usize = 4 * frame::MAX_FRAME;
@@ -84,7 +84,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
     }
 
     /// Bytes thrown away so far: strays between transactions and garbage before answers.
-    pub fn discarded(&self) -> u64 {
+    #[cfg(test)]
+    fn discarded(&self) -> u64 {
         self.discarded
     }
 
@@ -252,11 +253,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
                 },
             }
         }
-    }
-
-    /// The stream, to close it.
-    pub fn into_inner(self) -> T {
-        self.io
     }
 }
 

@@ -23,11 +23,11 @@ use tokio_modbus::ExceptionCode;
 use tracing::{debug, info, warn};
 
 use super::codec;
-use super::link::{BlockData, Conn, ReadError};
 use super::planner::{Block, Limits};
-use super::rtu::HOLD_OFF_TIMEOUTS;
 use super::scan::{self, ChangeFilter, ScanClass};
 use super::schedule::{budgeted_probe_period, Schedule, Transition};
+use super::transport::rtu::HOLD_OFF_TIMEOUTS;
+use super::transport::{BlockData, Conn, ReadError};
 use super::{ModbusSettings, TagSpec, UnitSettings};
 use crate::backoff::Backoff;
 use crate::driver::{DriverContext, DriverError};
@@ -112,7 +112,7 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
         settings.backoff_min
     };
     // Modbus TCP drops the connection after a failed read, so no late answer can come back;
-    // an RTU line holds the unit back instead (see `rtu.rs`).
+    // an RTU line holds the unit back instead (see `transport/rtu.rs`).
     let hold_off = if settings.link.is_rtu() {
         settings.timeout * HOLD_OFF_TIMEOUTS
     } else {

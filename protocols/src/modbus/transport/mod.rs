@@ -1,12 +1,16 @@
 //! One open Modbus line, whatever carries it: Modbus TCP, RTU over TCP or a serial port.
 
+pub mod frame;
+pub(crate) mod rtu;
+mod tcp;
+
 use std::time::{Duration, Instant};
 
 use tokio_modbus::client::Context;
 use tokio_modbus::ExceptionCode;
 
-use super::rtu::{self, RtuLink};
-use super::{tcp, Area, Link, ModbusSettings};
+use self::rtu::RtuLink;
+use super::{Area, Link, ModbusSettings};
 
 /// The data of one block read.
 #[derive(Debug, Clone, PartialEq)]

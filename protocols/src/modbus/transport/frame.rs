@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use super::Area;
+use crate::modbus::Area;
 
 /// Largest RTU frame: unit, function, 252 data bytes, CRC.
 pub const MAX_FRAME: usize = 256;

@@ -2,7 +2,7 @@
 //!
 //! A connection that saw a timeout or a transport error is dropped by the line driver, never
 //! reused: a late reply on a reused connection would be taken as the answer to the next
-//! request (see [`super::link::Conn::drop_after_failed_read`]).
+//! request (see [`super::Conn::drop_after_failed_read`]).
 //!
 //! An answer that is no valid answer to the request (wrong header, function code, byte count or
 //! number of values, undecodable PDU) is garbled, never a link failure and never passed on.
@@ -16,8 +16,8 @@ use tokio_modbus::client::{tcp, Client, Context};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 
-use super::link::{BlockData, ReadError};
-use super::Area;
+use super::{BlockData, ReadError};
+use crate::modbus::Area;
 
 /// Connects a TCP stream to `address` (`host:port`, every resolved address in turn).
 pub async fn connect_stream(address: &str, timeout: Duration) -> Result<TcpStream, ReadError> {
