@@ -17,6 +17,11 @@ use opcua::types::{
 
 use super::{Identity, OpcUaSettings, SecurityMode, SecurityPolicy};
 
+/// Publishing cycles without a notification before the server sends a keep-alive.
+pub(crate) const KEEP_ALIVE_COUNT: u32 = 10;
+/// How long the server keeps a session without a connection (the session timeout requested).
+pub(crate) const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Why a session could not be opened or a service failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OpcUaError {
@@ -82,7 +87,7 @@ pub fn build_client(settings: &OpcUaSettings) -> Result<Client, OpcUaError> {
     let _guard = KEYPAIR.lock().unwrap_or_else(|e| e.into_inner());
     // A publish request waits up to a keep-alive period for its answer; the client must wait
     // longer than that, or a late keep-alive is discarded.
-    let publish_timeout = (settings.publishing_interval * (super::driver::KEEP_ALIVE_COUNT + 2)
+    let publish_timeout = (settings.publishing_interval * (KEEP_ALIVE_COUNT + 2)
         + settings.timeout)
         .max(Duration::from_secs(60));
     let builder = ClientBuilder::new()
@@ -99,7 +104,7 @@ pub fn build_client(settings: &OpcUaSettings) -> Result<Client, OpcUaError> {
         .request_timeout(settings.timeout)
         .keep_alive_interval(keep_alive_interval(settings))
         .max_failed_keep_alive_count(2)
-        .session_timeout(super::driver::SESSION_TIMEOUT.as_millis() as u32)
+        .session_timeout(SESSION_TIMEOUT.as_millis() as u32)
         .publish_timeout(publish_timeout)
         // 10k monitored items with queued values make big publish responses.
         .max_message_size(64 * 1024 * 1024)
