@@ -41,7 +41,7 @@ const GATEWAY_PATH_UNAVAILABLE: u8 = 0x0A;
 const GATEWAY_TARGET_FAILED: u8 = 0x0B;
 
 /// The limits the planner works with for these settings.
-pub fn limits(settings: &ModbusSettings) -> Limits {
+pub(crate) fn limits(settings: &ModbusSettings) -> Limits {
     Limits {
         max_registers: settings.max_registers_per_read.clamp(1, 125),
         max_bits: MAX_BITS,

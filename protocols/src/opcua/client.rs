@@ -61,10 +61,10 @@ pub enum OpcUaError {
 }
 
 /// The session type the adapter uses.
-pub type EventLoop = SessionEventLoop<TcpConnector>;
+pub(crate) type EventLoop = SessionEventLoop<TcpConnector>;
 
 /// The application URI the gateway presents (and writes into its own certificate).
-pub fn application_uri() -> String {
+pub(crate) fn application_uri() -> String {
     let host = gethostname();
     format!("urn:edge-gateway:{host}")
 }
@@ -80,7 +80,7 @@ fn gethostname() -> String {
 /// Builds a client: own certificate in `pki_dir` (created on first use), trust settings,
 /// timeouts, and reconnect backoff (the session retries for ever; the driver decides when to
 /// give up on a session).
-pub fn build_client(settings: &OpcUaSettings) -> Result<Client, OpcUaError> {
+pub(crate) fn build_client(settings: &OpcUaSettings) -> Result<Client, OpcUaError> {
     // Devices sharing a pki_dir would otherwise race to create the same key pair (the library
     // checks for the files, then writes them).
     static KEYPAIR: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -148,7 +148,7 @@ fn keep_alive_interval(settings: &OpcUaSettings) -> Duration {
 }
 
 /// Reads a password file; a single trailing newline is not part of the password.
-pub fn read_password(path: &Path) -> Result<String, OpcUaError> {
+pub(crate) fn read_password(path: &Path) -> Result<String, OpcUaError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| OpcUaError::Identity(format!("password_file {}: {e}", path.display())))?;
     let text = text.strip_suffix('\n').unwrap_or(&text);
@@ -156,7 +156,7 @@ pub fn read_password(path: &Path) -> Result<String, OpcUaError> {
 }
 
 /// The identity token for the configured identity.
-pub fn identity_token(identity: &Identity) -> Result<IdentityToken, OpcUaError> {
+pub(crate) fn identity_token(identity: &Identity) -> Result<IdentityToken, OpcUaError> {
     Ok(match identity {
         Identity::Anonymous => IdentityToken::new_anonymous(),
         Identity::UserName {
@@ -179,7 +179,7 @@ pub fn identity_token(identity: &Identity) -> Result<IdentityToken, OpcUaError> 
 /// Asks the server for its endpoints and picks the one with the configured security. The
 /// endpoint URL is replaced by the configured one: servers behind NAT or a proxy advertise
 /// addresses the gateway cannot reach.
-pub async fn discover_endpoint(
+pub(crate) async fn discover_endpoint(
     client: &Client,
     settings: &OpcUaSettings,
 ) -> Result<EndpointDescription, OpcUaError> {
@@ -237,7 +237,7 @@ pub async fn discover_endpoint(
 
 /// Discovers the endpoint and builds a session and its event loop. Nothing is connected until
 /// the event loop is polled.
-pub async fn open_session(
+pub(crate) async fn open_session(
     client: &mut Client,
     settings: &OpcUaSettings,
 ) -> Result<(Arc<Session>, EventLoop, EndpointDescription), OpcUaError> {
@@ -250,7 +250,7 @@ pub async fn open_session(
 }
 
 /// An operator-facing explanation of a rejected server certificate: which file to move where.
-pub fn untrusted_server_advice(pki_dir: &Path, server_certificate: &ByteString) -> String {
+pub(crate) fn untrusted_server_advice(pki_dir: &Path, server_certificate: &ByteString) -> String {
     let name = X509::from_byte_string(server_certificate)
         .map(|cert| CertificateStore::cert_file_name(&cert))
         .unwrap_or_else(|_| "<the server's certificate>.der".to_owned());
@@ -301,7 +301,7 @@ pub fn is_certificate_problem(status: StatusCode) -> bool {
 /// Reads `reads` in calls of at most `per_call` nodes (the server's MaxNodesPerRead, or a
 /// safe size when it sets none), calling `on_call` before each; the first failed call fails
 /// the whole read with its status.
-pub async fn read_chunked(
+pub(crate) async fn read_chunked(
     session: &Session,
     reads: &[ReadValueId],
     per_call: usize,
@@ -324,7 +324,7 @@ pub async fn read_chunked(
 const MAX_BROWSE_PAGES: usize = 1000;
 
 /// The forward hierarchical children of a node (all pages, following continuation points).
-pub async fn children(
+pub(crate) async fn children(
     session: &Session,
     node: &NodeId,
 ) -> Result<Vec<ReferenceDescription>, OpcUaError> {
@@ -369,7 +369,7 @@ pub async fn children(
 /// Resolves a browse path (names below the Objects folder) by walking it one level at a time.
 /// A name matches a child's browse name; a `2:` prefix also requires that namespace index.
 /// Returns the server's status for a path that does not exist (`BadNoMatch`).
-pub async fn resolve_path(session: &Session, path: &[String]) -> Result<NodeId, OpcUaError> {
+pub(crate) async fn resolve_path(session: &Session, path: &[String]) -> Result<NodeId, OpcUaError> {
     let mut node: NodeId = ObjectId::ObjectsFolder.into();
     for segment in path {
         let (ns, name) = split_qualified(segment);

@@ -84,12 +84,14 @@ pub struct LineFaults {
 
 impl LineFaults {
     /// Answers sent so far.
-    pub fn answers(&self) -> u64 {
+    #[cfg(test)]
+    fn answers(&self) -> u64 {
         self.answers.load(Ordering::Relaxed)
     }
 
     /// Bytes dropped for resynchronisation so far.
-    pub fn bad_requests(&self) -> u64 {
+    #[cfg(test)]
+    fn bad_requests(&self) -> u64 {
         self.bad_requests.load(Ordering::Relaxed)
     }
 }
@@ -149,7 +151,7 @@ impl RtuSim {
     }
 
     /// Serves the line over `stream` until end of file or an I/O error (returned).
-    pub async fn serve_stream<S>(&self, mut stream: S) -> io::Result<()>
+    pub(crate) async fn serve_stream<S>(&self, mut stream: S) -> io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {

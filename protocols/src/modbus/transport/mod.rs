@@ -53,7 +53,7 @@ pub enum ReadError {
 
 /// An open line.
 #[derive(Debug)]
-pub enum Conn {
+pub(crate) enum Conn {
     /// Modbus TCP through tokio-modbus.
     Tcp(TcpConn),
     /// RTU frames over a TCP connection to a converter.
@@ -63,7 +63,7 @@ pub enum Conn {
 }
 
 /// A Modbus TCP connection and the pacing of its requests.
-pub struct TcpConn {
+pub(crate) struct TcpConn {
     context: Context,
     inter_request_delay: Duration,
     last_answer: Instant,
@@ -79,7 +79,7 @@ impl std::fmt::Debug for TcpConn {
 
 impl Conn {
     /// Opens the line described by `settings`.
-    pub async fn open(settings: &ModbusSettings) -> Result<Conn, ReadError> {
+    pub(crate) async fn open(settings: &ModbusSettings) -> Result<Conn, ReadError> {
         match &settings.link {
             Link::Tcp { address } => {
                 let context = tcp::connect(address, settings.timeout).await?;
@@ -112,7 +112,7 @@ impl Conn {
 
     /// Reads `count` items of `area` from `start` on unit `unit`. Answers shorter than asked
     /// for are garbled, never passed on.
-    pub async fn read(
+    pub(crate) async fn read(
         &mut self,
         unit: u8,
         area: Area,
@@ -146,12 +146,12 @@ impl Conn {
     /// Whether a read that got no answer leaves the line unusable. Modbus TCP connections are
     /// dropped after a timeout: tokio-modbus would take a late reply for the next request's.
     /// RTU lines resynchronise by silence instead.
-    pub fn drop_after_failed_read(&self) -> bool {
+    pub(crate) fn drop_after_failed_read(&self) -> bool {
         matches!(self, Conn::Tcp(_))
     }
 
     /// Closes the line, politely where the protocol has a way to.
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         if let Conn::Tcp(mut c) = self {
             use tokio_modbus::client::Client;
             let _ = tokio::time::timeout(Duration::from_millis(100), c.context.disconnect()).await;

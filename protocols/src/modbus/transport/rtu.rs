@@ -34,14 +34,14 @@ const MAX_BUFFERED: usize = 4 * frame::MAX_FRAME;
 /// it sends meanwhile reaches another unit's transaction (and is skipped for its unit id) or a
 /// silence wait (and is discarded). Together with the guard, an answer up to
 /// `HOLD_OFF_TIMEOUTS + 1` timeouts late can never be taken for a later request's answer.
-pub const HOLD_OFF_TIMEOUTS: u32 = 4;
+pub(crate) const HOLD_OFF_TIMEOUTS: u32 = 4;
 
 /// Timer granularity: a sleep may end this much after its deadline.
 const TIMER_SLACK: Duration = Duration::from_millis(1);
 
 /// The master end of an RTU line over any byte stream.
 #[derive(Debug)]
-pub struct RtuLink<T> {
+pub(crate) struct RtuLink<T> {
     io: T,
     /// Time to send one character, zero when the stream is not a serial port.
     char_time: Duration,
@@ -62,7 +62,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
     /// A link over `io`. `timing` is the serial line's timing (`None` over TCP, where the
     /// converter does the serial timing); `inter_request_delay` and `timeout` come from the
     /// line's settings.
-    pub fn new(
+    pub(crate) fn new(
         io: T,
         timing: Option<LineTiming>,
         inter_request_delay: Duration,
@@ -90,7 +90,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
     }
 
     /// Reads `count` items of `area` from `start` on unit `unit`.
-    pub async fn read(
+    pub(crate) async fn read(
         &mut self,
         unit: u8,
         area: Area,
@@ -257,7 +257,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
 }
 
 /// Opens a serial port for RTU: raw, no flow control, the configured framing, input flushed.
-pub fn open_serial(settings: &SerialSettings) -> Result<tokio_serial::SerialStream, ReadError> {
+pub(crate) fn open_serial(
+    settings: &SerialSettings,
+) -> Result<tokio_serial::SerialStream, ReadError> {
     use tokio_serial::SerialPort;
     let builder = tokio_serial::new(settings.port.as_str(), settings.baud_rate)
         .data_bits(match settings.data_bits {
@@ -310,7 +312,7 @@ fn open_hint(e: &tokio_serial::Error) -> &'static str {
 }
 
 /// The timing of a serial line's settings.
-pub fn timing(settings: &SerialSettings) -> LineTiming {
+pub(crate) fn timing(settings: &SerialSettings) -> LineTiming {
     LineTiming::new(settings.baud_rate, settings.bits_per_char())
 }
 

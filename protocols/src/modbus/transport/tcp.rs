@@ -20,7 +20,10 @@ use super::{BlockData, ReadError};
 use crate::modbus::Area;
 
 /// Connects a TCP stream to `address` (`host:port`, every resolved address in turn).
-pub async fn connect_stream(address: &str, timeout: Duration) -> Result<TcpStream, ReadError> {
+pub(crate) async fn connect_stream(
+    address: &str,
+    timeout: Duration,
+) -> Result<TcpStream, ReadError> {
     let attempt = async {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(address)
             .await
@@ -45,13 +48,13 @@ pub async fn connect_stream(address: &str, timeout: Duration) -> Result<TcpStrea
 }
 
 /// Connects a Modbus TCP client to `address`.
-pub async fn connect(address: &str, timeout: Duration) -> Result<Context, ReadError> {
+pub(crate) async fn connect(address: &str, timeout: Duration) -> Result<Context, ReadError> {
     let stream = connect_stream(address, timeout).await?;
     Ok(tcp::attach_slave(stream, Slave(1)))
 }
 
 /// Reads `count` items of `area` from `start` on unit `unit` under `timeout`.
-pub async fn read(
+pub(crate) async fn read(
     client: &mut Context,
     unit: u8,
     area: Area,
