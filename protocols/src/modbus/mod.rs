@@ -9,7 +9,7 @@ mod schedule;
 mod transport;
 
 pub use schedule::BUDGET_FACTOR;
-pub use transport::{frame, BlockData, ReadError};
+pub use transport::{frame, BlockData, LinkError, ReadError};
 
 use std::fmt;
 use std::str::FromStr;

@@ -28,9 +28,27 @@ pub enum OpcUaError {
     /// The client could not be set up (PKI directory, own certificate).
     #[error("cannot set up the OPC UA client: {0}")]
     Setup(String),
+    /// A file of the client's PKI directory could not be written.
+    #[error("cannot set up the OPC UA client: {}: {source}", .path.display())]
+    PkiFile {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The user identity could not be loaded.
     #[error("cannot load the user identity: {0}")]
     Identity(String),
+    /// The user's password file could not be read.
+    #[error("cannot load the user identity: password_file {}: {source}", .path.display())]
+    PasswordFile {
+        /// The configured `password_file`.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The server could not be reached or did not answer (the link failed).
     #[error("cannot reach {endpoint}: {status}")]
     Unreachable {
@@ -149,8 +167,10 @@ fn keep_alive_interval(settings: &OpcUaSettings) -> Duration {
 
 /// Reads a password file; a single trailing newline is not part of the password.
 pub(crate) fn read_password(path: &Path) -> Result<String, OpcUaError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| OpcUaError::Identity(format!("password_file {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|source| OpcUaError::PasswordFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let text = text.strip_suffix('\n').unwrap_or(&text);
     Ok(text.strip_suffix('\r').unwrap_or(text).to_owned())
 }
@@ -268,11 +288,15 @@ pub fn trust_server_certificate(pki_dir: &Path, cert_file: &Path) -> Result<Path
     let cert = CertificateStore::read_cert(cert_file)
         .map_err(|e| OpcUaError::Setup(format!("{}: {e}", cert_file.display())))?;
     let trusted = pki_dir.join("trusted");
-    std::fs::create_dir_all(&trusted)
-        .map_err(|e| OpcUaError::Setup(format!("{}: {e}", trusted.display())))?;
+    std::fs::create_dir_all(&trusted).map_err(|source| OpcUaError::PkiFile {
+        path: trusted.clone(),
+        source,
+    })?;
     let target = trusted.join(CertificateStore::cert_file_name(&cert));
-    std::fs::copy(cert_file, &target)
-        .map_err(|e| OpcUaError::Setup(format!("{}: {e}", target.display())))?;
+    std::fs::copy(cert_file, &target).map_err(|source| OpcUaError::PkiFile {
+        path: target.clone(),
+        source,
+    })?;
     Ok(target)
 }
 

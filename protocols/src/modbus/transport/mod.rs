@@ -4,6 +4,8 @@ pub mod frame;
 pub(crate) mod rtu;
 mod tcp;
 
+use std::io;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tokio_modbus::client::Context;
@@ -38,7 +40,7 @@ impl BlockData {
 
 /// Why a read got no usable answer. "The device said no" is not here: an exception is an
 /// answer (`Ok(Err(code))`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     /// The unit did not answer in time.
     #[error("no answer within {0:?}")]
@@ -46,9 +48,73 @@ pub enum ReadError {
     /// Something arrived but it was no valid answer to the request.
     #[error("garbled answer: {0}")]
     Garbled(String),
+    /// tokio-modbus's decoder refused what arrived (a byte count that disagrees with the data,
+    /// a PDU too short or too long): garbled too, with the decoder's error as the source.
+    #[error("garbled answer: {0}")]
+    Undecodable(#[source] io::Error),
     /// The port or connection failed; it has to be opened again.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// How a line failed: the port or connection is unusable and has to be opened again.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The host name of a TCP address did not resolve.
+    #[error("cannot resolve {address}: {source}")]
+    Resolve {
+        /// The configured `host:port`.
+        address: String,
+        /// What the resolver said.
+        #[source]
+        source: io::Error,
+    },
+    /// The host name resolved to no address at all.
+    #[error("{address} resolves to nothing")]
+    NoAddress {
+        /// The configured `host:port`.
+        address: String,
+    },
+    /// No TCP connection to any resolved address (the last attempt's error).
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address tried last.
+        addr: SocketAddr,
+        /// Why the connection failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The serial port did not open; `hint` says what an operator can do about it.
+    #[error("cannot open {port}: {source}{hint}")]
+    Open {
+        /// The configured port path.
+        port: String,
+        /// What the serial port library said.
+        #[source]
+        source: tokio_serial::Error,
+        /// Advice for the operator, empty when there is none.
+        hint: &'static str,
+    },
+    /// A request could not be written.
+    #[error("cannot send: {0}")]
+    Send(#[source] io::Error),
+    /// Reading from the line failed.
+    #[error("cannot receive: {0}")]
+    Receive(#[source] io::Error),
+    /// The other end closed the line.
+    #[error("the line was closed")]
+    Closed,
+    /// Bytes kept arriving, so no request could be sent.
+    #[error("the line did not go quiet: {strays} stray bytes in {limit:?}")]
+    NotQuiet {
+        /// Bytes that arrived while waiting for silence.
+        strays: usize,
+        /// How long silence was waited for.
+        limit: Duration,
+    },
+    /// The Modbus TCP connection failed under tokio-modbus.
     #[error("{0}")]
-    Link(String),
+    Transport(#[source] io::Error),
 }
 
 /// An open line.

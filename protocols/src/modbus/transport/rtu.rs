@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_modbus::ExceptionCode;
 
 use super::frame::{self, Answer, Expect, Found, LineTiming};
-use super::{BlockData, ReadError};
+use super::{BlockData, LinkError, ReadError};
 use crate::modbus::{Area, Parity, SerialSettings};
 
 /// Received bytes kept while looking for an answer; the longest frame is 256 bytes.
@@ -109,11 +109,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
         self.io
             .write_all(&self.request)
             .await
-            .map_err(|e| ReadError::Link(format!("cannot send: {e}")))?;
-        self.io
-            .flush()
-            .await
-            .map_err(|e| ReadError::Link(format!("cannot send: {e}")))?;
+            .map_err(LinkError::Send)?;
+        self.io.flush().await.map_err(LinkError::Send)?;
         // On a real UART the request is still on the wire when write returns.
         let sent = Instant::now() + self.char_time * frame::REQUEST_LEN as u32;
         self.last_activity = sent;
@@ -139,9 +136,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
                         self.buf.len()
                     )))
                 }
-                Some(Ok(0)) => return Err(ReadError::Link("the line was closed".into())),
+                Some(Ok(0)) => return Err(LinkError::Closed.into()),
                 Some(Ok(n)) => n,
-                Some(Err(e)) => return Err(ReadError::Link(format!("cannot receive: {e}"))),
+                Some(Err(e)) => return Err(LinkError::Receive(e).into()),
             };
             self.last_activity = Instant::now();
             if self.buf.len() + n > MAX_BUFFERED {
@@ -221,12 +218,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
         // Whatever is already waiting arrived after the last transaction ended: a stray.
         while let Some(r) = self.io.read(&mut chunk).now_or_never() {
             match r {
-                Ok(0) => return Err(ReadError::Link("the line was closed".into())),
+                Ok(0) => return Err(LinkError::Closed.into()),
                 Ok(n) => {
                     strays += n;
                     self.last_activity = Instant::now();
                 }
-                Err(e) => return Err(ReadError::Link(format!("cannot receive: {e}"))),
+                Err(e) => return Err(LinkError::Receive(e).into()),
             }
         }
         loop {
@@ -237,19 +234,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
                 return Ok(());
             }
             if now >= give_up {
-                return Err(ReadError::Link(format!(
-                    "the line did not go quiet: {strays} stray bytes in {limit:?}"
-                )));
+                return Err(LinkError::NotQuiet { strays, limit }.into());
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(until.min(give_up).into()) => {}
                 r = self.io.read(&mut chunk) => match r {
-                    Ok(0) => return Err(ReadError::Link("the line was closed".into())),
+                    Ok(0) => return Err(LinkError::Closed.into()),
                     Ok(n) => {
                         strays += n;
                         self.last_activity = Instant::now();
                     }
-                    Err(e) => return Err(ReadError::Link(format!("cannot receive: {e}"))),
+                    Err(e) => return Err(LinkError::Receive(e).into()),
                 },
             }
         }
@@ -279,12 +274,10 @@ pub(crate) fn open_serial(
             tokio_serial::StopBits::One
         })
         .flow_control(tokio_serial::FlowControl::None);
-    let port = tokio_serial::SerialStream::open(&builder).map_err(|e| {
-        ReadError::Link(format!(
-            "cannot open {}: {e}{}",
-            settings.port,
-            open_hint(&e)
-        ))
+    let port = tokio_serial::SerialStream::open(&builder).map_err(|source| LinkError::Open {
+        port: settings.port.clone(),
+        hint: open_hint(&source),
+        source,
     })?;
     // Whatever a device sent before we opened the port belongs to no request of ours.
     let _ = port.clear(tokio_serial::ClearBuffer::All);

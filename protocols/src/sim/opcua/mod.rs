@@ -106,6 +106,15 @@ pub enum SimError {
         /// What went wrong.
         reason: String,
     },
+    /// A freshly generated certificate or key could not be moved into place.
+    #[error("server certificate in {}: {source}", .pki_dir.display())]
+    CertificateFile {
+        /// The PKI directory.
+        pki_dir: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
     /// async-opcua rejected the server configuration.
     #[error("invalid OPC UA server configuration: {0}")]
     Config(String),
@@ -127,7 +136,7 @@ pub enum SimError {
     Update(StatusCode),
     /// A background task of `start` failed.
     #[error("simulator start-up task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// Options for the OPC UA simulator.
@@ -199,7 +208,7 @@ impl SimOpcUa {
         let pki_dir = opts.pki_dir.clone();
         tokio::task::spawn_blocking(move || ensure_keypair(&pki_dir))
             .await
-            .map_err(|e| SimError::Task(e.to_string()))??;
+            .map_err(SimError::Task)??;
 
         let listener = bind(opts.port).await?;
         let port = listener

@@ -212,8 +212,12 @@ pub(super) fn ensure_keypair(pki_dir: &Path) -> Result<(), SimError> {
     let tmp_key = key_path.with_extension(format!("pem.{suffix}"));
     CertificateStore::create_certificate_and_key(&data, true, &tmp_cert, &tmp_key)
         .map_err(cert_error)?;
-    fs::rename(&tmp_key, &key_path).map_err(|e| cert_error(e.to_string()))?;
-    fs::rename(&tmp_cert, &cert_path).map_err(|e| cert_error(e.to_string()))?;
+    let file_error = |source| SimError::CertificateFile {
+        pki_dir: pki_dir.to_path_buf(),
+        source,
+    };
+    fs::rename(&tmp_key, &key_path).map_err(file_error)?;
+    fs::rename(&tmp_cert, &cert_path).map_err(file_error)?;
     info!(
         "generated the OPC UA simulator certificate {}",
         cert_path.display()
