@@ -67,6 +67,7 @@ pub(crate) fn function_code(area: Area) -> u8 {
 }
 
 /// The area a read function code reads, if it is one of the four read functions.
+#[cfg(feature = "sim")]
 pub(crate) fn area_of(function: u8) -> Option<Area> {
     match function {
         0x01 => Some(Area::Coil),
@@ -248,6 +249,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, ()> {
 }
 
 /// Writes a normal register answer frame, for simulators.
+#[cfg(any(test, feature = "sim"))]
 pub(crate) fn encode_registers(unit: u8, function: u8, regs: &[u16], out: &mut Vec<u8>) {
     out.clear();
     out.push(unit);
@@ -260,6 +262,7 @@ pub(crate) fn encode_registers(unit: u8, function: u8, regs: &[u16], out: &mut V
 }
 
 /// Writes a normal bit answer frame, for simulators.
+#[cfg(any(test, feature = "sim"))]
 pub(crate) fn encode_bits(unit: u8, function: u8, bits: &[bool], out: &mut Vec<u8>) {
     out.clear();
     out.push(unit);
@@ -277,6 +280,7 @@ pub(crate) fn encode_bits(unit: u8, function: u8, bits: &[bool], out: &mut Vec<u
 }
 
 /// Writes an exception answer frame, for simulators.
+#[cfg(any(test, feature = "sim"))]
 pub(crate) fn encode_exception(unit: u8, function: u8, code: u8, out: &mut Vec<u8>) {
     out.clear();
     out.push(unit);
