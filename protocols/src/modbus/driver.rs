@@ -2,7 +2,7 @@
 //! converter or a serial port), shared by the line's units.
 //!
 //! Invariants:
-//! - One transaction at a time on the line; the [`Schedule`] decides which unit goes next
+//! - One transaction at a time on the line; the `Schedule` decides which unit goes next
 //!   (earliest due first, round-robin on ties) and demotes units that stop answering, so a
 //!   dead unit costs the healthy ones a bounded share of the line (see `schedule.rs`).
 //! - "The device said no" (an exception) marks only the tags of that read bad and the scan goes

@@ -5,7 +5,7 @@
 //!   the reads, its [`Faults`](super::modbus::Faults) make it silent or late and count its
 //!   requests), plus [`LineFaults`] for what goes wrong on the wire itself. It is a cheap,
 //!   cloneable handle: a test keeps one while the line serves.
-//! - One serving loop, [`RtuSim::serve_stream`], runs over any byte stream. It behaves like the
+//! - One serving loop, `RtuSim::serve_stream`, runs over any byte stream. It behaves like the
 //!   slaves on a bus: bytes are accumulated, an 8-byte read request with a valid CRC at the start
 //!   of the buffer is a transaction, and anything else is dropped one byte at a time until a
 //!   request lines up again (a slave resynchronises on noise). Requests are handled one at a

@@ -16,9 +16,9 @@
 //!   certificate lists `127.0.0.1`, `localhost` and the machine's host name). A client reaching
 //!   the server through a proxy on another port must rewrite the endpoint URL itself (and use
 //!   `connect_to_endpoint_directly`), or it silently bypasses the proxy after discovery.
-//! - The certificate's application URI (and the server's) is [`APPLICATION_URI`], not the
-//!   namespace URI [`NAMESPACE_URI`]: async-opcua gives the application URI its own namespace
-//!   (index 1, the diagnostics namespace), so the simulated nodes need a different one.
+//! - The certificate's application URI (and the server's) is `urn:edge-gateway:sim:server`, not
+//!   the namespace URI `urn:edge-gateway:sim`: async-opcua gives the application URI its own
+//!   namespace (index 1, the diagnostics namespace), so the simulated nodes need a different one.
 //! - To trust the server without `trust_server_certs`, a client must store the certificate in its
 //!   `pki/trusted/` directory under the name `CertificateStore::cert_file_name(&cert)`, i.e.
 //!   `"CN=Edge Gateway OPC UA Simulator [<sha1 thumbprint>].der"`; any other name is ignored.
