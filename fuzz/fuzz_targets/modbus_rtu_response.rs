@@ -76,7 +76,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(len, data_len(expect.area, expect.count));
     assert_eq!(start + len + 2, end);
 
-    // As `protocols::modbus::rtu` does with the answer.
+    // As the RTU transport (`protocols::modbus::transport::rtu`) does with the answer.
     let data = &buf[start..start + len];
     if expect.area.is_bit() {
         let bits = frame::bits(data, expect.count);
@@ -89,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
     let regs = frame::registers(data, expect.count);
     assert_eq!(regs.len(), usize::from(expect.count));
 
-    // As `protocols::modbus::line::decode_block` does with each tag's slot of the block.
+    // As `protocols::modbus::driver::decode_block` does with each tag's slot of the block.
     for data_type in TYPES {
         for length in [0, 1, string_length] {
             if data_type != DataType::String && length != 0 {

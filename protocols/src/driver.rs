@@ -62,7 +62,11 @@ impl Emitter {
     }
 
     /// Sends one batch; waits while the pipeline is full.
-    pub async fn emit(&self, batch: Batch, status: &DeviceStatus) -> Result<(), DriverError> {
+    pub(crate) async fn emit(
+        &self,
+        batch: Batch,
+        status: &DeviceStatus,
+    ) -> Result<(), DriverError> {
         let n = batch.samples.len() as u64;
         let batch = match self.tx.try_send(batch) {
             Ok(()) => {

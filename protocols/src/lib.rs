@@ -6,4 +6,5 @@ pub mod driver;
 pub mod modbus;
 pub mod model;
 pub mod opcua;
+#[cfg(feature = "sim")]
 pub mod sim;

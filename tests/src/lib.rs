@@ -1,7 +1,8 @@
 //! Test harness: real protocol peers on loopback (the Modbus simulator, the embedded rumqttd
-//! broker), a fault-injecting TCP proxy to cut links, and an MQTT subscriber that records what
-//! arrives.
+//! broker), a fault-injecting TCP proxy to cut links, a fault-injecting Modbus proxy that spoils
+//! answers ([`faulty`]), and an MQTT subscriber that records what arrives.
 
+pub mod faulty;
 pub mod powercut;
 
 use std::net::SocketAddr;
@@ -817,7 +818,7 @@ impl ModbusDriverRun {
             cancel: cancel.clone(),
             status: status.clone(),
         };
-        let driver = tokio::spawn(protocols::modbus::line::run(settings, vec![ctx]));
+        let driver = tokio::spawn(protocols::modbus::driver::run(settings, vec![ctx]));
         ModbusDriverRun {
             rx,
             status,

@@ -1,6 +1,6 @@
 //! The Modbus TCP driver against a device whose answers go wrong in every way a field device, a
 //! gateway in front of it or the network makes them go wrong: the fault-injecting proxy of
-//! `protocols::sim::faulty` sits between the driver and the simulator.
+//! `gateway_tests::faulty` sits between the driver and the simulator.
 //!
 //! Each fault must turn the tags bad with its reason, drop the connection (it may hold a stray
 //! answer that would be taken for the next request's) and open a new one, and give way to good
@@ -14,10 +14,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use edge_gateway::demo::tag;
+use gateway_tests::faulty::{ByteCount, Fault, FaultyProxy};
 use gateway_tests::{all_good, init_tracing, long_mode, ModbusDriverRun};
 use protocols::modbus::{Address, Area, DataType, ModbusSettings, TagSpec, WordOrder};
 use protocols::model::{Batch, Quality, Reason, Value};
-use protocols::sim::faulty::{ByteCount, Fault, FaultyProxy};
 use protocols::sim::modbus::SimDevice;
 use tokio::sync::RwLock;
 

@@ -11,10 +11,9 @@ use std::time::{Duration, Instant};
 use edge_gateway::demo::tag;
 use gateway_tests::init_tracing;
 use protocols::driver::{DeviceStatus, DriverContext, Emitter};
-use protocols::modbus::schedule::BUDGET_FACTOR;
 use protocols::modbus::{
     self, Address, Area, DataType, Link, ModbusSettings, Parity, SerialSettings, UnitSettings,
-    WordOrder,
+    WordOrder, BUDGET_FACTOR,
 };
 use protocols::model::{Batch, DeviceId, Quality, Reason, Value};
 use protocols::sim::modbus::SimDevice;
@@ -106,7 +105,7 @@ fn start(settings: ModbusSettings) -> Line {
             }
         })
         .collect();
-    tokio::spawn(modbus::line::run(settings, contexts));
+    tokio::spawn(modbus::driver::run(settings, contexts));
     Line {
         rx,
         statuses,

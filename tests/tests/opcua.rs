@@ -689,7 +689,7 @@ async fn an_untrusted_server_is_rejected_until_its_certificate_is_moved_into_tru
         !b.samples.is_empty()
             && b.samples.iter().all(|s| {
                 matches!(s.quality, Quality::Bad(Reason::Status(code))
-                    if opcua::client::is_certificate_problem(StatusCode::from(code)))
+                    if opcua::is_certificate_problem(StatusCode::from(code)))
             })
     })
     .await;

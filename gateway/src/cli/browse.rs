@@ -67,7 +67,7 @@ pub enum BrowseError {
     Usage(String),
     /// The server could not be browsed.
     #[error(transparent)]
-    OpcUa(#[from] opcua::client::OpcUaError),
+    OpcUa(#[from] opcua::OpcUaError),
 }
 
 impl BrowseArgs {

@@ -5,9 +5,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use protocols::modbus::link::{BlockData, ReadError};
 use protocols::modbus::{
-    codec, line, Address, DataType, Link, ModbusSettings, Parity, SerialSettings, WordOrder,
+    codec, driver, Address, BlockData, DataType, Link, ModbusSettings, Parity, ReadError,
+    SerialSettings, WordOrder,
 };
 
 use protocols::model::Value;
@@ -119,7 +119,7 @@ pub async fn run(args: &ReadArgs) -> Result<String, ReadCommandError> {
         )));
     }
     let (settings, unit_id, label) = target(args)?;
-    let answer = line::read_once(
+    let answer = driver::read_once(
         &settings,
         unit_id,
         args.address.area,

@@ -211,11 +211,8 @@ pub async fn start_demo_opcua(data_dir: &std::path::Path) -> Result<SimOpcUa, De
     })
     .await
     .map_err(|e| DemoError::OpcUa(e.to_string()))?;
-    protocols::opcua::client::trust_server_certificate(
-        &data_dir.join("pki"),
-        &sim.server_cert_path(),
-    )
-    .map_err(|e| DemoError::OpcUa(e.to_string()))?;
+    protocols::opcua::trust_server_certificate(&data_dir.join("pki"), &sim.server_cert_path())
+        .map_err(|e| DemoError::OpcUa(e.to_string()))?;
     Ok(sim)
 }
 

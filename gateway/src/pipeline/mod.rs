@@ -313,7 +313,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 .first()
                 .map_or_else(|| "?".into(), |c| c.name.clone());
             let result = match kind {
-                DeviceKind::Modbus(m) => modbus::line::run(m, contexts).await,
+                DeviceKind::Modbus(m) => modbus::driver::run(m, contexts).await,
                 DeviceKind::OpcUa(o) => match contexts.pop() {
                     Some(ctx) => opcua::driver::run(o, ctx).await,
                     None => Ok(()),

@@ -2,14 +2,14 @@
 //! validation; a driver never sees an unchecked value.
 
 pub mod codec;
-pub mod frame;
-pub mod line;
-pub mod link;
-pub mod planner;
-pub mod rtu;
-pub mod scan;
-pub mod schedule;
-pub mod tcp;
+pub mod driver;
+mod planner;
+mod scan;
+mod schedule;
+mod transport;
+
+pub use schedule::BUDGET_FACTOR;
+pub use transport::{frame, BlockData, LinkError, ReadError};
 
 use std::fmt;
 use std::str::FromStr;

@@ -18,7 +18,7 @@ const SPACE: u32 = 1 << 16;
 
 /// One tag's place in a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Slot {
+pub(crate) struct Slot {
     /// The tag.
     pub tag: TagId,
     /// First register (or bit) of the tag, relative to the block start.
@@ -29,7 +29,7 @@ pub struct Slot {
 
 /// One read request: contiguous registers (or bits) of one area, covering several tags.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Block {
+pub(crate) struct Block {
     /// The area read.
     pub area: Area,
     /// First register (or bit) read.
@@ -42,7 +42,7 @@ pub struct Block {
 
 /// Limits of a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Largest number of registers in one read (holding and input registers).
     pub max_registers: u16,
     /// Largest number of bits in one read (coils and discrete inputs).
@@ -132,7 +132,7 @@ fn to_u16(x: u32) -> u16 {
 }
 
 /// Plans the fewest reads that cover the tags: (tag id, address, width in registers or bits).
-pub fn plan(tags: &[(TagId, Address, u16)], limits: Limits) -> Vec<Block> {
+pub(crate) fn plan(tags: &[(TagId, Address, u16)], limits: Limits) -> Vec<Block> {
     let mut spans: Vec<Span> = tags
         .iter()
         .map(|&(tag, address, width)| {
@@ -170,7 +170,7 @@ impl Block {
     /// A boundary is a place in offset order where every tag before it ends at or before the
     /// first tag after it starts, so the halves never share a register; ties between equal gaps
     /// go to the boundary nearest the middle.
-    pub fn split(&self) -> Option<(Block, Block)> {
+    pub(crate) fn split(&self) -> Option<(Block, Block)> {
         let mut slots = self.slots.clone();
         slots.sort_by_key(|s| s.offset);
         let first = u32::from(slots.first()?.offset);

@@ -13,7 +13,7 @@ use crate::model::{Quality, Sample, TagId, Value};
 
 /// The tags that share one scan interval, and the reads that cover them.
 #[derive(Debug, Clone)]
-pub struct ScanClass {
+pub(crate) struct ScanClass {
     /// How often the class is scanned.
     pub interval: Duration,
     /// The block reads; splits learned from the device are kept here.
@@ -24,7 +24,7 @@ pub struct ScanClass {
 
 impl ScanClass {
     /// Moves the due time one interval on, skipping scans that were missed entirely.
-    pub fn advance(&mut self, now: Instant) {
+    pub(crate) fn advance(&mut self, now: Instant) {
         self.next_due += self.interval;
         if self.next_due <= now {
             self.next_due = now + self.interval;
@@ -33,7 +33,7 @@ impl ScanClass {
 }
 
 /// Groups tags into scan classes (ordered by interval) and plans each class's reads.
-pub fn classes(tags: &[TagSpec], limits: Limits, start: Instant) -> Vec<ScanClass> {
+pub(crate) fn classes(tags: &[TagSpec], limits: Limits, start: Instant) -> Vec<ScanClass> {
     let mut intervals: Vec<Duration> = tags.iter().map(|t| t.scan_interval).collect();
     intervals.sort();
     intervals.dedup();
@@ -64,7 +64,7 @@ struct LastReport {
 
 /// Decides which samples are reported, per the device's report mode.
 #[derive(Debug)]
-pub struct ChangeFilter {
+pub(crate) struct ChangeFilter {
     mode: Report,
     max_silence: Duration,
     deadbands: Vec<f64>,
@@ -73,7 +73,7 @@ pub struct ChangeFilter {
 
 impl ChangeFilter {
     /// A filter for a device's tags.
-    pub fn new(mode: Report, max_silence: Duration, tags: &[TagSpec]) -> Self {
+    pub(crate) fn new(mode: Report, max_silence: Duration, tags: &[TagSpec]) -> Self {
         ChangeFilter {
             mode,
             max_silence,
@@ -83,7 +83,7 @@ impl ChangeFilter {
     }
 
     /// Whether the sample is to be reported; remembers it when it is.
-    pub fn admit(&mut self, sample: &Sample, now: Instant) -> bool {
+    pub(crate) fn admit(&mut self, sample: &Sample, now: Instant) -> bool {
         if self.mode == Report::EveryScan {
             return true;
         }
@@ -111,7 +111,7 @@ impl ChangeFilter {
     }
 
     /// Forgets everything, so the next scan reports every tag (after a reconnect).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.last.iter_mut().for_each(|l| *l = None);
     }
 }

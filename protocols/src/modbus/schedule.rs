@@ -12,13 +12,13 @@
 //! - A unit that leaves [`DEMOTE_AFTER`] jobs in a row unanswered is demoted: its scans stop
 //!   and one probe scan is made per probe period instead. A silent probe costs the line one
 //!   request timeout plus the resynchronisation guard after it (another timeout, see
-//!   `rtu.rs`). On a line with several units the period starts at [`BUDGET_FACTOR`] such
+//!   `transport/rtu.rs`). On a line with several units the period starts at [`BUDGET_FACTOR`] such
 //!   costs (at least one second) and doubles up to the line's `backoff_max`, so a dead unit
 //!   takes at most 1/[`BUDGET_FACTOR`] of the line's time: that is the demotion budget the
 //!   healthy units pay. A line with one unit has nobody to protect: its unit is probed from
 //!   the line's `backoff_min` on, like a reconnect.
 //! - A unit that failed a job is held back for the line's hold-off (on RTU lines several
-//!   timeouts, see `rtu.rs`) before it is addressed again: scan, probe, or first scan after
+//!   timeouts, see `transport/rtu.rs`) before it is addressed again: scan, probe, or first scan after
 //!   the line reopened alike. A late answer from it must not meet a request of the same shape.
 //! - A unit that flaps (answers a probe, then fails again) starts its next demotion where the
 //!   last one left off instead of at the first period, so flapping stays within the budget;
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use super::scan::ScanClass;
 
 /// Unanswered jobs in a row after which a unit is demoted.
-pub const DEMOTE_AFTER: u32 = 3;
+pub(crate) const DEMOTE_AFTER: u32 = 3;
 
 /// A demoted unit is probed at most once per this many probe costs (timeout and guard).
 pub const BUDGET_FACTOR: u32 = 10;
@@ -45,14 +45,14 @@ const MIN_PROBE_PERIOD: Duration = Duration::from_secs(1);
 
 /// The first probe period that keeps a dead unit within the demotion budget on a line whose
 /// requests time out after `timeout`: [`BUDGET_FACTOR`] times a silent probe's cost.
-pub fn budgeted_probe_period(timeout: Duration) -> Duration {
+pub(crate) fn budgeted_probe_period(timeout: Duration) -> Duration {
     let probe_cost = timeout * 2;
     (probe_cost * BUDGET_FACTOR).max(MIN_PROBE_PERIOD)
 }
 
 /// One scan of one unit's scan class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Job {
+pub(crate) struct Job {
     /// Index of the unit on the line.
     pub unit: usize,
     /// Index of the scan class within the unit.
@@ -63,7 +63,7 @@ pub struct Job {
 
 /// A change of a unit's standing, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// The unit was demoted; it is probed every `period` (growing while it stays silent).
     Demoted {
         /// The first probe period.
@@ -111,7 +111,7 @@ impl Unit {
 
 /// The jobs of one line and the standing of its units.
 #[derive(Debug, Clone)]
-pub struct Schedule {
+pub(crate) struct Schedule {
     hold_off: Duration,
     units: Vec<Unit>,
     first_period: Duration,
@@ -123,7 +123,7 @@ impl Schedule {
     /// A schedule for units given by their scan classes; `first_period` is the first probe
     /// period of a demoted unit (see [`budgeted_probe_period`]), `max_period` the longest, and
     /// `hold_off` how long a unit that failed a job waits before its next one.
-    pub fn new(
+    pub(crate) fn new(
         units: Vec<Vec<ScanClass>>,
         first_period: Duration,
         max_period: Duration,
@@ -150,7 +150,7 @@ impl Schedule {
     }
 
     /// When the next job is due, if the line has any.
-    pub fn next_due(&self) -> Option<Instant> {
+    pub(crate) fn next_due(&self) -> Option<Instant> {
         self.units
             .iter()
             .filter_map(|u| u.due())
@@ -159,7 +159,7 @@ impl Schedule {
     }
 
     /// The job to run now: the one due earliest, ties served round-robin across units.
-    pub fn pick(&mut self, now: Instant) -> Option<Job> {
+    pub(crate) fn pick(&mut self, now: Instant) -> Option<Job> {
         let n = self.units.len();
         let mut best: Option<(Instant, usize, usize)> = None;
         for k in 0..n {
@@ -184,13 +184,13 @@ impl Schedule {
     }
 
     /// The scan class of a job, to read its blocks (and keep the splits learned on the way).
-    pub fn class_mut(&mut self, job: Job) -> Option<&mut ScanClass> {
+    pub(crate) fn class_mut(&mut self, job: Job) -> Option<&mut ScanClass> {
         self.units.get_mut(job.unit)?.classes.get_mut(job.class)
     }
 
     /// Records the outcome of a job: `answered` when the unit answered at all (data or an
     /// exception), false when it stayed silent or its answer was garbled.
-    pub fn finish(&mut self, job: Job, answered: bool, now: Instant) -> Option<Transition> {
+    pub(crate) fn finish(&mut self, job: Job, answered: bool, now: Instant) -> Option<Transition> {
         let (first_period, max_period) = (self.first_period, self.max_period);
         let hold_off = self.hold_off;
         let unit = self.units.get_mut(job.unit)?;
@@ -236,13 +236,13 @@ impl Schedule {
     }
 
     /// Whether a unit is demoted.
-    pub fn is_demoted(&self, unit: usize) -> bool {
+    pub(crate) fn is_demoted(&self, unit: usize) -> bool {
         self.units.get(unit).is_some_and(|u| u.demoted.is_some())
     }
 
     /// Makes every healthy unit's classes due at `now` (after the link came back); a unit in
     /// its hold-off still waits for it to end.
-    pub fn all_due(&mut self, now: Instant) {
+    pub(crate) fn all_due(&mut self, now: Instant) {
         for unit in self.units.iter_mut().filter(|u| u.demoted.is_none()) {
             unit.classes.iter_mut().for_each(|c| c.next_due = now);
         }

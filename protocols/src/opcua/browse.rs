@@ -18,7 +18,7 @@ use super::client::{self, OpcUaError};
 use super::OpcUaSettings;
 
 /// Deepest level browsed, whatever `--depth` asks for.
-pub const MAX_DEPTH: usize = 32;
+const MAX_DEPTH: usize = 32;
 
 /// One node found while browsing.
 #[derive(Debug, Clone, PartialEq)]

@@ -17,15 +17,38 @@ use opcua::types::{
 
 use super::{Identity, OpcUaSettings, SecurityMode, SecurityPolicy};
 
+/// Publishing cycles without a notification before the server sends a keep-alive.
+pub(crate) const KEEP_ALIVE_COUNT: u32 = 10;
+/// How long the server keeps a session without a connection (the session timeout requested).
+pub(crate) const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Why a session could not be opened or a service failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OpcUaError {
     /// The client could not be set up (PKI directory, own certificate).
     #[error("cannot set up the OPC UA client: {0}")]
     Setup(String),
+    /// A file of the client's PKI directory could not be written.
+    #[error("cannot set up the OPC UA client: {}: {source}", .path.display())]
+    PkiFile {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The user identity could not be loaded.
     #[error("cannot load the user identity: {0}")]
     Identity(String),
+    /// The user's password file could not be read.
+    #[error("cannot load the user identity: password_file {}: {source}", .path.display())]
+    PasswordFile {
+        /// The configured `password_file`.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The server could not be reached or did not answer (the link failed).
     #[error("cannot reach {endpoint}: {status}")]
     Unreachable {
@@ -56,10 +79,10 @@ pub enum OpcUaError {
 }
 
 /// The session type the adapter uses.
-pub type EventLoop = SessionEventLoop<TcpConnector>;
+pub(crate) type EventLoop = SessionEventLoop<TcpConnector>;
 
 /// The application URI the gateway presents (and writes into its own certificate).
-pub fn application_uri() -> String {
+pub(crate) fn application_uri() -> String {
     let host = gethostname();
     format!("urn:edge-gateway:{host}")
 }
@@ -75,14 +98,14 @@ fn gethostname() -> String {
 /// Builds a client: own certificate in `pki_dir` (created on first use), trust settings,
 /// timeouts, and reconnect backoff (the session retries for ever; the driver decides when to
 /// give up on a session).
-pub fn build_client(settings: &OpcUaSettings) -> Result<Client, OpcUaError> {
+pub(crate) fn build_client(settings: &OpcUaSettings) -> Result<Client, OpcUaError> {
     // Devices sharing a pki_dir would otherwise race to create the same key pair (the library
     // checks for the files, then writes them).
     static KEYPAIR: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = KEYPAIR.lock().unwrap_or_else(|e| e.into_inner());
     // A publish request waits up to a keep-alive period for its answer; the client must wait
     // longer than that, or a late keep-alive is discarded.
-    let publish_timeout = (settings.publishing_interval * (super::driver::KEEP_ALIVE_COUNT + 2)
+    let publish_timeout = (settings.publishing_interval * (KEEP_ALIVE_COUNT + 2)
         + settings.timeout)
         .max(Duration::from_secs(60));
     let builder = ClientBuilder::new()
@@ -99,7 +122,7 @@ pub fn build_client(settings: &OpcUaSettings) -> Result<Client, OpcUaError> {
         .request_timeout(settings.timeout)
         .keep_alive_interval(keep_alive_interval(settings))
         .max_failed_keep_alive_count(2)
-        .session_timeout(super::driver::SESSION_TIMEOUT.as_millis() as u32)
+        .session_timeout(SESSION_TIMEOUT.as_millis() as u32)
         .publish_timeout(publish_timeout)
         // 10k monitored items with queued values make big publish responses.
         .max_message_size(64 * 1024 * 1024)
@@ -143,15 +166,17 @@ fn keep_alive_interval(settings: &OpcUaSettings) -> Duration {
 }
 
 /// Reads a password file; a single trailing newline is not part of the password.
-pub fn read_password(path: &Path) -> Result<String, OpcUaError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| OpcUaError::Identity(format!("password_file {}: {e}", path.display())))?;
+pub(crate) fn read_password(path: &Path) -> Result<String, OpcUaError> {
+    let text = std::fs::read_to_string(path).map_err(|source| OpcUaError::PasswordFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let text = text.strip_suffix('\n').unwrap_or(&text);
     Ok(text.strip_suffix('\r').unwrap_or(text).to_owned())
 }
 
 /// The identity token for the configured identity.
-pub fn identity_token(identity: &Identity) -> Result<IdentityToken, OpcUaError> {
+pub(crate) fn identity_token(identity: &Identity) -> Result<IdentityToken, OpcUaError> {
     Ok(match identity {
         Identity::Anonymous => IdentityToken::new_anonymous(),
         Identity::UserName {
@@ -174,7 +199,7 @@ pub fn identity_token(identity: &Identity) -> Result<IdentityToken, OpcUaError> 
 /// Asks the server for its endpoints and picks the one with the configured security. The
 /// endpoint URL is replaced by the configured one: servers behind NAT or a proxy advertise
 /// addresses the gateway cannot reach.
-pub async fn discover_endpoint(
+pub(crate) async fn discover_endpoint(
     client: &Client,
     settings: &OpcUaSettings,
 ) -> Result<EndpointDescription, OpcUaError> {
@@ -232,7 +257,7 @@ pub async fn discover_endpoint(
 
 /// Discovers the endpoint and builds a session and its event loop. Nothing is connected until
 /// the event loop is polled.
-pub async fn open_session(
+pub(crate) async fn open_session(
     client: &mut Client,
     settings: &OpcUaSettings,
 ) -> Result<(Arc<Session>, EventLoop, EndpointDescription), OpcUaError> {
@@ -245,7 +270,7 @@ pub async fn open_session(
 }
 
 /// An operator-facing explanation of a rejected server certificate: which file to move where.
-pub fn untrusted_server_advice(pki_dir: &Path, server_certificate: &ByteString) -> String {
+pub(crate) fn untrusted_server_advice(pki_dir: &Path, server_certificate: &ByteString) -> String {
     let name = X509::from_byte_string(server_certificate)
         .map(|cert| CertificateStore::cert_file_name(&cert))
         .unwrap_or_else(|_| "<the server's certificate>.der".to_owned());
@@ -263,11 +288,15 @@ pub fn trust_server_certificate(pki_dir: &Path, cert_file: &Path) -> Result<Path
     let cert = CertificateStore::read_cert(cert_file)
         .map_err(|e| OpcUaError::Setup(format!("{}: {e}", cert_file.display())))?;
     let trusted = pki_dir.join("trusted");
-    std::fs::create_dir_all(&trusted)
-        .map_err(|e| OpcUaError::Setup(format!("{}: {e}", trusted.display())))?;
+    std::fs::create_dir_all(&trusted).map_err(|source| OpcUaError::PkiFile {
+        path: trusted.clone(),
+        source,
+    })?;
     let target = trusted.join(CertificateStore::cert_file_name(&cert));
-    std::fs::copy(cert_file, &target)
-        .map_err(|e| OpcUaError::Setup(format!("{}: {e}", target.display())))?;
+    std::fs::copy(cert_file, &target).map_err(|source| OpcUaError::PkiFile {
+        path: target.clone(),
+        source,
+    })?;
     Ok(target)
 }
 
@@ -296,7 +325,7 @@ pub fn is_certificate_problem(status: StatusCode) -> bool {
 /// Reads `reads` in calls of at most `per_call` nodes (the server's MaxNodesPerRead, or a
 /// safe size when it sets none), calling `on_call` before each; the first failed call fails
 /// the whole read with its status.
-pub async fn read_chunked(
+pub(crate) async fn read_chunked(
     session: &Session,
     reads: &[ReadValueId],
     per_call: usize,
@@ -319,7 +348,7 @@ pub async fn read_chunked(
 const MAX_BROWSE_PAGES: usize = 1000;
 
 /// The forward hierarchical children of a node (all pages, following continuation points).
-pub async fn children(
+pub(crate) async fn children(
     session: &Session,
     node: &NodeId,
 ) -> Result<Vec<ReferenceDescription>, OpcUaError> {
@@ -364,7 +393,7 @@ pub async fn children(
 /// Resolves a browse path (names below the Objects folder) by walking it one level at a time.
 /// A name matches a child's browse name; a `2:` prefix also requires that namespace index.
 /// Returns the server's status for a path that does not exist (`BadNoMatch`).
-pub async fn resolve_path(session: &Session, path: &[String]) -> Result<NodeId, OpcUaError> {
+pub(crate) async fn resolve_path(session: &Session, path: &[String]) -> Result<NodeId, OpcUaError> {
     let mut node: NodeId = ObjectId::ObjectsFolder.into();
     for segment in path {
         let (ns, name) = split_qualified(segment);

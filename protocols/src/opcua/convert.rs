@@ -15,7 +15,7 @@ use opcua::types::{DataValue, DateTime, StatusCode, Variant};
 use crate::model::{Quality, Reason, Sample, TagId, Timestamp, Value};
 
 /// Converts a variant to a tag value; `None` for empty values and types without a mapping.
-pub fn variant_to_value(variant: &Variant) -> Option<Value> {
+pub(crate) fn variant_to_value(variant: &Variant) -> Option<Value> {
     Some(match variant {
         Variant::Empty => return None,
         Variant::Boolean(b) => Value::Bool(*b),
@@ -59,7 +59,7 @@ pub fn variant_to_value(variant: &Variant) -> Option<Value> {
 }
 
 /// Maps a status code onto quality; the reason carries the full code (rendered by name).
-pub fn quality_of(status: StatusCode) -> Quality {
+pub(crate) fn quality_of(status: StatusCode) -> Quality {
     if status.is_good() {
         Quality::Good
     } else if status.is_uncertain() {
@@ -70,7 +70,7 @@ pub fn quality_of(status: StatusCode) -> Quality {
 }
 
 /// Milliseconds since the Unix epoch; `None` for OPC UA's null time.
-pub fn timestamp_of(time: &DateTime) -> Option<Timestamp> {
+pub(crate) fn timestamp_of(time: &DateTime) -> Option<Timestamp> {
     if time.is_null() {
         return None;
     }
@@ -81,7 +81,7 @@ pub fn timestamp_of(time: &DateTime) -> Option<Timestamp> {
 ///
 /// A good or uncertain status with a value the gateway cannot represent becomes bad `decode`;
 /// a bad status keeps no value (servers send stale or empty ones).
-pub fn sample_of(tag: TagId, dv: &DataValue, now: Timestamp) -> Sample {
+pub(crate) fn sample_of(tag: TagId, dv: &DataValue, now: Timestamp) -> Sample {
     let status = dv.status.unwrap_or(StatusCode::Good);
     let mut quality = quality_of(status);
     let value = match quality {

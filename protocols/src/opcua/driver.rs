@@ -35,7 +35,7 @@ use opcua::types::{
 use tokio::sync::Notify;
 use tracing::{debug, error, info, trace, warn};
 
-use super::client::{self, OpcUaError};
+use super::client::{self, OpcUaError, KEEP_ALIVE_COUNT, SESSION_TIMEOUT};
 use super::convert::sample_of;
 use super::{Mode, NodeRef, OpcUaSettings, SecurityPolicy};
 use crate::backoff::Backoff;
@@ -48,10 +48,6 @@ const CREATE_CHUNK: usize = 1000;
 const HEALTHY: Duration = Duration::from_secs(30);
 /// How long a closing session may take to say goodbye at shutdown.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// Publishing cycles without a notification before the server sends a keep-alive.
-pub const KEEP_ALIVE_COUNT: u32 = 10;
-/// How long the server keeps a session without a connection (the session timeout requested).
-pub const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a subscription survives without publish requests: long enough to outlast a
 /// stalled pipeline or a short outage, so the transfer after a reconnect finds it.
 const SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(300);

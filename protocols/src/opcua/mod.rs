@@ -6,9 +6,11 @@
 //! offline.
 
 pub mod browse;
-pub mod client;
-pub mod convert;
+mod client;
+mod convert;
 pub mod driver;
+
+pub use client::{is_certificate_problem, trust_server_certificate, OpcUaError};
 
 use std::fmt;
 use std::path::PathBuf;
@@ -51,7 +53,7 @@ impl SecurityPolicy {
     }
 
     /// The policy as async-opcua knows it.
-    pub fn to_opcua(self) -> opcua::crypto::SecurityPolicy {
+    pub(crate) fn to_opcua(self) -> opcua::crypto::SecurityPolicy {
         match self {
             SecurityPolicy::None => opcua::crypto::SecurityPolicy::None,
             SecurityPolicy::Basic256Sha256 => opcua::crypto::SecurityPolicy::Basic256Sha256,
@@ -114,7 +116,7 @@ impl SecurityMode {
     }
 
     /// The mode as async-opcua knows it.
-    pub fn to_opcua(self) -> opcua::types::MessageSecurityMode {
+    pub(crate) fn to_opcua(self) -> opcua::types::MessageSecurityMode {
         match self {
             SecurityMode::None => opcua::types::MessageSecurityMode::None,
             SecurityMode::Sign => opcua::types::MessageSecurityMode::Sign,

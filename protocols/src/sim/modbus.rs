@@ -79,15 +79,6 @@ impl Image {
         }
     }
 
-    /// Sets a coil or discrete input.
-    pub fn set_bit(&mut self, area: Area, offset: u16, value: bool) {
-        let table = match area {
-            Area::DiscreteInput => &mut self.di,
-            _ => &mut self.co,
-        };
-        table[usize::from(offset)] = value;
-    }
-
     fn check(&self, area: Area, start: u16, count: u16) -> Result<Range<usize>, ExceptionCode> {
         let range = usize::from(start)..usize::from(start) + usize::from(count);
         if count == 0 || range.end > SPACE {

@@ -11,19 +11,19 @@
 
 use std::time::Duration;
 
-use super::Area;
+use crate::modbus::Area;
 
 /// Largest RTU frame: unit, function, 252 data bytes, CRC.
-pub const MAX_FRAME: usize = 256;
+pub(crate) const MAX_FRAME: usize = 256;
 
 /// Length of a read request frame.
-pub const REQUEST_LEN: usize = 8;
+pub(crate) const REQUEST_LEN: usize = 8;
 
 /// Length of an exception response frame.
-pub const EXCEPTION_LEN: usize = 5;
+pub(crate) const EXCEPTION_LEN: usize = 5;
 
 /// CRC-16/MODBUS (reflected polynomial 0xA001, initial value 0xFFFF); sent low byte first.
-pub fn crc16(data: &[u8]) -> u16 {
+pub(crate) fn crc16(data: &[u8]) -> u16 {
     let mut crc: u16 = 0xFFFF;
     for &byte in data {
         crc ^= u16::from(byte);
@@ -51,13 +51,13 @@ pub fn crc_ok(frame: &[u8]) -> bool {
 }
 
 /// Appends the CRC of everything in `frame` to it.
-pub fn push_crc(frame: &mut Vec<u8>) {
+pub(crate) fn push_crc(frame: &mut Vec<u8>) {
     let crc = crc16(frame);
     frame.extend_from_slice(&crc.to_le_bytes());
 }
 
 /// The read function code of an area.
-pub fn function_code(area: Area) -> u8 {
+pub(crate) fn function_code(area: Area) -> u8 {
     match area {
         Area::Coil => 0x01,
         Area::DiscreteInput => 0x02,
@@ -67,7 +67,8 @@ pub fn function_code(area: Area) -> u8 {
 }
 
 /// The area a read function code reads, if it is one of the four read functions.
-pub fn area_of(function: u8) -> Option<Area> {
+#[cfg(feature = "sim")]
+pub(crate) fn area_of(function: u8) -> Option<Area> {
     match function {
         0x01 => Some(Area::Coil),
         0x02 => Some(Area::DiscreteInput),
@@ -87,12 +88,12 @@ pub fn data_len(area: Area, count: u16) -> usize {
 }
 
 /// Length of the normal answer to a read of `count` items of `area`.
-pub fn response_len(area: Area, count: u16) -> usize {
+pub(crate) fn response_len(area: Area, count: u16) -> usize {
     3 + data_len(area, count) + 2
 }
 
 /// Writes the read request frame for `count` items of `area` from `start` into `out`.
-pub fn encode_read(unit: u8, area: Area, start: u16, count: u16, out: &mut Vec<u8>) {
+pub(crate) fn encode_read(unit: u8, area: Area, start: u16, count: u16, out: &mut Vec<u8>) {
     out.clear();
     out.push(unit);
     out.push(function_code(area));
@@ -248,7 +249,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, ()> {
 }
 
 /// Writes a normal register answer frame, for simulators.
-pub fn encode_registers(unit: u8, function: u8, regs: &[u16], out: &mut Vec<u8>) {
+#[cfg(any(test, feature = "sim"))]
+pub(crate) fn encode_registers(unit: u8, function: u8, regs: &[u16], out: &mut Vec<u8>) {
     out.clear();
     out.push(unit);
     out.push(function);
@@ -260,7 +262,8 @@ pub fn encode_registers(unit: u8, function: u8, regs: &[u16], out: &mut Vec<u8>)
 }
 
 /// Writes a normal bit answer frame, for simulators.
-pub fn encode_bits(unit: u8, function: u8, bits: &[bool], out: &mut Vec<u8>) {
+#[cfg(any(test, feature = "sim"))]
+pub(crate) fn encode_bits(unit: u8, function: u8, bits: &[bool], out: &mut Vec<u8>) {
     out.clear();
     out.push(unit);
     out.push(function);
@@ -277,7 +280,8 @@ pub fn encode_bits(unit: u8, function: u8, bits: &[bool], out: &mut Vec<u8>) {
 }
 
 /// Writes an exception answer frame, for simulators.
-pub fn encode_exception(unit: u8, function: u8, code: u8, out: &mut Vec<u8>) {
+#[cfg(any(test, feature = "sim"))]
+pub(crate) fn encode_exception(unit: u8, function: u8, code: u8, out: &mut Vec<u8>) {
     out.clear();
     out.push(unit);
     out.push(function | 0x80);

@@ -2,7 +2,7 @@
 //!
 //! A connection that saw a timeout or a transport error is dropped by the line driver, never
 //! reused: a late reply on a reused connection would be taken as the answer to the next
-//! request (see [`super::link::Conn::drop_after_failed_read`]).
+//! request (see [`super::Conn::drop_after_failed_read`]).
 //!
 //! An answer that is no valid answer to the request (wrong header, function code, byte count or
 //! number of values, undecodable PDU) is garbled, never a link failure and never passed on.
@@ -16,27 +16,35 @@ use tokio_modbus::client::{tcp, Client, Context};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 
-use super::link::{BlockData, ReadError};
-use super::Area;
+use super::{BlockData, LinkError, ReadError};
+use crate::modbus::Area;
 
 /// Connects a TCP stream to `address` (`host:port`, every resolved address in turn).
-pub async fn connect_stream(address: &str, timeout: Duration) -> Result<TcpStream, ReadError> {
+pub(crate) async fn connect_stream(
+    address: &str,
+    timeout: Duration,
+) -> Result<TcpStream, ReadError> {
     let attempt = async {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(address)
             .await
-            .map_err(|e| ReadError::Link(format!("cannot resolve {address}: {e}")))?
+            .map_err(|source| LinkError::Resolve {
+                address: address.to_owned(),
+                source,
+            })?
             .collect();
-        let mut last = ReadError::Link(format!("{address} resolves to nothing"));
+        let mut last = LinkError::NoAddress {
+            address: address.to_owned(),
+        };
         for addr in addrs {
             match TcpStream::connect(addr).await {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
                     return Ok(stream);
                 }
-                Err(e) => last = ReadError::Link(format!("cannot connect to {addr}: {e}")),
+                Err(source) => last = LinkError::Connect { addr, source },
             }
         }
-        Err(last)
+        Err(ReadError::Link(last))
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
@@ -45,13 +53,13 @@ pub async fn connect_stream(address: &str, timeout: Duration) -> Result<TcpStrea
 }
 
 /// Connects a Modbus TCP client to `address`.
-pub async fn connect(address: &str, timeout: Duration) -> Result<Context, ReadError> {
+pub(crate) async fn connect(address: &str, timeout: Duration) -> Result<Context, ReadError> {
     let stream = connect_stream(address, timeout).await?;
     Ok(tcp::attach_slave(stream, Slave(1)))
 }
 
 /// Reads `count` items of `area` from `start` on unit `unit` under `timeout`.
-pub async fn read(
+pub(crate) async fn read(
     client: &mut Context,
     unit: u8,
     area: Area,
@@ -73,9 +81,9 @@ pub async fn read(
         Err(_) => Err(ReadError::NoAnswer(timeout)),
         Ok(Err(tokio_modbus::Error::Protocol(e))) => Err(ReadError::Garbled(e.to_string())),
         Ok(Err(tokio_modbus::Error::Transport(e))) if undecodable(&e) => {
-            Err(ReadError::Garbled(e.to_string()))
+            Err(ReadError::Undecodable(e))
         }
-        Ok(Err(e)) => Err(ReadError::Link(e.to_string())),
+        Ok(Err(tokio_modbus::Error::Transport(e))) => Err(LinkError::Transport(e).into()),
         Ok(Ok(Err(code))) => Ok(Err(code)),
         Ok(Ok(Ok(response))) => answer_data(response, count).map(Ok),
     }
@@ -136,8 +144,8 @@ mod tests {
     fn an_answer_must_hold_exactly_the_values_asked_for() {
         let regs = |n| Response::ReadHoldingRegisters(vec![7; n]);
         assert_eq!(
-            answer_data(regs(3), 3),
-            Ok(BlockData::Registers(vec![7; 3]))
+            answer_data(regs(3), 3).expect("a complete answer"),
+            BlockData::Registers(vec![7; 3])
         );
         assert!(matches!(
             answer_data(regs(2), 3),
@@ -149,7 +157,10 @@ mod tests {
         ));
         // Bits come unpacked from whole bytes: 3 coils are one byte, 8 bits.
         let bits = |n| Response::ReadCoils(vec![true; n]);
-        assert_eq!(answer_data(bits(8), 3), Ok(BlockData::Bits(vec![true; 3])));
+        assert_eq!(
+            answer_data(bits(8), 3).expect("a complete answer"),
+            BlockData::Bits(vec![true; 3])
+        );
         assert!(matches!(
             answer_data(bits(0), 3),
             Err(ReadError::Garbled(_))

@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::modbus::{SimDevice, SimServer};
+use protocols::sim::modbus::{SimDevice, SimServer};
 
 /// Bytes of an MBAP header: transaction id, protocol id, length, unit id.
 pub const MBAP_LEN: usize = 7;

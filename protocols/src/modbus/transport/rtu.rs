@@ -10,7 +10,7 @@
 //! - After a transaction that got no valid answer the line must be silent for a whole timeout
 //!   before the next request, so the answer of a unit that is merely late lands in the guard
 //!   and is thrown away instead of colliding with the next unit's answer. (The line driver
-//!   also holds the failed unit back for [`HOLD_OFF_TIMEOUTS`] timeouts; see `line.rs`.)
+//!   also holds the failed unit back for [`HOLD_OFF_TIMEOUTS`] timeouts; see `driver.rs`.)
 //! - An answer is accepted only from the addressed unit, with the requested function, the
 //!   exact byte count and a valid CRC ([`frame::find_response`]); bytes before it are counted
 //!   as discarded.
@@ -24,8 +24,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_modbus::ExceptionCode;
 
 use super::frame::{self, Answer, Expect, Found, LineTiming};
-use super::link::{BlockData, ReadError};
-use super::{Area, Parity, SerialSettings};
+use super::{BlockData, LinkError, ReadError};
+use crate::modbus::{Area, Parity, SerialSettings};
 
 /// Received bytes kept while looking for an answer; the longest frame is 256 bytes.
 const MAX_BUFFERED: usize = 4 * frame::MAX_FRAME;
@@ -34,14 +34,14 @@ const MAX_BUFFERED: usize = 4 * frame::MAX_FRAME;
 /// it sends meanwhile reaches another unit's transaction (and is skipped for its unit id) or a
 /// silence wait (and is discarded). Together with the guard, an answer up to
 /// `HOLD_OFF_TIMEOUTS + 1` timeouts late can never be taken for a later request's answer.
-pub const HOLD_OFF_TIMEOUTS: u32 = 4;
+pub(crate) const HOLD_OFF_TIMEOUTS: u32 = 4;
 
 /// Timer granularity: a sleep may end this much after its deadline.
 const TIMER_SLACK: Duration = Duration::from_millis(1);
 
 /// The master end of an RTU line over any byte stream.
 #[derive(Debug)]
-pub struct RtuLink<T> {
+pub(crate) struct RtuLink<T> {
     io: T,
     /// Time to send one character, zero when the stream is not a serial port.
     char_time: Duration,
@@ -62,7 +62,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
     /// A link over `io`. `timing` is the serial line's timing (`None` over TCP, where the
     /// converter does the serial timing); `inter_request_delay` and `timeout` come from the
     /// line's settings.
-    pub fn new(
+    pub(crate) fn new(
         io: T,
         timing: Option<LineTiming>,
         inter_request_delay: Duration,
@@ -84,12 +84,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
     }
 
     /// Bytes thrown away so far: strays between transactions and garbage before answers.
-    pub fn discarded(&self) -> u64 {
+    #[cfg(test)]
+    fn discarded(&self) -> u64 {
         self.discarded
     }
 
     /// Reads `count` items of `area` from `start` on unit `unit`.
-    pub async fn read(
+    pub(crate) async fn read(
         &mut self,
         unit: u8,
         area: Area,
@@ -108,11 +109,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
         self.io
             .write_all(&self.request)
             .await
-            .map_err(|e| ReadError::Link(format!("cannot send: {e}")))?;
-        self.io
-            .flush()
-            .await
-            .map_err(|e| ReadError::Link(format!("cannot send: {e}")))?;
+            .map_err(LinkError::Send)?;
+        self.io.flush().await.map_err(LinkError::Send)?;
         // On a real UART the request is still on the wire when write returns.
         let sent = Instant::now() + self.char_time * frame::REQUEST_LEN as u32;
         self.last_activity = sent;
@@ -138,9 +136,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
                         self.buf.len()
                     )))
                 }
-                Some(Ok(0)) => return Err(ReadError::Link("the line was closed".into())),
+                Some(Ok(0)) => return Err(LinkError::Closed.into()),
                 Some(Ok(n)) => n,
-                Some(Err(e)) => return Err(ReadError::Link(format!("cannot receive: {e}"))),
+                Some(Err(e)) => return Err(LinkError::Receive(e).into()),
             };
             self.last_activity = Instant::now();
             if self.buf.len() + n > MAX_BUFFERED {
@@ -220,12 +218,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
         // Whatever is already waiting arrived after the last transaction ended: a stray.
         while let Some(r) = self.io.read(&mut chunk).now_or_never() {
             match r {
-                Ok(0) => return Err(ReadError::Link("the line was closed".into())),
+                Ok(0) => return Err(LinkError::Closed.into()),
                 Ok(n) => {
                     strays += n;
                     self.last_activity = Instant::now();
                 }
-                Err(e) => return Err(ReadError::Link(format!("cannot receive: {e}"))),
+                Err(e) => return Err(LinkError::Receive(e).into()),
             }
         }
         loop {
@@ -236,32 +234,27 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
                 return Ok(());
             }
             if now >= give_up {
-                return Err(ReadError::Link(format!(
-                    "the line did not go quiet: {strays} stray bytes in {limit:?}"
-                )));
+                return Err(LinkError::NotQuiet { strays, limit }.into());
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(until.min(give_up).into()) => {}
                 r = self.io.read(&mut chunk) => match r {
-                    Ok(0) => return Err(ReadError::Link("the line was closed".into())),
+                    Ok(0) => return Err(LinkError::Closed.into()),
                     Ok(n) => {
                         strays += n;
                         self.last_activity = Instant::now();
                     }
-                    Err(e) => return Err(ReadError::Link(format!("cannot receive: {e}"))),
+                    Err(e) => return Err(LinkError::Receive(e).into()),
                 },
             }
         }
     }
-
-    /// The stream, to close it.
-    pub fn into_inner(self) -> T {
-        self.io
-    }
 }
 
 /// Opens a serial port for RTU: raw, no flow control, the configured framing, input flushed.
-pub fn open_serial(settings: &SerialSettings) -> Result<tokio_serial::SerialStream, ReadError> {
+pub(crate) fn open_serial(
+    settings: &SerialSettings,
+) -> Result<tokio_serial::SerialStream, ReadError> {
     use tokio_serial::SerialPort;
     let builder = tokio_serial::new(settings.port.as_str(), settings.baud_rate)
         .data_bits(match settings.data_bits {
@@ -281,12 +274,10 @@ pub fn open_serial(settings: &SerialSettings) -> Result<tokio_serial::SerialStre
             tokio_serial::StopBits::One
         })
         .flow_control(tokio_serial::FlowControl::None);
-    let port = tokio_serial::SerialStream::open(&builder).map_err(|e| {
-        ReadError::Link(format!(
-            "cannot open {}: {e}{}",
-            settings.port,
-            open_hint(&e)
-        ))
+    let port = tokio_serial::SerialStream::open(&builder).map_err(|source| LinkError::Open {
+        port: settings.port.clone(),
+        hint: open_hint(&source),
+        source,
     })?;
     // Whatever a device sent before we opened the port belongs to no request of ours.
     let _ = port.clear(tokio_serial::ClearBuffer::All);
@@ -314,7 +305,7 @@ fn open_hint(e: &tokio_serial::Error) -> &'static str {
 }
 
 /// The timing of a serial line's settings.
-pub fn timing(settings: &SerialSettings) -> LineTiming {
+pub(crate) fn timing(settings: &SerialSettings) -> LineTiming {
     LineTiming::new(settings.baud_rate, settings.bits_per_char())
 }
 

@@ -1,12 +1,18 @@
 //! One open Modbus line, whatever carries it: Modbus TCP, RTU over TCP or a serial port.
 
+pub mod frame;
+pub(crate) mod rtu;
+mod tcp;
+
+use std::io;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tokio_modbus::client::Context;
 use tokio_modbus::ExceptionCode;
 
-use super::rtu::{self, RtuLink};
-use super::{tcp, Area, Link, ModbusSettings};
+use self::rtu::RtuLink;
+use super::{Area, Link, ModbusSettings};
 
 /// The data of one block read.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +40,7 @@ impl BlockData {
 
 /// Why a read got no usable answer. "The device said no" is not here: an exception is an
 /// answer (`Ok(Err(code))`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     /// The unit did not answer in time.
     #[error("no answer within {0:?}")]
@@ -42,14 +48,78 @@ pub enum ReadError {
     /// Something arrived but it was no valid answer to the request.
     #[error("garbled answer: {0}")]
     Garbled(String),
+    /// tokio-modbus's decoder refused what arrived (a byte count that disagrees with the data,
+    /// a PDU too short or too long): garbled too, with the decoder's error as the source.
+    #[error("garbled answer: {0}")]
+    Undecodable(#[source] io::Error),
     /// The port or connection failed; it has to be opened again.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// How a line failed: the port or connection is unusable and has to be opened again.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The host name of a TCP address did not resolve.
+    #[error("cannot resolve {address}: {source}")]
+    Resolve {
+        /// The configured `host:port`.
+        address: String,
+        /// What the resolver said.
+        #[source]
+        source: io::Error,
+    },
+    /// The host name resolved to no address at all.
+    #[error("{address} resolves to nothing")]
+    NoAddress {
+        /// The configured `host:port`.
+        address: String,
+    },
+    /// No TCP connection to any resolved address (the last attempt's error).
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address tried last.
+        addr: SocketAddr,
+        /// Why the connection failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The serial port did not open; `hint` says what an operator can do about it.
+    #[error("cannot open {port}: {source}{hint}")]
+    Open {
+        /// The configured port path.
+        port: String,
+        /// What the serial port library said.
+        #[source]
+        source: tokio_serial::Error,
+        /// Advice for the operator, empty when there is none.
+        hint: &'static str,
+    },
+    /// A request could not be written.
+    #[error("cannot send: {0}")]
+    Send(#[source] io::Error),
+    /// Reading from the line failed.
+    #[error("cannot receive: {0}")]
+    Receive(#[source] io::Error),
+    /// The other end closed the line.
+    #[error("the line was closed")]
+    Closed,
+    /// Bytes kept arriving, so no request could be sent.
+    #[error("the line did not go quiet: {strays} stray bytes in {limit:?}")]
+    NotQuiet {
+        /// Bytes that arrived while waiting for silence.
+        strays: usize,
+        /// How long silence was waited for.
+        limit: Duration,
+    },
+    /// The Modbus TCP connection failed under tokio-modbus.
     #[error("{0}")]
-    Link(String),
+    Transport(#[source] io::Error),
 }
 
 /// An open line.
 #[derive(Debug)]
-pub enum Conn {
+pub(crate) enum Conn {
     /// Modbus TCP through tokio-modbus.
     Tcp(TcpConn),
     /// RTU frames over a TCP connection to a converter.
@@ -59,7 +129,7 @@ pub enum Conn {
 }
 
 /// A Modbus TCP connection and the pacing of its requests.
-pub struct TcpConn {
+pub(crate) struct TcpConn {
     context: Context,
     inter_request_delay: Duration,
     last_answer: Instant,
@@ -75,7 +145,7 @@ impl std::fmt::Debug for TcpConn {
 
 impl Conn {
     /// Opens the line described by `settings`.
-    pub async fn open(settings: &ModbusSettings) -> Result<Conn, ReadError> {
+    pub(crate) async fn open(settings: &ModbusSettings) -> Result<Conn, ReadError> {
         match &settings.link {
             Link::Tcp { address } => {
                 let context = tcp::connect(address, settings.timeout).await?;
@@ -108,7 +178,7 @@ impl Conn {
 
     /// Reads `count` items of `area` from `start` on unit `unit`. Answers shorter than asked
     /// for are garbled, never passed on.
-    pub async fn read(
+    pub(crate) async fn read(
         &mut self,
         unit: u8,
         area: Area,
@@ -142,12 +212,12 @@ impl Conn {
     /// Whether a read that got no answer leaves the line unusable. Modbus TCP connections are
     /// dropped after a timeout: tokio-modbus would take a late reply for the next request's.
     /// RTU lines resynchronise by silence instead.
-    pub fn drop_after_failed_read(&self) -> bool {
+    pub(crate) fn drop_after_failed_read(&self) -> bool {
         matches!(self, Conn::Tcp(_))
     }
 
     /// Closes the line, politely where the protocol has a way to.
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         if let Conn::Tcp(mut c) = self {
             use tokio_modbus::client::Client;
             let _ = tokio::time::timeout(Duration::from_millis(100), c.context.disconnect()).await;

@@ -2,7 +2,7 @@
 //! converter or a serial port), shared by the line's units.
 //!
 //! Invariants:
-//! - One transaction at a time on the line; the [`Schedule`] decides which unit goes next
+//! - One transaction at a time on the line; the `Schedule` decides which unit goes next
 //!   (earliest due first, round-robin on ties) and demotes units that stop answering, so a
 //!   dead unit costs the healthy ones a bounded share of the line (see `schedule.rs`).
 //! - "The device said no" (an exception) marks only the tags of that read bad and the scan goes
@@ -23,11 +23,11 @@ use tokio_modbus::ExceptionCode;
 use tracing::{debug, info, warn};
 
 use super::codec;
-use super::link::{BlockData, Conn, ReadError};
 use super::planner::{Block, Limits};
-use super::rtu::HOLD_OFF_TIMEOUTS;
 use super::scan::{self, ChangeFilter, ScanClass};
 use super::schedule::{budgeted_probe_period, Schedule, Transition};
+use super::transport::rtu::HOLD_OFF_TIMEOUTS;
+use super::transport::{BlockData, Conn, ReadError};
 use super::{ModbusSettings, TagSpec, UnitSettings};
 use crate::backoff::Backoff;
 use crate::driver::{DriverContext, DriverError};
@@ -41,7 +41,7 @@ const GATEWAY_PATH_UNAVAILABLE: u8 = 0x0A;
 const GATEWAY_TARGET_FAILED: u8 = 0x0B;
 
 /// The limits the planner works with for these settings.
-pub fn limits(settings: &ModbusSettings) -> Limits {
+pub(crate) fn limits(settings: &ModbusSettings) -> Limits {
     Limits {
         max_registers: settings.max_registers_per_read.clamp(1, 125),
         max_bits: MAX_BITS,
@@ -112,7 +112,7 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
         settings.backoff_min
     };
     // Modbus TCP drops the connection after a failed read, so no late answer can come back;
-    // an RTU line holds the unit back instead (see `rtu.rs`).
+    // an RTU line holds the unit back instead (see `transport/rtu.rs`).
     let hold_off = if settings.link.is_rtu() {
         settings.timeout * HOLD_OFF_TIMEOUTS
     } else {
@@ -352,7 +352,7 @@ fn report_transition(
 fn reason_of(e: &ReadError) -> Reason {
     match e {
         ReadError::NoAnswer(_) => Reason::Timeout,
-        ReadError::Garbled(_) => Reason::Protocol,
+        ReadError::Garbled(_) | ReadError::Undecodable(_) => Reason::Protocol,
         ReadError::Link(_) => Reason::Disconnected,
     }
 }
