@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+#[cfg(feature = "demo")]
 use std::time::Duration;
 
 use anyhow::Context;
