@@ -3,6 +3,7 @@
 //! answers ([`faulty`]), and an MQTT subscriber that records what arrives.
 
 pub mod faulty;
+pub mod fixtures;
 pub mod powercut;
 
 use std::net::SocketAddr;
@@ -732,7 +733,8 @@ impl GatewayRig {
         scan: Duration,
         upstream: Option<SocketAddr>,
     ) -> GatewayRig {
-        use edge_gateway::demo::{demo_devices, local_config, start_demo_devices};
+        use crate::fixtures::{demo_devices, local_config};
+        use edge_gateway::demo::start_demo_devices;
         init_tracing();
         let broker = edge_gateway::demo::broker::start(16 << 20).unwrap();
         let proxy = Proxy::start(upstream.unwrap_or(broker.addr()))

@@ -13,8 +13,8 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use edge_gateway::demo::tag;
 use gateway_tests::faulty::{ByteCount, Fault, FaultyProxy};
+use gateway_tests::fixtures::tag;
 use gateway_tests::{all_good, init_tracing, long_mode, ModbusDriverRun};
 use protocols::modbus::{Address, Area, DataType, ModbusSettings, TagSpec, WordOrder};
 use protocols::model::{Batch, Quality, Reason, Value};

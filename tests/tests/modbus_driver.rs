@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use edge_gateway::config::DeviceKind;
-use edge_gateway::demo::{modbus_device, tag};
+use gateway_tests::fixtures::{modbus_device, tag};
 use gateway_tests::{all_good, eventually, init_tracing, ModbusDriverRun};
 use protocols::modbus::{Address, Area, DataType, ModbusSettings, TagSpec, WordOrder};
 use protocols::model::{Batch, Quality, Reason, Value};

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edge_gateway::demo::tag;
+use gateway_tests::fixtures::tag;
 use gateway_tests::init_tracing;
 use protocols::driver::{DeviceStatus, DriverContext, Emitter};
 use protocols::modbus::{

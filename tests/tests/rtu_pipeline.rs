@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use edge_gateway::config::{self, DeviceKind, DeviceSettings};
 use edge_gateway::demo::broker;
-use edge_gateway::demo::{local_config, tag};
 use edge_gateway::pipeline;
+use gateway_tests::fixtures::{local_config, tag};
 use gateway_tests::{contiguous_seqs, eventually, init_tracing, Collector, Received};
 use protocols::modbus::{
     Address, Area, DataType, Link, ModbusSettings, TagSpec, UnitSettings, WordOrder,

@@ -59,12 +59,15 @@ pub struct ReadArgs {
     pub count: u16,
 }
 
+/// A parity as the config file writes it, or the one letter of `8N1`, `8E1`, `8O1`.
 fn parse_parity(s: &str) -> Result<Parity, String> {
     match s.to_ascii_lowercase().as_str() {
-        "none" | "n" => Ok(Parity::None),
-        "even" | "e" => Ok(Parity::Even),
-        "odd" | "o" => Ok(Parity::Odd),
-        _ => Err(format!("`{s}` is not a parity: use none, even or odd")),
+        "n" => Ok(Parity::None),
+        "e" => Ok(Parity::Even),
+        "o" => Ok(Parity::Odd),
+        _ => s
+            .parse()
+            .map_err(|e: protocols::modbus::UnknownWord| e.to_string()),
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod broker;
+pub mod config;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -17,12 +18,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocols::modbus::{
-    Address, Area, DataType, Link, ModbusSettings, Parity, SerialSettings, TagSpec, UnitSettings,
-    WordOrder,
-};
+use protocols::modbus::{Address, Area, DataType, WordOrder};
 use protocols::model::Value;
-use protocols::opcua::{NodeId, NodeRef, OpcUaSettings, OpcUaTag, SecurityMode, SecurityPolicy};
 use protocols::sim::modbus::{SimDevice, SimServer};
 use protocols::sim::opcua::{SimOpcUa, SimOptions};
 use protocols::sim::rtu::{PtyLine, RtuSim};
@@ -30,10 +27,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::config::{
-    BufferSettings, Config, DeviceKind, DeviceSettings, Format, GatewaySettings, MqttSettings,
-    WhenFull,
-};
 use crate::metrics::Metrics;
 use crate::pipeline::Running;
 
@@ -50,81 +43,6 @@ pub const DEMO_TAGS: [(&str, &str, DataType, WordOrder, u16); 9] = [
     ("pump", "co:3", DataType::Bool, WordOrder::ABCD, 0),
 ];
 
-/// A tag spec with the usual defaults.
-pub fn tag(
-    name: &str,
-    address: Address,
-    data_type: DataType,
-    order: WordOrder,
-    length: u16,
-    scan: Duration,
-) -> TagSpec {
-    TagSpec {
-        name: name.into(),
-        address,
-        data_type,
-        order,
-        length,
-        scale: 1.0,
-        offset: 0.0,
-        deadband: 0.0,
-        scan_interval: scan,
-    }
-}
-
-/// Modbus TCP settings with the usual defaults for a device at `addr`.
-pub fn modbus_device(
-    name: &str,
-    addr: SocketAddr,
-    scan: Duration,
-    tags: Vec<TagSpec>,
-) -> DeviceSettings {
-    DeviceSettings {
-        name: name.into(),
-        scan_interval: scan,
-        kind: DeviceKind::Modbus(ModbusSettings {
-            backoff_max: Duration::from_secs(5),
-            ..ModbusSettings::tcp(addr.to_string(), 1, tags)
-        }),
-    }
-}
-
-/// A complete config for a gateway publishing to a broker on 127.0.0.1:`mqtt_port`.
-pub fn local_config(
-    id: &str,
-    data_dir: PathBuf,
-    mqtt_port: u16,
-    devices: Vec<DeviceSettings>,
-) -> Config {
-    Config {
-        gateway: GatewaySettings {
-            id: id.into(),
-            data_dir,
-        },
-        buffer: BufferSettings {
-            max_size: 1 << 30,
-            when_full: WhenFull::DropOldest,
-            commit_interval: Duration::from_millis(100),
-            replay_rate: None,
-        },
-        mqtt: MqttSettings {
-            host: "127.0.0.1".into(),
-            port: mqtt_port,
-            client_id: id.into(),
-            topic_prefix: format!("edge/{id}"),
-            format: Format::Json,
-            username: None,
-            password_file: None,
-            keep_alive: Duration::from_secs(30),
-            max_inflight: 256,
-            max_packet_size: 1 << 20,
-            shutdown_grace: Duration::from_secs(2),
-            ack_timeout: Duration::from_secs(30),
-        },
-        devices,
-    }
-}
-
 /// Starts `n` animated demo devices; returns their servers (dropping one stops it).
 pub async fn start_demo_devices(
     n: usize,
@@ -139,27 +57,6 @@ pub async fn start_demo_devices(
     Ok(servers)
 }
 
-/// The demo devices' settings for servers at `addrs`.
-pub fn demo_devices(addrs: &[SocketAddr], scan: Duration) -> Vec<DeviceSettings> {
-    addrs
-        .iter()
-        .enumerate()
-        .map(|(i, addr)| {
-            let tags = DEMO_TAGS
-                .iter()
-                .map(|(name, a, t, o, len)| {
-                    let address = a.parse().unwrap_or(Address {
-                        area: Area::HoldingRegister,
-                        offset: 0,
-                    });
-                    tag(name, address, *t, *o, *len, scan)
-                })
-                .collect();
-            modbus_device(&format!("press{}", i + 1), *addr, scan, tags)
-        })
-        .collect()
-}
-
 /// The demo's OPC UA tags: (tag name, simulator variable).
 pub const DEMO_OPCUA_TAGS: [(&str, &str); 6] = [
     ("temperature", "Sim.Double"),
@@ -170,37 +67,6 @@ pub const DEMO_OPCUA_TAGS: [(&str, &str); 6] = [
     ("setpoint", "Sim.Setpoint"),
 ];
 
-/// The demo's OPC UA device: subscribe mode with signed and encrypted messages; `tags` are
-/// (tag name, string id in namespace `ns`).
-pub fn opcua_device(
-    name: &str,
-    endpoint: &str,
-    pki_dir: PathBuf,
-    ns: u16,
-    tags: &[(&str, &str)],
-) -> DeviceSettings {
-    let tags = tags
-        .iter()
-        .map(|(tag, id)| OpcUaTag {
-            name: (*tag).into(),
-            node: NodeRef::Id(NodeId::new(ns, *id)),
-            sampling_interval: Duration::from_millis(100),
-            deadband: None,
-            queue_size: 10,
-        })
-        .collect();
-    let mut settings = OpcUaSettings::new(endpoint, tags);
-    settings.security_policy = SecurityPolicy::Aes256Sha256RsaPss;
-    settings.security_mode = SecurityMode::SignAndEncrypt;
-    settings.pki_dir = pki_dir;
-    settings.publishing_interval = Duration::from_millis(250);
-    DeviceSettings {
-        name: name.into(),
-        scan_interval: Duration::from_secs(1),
-        kind: DeviceKind::OpcUa(settings),
-    }
-}
-
 /// Starts the demo's OPC UA server and trusts its certificate in the gateway's PKI (what an
 /// operator does by moving the file from `rejected/` into `trusted/`).
 pub async fn start_demo_opcua(data_dir: &std::path::Path) -> Result<SimOpcUa, DemoError> {
@@ -209,10 +75,8 @@ pub async fn start_demo_opcua(data_dir: &std::path::Path) -> Result<SimOpcUa, De
         tick: Duration::from_millis(250),
         ..SimOptions::default()
     })
-    .await
-    .map_err(|e| DemoError::OpcUa(e.to_string()))?;
-    protocols::opcua::trust_server_certificate(&data_dir.join("pki"), &sim.server_cert_path())
-        .map_err(|e| DemoError::OpcUa(e.to_string()))?;
+    .await?;
+    protocols::opcua::trust_server_certificate(&data_dir.join("pki"), &sim.server_cert_path())?;
     Ok(sim)
 }
 
@@ -347,42 +211,6 @@ pub fn start_demo_meters(
     Ok((sim, pty))
 }
 
-/// The settings of the demo's meter line on the serial port `port`: a `modbus_rtu` device named
-/// [`DEMO_METER_LINE`] with one unit per meter, as `[[devices.units]]` entries in a config file.
-pub fn demo_meter_line(port: &Path, scan: Duration) -> DeviceSettings {
-    let units = DEMO_METERS
-        .iter()
-        .map(|(name, unit_id, ..)| UnitSettings {
-            name: Some((*name).into()),
-            unit_id: *unit_id,
-            tags: DEMO_METER_TAGS
-                .iter()
-                .map(|(tag_name, address, data_type, order, scale)| TagSpec {
-                    scale: *scale,
-                    ..tag(tag_name, *address, *data_type, *order, 0, scan)
-                })
-                .collect(),
-        })
-        .collect();
-    DeviceSettings {
-        name: DEMO_METER_LINE.into(),
-        scan_interval: scan,
-        kind: DeviceKind::Modbus(ModbusSettings {
-            link: Link::Rtu(SerialSettings {
-                port: port.display().to_string(),
-                baud_rate: METER_BAUD,
-                parity: Parity::Even,
-                data_bits: 8,
-                stop_bits: 1,
-            }),
-            timeout: Duration::from_millis(300),
-            backoff_max: Duration::from_secs(5),
-            units,
-            ..ModbusSettings::tcp(String::new(), 1, Vec::new())
-        }),
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Seen {
     value: String,
@@ -447,7 +275,13 @@ pub enum DemoError {
     Simulator(#[from] std::io::Error),
     /// The OPC UA simulator did not start.
     #[error("OPC UA simulator: {0}")]
-    OpcUa(String),
+    OpcUaSim(#[from] protocols::sim::opcua::SimError),
+    /// The gateway's PKI could not be set up to trust the simulator.
+    #[error("OPC UA simulator: {0}")]
+    OpcUaTrust(#[from] protocols::opcua::OpcUaError),
+    /// The demo's own config file did not pass the checks (a flag out of range).
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigErrors),
     /// The gateway did not start.
     #[error(transparent)]
     Start(#[from] crate::pipeline::StartError),
@@ -475,12 +309,10 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoE
     let servers = start_demo_devices(opts.devices, &sims_cancel).await?;
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
     std::fs::create_dir_all(&opts.data_dir)?;
-    let mut devices = demo_devices(&addrs, opts.scan_interval);
     let mut notes = Vec::new();
     // The meter line needs a pseudo-terminal; without one the demo runs without the meters.
     let meters = match start_demo_meters(&opts.data_dir.join("ttyDEMO0"), &sims_cancel) {
         Ok((sim, pty)) => {
-            devices.push(demo_meter_line(pty.path(), opts.scan_interval));
             // The same line behind a simulated serial-to-Ethernet converter, so `read` can be
             // tried on the meters while the gateway polls them.
             let converter = match sim.serve_tcp(SocketAddr::from(([127, 0, 0, 1], 0))).await {
@@ -500,14 +332,22 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoE
         }
     };
     let opcua_sim = start_demo_opcua(&opts.data_dir).await?;
-    devices.push(opcua_device(
-        "oven1",
-        &opcua_sim.endpoint(),
-        opts.data_dir.join("pki"),
-        opcua_sim.namespace(),
-        &DEMO_OPCUA_TAGS,
+    let endpoint = opcua_sim.endpoint();
+    let text = config::text(&config::DemoSetup {
+        data_dir: &opts.data_dir,
+        mqtt_port: broker.port(),
+        scan: opts.scan_interval,
+        presses: &addrs,
+        meter_port: meters.as_ref().map(|(pty, _)| pty.path()),
+        oven: (&endpoint, opcua_sim.namespace()),
+    });
+    let config_path = opts.data_dir.join("demo.toml");
+    std::fs::write(&config_path, text)?;
+    let config = crate::config::load(&config_path)?;
+    notes.push(format!(
+        "config: {} (the demo's setup as a config file)",
+        config_path.display()
     ));
-    let config = local_config("demo-gw", opts.data_dir.clone(), broker.port(), devices);
     let prefix = config.mqtt.topic_prefix.clone();
     let view = Arc::new(Mutex::new(View::default()));
     let viewer_cancel = CancellationToken::new();
