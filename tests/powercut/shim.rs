@@ -3,8 +3,25 @@
 //!
 //! Model: a file's durable content and length are what they were at its last `fsync` or
 //! `fdatasync` (through any fd on the same file); a file never synced since its creation is
-//! durable as an empty file. Directory operations (create, rename, unlink, mkdir, rmdir) are
-//! durable at once. `sync_file_range` and everything else give no durability.
+//! durable as an empty file. `sync_file_range` and everything else give no durability, so a
+//! length a write grew and only `sync_file_range` "synced" goes back at the cut. Directory
+//! entries (create, rename, unlink, mkdir, rmdir), by default, are durable at once. In strict
+//! mode (`POWERCUT_STRICT_DIRS=1`, the model of ALICE and CrashMonkey) they are durable only once
+//! their directory is fsynced: a file created and never named by a directory fsync vanishes at
+//! the cut (its synced content with it), a rename or an unlink not followed by an fsync of the
+//! directory is undone. A directory fsync makes the directory's entries, as they are at that
+//! moment, its durable entries; an entry moved to another directory leaves this one's durable
+//! image and shows up in the other's when that one is synced (until then it is in neither,
+//! which a real file system may also show after a cut between the two syncs).
+//!
+//! Persistence points: every call that may change what a cut leaves is counted, by kind:
+//! `write` (write, pwrite, writev, pwritev and their variants, to a tracked file),
+//! `sync_file_range`, `fsync` (fsync/fdatasync of a file), `dirsync` (of a directory at or under
+//! the root), `rename`, `unlink` (unlink, rmdir), `create` (an open with `O_CREAT` that creates
+//! the file, mkdir) and `truncate` (ftruncate, truncate, fallocate). With
+//! `POWERCUT_CUT_AT=<kind>:<n>` the process kills itself with SIGKILL at the n-th call of that
+//! kind (from 1), before the call is made: the call never happened, and everything before it is
+//! as durable as the model says. Calls the shim makes for itself are not counted.
 //!
 //! Configuration (environment):
 //! - `POWERCUT_ROOT`: absolute directory whose regular files are tracked.
@@ -12,6 +29,12 @@
 //!   It must start as an exact copy of the root (everything on disk is durable before a start).
 //! - `POWERCUT_STATS` (optional): a file rewritten after every tracked sync with counters.
 //! - `POWERCUT_DEBUG=1` (optional): one stderr line per tracked open, sync and directory change.
+//! - `POWERCUT_CUT_AT=<kind>:<n>` (optional): the cut, above. The stats file (if any) is
+//!   written just before it.
+//! - `POWERCUT_POINTS` (optional): a file rewritten at every persistence point with the counts
+//!   per kind (`point.<kind>=<n>` lines; the stats file carries them too).
+//! - `POWERCUT_STRICT_DIRS=1` (optional): the strict directory model above. Images of files and
+//!   directories that no durable entry names yet are kept in `<POWERCUT_SHADOW>.pending/`.
 //! - `POWERCUT_SPACE_FILE` (optional, absolute): the disk-full mode, below.
 //!
 //! Disk-full mode: the file named by `POWERCUT_SPACE_FILE` (the control file; keep it outside
@@ -43,8 +66,10 @@
 //!
 //! How: writes to tracked files record dirty byte ranges per file (device + inode), whichever fd
 //! they go through; a sync copies the file's dirty ranges from the real file into the shadow file
-//! and gives the shadow the real file's length. Directory operations are mirrored in the shadow.
-//! After the process is killed, copying the shadow over the root is the power cut.
+//! and gives the shadow the real file's length. Directory operations are mirrored in the shadow
+//! (strict mode: a directory fsync makes the shadow directory's entries match the real one's,
+//! taking each entry's image from where it is, by inode). After the process is killed, copying
+//! the shadow over the root is the power cut.
 //!
 //! Rules kept here: the shim's own I/O goes through std, which calls back into these functions;
 //! a thread-local flag sends such nested calls straight to the real functions. Nothing panics
@@ -219,6 +244,15 @@ struct Config {
     debug: bool,
     /// The disk-full mode's control file.
     space: Option<PathBuf>,
+    /// `POWERCUT_CUT_AT`: the persistence point before which the process is killed.
+    cut: Option<(Kind, u64)>,
+    /// `POWERCUT_POINTS`: the file rewritten at every persistence point with the counts.
+    points: Option<PathBuf>,
+    /// `POWERCUT_STRICT_DIRS=1`: directory entries are durable only once their directory is
+    /// fsynced.
+    strict: bool,
+    /// Strict mode: where images of files and directories with no durable entry are kept.
+    pending: PathBuf,
 }
 
 static CONFIG: OnceLock<Option<Config>> = OnceLock::new();
@@ -239,14 +273,37 @@ fn config() -> Option<&'static Config> {
             if space.as_ref().is_some_and(|p| !p.is_absolute()) {
                 log("POWERCUT_SPACE_FILE must be absolute; no disk-full mode");
             }
-            Some(Config {
+            let cut = std::env::var("POWERCUT_CUT_AT").ok().and_then(|v| {
+                let parsed = v.split_once(':').and_then(|(k, n)| {
+                    Some((Kind::parse(k)?, n.trim().parse::<u64>().ok().filter(|&n| n > 0)?))
+                });
+                if parsed.is_none() {
+                    log(&format!("POWERCUT_CUT_AT={v}: not <kind>:<n> (n from 1); no cut"));
+                }
+                parsed
+            });
+            let shadow = normalize(&shadow);
+            let mut pending = shadow.clone().into_os_string();
+            pending.push(".pending");
+            let strict = std::env::var_os("POWERCUT_STRICT_DIRS").is_some_and(|v| v == "1");
+            let cfg = Config {
                 root,
                 real_root,
-                shadow: normalize(&shadow),
+                shadow,
                 stats: std::env::var_os("POWERCUT_STATS").map(PathBuf::from),
                 debug: std::env::var_os("POWERCUT_DEBUG").is_some_and(|v| v == "1"),
                 space: space.filter(|p| p.is_absolute()),
-            })
+                cut,
+                points: std::env::var_os("POWERCUT_POINTS").map(PathBuf::from),
+                strict,
+                pending: PathBuf::from(pending),
+            };
+            if strict {
+                // Everything on disk at the start is durable: the shadow is a copy of the root.
+                let mut d = durable();
+                walk_images(&cfg.root, &cfg.shadow, &mut d.by_key);
+            }
+            Some(cfg)
         })
         .as_ref()
 }
@@ -487,6 +544,7 @@ impl State {
             "opens={}\nwrites={}\nwrite_bytes={}\nsyncs={}\nsynced_bytes={}\nsync_file_ranges={}\ndir_ops={}\nerrors={}\n",
             s.opens, s.writes, s.write_bytes, s.syncs, s.synced_bytes, s.sync_file_ranges, s.dir_ops, s.errors
         );
+        text.push_str(&points_text());
         if cfg.space.is_some() {
             let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
             text.push_str(&format!(
@@ -502,6 +560,252 @@ impl State {
             log(&format!("cannot write stats to {}: {e}", path.display()));
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Persistence points and the cut
+
+/// The kinds of persistence calls under the root, each counted on its own.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// `write`, `pwrite`, `writev`, `pwritev` and their variants, to a tracked file.
+    Write,
+    /// `sync_file_range` of a tracked file.
+    SyncFileRange,
+    /// `fsync`/`fdatasync` of a tracked file.
+    Fsync,
+    /// `fsync`/`fdatasync` of a directory at or under the root.
+    Dirsync,
+    /// A rename from or to a path under the root.
+    Rename,
+    /// `unlink`, `unlinkat`, `rmdir` of a path under the root.
+    Unlink,
+    /// A new directory entry: an open with `O_CREAT` that creates the file, `mkdir`.
+    Create,
+    /// `ftruncate`, `truncate`, `fallocate` of a tracked file.
+    Truncate,
+}
+
+const KINDS: [(Kind, &str); 8] = [
+    (Kind::Write, "write"),
+    (Kind::SyncFileRange, "sync_file_range"),
+    (Kind::Fsync, "fsync"),
+    (Kind::Dirsync, "dirsync"),
+    (Kind::Rename, "rename"),
+    (Kind::Unlink, "unlink"),
+    (Kind::Create, "create"),
+    (Kind::Truncate, "truncate"),
+];
+
+impl Kind {
+    fn parse(name: &str) -> Option<Kind> {
+        KINDS.iter().find(|(_, n)| *n == name.trim()).map(|(k, _)| *k)
+    }
+
+    fn index(self) -> usize {
+        KINDS.iter().position(|(k, _)| *k == self).unwrap_or(0)
+    }
+}
+
+/// Calls seen so far, per kind (in the order of [`KINDS`]).
+static POINTS: [AtomicU64; KINDS.len()] = [const { AtomicU64::new(0) }; KINDS.len()];
+
+/// The counts as `point.<kind>=<n>` lines.
+fn points_text() -> String {
+    let mut text = String::new();
+    for (i, (_, name)) in KINDS.iter().enumerate() {
+        text.push_str(&format!("point.{name}={}\n", POINTS[i].load(Ordering::SeqCst)));
+    }
+    text
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let mut tmp = path.to_path_buf().into_os_string();
+    tmp.push(".tmp");
+    if let Err(e) = fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, path)) {
+        log(&format!("cannot write {}: {e}", path.display()));
+    }
+}
+
+extern "C" {
+    fn kill(pid: c_int, sig: c_int) -> c_int;
+    fn getpid() -> c_int;
+}
+
+const SIGKILL: c_int = 9;
+
+/// A persistence call of `kind` is about to be made: it is counted, and if it is the one
+/// `POWERCUT_CUT_AT` names, the process dies before it takes effect. Call while holding [`Busy`].
+fn point_in(cfg: &Config, kind: Kind) {
+    let n = POINTS[kind.index()].fetch_add(1, Ordering::SeqCst) + 1;
+    let cut = cfg.cut == Some((kind, n));
+    if let Some(path) = &cfg.points {
+        write_atomically(path, &points_text());
+    }
+    if cut {
+        debug(cfg, || format!("cut before {kind:?} {n}"));
+        // The counters as they were at the cut, then the cut itself: no other thread's call
+        // runs past this point while the stats are written, since the state lock is held.
+        let st = state();
+        st.write_stats(cfg);
+        // SAFETY: plain syscalls.
+        unsafe {
+            kill(getpid(), SIGKILL);
+        }
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+/// [`point_in`], for a caller not holding [`Busy`].
+fn point(kind: Kind) {
+    guarded("point", |cfg| point_in(cfg, kind));
+}
+
+/// [`point`] if `fd` is a tracked file.
+fn point_if_file(fd: c_int, kind: Kind) {
+    guarded("point", |cfg| {
+        let tracked = state().file_key(fd).is_some();
+        if tracked {
+            point_in(cfg, kind);
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strict directory mode
+
+/// Where the durable image of each file and directory is: in the shadow tree (its entry is
+/// durable) or in the pending store (`<shadow>.pending/<dev>-<ino>`: synced, but no durable
+/// entry names it yet). Lock order: [`STATE`] may be held when this is taken.
+struct Durable {
+    by_key: BTreeMap<Key, PathBuf>,
+}
+
+static DURABLE: Mutex<Durable> = Mutex::new(Durable {
+    by_key: BTreeMap::new(),
+});
+
+fn durable() -> MutexGuard<'static, Durable> {
+    DURABLE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records the image of every entry at or under `real` (the shadow holds a copy at `image`).
+fn walk_images(real: &Path, image: &Path, out: &mut BTreeMap<Key, PathBuf>) {
+    let Ok(m) = fs::symlink_metadata(real) else {
+        return;
+    };
+    out.insert((m.dev(), m.ino()), image.to_path_buf());
+    if m.is_dir() {
+        if let Ok(entries) = fs::read_dir(real) {
+            for e in entries.flatten() {
+                walk_images(&e.path(), &image.join(e.file_name()), out);
+            }
+        }
+    }
+}
+
+impl Durable {
+    fn pending_of(cfg: &Config, key: Key) -> PathBuf {
+        cfg.pending.join(format!("{}-{}", key.0, key.1))
+    }
+
+    /// The image of `key`, made (empty, in the pending store) if it has none.
+    fn image(&mut self, cfg: &Config, key: Key, dir: bool) -> Result<PathBuf, String> {
+        if let Some(p) = self.by_key.get(&key) {
+            if fs::symlink_metadata(p).is_ok() {
+                return Ok(p.clone());
+            }
+        }
+        let p = Self::pending_of(cfg, key);
+        fs::create_dir_all(&cfg.pending).map_err(|e| format!("mkdir pending store: {e}"))?;
+        let _ = remove_shadow(&p);
+        let made = if dir {
+            fs::create_dir(&p)
+        } else {
+            File::create(&p).map(drop)
+        };
+        made.map_err(|e| format!("make {}: {e}", p.display()))?;
+        self.by_key.insert(key, p.clone());
+        Ok(p)
+    }
+
+    fn key_at(&self, p: &Path) -> Option<Key> {
+        self.by_key.iter().find(|(_, v)| v.as_path() == p).map(|(k, _)| *k)
+    }
+
+    /// Moves the image at `from` (and all under it) to `to`.
+    fn move_image(&mut self, from: &Path, to: &Path) -> Result<(), String> {
+        let _ = remove_shadow(to);
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+        }
+        fs::rename(from, to)
+            .map_err(|e| format!("move {} to {}: {e}", from.display(), to.display()))?;
+        for v in self.by_key.values_mut() {
+            if let Ok(rest) = v.strip_prefix(from) {
+                *v = if rest.as_os_str().is_empty() {
+                    to.to_path_buf()
+                } else {
+                    to.join(rest)
+                };
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An fsync of the directory `real` (its inode `key`): its entries as they are now become its
+/// durable entries. An entry gone from it takes its image to the pending store (a rename to
+/// another directory brings it back from there when that one is synced); a new entry takes the
+/// image its file or directory has (anywhere: an image moves whole), or an empty one.
+fn reconcile(cfg: &Config, real: &Path, key: Key) -> Result<(), String> {
+    let mut d = durable();
+    let img = d.image(cfg, key, true)?;
+    let mut want: BTreeMap<std::ffi::OsString, (Key, bool)> = BTreeMap::new();
+    let entries = fs::read_dir(real).map_err(|e| format!("list {}: {e}", real.display()))?;
+    for e in entries.flatten() {
+        let Ok(m) = fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        if m.is_dir() || m.is_file() {
+            want.insert(e.file_name(), ((m.dev(), m.ino()), m.is_dir()));
+        }
+    }
+    let had: Vec<std::ffi::OsString> = fs::read_dir(&img)
+        .map_err(|e| format!("list {}: {e}", img.display()))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    for name in had {
+        let p = img.join(&name);
+        let k = d.key_at(&p);
+        if k.is_some() && want.get(&name).map(|w| w.0) == k {
+            continue;
+        }
+        match k {
+            Some(k) => d.move_image(&p, &Durable::pending_of(cfg, k))?,
+            None => remove_shadow(&p).map_err(|e| format!("remove {}: {e}", p.display()))?,
+        }
+    }
+    for (name, (k, dir)) in want {
+        let target = img.join(&name);
+        match d.by_key.get(&k).cloned() {
+            Some(at) if at == target => {}
+            Some(at) if fs::symlink_metadata(&at).is_ok() => d.move_image(&at, &target)?,
+            _ => {
+                let made = if dir {
+                    fs::create_dir_all(&target)
+                } else {
+                    File::create(&target).map(drop)
+                };
+                made.map_err(|e| format!("make {}: {e}", target.display()))?;
+                d.by_key.insert(k, target);
+            }
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -918,7 +1222,8 @@ fn opened(cfg: &Config, at: Place, fd: c_int, flags: c_int) {
             st.insert_fd(fd, Fd::Dir { path, key });
         }
         Place::Under(path) if m.is_file() => {
-            if flags & O_CREAT != 0 {
+            // Strict mode: a new entry is durable only once its directory is synced.
+            if flags & O_CREAT != 0 && !cfg.strict {
                 if let Some(shadow) = shadow_of(cfg, &path) {
                     if fs::symlink_metadata(&shadow).is_err() {
                         // A new file: durable as an empty file until it is synced.
@@ -984,6 +1289,13 @@ unsafe fn do_open(
         return call();
     };
     let at = locate(cfg, dirfd, path);
+    if flags & O_CREAT != 0 {
+        if let Place::Under(p) = &at {
+            if fs::symlink_metadata(p).is_err() {
+                point_in(cfg, Kind::Create);
+            }
+        }
+    }
     drop(busy);
     if matches!(at, Place::Outside) {
         let fd = call();
@@ -1050,6 +1362,7 @@ unsafe fn do_write(fd: c_int, n: usize, call: impl FnOnce(usize) -> SsizeT) -> S
     if !maybe_tracked(fd) {
         return call(n);
     }
+    point_if_file(fd, Kind::Write);
     // Where the write goes: the offset before it; on an O_APPEND fd, the end, which is known
     // atomically only after it (the offset is then just past the data).
     let before = guarded("write", |_| {
@@ -1090,6 +1403,7 @@ unsafe fn do_pwrite(fd: c_int, off: OffT, n: usize, call: impl FnOnce(usize) -> 
     if !maybe_tracked(fd) {
         return call(n);
     }
+    point_if_file(fd, Kind::Write);
     let append = guarded("pwrite", |_| {
         let mut st = state();
         let append = st.file_key(fd)?.1;
@@ -1133,12 +1447,19 @@ fn sync_file(cfg: &Config, st: &mut State, fd: c_int) -> Result<u64, String> {
     let Some(t) = st.files.get_mut(&key) else {
         return Ok(0);
     };
-    let Some(path) = t.path.clone() else {
-        // Unlinked: durable, but nowhere to be found after the cut.
-        t.dirty = Ranges::default();
-        return Ok(0);
+    let (path, shadow) = if cfg.strict {
+        // The image follows the file, whatever its entries (durable or not) say.
+        let path = t.path.clone().unwrap_or_else(|| PathBuf::from("(unlinked)"));
+        (path, durable().image(cfg, key, false)?)
+    } else {
+        let Some(path) = t.path.clone() else {
+            // Unlinked: durable, but nowhere to be found after the cut.
+            t.dirty = Ranges::default();
+            return Ok(0);
+        };
+        let shadow = shadow_of(cfg, &path).ok_or("tracked file outside the root")?;
+        (path, shadow)
     };
-    let shadow = shadow_of(cfg, &path).ok_or("tracked file outside the root")?;
     let len = m.len();
     let err = |what: &str, e: std::io::Error| format!("{what} {}: {e}", shadow.display());
     let sh = match OpenOptions::new()
@@ -1209,6 +1530,22 @@ unsafe fn do_sync(fd: c_int, call: impl FnOnce() -> c_int) -> c_int {
     if !maybe_tracked(fd) {
         return call();
     }
+    // A file, or a directory at or under the root (strict mode: its entries become durable).
+    let dir = guarded("fsync", |cfg| {
+        let entry = state().fds.get(&fd).cloned();
+        match entry {
+            Some(Fd::File { .. }) => {
+                point_in(cfg, Kind::Fsync);
+                None
+            }
+            Some(Fd::Dir { path, key }) if path.starts_with(&cfg.root) => {
+                point_in(cfg, Kind::Dirsync);
+                Some((path, key))
+            }
+            _ => None,
+        }
+    })
+    .flatten();
     if guarded("fsync", |cfg| sync_fails(cfg, fd)).unwrap_or(false) {
         refused(&REFUSED.eio, || format!("sync: EIO, {}", fd_name(fd)));
         set_errno(EIO);
@@ -1216,6 +1553,15 @@ unsafe fn do_sync(fd: c_int, call: impl FnOnce() -> c_int) -> c_int {
     }
     let r = call();
     if r == 0 {
+        if let Some((path, key)) = dir {
+            guarded("fsync", |cfg| {
+                if cfg.strict {
+                    if let Err(e) = reconcile(cfg, &path, key) {
+                        note_error("directory sync not mirrored", e);
+                    }
+                }
+            });
+        }
         guarded("fsync", |cfg| {
             // The lock is held through the copy: no second sync returns before this one is done.
             let mut st = state();
@@ -1268,6 +1614,40 @@ fn renamed(cfg: &Config, old: Place, new: Place, flags: c_uint) {
     type RenameAt2 =
         unsafe extern "C" fn(c_int, *const c_char, c_int, *const c_char, c_uint) -> c_int;
     state().stats.dir_ops += 1;
+    if cfg.strict {
+        // The entries change in the durable image when their directories are synced; what
+        // comes in from outside the root is taken as durable content, with no durable entry.
+        match (old, new) {
+            (Place::Under(old), Place::Under(new)) => {
+                let mut st = state();
+                if flags & RENAME_EXCHANGE != 0 {
+                    st.exchange(&old, &new);
+                } else {
+                    st.forget_path(&new, true);
+                    st.rebase(&old, &new);
+                }
+            }
+            (Place::Under(old), _) => state().forget_path(&old, true),
+            (_, Place::Under(new)) => {
+                if let Ok(m) = fs::symlink_metadata(&new) {
+                    let key = (m.dev(), m.ino());
+                    let p = Durable::pending_of(cfg, key);
+                    let _ = remove_shadow(&p);
+                    let copied = fs::create_dir_all(&cfg.pending).and_then(|()| copy_tree(&new, &p));
+                    match copied {
+                        Ok(()) => {
+                            durable().by_key.insert(key, p);
+                        }
+                        Err(e) => note_error(&format!("cannot copy {} in", new.display()), e),
+                    }
+                }
+                state().forget_path(&new, true);
+            }
+            _ => {}
+        }
+        space_changed(cfg);
+        return;
+    }
     match (old, new) {
         (Place::Under(old), Place::Under(new)) => {
             debug(cfg, || {
@@ -1357,6 +1737,7 @@ unsafe fn do_rename(
     if po.under().is_none() && pn.under().is_none() {
         return call();
     }
+    point(Kind::Rename);
     let r = call();
     if r == 0 {
         guarded("rename", |cfg| renamed(cfg, po, pn, flags));
@@ -1373,11 +1754,13 @@ unsafe fn do_unlink(
     let Some(Place::Under(p)) = guarded("unlink", |cfg| locate(cfg, dirfd, path)) else {
         return call();
     };
+    point(Kind::Unlink);
     let r = call();
     if r == 0 {
         guarded("unlink", |cfg| {
             debug(cfg, || format!("unlink {}", p.display()));
-            if let Some(s) = shadow_of(cfg, &p) {
+            // Strict mode: the entry goes from the durable image when its directory is synced.
+            if let Some(s) = shadow_of(cfg, &p).filter(|_| !cfg.strict) {
                 let done = if flags & AT_REMOVEDIR != 0 {
                     remove_shadow(&s)
                 } else {
@@ -1404,12 +1787,13 @@ unsafe fn do_mkdir(dirfd: c_int, path: *const c_char, call: impl FnOnce() -> c_i
     let Some(Place::Under(p)) = guarded("mkdir", |cfg| locate(cfg, dirfd, path)) else {
         return call();
     };
+    point(Kind::Create);
     let r = call();
     if r == 0 {
         guarded("mkdir", |cfg| {
             debug(cfg, || format!("mkdir {}", p.display()));
             state().stats.dir_ops += 1;
-            if let Some(s) = shadow_of(cfg, &p) {
+            if let Some(s) = shadow_of(cfg, &p).filter(|_| !cfg.strict) {
                 if let Err(e) = fs::create_dir_all(&s) {
                     note_error(&format!("cannot create shadow {}", s.display()), e);
                 }
@@ -1529,6 +1913,7 @@ unsafe fn do_ftruncate(fd: c_int, len: OffT, call: impl FnOnce() -> c_int) -> c_
     if !maybe_tracked(fd) {
         return call();
     }
+    point_if_file(fd, Kind::Truncate);
     let r = if len >= 0 {
         limited_resize("ftruncate", fd, None, |_| len as u64, call)
     } else {
@@ -1549,6 +1934,7 @@ unsafe fn do_truncate(path: *const c_char, len: OffT, call: impl FnOnce() -> c_i
     let Some(Place::Under(p)) = guarded("truncate", |cfg| locate(cfg, AT_FDCWD, path)) else {
         return call();
     };
+    point(Kind::Truncate);
     let r = if len >= 0 {
         limited_resize("truncate", -1, Some(&p), |_| len as u64, call)
     } else {
@@ -1589,6 +1975,7 @@ unsafe fn do_fallocate(
     if !maybe_tracked(fd) {
         return call();
     }
+    point_if_file(fd, Kind::Truncate);
     let r = if off >= 0 && len >= 0 {
         let (off, n) = (off as u64, len as u64);
         let new_len = move |old: u64| {
@@ -1651,6 +2038,7 @@ pub unsafe extern "C" fn sync_file_range(fd: c_int, off: OffT, n: OffT, flags: c
     };
     // No durability: only counted.
     if maybe_tracked(fd) {
+        point_if_file(fd, Kind::SyncFileRange);
         guarded("sync_file_range", |_| state().stats.sync_file_ranges += 1);
     }
     real(fd, off, n, flags)

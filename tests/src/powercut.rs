@@ -11,6 +11,11 @@
 //! the bytes the files under the root may take ([`limit_space`]: writes past it are cut short,
 //! then fail with `ENOSPC`) or fails their syncs with `EIO` ([`fail_syncs`]), until
 //! [`lift_space_limits`]; the child picks a change up within about 50 ms. See the shim's header.
+//!
+//! And it cuts at a chosen persistence point: it counts the calls that may change what a cut
+//! leaves, per kind ([`KINDS`]; [`points_env`], [`read_points`]), and [`cut_at_env`] makes the
+//! child kill itself just before the n-th call of a kind. [`strict_dirs_env`] makes directory
+//! entries durable only once their directory is fsynced (the model of ALICE and CrashMonkey).
 
 use std::ffi::OsString;
 use std::fmt;
@@ -35,6 +40,102 @@ pub fn env(root: &Path, shadow: &Path) -> [(&'static str, OsString); 3] {
         ("POWERCUT_ROOT", root.as_os_str().to_owned()),
         ("POWERCUT_SHADOW", shadow.as_os_str().to_owned()),
     ]
+}
+
+/// The kinds of persistence points the shim counts (see its header): `write`, `sync_file_range`,
+/// `fsync` (of a file), `dirsync` (fsync of a directory), `rename`, `unlink`, `create`,
+/// `truncate`.
+pub const KINDS: [&str; 8] = [
+    "write",
+    "sync_file_range",
+    "fsync",
+    "dirsync",
+    "rename",
+    "unlink",
+    "create",
+    "truncate",
+];
+
+/// Environment making the child kill itself (SIGKILL) just before its `n`-th (from 1) call of
+/// `kind` (one of [`KINDS`]) under the root: the call never happens.
+pub fn cut_at_env(kind: &str, n: u64) -> (&'static str, OsString) {
+    assert!(
+        KINDS.contains(&kind),
+        "not a persistence point kind: {kind}"
+    );
+    assert!(n > 0, "persistence points count from 1");
+    ("POWERCUT_CUT_AT", format!("{kind}:{n}").into())
+}
+
+/// Environment asking the shim to rewrite `path` at every persistence point with the counts
+/// per kind (read them with [`read_points`]).
+pub fn points_env(path: &Path) -> (&'static str, OsString) {
+    ("POWERCUT_POINTS", path.as_os_str().to_owned())
+}
+
+/// Environment for the strict directory model: an entry created, renamed or removed is durable
+/// only once its directory is fsynced.
+pub fn strict_dirs_env() -> (&'static str, OsString) {
+    ("POWERCUT_STRICT_DIRS", "1".into())
+}
+
+/// Persistence points seen, per kind (in the order of [`KINDS`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Points(pub [u64; KINDS.len()]);
+
+impl Points {
+    /// The count of `kind`.
+    pub fn get(&self, kind: &str) -> u64 {
+        KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .map_or(0, |i| self.0[i])
+    }
+
+    /// All points, of every kind.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// Parses `point.<kind>=<n>` lines (as in the points and the stats files); others are
+    /// ignored.
+    pub fn parse(text: &str) -> Points {
+        let mut p = Points::default();
+        for line in text.lines() {
+            let Some((k, v)) = line.trim().split_once('=') else {
+                continue;
+            };
+            let Some(kind) = k.strip_prefix("point.") else {
+                continue;
+            };
+            if let Some(i) = KINDS.iter().position(|x| *x == kind) {
+                p.0[i] = v.trim().parse().unwrap_or(0);
+            }
+        }
+        p
+    }
+}
+
+impl fmt::Display for Points {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for (k, n) in KINDS.iter().zip(self.0) {
+            if n > 0 {
+                write!(f, "{}{k} {n}", if first { "" } else { ", " })?;
+                first = false;
+            }
+        }
+        if first {
+            write!(f, "none")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the counts the shim keeps in the file given with [`points_env`] (or in the stats file);
+/// all zero if it is missing (no point yet).
+pub fn read_points(path: &Path) -> Points {
+    std::fs::read_to_string(path).map_or_else(|_| Points::default(), |t| Points::parse(&t))
 }
 
 /// Environment asking the shim to keep its counters (see [`ShimStats`]) in `path`.
@@ -99,7 +200,15 @@ pub fn tracked_len(root: &Path) -> io::Result<u64> {
 pub fn prepare(root: &Path, shadow: &Path) -> io::Result<()> {
     std::fs::create_dir_all(root)?;
     remove(shadow)?;
+    remove(&pending(shadow))?;
     copy_tree(root, shadow)
+}
+
+/// Where the shim keeps, in strict mode, the images no durable entry names yet.
+fn pending(shadow: &Path) -> PathBuf {
+    let mut p = shadow.as_os_str().to_owned();
+    p.push(".pending");
+    PathBuf::from(p)
 }
 
 /// One file the power cut changed.
@@ -211,6 +320,8 @@ pub struct ShimStats {
     pub short_writes: u64,
     /// Disk-full mode: syncs failed with `EIO`.
     pub eio: u64,
+    /// Persistence points, per kind.
+    pub points: Points,
 }
 
 /// Reads the shim's counters; all zero if the file is missing (no sync happened).
@@ -219,6 +330,7 @@ pub fn read_stats(path: &Path) -> ShimStats {
     let Ok(text) = std::fs::read_to_string(path) else {
         return s;
     };
+    s.points = Points::parse(&text);
     for line in text.lines() {
         let Some((k, v)) = line.split_once('=') else {
             continue;

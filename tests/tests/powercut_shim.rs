@@ -3,11 +3,12 @@
 //! And its disk-full mode: writes past a space limit are cut short, then fail with `ENOSPC`;
 //! `eio` fails syncs.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use gateway_tests::powercut::{self, Cut, ShimStats};
+use gateway_tests::powercut::{self, Cut, Points, ShimStats};
 
 struct Rig {
     _dir: tempfile::TempDir,
@@ -76,6 +77,20 @@ impl Rig {
     }
 
     fn run_in(&self, cwd: &Path, script: &str) -> (Cut, Vec<String>) {
+        let (cut, lines, ready) = self.run_env(cwd, script, &[]);
+        assert!(ready, "the probe failed before it was done");
+        (cut, lines)
+    }
+
+    /// Runs the probe with extra environment (a cut, the strict mode); returns what the cut
+    /// reverted, the probe's lines and whether it got to the end of its script (it did not if
+    /// it was cut).
+    fn run_env(
+        &self,
+        cwd: &Path,
+        script: &str,
+        envs: &[(&'static str, OsString)],
+    ) -> (Cut, Vec<String>, bool) {
         powercut::prepare(&self.root, &self.shadow).unwrap();
         let root = self.root.display().to_string();
         let control = self
@@ -90,6 +105,7 @@ impl Rig {
         )
         .envs(powercut::env(&self.shim_root, &self.shadow))
         .envs([powercut::stats_env(&self.stats)])
+        .envs(envs.iter().cloned())
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -108,7 +124,8 @@ impl Rig {
             }
             lines.push(line);
         }
-        child.kill().unwrap();
+        // A probe that was cut is dead already.
+        let _ = child.kill();
         child.wait().unwrap();
         let mut stderr = String::new();
         child
@@ -118,12 +135,11 @@ impl Rig {
             .read_to_string(&mut stderr)
             .unwrap();
         eprint!("{stderr}");
-        assert!(ready, "the probe failed before it was done");
         // The shim complains when it had to guess (a length changed with no write seen) or failed.
         assert!(!stderr.contains("powercut:"), "the shim complained");
         let cut = powercut::power_cut(&self.root, &self.shadow).unwrap();
         eprintln!("power cut: {cut}");
-        (cut, lines)
+        (cut, lines, ready)
     }
 
     fn read(&self, rel: &str) -> Option<Vec<u8>> {
@@ -509,4 +525,170 @@ fn a_space_file_that_is_absent_limits_nothing() {
     assert_eq!(rig.read("f").unwrap().len(), 2 << 20);
     let s = rig.stats();
     assert_eq!((s.enospc, s.short_writes, s.eio), (0, 0, 0), "{s:?}");
+}
+
+/// One call of each kind, each followed by a mark: `(kind, n)` of the call before each mark.
+const EVERY_KIND: &[(&str, &str, u64)] = &[
+    ("open a @/f", "create", 1),
+    ("write a 0 one", "write", 1),
+    ("fsync a", "fsync", 1),
+    ("seq a two", "write", 2),
+    ("sfr a", "sync_file_range", 1),
+    ("setlen a 2", "truncate", 1),
+    ("mkdir @/d", "create", 2),
+    ("dirsync @/d", "dirsync", 1),
+    ("rename @/f @/g", "rename", 1),
+    ("unlink @/g", "unlink", 1),
+    ("fdatasync a", "fsync", 2),
+];
+
+fn every_kind_script() -> String {
+    EVERY_KIND
+        .iter()
+        .enumerate()
+        .map(|(i, (op, _, _))| format!("{op} mark {i} "))
+        .collect()
+}
+
+#[test]
+fn every_persistence_call_is_counted_by_kind() {
+    let Some(rig) = Rig::new() else { return };
+    let points = rig.base.join("points");
+    let (_, _, ready) = rig.run_env(
+        &rig.base,
+        &every_kind_script(),
+        &[powercut::points_env(&points)],
+    );
+    assert!(ready);
+    let mut want = Points::default();
+    for (_, kind, _) in EVERY_KIND {
+        let i = powercut::KINDS.iter().position(|k| k == kind).unwrap();
+        want.0[i] += 1;
+    }
+    assert_eq!(powercut::read_points(&points), want);
+    // The stats file carries them too (rewritten at the last sync).
+    assert_eq!(rig.stats().points, want);
+    assert_eq!(want.total(), EVERY_KIND.len() as u64);
+}
+
+#[test]
+fn a_cut_at_the_nth_call_of_a_kind_comes_before_that_call() {
+    let Some(rig) = Rig::new() else { return };
+    for (at, (_, kind, n)) in EVERY_KIND.iter().enumerate() {
+        std::fs::remove_dir_all(&rig.root).unwrap();
+        std::fs::create_dir_all(&rig.root).unwrap();
+        let (_, lines, ready) = rig.run_env(
+            &rig.base,
+            &every_kind_script(),
+            &[powercut::cut_at_env(kind, *n)],
+        );
+        assert!(!ready, "cut at {kind}:{n}: the probe got to its end");
+        // Every call before it returned, this one never did.
+        let marks: Vec<String> = (0..at).map(|i| format!("mark {i}")).collect();
+        assert_eq!(lines, marks, "cut at {kind}:{n}");
+        // What the call would have done is not there.
+        match at {
+            0 => assert!(rig.read("f").is_none()),
+            2 => assert_eq!(rig.read("f").unwrap(), b"", "not synced"),
+            3 | 4 | 5 => assert_eq!(rig.read("f").unwrap(), b"one"),
+            6 => assert!(!rig.root.join("d").exists()),
+            8 => assert!(rig.read("f").is_some() && rig.read("g").is_none()),
+            9 => assert!(rig.read("g").is_some()),
+            // The file was unlinked: its last sync lands nowhere.
+            10 => assert!(rig.read("f").is_none() && rig.read("g").is_none()),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_length_grown_and_synced_only_by_sync_file_range_is_reverted() {
+    let Some(rig) = Rig::new() else { return };
+    rig.put("f", b"abc");
+    rig.put("g", b"abc");
+    let cut = rig.run("open a @/f   write a 3 defgh   sfr a   open b @/g   write b 0 X   sfr b");
+    assert_eq!(rig.read("f").unwrap(), b"abc");
+    assert_eq!(rig.read("g").unwrap(), b"abc");
+    assert_eq!(cut.bytes_reverted, 5 + 1, "{cut}");
+}
+
+/// Strict mode: an entry is durable only once its directory is fsynced.
+fn strict(rig: &Rig, script: &str) -> Cut {
+    let (cut, _, ready) = rig.run_env(&rig.base, script, &[powercut::strict_dirs_env()]);
+    assert!(ready, "the probe failed before it was done");
+    cut
+}
+
+#[test]
+fn strict_an_entry_without_a_directory_fsync_vanishes() {
+    let Some(rig) = Rig::new() else { return };
+    let made = "mkdir @/d   open a @/d/f   write a 0 x   fsync a
+                open b @/top   write b 0 y   fsync b";
+    // No directory synced: nothing new survives, synced content included.
+    strict(&rig, made);
+    assert!(!rig.root.join("d").exists());
+    assert!(rig.read("top").is_none());
+    // The root synced: its new entries are there, the one in `d` is not.
+    std::fs::remove_dir_all(&rig.root).unwrap();
+    std::fs::create_dir_all(&rig.root).unwrap();
+    strict(&rig, &format!("{made}   dirsync @"));
+    assert!(rig.root.join("d").is_dir());
+    assert_eq!(rig.read("top").unwrap(), b"y");
+    assert!(rig.read("d/f").is_none());
+    // `d` synced before its own entry was durable: both come back.
+    std::fs::remove_dir_all(&rig.root).unwrap();
+    std::fs::create_dir_all(&rig.root).unwrap();
+    strict(&rig, &format!("{made}   dirsync @/d   dirsync @"));
+    assert_eq!(rig.read("d/f").unwrap(), b"x");
+    // A file made durable by its directory but never synced is there, empty.
+    std::fs::remove_dir_all(&rig.root).unwrap();
+    std::fs::create_dir_all(&rig.root).unwrap();
+    strict(&rig, "open a @/e   write a 0 lost   dirsync @");
+    assert_eq!(rig.read("e").unwrap(), b"");
+}
+
+#[test]
+fn strict_a_rename_or_unlink_without_a_directory_fsync_is_undone() {
+    let Some(rig) = Rig::new() else { return };
+    rig.put("state", b"v1");
+    rig.put("doomed", b"x");
+    rig.put("sub/moved", b"m");
+    let script = "create t @/state.tmp   seq t v2   fsync t   close t
+                  rename @/state.tmp @/state   unlink @/doomed   mkdir @/other
+                  rename @/sub/moved @/other/moved";
+    strict(&rig, script);
+    assert_eq!(rig.read("state").unwrap(), b"v1");
+    assert!(rig.read("state.tmp").is_none());
+    assert_eq!(rig.read("doomed").unwrap(), b"x");
+    assert_eq!(rig.read("sub/moved").unwrap(), b"m");
+    assert!(!rig.root.join("other").exists());
+    // With the directories synced, all of it holds.
+    rig.put("state", b"v1");
+    rig.put("doomed", b"x");
+    rig.put("sub/moved", b"m");
+    std::fs::remove_dir_all(rig.root.join("other")).ok();
+    strict(
+        &rig,
+        &format!("{script}   dirsync @/other   dirsync @/sub   dirsync @"),
+    );
+    assert_eq!(rig.read("state").unwrap(), b"v2");
+    assert!(rig.read("state.tmp").is_none());
+    assert!(rig.read("doomed").is_none());
+    assert!(rig.read("sub/moved").is_none());
+    assert_eq!(rig.read("other/moved").unwrap(), b"m");
+}
+
+#[test]
+fn strict_a_renamed_directory_keeps_its_durable_entries() {
+    let Some(rig) = Rig::new() else { return };
+    rig.put("gen-1/db", b"records");
+    rig.put("gen-1/conf", b"c");
+    // Without the parent's sync the rename is undone; with it, the directory moves whole.
+    strict(&rig, "rename @/gen-1 @/quarantine-1");
+    assert_eq!(rig.read("gen-1/db").unwrap(), b"records");
+    assert!(!rig.root.join("quarantine-1").exists());
+    strict(&rig, "rename @/gen-1 @/quarantine-1   dirsync @");
+    assert_eq!(rig.read("quarantine-1/db").unwrap(), b"records");
+    assert_eq!(rig.read("quarantine-1/conf").unwrap(), b"c");
+    assert!(!rig.root.join("gen-1").exists());
 }

@@ -10,6 +10,9 @@
 //! - `dup NEW H` (dup), `dup2 NEW H` (dup2 onto a fresh fd), `clone NEW H` (fcntl F_DUPFD_CLOEXEC)
 //! - `rename FROM TO`, `unlink PATH`, `mkdir PATH`, `rmdir PATH`, `rmtree PATH`
 //! - `put PATH TEXT` (writes a whole file atomically: temporary file, rename), `sleep MS`
+//! - `dirsync PATH` (opens the directory and fsyncs it), `sfr H` (sync_file_range of the whole
+//!   file: data written, no durability)
+//! - `mark TEXT` (prints `mark TEXT` on stdout: how far the script got before a cut)
 //!
 //! Tried operations report their result on stdout instead of panicking, one line each before
 //! `ready`: the operation's name and the bytes written, `ok`, or `errno N`.
@@ -82,6 +85,22 @@ fn fallocate(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// `sync_file_range(2)` of the whole file, waiting for the write-out.
+#[allow(unsafe_code)]
+fn sync_file_range(f: &File) {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: `f` is open; no memory is passed.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, flags) };
+    assert!(
+        r == 0,
+        "sync_file_range: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// One result line of a tried operation.
@@ -171,6 +190,13 @@ fn main() {
                 std::fs::write(&tmp, text).unwrap();
                 std::fs::rename(&tmp, &path).unwrap();
             }
+            "dirsync" => {
+                let path = arg();
+                let d = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+                d.sync_all().unwrap_or_else(|e| panic!("fsync {path}: {e}"));
+            }
+            "sfr" => sync_file_range(&files[&arg()]),
+            "mark" => say(&format!("mark {}", arg())),
             "sleep" => std::thread::sleep(std::time::Duration::from_millis(num(arg()))),
             "twrite" => {
                 let (h, off, text) = (arg(), num(arg()), arg());
