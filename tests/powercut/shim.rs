@@ -640,6 +640,9 @@ fn point_in(cfg: &Config, kind: Kind) {
     let n = POINTS[kind.index()].fetch_add(1, Ordering::SeqCst) + 1;
     let cut = cfg.cut == Some((kind, n));
     if let Some(path) = &cfg.points {
+        // One writer at a time: they share the temporary file.
+        static WRITING: Mutex<()> = Mutex::new(());
+        let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
         write_atomically(path, &points_text());
     }
     if cut {
