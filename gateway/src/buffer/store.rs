@@ -239,7 +239,27 @@ impl Store {
     /// Opens (creating it if needed) the database in `dir`.
     pub(super) fn open(dir: &Path) -> Result<Store, BufferError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        let db = open_sled(dir)?;
+        remove_unfinished_snapshots(dir)?;
+        let db = match open_sled(dir) {
+            Ok(db) => db,
+            Err(e) if e.is_io() => return Err(e),
+            // A snapshot is only a shortcut: sled recovers from its log without one. A
+            // database that fails to open is tried once more without its snapshots before
+            // anything is given up.
+            Err(e) => match set_snapshots_aside(dir)? {
+                0 => return Err(e),
+                moved => match open_sled(dir) {
+                    Ok(db) => {
+                        warn!(path = %dir.display(), snapshots = moved, error = %e, "a buffer generation did not open with its snapshot; it opened from its log, the snapshot is kept in {SET_ASIDE}/");
+                        db
+                    }
+                    Err(again) => {
+                        warn!(path = %dir.display(), error = %e, "a buffer generation opens neither with its snapshot nor from its log");
+                        return Err(again);
+                    }
+                },
+            },
+        };
         let files = || -> Result<File, BufferError> {
             let data_path = dir.join("db");
             let data_file = File::open(&data_path).map_err(|e| io_err(&data_path, e))?;
@@ -420,16 +440,89 @@ pub(super) fn list_generations(dir: &Path) -> Result<Vec<u64>, BufferError> {
     Ok(ids)
 }
 
-/// Moves an unusable generation at `path` aside, out of the buffer directory `dir`; returns
+/// Moves the unusable generation `id` aside, out of the buffer directory `dir`, under a name of
+/// its own (`quarantine-gen-<id>-<unix ms>`, with `-2`, `-3`, ... should that be taken); returns
 /// where it went.
-pub(super) fn quarantine(dir: &Path, path: &Path, e: &BufferError) -> Result<PathBuf, BufferError> {
-    let stamp = Timestamp::now().unix_ms();
+pub(super) fn quarantine(dir: &Path, id: u64, e: &BufferError) -> Result<PathBuf, BufferError> {
+    let path = gen_dir(dir, id);
     let parent = dir.parent().unwrap_or(Path::new("."));
-    let aside = parent.join(format!("quarantine-{stamp}"));
+    let aside = fresh_name(
+        parent,
+        &format!("quarantine-gen-{id}-{}", Timestamp::now().unix_ms()),
+    );
     error!(path = %path.display(), quarantine = %aside.display(), error = %e, "buffer generation cannot be opened; moving it aside, never deleting it");
-    std::fs::rename(path, &aside).map_err(|e| io_err(path, e))?;
+    std::fs::rename(&path, &aside).map_err(|e| io_err(&path, e))?;
     fsync_dir(dir)?;
+    fsync_dir(parent)?;
     Ok(aside)
+}
+
+/// `dir/base`, or `dir/base-2`, `dir/base-3`, ... : the first of them nothing has taken.
+pub(super) fn fresh_name(dir: &Path, base: &str) -> PathBuf {
+    let mut path = dir.join(base);
+    let mut n = 1;
+    while path.exists() {
+        n += 1;
+        path = dir.join(format!("{base}-{n}"));
+    }
+    path
+}
+
+/// Where a generation's snapshots go when it opens only without them.
+const SET_ASIDE: &str = "set-aside-snapshots";
+
+/// Whether `name` is one of sled's snapshot files (`snap.<lsn>`, or `snap.<lsn>.generating`
+/// while it writes one; sled itself skips `.in___motion` ones).
+fn is_snapshot(name: &str) -> bool {
+    name.starts_with("snap.") && !name.ends_with(".in___motion")
+}
+
+/// The names of the snapshot files in `dir`.
+fn snapshots(dir: &Path) -> Result<Vec<OsString>, BufferError> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let name = entry.map_err(|e| io_err(dir, e))?.file_name();
+        if name.to_str().is_some_and(is_snapshot) {
+            found.push(name);
+        }
+    }
+    Ok(found)
+}
+
+/// Removes the snapshots sled had not finished. It writes `snap.<lsn>.generating`, fsyncs it and
+/// only then renames it to `snap.<lsn>`; a cut before the rename can leave the entry with its
+/// data missing or torn. But sled 0.34 takes the last `snap.*` name as the snapshot, the
+/// unfinished one included, and refuses to open on a torn one: so a cut while sled wrote a
+/// snapshot (it writes one at every open) made an intact generation unopenable.
+fn remove_unfinished_snapshots(dir: &Path) -> Result<(), BufferError> {
+    for name in snapshots(dir)? {
+        if !name.to_string_lossy().ends_with(".generating") {
+            continue;
+        }
+        let path = dir.join(&name);
+        warn!(path = %path.display(), "removing a snapshot the storage engine had not finished (a cut or a crash while it wrote it); it recovers from its log");
+        std::fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
+    }
+    Ok(())
+}
+
+/// Moves the snapshot files of `dir` into `dir/set-aside-snapshots/`, kept, never deleted;
+/// returns how many were moved.
+fn set_snapshots_aside(dir: &Path) -> Result<usize, BufferError> {
+    let names = snapshots(dir)?;
+    if names.is_empty() {
+        return Ok(0);
+    }
+    let aside = dir.join(SET_ASIDE);
+    std::fs::create_dir_all(&aside).map_err(|e| io_err(&aside, e))?;
+    for name in &names {
+        let to = fresh_name(&aside, &name.to_string_lossy());
+        let from = dir.join(name);
+        std::fs::rename(&from, &to).map_err(|e| io_err(&from, e))?;
+    }
+    fsync_dir(&aside)?;
+    fsync_dir(dir)?;
+    Ok(names.len())
 }
 
 /// Deletes the directory `path` of generation `id`, whose database is closed: renamed first,
