@@ -168,9 +168,22 @@ fn open_sled(dir: &Path) -> Result<sled::Db, BufferError> {
     }
 }
 
-/// Whether `dir` holds a database's files itself (a buffer from before generations).
-pub(super) fn holds_database(dir: &Path) -> bool {
-    dir.join("db").exists()
+/// Whether `name` is one of the files a database keeps in its directory.
+pub(super) fn is_database_file(name: &str) -> bool {
+    matches!(name, "db" | "conf" | "blobs") || is_snapshot(name)
+}
+
+/// The database files `dir` holds itself (a buffer from before generations, or what a cut
+/// left of moving one into its first generation).
+pub(super) fn database_files(dir: &Path) -> Result<Vec<OsString>, BufferError> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let name = entry.map_err(|e| io_err(dir, e))?.file_name();
+        if name.to_str().is_some_and(is_database_file) {
+            found.push(name);
+        }
+    }
+    Ok(found)
 }
 
 /// One entry of a database, as a scan reads it.
