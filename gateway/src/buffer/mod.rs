@@ -185,7 +185,7 @@ pub struct Quarantined {
     /// Where it was moved.
     pub path: PathBuf,
     /// At most how many committed, unacknowledged records it can hold (`None`: no bound is
-    /// known, no watermark and no newer generation to go by). See [`at_stake`].
+    /// known, no watermark and no newer generation to go by).
     pub at_stake: Option<u64>,
 }
 

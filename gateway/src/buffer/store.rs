@@ -20,8 +20,63 @@
 //! - A generation directory is deleted by renaming it to `gen-<n>.drained` first (one atomic
 //!   step, so a crash never leaves a half-deleted database to open), then removing it; the
 //!   leftovers of an interrupted deletion are removed when the generations are listed.
-//! - An unusable database is moved aside to `quarantine-<time>` beside the buffer directory,
-//!   never deleted.
+//! - A snapshot is only a shortcut for sled's recovery, never trusted over the log: an
+//!   unfinished one (`snap.*.generating`) is removed before an open, and a database that fails to
+//!   open is opened once more with its snapshots set aside (kept in `set-aside-snapshots/`).
+//! - An unusable database is moved aside to `quarantine-gen-<id>-<ms>` beside the buffer
+//!   directory (numbered if taken), never deleted; a move that fails keeps it in place.
+//!
+//! # A power cut at each persistence point
+//!
+//! What a cut keeps: a file's data and length as of its last fsync (`sync_file_range`, which
+//! sled's flush uses, keeps data but not a new length), and a directory's entries as of its last
+//! fsync. "Committed" means `Buffer::commit` returned `Ok`; every point below is one of the
+//! `open`, `write`, `rename`, `unlink` and `fsync` calls of a path, and says why a cut there
+//! loses no committed record. The enumeration tests cut at each of them in turn.
+//!
+//! - **Commit** (`Store::write`): sled's batch and flush write the log (`db`) and perhaps blob
+//!   files; then the fsyncs of `db`, of each new blob file and of `blobs/`; only then is the
+//!   commit `Ok`, and only then are its chunks counted. A cut before the last fsync: the commit
+//!   had not returned, its records are not committed (they were within `commit_interval`), and
+//!   sled's recovery drops the torn tail of its log, whose every earlier message was made
+//!   durable by an earlier commit's fsync. A cut after it: the commit is on disk whatever comes
+//!   next. Then the watermark (`watermark.tmp` written, fsynced, renamed): a cut anywhere in it
+//!   leaves the old watermark or the new one, never a torn one; an old one only weakens the
+//!   check on the next open.
+//! - **Delete after a PUBACK** (`remove_chunk`): written to the log, not fsynced. A cut loses
+//!   the delete at most: the chunk is sent again with the same seqs and content. What sled
+//!   writes for a delete is made durable by the next commit's fsync with everything else.
+//! - **Rotation** (a fresh generation, `Store::open` of `gen-<n+1>`): `mkdir`, sled creates
+//!   `db` and `conf` (and may write a snapshot), then `conf` and the generation's directory are
+//!   fsynced, and the buffer directory after it (`Buffer::new_gen`). Nothing is committed into it
+//!   before all of that, so a cut inside leaves an empty generation, or none: no record was in
+//!   it. The generation it follows keeps everything committed into it.
+//! - **Drain** (`delete_generation`): only a generation whose records are all acknowledged is
+//!   deleted; it is renamed to `gen-<n>.drained`, the buffer directory fsynced, then removed. A
+//!   cut before the rename's fsync leaves the generation, sent again (re-sends); after it, the
+//!   leftover `.drained` directory is removed on the next open and never read.
+//! - **Quarantine**: a rename out of the buffer directory, both directories fsynced. A cut
+//!   leaves the generation where it was (tried again on the next open) or moved; it is never
+//!   deleted, and what it may hold is counted as at stake.
+//! - **Start-up** (`Buffer::open_with`): `migrate` moves a pre-generations database into
+//!   `gen-0/` one rename at a time and resumes after a cut; `list_generations` removes
+//!   `.drained` leftovers (nothing unacknowledged); each generation's open removes an unfinished
+//!   snapshot, lets sled write a snapshot of its own (`snap.<lsn>.generating` written, fsynced,
+//!   renamed: a cut leaves a finished snapshot, or an unfinished one that the next open
+//!   removes), and fsyncs `conf` and the directory; sled writes `conf` only when it has none, so
+//!   a torn `conf` belongs to a generation that never took a commit. A scan drops damaged
+//!   chunks (deletes not fsynced: a cut brings them back, to be dropped again). Then the fresh
+//!   generation for commits, as in a rotation.
+//! - **The state file** (`data_dir/state`, `pipeline/seq.rs`): written to a temporary file,
+//!   fsynced, renamed, the directory fsynced, before any seq of the range it reserves is used:
+//!   a cut leaves the old range or the new one, and a seq is never handed out twice. On a full
+//!   disk it is overwritten in place, 128 bytes within one sector, and fsynced.
+//!
+//! What this rests on in sled: every commit's fsync makes all that sled wrote before it durable,
+//! the log's messages carry checksums so recovery stops at a torn tail, and sled's own snapshots
+//! are written to a temporary name, fsynced and renamed. A failed fsync freezes its generation
+//! (see `generation`), since after one the kernel may have dropped pages and the rule above no
+//! longer holds.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
