@@ -40,13 +40,14 @@ pub struct Metrics {
     pub buffer_bytes: AtomicU64,
     /// Duration of the last commit in microseconds.
     pub last_commit_us: AtomicU64,
-    /// Durations of commits (sled's flush and the fsyncs).
+    /// Durations of commits (the store's flush and the fsyncs).
     pub commit_latency: Histogram,
     /// Age of the oldest record on disk in milliseconds (0 when the disk holds none).
     pub oldest_age_ms: AtomicU64,
     /// Buffer generations moved aside at start because they could not be opened.
     pub quarantined: AtomicU64,
-    /// Starts that found the buffer holding less than its watermark says was made durable.
+    /// Losses of committed records found at start: the buffer holding less than its watermark
+    /// says was made durable, and each generation moved aside that may hold committed records.
     pub lost_commits: AtomicU64,
     /// MQTT connection up.
     pub mqtt_connected: AtomicBool,

@@ -166,8 +166,8 @@ pub struct OpenReport {
     pub bytes: u64,
     /// Values that failed their checksum and were dropped.
     pub damaged: u64,
-    /// Where an unusable generation was moved, if one was.
-    pub quarantined: Option<PathBuf>,
+    /// The generations that could not be opened and were moved aside.
+    pub quarantined: Vec<Quarantined>,
     /// The highest sequence number known to be used: on disk, or committed as the watermark says.
     pub last_seq: Option<u64>,
     /// Generations found with records in them.
@@ -175,6 +175,46 @@ pub struct OpenReport {
     /// Set when a generation holds less than the watermark says was made durable: the store lost
     /// committed records (see the module comment).
     pub lost_commits: Option<LostCommits>,
+}
+
+/// A generation that could not be opened, moved aside (never deleted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// The generation.
+    pub generation: u64,
+    /// Where it was moved.
+    pub path: PathBuf,
+    /// At most how many committed, unacknowledged records it can hold (`None`: no bound is
+    /// known, no watermark and no newer generation to go by).
+    pub at_stake: Option<u64>,
+}
+
+/// At most how many committed, unacknowledged records the unopenable generation `id` can hold.
+/// Sequence numbers only grow from one generation to the next, so its records lie above the
+/// commit marks of the older generations that opened and below the first record of the newer
+/// ones, and within the watermark's window (from the oldest record that may be unacknowledged to
+/// the newest commit).
+fn at_stake(id: u64, gens: &[Generation], watermark: Option<Watermark>) -> Option<u64> {
+    let above_older = gens
+        .iter()
+        .filter(|g| g.id < id)
+        .filter_map(|g| g.mark.max(g.seqs.map(|(_, hi)| hi)))
+        .max()
+        .map_or(0, |s| s.saturating_add(1));
+    let below_newer = gens
+        .iter()
+        .filter(|g| g.id > id)
+        .filter_map(|g| g.seqs.map(|(lo, _)| lo.checked_sub(1)))
+        .min()
+        .flatten();
+    let (from, through) = match watermark {
+        Some(w) => (
+            above_older.max(w.acked_below),
+            Some(below_newer.map_or(w.committed_through, |b| b.min(w.committed_through))),
+        ),
+        None => (above_older, below_newer),
+    };
+    through.map(|t| if t < from { 0 } else { t - from + 1 })
 }
 
 /// A generation that lost commits the store had reported durable.
@@ -246,6 +286,7 @@ impl Buffer {
         let mut gens = Vec::new();
         let ids = store::list_generations(dir)?;
         let mut deferred = Vec::new();
+        let mut unopenable = Vec::new();
         for &id in &ids {
             let path = gen_dir(dir, id);
             match Generation::load(dir, id) {
@@ -263,13 +304,30 @@ impl Buffer {
                     error!(path = %path.display(), error = %e, "buffer generation cannot be read now (the disk failed); it is kept, and tried again once commits work");
                     deferred.push(id);
                 }
-                Err(e) => report.quarantined = Some(store::quarantine(dir, &path, &e)?),
+                Err(e) => unopenable.push((id, e)),
+            }
+        }
+        let watermark = Watermark::read(dir);
+        for (id, e) in unopenable {
+            let at_stake = at_stake(id, &gens, watermark);
+            error!(path = %gen_dir(dir, id).display(), generation = id, committed_records_at_stake = ?at_stake, error = %e, "a buffer generation cannot be opened, even without its snapshots: the committed records it holds are not delivered (the directory is kept for recovery)");
+            match store::quarantine(dir, id, &e) {
+                Ok(path) => report.quarantined.push(Quarantined {
+                    generation: id,
+                    path,
+                    at_stake,
+                }),
+                Err(moved) => {
+                    // Not moved aside: kept where it is and tried again later. A gateway that
+                    // cannot start delivers nothing at all.
+                    error!(generation = id, error = %moved, "cannot move the unopenable buffer generation aside; it is kept in place and tried again");
+                    deferred.push(id);
+                }
             }
         }
         if report.damaged > 0 {
             warn!(path = %dir.display(), damaged = report.damaged, "dropped damaged records from the buffer");
         }
-        let watermark = Watermark::read(dir);
         report.lost_commits = watermark.and_then(|w| w.check(&gens));
         // A generation that cannot be read now (deferred) may hold the highest seqs: the
         // watermark knows how far commits went, and the seqs of the next boot start above it.
@@ -385,7 +443,7 @@ impl Buffer {
                 true
             }
             Err(e) => {
-                if let Err(moved) = store::quarantine(&self.dir, &gen_dir(&self.dir, id), &e) {
+                if let Err(moved) = store::quarantine(&self.dir, id, &e) {
                     warn!(generation = id, error = %moved, "cannot move an unusable buffer generation aside");
                     return true;
                 }

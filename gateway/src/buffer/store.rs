@@ -20,8 +20,63 @@
 //! - A generation directory is deleted by renaming it to `gen-<n>.drained` first (one atomic
 //!   step, so a crash never leaves a half-deleted database to open), then removing it; the
 //!   leftovers of an interrupted deletion are removed when the generations are listed.
-//! - An unusable database is moved aside to `quarantine-<time>` beside the buffer directory,
-//!   never deleted.
+//! - A snapshot is only a shortcut for sled's recovery, never trusted over the log: an
+//!   unfinished one (`snap.*.generating`) is removed before an open, and a database that fails to
+//!   open is opened once more with its snapshots set aside (kept in `set-aside-snapshots/`).
+//! - An unusable database is moved aside to `quarantine-gen-<id>-<ms>` beside the buffer
+//!   directory (numbered if taken), never deleted; a move that fails keeps it in place.
+//!
+//! # A power cut at each persistence point
+//!
+//! What a cut keeps: a file's data and length as of its last fsync (`sync_file_range`, which
+//! sled's flush uses, keeps data but not a new length), and a directory's entries as of its last
+//! fsync. "Committed" means `Buffer::commit` returned `Ok`; every point below is one of the
+//! `open`, `write`, `rename`, `unlink` and `fsync` calls of a path, and says why a cut there
+//! loses no committed record. The enumeration tests cut at each of them in turn.
+//!
+//! - **Commit** (`Store::write`): sled's batch and flush write the log (`db`) and perhaps blob
+//!   files; then the fsyncs of `db`, of each new blob file and of `blobs/`; only then is the
+//!   commit `Ok`, and only then are its chunks counted. A cut before the last fsync: the commit
+//!   had not returned, its records are not committed (they were within `commit_interval`), and
+//!   sled's recovery drops the torn tail of its log, whose every earlier message was made
+//!   durable by an earlier commit's fsync. A cut after it: the commit is on disk whatever comes
+//!   next. Then the watermark (`watermark.tmp` written, fsynced, renamed): a cut anywhere in it
+//!   leaves the old watermark or the new one, never a torn one; an old one only weakens the
+//!   check on the next open.
+//! - **Delete after a PUBACK** (`remove_chunk`): written to the log, not fsynced. A cut loses
+//!   the delete at most: the chunk is sent again with the same seqs and content. What sled
+//!   writes for a delete is made durable by the next commit's fsync with everything else.
+//! - **Rotation** (a fresh generation, `Store::open` of `gen-<n+1>`): `mkdir`, sled creates
+//!   `db` and `conf` (and may write a snapshot), then `conf` and the generation's directory are
+//!   fsynced, and the buffer directory after it (`Buffer::new_gen`). Nothing is committed into it
+//!   before all of that, so a cut inside leaves an empty generation, or none: no record was in
+//!   it. The generation it follows keeps everything committed into it.
+//! - **Drain** (`delete_generation`): only a generation whose records are all acknowledged is
+//!   deleted; it is renamed to `gen-<n>.drained`, the buffer directory fsynced, then removed. A
+//!   cut before the rename's fsync leaves the generation, sent again (re-sends); after it, the
+//!   leftover `.drained` directory is removed on the next open and never read.
+//! - **Quarantine**: a rename out of the buffer directory, both directories fsynced. A cut
+//!   leaves the generation where it was (tried again on the next open) or moved; it is never
+//!   deleted, and what it may hold is counted as at stake.
+//! - **Start-up** (`Buffer::open_with`): `migrate` moves a pre-generations database into
+//!   `gen-0/` one rename at a time and resumes after a cut; `list_generations` removes
+//!   `.drained` leftovers (nothing unacknowledged); each generation's open removes an unfinished
+//!   snapshot, lets sled write a snapshot of its own (`snap.<lsn>.generating` written, fsynced,
+//!   renamed: a cut leaves a finished snapshot, or an unfinished one that the next open
+//!   removes), and fsyncs `conf` and the directory; sled writes `conf` only when it has none, so
+//!   a torn `conf` belongs to a generation that never took a commit. A scan drops damaged
+//!   chunks (deletes not fsynced: a cut brings them back, to be dropped again). Then the fresh
+//!   generation for commits, as in a rotation.
+//! - **The state file** (`data_dir/state`, `pipeline/seq.rs`): written to a temporary file,
+//!   fsynced, renamed, the directory fsynced, before any seq of the range it reserves is used:
+//!   a cut leaves the old range or the new one, and a seq is never handed out twice. On a full
+//!   disk it is overwritten in place, 128 bytes within one sector, and fsynced.
+//!
+//! What this rests on in sled: every commit's fsync makes all that sled wrote before it durable,
+//! the log's messages carry checksums so recovery stops at a torn tail, and sled's own snapshots
+//! are written to a temporary name, fsynced and renamed. A failed fsync freezes its generation
+//! (see `generation`), since after one the kernel may have dropped pages and the rule above no
+//! longer holds.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -168,9 +223,22 @@ fn open_sled(dir: &Path) -> Result<sled::Db, BufferError> {
     }
 }
 
-/// Whether `dir` holds a database's files itself (a buffer from before generations).
-pub(super) fn holds_database(dir: &Path) -> bool {
-    dir.join("db").exists()
+/// Whether `name` is one of the files a database keeps in its directory.
+pub(super) fn is_database_file(name: &str) -> bool {
+    matches!(name, "db" | "conf" | "blobs") || is_snapshot(name)
+}
+
+/// The database files `dir` holds itself (a buffer from before generations, or what a cut
+/// left of moving one into its first generation).
+pub(super) fn database_files(dir: &Path) -> Result<Vec<OsString>, BufferError> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let name = entry.map_err(|e| io_err(dir, e))?.file_name();
+        if name.to_str().is_some_and(is_database_file) {
+            found.push(name);
+        }
+    }
+    Ok(found)
 }
 
 /// One entry of a database, as a scan reads it.
@@ -239,7 +307,27 @@ impl Store {
     /// Opens (creating it if needed) the database in `dir`.
     pub(super) fn open(dir: &Path) -> Result<Store, BufferError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        let db = open_sled(dir)?;
+        remove_unfinished_snapshots(dir)?;
+        let db = match open_sled(dir) {
+            Ok(db) => db,
+            Err(e) if e.is_io() => return Err(e),
+            // A snapshot is only a shortcut: sled recovers from its log without one. A
+            // database that fails to open is tried once more without its snapshots before
+            // anything is given up.
+            Err(e) => match set_snapshots_aside(dir)? {
+                0 => return Err(e),
+                moved => match open_sled(dir) {
+                    Ok(db) => {
+                        warn!(path = %dir.display(), snapshots = moved, error = %e, "a buffer generation did not open with its snapshot; it opened from its log, the snapshot is kept in {SET_ASIDE}/");
+                        db
+                    }
+                    Err(again) => {
+                        warn!(path = %dir.display(), error = %e, "a buffer generation opens neither with its snapshot nor from its log");
+                        return Err(again);
+                    }
+                },
+            },
+        };
         let files = || -> Result<File, BufferError> {
             let data_path = dir.join("db");
             let data_file = File::open(&data_path).map_err(|e| io_err(&data_path, e))?;
@@ -420,16 +508,89 @@ pub(super) fn list_generations(dir: &Path) -> Result<Vec<u64>, BufferError> {
     Ok(ids)
 }
 
-/// Moves an unusable generation at `path` aside, out of the buffer directory `dir`; returns
+/// Moves the unusable generation `id` aside, out of the buffer directory `dir`, under a name of
+/// its own (`quarantine-gen-<id>-<unix ms>`, with `-2`, `-3`, ... should that be taken); returns
 /// where it went.
-pub(super) fn quarantine(dir: &Path, path: &Path, e: &BufferError) -> Result<PathBuf, BufferError> {
-    let stamp = Timestamp::now().unix_ms();
+pub(super) fn quarantine(dir: &Path, id: u64, e: &BufferError) -> Result<PathBuf, BufferError> {
+    let path = gen_dir(dir, id);
     let parent = dir.parent().unwrap_or(Path::new("."));
-    let aside = parent.join(format!("quarantine-{stamp}"));
+    let aside = fresh_name(
+        parent,
+        &format!("quarantine-gen-{id}-{}", Timestamp::now().unix_ms()),
+    );
     error!(path = %path.display(), quarantine = %aside.display(), error = %e, "buffer generation cannot be opened; moving it aside, never deleting it");
-    std::fs::rename(path, &aside).map_err(|e| io_err(path, e))?;
+    std::fs::rename(&path, &aside).map_err(|e| io_err(&path, e))?;
     fsync_dir(dir)?;
+    fsync_dir(parent)?;
     Ok(aside)
+}
+
+/// `dir/base`, or `dir/base-2`, `dir/base-3`, ... : the first of them nothing has taken.
+pub(super) fn fresh_name(dir: &Path, base: &str) -> PathBuf {
+    let mut path = dir.join(base);
+    let mut n = 1;
+    while path.exists() {
+        n += 1;
+        path = dir.join(format!("{base}-{n}"));
+    }
+    path
+}
+
+/// Where a generation's snapshots go when it opens only without them.
+const SET_ASIDE: &str = "set-aside-snapshots";
+
+/// Whether `name` is one of sled's snapshot files (`snap.<lsn>`, or `snap.<lsn>.generating`
+/// while it writes one; sled itself skips `.in___motion` ones).
+fn is_snapshot(name: &str) -> bool {
+    name.starts_with("snap.") && !name.ends_with(".in___motion")
+}
+
+/// The names of the snapshot files in `dir`.
+fn snapshots(dir: &Path) -> Result<Vec<OsString>, BufferError> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let name = entry.map_err(|e| io_err(dir, e))?.file_name();
+        if name.to_str().is_some_and(is_snapshot) {
+            found.push(name);
+        }
+    }
+    Ok(found)
+}
+
+/// Removes the snapshots sled had not finished. It writes `snap.<lsn>.generating`, fsyncs it and
+/// only then renames it to `snap.<lsn>`; a cut before the rename can leave the entry with its
+/// data missing or torn. But sled 0.34 takes the last `snap.*` name as the snapshot, the
+/// unfinished one included, and refuses to open on a torn one: so a cut while sled wrote a
+/// snapshot (it writes one at every open) made an intact generation unopenable.
+fn remove_unfinished_snapshots(dir: &Path) -> Result<(), BufferError> {
+    for name in snapshots(dir)? {
+        if !name.to_string_lossy().ends_with(".generating") {
+            continue;
+        }
+        let path = dir.join(&name);
+        warn!(path = %path.display(), "removing a snapshot the storage engine had not finished (a cut or a crash while it wrote it); it recovers from its log");
+        std::fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
+    }
+    Ok(())
+}
+
+/// Moves the snapshot files of `dir` into `dir/set-aside-snapshots/`, kept, never deleted;
+/// returns how many were moved.
+fn set_snapshots_aside(dir: &Path) -> Result<usize, BufferError> {
+    let names = snapshots(dir)?;
+    if names.is_empty() {
+        return Ok(0);
+    }
+    let aside = dir.join(SET_ASIDE);
+    std::fs::create_dir_all(&aside).map_err(|e| io_err(&aside, e))?;
+    for name in &names {
+        let to = fresh_name(&aside, &name.to_string_lossy());
+        let from = dir.join(name);
+        std::fs::rename(&from, &to).map_err(|e| io_err(&from, e))?;
+    }
+    fsync_dir(&aside)?;
+    fsync_dir(dir)?;
+    Ok(names.len())
 }
 
 /// Deletes the directory `path` of generation `id`, whose database is closed: renamed first,

@@ -260,7 +260,7 @@ fn a_generation_from_a_newer_version_is_set_aside_not_dropped() {
         b.close().unwrap();
     }
     let (b, report) = Buffer::open(&path).unwrap();
-    let aside = report.quarantined.expect("set aside");
+    let aside = report.quarantined.first().expect("set aside").path.clone();
     assert!(aside.exists());
     assert_eq!((report.records, report.damaged), (0, 0));
     assert!(b.is_empty());
@@ -330,7 +330,7 @@ fn a_generation_from_an_earlier_version_opens_with_its_segment_size_and_records(
         store::write_raw(&gen_dir(&path, 3), true, &values);
     }
     let (b, report) = Buffer::open(&path).unwrap();
-    assert!(report.quarantined.is_none(), "not set aside");
+    assert!(report.quarantined.is_empty(), "not set aside");
     assert_eq!(report.records, 2);
     let all = b.read_range(0, u64::MAX, 10, |_| false).unwrap();
     assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![5, 6]);
@@ -507,7 +507,7 @@ fn an_interrupted_deletion_is_finished_on_open() {
     std::fs::create_dir_all(path.join("gen-3.drained").join("blobs")).unwrap();
     std::fs::write(path.join("gen-3.drained").join("db"), b"half deleted").unwrap();
     let (b, report) = Buffer::open(&path).unwrap();
-    assert!(report.quarantined.is_none());
+    assert!(report.quarantined.is_empty());
     assert!(!path.join("gen-3.drained").exists());
     b.commit(&[rec(1)]).unwrap();
     assert_eq!(b.len(), 1);
@@ -521,8 +521,141 @@ fn a_garbage_database_is_quarantined_not_deleted() {
     std::fs::write(path.join("conf"), b"\xff\xfe garbage").unwrap();
     std::fs::write(path.join("db"), vec![0xAB; 4096]).unwrap();
     let (b, report) = Buffer::open(&path).unwrap();
-    let aside = report.quarantined.expect("quarantined");
+    let aside = report
+        .quarantined
+        .first()
+        .expect("quarantined")
+        .path
+        .clone();
     assert!(aside.join("db").exists(), "the damaged file is kept");
     b.commit(&[rec(1)]).unwrap();
     assert_eq!(b.len(), 1);
+}
+
+/// Commits `seqs` in a buffer of their own start: each call is a generation of its own, since
+/// commits go to a fresh generation after every open.
+fn commit_in_own_generation(path: &Path, seqs: std::ops::RangeInclusive<u64>) {
+    let (b, _) = Buffer::open(path).unwrap();
+    b.commit(&seqs.map(rec).collect::<Vec<_>>()).unwrap();
+    b.close().unwrap();
+}
+
+/// The generation directories under the buffer at `path`.
+fn generation_dirs(path: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(path)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("db").exists())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// What a cut leaves of a snapshot file whose data never reached the disk: the right length,
+/// zeros inside, so its checksum does not match. Named to sort after every real snapshot, as
+/// sled picks the last name.
+fn torn_snapshot(dir: &Path, name: &str) {
+    std::fs::write(dir.join(name), vec![0u8; 64]).unwrap();
+}
+
+#[test]
+fn a_snapshot_left_unfinished_by_a_cut_loses_no_committed_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("buffer");
+    commit_in_own_generation(&path, 1..=20);
+    for gen in generation_dirs(&path) {
+        torn_snapshot(&gen, "snap.FFFFFFFFFFFFFFFF.generating");
+    }
+    let (b, report) = Buffer::open(&path).unwrap();
+    assert!(report.quarantined.is_empty(), "{report:?}");
+    assert_eq!(seqs_on_disk(&b), (1..=20).collect::<Vec<_>>());
+    for gen in generation_dirs(&path) {
+        assert!(!gen.join("snap.FFFFFFFFFFFFFFFF.generating").exists());
+    }
+}
+
+#[test]
+fn a_generation_whose_snapshot_is_torn_opens_from_its_log_and_keeps_the_snapshot_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("buffer");
+    commit_in_own_generation(&path, 1..=20);
+    let gens = generation_dirs(&path);
+    for gen in &gens {
+        torn_snapshot(gen, "snap.FFFFFFFFFFFFFFFF");
+    }
+    let (b, report) = Buffer::open(&path).unwrap();
+    assert!(report.quarantined.is_empty(), "{report:?}");
+    assert_eq!(seqs_on_disk(&b), (1..=20).collect::<Vec<_>>());
+    let kept = gens
+        .iter()
+        .filter(|g| g.join("set-aside-snapshots/snap.FFFFFFFFFFFFFFFF").exists())
+        .count();
+    assert_eq!(kept, gens.len(), "the snapshot is kept, set aside");
+}
+
+/// Makes a generation's database unopenable, with or without its snapshots.
+fn garble(gen: &Path) {
+    std::fs::write(gen.join("conf"), b"\xff\xfe garbage").unwrap();
+    std::fs::write(gen.join("db"), vec![0xAB; 4096]).unwrap();
+}
+
+#[test]
+fn two_unopenable_generations_are_both_moved_aside_and_the_buffer_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("buffer");
+    commit_in_own_generation(&path, 1..=10);
+    commit_in_own_generation(&path, 11..=20);
+    commit_in_own_generation(&path, 21..=30);
+    let gens = generation_dirs(&path);
+    assert_eq!(gens.len(), 3, "{gens:?}");
+    garble(&gens[0]);
+    garble(&gens[1]);
+    let (b, report) = Buffer::open(&path).unwrap();
+    assert_eq!(report.quarantined.len(), 2, "{report:?}");
+    assert_ne!(report.quarantined[0].path, report.quarantined[1].path);
+    assert!(report
+        .quarantined
+        .iter()
+        .all(|q| q.path.join("db").exists()));
+    assert_eq!(seqs_on_disk(&b), (21..=30).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_quarantine_says_how_many_committed_records_it_puts_at_stake() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("buffer");
+    commit_in_own_generation(&path, 1..=10);
+    commit_in_own_generation(&path, 11..=20);
+    commit_in_own_generation(&path, 21..=30);
+    let gens = generation_dirs(&path);
+    garble(&gens[1]);
+    let (b, report) = Buffer::open(&path).unwrap();
+    let q = &report.quarantined[..];
+    assert_eq!(q.len(), 1, "{report:?}");
+    assert_eq!(
+        q[0].at_stake,
+        Some(10),
+        "seqs 11 to 20 lie between its neighbours"
+    );
+    assert!(q[0]
+        .path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("quarantine-gen-")));
+    assert_eq!(report.records, 20);
+    assert_eq!(b.len(), 20);
+}
+
+#[test]
+fn a_quarantine_name_already_taken_gets_a_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = dir.path().join("quarantine-gen-4-1000");
+    std::fs::create_dir(&taken).unwrap();
+    let name = store::fresh_name(dir.path(), "quarantine-gen-4-1000");
+    assert_eq!(name, dir.path().join("quarantine-gen-4-1000-2"));
+    std::fs::create_dir(&name).unwrap();
+    assert_eq!(
+        store::fresh_name(dir.path(), "quarantine-gen-4-1000"),
+        dir.path().join("quarantine-gen-4-1000-3")
+    );
 }
