@@ -218,7 +218,10 @@ impl Rig {
             &script(&["open", NEVER, NEVER, "audit"]),
             &[],
         );
-        let quarantined = audit.lines.iter().any(|l| l.contains("quarantined=1"));
+        let quarantined = audit
+            .lines
+            .iter()
+            .any(|l| l.starts_with("opened") && !l.contains("quarantined=0"));
         let mut problem = None;
         let mut found: BTreeMap<u64, usize> = BTreeMap::new();
         for l in &audit.lines {

@@ -3,7 +3,7 @@
 //!
 //! Operations:
 //! - `open ROTATE_AFTER ROTATE_DRAINED`: `Buffer::open_with(DIR, ...)`; prints
-//!   `opened records=N quarantined=0|1 lost=0|1`. A failed open prints `open failed: ERROR`
+//!   `opened records=N quarantined=GENERATIONS lost=0|1`. A failed open prints `open failed: ERROR`
 //!   and exits with status 2.
 //! - `commit A B`: commits the records `A..=B` in one batch (their content is [`payload`] of
 //!   their seq).
@@ -93,7 +93,7 @@ fn main() -> ExitCode {
                         say(&format!(
                             "opened records={} quarantined={} lost={}",
                             report.records,
-                            u8::from(report.quarantined.is_some()),
+                            report.quarantined.len(),
                             u8::from(report.lost_commits.is_some())
                         ));
                         buffer = Some(b);
