@@ -759,6 +759,22 @@ impl Durable {
     }
 }
 
+/// Strict mode: a file or directory was just created (behind `fd`, or at `path`). Its inode
+/// number may be one a deleted file had, whose image (still named by a durable entry, until its
+/// directory is synced) is not this one's: the image is no longer found by the inode.
+fn new_inode(cfg: &Config, fd: c_int, path: Option<&Path>) {
+    if !cfg.strict {
+        return;
+    }
+    let m = match path {
+        Some(p) => fs::symlink_metadata(p).ok(),
+        None => fstat(fd),
+    };
+    if let Some(m) = m {
+        durable().by_key.remove(&(m.dev(), m.ino()));
+    }
+}
+
 /// An fsync of the directory `real` (its inode `key`): its entries as they are now become its
 /// durable entries. An entry gone from it takes its image to the pending store (a rename to
 /// another directory brings it back from there when that one is synced); a new entry takes the
@@ -1292,9 +1308,11 @@ unsafe fn do_open(
         return call();
     };
     let at = locate(cfg, dirfd, path);
+    let mut creates = false;
     if flags & O_CREAT != 0 {
         if let Place::Under(p) = &at {
             if fs::symlink_metadata(p).is_err() {
+                creates = true;
                 point_in(cfg, Kind::Create);
             }
         }
@@ -1311,7 +1329,12 @@ unsafe fn do_open(
     }
     let fd = call();
     if fd >= 0 {
-        guarded("open", |cfg| opened(cfg, at, fd, flags));
+        guarded("open", |cfg| {
+            if creates {
+                new_inode(cfg, fd, None);
+            }
+            opened(cfg, at, fd, flags)
+        });
     }
     fd
 }
@@ -1795,6 +1818,7 @@ unsafe fn do_mkdir(dirfd: c_int, path: *const c_char, call: impl FnOnce() -> c_i
     if r == 0 {
         guarded("mkdir", |cfg| {
             debug(cfg, || format!("mkdir {}", p.display()));
+            new_inode(cfg, -1, Some(&p));
             state().stats.dir_ops += 1;
             if let Some(s) = shadow_of(cfg, &p).filter(|_| !cfg.strict) {
                 if let Err(e) = fs::create_dir_all(&s) {

@@ -590,7 +590,7 @@ fn a_cut_at_the_nth_call_of_a_kind_comes_before_that_call() {
         match at {
             0 => assert!(rig.read("f").is_none()),
             2 => assert_eq!(rig.read("f").unwrap(), b"", "not synced"),
-            3 | 4 | 5 => assert_eq!(rig.read("f").unwrap(), b"one"),
+            3..=5 => assert_eq!(rig.read("f").unwrap(), b"one"),
             6 => assert!(!rig.root.join("d").exists()),
             8 => assert!(rig.read("f").is_some() && rig.read("g").is_none()),
             9 => assert!(rig.read("g").is_some()),
