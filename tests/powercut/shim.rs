@@ -10,9 +10,9 @@
 //! their directory is fsynced: a file created and never named by a directory fsync vanishes at
 //! the cut (its synced content with it), a rename or an unlink not followed by an fsync of the
 //! directory is undone. A directory fsync makes the directory's entries, as they are at that
-//! moment, its durable entries; an entry moved to another directory leaves this one's durable
-//! image and shows up in the other's when that one is synced (until then it is in neither,
-//! which a real file system may also show after a cut between the two syncs).
+//! moment, its durable entries. A rename is atomic (as in ALICE's model, and in journaling file
+//! systems): a rename to another directory is durable in both once either is synced, if the
+//! other has a durable entry itself.
 //!
 //! Persistence points: every call that may change what a cut leaves is counted, by kind:
 //! `write` (write, pwrite, writev, pwritev and their variants, to a tracked file),
@@ -684,10 +684,13 @@ fn point_if_file(fd: c_int, kind: Kind) {
 /// entry names it yet). Lock order: [`STATE`] may be held when this is taken.
 struct Durable {
     by_key: BTreeMap<Key, PathBuf>,
+    /// Renames not yet durable: the inode and where it went (a real path under the root).
+    moved: BTreeMap<Key, PathBuf>,
 }
 
 static DURABLE: Mutex<Durable> = Mutex::new(Durable {
     by_key: BTreeMap::new(),
+    moved: BTreeMap::new(),
 });
 
 fn durable() -> MutexGuard<'static, Durable> {
@@ -732,6 +735,21 @@ impl Durable {
         made.map_err(|e| format!("make {}: {e}", p.display()))?;
         self.by_key.insert(key, p.clone());
         Ok(p)
+    }
+
+    /// Where the image of `key`, renamed away from its durable entry, goes when the rename
+    /// becomes durable: at its new name, in the image of the directory it is in now, if that
+    /// directory has one.
+    fn destination(&mut self, key: Key) -> Option<PathBuf> {
+        let to = self.moved.remove(&key)?;
+        let m = fs::symlink_metadata(&to).ok()?;
+        if (m.dev(), m.ino()) != key {
+            return None;
+        }
+        let parent = fs::symlink_metadata(to.parent()?).ok()?;
+        let image = self.by_key.get(&(parent.dev(), parent.ino()))?;
+        fs::symlink_metadata(image).ok()?;
+        Some(image.join(to.file_name()?))
     }
 
     fn key_at(&self, p: &Path) -> Option<Key> {
@@ -804,11 +822,17 @@ fn reconcile(cfg: &Config, real: &Path, key: Key) -> Result<(), String> {
             continue;
         }
         match k {
-            Some(k) => d.move_image(&p, &Durable::pending_of(cfg, k))?,
+            // Renamed away: a rename is atomic, so it is durable in both directories at once,
+            // if the one it went to has a durable image.
+            Some(k) => match d.destination(k) {
+                Some(to) => d.move_image(&p, &to)?,
+                None => d.move_image(&p, &Durable::pending_of(cfg, k))?,
+            },
             None => remove_shadow(&p).map_err(|e| format!("remove {}: {e}", p.display()))?,
         }
     }
     for (name, (k, dir)) in want {
+        d.moved.remove(&k);
         let target = img.join(&name);
         match d.by_key.get(&k).cloned() {
             Some(at) if at == target => {}
@@ -1645,6 +1669,9 @@ fn renamed(cfg: &Config, old: Place, new: Place, flags: c_uint) {
         // comes in from outside the root is taken as durable content, with no durable entry.
         match (old, new) {
             (Place::Under(old), Place::Under(new)) => {
+                if let Ok(m) = fs::symlink_metadata(&new) {
+                    durable().moved.insert((m.dev(), m.ino()), new.clone());
+                }
                 let mut st = state();
                 if flags & RENAME_EXCHANGE != 0 {
                     st.exchange(&old, &new);

@@ -40,6 +40,12 @@ struct Scenario {
     held: (u64, u64),
     /// Records the run acknowledges (they may or may not survive).
     acked: Option<(u64, u64)>,
+    /// Damage done to the setup's directory (relative to the buffer) after the setup, and the
+    /// records it puts out of reach (not counted as lost).
+    damage: Option<(fn(&Path), (u64, u64))>,
+    /// A file of the setup (relative to the buffer) that must still be somewhere under the
+    /// directory after every cut, byte for byte (a quarantine never deletes).
+    kept: Option<&'static str>,
 }
 
 fn script(words: &[&str]) -> Vec<String> {
@@ -121,6 +127,24 @@ fn listing(dir: &Path, rel: &Path, out: &mut Vec<String>) {
     }
 }
 
+/// Whether a file under `dir` holds exactly `content`.
+fn holds_file(dir: &Path, content: &[u8]) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => holds_file(&p, content),
+            Ok(t) if t.is_file() => {
+                std::fs::metadata(&p).is_ok_and(|m| m.len() == content.len() as u64)
+                    && std::fs::read(&p).is_ok_and(|c| c == content)
+            }
+            _ => false,
+        }
+    })
+}
+
 /// What one cut found.
 struct Outcome {
     point: (&'static str, u64),
@@ -149,6 +173,9 @@ impl Rig {
             "setup of {}: {:?} {}",
             path.name, ran.lines, ran.stderr
         );
+        if let Some((damage, _)) = path.damage {
+            damage(&setup.join("buffer"));
+        }
         Rig {
             _tmp: tmp,
             setup,
@@ -207,6 +234,9 @@ impl Rig {
         if let Some((a, b)) = path.acked {
             must.retain(|s| !(a..=b).contains(s));
         }
+        if let Some((_, (a, b))) = path.damage {
+            must.retain(|s| !(a..=b).contains(s));
+        }
         for l in &ran.lines {
             let w: Vec<&str> = l.split_whitespace().collect();
             if let ["done", "commit", a, b] = w[..] {
@@ -236,6 +266,14 @@ impl Rig {
         }
         if !audit.exited_ok || !audit.lines.iter().any(|l| l == "done audit") {
             problem = Some("the buffer did not open (or could not be read)".to_string());
+        }
+        if let Some(rel) = path.kept {
+            let want = std::fs::read(self.setup.join("buffer").join(rel)).unwrap();
+            if !holds_file(&self.root, &want) {
+                problem = Some(format!(
+                    "{rel} of the setup is gone (deleted, not set aside)"
+                ));
+            }
         }
         let lost: Vec<u64> = must
             .iter()
@@ -354,6 +392,8 @@ fn every_crash_point_of_a_start_up() {
         window: 0,
         held: (1, 80),
         acked: None,
+        damage: None,
+        kept: None,
     });
 }
 
@@ -366,6 +406,8 @@ fn every_crash_point_of_a_commit() {
         window: 1,
         held: (1, 40),
         acked: None,
+        damage: None,
+        kept: None,
     });
 }
 
@@ -383,6 +425,8 @@ fn every_crash_point_of_a_delete_after_puback() {
         window: 1,
         held: (1, 60),
         acked: Some((1, 40)),
+        damage: None,
+        kept: None,
     });
 }
 
@@ -395,6 +439,8 @@ fn every_crash_point_of_a_rotation() {
         window: 1,
         held: (1, 20),
         acked: None,
+        damage: None,
+        kept: None,
     });
 }
 
@@ -407,5 +453,26 @@ fn every_crash_point_of_a_drain() {
         window: 1,
         held: (1, 80),
         acked: Some((1, 40)),
+        damage: None,
+        kept: None,
+    });
+}
+
+/// Makes the oldest generation unopenable: its configuration file is garbage.
+fn garble_gen_1(buffer: &Path) {
+    std::fs::write(buffer.join("gen-1").join("conf"), "garbage, not a config").unwrap();
+}
+
+#[test]
+fn every_crash_point_of_a_start_up_that_quarantines() {
+    enumerate(&Scenario {
+        name: "start-up quarantining an unopenable generation",
+        setup: &["open", ALWAYS, NEVER, "commit 1 40 commit 41 80 close"],
+        run: &["open", NEVER, NEVER, "close"],
+        window: 0,
+        held: (1, 80),
+        acked: None,
+        damage: Some((garble_gen_1, (1, 40))),
+        kept: Some("gen-1/db"),
     });
 }

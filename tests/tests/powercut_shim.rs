@@ -692,3 +692,22 @@ fn strict_a_renamed_directory_keeps_its_durable_entries() {
     assert_eq!(rig.read("quarantine-1/conf").unwrap(), b"c");
     assert!(!rig.root.join("gen-1").exists());
 }
+
+#[test]
+fn strict_a_rename_to_another_directory_is_durable_in_both_once_either_is_synced() {
+    let Some(rig) = Rig::new() else { return };
+    for synced in ["@/from", "@/to"] {
+        rig.put("from/f", b"data");
+        rig.put("to/keep", b"k");
+        let _ = std::fs::remove_file(rig.root.join("to/f"));
+        strict(&rig, &format!("rename @/from/f @/to/f   dirsync {synced}"));
+        assert_eq!(rig.read("to/f").unwrap(), b"data", "synced {synced}");
+        assert!(rig.read("from/f").is_none(), "synced {synced}");
+    }
+    // Neither synced: undone.
+    rig.put("from/f", b"data");
+    let _ = std::fs::remove_file(rig.root.join("to/f"));
+    strict(&rig, "rename @/from/f @/to/f");
+    assert_eq!(rig.read("from/f").unwrap(), b"data");
+    assert!(rig.read("to/f").is_none());
+}
