@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use gateway_tests::long_mode;
 use gateway_tests::powercut::{self, Points, KINDS};
 
 /// Rotation sizes: never, and at every commit.
@@ -185,6 +186,21 @@ impl Rig {
         }
     }
 
+    /// A rig whose setup is a copy of `dir` (what an earlier cut left).
+    fn from_dir(dir: &Path) -> Rig {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().canonicalize().unwrap();
+        let setup = base.join("setup");
+        copy_tree(dir, &setup);
+        Rig {
+            _tmp: tmp,
+            setup,
+            root: base.join("root"),
+            shadow: base.join("shadow"),
+            points: base.join("points"),
+        }
+    }
+
     /// Runs the path under the shim (cut at `cut`, if given) from the setup's directory.
     fn run(&self, path: &Scenario, cut: Option<(&'static str, u64)>, strict: bool) -> Ran {
         let _ = std::fs::remove_dir_all(&self.root);
@@ -323,6 +339,14 @@ impl Scenario {
             .filter(|w| matches!(w.as_str(), "open" | "commit" | "ack" | "close" | "audit"))
             .count()
     }
+}
+
+/// Every point of a window, one by one.
+fn points_of(window: &[(&'static str, u64, u64)]) -> Vec<(&'static str, u64)> {
+    window
+        .iter()
+        .flat_map(|&(kind, first, last)| (first..=last).map(move |n| (kind, n)))
+        .collect()
 }
 
 /// Enumerates every crash point of `path`, prints what each found, fails on any problem.
@@ -475,4 +499,83 @@ fn every_crash_point_of_a_start_up_that_quarantines() {
         damage: Some((garble_gen_1, (1, 40))),
         kept: Some("gen-1/db"),
     });
+}
+
+/// A start-up cut, and the start-up after it cut again: the recovery of a cut recovery. Every
+/// point of the first start-up under both models (in the default mode every third, models
+/// alternating), and for each, points of the second spread over its window (one in eight, in
+/// turn; in the default mode one).
+#[test]
+fn crash_points_of_a_start_up_after_a_cut_start_up() {
+    if powercut::shim().is_none() {
+        eprintln!("skipped: no power-cut shim on this platform");
+        return;
+    }
+    let started = Instant::now();
+    let path = Scenario {
+        name: "start-up after a cut start-up",
+        setup: &["open", ALWAYS, NEVER, "commit 1 40 commit 41 80 close"],
+        run: &["open", NEVER, NEVER, "close"],
+        window: 0,
+        held: (1, 80),
+        acked: None,
+        damage: None,
+        kept: None,
+    };
+    let first = Rig::new(&path);
+    let firsts = points_of(&first.window(&path));
+    let long = long_mode();
+    let mut runs = 0;
+    let mut problems = Vec::new();
+    for (i, &(kind, n)) in firsts.iter().enumerate() {
+        let models: &[bool] = if long {
+            &[true, false]
+        } else if i % 3 == 0 {
+            if i % 2 == 0 {
+                &[true]
+            } else {
+                &[false]
+            }
+        } else {
+            &[]
+        };
+        for &strict in models {
+            let a = first.cut_at(&path, kind, n, strict);
+            runs += 1;
+            if let Some(p) = a.problem {
+                problems.push(p);
+                continue;
+            }
+            // What the first cut left (the audit's open changed it: take the cut again).
+            let again = first.run(&path, Some((kind, n)), strict);
+            drop(again);
+            powercut::power_cut(&first.root, &first.shadow).unwrap();
+            let second = Rig::from_dir(&first.root);
+            let seconds = points_of(&second.window(&path));
+            let stride = if long { 8 } else { seconds.len().max(1) };
+            for (j, &(kind2, n2)) in seconds.iter().enumerate() {
+                if j % stride != i % stride {
+                    continue;
+                }
+                let b = second.cut_at(&path, kind2, n2, strict);
+                runs += 1;
+                if let Some(p) = b.problem {
+                    problems.push(format!("after a first cut at {kind}:{n}: {p}"));
+                }
+            }
+        }
+    }
+    println!(
+        "crash points of a start-up after a cut start-up: {} points in the first, {runs} cuts \
+         in all; {} problems; {:.1} s",
+        firsts.len(),
+        problems.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        problems.is_empty(),
+        "{} cuts lose or damage committed records:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 }
