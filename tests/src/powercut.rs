@@ -1,7 +1,8 @@
 //! Power cuts for child processes. A child runs with the `powercut` shim preloaded
 //! (`tests/powercut/shim.rs`, built by `tests/build.rs`): it keeps, in a shadow directory, the
 //! image of the child's data directory that a power cut would leave (a file's content and length
-//! as of its last `fsync`/`fdatasync`; directory operations durable at once). After the child was
+//! as of its last `fsync`/`fdatasync`; directory operations durable at once, or with
+//! [`strict_dirs_env`] only once their directory is fsynced). After the child was
 //! killed with SIGKILL, [`power_cut`] puts that image in place of the data directory.
 //!
 //! The cycle: [`prepare`] (everything on disk is durable before a start), start the child with
@@ -14,8 +15,9 @@
 //!
 //! And it cuts at a chosen persistence point: it counts the calls that may change what a cut
 //! leaves, per kind ([`KINDS`]; [`points_env`], [`read_points`]), and [`cut_at_env`] makes the
-//! child kill itself just before the n-th call of a kind. [`strict_dirs_env`] makes directory
-//! entries durable only once their directory is fsynced (the model of ALICE and CrashMonkey).
+//! child kill itself just before the n-th call of a kind (then [`power_cut`] as after a
+//! SIGKILL). [`strict_dirs_env`] makes directory entries durable only once their directory is
+//! fsynced (the model of ALICE and CrashMonkey; renames stay atomic).
 
 use std::ffi::OsString;
 use std::fmt;

@@ -12,6 +12,11 @@
 //! durable at once, as a journal commit forced by any other fsync makes them: a new file whose
 //! data was not synced is there, empty).
 //!
+//! Two more: a start-up that quarantines a generation it cannot open (its data must stay on
+//! disk through every cut), and a start-up cut, then the start-up after it cut again (every
+//! point of the first under both models in the long mode, `GATEWAY_LONG_TESTS=1`; a sample
+//! otherwise). The five paths enumerate every point in both modes.
+//!
 //! The buffer is driven directly by a small child (`buffer-script`), without the gateway and a
 //! broker, so that a cut costs a process start and two opens of the buffer.
 
