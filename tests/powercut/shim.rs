@@ -4,7 +4,9 @@
 //! Model: a file's durable content and length are what they were at its last `fsync` or
 //! `fdatasync` (through any fd on the same file); a file never synced since its creation is
 //! durable as an empty file. `sync_file_range` and everything else give no durability, so a
-//! length a write grew and only `sync_file_range` "synced" goes back at the cut. Directory
+//! length a write grew and only `sync_file_range` "synced" goes back at the cut; with
+//! `POWERCUT_SFR=data`, `sync_file_range` makes the data of its range durable where it lies
+//! within the file's durable length (the pages reached the disk, the length did not). Directory
 //! entries (create, rename, unlink, mkdir, rmdir), by default, are durable at once. In strict
 //! mode (`POWERCUT_STRICT_DIRS=1`, the model of ALICE and CrashMonkey) they are durable only once
 //! their directory is fsynced: a file created and never named by a directory fsync vanishes at
@@ -33,6 +35,7 @@
 //!   written just before it.
 //! - `POWERCUT_POINTS` (optional): a file rewritten at every persistence point with the counts
 //!   per kind (`point.<kind>=<n>` lines; the stats file carries them too).
+//! - `POWERCUT_SFR=data` (optional): `sync_file_range` makes data durable, above.
 //! - `POWERCUT_STRICT_DIRS=1` (optional): the strict directory model above. Images of files and
 //!   directories that no durable entry names yet are kept in `<POWERCUT_SHADOW>.pending/`.
 //! - `POWERCUT_SPACE_FILE` (optional, absolute): the disk-full mode, below.
@@ -253,6 +256,8 @@ struct Config {
     strict: bool,
     /// Strict mode: where images of files and directories with no durable entry are kept.
     pending: PathBuf,
+    /// `POWERCUT_SFR=data`: `sync_file_range` makes data durable (not a length).
+    sfr_data: bool,
 }
 
 static CONFIG: OnceLock<Option<Config>> = OnceLock::new();
@@ -297,6 +302,7 @@ fn config() -> Option<&'static Config> {
                 points: std::env::var_os("POWERCUT_POINTS").map(PathBuf::from),
                 strict,
                 pending: PathBuf::from(pending),
+                sfr_data: std::env::var_os("POWERCUT_SFR").is_some_and(|v| v == "data"),
             };
             if strict {
                 // Everything on disk at the start is durable: the shadow is a copy of the root.
@@ -2090,12 +2096,74 @@ pub unsafe extern "C" fn sync_file_range(fd: c_int, off: OffT, n: OffT, flags: c
     let Some(real) = real!("sync_file_range", F) else {
         return missing();
     };
-    // No durability: only counted.
-    if maybe_tracked(fd) {
-        point_if_file(fd, Kind::SyncFileRange);
-        guarded("sync_file_range", |_| state().stats.sync_file_ranges += 1);
+    // No durability (or, with `POWERCUT_SFR=data`, the data of the range within the durable
+    // length, after the call wrote it out).
+    if !maybe_tracked(fd) {
+        return real(fd, off, n, flags);
     }
-    real(fd, off, n, flags)
+    point_if_file(fd, Kind::SyncFileRange);
+    guarded("sync_file_range", |_| state().stats.sync_file_ranges += 1);
+    let r = real(fd, off, n, flags);
+    if r == 0 && off >= 0 && n >= 0 {
+        guarded("sync_file_range", |cfg| {
+            if cfg.sfr_data {
+                let end = if n == 0 {
+                    u64::MAX
+                } else {
+                    (off as u64).saturating_add(n as u64)
+                };
+                let mut st = state();
+                if let Err(e) = range_data(cfg, &mut st, fd, off as u64, end) {
+                    st.stats.errors += 1;
+                    log(&format!("sync_file_range of fd {fd} not mirrored: {e}"));
+                }
+            }
+        });
+    }
+    r
+}
+
+/// `POWERCUT_SFR=data`: the dirty bytes of `start..end` of the file behind `fd` that lie within
+/// its durable length are copied into its image; the length stays, and so do the dirty ranges
+/// (an fsync copies them again, with the length).
+fn range_data(cfg: &Config, st: &mut State, fd: c_int, start: u64, end: u64) -> Result<(), String> {
+    let Some((key, _, _)) = st.file_key(fd) else {
+        return Ok(());
+    };
+    let Some(t) = st.files.get(&key) else {
+        return Ok(());
+    };
+    let image = if cfg.strict {
+        match durable().by_key.get(&key) {
+            Some(p) => p.clone(),
+            None => return Ok(()),
+        }
+    } else {
+        match t.path.as_deref().and_then(|p| shadow_of(cfg, p)) {
+            Some(p) => p,
+            None => return Ok(()),
+        }
+    };
+    let Ok(sh) = OpenOptions::new().write(true).open(&image) else {
+        // No durable image: nothing of it is durable yet.
+        return Ok(());
+    };
+    let durable_len = sh.metadata().map_err(|e| e.to_string())?.len();
+    let src = File::open(format!("/proc/self/fd/{fd}")).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 1 << 16];
+    for (&s, &e) in &t.dirty.0 {
+        let (mut at, stop) = (s.max(start), e.min(end).min(durable_len));
+        while at < stop {
+            let want = ((stop - at) as usize).min(buf.len());
+            let got = src.read_at(&mut buf[..want], at).map_err(|e| e.to_string())?;
+            if got == 0 {
+                break;
+            }
+            sh.write_all_at(&buf[..got], at).map_err(|e| e.to_string())?;
+            at += got as u64;
+        }
+    }
+    Ok(())
 }
 
 #[no_mangle]

@@ -81,6 +81,12 @@ pub fn strict_dirs_env() -> (&'static str, OsString) {
     ("POWERCUT_STRICT_DIRS", "1".into())
 }
 
+/// Environment making `sync_file_range` durable for data (not for a length): the bytes of its
+/// range that lie within the file's durable length survive the cut, as pages written out do.
+pub fn sfr_data_env() -> (&'static str, OsString) {
+    ("POWERCUT_SFR", "data".into())
+}
+
 /// Persistence points seen, per kind (in the order of [`KINDS`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Points(pub [u64; KINDS.len()]);

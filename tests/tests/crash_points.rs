@@ -6,11 +6,12 @@
 //! every record whose commit had returned before the cut is there with identical content, and
 //! no `seq` comes back with other content.
 //!
-//! Each point is cut twice, once under each directory model of the shim, since a real file
-//! system may leave either: the strict one (an entry created, renamed or removed is durable only
-//! once its directory is fsynced: a new file without one vanishes) and the eager one (entries
-//! durable at once, as a journal commit forced by any other fsync makes them: a new file whose
-//! data was not synced is there, empty).
+//! Each point is cut twice, once under each of two models of the shim, the two ends of what a
+//! real file system may leave: the strict one (an entry created, renamed or removed is durable
+//! only once its directory is fsynced: a new file without one vanishes; `sync_file_range` makes
+//! nothing durable) and the eager one (entries durable at once, as a journal commit forced by
+//! any other fsync makes them: a new file whose data was not synced is there, empty; and
+//! `sync_file_range` makes the data it wrote out durable, within the durable length).
 //!
 //! Two more: a start-up that quarantines a generation it cannot open (its data must stay on
 //! disk through every cut), and a start-up cut, then the start-up after it cut again (every
@@ -218,6 +219,8 @@ impl Rig {
                 .collect();
         if strict {
             envs.push(powercut::strict_dirs_env());
+        } else {
+            envs.push(powercut::sfr_data_env());
         }
         envs.push(powercut::points_env(&self.points));
         if let Some((kind, n)) = cut {

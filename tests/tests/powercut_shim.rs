@@ -711,3 +711,18 @@ fn strict_a_rename_to_another_directory_is_durable_in_both_once_either_is_synced
     assert_eq!(rig.read("from/f").unwrap(), b"data");
     assert!(rig.read("to/f").is_none());
 }
+
+#[test]
+fn with_sfr_data_sync_file_range_makes_data_durable_but_not_a_length() {
+    let Some(rig) = Rig::new() else { return };
+    rig.put("f", b"abcdef");
+    let (cut, _, ready) = rig.run_env(
+        &rig.base,
+        "open a @/f   write a 1 XY   write a 5 Zgrown   sfr a   write a 0 q",
+        &[powercut::sfr_data_env()],
+    );
+    assert!(ready);
+    // Within the old length: durable; past it (the length) and after the call: not.
+    assert_eq!(rig.read("f").unwrap(), b"aXYdeZ");
+    assert_eq!(cut.bytes_reverted, 5 + 1, "{cut}");
+}
