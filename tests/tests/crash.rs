@@ -12,7 +12,8 @@
 //! not durable and goes back. Every cut
 //! reports what it reverted, and a run in which no cut reverted anything fails. Half of the
 //! rounds use the shim's strict directory model (an entry is durable only once its directory
-//! is fsynced), half the eager one.
+//! is fsynced), half the eager one (entries durable at once, and what `sync_file_range` wrote
+//! out within a file's durable length too).
 //!
 //! `GATEWAY_LONG_TESTS=1` runs 50 kills (and 50 cuts) instead of 4 (and 6).
 
@@ -311,6 +312,8 @@ async fn a_power_cut_loses_no_committed_record() {
         }
         if strict {
             extra.push(powercut::strict_dirs_env());
+        } else {
+            extra.push(powercut::sfr_data_env());
         }
         let mut child = spawn_under_shim(&cfg, &data, &shadow, &stats, &log, &extra);
         let (run_ms, killed_at, by_shim) = if at.is_some() {
