@@ -34,6 +34,9 @@ use gateway_tests::powercut::{self, Points, KINDS};
 const NEVER: &str = "1000000000";
 const ALWAYS: &str = "1";
 
+/// Damage to the setup's buffer directory, and the records it puts out of reach.
+type Damage = (fn(&Path), (u64, u64));
+
 /// One path through the buffer.
 struct Scenario {
     name: &'static str,
@@ -49,7 +52,7 @@ struct Scenario {
     acked: Option<(u64, u64)>,
     /// Damage done to the setup's directory (relative to the buffer) after the setup, and the
     /// records it puts out of reach (not counted as lost).
-    damage: Option<(fn(&Path), (u64, u64))>,
+    damage: Option<Damage>,
     /// A file of the setup (relative to the buffer) that must still be somewhere under the
     /// directory after every cut, byte for byte (a quarantine never deletes).
     kept: Option<&'static str>,
