@@ -44,8 +44,10 @@ struct Scenario {
     setup: &'static [&'static str],
     /// Run under the shim, with the cut.
     run: &'static [&'static str],
-    /// Index of the operation of `run` whose persistence points are enumerated.
+    /// Index of the first operation of `run` whose persistence points are enumerated.
     window: usize,
+    /// How many operations, from `window` on, are enumerated.
+    span: usize,
     /// Records present after the setup (committed, not acknowledged).
     held: (u64, u64),
     /// Records the run acknowledges (they may or may not survive).
@@ -242,7 +244,7 @@ impl Rig {
         );
         let p = points_lines(&ran.lines);
         assert_eq!(p.len(), path.run_ops() + 1, "{:?}", ran.lines);
-        let (before, after) = (p[path.window], p[path.window + 1]);
+        let (before, after) = (p[path.window], p[path.window + path.span]);
         KINDS
             .iter()
             .filter(|k| after.get(k) > before.get(k))
@@ -425,6 +427,7 @@ fn every_crash_point_of_a_start_up() {
         setup: &["open", ALWAYS, NEVER, "commit 1 40 commit 41 80 close"],
         run: &["open", NEVER, NEVER, "close"],
         window: 0,
+        span: 1,
         held: (1, 80),
         acked: None,
         damage: None,
@@ -439,6 +442,7 @@ fn every_crash_point_of_a_commit() {
         setup: &["open", NEVER, NEVER, "commit 1 40 close"],
         run: &["open", NEVER, NEVER, "commit 41 100 close"],
         window: 1,
+        span: 1,
         held: (1, 40),
         acked: None,
         damage: None,
@@ -458,6 +462,7 @@ fn every_crash_point_of_a_delete_after_puback() {
         ],
         run: &["open", NEVER, NEVER, "ack 1 40 close"],
         window: 1,
+        span: 1,
         held: (1, 60),
         acked: Some((1, 40)),
         damage: None,
@@ -472,6 +477,7 @@ fn every_crash_point_of_a_rotation() {
         setup: &["open", NEVER, NEVER, "commit 1 20 close"],
         run: &["open", ALWAYS, NEVER, "commit 21 40 close"],
         window: 1,
+        span: 1,
         held: (1, 20),
         acked: None,
         damage: None,
@@ -486,6 +492,7 @@ fn every_crash_point_of_a_drain() {
         setup: &["open", ALWAYS, NEVER, "commit 1 40 commit 41 80 close"],
         run: &["open", ALWAYS, NEVER, "ack 1 40 close"],
         window: 1,
+        span: 1,
         held: (1, 80),
         acked: Some((1, 40)),
         damage: None,
@@ -505,6 +512,7 @@ fn every_crash_point_of_a_start_up_that_quarantines() {
         setup: &["open", ALWAYS, NEVER, "commit 1 40 commit 41 80 close"],
         run: &["open", NEVER, NEVER, "close"],
         window: 0,
+        span: 1,
         held: (1, 80),
         acked: None,
         damage: Some((garble_gen_1, (1, 40))),
@@ -528,6 +536,7 @@ fn crash_points_of_a_start_up_after_a_cut_start_up() {
         setup: &["open", ALWAYS, NEVER, "commit 1 40 commit 41 80 close"],
         run: &["open", NEVER, NEVER, "close"],
         window: 0,
+        span: 1,
         held: (1, 80),
         acked: None,
         damage: None,
@@ -589,4 +598,19 @@ fn crash_points_of_a_start_up_after_a_cut_start_up() {
         problems.len(),
         problems.join("\n")
     );
+}
+
+#[test]
+fn every_crash_point_of_a_first_start_and_its_first_commit() {
+    enumerate(&Scenario {
+        name: "first start (no buffer directory yet), its first commit and close",
+        setup: &[],
+        run: &["open", NEVER, NEVER, "commit 1 40 close"],
+        window: 0,
+        span: 3,
+        held: (1, 0),
+        acked: None,
+        damage: None,
+        kept: None,
+    });
 }
