@@ -520,8 +520,12 @@ pub(super) fn quarantine(dir: &Path, id: u64, e: &BufferError) -> Result<PathBuf
     );
     error!(path = %path.display(), quarantine = %aside.display(), error = %e, "buffer generation cannot be opened; moving it aside, never deleting it");
     std::fs::rename(&path, &aside).map_err(|e| io_err(&path, e))?;
-    fsync_dir(dir)?;
-    fsync_dir(parent)?;
+    // Moved: a cut before these syncs leaves it in one place or the other, never gone.
+    for d in [dir, parent] {
+        if let Err(e) = fsync_dir(d) {
+            warn!(error = %e, "cannot sync a directory after moving a buffer generation aside");
+        }
+    }
     Ok(aside)
 }
 

@@ -659,3 +659,31 @@ fn a_quarantine_name_already_taken_gets_a_number() {
         dir.path().join("quarantine-gen-4-1000-3")
     );
 }
+
+#[test]
+fn a_watermark_older_than_the_quarantined_generation_never_makes_it_look_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("buffer");
+    commit_in_own_generation(&path, 1..=10);
+    commit_in_own_generation(&path, 11..=20);
+    let gens = generation_dirs(&path);
+    let first: u64 = gens[0]
+        .to_string_lossy()
+        .rsplit("gen-")
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // What a cut can leave: the watermark's rename of the newer commits never made durable.
+    Watermark {
+        generation: first,
+        committed_through: 10,
+        acked_below: 1,
+    }
+    .write(&path)
+    .unwrap();
+    garble(&gens[1]);
+    let (_, report) = Buffer::open(&path).unwrap();
+    assert_eq!(report.quarantined.len(), 1, "{report:?}");
+    assert_ne!(report.quarantined[0].at_stake, Some(0), "{report:?}");
+}
