@@ -74,7 +74,7 @@ mod watermark;
 #[cfg(test)]
 pub(crate) use self::record::incompressible;
 pub use self::record::{Record, RecordError, NO_FLAG};
-pub use self::store::{contain_sled_panic_reports, StoreError};
+pub use self::store::{contain_sled_panic_reports, create_dir_durable, StoreError};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -287,7 +287,7 @@ impl Buffer {
         rotate_after: u64,
         rotate_drained: u64,
     ) -> Result<(Buffer, OpenReport), BufferError> {
-        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        store::create_dir_durable(dir).map_err(|e| io_err(dir, e))?;
         migrate::migrate_flat_layout(dir)?;
         let mut report = OpenReport::default();
         let mut gens = Vec::new();

@@ -687,3 +687,17 @@ fn a_watermark_older_than_the_quarantined_generation_never_makes_it_look_empty()
     assert_eq!(report.quarantined.len(), 1, "{report:?}");
     assert_ne!(report.quarantined[0].at_stake, Some(0), "{report:?}");
 }
+
+#[test]
+fn a_directory_made_durably_exists_with_its_parents() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = dir.path().join("a").join("b").join("c");
+    create_dir_durable(&deep).unwrap();
+    assert!(deep.is_dir());
+    create_dir_durable(&deep).unwrap();
+    let relative = Path::new("target-test-relative-dir-made-durably");
+    let _ = std::fs::remove_dir(relative);
+    create_dir_durable(relative).unwrap();
+    assert!(relative.is_dir());
+    std::fs::remove_dir(relative).unwrap();
+}

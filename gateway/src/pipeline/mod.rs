@@ -225,7 +225,7 @@ fn lock_data_dir(data_dir: &std::path::Path) -> Result<Option<std::fs::File>, St
 /// Opens the buffer and starts every task of the gateway.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let data_dir = config.gateway.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir {
+    buffer::create_dir_durable(&data_dir).map_err(|source| StartError::DataDir {
         path: data_dir.clone(),
         source,
     })?;
