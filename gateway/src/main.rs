@@ -43,7 +43,7 @@ enum Command {
         /// Number of simulated devices.
         #[arg(long, default_value_t = 2)]
         devices: usize,
-        /// Scan interval of every tag (e.g. 250ms, 1s).
+        /// Scan interval of every tag (e.g. 250ms, 1s; at least 1ms).
         #[arg(long, default_value = "500ms", value_parser = parse_duration)]
         scan_interval: Duration,
         /// Where the disk buffer lives (default: a folder in the system's temp directory).

@@ -44,9 +44,9 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     /// Age of the oldest record on disk in milliseconds (0 when the disk holds none).
     pub oldest_age_ms: AtomicU64,
-    /// Buffer generations moved aside at start because they could not be opened.
+    /// Buffer generations moved aside because they could not be opened.
     pub quarantined: AtomicU64,
-    /// Losses of committed records found at start: the buffer holding less than its watermark
+    /// Losses of committed records found: the buffer holding less at start than its watermark
     /// says was made durable, and each generation moved aside that may hold committed records.
     pub lost_commits: AtomicU64,
     /// MQTT connection up.
@@ -64,6 +64,14 @@ impl Metrics {
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Counts buffer generations moved aside: each in `quarantined`, and each that may hold
+    /// committed records in `lost_commits` too (a loss until someone recovers it by hand).
+    pub fn count_quarantined(&self, moved: &[crate::buffer::Quarantined]) {
+        Self::add(&self.quarantined, moved.len() as u64);
+        let lost = moved.iter().filter(|q| q.at_stake != Some(0)).count();
+        Self::add(&self.lost_commits, lost as u64);
     }
 }
 

@@ -244,6 +244,14 @@ impl Generation {
     /// Opens generation `id` and reads what it holds, dropping damaged records (a chunk left
     /// with none is deleted), then seals it: it drains, commits go to a fresh one.
     pub(super) fn load(dir: &Path, id: u64) -> Result<(Generation, Scanned), BufferError> {
+        let path = store::gen_dir(dir, id);
+        if !path.is_dir() {
+            // Loading never makes a generation: an empty one would pass for the one that is gone.
+            return Err(super::io_err(
+                &path,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
         let mut g = Generation::open(dir, id)?;
         let mut found = Scanned::default();
         let mut born_ms = None;

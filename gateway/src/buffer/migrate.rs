@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::store::{database_files, fsync_dir, gen_dir};
 use super::{io_err, BufferError};
@@ -24,6 +24,13 @@ pub(super) fn migrate_flat_layout(dir: &Path) -> Result<(), BufferError> {
     std::fs::create_dir_all(&target).map_err(|e| io_err(&target, e))?;
     for name in files {
         let to = target.join(&name);
+        if to.exists() {
+            // Both places: a cut kept the move's new entry but not the old one's removal (a
+            // file system without atomic renames). The moved one is the database's; the other
+            // is kept where it is, never deleted.
+            warn!(path = %dir.join(&name).display(), "a buffer file is both in the buffer directory and in its first generation; the one in the generation is used");
+            continue;
+        }
         std::fs::rename(dir.join(&name), &to).map_err(|e| io_err(&to, e))?;
     }
     fsync_dir(&target)?;

@@ -41,7 +41,9 @@
 //!   `gen-<n>.drained` first (one atomic step, so a crash never leaves a half-deleted database
 //!   to open), then removed.
 //! - Opening never takes the gateway down: a panic inside the store is caught, an unusable
-//!   generation is moved aside to `quarantine-<time>` (never deleted) and the others are kept;
+//!   generation (one that opens neither with its snapshots nor from its log alone) is moved
+//!   aside to `quarantine-gen-<id>-<ms>` (never deleted; it stays in place if it cannot be
+//!   moved), what it may hold is reported, and the others are kept;
 //!   one the disk fails to give (full, I/O error) stays where it is and is tried again once
 //!   commits work.
 //! - Only the newest generation, the oldest one holding records, the one a replay is reading
@@ -53,8 +55,9 @@
 //!   `watermark` file (written, fsynced, renamed): the generation, its commit mark and the
 //!   oldest record not yet acknowledged. On open, a generation whose commit mark is below the
 //!   watermark's lost a commit the store had made durable: that is reported (error log,
-//!   metric), not trusted. The watermark's rename is not fsynced per commit, so after a crash it
-//!   may be one commit old: the check only gets weaker, never wrong.
+//!   metric), not trusted. The watermark's rename is not followed by a directory fsync, so after
+//!   a cut it may be as old as the buffer directory's last fsync (a start, a rotation): the
+//!   check only gets weaker, never wrong.
 //! - A buffer written before generations (the store's files directly in the buffer directory)
 //!   is moved into `gen-0/` on open, so an upgrade keeps its backlog.
 //! - Fault injection for tests (`Faults`) exists only under `cfg(test)`.
@@ -71,7 +74,7 @@ mod watermark;
 #[cfg(test)]
 pub(crate) use self::record::incompressible;
 pub use self::record::{Record, RecordError, NO_FLAG};
-pub use self::store::{contain_sled_panic_reports, StoreError};
+pub use self::store::{contain_sled_panic_reports, create_dir_durable, StoreError};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -192,8 +195,8 @@ pub struct Quarantined {
 /// At most how many committed, unacknowledged records the unopenable generation `id` can hold.
 /// Sequence numbers only grow from one generation to the next, so its records lie above the
 /// commit marks of the older generations that opened and below the first record of the newer
-/// ones, and within the watermark's window (from the oldest record that may be unacknowledged to
-/// the newest commit).
+/// ones, and above the oldest record the watermark says may be unacknowledged; below its newest
+/// commit too, when the watermark names a newer generation.
 fn at_stake(id: u64, gens: &[Generation], watermark: Option<Watermark>) -> Option<u64> {
     let above_older = gens
         .iter()
@@ -207,12 +210,14 @@ fn at_stake(id: u64, gens: &[Generation], watermark: Option<Watermark>) -> Optio
         .filter_map(|g| g.seqs.map(|(lo, _)| lo.checked_sub(1)))
         .min()
         .flatten();
-    let (from, through) = match watermark {
-        Some(w) => (
-            above_older.max(w.acked_below),
-            Some(below_newer.map_or(w.committed_through, |b| b.min(w.committed_through))),
-        ),
-        None => (above_older, below_newer),
+    // The watermark may be old (see the module comment): what it says bounds only the
+    // generations older than the one it names, whose commits all came before it.
+    let from = watermark.map_or(above_older, |w| above_older.max(w.acked_below));
+    let through = match watermark {
+        Some(w) if w.generation > id => {
+            Some(below_newer.map_or(w.committed_through, |b| b.min(w.committed_through)))
+        }
+        _ => below_newer,
     };
     through.map(|t| if t < from { 0 } else { t - from + 1 })
 }
@@ -252,6 +257,8 @@ pub struct Buffer {
     /// Generations that could not be read at open because the disk failed: kept on disk and
     /// tried again after each commit that works.
     deferred: Mutex<Vec<u64>>,
+    /// Generations moved aside after the start, until [`Buffer::take_quarantined`].
+    quarantined_later: Mutex<Vec<Quarantined>>,
     /// The id the next new generation takes.
     next_gen: AtomicU64,
     /// When the deferred generations are tried next.
@@ -280,7 +287,7 @@ impl Buffer {
         rotate_after: u64,
         rotate_drained: u64,
     ) -> Result<(Buffer, OpenReport), BufferError> {
-        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        store::create_dir_durable(dir).map_err(|e| io_err(dir, e))?;
         migrate::migrate_flat_layout(dir)?;
         let mut report = OpenReport::default();
         let mut gens = Vec::new();
@@ -363,6 +370,7 @@ impl Buffer {
             bytes: AtomicU64::new(report.bytes),
             commits: AtomicU64::new(0),
             deferred: Mutex::new(deferred),
+            quarantined_later: Mutex::new(Vec::new()),
             next_gen: AtomicU64::new(next + 1),
             next_retry: Mutex::new(Instant::now() + RETRY_DEFERRED),
             next_attempt: Mutex::new(Instant::now()),
@@ -438,19 +446,48 @@ impl Buffer {
                 gens.insert(at, g);
                 false
             }
+            Err(_) if !gen_dir(&self.dir, id).is_dir() => {
+                warn!(generation = id, "a buffer generation kept for a retry is gone from the disk");
+                false
+            }
             Err(e) if e.is_io() => {
                 debug!(generation = id, error = %e, "buffer generation still unreadable");
                 true
             }
             Err(e) => {
-                if let Err(moved) = store::quarantine(&self.dir, id, &e) {
-                    warn!(generation = id, error = %moved, "cannot move an unusable buffer generation aside");
-                    return true;
+                let at_stake = at_stake(id, &gens, Watermark::read(&self.dir));
+                error!(path = %gen_dir(&self.dir, id).display(), generation = id, committed_records_at_stake = ?at_stake, error = %e, "a buffer generation cannot be opened, even without its snapshots: the committed records it holds are not delivered (the directory is kept for recovery)");
+                match store::quarantine(&self.dir, id, &e) {
+                    Ok(path) => {
+                        self.quarantined_later
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(Quarantined {
+                                generation: id,
+                                path,
+                                at_stake,
+                            });
+                        false
+                    }
+                    Err(moved) => {
+                        warn!(generation = id, error = %moved, "cannot move an unusable buffer generation aside");
+                        true
+                    }
                 }
-                false
             }
         });
         recovered
+    }
+
+    /// The generations moved aside since the last call, after the start (a generation the disk
+    /// failed to give at start, found unusable once it could be read).
+    pub fn take_quarantined(&self) -> Vec<Quarantined> {
+        std::mem::take(
+            &mut *self
+                .quarantined_later
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
     }
 
     /// Takes `seq` out of generation `g` (acknowledged, or unreadable) and deletes its chunk

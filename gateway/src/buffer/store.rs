@@ -58,7 +58,9 @@
 //! - **Quarantine**: a rename out of the buffer directory, both directories fsynced. A cut
 //!   leaves the generation where it was (tried again on the next open) or moved; it is never
 //!   deleted, and what it may hold is counted as at stake.
-//! - **Start-up** (`Buffer::open_with`): `migrate` moves a pre-generations database into
+//! - **Start-up** (`Buffer::open_with`): the data and buffer directories, when new, are made
+//!   with the directories that hold them fsynced (`create_dir_durable`), so neither can vanish
+//!   with what is made durable inside; `migrate` moves a pre-generations database into
 //!   `gen-0/` one rename at a time and resumes after a cut; `list_generations` removes
 //!   `.drained` leftovers (nothing unacknowledged); each generation's open removes an unfinished
 //!   snapshot, lets sled write a snapshot of its own (`snap.<lsn>.generating` written, fsynced,
@@ -277,6 +279,33 @@ impl Batch {
 
 fn fsync_file(path: &Path) -> std::io::Result<()> {
     File::open(path).and_then(|f| f.sync_all())
+}
+
+/// Creates the directory `path` and its missing parents, and fsyncs the directory that holds
+/// each one it created: a directory whose own entry a cut could take back would take every
+/// file made durable in it along (the data directory, the buffer directory).
+pub fn create_dir_durable(path: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = path;
+    while !at.exists() {
+        missing.push(at);
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => break,
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path)?;
+    for created in missing.iter().rev() {
+        let holder = match created.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        fsync_file(holder)?;
+    }
+    Ok(())
 }
 
 /// Fsyncs a directory, so the names created, renamed or removed in it are durable.
@@ -520,8 +549,12 @@ pub(super) fn quarantine(dir: &Path, id: u64, e: &BufferError) -> Result<PathBuf
     );
     error!(path = %path.display(), quarantine = %aside.display(), error = %e, "buffer generation cannot be opened; moving it aside, never deleting it");
     std::fs::rename(&path, &aside).map_err(|e| io_err(&path, e))?;
-    fsync_dir(dir)?;
-    fsync_dir(parent)?;
+    // Moved: a cut before these syncs leaves it in one place or the other, never gone.
+    for d in [dir, parent] {
+        if let Err(e) = fsync_dir(d) {
+            warn!(error = %e, "cannot sync a directory after moving a buffer generation aside");
+        }
+    }
     Ok(aside)
 }
 

@@ -594,6 +594,17 @@ fn a_generation_whose_snapshot_is_torn_opens_from_its_log_and_keeps_the_snapshot
     assert_eq!(kept, gens.len(), "the snapshot is kept, set aside");
 }
 
+/// `n` generations of ten records each (seqs 1 to 10 in the first, and so on); their
+/// directories, oldest first.
+fn generations_of_ten(path: &Path, n: u64) -> Vec<PathBuf> {
+    for i in 0..n {
+        commit_in_own_generation(path, i * 10 + 1..=i * 10 + 10);
+    }
+    let gens = generation_dirs(path);
+    assert_eq!(gens.len() as u64, n, "{gens:?}");
+    gens
+}
+
 /// Makes a generation's database unopenable, with or without its snapshots.
 fn garble(gen: &Path) {
     std::fs::write(gen.join("conf"), b"\xff\xfe garbage").unwrap();
@@ -604,11 +615,7 @@ fn garble(gen: &Path) {
 fn two_unopenable_generations_are_both_moved_aside_and_the_buffer_starts() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("buffer");
-    commit_in_own_generation(&path, 1..=10);
-    commit_in_own_generation(&path, 11..=20);
-    commit_in_own_generation(&path, 21..=30);
-    let gens = generation_dirs(&path);
-    assert_eq!(gens.len(), 3, "{gens:?}");
+    let gens = generations_of_ten(&path, 3);
     garble(&gens[0]);
     garble(&gens[1]);
     let (b, report) = Buffer::open(&path).unwrap();
@@ -625,10 +632,7 @@ fn two_unopenable_generations_are_both_moved_aside_and_the_buffer_starts() {
 fn a_quarantine_says_how_many_committed_records_it_puts_at_stake() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("buffer");
-    commit_in_own_generation(&path, 1..=10);
-    commit_in_own_generation(&path, 11..=20);
-    commit_in_own_generation(&path, 21..=30);
-    let gens = generation_dirs(&path);
+    let gens = generations_of_ten(&path, 3);
     garble(&gens[1]);
     let (b, report) = Buffer::open(&path).unwrap();
     let q = &report.quarantined[..];
@@ -658,4 +662,44 @@ fn a_quarantine_name_already_taken_gets_a_number() {
         store::fresh_name(dir.path(), "quarantine-gen-4-1000"),
         dir.path().join("quarantine-gen-4-1000-3")
     );
+}
+
+#[test]
+fn a_watermark_older_than_the_quarantined_generation_never_makes_it_look_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("buffer");
+    let gens = generations_of_ten(&path, 2);
+    let first: u64 = gens[0]
+        .to_string_lossy()
+        .rsplit("gen-")
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // What a cut can leave: the watermark's rename of the newer commits never made durable.
+    Watermark {
+        generation: first,
+        committed_through: 10,
+        acked_below: 1,
+    }
+    .write(&path)
+    .unwrap();
+    garble(&gens[1]);
+    let (_, report) = Buffer::open(&path).unwrap();
+    assert_eq!(report.quarantined.len(), 1, "{report:?}");
+    assert_ne!(report.quarantined[0].at_stake, Some(0), "{report:?}");
+}
+
+#[test]
+fn a_directory_made_durably_exists_with_its_parents() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = dir.path().join("a").join("b").join("c");
+    create_dir_durable(&deep).unwrap();
+    assert!(deep.is_dir());
+    create_dir_durable(&deep).unwrap();
+    let relative = Path::new("target-test-relative-dir-made-durably");
+    let _ = std::fs::remove_dir(relative);
+    create_dir_durable(relative).unwrap();
+    assert!(relative.is_dir());
+    std::fs::remove_dir(relative).unwrap();
 }

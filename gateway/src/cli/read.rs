@@ -67,7 +67,7 @@ fn parse_parity(s: &str) -> Result<Parity, String> {
         "o" => Ok(Parity::Odd),
         _ => s
             .parse()
-            .map_err(|e: protocols::modbus::UnknownWord| e.to_string()),
+            .map_err(|e: protocols::modbus::UnknownWord| format!("{e} (or n, e, o)")),
     }
 }
 
@@ -88,7 +88,7 @@ fn parse_address(s: &str) -> Result<Address, String> {
 pub enum ReadCommandError {
     /// The config file does not load.
     #[error("{0}")]
-    Config(String),
+    Config(#[from] config::ConfigErrors),
     /// The device or unit is not in the config, is not a Modbus device, or the read asked
     /// for more than one request can return.
     #[error("{0}")]
@@ -188,7 +188,7 @@ fn target(args: &ReadArgs) -> Result<(ModbusSettings, u8, String), ReadCommandEr
             "give --device with --config, or one of --tcp, --rtu-over-tcp, --serial".into(),
         ));
     };
-    let cfg = config::load(path).map_err(|e| ReadCommandError::Config(e.to_string()))?;
+    let cfg = config::load(path)?;
     // `line/unit` names a unit directly, as it appears in topics.
     let (line_name, unit_arg) = match (device.split_once('/'), &args.unit) {
         (Some((line_name, unit)), None) => (line_name, Some(unit.to_string())),

@@ -73,6 +73,9 @@ pub enum BenchError {
     /// Setting up failed.
     #[error("bench setup: {0}")]
     Setup(String),
+    /// The gateway child could not be started.
+    #[error("gateway child: {0}")]
+    Spawn(#[source] std::io::Error),
     /// The gateway child failed.
     #[error("gateway child: {0}")]
     Child(String),
@@ -496,7 +499,7 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| BenchError::Child(e.to_string()))?;
+        .map_err(BenchError::Spawn)?;
     let pid = child
         .id()
         .ok_or_else(|| BenchError::Child("no pid".into()))?;

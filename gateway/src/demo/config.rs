@@ -223,8 +223,8 @@ mod tests {
     }
 
     #[test]
-    fn a_scan_interval_below_a_millisecond_is_written_in_microseconds() {
-        assert_eq!(duration(Duration::from_micros(500)), "\"500us\"");
+    fn a_scan_interval_with_a_fraction_of_a_millisecond_is_written_in_microseconds() {
+        assert_eq!(duration(Duration::from_micros(1500)), "\"1500us\"");
         assert_eq!(duration(Duration::from_millis(250)), "\"250ms\"");
         assert_eq!(duration(Duration::from_secs(2)), "\"2000ms\"");
     }

@@ -303,7 +303,10 @@ pub struct DemoOptions {
 }
 
 /// Runs the demo until Ctrl-C (or the duration), then shuts down cleanly.
-pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoError> {
+pub async fn run(mut opts: DemoOptions, stop: CancellationToken) -> Result<(), DemoError> {
+    // The config file lies in the data directory and names it: absolute, so that it is not
+    // taken relative to the file's own directory.
+    opts.data_dir = std::path::absolute(&opts.data_dir)?;
     let broker = crate::demo::broker::start(16 << 20)?;
     let sims_cancel = CancellationToken::new();
     let servers = start_demo_devices(opts.devices, &sims_cancel).await?;

@@ -101,6 +101,7 @@ fn commit_once(
     if let Some(seq) = shared.buffer.retry_deferred() {
         shared.hint_replay(seq);
     }
+    m.count_quarantined(&shared.buffer.take_quarantined());
     if !deletes.is_empty() {
         if let Err(e) = shared.buffer.remove(&deletes) {
             Metrics::add(&m.io_errors, 1);

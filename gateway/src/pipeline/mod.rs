@@ -225,7 +225,7 @@ fn lock_data_dir(data_dir: &std::path::Path) -> Result<Option<std::fs::File>, St
 /// Opens the buffer and starts every task of the gateway.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let data_dir = config.gateway.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir {
+    buffer::create_dir_durable(&data_dir).map_err(|source| StartError::DataDir {
         path: data_dir.clone(),
         source,
     })?;
@@ -274,16 +274,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     let catalog = Arc::new(catalog);
     let metrics = Arc::new(Metrics::default());
-    Metrics::add(&metrics.quarantined, report.quarantined.len() as u64);
-    // A generation moved aside that may hold committed records is a loss until someone
-    // recovers it by hand: it counts with the commits the store lost.
-    let lost = report.lost_commits.is_some() as u64
-        + report
-            .quarantined
-            .iter()
-            .filter(|q| q.at_stake != Some(0))
-            .count() as u64;
-    Metrics::add(&metrics.lost_commits, lost);
+    metrics.count_quarantined(&report.quarantined);
+    if report.lost_commits.is_some() {
+        Metrics::add(&metrics.lost_commits, 1);
+    }
     let shared = Arc::new(Shared::new(buffer.clone(), metrics.clone()));
 
     let cancel = CancellationToken::new();
