@@ -13,10 +13,11 @@
 //! any other fsync makes them: a new file whose data was not synced is there, empty; and
 //! `sync_file_range` makes the data it wrote out durable, within the durable length).
 //!
-//! Two more: a start-up that quarantines a generation it cannot open (its data must stay on
-//! disk through every cut), and a start-up cut, then the start-up after it cut again (every
-//! point of the first under both models in the long mode, `GATEWAY_LONG_TESTS=1`; a sample
-//! otherwise). The five paths enumerate every point in both modes.
+//! Three more: a first start (no buffer directory yet) with its first commit and close; a
+//! start-up that quarantines a generation it cannot open (its data must stay on disk through
+//! every cut); and a start-up cut, then the start-up after it cut again (every point of the
+//! first under both models in the long mode, `GATEWAY_LONG_TESTS=1`; a sample otherwise). All
+//! but the last enumerate every point in both modes.
 //!
 //! The buffer is driven directly by a small child (`buffer-script`), without the gateway and a
 //! broker, so that a cut costs a process start and two opens of the buffer.
@@ -398,12 +399,13 @@ fn enumerate(path: &Scenario) {
     let problems: Vec<&String> = outcomes.iter().filter_map(|o| o.problem.as_ref()).collect();
     println!(
         "crash points of {}: {total} ({}), each cut under both directory models: {reverting} of {} \
-         cuts reverted something, {} bytes in all; quarantined after {quarantines:?}; {} \
+         cuts reverted something, {} bytes in all; {} cuts left a generation quarantined; {} \
          problems; {:.1} s",
         path.name,
         per_kind.join(", "),
         outcomes.len(),
         outcomes.iter().map(|o| o.reverted_bytes).sum::<u64>(),
+        quarantines.len(),
         problems.len(),
         started.elapsed().as_secs_f64()
     );
