@@ -360,6 +360,9 @@ struct Tracked {
     /// Where the file is now (absolute, under the root); `None` once unlinked.
     path: Option<PathBuf>,
     dirty: Ranges,
+    /// Positioned writes under way (`expect` to `settle`): a sync copies them too and does not
+    /// forget them, as one may land on the disk before or after the sync sees it.
+    inflight: Vec<(u64, u64)>,
     fds: usize,
 }
 
@@ -442,7 +445,10 @@ impl State {
         if let Some(Fd::File { key, .. }) = self.fds.remove(&fd) {
             if let Some(t) = self.files.get_mut(&key) {
                 t.fds = t.fds.saturating_sub(1);
-                if t.fds == 0 && (t.dirty.0.is_empty() || t.path.is_none()) {
+                if t.fds == 0
+                    && t.inflight.is_empty()
+                    && (t.dirty.0.is_empty() || t.path.is_none())
+                {
                     self.files.remove(&key);
                 }
             }
@@ -461,13 +467,26 @@ impl State {
         }
     }
 
-    /// `start..end` of the file behind `fd` is about to be written: marked dirty before the
-    /// write, so that an fsync on another thread that sees the write land before it is counted
-    /// (`mark`) still copies it, instead of finding a length with no write behind it.
+    /// `start..end` of the file behind `fd` is about to be written. Until [`State::settle`],
+    /// every sync copies the range (whatever the disk holds there then), so a sync on another
+    /// thread that sees the write land before it is counted (`mark`) still makes it durable,
+    /// instead of finding a length with no write behind it. A write at an offset known only
+    /// afterwards (O_APPEND) is not covered.
     fn expect(&mut self, fd: c_int, start: u64, end: u64) {
         if let Some((key, _, _)) = self.file_key(fd) {
             if let Some(t) = self.files.get_mut(&key) {
-                t.dirty.add(start, end);
+                t.inflight.push((start, end));
+            }
+        }
+    }
+
+    /// The write `expect` announced is over (landed, short, or failed).
+    fn settle(&mut self, fd: c_int, start: u64, end: u64) {
+        if let Some((key, _, _)) = self.file_key(fd) {
+            if let Some(t) = self.files.get_mut(&key) {
+                if let Some(i) = t.inflight.iter().position(|&r| r == (start, end)) {
+                    t.inflight.swap_remove(i);
+                }
             }
         }
     }
@@ -1293,6 +1312,7 @@ fn opened(cfg: &Config, at: Place, fd: c_int, flags: c_int) {
             let t = st.files.entry(key).or_insert_with(|| Tracked {
                 path: None,
                 dirty: Ranges::default(),
+                inflight: Vec::new(),
                 fds: 0,
             });
             t.path = Some(path);
@@ -1430,16 +1450,21 @@ unsafe fn do_write(fd: c_int, n: usize, call: impl FnOnce(usize) -> SsizeT) -> S
         Some((off >= 0).then_some(off as u64))
     })
     .flatten();
-    if let Some(Some(at)) = before {
-        guarded("write", |_| {
-            state().expect(fd, at, at.saturating_add(n as u64));
-            Some(())
-        });
-    }
+    let announced = match before {
+        Some(Some(at)) => {
+            let range = (at, at.saturating_add(n as u64));
+            guarded("write", |_| state().expect(fd, range.0, range.1));
+            Some(range)
+        }
+        _ => None,
+    };
     let n = match before {
         Some(at) => limited_write(fd, at, n, call),
         None => call(n),
     };
+    if let Some((start, end)) = announced {
+        guarded("write", |_| state().settle(fd, start, end));
+    }
     if n > 0 {
         if let Some(before) = before {
             guarded("write", |_| {
@@ -1469,11 +1494,18 @@ unsafe fn do_pwrite(fd: c_int, off: OffT, n: usize, call: impl FnOnce(usize) -> 
         Some(append)
     })
     .flatten();
+    let requested = n;
     let n = match append {
         // On an O_APPEND fd the data goes to the end, whatever the offset (Linux).
         Some(append) if off >= 0 => limited_write(fd, (!append).then_some(off as u64), n, call),
         _ => call(n),
     };
+    if append == Some(false) && off >= 0 {
+        let start = off as u64;
+        guarded("pwrite", |_| {
+            state().settle(fd, start, start.saturating_add(requested as u64))
+        });
+    }
     if n > 0 && off >= 0 {
         guarded("pwrite", |_| written(fd, Some(off as u64), n, true));
     }
@@ -1538,6 +1570,9 @@ fn sync_file(cfg: &Config, st: &mut State, fd: c_int) -> Result<u64, String> {
         }
     };
     let sh_len = sh.metadata().map_err(|e| err("stat", e))?.len();
+    for &(start, end) in &t.inflight {
+        t.dirty.add(start, end);
+    }
     if t.dirty.0.is_empty() {
         if sh_len == len {
             return Ok(0);
@@ -2010,6 +2045,7 @@ unsafe fn do_truncate(path: *const c_char, len: OffT, call: impl FnOnce() -> c_i
                 .or_insert_with(|| Tracked {
                     path: None,
                     dirty: Ranges::default(),
+                inflight: Vec::new(),
                     fds: 0,
                 });
             t.path = Some(p);
