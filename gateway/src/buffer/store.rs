@@ -57,7 +57,8 @@
 //!   leftover `.drained` directory is removed on the next open and never read.
 //! - **Quarantine**: a rename out of the buffer directory, both directories fsynced. A cut
 //!   leaves the generation where it was (tried again on the next open) or moved; it is never
-//!   deleted, and what it may hold is counted as at stake.
+//!   deleted, and what it may hold is counted as at stake. This rests on the rename being atomic
+//!   across the two directories (as journaling file systems make it): never in neither.
 //! - **Start-up** (`Buffer::open_with`): the data and buffer directories, when new, are made
 //!   with the directories that hold them fsynced (`create_dir_durable`), so neither can vanish
 //!   with what is made durable inside; `migrate` moves a pre-generations database into
