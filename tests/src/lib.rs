@@ -506,25 +506,33 @@ pub fn contiguous_seqs(messages: &[Received], boot: u64) -> Vec<u64> {
     seqs
 }
 
-/// A broker on 127.0.0.1 that answers every CONNECT with a refusing CONNACK and closes.
-pub struct RefusingBroker {
+/// A broker on 127.0.0.1 that answers every CONNECT with the same CONNACK: a refusing one (then
+/// it closes), or an accepting one (then it acknowledges every QoS 1 PUBLISH and answers pings,
+/// and keeps nothing).
+pub struct FakeBroker {
     attempts: Arc<Mutex<Vec<Instant>>>,
+    publishes: Arc<AtomicU64>,
     cancel: CancellationToken,
 }
 
-impl RefusingBroker {
-    /// CONNECT packets refused so far.
+impl FakeBroker {
+    /// CONNECT packets answered so far.
     pub fn attempts(&self) -> usize {
         self.attempts.lock().unwrap().len()
     }
 
-    /// When each refused CONNECT arrived, oldest first.
+    /// When each CONNECT arrived, oldest first.
     pub fn attempt_times(&self) -> Vec<Instant> {
         self.attempts.lock().unwrap().clone()
     }
+
+    /// PUBLISH packets received (and acknowledged) so far.
+    pub fn publishes(&self) -> u64 {
+        self.publishes.load(Ordering::Relaxed)
+    }
 }
 
-impl Drop for RefusingBroker {
+impl Drop for FakeBroker {
     fn drop(&mut self) {
         self.cancel.cancel();
     }
@@ -532,45 +540,85 @@ impl Drop for RefusingBroker {
 
 /// Starts a broker that refuses every CONNECT with return `code` (MQTT 3.1.1: 1 to 5, 5 = not
 /// authorized); it stops when the handle is dropped.
-pub async fn refusing_broker(code: u8) -> (SocketAddr, RefusingBroker) {
+pub async fn refusing_broker(code: u8) -> (SocketAddr, FakeBroker) {
+    fake_broker(0, code).await
+}
+
+/// Starts a broker that answers every clean-session CONNECT with "session present", which MQTT
+/// forbids, and then acknowledges whatever it is sent: a client that believed it would hand it
+/// publishes an old session left behind, and take their acknowledgements for its new ones.
+pub async fn session_present_broker() -> (SocketAddr, FakeBroker) {
+    fake_broker(1, 0).await
+}
+
+async fn fake_broker(flags: u8, code: u8) -> (SocketAddr, FakeBroker) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let attempts = Arc::new(Mutex::new(Vec::new()));
+    let publishes = Arc::new(AtomicU64::new(0));
     let cancel = CancellationToken::new();
-    let (a, c) = (attempts.clone(), cancel.clone());
+    let (a, n, c) = (attempts.clone(), publishes.clone(), cancel.clone());
     tokio::spawn(async move {
         loop {
             let (mut conn, _) = tokio::select! {
                 _ = c.cancelled() => return,
                 r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
             };
-            let a = a.clone();
-            let c = c.clone();
+            let (a, n, c) = (a.clone(), n.clone(), c.clone());
             tokio::spawn(async move {
-                let refuse = async {
-                    if read_connect(&mut conn).await.is_some() {
-                        a.lock().unwrap().push(Instant::now());
-                        let _ = conn.write_all(&[0x20, 0x02, 0x00, code]).await;
-                        let _ = conn.shutdown().await;
+                let answer = async {
+                    if read_connect(&mut conn).await.is_none() {
+                        return;
                     }
+                    a.lock().unwrap().push(Instant::now());
+                    let _ = conn.write_all(&[0x20, 0x02, flags, code]).await;
+                    if code != 0 {
+                        let _ = conn.shutdown().await;
+                        return;
+                    }
+                    serve_acking(&mut conn, &n).await;
                 };
                 tokio::select! {
-                    _ = tokio::time::timeout(Duration::from_secs(5), refuse) => {}
+                    _ = answer => {}
                     _ = c.cancelled() => {}
                 }
             });
         }
     });
-    (addr, RefusingBroker { attempts, cancel })
+    let broker = FakeBroker {
+        attempts,
+        publishes,
+        cancel,
+    };
+    (addr, broker)
 }
 
-/// Reads one MQTT CONNECT packet; `None` if the stream ends first or sends something else.
-async fn read_connect(conn: &mut TcpStream) -> Option<()> {
-    const CONNECT: u8 = 1;
-    let first = conn.read_u8().await.ok()?;
-    if first >> 4 != CONNECT {
-        return None;
+/// Acknowledges every QoS 1 PUBLISH on `conn` and answers pings, until the stream ends.
+async fn serve_acking(conn: &mut TcpStream, publishes: &AtomicU64) {
+    const PUBLISH: u8 = 3;
+    const PINGREQ: u8 = 12;
+    while let Some((first, body)) = read_packet(conn).await {
+        let reply = match first >> 4 {
+            PUBLISH if (first >> 1) & 3 == 1 && body.len() >= 2 => {
+                publishes.fetch_add(1, Ordering::Relaxed);
+                let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                match body.get(2 + topic_len..4 + topic_len) {
+                    Some(pkid) => vec![0x40, 0x02, pkid[0], pkid[1]],
+                    None => return,
+                }
+            }
+            PINGREQ => vec![0xD0, 0x00],
+            _ => continue,
+        };
+        if conn.write_all(&reply).await.is_err() {
+            return;
+        }
     }
+}
+
+/// Reads one MQTT packet: its first byte and its body; `None` when the stream ends.
+async fn read_packet(conn: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let first = conn.read_u8().await.ok()?;
     let mut len = 0u64;
     for i in 0..4 {
         let b = conn.read_u8().await.ok()?;
@@ -579,9 +627,16 @@ async fn read_connect(conn: &mut TcpStream) -> Option<()> {
             break;
         }
     }
-    let mut body = vec![0u8; usize::try_from(len).ok()?.min(1 << 16)];
+    let mut body = vec![0u8; usize::try_from(len).ok()?.min(1 << 24)];
     conn.read_exact(&mut body).await.ok()?;
-    Some(())
+    Some((first, body))
+}
+
+/// Reads one MQTT CONNECT packet; `None` if the stream ends first or sends something else.
+async fn read_connect(conn: &mut TcpStream) -> Option<()> {
+    const CONNECT: u8 = 1;
+    let (first, _) = read_packet(conn).await?;
+    (first >> 4 == CONNECT).then_some(())
 }
 
 /// The TOML config of a gateway child for the crash and disk tests: gateway `id`, one Modbus

@@ -17,7 +17,7 @@ use edge_gateway::metrics::Metrics;
 use edge_gateway::pipeline::Running;
 use gateway_tests::{
     assert_resends_identical, contiguous_len, contiguous_seqs, drained, eventually,
-    refusing_broker, Collector, GatewayRig, Received,
+    refusing_broker, session_present_broker, Collector, GatewayRig, Received,
 };
 
 /// Simulated devices, each scanned every `SCAN`: one record per device and scan.
@@ -120,6 +120,34 @@ async fn a_refused_connect_is_retried_with_growing_delays_and_nothing_is_lost_on
         sub.messages().iter().any(Received::historical),
         "what waited out the refusal comes flagged historical"
     );
+}
+
+/// A broker that answers a clean-session CONNECT with "session present" (MQTT forbids it) may
+/// hold anything of an old session; rumqttc then re-sends its own leftovers first, with old
+/// packet ids, which shifts the window's mapping of acknowledgements to records. Such a CONNACK
+/// is a protocol error: nothing is published on it, so nothing is credited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connack_claiming_a_session_is_refused_and_nothing_is_credited_until_a_sound_broker() {
+    let (lying_addr, lying) = session_present_broker().await;
+    let rig = rig(Some(lying_addr)).await;
+    let sub = rig.collector().await;
+    let gw = rig.start().await;
+    let m = gw.metrics.clone();
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(lying.attempts() >= 2, "the gateway keeps trying");
+    assert_eq!(
+        lying.publishes(),
+        0,
+        "nothing is published on such a connection"
+    );
+    assert_eq!(Metrics::get(&m.acked), 0, "nothing is taken as delivered");
+    assert_eq!(Metrics::get(&m.mqtt_connects), 0);
+    assert!(!m.mqtt_connected.load(Ordering::Relaxed));
+
+    // A sound broker again: everything arrives.
+    rig.proxy.repoint(rig.broker.addr());
+    drain_and_audit(gw, &[&sub]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

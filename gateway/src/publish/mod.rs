@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use protocols::backoff::Backoff;
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, Notify};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::buffer::Record;
 use crate::config::MqttSettings;
@@ -85,10 +85,19 @@ pub fn dead_link(
     }
 }
 
-/// Drops what rumqttc remembers of a finished connection beyond its own `clean()`.
+/// Drops what rumqttc remembers of a finished connection beyond its own `clean()`: its events,
+/// a packet-id collision, and the publishes it would send again before anything new (it keeps
+/// them when a broker answers "session present"). The gateway re-sends from its ledger and the
+/// disk; a publish rumqttc re-sent on its own would shift the window's pkid-to-record mapping.
 fn forget_old_connection(el: &mut EventLoop) {
     el.state.events.clear();
     el.state.collision = None;
+    el.pending.clear();
+}
+
+/// Whether a CONNACK contradicts the clean session the gateway always asks for.
+fn claims_a_session(event: &Option<Result<Event, ConnectionError>>) -> bool {
+    matches!(event, Some(Ok(Event::Incoming(Packet::ConnAck(ack)))) if ack.session_present)
 }
 
 /// Builds the MQTT client options from the settings.
@@ -129,6 +138,8 @@ pub struct Publisher {
     replay_held_until: Option<Instant>,
     connected: bool,
     draining: bool,
+    /// A CONNACK claiming a session was logged (once per run of such answers).
+    session_lie_logged: bool,
     down_logged: bool,
     kick: Arc<Notify>,
 }
@@ -169,6 +180,7 @@ impl Publisher {
             connected: false,
             draining: false,
             down_logged: false,
+            session_lie_logged: false,
             kick: Arc::new(Notify::new()),
         };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(15));
@@ -202,6 +214,18 @@ impl Publisher {
                         forget_old_connection(&mut el);
                     }
                     let delay = match event {
+                        _ if claims_a_session(&event) => {
+                            // MQTT forbids it; a broker that does it may hold anything of an
+                            // old session: a protocol error, never a connection to publish on.
+                            if !p.session_lie_logged {
+                                error!(host = %p.settings.host, port = p.settings.port, "the broker answered a clean-session CONNECT with \"session present\" (MQTT forbids it); not publishing on this connection, retrying");
+                                p.session_lie_logged = true;
+                            }
+                            p.on_disconnect("CONNACK with session present for a clean session");
+                            el.clean();
+                            forget_old_connection(&mut el);
+                            backoff.next_delay()
+                        }
                         Some(Ok(ev)) => {
                             if p.on_event(ev) {
                                 backoff.reset();
@@ -368,6 +392,7 @@ impl Publisher {
                 info!(host = %self.settings.host, port = self.settings.port, "connected to MQTT broker");
                 self.connected = true;
                 self.down_logged = false;
+                self.session_lie_logged = false;
                 self.window.clear();
                 self.last_ack = None;
                 // Everything on disk is unacknowledged: replay it from the start.
