@@ -551,6 +551,35 @@ pub async fn session_present_broker() -> (SocketAddr, FakeBroker) {
     fake_broker(1, 0).await
 }
 
+/// How a [`rule_breaking_broker`] answers once it has accepted a CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misbehaviour {
+    /// Acknowledges each PUBLISH with a packet id the client never used.
+    AcksUnknownPacketIds,
+    /// Sends bytes that are no MQTT packet.
+    SendsGarbage,
+    /// Announces a packet of 256 MiB (the largest remaining length MQTT can encode) and sends
+    /// no more.
+    AnnouncesAHugePacket,
+}
+
+/// Starts a broker that accepts every CONNECT (a sound CONNACK) and then breaks the protocol
+/// as `how` says; it stops when the handle is dropped.
+pub async fn rule_breaking_broker(how: Misbehaviour) -> (SocketAddr, FakeBroker) {
+    let code = match how {
+        Misbehaviour::AcksUnknownPacketIds => ACKS_UNKNOWN,
+        Misbehaviour::SendsGarbage => SENDS_GARBAGE,
+        Misbehaviour::AnnouncesAHugePacket => ANNOUNCES_HUGE,
+    };
+    fake_broker(0, code).await
+}
+
+/// Pseudo return codes of [`fake_broker`] for an accepting CONNACK (code 0 on the wire)
+/// followed by a misbehaviour; real refusals are 1 to 5.
+const ACKS_UNKNOWN: u8 = 0x81;
+const SENDS_GARBAGE: u8 = 0x82;
+const ANNOUNCES_HUGE: u8 = 0x83;
+
 async fn fake_broker(flags: u8, code: u8) -> (SocketAddr, FakeBroker) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -571,12 +600,23 @@ async fn fake_broker(flags: u8, code: u8) -> (SocketAddr, FakeBroker) {
                         return;
                     }
                     a.lock().unwrap().push(Instant::now());
-                    let _ = conn.write_all(&[0x20, 0x02, flags, code]).await;
-                    if code != 0 {
-                        let _ = conn.shutdown().await;
-                        return;
+                    let on_wire = if code & 0x80 != 0 { 0 } else { code };
+                    let _ = conn.write_all(&[0x20, 0x02, flags, on_wire]).await;
+                    match code {
+                        0 => serve_acking(&mut conn, &n, 0).await,
+                        ACKS_UNKNOWN => serve_acking(&mut conn, &n, 0x4000).await,
+                        SENDS_GARBAGE => {
+                            let _ = conn.write_all(&[0xFF; 64]).await;
+                            let _ = read_packet(&mut conn).await;
+                        }
+                        ANNOUNCES_HUGE => {
+                            let _ = conn.write_all(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F]).await;
+                            let _ = read_packet(&mut conn).await;
+                        }
+                        _ => {
+                            let _ = conn.shutdown().await;
+                        }
                     }
-                    serve_acking(&mut conn, &n).await;
                 };
                 tokio::select! {
                     _ = answer => {}
@@ -593,8 +633,9 @@ async fn fake_broker(flags: u8, code: u8) -> (SocketAddr, FakeBroker) {
     (addr, broker)
 }
 
-/// Acknowledges every QoS 1 PUBLISH on `conn` and answers pings, until the stream ends.
-async fn serve_acking(conn: &mut TcpStream, publishes: &AtomicU64) {
+/// Acknowledges every QoS 1 PUBLISH on `conn` (with its packet id shifted by `shift`, which
+/// 0 leaves as it is) and answers pings, until the stream ends.
+async fn serve_acking(conn: &mut TcpStream, publishes: &AtomicU64, shift: u16) {
     const PUBLISH: u8 = 3;
     const PINGREQ: u8 = 12;
     while let Some((first, body)) = read_packet(conn).await {
@@ -603,7 +644,11 @@ async fn serve_acking(conn: &mut TcpStream, publishes: &AtomicU64) {
                 publishes.fetch_add(1, Ordering::Relaxed);
                 let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
                 match body.get(2 + topic_len..4 + topic_len) {
-                    Some(pkid) => vec![0x40, 0x02, pkid[0], pkid[1]],
+                    Some(pkid) => {
+                        let pkid = u16::from_be_bytes([pkid[0], pkid[1]]) ^ shift;
+                        let [hi, lo] = pkid.to_be_bytes();
+                        vec![0x40, 0x02, hi, lo]
+                    }
                     None => return,
                 }
             }

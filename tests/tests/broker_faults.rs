@@ -17,7 +17,8 @@ use edge_gateway::metrics::Metrics;
 use edge_gateway::pipeline::Running;
 use gateway_tests::{
     assert_resends_identical, contiguous_len, contiguous_seqs, drained, eventually,
-    refusing_broker, session_present_broker, Collector, GatewayRig, Received,
+    refusing_broker, rule_breaking_broker, session_present_broker, Collector, GatewayRig,
+    Misbehaviour, Received,
 };
 
 /// Simulated devices, each scanned every `SCAN`: one record per device and scan.
@@ -148,6 +149,46 @@ async fn a_connack_claiming_a_session_is_refused_and_nothing_is_credited_until_a
     // A sound broker again: everything arrives.
     rig.proxy.repoint(rig.broker.addr());
     drain_and_audit(gw, &[&sub]).await;
+}
+
+/// A broker that accepts the CONNECT and then breaks the protocol: the gateway keeps running,
+/// takes nothing as delivered that a sound broker did not acknowledge, and everything arrives
+/// once it talks to a sound broker again.
+async fn a_rule_breaking_broker_costs_nothing(how: Misbehaviour) {
+    let (bad_addr, bad) = rule_breaking_broker(how).await;
+    let rig = rig(Some(bad_addr)).await;
+    let sub = rig.collector().await;
+    let gw = rig.start().await;
+    let m = gw.metrics.clone();
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(bad.attempts() >= 1, "{how:?}: the gateway connected");
+    assert_eq!(
+        Metrics::get(&m.acked),
+        0,
+        "{how:?}: nothing taken as delivered"
+    );
+
+    // A sound broker from now on; a connection still open to the bad one is cut.
+    rig.proxy.repoint(rig.broker.addr());
+    rig.proxy.cut();
+    rig.proxy.restore();
+    drain_and_audit(gw, &[&sub]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubacks_for_packet_ids_never_used_credit_nothing() {
+    a_rule_breaking_broker_costs_nothing(Misbehaviour::AcksUnknownPacketIds).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_after_the_connack_costs_a_reconnect_and_nothing_else() {
+    a_rule_breaking_broker_costs_nothing(Misbehaviour::SendsGarbage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_announced_packet_costs_a_reconnect_and_nothing_else() {
+    a_rule_breaking_broker_costs_nothing(Misbehaviour::AnnouncesAHugePacket).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
