@@ -322,12 +322,10 @@ impl Checker<'_> {
         }
         if let Some(&first) = names.get(name) {
             let first_path = tags.index(first).key("name");
-            let message = match self.line_of(&first_path) {
-                Some(line) => {
-                    format!("duplicate tag name `{name}`: the tag on line {line} has it already")
-                }
-                None => format!("duplicate tag name `{name}`: {first_path} has it already"),
-            };
+            let message = format!(
+                "duplicate tag name `{name}`: {} has it already",
+                self.first_holder(&first_path, "tag")
+            );
             self.report(&name_path, message);
         } else {
             names.insert(name.to_owned(), index);

@@ -83,6 +83,15 @@ impl Checker<'_> {
         self.locator.line_of(path)
     }
 
+    /// Names the first holder of a value that must be unique, for a duplicate's problem: `the
+    /// {what} on line N` where its line is known, its field path otherwise.
+    fn first_holder(&self, first_path: &FieldPath, what: &str) -> String {
+        match self.line_of(first_path) {
+            Some(line) => format!("the {what} on line {line}"),
+            None => first_path.to_string(),
+        }
+    }
+
     /// Deserializes one unit; every unknown key and bad value is reported, and the unit is
     /// retried without it so that all of them are found. Also returns the keys dropped for a
     /// bad value, whose defaults must not be checked against other keys. A device's or tag's

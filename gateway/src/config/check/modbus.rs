@@ -438,12 +438,10 @@ impl Checker<'_> {
         }
         if let Some(&first) = names.get(&name) {
             let first_path = units.index(first).key("name");
-            let message = match self.line_of(&first_path) {
-                Some(line) => {
-                    format!("duplicate unit name `{name}`: the unit on line {line} has it already")
-                }
-                None => format!("duplicate unit name `{name}`: {first_path} has it already"),
-            };
+            let message = format!(
+                "duplicate unit name `{name}`: {} has it already",
+                self.first_holder(&first_path, "unit")
+            );
             self.report(&name_path, message);
         } else {
             names.insert(name.clone(), index);
@@ -485,12 +483,10 @@ impl Checker<'_> {
             return;
         };
         let first_path = units.index(first).key("unit_id");
-        let message = match self.line_of(&first_path) {
-            Some(line) => {
-                format!("duplicate unit_id {unit_id}: the unit on line {line} has it already")
-            }
-            None => format!("duplicate unit_id {unit_id}: {first_path} has it already"),
-        };
+        let message = format!(
+            "duplicate unit_id {unit_id}: {} has it already",
+            self.first_holder(&first_path, "unit")
+        );
         self.report(&units.index(index).key("unit_id"), message);
     }
 
