@@ -541,14 +541,14 @@ impl Drop for FakeBroker {
 /// Starts a broker that refuses every CONNECT with return `code` (MQTT 3.1.1: 1 to 5, 5 = not
 /// authorized); it stops when the handle is dropped.
 pub async fn refusing_broker(code: u8) -> (SocketAddr, FakeBroker) {
-    fake_broker(0, code).await
+    fake_broker(Answer::Refuse(code)).await
 }
 
 /// Starts a broker that answers every clean-session CONNECT with "session present", which MQTT
 /// forbids, and then acknowledges whatever it is sent: a client that believed it would hand it
 /// publishes an old session left behind, and take their acknowledgements for its new ones.
 pub async fn session_present_broker() -> (SocketAddr, FakeBroker) {
-    fake_broker(1, 0).await
+    fake_broker(Answer::ClaimSessionAndAckAll).await
 }
 
 /// How a [`rule_breaking_broker`] answers once it has accepted a CONNECT.
@@ -566,21 +566,32 @@ pub enum Misbehaviour {
 /// Starts a broker that accepts every CONNECT (a sound CONNACK) and then breaks the protocol
 /// as `how` says; it stops when the handle is dropped.
 pub async fn rule_breaking_broker(how: Misbehaviour) -> (SocketAddr, FakeBroker) {
-    let code = match how {
-        Misbehaviour::AcksUnknownPacketIds => ACKS_UNKNOWN,
-        Misbehaviour::SendsGarbage => SENDS_GARBAGE,
-        Misbehaviour::AnnouncesAHugePacket => ANNOUNCES_HUGE,
-    };
-    fake_broker(0, code).await
+    fake_broker(Answer::Accept(how)).await
 }
 
-/// Pseudo return codes of [`fake_broker`] for an accepting CONNACK (code 0 on the wire)
-/// followed by a misbehaviour; real refusals are 1 to 5.
-const ACKS_UNKNOWN: u8 = 0x81;
-const SENDS_GARBAGE: u8 = 0x82;
-const ANNOUNCES_HUGE: u8 = 0x83;
+/// How a [`fake_broker`] answers each CONNECT, and what it does after.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// A CONNACK refusing with this return code, then it closes.
+    Refuse(u8),
+    /// A CONNACK saying "session present", then it acknowledges every publish.
+    ClaimSessionAndAckAll,
+    /// A sound CONNACK, then the misbehaviour.
+    Accept(Misbehaviour),
+}
 
-async fn fake_broker(flags: u8, code: u8) -> (SocketAddr, FakeBroker) {
+impl Answer {
+    /// The CONNACK packet.
+    fn connack(self) -> [u8; 4] {
+        match self {
+            Answer::Refuse(code) => [0x20, 0x02, 0x00, code],
+            Answer::ClaimSessionAndAckAll => [0x20, 0x02, 0x01, 0x00],
+            Answer::Accept(_) => [0x20, 0x02, 0x00, 0x00],
+        }
+    }
+}
+
+async fn fake_broker(answer: Answer) -> (SocketAddr, FakeBroker) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let attempts = Arc::new(Mutex::new(Vec::new()));
@@ -600,21 +611,22 @@ async fn fake_broker(flags: u8, code: u8) -> (SocketAddr, FakeBroker) {
                         return;
                     }
                     a.lock().unwrap().push(Instant::now());
-                    let on_wire = if code & 0x80 != 0 { 0 } else { code };
-                    let _ = conn.write_all(&[0x20, 0x02, flags, on_wire]).await;
-                    match code {
-                        0 => serve_acking(&mut conn, &n, 0).await,
-                        ACKS_UNKNOWN => serve_acking(&mut conn, &n, 0x4000).await,
-                        SENDS_GARBAGE => {
+                    let _ = conn.write_all(&answer.connack()).await;
+                    match answer {
+                        Answer::Refuse(_) => {
+                            let _ = conn.shutdown().await;
+                        }
+                        Answer::ClaimSessionAndAckAll => serve_acking(&mut conn, &n, 0).await,
+                        Answer::Accept(Misbehaviour::AcksUnknownPacketIds) => {
+                            serve_acking(&mut conn, &n, 0x4000).await
+                        }
+                        Answer::Accept(Misbehaviour::SendsGarbage) => {
                             let _ = conn.write_all(&[0xFF; 64]).await;
                             let _ = read_packet(&mut conn).await;
                         }
-                        ANNOUNCES_HUGE => {
+                        Answer::Accept(Misbehaviour::AnnouncesAHugePacket) => {
                             let _ = conn.write_all(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F]).await;
                             let _ = read_packet(&mut conn).await;
-                        }
-                        _ => {
-                            let _ = conn.shutdown().await;
                         }
                     }
                 };
