@@ -11,3 +11,4 @@ pub mod encode;
 pub mod metrics;
 pub mod pipeline;
 pub mod publish;
+pub mod secret;

@@ -57,6 +57,8 @@ use std::time::Duration;
 use protocols::modbus::ModbusSettings;
 use protocols::opcua::OpcUaSettings;
 
+use crate::secret::SecretSource;
+
 pub use problem::{ConfigErrors, Problem};
 pub use values::{parse_duration, DurationError};
 
@@ -123,16 +125,27 @@ pub struct MqttSettings {
     pub host: String,
     /// Broker port.
     pub port: u16,
+    /// TLS, for an `mqtts://` (or `ssl://`) url; `None` for plain TCP.
+    pub tls: Option<TlsSettings>,
+    /// MQTT 3.1.1 (the default) or 5.
+    pub protocol_version: ProtocolVersion,
     /// MQTT client id.
     pub client_id: String,
-    /// Topic prefix; records go to `{topic_prefix}/{device}`.
+    /// Topic prefix; records go to `{topic_prefix}/{device}` unless `topic` says otherwise.
     pub topic_prefix: String,
+    /// Where a device's records go.
+    pub topic: TopicTemplate,
+    /// Whether the gateway publishes its own status (`{topic_prefix}/status`, retained, with
+    /// the same document as its last will).
+    pub status: bool,
     /// Payload format.
     pub format: Format,
     /// User name, if the broker wants one.
     pub username: Option<String>,
-    /// File holding the password; read at start-up, never logged.
-    pub password_file: Option<PathBuf>,
+    /// File holding the password; read at each connect, never logged.
+    pub password_file: Option<SecretSource>,
+    /// An Azure IoT Hub device key: the password is a SAS token computed from it.
+    pub sas: Option<SasSettings>,
     /// MQTT keep-alive.
     pub keep_alive: Duration,
     /// Publishes in flight (sent, not yet acknowledged) at most.
@@ -144,6 +157,109 @@ pub struct MqttSettings {
     /// Unacknowledged publishes and no PUBACK for this long (or one publish skipped this long
     /// while later ones are acknowledged) is taken as a dead link: reconnect.
     pub ack_timeout: Duration,
+    /// The first wait between failed connection attempts (doubling, jittered).
+    pub backoff_min: Duration,
+    /// The longest wait between connection attempts.
+    pub backoff_max: Duration,
+}
+
+/// The MQTT protocol version spoken to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProtocolVersion {
+    /// MQTT 3.1.1 (`protocol_version = 4`, the protocol level it sends).
+    #[default]
+    V311,
+    /// MQTT 5 (`protocol_version = 5`).
+    V5,
+}
+
+/// `[mqtt]` keys for TLS. Files are read again at each connection attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsSettings {
+    /// CA certificates (PEM) the broker's certificate must chain to; the system's roots when
+    /// absent.
+    pub ca_file: Option<PathBuf>,
+    /// The name the broker's certificate must carry, when it differs from the url's host (a
+    /// broker reached by IP address).
+    pub server_name: Option<String>,
+    /// The client certificate chain (PEM), for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PKCS#8, PKCS#1 or SEC1 PEM).
+    pub key_file: Option<SecretSource>,
+    /// ALPN protocols to offer (AWS IoT Core on port 443 wants `x-amzn-mqtt-ca`).
+    pub alpn: Vec<String>,
+    /// Accept any server certificate. For commissioning only: warned about at every connect.
+    pub insecure_skip_verify: bool,
+}
+
+/// `[mqtt] sas_key_file` and `sas_ttl`: the password is an Azure IoT Hub SAS token signed with
+/// the device key, for the resource `{host}/devices/{client_id}`, renewed before it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SasSettings {
+    /// The device's shared access key (base64, as the portal shows it).
+    pub key_file: SecretSource,
+    /// How long each token is valid.
+    pub ttl: Duration,
+}
+
+/// `[mqtt] topic`: where a device's records go, with the placeholders `{topic_prefix}`,
+/// `{device}`, `{client_id}` and `{gateway}`. The default is `{topic_prefix}/{device}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate(pub(crate) String);
+
+impl TopicTemplate {
+    /// The placeholders a template may use.
+    pub const PLACEHOLDERS: [&'static str; 4] =
+        ["{topic_prefix}", "{device}", "{client_id}", "{gateway}"];
+
+    /// The template's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The topic of `device`'s records. One pass over the template: a value that itself looks
+    /// like a placeholder is not expanded again.
+    pub fn render(&self, mqtt: &MqttSettings, gateway: &str, device: &str) -> String {
+        let mut out = String::with_capacity(self.0.len() + 32);
+        let mut rest = self.0.as_str();
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            rest = &rest[open..];
+            let value = [
+                ("{topic_prefix}", mqtt.topic_prefix.as_str()),
+                ("{client_id}", mqtt.client_id.as_str()),
+                ("{gateway}", gateway),
+                ("{device}", device),
+            ]
+            .into_iter()
+            .find(|(name, _)| rest.starts_with(name));
+            match value {
+                Some((name, value)) => {
+                    out.push_str(value);
+                    rest = &rest[name.len()..];
+                }
+                None => {
+                    out.push('{');
+                    rest = &rest[1..];
+                }
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+impl Default for TopicTemplate {
+    fn default() -> Self {
+        TopicTemplate("{topic_prefix}/{device}".to_owned())
+    }
+}
+
+impl MqttSettings {
+    /// The topic of the gateway's status and last will.
+    pub fn status_topic(&self) -> String {
+        format!("{}/status", self.topic_prefix)
+    }
 }
 
 /// One `[[devices]]` entry.

@@ -114,6 +114,19 @@ pub(super) struct RawMqtt {
     pub(super) max_packet_size: Option<Size>,
     pub(super) shutdown_grace: Option<Dur>,
     pub(super) ack_timeout: Option<Dur>,
+    pub(super) protocol_version: Option<i64>,
+    pub(super) topic: Option<String>,
+    pub(super) status: Option<bool>,
+    pub(super) backoff_min: Option<Dur>,
+    pub(super) backoff_max: Option<Dur>,
+    pub(super) ca_file: Option<String>,
+    pub(super) server_name: Option<String>,
+    pub(super) cert_file: Option<String>,
+    pub(super) key_file: Option<String>,
+    pub(super) alpn: Option<Vec<String>>,
+    pub(super) insecure_skip_verify: Option<bool>,
+    pub(super) sas_key_file: Option<String>,
+    pub(super) sas_ttl: Option<Dur>,
 }
 
 /// A `protocol = "modbus_tcp"`, `"modbus_rtu"` or `"modbus_rtu_over_tcp"` `[[devices]]`

@@ -16,6 +16,7 @@ pub(super) const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 pub(super) const NONZERO: Duration = Duration::from_nanos(1);
 pub(super) const MS: Duration = Duration::from_millis(1);
 pub(super) const DEFAULT_MQTT_PORT: u16 = 1883;
+pub(super) const DEFAULT_MQTTS_PORT: u16 = 8883;
 
 // ---- Durations and sizes -----------------------------------------------------------------
 
@@ -253,28 +254,38 @@ pub(super) fn split_host_port(
 /// Why the broker URL was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(super) enum UrlError {
-    #[error("expected `mqtt://HOST[:PORT]`, e.g. \"mqtt://10.0.0.5:1883\"")]
+    #[error("expected `mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]`, e.g. \"mqtts://broker.example.com\"")]
     Form,
-    #[error("TLS is not supported yet: use mqtt:// or tcp://")]
-    Tls,
-    #[error("unsupported scheme `{0}://`: use mqtt:// or tcp://")]
+    #[error("MQTT over WebSocket is not supported: use mqtts:// (TLS) or mqtt://")]
+    WebSocket,
+    #[error("unsupported scheme `{0}://`: use mqtts:// (TLS) or mqtt://")]
     Scheme(String),
     #[error("credentials do not belong in the url: use `username` and `password_file`")]
     Credentials,
-    #[error("the url must be `mqtt://HOST[:PORT]`, without a path, query or fragment")]
+    #[error("the url must be `mqtt[s]://HOST[:PORT]`, without a path, query or fragment")]
     Path,
     #[error("{0}")]
     HostPort(#[from] HostPortError),
 }
 
-/// Splits `mqtt://host[:port]` (or `tcp://`) into host and port, port 1883 by default.
-pub(super) fn parse_mqtt_url(url: &str) -> Result<(String, u16), UrlError> {
+/// The broker's address from its url.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct BrokerUrl {
+    pub(super) host: String,
+    pub(super) port: u16,
+    pub(super) tls: bool,
+}
+
+/// Splits `mqtt://host[:port]` (or `tcp://`; port 1883 by default) and `mqtts://host[:port]`
+/// (or `ssl://`, `tls://`; port 8883 by default) into host, port and whether TLS is used.
+pub(super) fn parse_mqtt_url(url: &str) -> Result<BrokerUrl, UrlError> {
     let (scheme, rest) = url.split_once("://").ok_or(UrlError::Form)?;
-    match scheme.to_ascii_lowercase().as_str() {
-        "mqtt" | "tcp" => {}
-        "mqtts" | "ssl" | "tls" | "wss" => return Err(UrlError::Tls),
+    let tls = match scheme.to_ascii_lowercase().as_str() {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" | "tls" => true,
+        "ws" | "wss" => return Err(UrlError::WebSocket),
         _ => return Err(UrlError::Scheme(scheme.to_owned())),
-    }
+    };
     if rest.contains('@') {
         return Err(UrlError::Credentials);
     }
@@ -282,7 +293,13 @@ pub(super) fn parse_mqtt_url(url: &str) -> Result<(String, u16), UrlError> {
     if authority.contains(['/', '?', '#']) {
         return Err(UrlError::Path);
     }
-    Ok(split_host_port(authority, Some(DEFAULT_MQTT_PORT))?)
+    let default_port = if tls {
+        DEFAULT_MQTTS_PORT
+    } else {
+        DEFAULT_MQTT_PORT
+    };
+    let (host, port) = split_host_port(authority, Some(default_port))?;
+    Ok(BrokerUrl { host, port, tls })
 }
 
 // ---- Names -------------------------------------------------------------------------------

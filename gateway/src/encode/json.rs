@@ -25,13 +25,18 @@ pub struct JsonEncoder {
 }
 
 impl JsonEncoder {
-    /// An encoder for a gateway id, boot number and topic prefix.
-    pub fn new(gateway: &str, boot: u64, topic_prefix: &str, catalog: &Catalog) -> Self {
+    /// An encoder for a gateway id and boot number; `topic` names a device's topic.
+    pub fn new(
+        gateway: &str,
+        boot: u64,
+        topic: impl Fn(&str) -> String,
+        catalog: &Catalog,
+    ) -> Self {
         let mut quoted = Vec::new();
         write_str(&mut quoted, gateway);
         let topics = catalog
             .devices()
-            .map(|(_, d)| Arc::from(format!("{topic_prefix}/{}", d.name)))
+            .map(|(_, d)| Arc::from(topic(&d.name)))
             .collect();
         let devices = catalog
             .devices()
@@ -200,7 +205,7 @@ mod tests {
             "press7".into(),
             vec!["sine".into(), "odd \"name\"".into(), "txt".into()],
         );
-        JsonEncoder::new("edge-01", 3, "edge/edge-01", &c)
+        JsonEncoder::new("edge-01", 3, |d| format!("edge/edge-01/{d}"), &c)
     }
 
     #[test]

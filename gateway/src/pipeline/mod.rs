@@ -136,6 +136,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The MQTT password's credential cannot be found.
+    #[error("mqtt.password_file: {0}")]
+    Secret(#[from] crate::secret::SecretError),
 }
 
 /// A device's name and live status.
@@ -180,11 +183,12 @@ impl Running {
 }
 
 fn read_password(config: &Config) -> Result<Option<String>, StartError> {
-    let Some(path) = &config.mqtt.password_file else {
+    let Some(source) = &config.mqtt.password_file else {
         return Ok(None);
     };
+    let path = &source.path()?;
     let text = std::fs::read_to_string(path).map_err(|source| StartError::Password {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     })?;
     Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()))
@@ -325,12 +329,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // Only the drivers hold senders now: the writer ends when the last driver does.
     drop(batch_tx);
 
-    let encoder = JsonEncoder::new(
-        &config.gateway.id,
-        boot,
-        &config.mqtt.topic_prefix,
-        &catalog,
-    );
+    let mqtt = &config.mqtt;
+    let topic = |device: &str| mqtt.topic.render(mqtt, &config.gateway.id, device);
+    let encoder = JsonEncoder::new(&config.gateway.id, boot, topic, &catalog);
     let writer = tokio::spawn(run_writer(
         batch_rx,
         encoder,

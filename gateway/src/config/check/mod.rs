@@ -10,6 +10,7 @@
 
 mod devices;
 mod modbus;
+mod mqtt;
 mod opcua;
 
 use std::collections::BTreeSet;
@@ -21,12 +22,11 @@ use serde::de::DeserializeOwned;
 
 use super::de::{plain_serde_message, unknown_key_message, UnitDeserializer, UnitError};
 use super::problem::{ConfigErrors, FieldPath, Locator, Problem};
-use super::raw::{Dur, RawBuffer, RawGateway, RawMqtt, SECTIONS};
+use super::raw::{Dur, RawBuffer, RawGateway, SECTIONS};
 use super::values::{
-    check_client_id, check_gateway_id, check_readable, check_topic_prefix, fmt_duration, fmt_size,
-    parse_mqtt_url, DEFAULT_MQTT_PORT, GIB, KIB, MAX_DURATION, MIB, MS, NONZERO,
+    check_gateway_id, check_readable, fmt_duration, fmt_size, GIB, MAX_DURATION, MIB, MS, NONZERO,
 };
-use super::{BufferSettings, Config, GatewaySettings, MqttSettings};
+use super::{BufferSettings, Config, GatewaySettings};
 use devices::Foreign;
 
 /// Checks the parsed file `root` (the text `src`, named `file` in problems); `dir` is the
@@ -359,84 +359,6 @@ impl Checker<'_> {
             when_full: raw.when_full.unwrap_or_default(),
             commit_interval,
             replay_rate,
-        })
-    }
-
-    fn mqtt(
-        &mut self,
-        value: Option<toml::Value>,
-        gateway_id: Option<&str>,
-    ) -> Option<MqttSettings> {
-        let path = FieldPath::top("mqtt");
-        let table = self.section(value, &path, true)?;
-        let (raw, _) = self.unit::<RawMqtt>(table, &path, &[], None)?;
-        let (host, port) = parse_mqtt_url(&raw.url).unwrap_or_else(|e| {
-            self.report(&path.key("url"), e.to_string());
-            (String::new(), DEFAULT_MQTT_PORT)
-        });
-        let id = gateway_id.unwrap_or("gateway");
-        let client_id = raw.client_id.unwrap_or_else(|| id.to_owned());
-        if let Err(message) = check_client_id(&client_id) {
-            self.report(&path.key("client_id"), message);
-        }
-        let topic_prefix = raw.topic_prefix.unwrap_or_else(|| format!("edge/{id}"));
-        if let Err(message) = check_topic_prefix(&topic_prefix) {
-            self.report(&path.key("topic_prefix"), message);
-        }
-        if let Some(username) = &raw.username {
-            if username.is_empty() {
-                let message = "must not be empty: leave `username` out if the broker wants none";
-                self.report(&path.key("username"), message);
-            } else if username.contains('\0') {
-                self.report(&path.key("username"), "must not contain NUL");
-            }
-        }
-        let password_file = raw
-            .password_file
-            .map(|file| self.credential_file(&path.key("password_file"), &file));
-        let keep_alive = self.duration(
-            &path.key("keep_alive"),
-            raw.keep_alive,
-            Duration::from_secs(30),
-            Duration::from_secs(1),
-            Duration::from_secs(u64::from(u16::MAX)),
-        );
-        let max_inflight = self.integer(&path.key("max_inflight"), raw.max_inflight, 256, 1, 1024);
-        let max_packet_size = raw.max_packet_size.map_or(MIB, |size| size.0);
-        if !(16 * KIB..=256 * MIB).contains(&max_packet_size) {
-            let message = format!(
-                "must be between 16KiB and 256MiB, not {}",
-                fmt_size(max_packet_size)
-            );
-            self.report(&path.key("max_packet_size"), message);
-        }
-        let shutdown_grace = self.duration(
-            &path.key("shutdown_grace"),
-            raw.shutdown_grace,
-            Duration::from_secs(5),
-            Duration::ZERO,
-            MAX_DURATION,
-        );
-        let ack_timeout = self.duration(
-            &path.key("ack_timeout"),
-            raw.ack_timeout,
-            Duration::from_secs(30),
-            NONZERO,
-            MAX_DURATION,
-        );
-        Some(MqttSettings {
-            host,
-            port,
-            client_id,
-            topic_prefix,
-            format: raw.format.unwrap_or_default(),
-            username: raw.username,
-            password_file,
-            keep_alive,
-            max_inflight,
-            max_packet_size: usize::try_from(max_packet_size).unwrap_or(usize::MAX),
-            shutdown_grace,
-            ack_timeout,
         })
     }
 }

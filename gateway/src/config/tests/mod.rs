@@ -16,6 +16,7 @@ use protocols::opcua::{
 
 use super::values::{fmt_duration, fmt_size, parse_size, MAX_DURATION};
 use super::*;
+use crate::secret::SecretSource;
 
 mod opcua;
 mod rtu;
@@ -202,16 +203,23 @@ fn full_contract_example_parses_to_the_expected_runtime_values() {
         mqtt: MqttSettings {
             host: "127.0.0.1".to_owned(),
             port: 1883,
+            tls: None,
+            protocol_version: ProtocolVersion::V311,
             client_id: "edge-01".to_owned(),
             topic_prefix: "edge/edge-01".to_owned(),
+            topic: TopicTemplate::default(),
+            status: true,
             format: Format::Json,
             username: Some("gw".to_owned()),
-            password_file: Some(PathBuf::from("/path")),
+            password_file: Some(SecretSource::File(PathBuf::from("/path"))),
+            sas: None,
             keep_alive: Duration::from_secs(30),
             max_inflight: 256,
             max_packet_size: 1 << 20,
             shutdown_grace: Duration::from_secs(5),
             ack_timeout: Duration::from_secs(30),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(15),
         },
         devices: vec![DeviceSettings {
             name: "press7".into(),
@@ -512,7 +520,7 @@ fn load_resolves_relative_paths_against_the_config_directory() {
         Err(errors) => panic!("{errors}"),
     };
     assert_eq!(config.gateway.data_dir, dir.path().join("data"));
-    assert_eq!(config.mqtt.password_file, Some(secret));
+    assert_eq!(config.mqtt.password_file, Some(SecretSource::File(secret)));
     assert!(
         !format!("{config:?}").contains("hunter2"),
         "the secret is not stored"
