@@ -348,9 +348,11 @@ impl Received {
     }
 }
 
-/// An MQTT subscriber (QoS 1) that keeps every message it receives.
+/// An MQTT subscriber (QoS 1) that keeps every message it receives: records, and apart from
+/// them the gateway's status messages (topics ending in `/status`).
 pub struct Collector {
     messages: Arc<Mutex<Vec<Received>>>,
+    statuses: Arc<Mutex<Vec<Received>>>,
     garbled: Arc<AtomicU64>,
     cancel: CancellationToken,
 }
@@ -362,9 +364,11 @@ impl Collector {
         o.set_max_packet_size(16 << 20, 64 << 10);
         let (client, mut el) = AsyncClient::new(o, 64);
         let messages = Arc::new(Mutex::new(Vec::new()));
+        let statuses = Arc::new(Mutex::new(Vec::new()));
         let garbled = Arc::new(AtomicU64::new(0));
         let cancel = CancellationToken::new();
         let (m, c) = (messages.clone(), cancel.clone());
+        let st = statuses.clone();
         let bad = garbled.clone();
         let (subscribed_tx, mut subscribed) = watch::channel(false);
         let filter = filter.to_string();
@@ -383,7 +387,12 @@ impl Collector {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let Ok(doc) = serde_json::from_slice(&p.payload) {
-                            m.lock().unwrap().push(Received {
+                            let list = if p.topic.ends_with("/status") {
+                                &st
+                            } else {
+                                &m
+                            };
+                            list.lock().unwrap().push(Received {
                                 topic: p.topic.clone(),
                                 doc,
                             });
@@ -399,14 +408,20 @@ impl Collector {
         let _ = tokio::time::timeout(Duration::from_secs(10), subscribed.wait_for(|s| *s)).await;
         Collector {
             messages,
+            statuses,
             garbled,
             cancel,
         }
     }
 
-    /// Everything received so far.
+    /// Every record received so far.
     pub fn messages(&self) -> Vec<Received> {
         self.messages.lock().unwrap().clone()
+    }
+
+    /// Every status message received so far (a retained one first, when the broker had one).
+    pub fn statuses(&self) -> Vec<Received> {
+        self.statuses.lock().unwrap().clone()
     }
 
     /// Messages received whose payload is not JSON (they are not in [`Collector::messages`]).

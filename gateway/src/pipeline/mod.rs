@@ -10,7 +10,7 @@ pub mod ledger;
 pub mod seq;
 pub mod writer;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use protocols::driver::{DeviceStatus, DriverContext, Emitter};
@@ -47,6 +47,9 @@ pub struct Shared {
     replay_hint: Mutex<Option<u64>>,
     /// Wakes the publisher after a commit.
     pub committed: Notify,
+    /// The largest packet the broker takes, from its CONNACK (MQTT 5); the writer makes no
+    /// record larger than this or the configured `max_packet_size`, whichever is smaller.
+    pub broker_packet_limit: AtomicUsize,
 }
 
 impl Shared {
@@ -64,6 +67,7 @@ impl Shared {
             metrics,
             replay_hint: Mutex::new(None),
             committed: Notify::new(),
+            broker_packet_limit: AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -234,7 +238,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         source,
     })?;
     let lock = lock_data_dir(&data_dir)?;
-    let password = read_password(&config)?;
+    // A password that cannot be read stops the start here, with a clear error, rather than in
+    // a retry loop; the publisher reads it again at each connection attempt.
+    read_password(&config)?;
     let buffer_dir = data_dir.join("buffer");
     let fresh = !buffer_dir.exists() && !data_dir.join("state").exists();
     let rotate_after = buffer::rotate_after_for(config.buffer.max_size);
@@ -350,7 +356,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config.mqtt.clone(),
         config.buffer.commit_interval,
         config.buffer.replay_rate,
-        password,
+        (config.gateway.id.clone(), boot),
         shared.clone(),
         live_rx,
     ));
