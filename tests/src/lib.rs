@@ -120,6 +120,7 @@ impl Proxy {
         self.up.store(true, Ordering::SeqCst);
         self.silent.store(false, Ordering::SeqCst);
         let f = &self.faults;
+        f.frozen.store(false, Ordering::SeqCst);
         f.drop_downstream.store(false, Ordering::SeqCst);
         f.cut_after.store(NO_CUT, Ordering::SeqCst);
         f.throttle.store(0, Ordering::SeqCst);
@@ -138,6 +139,12 @@ impl Proxy {
             .cut_after
             .store(n.min(NO_CUT - 1), Ordering::SeqCst);
         self.faults.cut_epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Live and new connections stay open but carry nothing either way (bytes are read and
+    /// dropped), until [`Proxy::restore`]: a pulled cable, without the FIN of a closed socket.
+    pub fn freeze(&self) {
+        self.faults.frozen.store(true, Ordering::SeqCst);
     }
 
     /// Connections cut by [`Proxy::cut_after_bytes`] so far.
@@ -169,6 +176,7 @@ const NO_CUT: u64 = u64::MAX;
 struct Faults {
     upstream: Mutex<SocketAddr>,
     drop_downstream: AtomicBool,
+    frozen: AtomicBool,
     cut_after: AtomicU64,
     cut_epoch: AtomicU64,
     cuts: AtomicU64,
@@ -181,6 +189,7 @@ impl Faults {
         Faults {
             upstream: Mutex::new(upstream),
             drop_downstream: AtomicBool::new(false),
+            frozen: AtomicBool::new(false),
             cut_after: AtomicU64::new(NO_CUT),
             cut_epoch: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
@@ -264,6 +273,9 @@ async fn pump_up(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, f: Arc<Faults>
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        if f.frozen.load(Ordering::SeqCst) {
+            continue;
+        }
         let e = f.cut_epoch.load(Ordering::SeqCst);
         if e != epoch {
             epoch = e;
@@ -309,6 +321,9 @@ async fn pump_down(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, f: Arc<Fault
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        if f.frozen.load(Ordering::SeqCst) {
+            continue;
+        }
         out.clear();
         let drop = |first: u8| f.drop_downstream.load(Ordering::SeqCst) && first >> 4 != CONNACK;
         framer.feed(&buf[..n], |b| !drop(b), &mut out);
@@ -427,6 +442,23 @@ impl Collector {
     /// Messages received whose payload is not JSON (they are not in [`Collector::messages`]).
     pub fn garbled(&self) -> u64 {
         self.garbled.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `pred` holds for the received status messages, or panics after `timeout`.
+    pub async fn wait_for_status(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&[Received]) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !pred(&self.statuses.lock().unwrap()) {
+            if Instant::now() > deadline {
+                let seen: Vec<_> = self.statuses().into_iter().map(|s| s.doc).collect();
+                panic!("timed out waiting for {what}; status messages: {seen:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until `pred` holds for the received messages, or panics after `timeout`.

@@ -249,6 +249,16 @@ impl TopicTemplate {
     }
 }
 
+impl std::str::FromStr for TopicTemplate {
+    type Err = String;
+
+    /// A template, checked as the config file's `topic` is.
+    fn from_str(text: &str) -> Result<Self, String> {
+        values::check_topic_template(text)?;
+        Ok(TopicTemplate(text.to_owned()))
+    }
+}
+
 impl Default for TopicTemplate {
     fn default() -> Self {
         TopicTemplate("{topic_prefix}/{device}".to_owned())

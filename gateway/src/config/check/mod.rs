@@ -304,6 +304,9 @@ impl Checker<'_> {
             .as_ref()
             .map_or_else(|| PathBuf::from("data"), |g| g.data_dir.clone());
         let devices = self.devices(devices, &data_dir);
+        if let (Some(mqtt), Some(devices), Some(id)) = (&mqtt, &devices, &id) {
+            self.status_topic_clash(mqtt, devices, id);
+        }
         Some(Config {
             gateway: gateway?,
             buffer: buffer?,
