@@ -26,6 +26,7 @@ pub mod alias;
 pub mod connect;
 pub(crate) mod link;
 pub mod pace;
+pub(crate) mod sas;
 pub mod status;
 pub mod window;
 
