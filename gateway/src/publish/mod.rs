@@ -23,7 +23,7 @@
 //!   next attempt instead of connecting without them.
 
 pub mod alias;
-pub mod connect;
+pub(crate) mod connect;
 pub(crate) mod link;
 pub mod pace;
 pub(crate) mod sas;
@@ -90,7 +90,7 @@ fn poll_after(
         }
         if let Some(connector) = connect {
             let prepared = match connector.lock() {
-                Ok(c) => c.prepare(),
+                Ok(mut c) => c.prepare(),
                 Err(poisoned) => poisoned.into_inner().prepare(),
             };
             match prepared {
@@ -166,6 +166,8 @@ pub struct Publisher {
     limits: BrokerLimits,
     /// When the current connection was made.
     connected_at: Option<Instant>,
+    /// When the current connection must be made again with a fresh SAS token.
+    renew_at: Option<Instant>,
     connected: bool,
     draining: bool,
     /// A CONNACK claiming a session was logged (once per run of such answers).
@@ -214,6 +216,7 @@ impl Publisher {
             refusal_logged: false,
             limits: BrokerLimits::NONE,
             connected_at: None,
+            renew_at: None,
             connected: false,
             draining: false,
             down_logged: false,
@@ -297,7 +300,10 @@ impl Publisher {
                         p.replay_from = Some(p.replay_from.map_or(seq, |c| c.min(seq)));
                     }
                 }
-                _ = check.tick() => p.check_ack_timeout(),
+                _ = check.tick() => {
+                    p.check_ack_timeout();
+                    p.check_token_renewal();
+                }
                 // The replay waits for its pace; live records and acknowledgements wake the
                 // loop on their own.
                 _ = tokio::time::sleep_until(replay_at.unwrap_or(now).into()), if replay_at.is_some() => {}
@@ -477,6 +483,10 @@ impl Publisher {
         info!(host = %self.settings.host, port = self.settings.port, "connected to MQTT broker");
         self.connected = true;
         self.connected_at = Some(Instant::now());
+        self.renew_at = match self.connector.lock() {
+            Ok(c) => c.renew_in().map(|d| Instant::now() + d),
+            Err(_) => None,
+        };
         self.down_logged = false;
         self.session_lie_logged = false;
         self.too_large_logged = false;
@@ -608,6 +618,17 @@ impl Publisher {
                 self.on_disconnect("ack timeout");
                 self.kick.notify_one();
             }
+        }
+    }
+
+    /// A connection made with a SAS token is made again with a fresh one before the token
+    /// expires (the hub would drop it then): nothing is lost, the window goes out again.
+    fn check_token_renewal(&mut self) {
+        if self.connected && self.renew_at.is_some_and(|t| Instant::now() >= t) {
+            info!("renewing the SAS token: reconnecting");
+            self.renew_at = None;
+            self.on_disconnect("SAS token renewal");
+            self.kick.notify_one();
         }
     }
 

@@ -20,14 +20,6 @@
 //!   stepped back), then signs a fresh one. So the publisher, reconnecting at `renew_at`, never
 //!   offers the hub a token in its last fifth of life.
 
-#![cfg_attr(
-    not(test),
-    allow(
-        dead_code,
-        reason = "the publisher's SAS password uses it once it is wired in"
-    )
-)]
-
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -227,6 +219,7 @@ impl SasRenewal {
 
     /// When the token in use must be renewed (seconds since the Unix epoch); `None` before the
     /// first token.
+    #[cfg(test)]
     pub(crate) fn renew_at(&self) -> Option<u64> {
         self.current.as_ref().map(|c| c.renew_at)
     }

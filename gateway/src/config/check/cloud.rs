@@ -7,8 +7,8 @@
 //!   most 7 slashes in a topic.
 //! - Azure IoT Hub (`*.azure-devices.net`): TLS only; MQTT 3.1.1; device-to-cloud messages on
 //!   `devices/{client_id}/messages/events/` only (a publish elsewhere closes the connection, so
-//!   no status topic); the username `{host}/{client_id}/?api-version=2021-04-12`; a SAS key or a
-//!   client certificate; at most 256KiB per message.
+//!   no status topic); the username `{host}/{client_id}/?api-version=2021-04-12` (given by the
+//!   gateway itself with a SAS key); a SAS key or a client certificate; at most 256KiB per message.
 
 use super::Checker;
 use crate::config::problem::FieldPath;
@@ -19,8 +19,7 @@ use crate::config::{DeviceSettings, MqttSettings, ProtocolVersion};
 const AWS_MAX_SLASHES: usize = 7;
 const AWS_MAX_MESSAGE: u64 = 128 * KIB;
 const AZURE_MAX_MESSAGE: u64 = 256 * KIB;
-/// The API version the gateway's Azure username names.
-pub(crate) const AZURE_API_VERSION: &str = "2021-04-12";
+use crate::config::AZURE_API_VERSION;
 
 /// A cloud broker recognised by its host name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +134,8 @@ impl Checker<'_> {
         );
         match &mqtt.username {
             Some(u) if u.starts_with(&format!("{}/{}/", mqtt.host, mqtt.client_id)) => {}
+            // With a SAS key the gateway gives that username itself.
+            None if mqtt.sas.is_some() => {}
             _ => {
                 let message = format!("Azure IoT Hub wants `username = \"{username}\"` (the hub's host name, then the device id, which is `client_id`)");
                 self.report(&path.key("username"), message);
