@@ -558,6 +558,7 @@ pub fn contiguous_seqs(messages: &[Received], boot: u64) -> Vec<u64> {
 /// and keeps nothing).
 pub struct FakeBroker {
     attempts: Arc<Mutex<Vec<Instant>>>,
+    logins: Arc<Mutex<Vec<Login>>>,
     publishes: Arc<AtomicU64>,
     cancel: CancellationToken,
 }
@@ -577,6 +578,28 @@ impl FakeBroker {
     pub fn publishes(&self) -> u64 {
         self.publishes.load(Ordering::Relaxed)
     }
+
+    /// What each CONNECT carried, oldest first.
+    pub fn logins(&self) -> Vec<Login> {
+        self.logins.lock().unwrap().clone()
+    }
+}
+
+/// The identity a CONNECT carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    /// The client id.
+    pub client_id: String,
+    /// The user name, if any.
+    pub username: Option<String>,
+    /// The password, if any.
+    pub password: Option<String>,
+}
+
+/// Starts a broker that accepts every CONNECT and acknowledges every publish, keeping what
+/// each CONNECT carried ([`FakeBroker::logins`]).
+pub async fn recording_broker() -> (SocketAddr, FakeBroker) {
+    fake_broker(Answer::AcceptAndAckAll).await
 }
 
 impl Drop for FakeBroker {
@@ -625,6 +648,8 @@ enum Answer {
     ClaimSessionAndAckAll,
     /// A sound CONNACK, then the misbehaviour.
     Accept(Misbehaviour),
+    /// A sound CONNACK, then it acknowledges every publish.
+    AcceptAndAckAll,
 }
 
 impl Answer {
@@ -633,7 +658,7 @@ impl Answer {
         match self {
             Answer::Refuse(code) => [0x20, 0x02, 0x00, code],
             Answer::ClaimSessionAndAckAll => [0x20, 0x02, 0x01, 0x00],
-            Answer::Accept(_) => [0x20, 0x02, 0x00, 0x00],
+            Answer::Accept(_) | Answer::AcceptAndAckAll => [0x20, 0x02, 0x00, 0x00],
         }
     }
 }
@@ -642,9 +667,11 @@ async fn fake_broker(answer: Answer) -> (SocketAddr, FakeBroker) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let attempts = Arc::new(Mutex::new(Vec::new()));
+    let logins = Arc::new(Mutex::new(Vec::new()));
     let publishes = Arc::new(AtomicU64::new(0));
     let cancel = CancellationToken::new();
     let (a, n, c) = (attempts.clone(), publishes.clone(), cancel.clone());
+    let l = logins.clone();
     tokio::spawn(async move {
         loop {
             let (mut conn, _) = tokio::select! {
@@ -652,18 +679,22 @@ async fn fake_broker(answer: Answer) -> (SocketAddr, FakeBroker) {
                 r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
             };
             let (a, n, c) = (a.clone(), n.clone(), c.clone());
+            let l = l.clone();
             tokio::spawn(async move {
                 let answer = async {
-                    if read_connect(&mut conn).await.is_none() {
+                    let Some(login) = read_connect(&mut conn).await else {
                         return;
-                    }
+                    };
                     a.lock().unwrap().push(Instant::now());
+                    l.lock().unwrap().push(login);
                     let _ = conn.write_all(&answer.connack()).await;
                     match answer {
                         Answer::Refuse(_) => {
                             let _ = conn.shutdown().await;
                         }
-                        Answer::ClaimSessionAndAckAll => serve_acking(&mut conn, &n, 0).await,
+                        Answer::ClaimSessionAndAckAll | Answer::AcceptAndAckAll => {
+                            serve_acking(&mut conn, &n, 0).await
+                        }
                         Answer::Accept(Misbehaviour::AcksUnknownPacketIds) => {
                             serve_acking(&mut conn, &n, 0x4000).await
                         }
@@ -686,6 +717,7 @@ async fn fake_broker(answer: Answer) -> (SocketAddr, FakeBroker) {
     });
     let broker = FakeBroker {
         attempts,
+        logins,
         publishes,
         cancel,
     };
@@ -736,11 +768,50 @@ async fn read_packet(conn: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     Some((first, body))
 }
 
-/// Reads one MQTT CONNECT packet; `None` if the stream ends first or sends something else.
-async fn read_connect(conn: &mut TcpStream) -> Option<()> {
+/// Reads one MQTT 3.1.1 CONNECT packet; `None` if the stream ends first or sends something
+/// else.
+async fn read_connect(conn: &mut TcpStream) -> Option<Login> {
     const CONNECT: u8 = 1;
-    let (first, _) = read_packet(conn).await?;
-    (first >> 4 == CONNECT).then_some(())
+    let (first, body) = read_packet(conn).await?;
+    if first >> 4 != CONNECT {
+        return None;
+    }
+    parse_connect(&body)
+}
+
+/// The client id, user name and password of a CONNECT body (MQTT 3.1.1).
+fn parse_connect(body: &[u8]) -> Option<Login> {
+    fn field<'a>(body: &'a [u8], at: &mut usize) -> Option<&'a [u8]> {
+        let len = usize::from(u16::from_be_bytes([*body.get(*at)?, *body.get(*at + 1)?]));
+        let value = body.get(*at + 2..*at + 2 + len)?;
+        *at += 2 + len;
+        Some(value)
+    }
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let mut at = 0;
+    field(body, &mut at)?; // protocol name
+    let flags = *body.get(at + 1)?;
+    at += 4; // level, flags, keep-alive
+    let client_id = text(field(body, &mut at)?);
+    if flags & 0x04 != 0 {
+        field(body, &mut at)?; // will topic
+        field(body, &mut at)?; // will message
+    }
+    let username = if flags & 0x80 != 0 {
+        Some(text(field(body, &mut at)?))
+    } else {
+        None
+    };
+    let password = if flags & 0x40 != 0 {
+        Some(text(field(body, &mut at)?))
+    } else {
+        None
+    };
+    Some(Login {
+        client_id,
+        username,
+        password,
+    })
 }
 
 /// The TOML config of a gateway child for the crash and disk tests: gateway `id`, one Modbus
