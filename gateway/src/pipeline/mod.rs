@@ -128,15 +128,7 @@ pub enum StartError {
     /// The disk buffer cannot be opened.
     #[error(transparent)]
     Buffer(#[from] BufferError),
-    /// The MQTT password file cannot be read.
-    #[error("mqtt.password_file {path}: {source}")]
-    Password {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The MQTT password's credential cannot be found.
+    /// The MQTT password cannot be read (its file or credential).
     #[error("mqtt.password_file: {0}")]
     Secret(#[from] crate::secret::SecretError),
 }
@@ -186,12 +178,7 @@ fn read_password(config: &Config) -> Result<Option<String>, StartError> {
     let Some(source) = &config.mqtt.password_file else {
         return Ok(None);
     };
-    let path = &source.path()?;
-    let text = std::fs::read_to_string(path).map_err(|source| StartError::Password {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()))
+    Ok(Some(source.read()?.expose().to_owned()))
 }
 
 /// Takes the data directory's lock (`flock` on `lock`, released by the kernel whenever the
