@@ -5,6 +5,7 @@
 pub mod faulty;
 pub mod fixtures;
 pub mod mosquitto;
+pub mod pki;
 pub mod powercut;
 
 use std::net::SocketAddr;
