@@ -4,6 +4,8 @@
 
 pub mod faulty;
 pub mod fixtures;
+pub mod mosquitto;
+pub mod pki;
 pub mod powercut;
 
 use std::net::SocketAddr;
@@ -375,8 +377,16 @@ pub struct Collector {
 impl Collector {
     /// Subscribes to `filter` on the broker at `port` and waits until the subscription holds.
     pub async fn start(port: u16, filter: &str) -> Collector {
+        Collector::start_as(port, filter, None).await
+    }
+
+    /// [`Collector::start`], logging in with `login` (user name, password) when given.
+    pub async fn start_as(port: u16, filter: &str, login: Option<(&str, &str)>) -> Collector {
         let mut o = MqttOptions::new(format!("collector-{}", rand_id()), "127.0.0.1", port);
         o.set_max_packet_size(16 << 20, 64 << 10);
+        if let Some((user, password)) = login {
+            o.set_credentials(user, password);
+        }
         let (client, mut el) = AsyncClient::new(o, 64);
         let messages = Arc::new(Mutex::new(Vec::new()));
         let statuses = Arc::new(Mutex::new(Vec::new()));
