@@ -321,6 +321,27 @@ impl Mosquitto {
         let _ = child.wait();
     }
 
+    /// Changes the broker's rules (users, ACL) while it runs: rewrites its password and ACL
+    /// files and sends SIGHUP, which makes mosquitto read them again. Connected clients stay
+    /// connected; their next publish is judged by the new rules.
+    pub async fn reload_with(&mut self, change: impl FnOnce(MosquittoBuilder) -> MosquittoBuilder) {
+        let builder = change(std::mem::take(&mut self.builder));
+        let files = builder.write_files(self.dir.path(), &self.collector_password);
+        assert_eq!(
+            files.acl, self.files.acl,
+            "an ACL must exist from the start to be reloaded"
+        );
+        self.builder = builder;
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg("-HUP")
+                .arg(child.id().to_string())
+                .status();
+        }
+        // mosquitto handles the signal in its main loop.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
     /// Kills the broker at once (SIGKILL), as a crash or a power cut would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -10,7 +10,7 @@ pub mod ledger;
 pub mod seq;
 pub mod writer;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use protocols::driver::{DeviceStatus, DriverContext, Emitter};
@@ -49,10 +49,41 @@ pub struct Shared {
     pub committed: Notify,
     /// The largest packet the broker takes, from its CONNACK (MQTT 5); the writer makes no
     /// record larger than this or the configured `max_packet_size`, whichever is smaller.
-    pub broker_packet_limit: AtomicUsize,
+    broker_packet_limit: AtomicUsize,
+    /// Whether the publisher has said what the broker takes (after its first attempt).
+    broker_limit_known: AtomicBool,
+    /// Wakes a writer waiting for the broker's limit.
+    broker_limit_set: Notify,
 }
 
 impl Shared {
+    /// The publisher says what the broker takes: `Some(bytes)` from an MQTT 5 CONNACK, `None`
+    /// for no limit beyond the configured one (MQTT 3.1.1, a broker that names none, or a first
+    /// attempt that failed).
+    pub fn set_broker_packet_limit(&self, limit: Option<usize>) {
+        let limit = limit.unwrap_or(usize::MAX);
+        self.broker_packet_limit.store(limit, Ordering::Relaxed);
+        self.broker_limit_known.store(true, Ordering::Release);
+        self.broker_limit_set.notify_waiters();
+    }
+
+    /// The largest packet the broker takes, as far as known.
+    pub fn broker_packet_limit(&self) -> usize {
+        self.broker_packet_limit.load(Ordering::Relaxed)
+    }
+
+    /// Waits (at most `max`) until the publisher has said what the broker takes, so the first
+    /// records are not made larger than an MQTT 5 broker's limit: a record too large for the
+    /// broker could not be split again without a new seq.
+    pub async fn wait_for_broker_packet_limit(&self, max: std::time::Duration) {
+        let set = self.broker_limit_set.notified();
+        tokio::pin!(set);
+        set.as_mut().enable();
+        if !self.broker_limit_known.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout(max, set).await;
+        }
+    }
+
     /// Shared state over an open buffer.
     pub fn new(buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> Self {
         metrics
@@ -68,6 +99,8 @@ impl Shared {
             replay_hint: Mutex::new(None),
             committed: Notify::new(),
             broker_packet_limit: AtomicUsize::new(usize::MAX),
+            broker_limit_known: AtomicBool::new(false),
+            broker_limit_set: Notify::new(),
         }
     }
 

@@ -2,7 +2,6 @@
 //! drivers' channel, encodes it once into a record, enters it in the [`Ledger`](super::ledger::Ledger) and hands it to
 //! the publisher at once.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +18,10 @@ use crate::pipeline::Shared;
 /// MQTT fixed header, topic length and packet id, and MQTT 5's properties (content type,
 /// payload format, topic alias), beyond topic and payload.
 pub(crate) const PACKET_OVERHEAD: usize = 64;
+
+/// How long the first record waits for the broker's packet size limit (the publisher's first
+/// connection attempt); a broker that is away at start-up costs the first records this delay.
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 fn lock(seqs: &std::sync::Mutex<SeqState>) -> std::sync::MutexGuard<'_, SeqState> {
     // Poisoned only by a panic while held; the state is still what it was.
@@ -56,7 +59,13 @@ pub async fn run_writer(
     let seqs = Arc::new(std::sync::Mutex::new(seqs));
     let mut todo: Vec<Batch> = Vec::new();
     let mut holding = false;
+    let mut first = true;
     while let Some(batch) = batches.recv().await {
+        if std::mem::take(&mut first) {
+            shared
+                .wait_for_broker_packet_limit(FIRST_CONNECT_WAIT)
+                .await;
+        }
         todo.push(batch);
         while let Some(batch) = todo.pop() {
             let seq = loop {
@@ -79,7 +88,7 @@ pub async fn run_writer(
             encoder.set_boot(lock(&seqs).boot());
             let record = encoder.encode(seq, &batch);
             // An MQTT 5 broker may take less than the configured size (its CONNACK says so).
-            let max_packet = max_packet.min(shared.broker_packet_limit.load(Ordering::Relaxed));
+            let max_packet = max_packet.min(shared.broker_packet_limit());
             if record.topic.len() + record.payload.len() + PACKET_OVERHEAD > max_packet {
                 // No seq is used up for a record that is not made: seqs stay contiguous.
                 if batch.samples.len() > 1 {

@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, info, warn};
 
 use crate::buffer::Record;
-use crate::config::MqttSettings;
+use crate::config::{MqttSettings, ProtocolVersion};
 use crate::metrics::Metrics;
 use crate::pipeline::ledger::AckOutcome;
 use crate::pipeline::writer::PACKET_OVERHEAD;
@@ -166,6 +166,8 @@ pub struct Publisher {
     limits: BrokerLimits,
     /// When the current connection was made.
     connected_at: Option<Instant>,
+    /// The first connection attempt has ended (connected or failed).
+    first_attempt_done: bool,
     /// When the current connection must be made again with a fresh SAS token.
     renew_at: Option<Instant>,
     connected: bool,
@@ -216,6 +218,7 @@ impl Publisher {
             refusal_logged: false,
             limits: BrokerLimits::NONE,
             connected_at: None,
+            first_attempt_done: false,
             renew_at: None,
             connected: false,
             draining: false,
@@ -224,6 +227,10 @@ impl Publisher {
             too_large_logged: false,
             kick: Arc::new(Notify::new()),
         };
+        if p.settings.protocol_version == ProtocolVersion::V311 {
+            // MQTT 3.1.1 brokers announce no limit: the configured one is all there is.
+            p.shared.set_broker_packet_limit(None);
+        }
         let mut poll = p.poll_next(link, Duration::ZERO);
         let mut check = tokio::time::interval(Duration::from_millis(500));
         let mut draining_until: Option<tokio::time::Instant> = None;
@@ -321,6 +328,7 @@ impl Publisher {
 
     /// After a lost connection (or a failed attempt): the delay before the next attempt.
     fn after_lost(&mut self, backoff: &mut Backoff, error: &str) -> Duration {
+        self.first_attempt_over();
         let was_connected = self.connected;
         self.on_disconnect(error);
         let healthy = self
@@ -335,8 +343,20 @@ impl Publisher {
         }
     }
 
+    /// The first attempt failed: the writer stops waiting for the broker's limit (the last
+    /// known one, if any, stays).
+    fn first_attempt_over(&mut self) {
+        if !self.first_attempt_done {
+            self.first_attempt_done = true;
+            let limit = self.shared.broker_packet_limit();
+            self.shared
+                .set_broker_packet_limit((limit != usize::MAX).then_some(limit));
+        }
+    }
+
     /// An attempt that could not be prepared: logged once per episode, like a failed attempt.
     fn on_unprepared(&mut self, e: &connect::PrepareError) {
+        self.first_attempt_over();
         if !self.down_logged {
             error!(host = %self.settings.host, port = self.settings.port, error = %e, "cannot connect to the MQTT broker; buffering to disk and retrying");
             self.down_logged = true;
@@ -482,6 +502,7 @@ impl Publisher {
     async fn on_connected(&mut self, limits: BrokerLimits) {
         info!(host = %self.settings.host, port = self.settings.port, "connected to MQTT broker");
         self.connected = true;
+        self.first_attempt_done = true;
         self.connected_at = Some(Instant::now());
         self.renew_at = match self.connector.lock() {
             Ok(c) => c.renew_in().map(|d| Instant::now() + d),
@@ -497,12 +518,8 @@ impl Publisher {
             .map_or(cap, |r| cap.min(usize::from(r)));
         self.window.set_capacity(cap);
         self.aliases.reset(limits.topic_alias_maximum);
-        let broker_max = limits
-            .maximum_packet_size
-            .map_or(usize::MAX, |m| m as usize);
-        self.shared
-            .broker_packet_limit
-            .store(broker_max, Ordering::Relaxed);
+        let broker_max = limits.maximum_packet_size.map(|m| m as usize);
+        self.shared.set_broker_packet_limit(broker_max);
         if !limits.retain_available {
             if let Ok(mut c) = self.connector.lock() {
                 c.will_retained = false;
