@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use edge_gateway::config::{
     BufferSettings, Config, DeviceKind, DeviceSettings, Format, GatewaySettings, MqttSettings,
-    WhenFull,
+    ProtocolVersion, TopicTemplate, WhenFull,
 };
 use edge_gateway::demo::DEMO_TAGS;
 use protocols::modbus::{Address, DataType, ModbusSettings, TagSpec, WordOrder};
@@ -74,16 +74,23 @@ pub fn local_config(
         mqtt: MqttSettings {
             host: "127.0.0.1".into(),
             port: mqtt_port,
+            tls: None,
+            protocol_version: ProtocolVersion::V311,
             client_id: id.into(),
             topic_prefix: format!("edge/{id}"),
+            topic: TopicTemplate::default(),
+            status: true,
             format: Format::Json,
             username: None,
             password_file: None,
+            sas: None,
             keep_alive: Duration::from_secs(30),
             max_inflight: 256,
             max_packet_size: 1 << 20,
             shutdown_grace: Duration::from_secs(2),
             ack_timeout: Duration::from_secs(30),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(15),
         },
         devices,
     }
