@@ -4,6 +4,7 @@
 
 pub mod faulty;
 pub mod fixtures;
+pub mod pki;
 pub mod powercut;
 
 use std::net::SocketAddr;
