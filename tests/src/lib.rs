@@ -6,6 +6,7 @@ pub mod faulty;
 pub mod fixtures;
 pub mod pki;
 pub mod powercut;
+pub mod tls_front;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

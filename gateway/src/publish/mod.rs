@@ -16,6 +16,7 @@
 //!   is a broker that skipped it, and drops the connection too (see [`dead_link`]).
 
 pub mod pace;
+pub(crate) mod tls;
 pub mod window;
 
 use std::collections::VecDeque;
