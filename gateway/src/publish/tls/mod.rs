@@ -103,7 +103,7 @@ pub(crate) enum TlsError {
         path: PathBuf,
     },
     /// A certificate cannot be parsed.
-    #[error("{field}: {}: certificate {index} cannot be parsed: {source}", path.display())]
+    #[error("{field}: certificate {index} in {} cannot be parsed: {source}", path.display())]
     BadCertificate {
         /// The config field naming the file.
         field: &'static str,
@@ -138,7 +138,7 @@ pub(crate) enum TlsError {
     KeyCredential(#[source] SecretError),
     /// `key_file` holds no usable private key; the reason is in words of our own, never the
     /// file's content.
-    #[error("{KEY_FILE}: {key}: {problem}")]
+    #[error("{KEY_FILE}: {key} {problem}")]
     Key {
         /// The file, as the config names it.
         key: String,
@@ -146,7 +146,7 @@ pub(crate) enum TlsError {
         problem: KeyProblem,
     },
     /// rustls cannot sign with the key (an algorithm it does not support).
-    #[error("{KEY_FILE}: {key}: the key cannot be used (rustls supports RSA, ECDSA P-256/P-384 and Ed25519 keys): {source}")]
+    #[error("{KEY_FILE}: the key in {key} cannot be used (RSA, ECDSA P-256 or P-384, and Ed25519 keys can): {source}")]
     KeyUnusable {
         /// The file, as the config names it.
         key: String,
@@ -163,7 +163,7 @@ pub(crate) enum TlsError {
         cert: PathBuf,
     },
     /// rustls cannot use the client certificate.
-    #[error("{CERT_FILE}: {}: rustls cannot use the certificate: {source}", path.display())]
+    #[error("{CERT_FILE}: the certificate in {} cannot be used: {source}", path.display())]
     CertUnusable {
         /// The file.
         path: PathBuf,

@@ -137,6 +137,20 @@ async fn failure(tls: &TlsSettings, host: &str, port: u16) -> String {
     }
 }
 
+/// Waits until `front` has counted `n` failed handshakes: it counts one when its side of the
+/// handshake ends, which may be just after the client's.
+async fn failed_handshakes_reach(front: &TlsFront, n: usize) {
+    let wait = async {
+        while front.failed_handshakes() < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(ATTEMPT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("{} failed handshakes, not {n}", front.failed_handshakes()));
+    assert_eq!(front.failed_handshakes(), n);
+}
+
 /// The PKI of a test.
 fn pki() -> Pki {
     Pki::generate().unwrap()
