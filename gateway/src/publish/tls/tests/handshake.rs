@@ -338,3 +338,36 @@ async fn an_mqtt_5_connection_names_its_tls_failures_the_same_way() {
         Some("the broker's certificate is not signed by a trusted CA (unknown CA)")
     );
 }
+
+#[tokio::test]
+async fn a_client_certificate_with_an_rsa_key_in_pkcs1_is_accepted() {
+    use rsa::pkcs1::EncodeRsaPrivateKey;
+    use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+    let pki = pki();
+    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
+    let pkcs8 = key.to_pkcs8_pem(LineEnding::LF).unwrap();
+    let files = pki.client_with_key("rsa", &pkcs8).unwrap();
+    let pkcs1 = pki.dir().join("client-rsa.pkcs1.key");
+    std::fs::write(&pkcs1, key.to_pkcs1_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+    assert!(std::fs::read_to_string(&pkcs1)
+        .unwrap()
+        .starts_with("-----BEGIN RSA PRIVATE KEY-----\n"));
+
+    let front = mutual(&pki, false).await;
+    let tls = TlsSettings {
+        key_file: Some(SecretSource::File(pkcs1)),
+        ..with_client(trusting(pki.ca()), &files)
+    };
+    connect(&tls, "127.0.0.1", front.port()).await.unwrap();
+    assert!(front.sessions()[0].client_cert);
+    assert_eq!(super::super::inspect(&tls, "127.0.0.1"), Vec::new());
+    // And with the certificate of another key, it is refused as not its key.
+    let other = TlsSettings {
+        cert_file: Some(pki.client().cert.clone()),
+        ..tls
+    };
+    assert!(matches!(
+        client_config(&other, "127.0.0.1"),
+        Err(super::super::TlsError::KeyMismatch { .. })
+    ));
+}
