@@ -53,6 +53,10 @@ pub struct Metrics {
     pub mqtt_connected: AtomicBool,
     /// MQTT connections made.
     pub mqtt_connects: AtomicU64,
+    /// PUBACKs with a failure reason code (MQTT 5): the record stays buffered.
+    pub puback_refusals: AtomicU64,
+    /// Records not sent because they exceed the broker's maximum packet size.
+    pub too_large_for_broker: AtomicU64,
 }
 
 impl Metrics {

@@ -4,6 +4,7 @@
 
 pub mod faulty;
 pub mod fixtures;
+pub mod mosquitto;
 pub mod pki;
 pub mod powercut;
 pub mod tls_front;
@@ -122,6 +123,7 @@ impl Proxy {
         self.up.store(true, Ordering::SeqCst);
         self.silent.store(false, Ordering::SeqCst);
         let f = &self.faults;
+        f.frozen.store(false, Ordering::SeqCst);
         f.drop_downstream.store(false, Ordering::SeqCst);
         f.cut_after.store(NO_CUT, Ordering::SeqCst);
         f.throttle.store(0, Ordering::SeqCst);
@@ -140,6 +142,12 @@ impl Proxy {
             .cut_after
             .store(n.min(NO_CUT - 1), Ordering::SeqCst);
         self.faults.cut_epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Live and new connections stay open but carry nothing either way (bytes are read and
+    /// dropped), until [`Proxy::restore`]: a pulled cable, without the FIN of a closed socket.
+    pub fn freeze(&self) {
+        self.faults.frozen.store(true, Ordering::SeqCst);
     }
 
     /// Connections cut by [`Proxy::cut_after_bytes`] so far.
@@ -171,6 +179,7 @@ const NO_CUT: u64 = u64::MAX;
 struct Faults {
     upstream: Mutex<SocketAddr>,
     drop_downstream: AtomicBool,
+    frozen: AtomicBool,
     cut_after: AtomicU64,
     cut_epoch: AtomicU64,
     cuts: AtomicU64,
@@ -183,6 +192,7 @@ impl Faults {
         Faults {
             upstream: Mutex::new(upstream),
             drop_downstream: AtomicBool::new(false),
+            frozen: AtomicBool::new(false),
             cut_after: AtomicU64::new(NO_CUT),
             cut_epoch: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
@@ -266,6 +276,9 @@ async fn pump_up(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, f: Arc<Faults>
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        if f.frozen.load(Ordering::SeqCst) {
+            continue;
+        }
         let e = f.cut_epoch.load(Ordering::SeqCst);
         if e != epoch {
             epoch = e;
@@ -311,6 +324,9 @@ async fn pump_down(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, f: Arc<Fault
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        if f.frozen.load(Ordering::SeqCst) {
+            continue;
+        }
         out.clear();
         let drop = |first: u8| f.drop_downstream.load(Ordering::SeqCst) && first >> 4 != CONNACK;
         framer.feed(&buf[..n], |b| !drop(b), &mut out);
@@ -350,9 +366,11 @@ impl Received {
     }
 }
 
-/// An MQTT subscriber (QoS 1) that keeps every message it receives.
+/// An MQTT subscriber (QoS 1) that keeps every message it receives: records, and apart from
+/// them the gateway's status messages (topics ending in `/status`).
 pub struct Collector {
     messages: Arc<Mutex<Vec<Received>>>,
+    statuses: Arc<Mutex<Vec<Received>>>,
     garbled: Arc<AtomicU64>,
     cancel: CancellationToken,
 }
@@ -360,13 +378,23 @@ pub struct Collector {
 impl Collector {
     /// Subscribes to `filter` on the broker at `port` and waits until the subscription holds.
     pub async fn start(port: u16, filter: &str) -> Collector {
+        Collector::start_as(port, filter, None).await
+    }
+
+    /// [`Collector::start`], logging in with `login` (user name, password) when given.
+    pub async fn start_as(port: u16, filter: &str, login: Option<(&str, &str)>) -> Collector {
         let mut o = MqttOptions::new(format!("collector-{}", rand_id()), "127.0.0.1", port);
         o.set_max_packet_size(16 << 20, 64 << 10);
+        if let Some((user, password)) = login {
+            o.set_credentials(user, password);
+        }
         let (client, mut el) = AsyncClient::new(o, 64);
         let messages = Arc::new(Mutex::new(Vec::new()));
+        let statuses = Arc::new(Mutex::new(Vec::new()));
         let garbled = Arc::new(AtomicU64::new(0));
         let cancel = CancellationToken::new();
         let (m, c) = (messages.clone(), cancel.clone());
+        let st = statuses.clone();
         let bad = garbled.clone();
         let (subscribed_tx, mut subscribed) = watch::channel(false);
         let filter = filter.to_string();
@@ -385,7 +413,12 @@ impl Collector {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let Ok(doc) = serde_json::from_slice(&p.payload) {
-                            m.lock().unwrap().push(Received {
+                            let list = if p.topic.ends_with("/status") {
+                                &st
+                            } else {
+                                &m
+                            };
+                            list.lock().unwrap().push(Received {
                                 topic: p.topic.clone(),
                                 doc,
                             });
@@ -401,19 +434,42 @@ impl Collector {
         let _ = tokio::time::timeout(Duration::from_secs(10), subscribed.wait_for(|s| *s)).await;
         Collector {
             messages,
+            statuses,
             garbled,
             cancel,
         }
     }
 
-    /// Everything received so far.
+    /// Every record received so far.
     pub fn messages(&self) -> Vec<Received> {
         self.messages.lock().unwrap().clone()
+    }
+
+    /// Every status message received so far (a retained one first, when the broker had one).
+    pub fn statuses(&self) -> Vec<Received> {
+        self.statuses.lock().unwrap().clone()
     }
 
     /// Messages received whose payload is not JSON (they are not in [`Collector::messages`]).
     pub fn garbled(&self) -> u64 {
         self.garbled.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `pred` holds for the received status messages, or panics after `timeout`.
+    pub async fn wait_for_status(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&[Received]) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !pred(&self.statuses.lock().unwrap()) {
+            if Instant::now() > deadline {
+                let seen: Vec<_> = self.statuses().into_iter().map(|s| s.doc).collect();
+                panic!("timed out waiting for {what}; status messages: {seen:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until `pred` holds for the received messages, or panics after `timeout`.
@@ -513,6 +569,7 @@ pub fn contiguous_seqs(messages: &[Received], boot: u64) -> Vec<u64> {
 /// and keeps nothing).
 pub struct FakeBroker {
     attempts: Arc<Mutex<Vec<Instant>>>,
+    logins: Arc<Mutex<Vec<Login>>>,
     publishes: Arc<AtomicU64>,
     cancel: CancellationToken,
 }
@@ -532,6 +589,28 @@ impl FakeBroker {
     pub fn publishes(&self) -> u64 {
         self.publishes.load(Ordering::Relaxed)
     }
+
+    /// What each CONNECT carried, oldest first.
+    pub fn logins(&self) -> Vec<Login> {
+        self.logins.lock().unwrap().clone()
+    }
+}
+
+/// The identity a CONNECT carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    /// The client id.
+    pub client_id: String,
+    /// The user name, if any.
+    pub username: Option<String>,
+    /// The password, if any.
+    pub password: Option<String>,
+}
+
+/// Starts a broker that accepts every CONNECT and acknowledges every publish, keeping what
+/// each CONNECT carried ([`FakeBroker::logins`]).
+pub async fn recording_broker() -> (SocketAddr, FakeBroker) {
+    fake_broker(Answer::AcceptAndAckAll).await
 }
 
 impl Drop for FakeBroker {
@@ -580,6 +659,8 @@ enum Answer {
     ClaimSessionAndAckAll,
     /// A sound CONNACK, then the misbehaviour.
     Accept(Misbehaviour),
+    /// A sound CONNACK, then it acknowledges every publish.
+    AcceptAndAckAll,
 }
 
 impl Answer {
@@ -588,7 +669,7 @@ impl Answer {
         match self {
             Answer::Refuse(code) => [0x20, 0x02, 0x00, code],
             Answer::ClaimSessionAndAckAll => [0x20, 0x02, 0x01, 0x00],
-            Answer::Accept(_) => [0x20, 0x02, 0x00, 0x00],
+            Answer::Accept(_) | Answer::AcceptAndAckAll => [0x20, 0x02, 0x00, 0x00],
         }
     }
 }
@@ -597,9 +678,11 @@ async fn fake_broker(answer: Answer) -> (SocketAddr, FakeBroker) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let attempts = Arc::new(Mutex::new(Vec::new()));
+    let logins = Arc::new(Mutex::new(Vec::new()));
     let publishes = Arc::new(AtomicU64::new(0));
     let cancel = CancellationToken::new();
     let (a, n, c) = (attempts.clone(), publishes.clone(), cancel.clone());
+    let l = logins.clone();
     tokio::spawn(async move {
         loop {
             let (mut conn, _) = tokio::select! {
@@ -607,18 +690,22 @@ async fn fake_broker(answer: Answer) -> (SocketAddr, FakeBroker) {
                 r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
             };
             let (a, n, c) = (a.clone(), n.clone(), c.clone());
+            let l = l.clone();
             tokio::spawn(async move {
                 let answer = async {
-                    if read_connect(&mut conn).await.is_none() {
+                    let Some(login) = read_connect(&mut conn).await else {
                         return;
-                    }
+                    };
                     a.lock().unwrap().push(Instant::now());
+                    l.lock().unwrap().push(login);
                     let _ = conn.write_all(&answer.connack()).await;
                     match answer {
                         Answer::Refuse(_) => {
                             let _ = conn.shutdown().await;
                         }
-                        Answer::ClaimSessionAndAckAll => serve_acking(&mut conn, &n, 0).await,
+                        Answer::ClaimSessionAndAckAll | Answer::AcceptAndAckAll => {
+                            serve_acking(&mut conn, &n, 0).await
+                        }
                         Answer::Accept(Misbehaviour::AcksUnknownPacketIds) => {
                             serve_acking(&mut conn, &n, 0x4000).await
                         }
@@ -641,6 +728,7 @@ async fn fake_broker(answer: Answer) -> (SocketAddr, FakeBroker) {
     });
     let broker = FakeBroker {
         attempts,
+        logins,
         publishes,
         cancel,
     };
@@ -691,11 +779,50 @@ async fn read_packet(conn: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     Some((first, body))
 }
 
-/// Reads one MQTT CONNECT packet; `None` if the stream ends first or sends something else.
-async fn read_connect(conn: &mut TcpStream) -> Option<()> {
+/// Reads one MQTT 3.1.1 CONNECT packet; `None` if the stream ends first or sends something
+/// else.
+async fn read_connect(conn: &mut TcpStream) -> Option<Login> {
     const CONNECT: u8 = 1;
-    let (first, _) = read_packet(conn).await?;
-    (first >> 4 == CONNECT).then_some(())
+    let (first, body) = read_packet(conn).await?;
+    if first >> 4 != CONNECT {
+        return None;
+    }
+    parse_connect(&body)
+}
+
+/// The client id, user name and password of a CONNECT body (MQTT 3.1.1).
+fn parse_connect(body: &[u8]) -> Option<Login> {
+    fn field<'a>(body: &'a [u8], at: &mut usize) -> Option<&'a [u8]> {
+        let len = usize::from(u16::from_be_bytes([*body.get(*at)?, *body.get(*at + 1)?]));
+        let value = body.get(*at + 2..*at + 2 + len)?;
+        *at += 2 + len;
+        Some(value)
+    }
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let mut at = 0;
+    field(body, &mut at)?; // protocol name
+    let flags = *body.get(at + 1)?;
+    at += 4; // level, flags, keep-alive
+    let client_id = text(field(body, &mut at)?);
+    if flags & 0x04 != 0 {
+        field(body, &mut at)?; // will topic
+        field(body, &mut at)?; // will message
+    }
+    let username = if flags & 0x80 != 0 {
+        Some(text(field(body, &mut at)?))
+    } else {
+        None
+    };
+    let password = if flags & 0x40 != 0 {
+        Some(text(field(body, &mut at)?))
+    } else {
+        None
+    };
+    Some(Login {
+        client_id,
+        username,
+        password,
+    })
 }
 
 /// The TOML config of a gateway child for the crash and disk tests: gateway `id`, one Modbus

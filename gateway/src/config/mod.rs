@@ -202,6 +202,9 @@ pub struct SasSettings {
     pub ttl: Duration,
 }
 
+/// The Azure IoT Hub API version of the username the gateway gives with a SAS token.
+pub const AZURE_API_VERSION: &str = "2021-04-12";
+
 /// `[mqtt] topic`: where a device's records go, with the placeholders `{topic_prefix}`,
 /// `{device}`, `{client_id}` and `{gateway}`. The default is `{topic_prefix}/{device}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,6 +249,16 @@ impl TopicTemplate {
         }
         out.push_str(rest);
         out
+    }
+}
+
+impl std::str::FromStr for TopicTemplate {
+    type Err = String;
+
+    /// A template, checked as the config file's `topic` is.
+    fn from_str(text: &str) -> Result<Self, String> {
+        values::check_topic_template(text)?;
+        Ok(TopicTemplate(text.to_owned()))
     }
 }
 

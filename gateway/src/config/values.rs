@@ -367,6 +367,37 @@ pub(super) fn check_topic_prefix(prefix: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A `topic` template: its placeholders are known ones, and whatever they stand for, the topic
+/// holds no wildcard or NUL.
+pub(super) fn check_topic_template(text: &str) -> Result<(), String> {
+    if text.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if text.contains(['+', '#']) {
+        return Err("must not contain the MQTT wildcards `+` or `#`".to_owned());
+    }
+    if text.contains('\0') {
+        return Err("must not contain NUL".to_owned());
+    }
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        rest = &rest[open..];
+        let Some(known) = super::TopicTemplate::PLACEHOLDERS
+            .iter()
+            .find(|p| rest.starts_with(*p))
+        else {
+            let end = rest.find('}').map_or(rest.len(), |i| i + 1);
+            return Err(format!(
+                "unknown placeholder `{}`: use {}",
+                &rest[..end],
+                super::TopicTemplate::PLACEHOLDERS.join(", ")
+            ));
+        };
+        rest = &rest[known.len()..];
+    }
+    Ok(())
+}
+
 pub(super) fn check_client_id(client_id: &str) -> Result<(), String> {
     if client_id.is_empty() {
         return Err("must not be empty".to_owned());

@@ -10,7 +10,7 @@ pub mod ledger;
 pub mod seq;
 pub mod writer;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use protocols::driver::{DeviceStatus, DriverContext, Emitter};
@@ -47,6 +47,9 @@ pub struct Shared {
     replay_hint: Mutex<Option<u64>>,
     /// Wakes the publisher after a commit.
     pub committed: Notify,
+    /// The largest packet the broker takes, from its CONNACK (MQTT 5); the writer makes no
+    /// record larger than this or the configured `max_packet_size`, whichever is smaller.
+    pub broker_packet_limit: AtomicUsize,
 }
 
 impl Shared {
@@ -64,6 +67,7 @@ impl Shared {
             metrics,
             replay_hint: Mutex::new(None),
             committed: Notify::new(),
+            broker_packet_limit: AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -128,15 +132,7 @@ pub enum StartError {
     /// The disk buffer cannot be opened.
     #[error(transparent)]
     Buffer(#[from] BufferError),
-    /// The MQTT password file cannot be read.
-    #[error("mqtt.password_file {path}: {source}")]
-    Password {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The MQTT password's credential cannot be found.
+    /// The MQTT password cannot be read (its file or credential).
     #[error("mqtt.password_file: {0}")]
     Secret(#[from] crate::secret::SecretError),
 }
@@ -186,12 +182,7 @@ fn read_password(config: &Config) -> Result<Option<String>, StartError> {
     let Some(source) = &config.mqtt.password_file else {
         return Ok(None);
     };
-    let path = &source.path()?;
-    let text = std::fs::read_to_string(path).map_err(|source| StartError::Password {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()))
+    Ok(Some(source.read()?.expose().to_owned()))
 }
 
 /// Takes the data directory's lock (`flock` on `lock`, released by the kernel whenever the
@@ -234,7 +225,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         source,
     })?;
     let lock = lock_data_dir(&data_dir)?;
-    let password = read_password(&config)?;
+    // A password that cannot be read stops the start here, with a clear error, rather than in
+    // a retry loop; the publisher reads it again at each connection attempt.
+    read_password(&config)?;
     let buffer_dir = data_dir.join("buffer");
     let fresh = !buffer_dir.exists() && !data_dir.join("state").exists();
     let rotate_after = buffer::rotate_after_for(config.buffer.max_size);
@@ -350,7 +343,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config.mqtt.clone(),
         config.buffer.commit_interval,
         config.buffer.replay_rate,
-        password,
+        (config.gateway.id.clone(), boot),
         shared.clone(),
         live_rx,
     ));

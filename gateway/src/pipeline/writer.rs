@@ -2,6 +2,7 @@
 //! drivers' channel, encodes it once into a record, enters it in the [`Ledger`](super::ledger::Ledger) and hands it to
 //! the publisher at once.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +16,9 @@ use crate::metrics::Metrics;
 use crate::pipeline::seq::{SeqState, StateError};
 use crate::pipeline::Shared;
 
-/// MQTT fixed header and topic length field, beyond topic and payload.
-const PACKET_OVERHEAD: usize = 16;
+/// MQTT fixed header, topic length and packet id, and MQTT 5's properties (content type,
+/// payload format, topic alias), beyond topic and payload.
+pub(crate) const PACKET_OVERHEAD: usize = 64;
 
 fn lock(seqs: &std::sync::Mutex<SeqState>) -> std::sync::MutexGuard<'_, SeqState> {
     // Poisoned only by a panic while held; the state is still what it was.
@@ -76,6 +78,8 @@ pub async fn run_writer(
             // A volatile boot (the state file cannot be written) has a boot number of its own.
             encoder.set_boot(lock(&seqs).boot());
             let record = encoder.encode(seq, &batch);
+            // An MQTT 5 broker may take less than the configured size (its CONNACK says so).
+            let max_packet = max_packet.min(shared.broker_packet_limit.load(Ordering::Relaxed));
             if record.topic.len() + record.payload.len() + PACKET_OVERHEAD > max_packet {
                 // No seq is used up for a record that is not made: seqs stay contiguous.
                 if batch.samples.len() > 1 {

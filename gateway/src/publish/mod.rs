@@ -1,21 +1,33 @@
-//! The MQTT publisher: owns the rumqttc client and event loop.
+//! The MQTT publisher: owns the MQTT client and its event loop ([`link`]).
 //!
 //! Invariants:
 //! - Live records go out first, as they come; replayed records from disk fill what is left of
 //!   the window, oldest first, flagged historical. Live data is never starved by a backlog.
 //! - Publishes are submitted only while connected (between a CONNACK and the next error), so
-//!   every `Outgoing::Publish` belongs to the current connection and maps to the right record.
+//!   every `Sent` happening belongs to the current connection and maps to the right record.
 //! - On any connection error the window is forgotten and nothing is taken as delivered: the
 //!   records are still in the ledger (committed within `commit_interval`) or on disk, and go out
 //!   again after the next CONNACK. Records keep queueing for live sending while disconnected; one
 //!   that falls out of the bounded live queue is simply left to the ledger and comes back
 //!   through the disk.
+//! - Only a PUBACK that accepts a record credits it. One that refuses it (an MQTT 5 failure
+//!   reason code) leaves it in the ledger, to be committed and replayed, and holds all sending
+//!   for a backoff: a broker over its quota is not hammered.
 //! - A window that sees no PUBACK for `ack_timeout` is a dead link: the connection is dropped.
 //!   A slow link that keeps acknowledging is not dead, however long a full window takes to
 //!   drain; a record left unacknowledged for `ack_timeout` while later ones are acknowledged
 //!   is a broker that skipped it, and drops the connection too (see [`dead_link`]).
+//! - Connection attempts follow `backoff_min`..`backoff_max` (jittered); the first attempt
+//!   after a connection that was up for a while is immediate. Every attempt is prepared afresh
+//!   ([`connect`]): TLS files and passwords are read again, and a failure there waits for the
+//!   next attempt instead of connecting without them.
 
+pub mod alias;
+pub(crate) mod connect;
+pub(crate) mod link;
 pub mod pace;
+pub(crate) mod sas;
+pub mod status;
 pub(crate) mod tls;
 pub mod window;
 
@@ -24,10 +36,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use protocols::backoff::Backoff;
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, info, warn};
 
@@ -35,9 +46,13 @@ use crate::buffer::Record;
 use crate::config::MqttSettings;
 use crate::metrics::Metrics;
 use crate::pipeline::ledger::AckOutcome;
+use crate::pipeline::writer::PACKET_OVERHEAD;
 use crate::pipeline::Shared;
+use alias::Aliases;
+use connect::Connector;
+use link::{BrokerLimits, Happening, Link, LinkError, Outbound, Refusal, Sender};
 use pace::Pace;
-use window::Window;
+use window::{Acked, Window};
 
 /// Records read from disk per replay step.
 const REPLAY_CHUNK: usize = 64;
@@ -45,25 +60,53 @@ const REPLAY_CHUNK: usize = 64;
 /// to the ledger and the disk buffer.
 const LIVE_BYTES: usize = 16 << 20;
 
-type PollResult = (EventLoop, Option<Result<Event, ConnectionError>>);
-type PollFuture = Pin<Box<dyn Future<Output = PollResult> + Send>>;
+/// What a poll brought: a happening, a failed connection or attempt, or `None` when kicked.
+enum Polled {
+    Happened(Happening),
+    Failed(LinkError),
+    /// The attempt could not be prepared (TLS files, password): no connection was tried.
+    Unprepared(connect::PrepareError),
+    Kicked,
+}
+
+type PollFuture = Pin<Box<dyn Future<Output = (Link, Polled)> + Send>>;
 
 /// Polls the event loop once, after `delay`; a kick abandons the poll (to drop the connection).
-/// The event loop is moved in and handed back, so the publisher can keep one poll running across
-/// its `select!` without cancelling it whenever a record arrives.
-fn poll_after(mut el: EventLoop, delay: Duration, kick: Arc<Notify>) -> PollFuture {
+/// When `connect` is set the poll makes a new connection: the attempt is prepared first, after
+/// the delay, so the files it reads are read at the time of the attempt. The link is moved in
+/// and handed back, so the publisher can keep one poll running across its `select!` without
+/// cancelling it whenever a record arrives.
+fn poll_after(
+    mut link: Link,
+    delay: Duration,
+    kick: Arc<Notify>,
+    connect: Option<Arc<std::sync::Mutex<Connector>>>,
+) -> PollFuture {
     Box::pin(async move {
         if !delay.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = kick.notified() => return (el, None),
+                _ = kick.notified() => return (link, Polled::Kicked),
             }
         }
-        let r = tokio::select! {
-            r = el.poll() => Some(r),
-            _ = kick.notified() => None,
+        if let Some(connector) = connect {
+            let prepared = match connector.lock() {
+                Ok(mut c) => c.prepare(),
+                Err(poisoned) => poisoned.into_inner().prepare(),
+            };
+            match prepared {
+                Ok(p) => link.prepare(p),
+                Err(e) => return (link, Polled::Unprepared(e)),
+            }
+        }
+        let polled = tokio::select! {
+            r = link.poll() => match r {
+                Ok(h) => Polled::Happened(h),
+                Err(e) => Polled::Failed(e),
+            },
+            _ = kick.notified() => Polled::Kicked,
         };
-        (el, r)
+        (link, polled)
     })
 }
 
@@ -86,44 +129,21 @@ pub fn dead_link(
     }
 }
 
-/// Drops what rumqttc remembers of a finished connection beyond its own `clean()`: its events,
-/// a packet-id collision, and the publishes it would send again before anything new (it keeps
-/// them when a broker answers "session present"). The gateway re-sends from its ledger and the
-/// disk; a publish rumqttc re-sent on its own would shift the window's pkid-to-record mapping.
-fn forget_old_connection(el: &mut EventLoop) {
-    el.state.events.clear();
-    el.state.collision = None;
-    el.pending.clear();
-}
-
-/// Whether a CONNACK contradicts the clean session the gateway always asks for.
-fn claims_a_session(event: &Option<Result<Event, ConnectionError>>) -> bool {
-    matches!(event, Some(Ok(Event::Incoming(Packet::ConnAck(ack)))) if ack.session_present)
-}
-
-/// Builds the MQTT client options from the settings.
-pub fn mqtt_options(settings: &MqttSettings, password: Option<String>) -> MqttOptions {
-    let mut o = MqttOptions::new(&settings.client_id, &settings.host, settings.port);
-    o.set_keep_alive(settings.keep_alive.max(Duration::from_secs(1)));
-    o.set_clean_session(true);
-    // rumqttc's own limit stays far above the window so packet ids are not reused while a
-    // broker acknowledges out of order.
-    o.set_inflight(settings.max_inflight.saturating_mul(4).max(16));
-    o.set_max_packet_size(64 * 1024, settings.max_packet_size);
-    o.set_request_channel_capacity(usize::from(settings.max_inflight) + 8);
-
-    if let Some(user) = &settings.username {
-        o.set_credentials(user, password.unwrap_or_default());
-    }
-    o
-}
+/// A connection that lasted this long was healthy: the next attempt after it is immediate and
+/// the backoff starts over. One that ends sooner (a broker that accepts and drops at once) is
+/// retried with the growing backoff, so the gateway cannot spin against it.
+const HEALTHY_CONNECTION: Duration = Duration::from_secs(1);
 
 /// The publisher task.
 pub struct Publisher {
     settings: MqttSettings,
-    client: AsyncClient,
+    gateway: Arc<str>,
+    boot: u64,
+    client: Sender,
+    connector: Arc<std::sync::Mutex<Connector>>,
     shared: Arc<Shared>,
     window: Window,
+    aliases: Aliases,
     live: VecDeque<(Arc<Record>, Instant)>,
     live_cap: usize,
     /// Payload bytes in `live`, capped at LIVE_BYTES: OPC UA records of 10k samples are
@@ -137,39 +157,54 @@ pub struct Publisher {
     pace: Pace,
     /// After a failed read of the buffer, the replay waits until then.
     replay_held_until: Option<Instant>,
+    /// After a PUBACK refused a record, nothing is sent until then.
+    refused_until: Option<Instant>,
+    /// Waits after refused records, growing while the broker keeps refusing.
+    refusal_backoff: Backoff,
+    /// A refusal was logged (once per run of refusals).
+    refusal_logged: bool,
+    /// The broker's limits from the current connection's CONNACK.
+    limits: BrokerLimits,
+    /// When the current connection was made.
+    connected_at: Option<Instant>,
+    /// When the current connection must be made again with a fresh SAS token.
+    renew_at: Option<Instant>,
     connected: bool,
     draining: bool,
     /// A CONNACK claiming a session was logged (once per run of such answers).
     session_lie_logged: bool,
+    /// A record too large for the broker was logged (once per connection).
+    too_large_logged: bool,
     down_logged: bool,
     kick: Arc<Notify>,
 }
 
 impl Publisher {
     /// Runs the publisher until the live channel closes (the writer is done) and the grace
-    /// period for outstanding acknowledgements has passed.
+    /// period for outstanding acknowledgements has passed. `gateway` and `boot` name the
+    /// gateway in its status messages.
     pub async fn run(
         settings: MqttSettings,
         commit_interval: Duration,
         replay_rate: Option<u32>,
-        password: Option<String>,
+        (gateway, boot): (Arc<str>, u64),
         shared: Arc<Shared>,
         mut live_rx: mpsc::Receiver<Arc<Record>>,
     ) {
-        let options = mqtt_options(&settings, password);
-        let (client, mut eventloop) =
-            AsyncClient::new(options, usize::from(settings.max_inflight) + 8);
-        // Nagle's algorithm holds a small publish until TCP has acknowledged the previous one,
-        // and the broker's delayed ACK makes that about 40 ms: records go out as they come.
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
+        let (client, link) = link::open(&settings);
         let window_cap = usize::from(settings.max_inflight);
+        let connector = Connector::new(settings.clone(), &gateway, boot);
+        let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
         let mut p = Publisher {
+            refusal_backoff: Backoff::new(settings.backoff_min, settings.backoff_max),
             settings,
+            gateway,
+            boot,
             client,
+            connector: Arc::new(std::sync::Mutex::new(connector)),
             shared,
             window: Window::new(window_cap),
+            aliases: Aliases::default(),
             live: VecDeque::new(),
             live_cap: window_cap * 4,
             live_bytes: 0,
@@ -178,14 +213,19 @@ impl Publisher {
             last_ack: None,
             pace: Pace::new(replay_rate),
             replay_held_until: None,
+            refused_until: None,
+            refusal_logged: false,
+            limits: BrokerLimits::NONE,
+            connected_at: None,
+            renew_at: None,
             connected: false,
             draining: false,
             down_logged: false,
             session_lie_logged: false,
+            too_large_logged: false,
             kick: Arc::new(Notify::new()),
         };
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(15));
-        let mut poll = poll_after(eventloop, Duration::ZERO, p.kick.clone());
+        let mut poll = p.poll_next(link, Duration::ZERO);
         let mut check = tokio::time::interval(Duration::from_millis(500));
         let mut draining_until: Option<tokio::time::Instant> = None;
 
@@ -205,17 +245,13 @@ impl Publisher {
             } else {
                 None
             };
+            // Sending held after a refusal resumes on its own.
+            let resume_at = p.refused_until.filter(|_| p.connected);
             tokio::select! {
-                (el, event) = &mut poll => {
-                    let mut el = el;
-                    if matches!(event, Some(Ok(Event::Incoming(Packet::ConnAck(_))))) {
-                        // rumqttc keeps events and a packet-id collision of the previous
-                        // connection across `clean()`: a stale `Outgoing::Publish` would shift
-                        // the window's pkid mapping and credit an ack to the wrong record.
-                        forget_old_connection(&mut el);
-                    }
-                    let delay = match event {
-                        _ if claims_a_session(&event) => {
+                (link, polled) = &mut poll => {
+                    let mut link = link;
+                    let delay = match polled {
+                        Polled::Happened(Happening::Connected { session_present: true, .. }) => {
                             // MQTT forbids it; a broker that does it may hold anything of an
                             // old session: a protocol error, never a connection to publish on.
                             if !p.session_lie_logged {
@@ -223,31 +259,33 @@ impl Publisher {
                                 p.session_lie_logged = true;
                             }
                             p.on_disconnect("CONNACK with session present for a clean session");
-                            el.clean();
-                            forget_old_connection(&mut el);
+                            link.drop_connection();
                             backoff.next_delay()
                         }
-                        Some(Ok(ev)) => {
-                            if p.on_event(ev) {
-                                backoff.reset();
-                            }
+                        Polled::Happened(Happening::Connected { limits, .. }) => {
+                            // rumqttc keeps events and a packet-id collision of the previous
+                            // connection across `clean()`: a stale `Sent` would shift the
+                            // window's pkid mapping and credit an ack to the wrong record.
+                            link.forget_old_connection();
+                            p.on_connected(limits).await;
                             Duration::ZERO
                         }
-                        Some(Err(e)) => {
-                            p.on_disconnect(&e.to_string());
+                        Polled::Happened(h) => {
+                            p.on_happening(h);
+                            Duration::ZERO
+                        }
+                        Polled::Failed(e) => p.after_lost(&mut backoff, &failure_text(&e)),
+                        Polled::Unprepared(e) => {
+                            p.on_unprepared(&e);
                             backoff.next_delay()
                         }
-                        None => {
-                            // Kicked: drop the network so the next poll makes a new connection.
-                            if p.connected {
-                                p.on_disconnect("connection abandoned");
-                            }
-                            el.clean();
-                            forget_old_connection(&mut el);
-                            backoff.next_delay()
+                        Polled::Kicked => {
+                            // Drop the network so the next poll makes a new connection.
+                            link.drop_connection();
+                            p.after_lost(&mut backoff, "connection abandoned")
                         }
                     };
-                    poll = poll_after(el, delay, p.kick.clone());
+                    poll = p.poll_next(link, delay);
                 }
                 rec = live_rx.recv(), if draining_until.is_none() => match rec {
                     Some(r) => p.queue_live(r),
@@ -263,13 +301,49 @@ impl Publisher {
                         p.replay_from = Some(p.replay_from.map_or(seq, |c| c.min(seq)));
                     }
                 }
-                _ = check.tick() => p.check_ack_timeout(),
+                _ = check.tick() => {
+                    p.check_ack_timeout();
+                    p.check_token_renewal();
+                }
                 // The replay waits for its pace; live records and acknowledgements wake the
                 // loop on their own.
                 _ = tokio::time::sleep_until(replay_at.unwrap_or(now).into()), if replay_at.is_some() => {}
+                _ = tokio::time::sleep_until(resume_at.unwrap_or(now).into()), if resume_at.is_some() => {}
             }
         }
         p.disconnect(poll).await;
+    }
+
+    /// The next poll of `link`; a new connection when not connected.
+    fn poll_next(&self, link: Link, delay: Duration) -> PollFuture {
+        let connect = (!self.connected).then(|| self.connector.clone());
+        poll_after(link, delay, self.kick.clone(), connect)
+    }
+
+    /// After a lost connection (or a failed attempt): the delay before the next attempt.
+    fn after_lost(&mut self, backoff: &mut Backoff, error: &str) -> Duration {
+        let was_connected = self.connected;
+        self.on_disconnect(error);
+        let healthy = self
+            .connected_at
+            .take()
+            .is_some_and(|at| at.elapsed() >= HEALTHY_CONNECTION);
+        if was_connected && healthy {
+            backoff.reset();
+            Duration::ZERO
+        } else {
+            backoff.next_delay()
+        }
+    }
+
+    /// An attempt that could not be prepared: logged once per episode, like a failed attempt.
+    fn on_unprepared(&mut self, e: &connect::PrepareError) {
+        if !self.down_logged {
+            error!(host = %self.settings.host, port = self.settings.port, error = %e, "cannot connect to the MQTT broker; buffering to disk and retrying");
+            self.down_logged = true;
+        } else {
+            debug!(error = %e, "MQTT connection attempt not prepared");
+        }
     }
 
     /// Queues a record to go out live, also while disconnected: a connection that comes back
@@ -290,6 +364,12 @@ impl Publisher {
 
     /// Submits live records, then replayed ones, while the window has room.
     async fn fill_window(&mut self) {
+        if let Some(until) = self.refused_until {
+            if Instant::now() < until {
+                return;
+            }
+            self.refused_until = None;
+        }
         while self.window.room() > 0 {
             let Some((r, queued)) = self.live.pop_front() else {
                 break;
@@ -369,12 +449,24 @@ impl Publisher {
         }
     }
 
+    /// Hands one record to the client, unless it exceeds the broker's packet size (it stays in
+    /// the ledger or on disk; a record made before the broker said its limit cannot be split
+    /// without a new seq).
     async fn submit(&mut self, topic: &str, payload: bytes::Bytes, seq: u64) {
-        match self
-            .client
-            .publish_bytes(topic, QoS::AtLeastOnce, false, payload)
-            .await
-        {
+        let limit = self
+            .limits
+            .maximum_packet_size
+            .map_or(usize::MAX, |m| m as usize);
+        if topic.len() + payload.len() + PACKET_OVERHEAD > limit {
+            Metrics::add(&self.shared.metrics.too_large_for_broker, 1);
+            if !self.too_large_logged {
+                error!(seq, bytes = payload.len(), broker_max = limit, "a record is larger than the broker's maximum packet size; it stays in the buffer (new records are made smaller)");
+                self.too_large_logged = true;
+            }
+            return;
+        }
+        let out = self.aliases.outbound(topic);
+        match self.client.publish(out, payload).await {
             Ok(()) => {
                 self.window.submit(seq, Instant::now());
                 Metrics::add(&self.shared.metrics.published, 1);
@@ -386,45 +478,114 @@ impl Publisher {
         }
     }
 
-    /// Handles one event; returns true when a connection was established.
-    fn on_event(&mut self, ev: Event) -> bool {
-        match ev {
-            Event::Incoming(Packet::ConnAck(_)) => {
-                info!(host = %self.settings.host, port = self.settings.port, "connected to MQTT broker");
-                self.connected = true;
-                self.down_logged = false;
-                self.session_lie_logged = false;
-                self.window.clear();
-                self.last_ack = None;
-                // Everything on disk is unacknowledged: replay it from the start.
-                self.replay_from = Some(0);
-                let m = &self.shared.metrics;
-                m.mqtt_connected.store(true, Ordering::Relaxed);
-                Metrics::add(&m.mqtt_connects, 1);
-                return true;
+    /// A CONNACK accepted the connection: the window starts empty with the broker's limits,
+    /// the status goes out first, then everything on disk is replayed.
+    async fn on_connected(&mut self, limits: BrokerLimits) {
+        info!(host = %self.settings.host, port = self.settings.port, "connected to MQTT broker");
+        self.connected = true;
+        self.connected_at = Some(Instant::now());
+        self.renew_at = match self.connector.lock() {
+            Ok(c) => c.renew_in().map(|d| Instant::now() + d),
+            Err(_) => None,
+        };
+        self.down_logged = false;
+        self.session_lie_logged = false;
+        self.too_large_logged = false;
+        self.window.clear();
+        let cap = usize::from(self.settings.max_inflight);
+        let cap = limits
+            .receive_maximum
+            .map_or(cap, |r| cap.min(usize::from(r)));
+        self.window.set_capacity(cap);
+        self.aliases.reset(limits.topic_alias_maximum);
+        let broker_max = limits
+            .maximum_packet_size
+            .map_or(usize::MAX, |m| m as usize);
+        self.shared
+            .broker_packet_limit
+            .store(broker_max, Ordering::Relaxed);
+        if !limits.retain_available {
+            if let Ok(mut c) = self.connector.lock() {
+                c.will_retained = false;
             }
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
+        }
+        self.limits = limits;
+        self.last_ack = None;
+        // Everything on disk is unacknowledged: replay it from the start.
+        self.replay_from = Some(0);
+        let m = &self.shared.metrics;
+        m.mqtt_connected.store(true, Ordering::Relaxed);
+        Metrics::add(&m.mqtt_connects, 1);
+        if self.settings.status {
+            self.publish_status(true).await;
+        }
+    }
+
+    /// Publishes the gateway's status, retained where the broker allows it.
+    async fn publish_status(&mut self, online: bool) {
+        let doc = status::document(&self.gateway, self.boot, online, SystemTime::now());
+        let out = Outbound {
+            topic: self.settings.status_topic(),
+            alias: None,
+            retain: self.limits.retain_available,
+        };
+        match self.client.publish(out, doc).await {
+            Ok(()) => self.window.submit_status(Instant::now()),
+            Err(e) => debug!(error = %e, "status not accepted by the MQTT client"),
+        }
+    }
+
+    /// Handles one happening of a connection.
+    fn on_happening(&mut self, h: Happening) {
+        match h {
+            Happening::Sent(pkid) => {
                 self.window.on_outgoing(pkid);
             }
-            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+            Happening::Collision(pkid) => {
                 warn!(
                     pkid,
                     "broker acknowledges out of order and a packet id collided; reconnecting"
                 );
                 self.kick.notify_one();
             }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some((seq, submitted)) = self.window.on_ack(ack.pkid) {
+            Happening::Acked { pkid, refused } => match (self.window.on_ack(pkid), refused) {
+                (Some(Acked::Record(seq, submitted)), None) => {
                     self.last_ack = Some((Instant::now(), submitted));
-                    let m = &self.shared.metrics;
-                    Metrics::add(&m.acked, 1);
+                    self.refusal_logged = false;
+                    self.refusal_backoff.reset();
+                    Metrics::add(&self.shared.metrics.acked, 1);
                     // A record that was committed is deleted by the committer's next tick.
                     let _: AckOutcome = self.shared.ledger().ack(seq);
                 }
-            }
-            _ => {}
+                (Some(Acked::Record(seq, _)), Some(refusal)) => self.on_refused(seq, &refusal),
+                (Some(Acked::Status), Some(refusal)) => {
+                    warn!(code = refusal.code, reason = refusal.name, detail = refusal.reason.as_deref().unwrap_or(""), topic = %self.settings.status_topic(), "the broker refused the gateway's status message");
+                }
+                _ => {}
+            },
+            Happening::Connected { .. } | Happening::DisconnectSent | Happening::Other => {}
         }
-        false
+    }
+
+    /// A PUBACK refused record `seq`: it stays in the ledger (committed, then replayed) and
+    /// sending pauses for a backoff.
+    fn on_refused(&mut self, seq: u64, refusal: &Refusal) {
+        Metrics::add(&self.shared.metrics.puback_refusals, 1);
+        let pause = self.refusal_backoff.next_delay();
+        if !self.refusal_logged {
+            warn!(seq, code = refusal.code, reason = refusal.name, detail = refusal.reason.as_deref().unwrap_or(""), pause_ms = pause.as_millis() as u64, "the broker refused a record (PUBACK reason code); it stays buffered and sending pauses");
+            self.refusal_logged = true;
+        } else {
+            debug!(
+                seq,
+                code = refusal.code,
+                "the broker refused a record again"
+            );
+        }
+        self.refused_until = Some(Instant::now() + pause);
+        // A record already on disk comes back through the replay; one still in the ledger is
+        // committed and then points the replay at itself.
+        self.replay_from = Some(self.replay_from.map_or(seq, |c| c.min(seq)));
     }
 
     fn on_disconnect(&mut self, error: &str) {
@@ -461,6 +622,19 @@ impl Publisher {
         }
     }
 
+    /// A connection made with a SAS token is made again with a fresh one before the token
+    /// expires (the hub would drop it then): nothing is lost, the window goes out again.
+    fn check_token_renewal(&mut self) {
+        if self.connected && self.renew_at.is_some_and(|t| Instant::now() >= t) {
+            info!("renewing the SAS token: reconnecting");
+            self.renew_at = None;
+            self.on_disconnect("SAS token renewal");
+            self.kick.notify_one();
+        }
+    }
+
+    /// A clean shutdown: the status says `offline` (so the broker does not need the will),
+    /// then DISCONNECT.
     async fn disconnect(&mut self, poll: PollFuture) {
         let outstanding = self.window.len();
         if outstanding > 0 {
@@ -472,26 +646,55 @@ impl Publisher {
         if !self.connected {
             return;
         }
-        let _ = self.client.try_disconnect();
-        // Give the event loop a moment to send DISCONNECT.
         let mut poll = poll;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-        loop {
-            let r = tokio::time::timeout_at(deadline, &mut poll).await;
-            match r {
-                Ok((el, Some(Ok(Event::Outgoing(Outgoing::Disconnect))))) => {
-                    drop(el);
-                    break;
+        if self.settings.status {
+            self.publish_status(false).await;
+            // Until the status is acknowledged (or the deadline).
+            loop {
+                match tokio::time::timeout_at(deadline, &mut poll).await {
+                    Ok((link, Polled::Happened(h))) => {
+                        let status_acked = matches!(h, Happening::Acked { pkid, .. } if self.window.on_ack(pkid) == Some(Acked::Status));
+                        if let Happening::Sent(pkid) = h {
+                            self.window.on_outgoing(pkid);
+                        }
+                        poll = poll_after(link, Duration::ZERO, self.kick.clone(), None);
+                        if status_acked {
+                            break;
+                        }
+                    }
+                    _ => {
+                        self.mark_disconnected();
+                        return;
+                    }
                 }
-                Ok((el, Some(Ok(_)))) => poll = poll_after(el, Duration::ZERO, self.kick.clone()),
+            }
+        }
+        self.client.try_disconnect();
+        // Give the event loop a moment to send DISCONNECT.
+        loop {
+            match tokio::time::timeout_at(deadline, &mut poll).await {
+                Ok((_, Polled::Happened(Happening::DisconnectSent))) => break,
+                Ok((link, Polled::Happened(_))) => {
+                    poll = poll_after(link, Duration::ZERO, self.kick.clone(), None);
+                }
                 _ => break,
             }
         }
+        self.mark_disconnected();
+    }
+
+    fn mark_disconnected(&mut self) {
         self.shared
             .metrics
             .mqtt_connected
             .store(false, Ordering::Relaxed);
     }
+}
+
+/// A lost connection in one line; a TLS failure with its cause.
+fn failure_text(e: &LinkError) -> String {
+    e.to_string()
 }
 
 #[cfg(test)]

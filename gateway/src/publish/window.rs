@@ -4,6 +4,10 @@
 //! such event belongs to the k-th submitted record; `PubAck(pkid)` then names the record. On a
 //! lost connection the whole window is forgotten: with a clean session rumqttc drops its own
 //! queue, and everything unacknowledged is sent again from the ledger or the disk.
+//!
+//! The gateway's own status messages go through the same client, so they take their place in
+//! the submission order too ([`Window::submit_status`]); they stand for no record, never count
+//! against the window's room, and their acknowledgement credits nothing.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
@@ -12,9 +16,19 @@ use std::time::Instant;
 #[derive(Debug)]
 pub struct Window {
     capacity: usize,
-    submitted: VecDeque<(u64, Instant)>,
-    inflight: HashMap<u16, (u64, Instant)>,
+    /// Handed to the client, not yet written: a record's seq, or `None` for a status message.
+    submitted: VecDeque<(Option<u64>, Instant)>,
+    inflight: HashMap<u16, (Option<u64>, Instant)>,
     outstanding: HashSet<u64>,
+}
+
+/// What a PUBACK acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acked {
+    /// A record, submitted at that time.
+    Record(u64, Instant),
+    /// A status message.
+    Status,
 }
 
 impl Window {
@@ -26,6 +40,11 @@ impl Window {
             inflight: HashMap::new(),
             outstanding: HashSet::new(),
         }
+    }
+
+    /// Changes the capacity (a broker's receive maximum); records already in flight stay.
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(1);
     }
 
     /// Free places in the window.
@@ -50,29 +69,41 @@ impl Window {
 
     /// A record was handed to the MQTT client.
     pub fn submit(&mut self, seq: u64, now: Instant) {
-        self.submitted.push_back((seq, now));
+        self.submitted.push_back((Some(seq), now));
         self.outstanding.insert(seq);
     }
 
-    /// The client wrote a publish with `pkid`: it is the oldest submitted record.
+    /// A status message was handed to the MQTT client.
+    pub fn submit_status(&mut self, now: Instant) {
+        self.submitted.push_back((None, now));
+    }
+
+    /// The client wrote a publish with `pkid`: it is the oldest submitted one. Returns the
+    /// record's seq (`None` for a status message or an unknown publish).
     pub fn on_outgoing(&mut self, pkid: u16) -> Option<u64> {
         let (seq, at) = self.submitted.pop_front()?;
         self.inflight.insert(pkid, (seq, at));
-        Some(seq)
+        seq
     }
 
-    /// The broker acknowledged `pkid`: returns the record's seq and when it was submitted.
-    pub fn on_ack(&mut self, pkid: u16) -> Option<(u64, Instant)> {
-        let (seq, at) = self.inflight.remove(&pkid)?;
-        self.outstanding.remove(&seq);
-        Some((seq, at))
+    /// The broker acknowledged `pkid`: what it was.
+    pub fn on_ack(&mut self, pkid: u16) -> Option<Acked> {
+        match self.inflight.remove(&pkid)? {
+            (Some(seq), at) => {
+                self.outstanding.remove(&seq);
+                Some(Acked::Record(seq, at))
+            }
+            (None, _) => Some(Acked::Status),
+        }
     }
 
-    /// When the oldest unacknowledged record was submitted.
+    /// When the oldest unacknowledged record was submitted (status messages do not count).
     pub fn oldest(&self) -> Option<Instant> {
-        let a = self.submitted.iter().map(|(_, t)| *t).min();
-        let b = self.inflight.values().map(|(_, t)| *t).min();
-        a.into_iter().chain(b).min()
+        let records = self.submitted.iter().chain(self.inflight.values());
+        records
+            .filter(|(seq, _)| seq.is_some())
+            .map(|(_, t)| *t)
+            .min()
     }
 
     /// Forgets everything (connection lost); returns how many records were outstanding.
@@ -98,10 +129,37 @@ mod tests {
         assert_eq!(w.room(), 1);
         assert_eq!(w.on_outgoing(1), Some(10));
         assert_eq!(w.on_outgoing(2), Some(11));
-        assert_eq!(w.on_ack(2).map(|x| x.0), Some(11));
+        assert_eq!(w.on_ack(2), Some(Acked::Record(11, t)));
         assert!(w.contains(10));
         assert!(!w.contains(11));
-        assert_eq!(w.on_ack(1).map(|x| x.0), Some(10));
+        assert_eq!(w.on_ack(1), Some(Acked::Record(10, t)));
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn a_status_message_keeps_its_place_in_the_order_and_credits_no_record() {
+        let mut w = Window::new(2);
+        let t = Instant::now();
+        w.submit(10, t);
+        w.submit_status(t);
+        w.submit(11, t);
+        // Status messages take no room.
+        assert_eq!(w.room(), 0);
+        assert_eq!(w.on_outgoing(1), Some(10));
+        assert_eq!(w.on_outgoing(2), None);
+        assert_eq!(w.on_outgoing(3), Some(11));
+        assert_eq!(w.on_ack(2), Some(Acked::Status));
+        assert!(w.contains(10) && w.contains(11));
+        assert_eq!(w.on_ack(3), Some(Acked::Record(11, t)));
+    }
+
+    #[test]
+    fn an_unacknowledged_status_message_does_not_make_the_link_look_dead() {
+        let mut w = Window::new(2);
+        let t = Instant::now();
+        w.submit_status(t);
+        w.on_outgoing(1);
+        assert_eq!(w.oldest(), None);
         assert!(w.is_empty());
     }
 

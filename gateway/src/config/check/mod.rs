@@ -8,6 +8,7 @@
 //! The sections (`[gateway]`, `[buffer]`, `[mqtt]`) are checked here, the devices in
 //! `devices.rs` (with their protocols' rules in `modbus.rs` and `opcua.rs`).
 
+mod cloud;
 mod devices;
 mod modbus;
 mod mqtt;
@@ -304,6 +305,10 @@ impl Checker<'_> {
             .as_ref()
             .map_or_else(|| PathBuf::from("data"), |g| g.data_dir.clone());
         let devices = self.devices(devices, &data_dir);
+        if let (Some(mqtt), Some(devices), Some(id)) = (&mqtt, &devices, &id) {
+            self.status_topic_clash(mqtt, devices, id);
+            self.cloud_rules(mqtt, devices, id);
+        }
         Some(Config {
             gateway: gateway?,
             buffer: buffer?,

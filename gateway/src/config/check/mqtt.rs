@@ -6,10 +6,12 @@ use super::Checker;
 use crate::config::problem::FieldPath;
 use crate::config::raw::RawMqtt;
 use crate::config::values::{
-    check_client_id, check_readable, check_topic_prefix, fmt_duration, fmt_size, parse_mqtt_url,
-    BrokerUrl, DEFAULT_MQTT_PORT, KIB, MAX_DURATION, MIB, MS, NONZERO,
+    check_client_id, check_readable, check_topic_prefix, check_topic_template, fmt_duration,
+    fmt_size, parse_mqtt_url, BrokerUrl, DEFAULT_MQTT_PORT, KIB, MAX_DURATION, MIB, MS, NONZERO,
 };
-use crate::config::{MqttSettings, ProtocolVersion, SasSettings, TlsSettings, TopicTemplate};
+use crate::config::{
+    DeviceSettings, MqttSettings, ProtocolVersion, SasSettings, TlsSettings, TopicTemplate,
+};
 use crate::secret::{SecretSource, CREDENTIAL_PREFIX};
 
 impl Checker<'_> {
@@ -175,6 +177,26 @@ impl Checker<'_> {
         })
     }
 
+    /// A device whose records would go to the gateway's status topic (a device named
+    /// `status` with the default topic): the cloud could not tell the two apart.
+    pub(super) fn status_topic_clash(
+        &mut self,
+        mqtt: &MqttSettings,
+        devices: &[DeviceSettings],
+        gateway: &str,
+    ) {
+        if !mqtt.status {
+            return;
+        }
+        let status = mqtt.status_topic();
+        for (i, device) in devices.iter().enumerate() {
+            if mqtt.topic.render(mqtt, gateway, &device.name) == status {
+                let message = format!("its records would go to `{status}`, the gateway's status topic: rename the device, or set `mqtt.status = false`");
+                self.report(&FieldPath::top("devices").index(i).key("name"), message);
+            }
+        }
+    }
+
     /// The TLS keys; each is refused with a plain `mqtt://` url, which would send in clear what
     /// the file suggests must not be.
     fn tls(&mut self, raw: &RawMqtt, path: &FieldPath, tls: bool) -> Option<TlsSettings> {
@@ -270,35 +292,4 @@ impl Checker<'_> {
         }
         source
     }
-}
-
-/// A `topic` template: its placeholders are known ones, and whatever they stand for, the topic
-/// holds no wildcard or NUL.
-fn check_topic_template(text: &str) -> Result<(), String> {
-    if text.is_empty() {
-        return Err("must not be empty".to_owned());
-    }
-    if text.contains(['+', '#']) {
-        return Err("must not contain the MQTT wildcards `+` or `#`".to_owned());
-    }
-    if text.contains('\0') {
-        return Err("must not contain NUL".to_owned());
-    }
-    let mut rest = text;
-    while let Some(open) = rest.find('{') {
-        rest = &rest[open..];
-        let Some(known) = TopicTemplate::PLACEHOLDERS
-            .iter()
-            .find(|p| rest.starts_with(*p))
-        else {
-            let end = rest.find('}').map_or(rest.len(), |i| i + 1);
-            return Err(format!(
-                "unknown placeholder `{}`: use {}",
-                &rest[..end],
-                TopicTemplate::PLACEHOLDERS.join(", ")
-            ));
-        };
-        rest = &rest[known.len()..];
-    }
-    Ok(())
 }
