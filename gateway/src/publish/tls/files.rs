@@ -12,7 +12,7 @@ use x509_cert::der::Decode;
 
 use super::{KeyProblem, TlsError, CA_FILE, CERT_FILE};
 use crate::config::TlsSettings;
-use crate::secret::SecretSource;
+use crate::secret::{Secret, SecretSource};
 
 /// The trust anchors of a `ca_file`.
 pub(super) struct CaFile {
@@ -105,17 +105,22 @@ pub(super) fn not_after(
     Ok(cert.tbs_certificate.validity.not_after.to_system_time())
 }
 
-/// The private key in `source`'s file. Errors say what is wrong without quoting the file.
+/// The private key in `source`'s file, read through [`SecretSource::read`] (which warns once
+/// about a file others may read, and zeroes its copy). Errors say what is wrong without
+/// quoting the file.
 pub(super) fn read_key(source: &SecretSource) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let path = source.path().map_err(TlsError::KeyCredential)?;
-    let key = source.to_string();
-    let bytes = std::fs::read(&path).map_err(|source| TlsError::Read {
-        field: super::KEY_FILE,
-        path,
-        source,
-    })?;
+    let secret = source.read().map_err(TlsError::KeySecret)?;
+    parse_key(source, &secret)
+}
+
+/// The private key in `secret`, the content of `source`'s file.
+pub(super) fn parse_key(
+    source: &SecretSource,
+    secret: &Secret,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = secret.expose().as_bytes();
     let problem = |problem| TlsError::Key {
-        key: key.clone(),
+        key: source.to_string(),
         problem,
     };
     let encrypted = [
@@ -123,13 +128,13 @@ pub(super) fn read_key(source: &SecretSource) -> Result<PrivateKeyDer<'static>, 
         b"Proc-Type: 4,ENCRYPTED",
     ]
     .iter()
-    .any(|marker| contains(&bytes, marker));
+    .any(|marker| contains(bytes, marker));
     if encrypted {
         return Err(problem(KeyProblem::Encrypted));
     }
-    match PrivateKeyDer::from_pem_slice(&bytes) {
+    match PrivateKeyDer::from_pem_slice(bytes) {
         Ok(key) => Ok(key),
-        Err(pem::Error::NoItemsFound) if contains(&bytes, b"-----BEGIN ") => {
+        Err(pem::Error::NoItemsFound) if contains(bytes, b"-----BEGIN ") => {
             Err(problem(KeyProblem::NoKey))
         }
         Err(pem::Error::NoItemsFound) => Err(problem(KeyProblem::NotPem)),

@@ -8,9 +8,10 @@ use std::fmt;
 use std::time::SystemTime;
 
 use super::expiry::Expiring;
-use super::files::{ca_file_roots, identity, not_after, read_certs, read_key};
+use super::files::{ca_file_roots, identity, not_after, parse_key, read_certs};
 use super::{server_name, TlsError, CA_FILE, CERT_FILE, URL};
 use crate::config::TlsSettings;
+use crate::secret::{SecretError, SecretSource};
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,13 +146,26 @@ fn client_findings(tls: &TlsSettings, now: SystemTime) -> Vec<Finding> {
             None
         }
     };
-    let key = match read_key(key_source) {
-        Ok(key) => Some(key),
+    // Whether others may read the key is left to the gateway's own warning when it runs: the
+    // mode of a file depends on where it was copied with which umask, and `check` says the
+    // same for the same file anywhere (as for `password_file`).
+    let read = match key_source {
+        SecretSource::File(_) => key_source.read_in(None).map(|(secret, _)| secret),
+        SecretSource::Credential(_) => key_source.read(),
+    };
+    let key = match read {
+        Ok(secret) => match parse_key(key_source, &secret) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                findings.push(Finding::problem(&e));
+                None
+            }
+        },
         // `credential:NAME` outside the service: `check` cannot see it, as the config check
         // cannot.
-        Err(TlsError::KeyCredential(_)) => None,
+        Err(SecretError::NoCredentialsDirectory(_)) => None,
         Err(e) => {
-            findings.push(Finding::problem(&e));
+            findings.push(Finding::problem(&TlsError::KeySecret(e)));
             None
         }
     };

@@ -133,9 +133,10 @@ pub(crate) enum TlsError {
         #[source]
         first_error: Option<rustls_native_certs::Error>,
     },
-    /// `key_file` names a credential that cannot be found.
+    /// `key_file` cannot be read (through [`crate::secret`]: a missing file or credential, or
+    /// one that is not text).
     #[error("{KEY_FILE}: {0}")]
-    KeyCredential(#[source] SecretError),
+    KeySecret(#[source] SecretError),
     /// `key_file` holds no usable private key; the reason is in words of our own, never the
     /// file's content.
     #[error("{KEY_FILE}: {key} {problem}")]
@@ -220,7 +221,7 @@ impl TlsError {
             | TlsError::Verifier { .. }
             | TlsError::Rustls(_) => CA_FILE,
             TlsError::CertUnusable { .. } => CERT_FILE,
-            TlsError::KeyCredential(_)
+            TlsError::KeySecret(_)
             | TlsError::Key { .. }
             | TlsError::KeyUnusable { .. }
             | TlsError::KeyMismatch { .. } => KEY_FILE,

@@ -349,6 +349,7 @@ async fn a_client_certificate_with_an_rsa_key_in_pkcs1_is_accepted() {
     let files = pki.client_with_key("rsa", &pkcs8).unwrap();
     let pkcs1 = pki.dir().join("client-rsa.pkcs1.key");
     std::fs::write(&pkcs1, key.to_pkcs1_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+    std::fs::set_permissions(&pkcs1, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     assert!(std::fs::read_to_string(&pkcs1)
         .unwrap()
         .starts_with("-----BEGIN RSA PRIVATE KEY-----\n"));

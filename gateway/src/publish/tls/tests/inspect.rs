@@ -127,3 +127,31 @@ fn a_key_given_as_a_credential_outside_the_service_is_left_unchecked() {
         assert_eq!(inspect(&tls, "broker.example.com"), Vec::new());
     }
 }
+
+#[test]
+fn a_key_file_others_may_read_is_left_to_the_gateways_own_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let key = copy_to(dir.path(), &pki.client().key, "client.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tls = TlsSettings {
+        key_file: Some(SecretSource::File(key)),
+        ..with_client(trusting(pki.ca()), pki.client())
+    };
+    assert_eq!(inspect(&tls, "broker.example.com"), Vec::new());
+}
+
+#[test]
+fn a_missing_key_file_is_a_problem() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let tls = TlsSettings {
+        key_file: Some(SecretSource::File(dir.path().join("gone.key"))),
+        ..with_client(trusting(pki.ca()), pki.client())
+    };
+    let findings = inspect(&tls, "broker.example.com");
+    assert_eq!(findings.len(), 1, "{findings:?}");
+    assert_eq!(findings[0].severity, Severity::Problem);
+    assert_eq!(findings[0].field, "mqtt.key_file");
+}
