@@ -7,6 +7,7 @@ pub mod fixtures;
 pub mod mosquitto;
 pub mod pki;
 pub mod powercut;
+pub mod tls_front;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

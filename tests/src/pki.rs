@@ -13,8 +13,9 @@
 //!
 //! Keys are ECDSA P-256, written as PKCS#8 (`-----BEGIN PRIVATE KEY-----`); the good client's
 //! key is also written as SEC1 (`-----BEGIN EC PRIVATE KEY-----`, [`Pki::client_sec1_key`]).
-//! rcgen cannot generate RSA keys with the ring provider, so there is no PKCS#1 key. Key files
-//! are written readable by their owner only, as a deployment would hold them.
+//! rcgen cannot generate RSA keys with the ring provider: a test that wants one (for a PKCS#1
+//! key) brings its own ([`Pki::client_with_key`]). Key files are written readable by their
+//! owner only, as a deployment would hold them.
 //!
 //! This file is also compiled into the gateway's own unit tests (by path), so it uses nothing
 //! but rcgen, base64, tempfile and anyhow.
@@ -242,6 +243,22 @@ impl Pki {
         )
     }
 
+    /// A new client certificate for `name`, signed by the CA, for the key given as PKCS#8 PEM
+    /// (an RSA key, which rcgen cannot generate with ring), written as `client-{name}.pem` and
+    /// `client-{name}.key`.
+    pub fn client_with_key(&self, name: &str, pkcs8_pem: &str) -> anyhow::Result<CertFiles> {
+        let key = KeyPair::from_pem(pkcs8_pem)?;
+        let stem = format!("client-{name}");
+        issue_for(
+            self.dir(),
+            &stem,
+            &self.ca,
+            Role::Client(name),
+            Validity::Long,
+            key,
+        )
+    }
+
     /// Like [`Pki::client_for`], valid until `not_after`, written as `client-{name}-until.pem`.
     pub fn client_until(&self, name: &str, not_after: SystemTime) -> anyhow::Result<CertFiles> {
         let stem = format!("client-{name}-until");
@@ -280,7 +297,18 @@ fn issue(
     role: Role<'_>,
     validity: Validity,
 ) -> anyhow::Result<CertFiles> {
-    let key = KeyPair::generate()?;
+    issue_for(dir, stem, issuer, role, validity, KeyPair::generate()?)
+}
+
+/// A leaf certificate for `key`, signed by `issuer`: writes `{stem}.pem` and `{stem}.key`.
+fn issue_for(
+    dir: &Path,
+    stem: &str,
+    issuer: &Issuer<'_, KeyPair>,
+    role: Role<'_>,
+    validity: Validity,
+    key: KeyPair,
+) -> anyhow::Result<CertFiles> {
     let (names, name, purpose) = match role {
         Role::Server(names) => (
             names.to_vec(),

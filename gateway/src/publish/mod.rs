@@ -28,6 +28,7 @@ pub(crate) mod link;
 pub mod pace;
 pub(crate) mod sas;
 pub mod status;
+pub(crate) mod tls;
 pub mod window;
 
 use std::collections::VecDeque;
