@@ -13,6 +13,7 @@ use rumqttc::Transport;
 use super::link::Prepared;
 use super::sas::{device_resource_uri, SasError, SasRenewal};
 use super::status;
+use super::tls::{client_cert_not_after, client_config, ExpiryWarning, TlsError};
 use crate::config::MqttSettings;
 use crate::secret::SecretError;
 
@@ -29,8 +30,8 @@ pub(crate) enum PrepareError {
     #[error("mqtt.sas_key_file: {0}")]
     Sas(#[from] SasError),
     /// The TLS configuration cannot be built.
-    #[error("{0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Builds what connection attempts are made with.
@@ -42,6 +43,8 @@ pub(crate) struct Connector {
     pub(crate) will_retained: bool,
     /// The SAS token in use, with `sas_key_file`.
     sas: Option<SasRenewal>,
+    /// Warns of a client certificate that expires soon, once a day.
+    expiry: ExpiryWarning,
 }
 
 impl Connector {
@@ -51,6 +54,7 @@ impl Connector {
             gateway: gateway.to_owned(),
             boot,
             will_retained: true,
+            expiry: ExpiryWarning::new(),
             sas: settings.sas.as_ref().map(|s| {
                 SasRenewal::new(
                     device_resource_uri(&settings.host, &settings.client_id),
@@ -71,7 +75,18 @@ impl Connector {
     pub(crate) fn prepare(&mut self) -> Result<Prepared, PrepareError> {
         let transport = match &self.settings.tls {
             None => Transport::Tcp,
-            Some(_) => return Err(PrepareError::Tls("TLS is not wired yet".to_owned())),
+            Some(tls) => {
+                if tls.insecure_skip_verify {
+                    tracing::warn!(host = %self.settings.host, "insecure_skip_verify: the broker's certificate is not checked; anyone between the gateway and the broker can read and change what it sends (for commissioning only)");
+                }
+                if let Ok(Some(not_after)) = client_cert_not_after(tls) {
+                    if let Some(expiring) = self.expiry.check(not_after, SystemTime::now()) {
+                        tracing::warn!(file = ?tls.cert_file, "the client certificate {expiring}: renew it (the new file is read at the next connect)");
+                    }
+                }
+                let config = client_config(tls, &self.settings.host)?;
+                Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config))
+            }
         };
         let username = match (&self.settings.username, &self.settings.sas) {
             (Some(user), _) => Some(user.clone()),

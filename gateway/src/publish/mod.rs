@@ -711,7 +711,14 @@ impl Publisher {
 
 /// A lost connection in one line; a TLS failure with its cause.
 fn failure_text(e: &LinkError) -> String {
-    e.to_string()
+    let tls = match e {
+        LinkError::V4(e) => tls::describe_failure(e),
+        LinkError::V5(e) => tls::describe_failure_v5(e),
+    };
+    match tls {
+        Some(cause) => format!("TLS: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 #[cfg(test)]

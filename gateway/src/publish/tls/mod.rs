@@ -22,14 +22,6 @@
 //! A key file's content never reaches an error message, a log line or a debug print: errors
 //! about it say what is wrong in words of their own.
 
-// Until the publisher connects with TLS, only `check` uses this module; the expectations
-// fail (and are to be removed) once it does.
-#![cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the publisher is not wired to TLS yet")
-)]
-#![expect(unused_imports, reason = "the publisher is not wired to TLS yet")]
-
 mod expiry;
 mod failure;
 mod files;
@@ -52,7 +44,7 @@ use rustls::ClientConfig;
 use crate::config::TlsSettings;
 use crate::secret::SecretError;
 
-pub(crate) use expiry::{Expiring, ExpiryWarning, WARN_BEFORE, WARN_EVERY};
+pub(crate) use expiry::ExpiryWarning;
 pub(crate) use failure::{describe_failure, describe_failure_v5};
 pub(crate) use files::client_cert_not_after;
 pub(crate) use inspect::{inspect, Finding, Severity};
