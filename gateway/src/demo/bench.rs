@@ -60,6 +60,10 @@ pub struct BenchOptions {
     /// took to drain and at what rate, beside the live data.
     #[arg(long, default_value_t = 0)]
     pub outage_seconds: u64,
+    /// The gateway reaches the broker over TLS (a CA and a certificate made for the run, a TLS
+    /// terminator before the broker), to measure what TLS costs.
+    #[arg(long)]
+    pub tls: bool,
     /// Profiling hook: do not start the gateway child; print the config path and keep the
     /// simulator, broker and subscriber running for warm-up + --seconds, so the child can be
     /// started by hand (under a profiler) with `bench-child --config PATH`.
@@ -247,7 +251,12 @@ struct Cutter {
 }
 
 impl Cutter {
-    async fn start(upstream: SocketAddr, cancel: CancellationToken) -> std::io::Result<Cutter> {
+    /// With `tls`, the cutter terminates TLS: it accepts TLS and speaks plain TCP upstream.
+    async fn start(
+        upstream: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        cancel: CancellationToken,
+    ) -> std::io::Result<Cutter> {
         use std::sync::atomic::AtomicBool;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -256,21 +265,38 @@ impl Cutter {
         let (u, g) = (up.clone(), generation.clone());
         tokio::spawn(async move {
             loop {
-                let (mut client, _) = tokio::select! {
+                let (client, _) = tokio::select! {
                     _ = cancel.cancelled() => return,
                     a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
                 };
                 if !u.load(Ordering::SeqCst) {
                     continue; // refused while cut
                 }
+                let _ = client.set_nodelay(true);
                 let mut cut = g.subscribe();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.changed() => {}
+                    let _ = server.set_nodelay(true);
+                    match tls {
+                        None => {
+                            let mut client = client;
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                                _ = cut.changed() => {}
+                            }
+                        }
+                        Some(acceptor) => {
+                            let Ok(mut client) = acceptor.accept(client).await else {
+                                return;
+                            };
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                                _ = cut.changed() => {}
+                            }
+                        }
                     }
                 });
             }
@@ -388,7 +414,13 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
     let cancel = CancellationToken::new();
     // The gateway reaches the broker through a proxy that can play an outage; the subscriber
     // connects directly.
-    let cutter = Cutter::start(broker.addr(), cancel.clone())
+    let tls = if opts.tls {
+        Some(crate::demo::tls::generate(&dir).map_err(setup)?)
+    } else {
+        None
+    };
+    let acceptor = tls.as_ref().map(|t| t.acceptor.clone());
+    let cutter = Cutter::start(broker.addr(), acceptor, cancel.clone())
         .await
         .map_err(setup)?;
     let gw_port = cutter.addr.port();
@@ -479,6 +511,24 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
             opts.devices, opts.tags, opts.scan_ms
         );
         (config, offered, what)
+    };
+    let what = if opts.tls {
+        format!("{what}, MQTT over TLS")
+    } else {
+        what
+    };
+    let config = match &tls {
+        None => config,
+        Some(tls) => config
+            .replacen("url = \"mqtt://", "url = \"mqtts://", 1)
+            .replacen(
+                "max_inflight = 256\n",
+                &format!(
+                    "max_inflight = 256\nca_file = \"{}\"\n",
+                    tls.ca_file.display()
+                ),
+                1,
+            ),
     };
     std::fs::write(&cfg_path, config).map_err(setup)?;
     let got = Arc::new(Received::default());

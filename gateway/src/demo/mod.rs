@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod broker;
 pub mod config;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};

@@ -54,6 +54,12 @@ use link::{BrokerLimits, Happening, Link, LinkError, Outbound, Refusal, Sender};
 use pace::Pace;
 use window::{Acked, Window};
 
+/// The rustls crypto provider the gateway's TLS uses (ring), for the demo's TLS peers.
+#[cfg(feature = "demo")]
+pub fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    tls::provider()
+}
+
 /// Records read from disk per replay step.
 const REPLAY_CHUNK: usize = 64;
 /// Payload bytes the live queue holds at most while the broker is away; older records fall back
