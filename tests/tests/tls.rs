@@ -295,3 +295,35 @@ async fn each_tls_failure_is_named_in_the_log() {
     let tls_lines = text.lines().filter(|l| l.contains("TLS: ")).count();
     assert!(tls_lines >= 5, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_username_and_password_broker_over_tls_takes_everything_with_mqtt5() {
+    // The cloud brokers' usual recipe (HiveMQ Cloud, EMQX Cloud): TLS, a user and a password,
+    // the user confined to its topics.
+    let pki = Pki::generate().unwrap();
+    let server = pki.server();
+    let broker = Mosquitto::builder()
+        .tls(Tls::new(pki.ca(), &server.cert, &server.key))
+        .user("edge-01", "cloud-password")
+        .allow_write("edge-01", "edge/gw-cloud/#")
+        .start()
+        .await;
+    let mut rig = GatewayRig::new("gw-cloud", 1, SCAN, Some(broker.addr())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "cloud-password\n").unwrap();
+    let m = &mut rig.config.mqtt;
+    m.tls = Some(tls(&pki, false));
+    m.username = Some("edge-01".to_owned());
+    m.password_file = Some(SecretSource::File(password));
+    m.protocol_version = edge_gateway::config::ProtocolVersion::V5;
+    let sub = broker.collector("edge/gw-cloud/#").await;
+    let gw = rig.start().await;
+    sub.wait_for(Duration::from_secs(20), "records", |m| m.len() >= 20)
+        .await;
+    sub.wait_for_status(Duration::from_secs(10), "online", |s| !s.is_empty())
+        .await;
+    let created = drained(&gw, Duration::from_secs(20)).await;
+    gw.shutdown().await;
+    assert_all_arrived(&sub, created);
+}
