@@ -825,6 +825,43 @@ fn parse_connect(body: &[u8]) -> Option<Login> {
     })
 }
 
+/// `config` (from [`child_config`]) with more `[mqtt]` keys (TOML lines), and `mqtts://` when
+/// `tls`.
+pub fn with_mqtt_keys(config: &str, keys: &str, tls: bool) -> String {
+    let config = if tls {
+        config.replacen("url = \"mqtt://", "url = \"mqtts://", 1)
+    } else {
+        config.to_owned()
+    };
+    config.replacen(
+        "shutdown_grace = \"200ms\"\n",
+        &format!("shutdown_grace = \"200ms\"\n{keys}\n"),
+        1,
+    )
+}
+
+/// Starts the gateway child (`exe`: a test's `env!("CARGO_BIN_EXE_gateway-child")`) on `config`
+/// with its log (stderr, no colours) in `log`, at the level `rust_log`, with `env` set too.
+pub fn spawn_child_logging(
+    exe: &str,
+    config: &std::path::Path,
+    log: &std::path::Path,
+    rust_log: &str,
+    env: &[(&str, &std::path::Path)],
+) -> std::process::Child {
+    let stderr = std::fs::File::create(log).expect("the child's log file");
+    std::process::Command::new(exe)
+        .arg(config)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
+        .env("RUST_LOG", rust_log)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("start the gateway child")
+}
+
 /// The TOML config of a gateway child for the crash and disk tests: gateway `id`, one Modbus
 /// TCP device at `device` with two tags scanned every `scan_ms`, the broker on `mqtt_port`.
 pub fn child_config(

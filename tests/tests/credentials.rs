@@ -5,13 +5,16 @@
 //! The broker here is the harness's recording broker: it accepts every CONNECT, keeps what it
 //! carried and acknowledges every publish.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
 use edge_gateway::config::SasSettings;
 use edge_gateway::secret::SecretSource;
-use gateway_tests::{child_config, eventually, recording_broker, ChildPeers, GatewayRig, Login};
+use gateway_tests::{
+    child_config, eventually, recording_broker, spawn_child_logging, with_mqtt_keys, ChildPeers,
+    GatewayRig, Login,
+};
 use hmac::{Hmac, Mac};
 
 const SCAN: Duration = Duration::from_millis(50);
@@ -64,24 +67,18 @@ async fn a_credential_is_read_from_the_credentials_directory_and_never_logged() 
         peers.device.addr(),
         100,
         50,
-    )
-    .replace(
-        "shutdown_grace = \"200ms\"",
-        "shutdown_grace = \"200ms\"\nusername = \"gw\"\npassword_file = \"credential:mqtt-password\"",
     );
+    let keys = "username = \"gw\"\npassword_file = \"credential:mqtt-password\"";
     let config = dir.path().join("gateway.toml");
-    std::fs::write(&config, text).unwrap();
+    std::fs::write(&config, with_mqtt_keys(&text, keys, false)).unwrap();
     let log = dir.path().join("gateway.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway-child"))
-        .arg(&config)
-        .env("CREDENTIALS_DIRECTORY", &credentials)
-        .env("RUST_LOG", "trace")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_child_logging(
+        env!("CARGO_BIN_EXE_gateway-child"),
+        &config,
+        &log,
+        "trace",
+        &[("CREDENTIALS_DIRECTORY", &credentials)],
+    );
     eventually(Duration::from_secs(20), "a login and records", || {
         !broker.logins().is_empty() && broker.publishes() >= 5
     })

@@ -6,7 +6,7 @@
 //! port that does not speak TLS) is named in the gateway's log, nothing goes out in clear, and
 //! every record arrives once the fault is corrected: no hole in `seq`.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use edge_gateway::config::{TlsSettings, TopicTemplate};
@@ -16,7 +16,8 @@ use gateway_tests::mosquitto::{Mosquitto, Tls};
 use gateway_tests::pki::{Pki, CLIENT_NAME};
 use gateway_tests::tls_front::{FrontConfig, TlsFront};
 use gateway_tests::{
-    child_config, contiguous_seqs, drained, eventually, ChildPeers, Collector, GatewayRig,
+    child_config, contiguous_seqs, drained, eventually, spawn_child_logging, with_mqtt_keys,
+    ChildPeers, Collector, GatewayRig,
 };
 
 const SCAN: Duration = Duration::from_millis(50);
@@ -234,27 +235,21 @@ async fn each_tls_failure_is_named_in_the_log() {
         peers.device.addr(),
         100,
         50,
-    )
-    .replace("mqtt://", "mqtts://")
-    .replace(
-        "shutdown_grace = \"200ms\"",
-        &format!(
-            "shutdown_grace = \"200ms\"\nbackoff_max = \"300ms\"\nca_file = \"{}\"",
-            pki.ca().display()
-        ),
+    );
+    let keys = format!(
+        "backoff_max = \"300ms\"\nca_file = \"{}\"",
+        pki.ca().display()
     );
     let config = dir.path().join("gateway.toml");
-    std::fs::write(&config, text).unwrap();
+    std::fs::write(&config, with_mqtt_keys(&text, &keys, true)).unwrap();
     let log = dir.path().join("gateway.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway-child"))
-        .arg(&config)
-        .env("RUST_LOG", "edge_gateway::publish=debug")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_child_logging(
+        env!("CARGO_BIN_EXE_gateway-child"),
+        &config,
+        &log,
+        "edge_gateway::publish=debug",
+        &[],
+    );
     let expect = |what: &'static str| {
         let log = log.clone();
         async move {

@@ -74,13 +74,7 @@ impl Checker<'_> {
             let message = "AWS IoT Core on port 443 needs `alpn = [\"x-amzn-mqtt-ca\"]`";
             self.report(&path.key("alpn"), message);
         }
-        if mqtt.max_packet_size as u64 > AWS_MAX_MESSAGE {
-            let message = format!(
-                "AWS IoT Core takes at most 128KiB per message, not {}: set `max_packet_size = \"128KiB\"` (larger scans are split into several records)",
-                fmt_size(mqtt.max_packet_size as u64)
-            );
-            self.report(&path.key("max_packet_size"), message);
-        }
+        self.message_limit(mqtt, path, "AWS IoT Core", AWS_MAX_MESSAGE);
         let mut topics: Vec<String> = devices
             .iter()
             .map(|d| mqtt.topic.render(mqtt, gateway, &d.name))
@@ -145,10 +139,17 @@ impl Checker<'_> {
             let message = "Azure IoT Hub authenticates a device by a SAS token or an X.509 certificate: set `sas_key_file` (the device's primary key) or `cert_file` and `key_file`";
             self.report(&path.key("sas_key_file"), message);
         }
-        if mqtt.max_packet_size as u64 > AZURE_MAX_MESSAGE {
+        self.message_limit(mqtt, path, "Azure IoT Hub", AZURE_MAX_MESSAGE);
+    }
+
+    /// `max_packet_size` within what `cloud` takes per message.
+    fn message_limit(&mut self, mqtt: &MqttSettings, path: &FieldPath, cloud: &str, max: u64) {
+        let size = mqtt.max_packet_size as u64;
+        if size > max {
             let message = format!(
-                "Azure IoT Hub takes at most 256KiB per message, not {}: set `max_packet_size = \"256KiB\"`",
-                fmt_size(mqtt.max_packet_size as u64)
+                "{cloud} takes at most {max} per message, not {}: set `max_packet_size = \"{max}\"` (larger scans are split into several records)",
+                fmt_size(size),
+                max = fmt_size(max)
             );
             self.report(&path.key("max_packet_size"), message);
         }
