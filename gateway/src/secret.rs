@@ -31,6 +31,9 @@ use zeroize::Zeroizing;
 /// The prefix that names a systemd credential instead of a path.
 pub const CREDENTIAL_PREFIX: &str = "credential:";
 
+/// The largest secret file read: passwords, keys and certificate chains are far smaller.
+const MAX_SECRET_BYTES: usize = 64 * 1024;
+
 /// The environment variable systemd sets to the service's credentials directory.
 const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
 
@@ -87,6 +90,12 @@ pub enum SecretError {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// The file is larger than any secret.
+    #[error("{source_name}: larger than 64KiB: not a secret file")]
+    TooLarge {
+        /// The path, or `credential:NAME (path)`.
+        source_name: String,
     },
     /// The file is not UTF-8 text.
     #[error("{source_name}: the secret is not UTF-8 text: {source}")]
@@ -165,9 +174,22 @@ impl SecretSource {
         };
         // Sized from the start, so the buffer is not reallocated (leaving copies behind) for
         // a file that does not grow while it is read.
-        let capacity = usize::try_from(meta.len()).unwrap_or(0).saturating_add(1);
+        let capacity = usize::try_from(meta.len())
+            .unwrap_or(0)
+            .min(MAX_SECRET_BYTES)
+            .saturating_add(1);
         let mut bytes = Zeroizing::new(Vec::with_capacity(capacity));
-        file.read_to_end(&mut bytes).map_err(read_error)?;
+        // At most MAX_SECRET_BYTES are read: a secret named by mistake as /dev/zero or a log
+        // file must not fill the memory.
+        (&mut file)
+            .take(MAX_SECRET_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_error)?;
+        if bytes.len() > MAX_SECRET_BYTES {
+            return Err(SecretError::TooLarge {
+                source_name: self.describe(&path),
+            });
+        }
         let text = match std::str::from_utf8(&bytes) {
             Ok(text) => text.trim_end_matches(['\r', '\n']),
             Err(source) => {

@@ -211,11 +211,12 @@ impl Running {
     }
 }
 
-fn read_password(config: &Config) -> Result<Option<String>, StartError> {
-    let Some(source) = &config.mqtt.password_file else {
-        return Ok(None);
-    };
-    Ok(Some(source.read()?.expose().to_owned()))
+/// Reads the password once, so that one that cannot be read stops the start.
+fn read_password(config: &Config) -> Result<(), StartError> {
+    if let Some(source) = &config.mqtt.password_file {
+        source.read()?;
+    }
+    Ok(())
 }
 
 /// Takes the data directory's lock (`flock` on `lock`, released by the kernel whenever the

@@ -60,6 +60,8 @@ pub async fn run_writer(
     let mut todo: Vec<Batch> = Vec::new();
     let mut holding = false;
     let mut first = true;
+    // A sample too large was logged (once per run of them).
+    let mut oversized_logged = false;
     while let Some(batch) = batches.recv().await {
         if std::mem::take(&mut first) {
             shared
@@ -97,13 +99,17 @@ pub async fn run_writer(
                     todo.push(first);
                 } else {
                     Metrics::add(&shared.metrics.oversized, 1);
-                    warn!(
-                        bytes = record.payload.len(),
-                        max_packet, "a single sample does not fit in an MQTT packet; dropped"
-                    );
+                    if !std::mem::replace(&mut oversized_logged, true) {
+                        warn!(
+                            bytes = record.payload.len(),
+                            max_packet,
+                            "a single sample does not fit in an MQTT packet; dropped (counted; logged again after a sample fits)"
+                        );
+                    }
                 }
                 continue;
             }
+            oversized_logged = false;
             if lock(&seqs).next_seq().is_err() {
                 continue; // unreachable: peek_seq found this number usable
             }

@@ -117,10 +117,11 @@ pub(crate) enum Sender {
     V5(v5::AsyncClient),
 }
 
-/// The event-loop half: owns the connection.
+/// The event-loop half: owns the connection, and rumqttc's in-flight limit (`inflight`), with
+/// which its state is made new for each connection.
 pub(crate) enum Link {
-    V4(Box<rumqttc::EventLoop>),
-    V5(Box<v5::EventLoop>),
+    V4(Box<rumqttc::EventLoop>, u16),
+    V5(Box<v5::EventLoop>, u16),
 }
 
 /// A failed poll: the connection is gone.
@@ -128,6 +129,19 @@ pub(crate) enum Link {
 pub(crate) enum LinkError {
     V4(rumqttc::ConnectionError),
     V5(v5::ConnectionError),
+}
+
+impl LinkError {
+    /// An MQTT 5 broker refused the CONNECT because it keeps no retained messages (the will is
+    /// retained).
+    pub(crate) fn retain_not_supported(&self) -> bool {
+        matches!(
+            self,
+            LinkError::V5(v5::ConnectionError::ConnectionRefused(
+                v5::mqttbytes::v5::ConnectReturnCode::RetainNotSupported
+            ))
+        )
+    }
 }
 
 impl std::fmt::Display for LinkError {
@@ -161,7 +175,7 @@ pub(crate) fn open(settings: &MqttSettings) -> (Sender, Link) {
             o.set_request_channel_capacity(cap);
             let (client, mut el) = rumqttc::AsyncClient::new(o, cap);
             el.set_network_options(network);
-            (Sender::V4(client), Link::V4(Box::new(el)))
+            (Sender::V4(client), Link::V4(Box::new(el), inflight))
         }
         ProtocolVersion::V5 => {
             let mut o = v5::MqttOptions::new(&settings.client_id, &settings.host, settings.port);
@@ -173,7 +187,7 @@ pub(crate) fn open(settings: &MqttSettings) -> (Sender, Link) {
             o.set_request_channel_capacity(cap);
             o.set_network_options(network);
             let (client, el) = v5::AsyncClient::new(o, cap);
-            (Sender::V5(client), Link::V5(Box::new(el)))
+            (Sender::V5(client), Link::V5(Box::new(el), inflight))
         }
     }
 }
@@ -220,16 +234,16 @@ impl Link {
     /// Polls once: connects first when not connected.
     pub(crate) async fn poll(&mut self) -> Result<Happening, LinkError> {
         match self {
-            Link::V4(el) => el.poll().await.map(happening_v4).map_err(LinkError::V4),
-            Link::V5(el) => el.poll().await.map(happening_v5).map_err(LinkError::V5),
+            Link::V4(el, _) => el.poll().await.map(happening_v4).map_err(LinkError::V4),
+            Link::V5(el, _) => el.poll().await.map(happening_v5).map_err(LinkError::V5),
         }
     }
 
     /// Drops the network connection, so the next poll makes a new one.
     pub(crate) fn drop_connection(&mut self) {
         match self {
-            Link::V4(el) => el.clean(),
-            Link::V5(el) => el.clean(),
+            Link::V4(el, _) => el.clean(),
+            Link::V5(el, _) => el.clean(),
         }
         self.forget_old_connection();
     }
@@ -241,12 +255,12 @@ impl Link {
     /// pkid-to-record mapping.
     pub(crate) fn forget_old_connection(&mut self) {
         match self {
-            Link::V4(el) => {
+            Link::V4(el, _) => {
                 el.state.events.clear();
                 el.state.collision = None;
                 el.pending.clear();
             }
-            Link::V5(el) => {
+            Link::V5(el, _) => {
                 el.state.events.clear();
                 el.state.collision = None;
                 el.pending.clear();
@@ -254,10 +268,13 @@ impl Link {
         }
     }
 
-    /// Sets what the next connection attempt is made with.
+    /// Sets what the next connection attempt is made with, on a state made new: rumqttc keeps
+    /// its packet-id counter and the last broker's receive maximum across connections, and a
+    /// counter left above a smaller new maximum would run past its table.
     pub(crate) fn prepare(&mut self, p: Prepared) {
         match self {
-            Link::V4(el) => {
+            Link::V4(el, inflight) => {
+                el.state = rumqttc::MqttState::new(*inflight, false);
                 let o = &mut el.mqtt_options;
                 o.set_transport(p.transport);
                 if let Some((user, password)) = p.credentials {
@@ -273,7 +290,8 @@ impl Link {
                     o.set_last_will(will);
                 }
             }
-            Link::V5(el) => {
+            Link::V5(el, inflight) => {
+                el.state = v5::MqttState::new(*inflight, false);
                 let o = &mut el.options;
                 o.set_transport(p.transport);
                 if let Some((user, password)) = p.credentials {

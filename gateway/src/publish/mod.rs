@@ -31,7 +31,7 @@ pub mod status;
 pub(crate) mod tls;
 pub mod window;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -167,8 +167,15 @@ pub struct Publisher {
     refused_until: Option<Instant>,
     /// Waits after refused records, growing while the broker keeps refusing.
     refusal_backoff: Backoff,
-    /// A refusal was logged (once per run of refusals).
-    refusal_logged: bool,
+    /// The last refusal; a run of refusals (an episode) ends after `2 * backoff_max` without.
+    last_refusal: Option<Instant>,
+    /// Records of this connection not sent because they exceed the broker's packet size: the
+    /// replay passes over them (they stay on disk), instead of finding them again and again.
+    too_large: HashSet<u64>,
+    /// The next poll makes a new connection attempt (prepared afresh).
+    attempt_due: bool,
+    /// The connection just lost was healthy: the next attempt goes at once.
+    retry_now: bool,
     /// The broker's limits from the current connection's CONNACK.
     limits: BrokerLimits,
     /// When the current connection was made.
@@ -222,7 +229,10 @@ impl Publisher {
             pace: Pace::new(replay_rate),
             replay_held_until: None,
             refused_until: None,
-            refusal_logged: false,
+            last_refusal: None,
+            too_large: HashSet::new(),
+            attempt_due: true,
+            retry_now: false,
             limits: BrokerLimits::NONE,
             connected_at: None,
             first_attempt_done: false,
@@ -273,6 +283,7 @@ impl Publisher {
                             }
                             p.on_disconnect("CONNACK with session present for a clean session");
                             link.drop_connection();
+                            p.attempt_due = true;
                             backoff.next_delay()
                         }
                         Polled::Happened(Happening::Connected { limits, .. }) => {
@@ -287,9 +298,19 @@ impl Publisher {
                             p.on_happening(h);
                             Duration::ZERO
                         }
+                        Polled::Failed(e) if e.retain_not_supported() => {
+                            // The will is retained; this broker keeps no retained messages.
+                            warn!("the broker keeps no retained messages: the last will and the status go out without retain");
+                            if let Ok(mut c) = p.connector.lock() {
+                                c.will_retained = false;
+                            }
+                            p.after_lost(&mut backoff, "retain not supported");
+                            Duration::ZERO
+                        }
                         Polled::Failed(e) => p.after_lost(&mut backoff, &failure_text(&e)),
                         Polled::Unprepared(e) => {
                             p.on_unprepared(&e);
+                            p.attempt_due = true;
                             backoff.next_delay()
                         }
                         Polled::Kicked => {
@@ -327,22 +348,21 @@ impl Publisher {
         p.disconnect(poll).await;
     }
 
-    /// The next poll of `link`; a new connection when not connected.
-    fn poll_next(&self, link: Link, delay: Duration) -> PollFuture {
-        let connect = (!self.connected).then(|| self.connector.clone());
+    /// The next poll of `link`: a new connection attempt, prepared afresh, when one is due
+    /// (events of a connection being dropped are polled without).
+    fn poll_next(&mut self, link: Link, delay: Duration) -> PollFuture {
+        let due = !self.connected && std::mem::take(&mut self.attempt_due);
+        let connect = due.then(|| self.connector.clone());
         poll_after(link, delay, self.kick.clone(), connect)
     }
 
-    /// After a lost connection (or a failed attempt): the delay before the next attempt.
+    /// After a lost connection (or a failed attempt): the delay before the next attempt, none
+    /// after a healthy connection.
     fn after_lost(&mut self, backoff: &mut Backoff, error: &str) -> Duration {
         self.first_attempt_over();
-        let was_connected = self.connected;
         self.on_disconnect(error);
-        let healthy = self
-            .connected_at
-            .take()
-            .is_some_and(|at| at.elapsed() >= HEALTHY_CONNECTION);
-        if was_connected && healthy {
+        self.attempt_due = true;
+        if std::mem::take(&mut self.retry_now) {
             backoff.reset();
             Duration::ZERO
         } else {
@@ -432,9 +452,9 @@ impl Publisher {
             }
             // The ledger's lock is taken per record, not across the read: a read can open a
             // sealed generation, and the writer must not wait for that.
-            let (window, shared) = (&self.window, &self.shared);
+            let (window, shared, too_large) = (&self.window, &self.shared, &self.too_large);
             let chunk = shared.buffer.read_range(from, u64::MAX, limit, |s| {
-                window.contains(s) || shared.ledger().is_acknowledged(s)
+                window.contains(s) || too_large.contains(&s) || shared.ledger().is_acknowledged(s)
             });
             let chunk = match chunk {
                 Ok(c) => c,
@@ -484,6 +504,7 @@ impl Publisher {
             .maximum_packet_size
             .map_or(usize::MAX, |m| m as usize);
         if topic.len() + payload.len() + PACKET_OVERHEAD > limit {
+            self.too_large.insert(seq);
             Metrics::add(&self.shared.metrics.too_large_for_broker, 1);
             if !self.too_large_logged {
                 error!(seq, bytes = payload.len(), broker_max = limit, "a record is larger than the broker's maximum packet size; it stays in the buffer (new records are made smaller)");
@@ -518,6 +539,7 @@ impl Publisher {
         self.down_logged = false;
         self.session_lie_logged = false;
         self.too_large_logged = false;
+        self.too_large.clear();
         self.window.clear();
         let cap = usize::from(self.settings.max_inflight);
         let cap = limits
@@ -571,33 +593,48 @@ impl Publisher {
                 );
                 self.kick.notify_one();
             }
-            Happening::Acked { pkid, refused } => match (self.window.on_ack(pkid), refused) {
-                (Some(Acked::Record(seq, submitted)), None) => {
-                    self.last_ack = Some((Instant::now(), submitted));
-                    self.refusal_logged = false;
-                    self.refusal_backoff.reset();
-                    Metrics::add(&self.shared.metrics.acked, 1);
-                    // A record that was committed is deleted by the committer's next tick.
-                    let _: AckOutcome = self.shared.ledger().ack(seq);
-                }
-                (Some(Acked::Record(seq, _)), Some(refusal)) => self.on_refused(seq, &refusal),
-                (Some(Acked::Status), Some(refusal)) => {
-                    warn!(code = refusal.code, reason = refusal.name, detail = refusal.reason.as_deref().unwrap_or(""), topic = %self.settings.status_topic(), "the broker refused the gateway's status message");
-                }
-                _ => {}
-            },
+            Happening::Acked { pkid, refused } => {
+                self.on_puback(pkid, refused);
+            }
             Happening::Connected { .. } | Happening::DisconnectSent | Happening::Other => {}
         }
     }
 
+    /// A PUBACK: credits the record it accepts (never one it refuses); returns what it was.
+    fn on_puback(&mut self, pkid: u16, refused: Option<Refusal>) -> Option<Acked> {
+        let acked = self.window.on_ack(pkid);
+        match (acked, refused) {
+            (Some(Acked::Record(seq, submitted)), None) => {
+                self.last_ack = Some((Instant::now(), submitted));
+                Metrics::add(&self.shared.metrics.acked, 1);
+                // A record that was committed is deleted by the committer's next tick.
+                let _: AckOutcome = self.shared.ledger().ack(seq);
+            }
+            (Some(Acked::Record(seq, _)), Some(refusal)) => self.on_refused(seq, &refusal),
+            (Some(Acked::Status), Some(refusal)) => {
+                warn!(code = refusal.code, reason = refusal.name, detail = refusal.reason.as_deref().unwrap_or(""), topic = %self.settings.status_topic(), "the broker refused the gateway's status message");
+            }
+            _ => {}
+        }
+        acked
+    }
+
     /// A PUBACK refused record `seq`: it stays in the ledger (committed, then replayed) and
-    /// sending pauses for a backoff.
+    /// sending pauses for a backoff that grows while the refusals go on, whatever else the
+    /// broker accepts meanwhile (one refused topic must not be retried at full speed).
     fn on_refused(&mut self, seq: u64, refusal: &Refusal) {
         Metrics::add(&self.shared.metrics.puback_refusals, 1);
+        let now = Instant::now();
+        let new_episode = self
+            .last_refusal
+            .is_none_or(|t| now.duration_since(t) > 2 * self.settings.backoff_max);
+        if new_episode {
+            self.refusal_backoff.reset();
+        }
+        self.last_refusal = Some(now);
         let pause = self.refusal_backoff.next_delay();
-        if !self.refusal_logged {
+        if new_episode {
             warn!(seq, code = refusal.code, reason = refusal.name, detail = refusal.reason.as_deref().unwrap_or(""), pause_ms = pause.as_millis() as u64, "the broker refused a record (PUBACK reason code); it stays buffered and sending pauses");
-            self.refusal_logged = true;
         } else {
             debug!(
                 seq,
@@ -605,7 +642,7 @@ impl Publisher {
                 "the broker refused a record again"
             );
         }
-        self.refused_until = Some(Instant::now() + pause);
+        self.refused_until = Some(now + pause);
         // A record already on disk comes back through the replay; one still in the ledger is
         // committed and then points the replay at itself.
         self.replay_from = Some(self.replay_from.map_or(seq, |c| c.min(seq)));
@@ -613,6 +650,13 @@ impl Publisher {
 
     fn on_disconnect(&mut self, error: &str) {
         let lost = self.window.clear();
+        let healthy = self
+            .connected_at
+            .take()
+            .is_some_and(|at| at.elapsed() >= HEALTHY_CONNECTION);
+        if self.connected && healthy {
+            self.retry_now = true;
+        }
         if self.connected || !self.down_logged {
             warn!(host = %self.settings.host, port = self.settings.port, error, unacknowledged = lost, "MQTT connection lost; buffering to disk and retrying");
             self.down_logged = true;
@@ -677,10 +721,16 @@ impl Publisher {
             loop {
                 match tokio::time::timeout_at(deadline, &mut poll).await {
                     Ok((link, Polled::Happened(h))) => {
-                        let status_acked = matches!(h, Happening::Acked { pkid, .. } if self.window.on_ack(pkid) == Some(Acked::Status));
-                        if let Happening::Sent(pkid) = h {
-                            self.window.on_outgoing(pkid);
-                        }
+                        // Records acknowledged meanwhile are credited as always.
+                        let status_acked = match h {
+                            Happening::Acked { pkid, refused } => {
+                                self.on_puback(pkid, refused) == Some(Acked::Status)
+                            }
+                            other => {
+                                self.on_happening(other);
+                                false
+                            }
+                        };
                         poll = poll_after(link, Duration::ZERO, self.kick.clone(), None);
                         if status_acked {
                             break;
