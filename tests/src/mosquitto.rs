@@ -89,6 +89,7 @@ pub struct MosquittoBuilder {
     max_packet_size: Option<u32>,
     message_size_limit: Option<u32>,
     allow_anonymous: bool,
+    no_retain: bool,
 }
 
 impl MosquittoBuilder {
@@ -146,6 +147,13 @@ impl MosquittoBuilder {
     /// (`message_size_limit`).
     pub fn message_size_limit(mut self, bytes: u32) -> Self {
         self.message_size_limit = Some(bytes);
+        self
+    }
+
+    /// The broker keeps no retained messages (`retain_available false`): an MQTT 5 CONNECT
+    /// with a retained will is refused (0x9A), and the CONNACK says so.
+    pub fn without_retain(mut self) -> Self {
+        self.no_retain = true;
         self
     }
 
@@ -473,6 +481,9 @@ impl Mosquitto {
         }
         if let Some(n) = b.message_size_limit {
             let _ = writeln!(c, "message_size_limit {n}");
+        }
+        if b.no_retain {
+            c.push_str("retain_available false\n");
         }
         let _ = writeln!(c, "\nlistener {} 127.0.0.1", self.port);
         let _ = writeln!(c, "allow_anonymous {}", b.allow_anonymous);

@@ -210,3 +210,67 @@ async fn the_brokers_maximum_packet_size_splits_records_before_they_get_a_seq() 
     assert_eq!(seqs.first(), Some(&0));
     assert!(seqs.len() as u64 >= created, "{} of {created}", seqs.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_retained_messages_gets_its_will_and_status_without_retain() {
+    let broker = Mosquitto::builder()
+        .user(USER, PASSWORD)
+        .allow_write(USER, "edge/gw-noretain/#")
+        .without_retain()
+        .start()
+        .await;
+    let (rig, _dir) = rig("gw-noretain", &broker).await;
+    let sub = broker.collector("edge/gw-noretain/#").await;
+    let gw = rig.start().await;
+    sub.wait_for(Duration::from_secs(20), "records", |m| m.len() >= 20)
+        .await;
+    sub.wait_for_status(Duration::from_secs(10), "online", |s| {
+        s.iter().any(|s| s.doc["state"] == "online")
+    })
+    .await;
+    let created = drained(&gw, Duration::from_secs(10)).await;
+    gw.shutdown().await;
+    let seqs = contiguous_seqs(&sub.messages(), 1);
+    assert!(seqs.len() as u64 >= created, "{} of {created}", seqs.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_too_large_for_a_new_brokers_limit_wait_on_disk_while_live_records_flow() {
+    // A first run buffers records of a full scan (about 700 bytes) while its broker is away.
+    let roomy = broker(&["edge/gw-shrink/#"], None).await;
+    let (mut rig, _dir) = rig("gw-shrink", &roomy).await;
+    rig.proxy.cut();
+    let gw = rig.start().await;
+    eventually(Duration::from_secs(20), "records on disk", || {
+        Metrics::get(&gw.metrics.committed) >= 20
+    })
+    .await;
+    gw.shutdown().await;
+
+    // The next run meets a broker that takes 512 bytes at most.
+    let small = broker(&["edge/gw-shrink/#"], Some(512)).await;
+    rig.proxy.repoint(small.addr());
+    rig.proxy.restore();
+    rig.config.mqtt.backoff_max = Duration::from_millis(500);
+    let seen = v5_subscriber(&small, "edge/gw-shrink/#").await;
+    let gw = rig.start().await;
+    eventually(
+        Duration::from_secs(20),
+        "the old records passed over",
+        || Metrics::get(&gw.metrics.too_large_for_broker) > 0,
+    )
+    .await;
+    // Live records of this boot keep flowing, split to fit: the publisher did not stall.
+    let boot = gw.boot;
+    eventually(
+        Duration::from_secs(20),
+        "live records of the new boot",
+        || {
+            let seen = seen.lock().unwrap();
+            contiguous_seqs(&as_received(&seen), boot).len() >= 40
+        },
+    )
+    .await;
+    assert!(!gw.buffer.is_empty(), "the records too large stay on disk");
+    gw.shutdown().await;
+}
