@@ -57,6 +57,9 @@ pub struct Metrics {
     pub puback_refusals: AtomicU64,
     /// Records not sent because they exceed the broker's maximum packet size.
     pub too_large_for_broker: AtomicU64,
+    /// When the TLS client certificate expires, in seconds since the Unix epoch, as of the
+    /// last connection attempt (0: no client certificate).
+    pub tls_client_cert_not_after: AtomicU64,
 }
 
 impl Metrics {

@@ -70,6 +70,9 @@ async fn over_mutual_tls_with_an_acl_everything_arrives_across_a_broker_restart(
         .messages()
         .iter()
         .all(|r| r.topic == format!("plant/{CLIENT_NAME}/press1")));
+    // The client certificate's expiry is reported (the test PKI's runs to the year 4096).
+    let not_after = Metrics::get(&gw.metrics.tls_client_cert_not_after);
+    assert!(not_after > 4_000_000_000, "{not_after}");
 
     // The broker restarts (without persistence: it forgets every session); the gateway is
     // kept away until a new subscriber listens, so the audit sees all the broker forwards.

@@ -45,6 +45,8 @@ pub(crate) struct Connector {
     sas: Option<SasRenewal>,
     /// Warns of a client certificate that expires soon, once a day.
     expiry: ExpiryWarning,
+    /// When the client certificate of the last attempt expires.
+    pub(crate) client_cert_not_after: Option<SystemTime>,
 }
 
 impl Connector {
@@ -55,6 +57,7 @@ impl Connector {
             boot,
             will_retained: true,
             expiry: ExpiryWarning::new(),
+            client_cert_not_after: None,
             sas: settings.sas.as_ref().map(|s| {
                 SasRenewal::new(
                     device_resource_uri(&settings.host, &settings.client_id),
@@ -79,7 +82,8 @@ impl Connector {
                 if tls.insecure_skip_verify {
                     tracing::warn!(host = %self.settings.host, "insecure_skip_verify: the broker's certificate is not checked; anyone between the gateway and the broker can read and change what it sends (for commissioning only)");
                 }
-                if let Ok(Some(not_after)) = client_cert_not_after(tls) {
+                self.client_cert_not_after = client_cert_not_after(tls).ok().flatten();
+                if let Some(not_after) = self.client_cert_not_after {
                     if let Some(expiring) = self.expiry.check(not_after, SystemTime::now()) {
                         tracing::warn!(file = ?tls.cert_file, "the client certificate {expiring}: renew it (the new file is read at the next connect)");
                     }

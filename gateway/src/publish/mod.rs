@@ -532,10 +532,18 @@ impl Publisher {
         self.connected = true;
         self.first_attempt_done = true;
         self.connected_at = Some(Instant::now());
-        self.renew_at = match self.connector.lock() {
-            Ok(c) => c.renew_in().map(|d| Instant::now() + d),
-            Err(_) => None,
-        };
+        self.renew_at = None;
+        if let Ok(c) = self.connector.lock() {
+            self.renew_at = c.renew_in().map(|d| Instant::now() + d);
+            let not_after = c
+                .client_cert_not_after
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            self.shared
+                .metrics
+                .tls_client_cert_not_after
+                .store(not_after, Ordering::Relaxed);
+        }
         self.down_logged = false;
         self.session_lie_logged = false;
         self.too_large_logged = false;
