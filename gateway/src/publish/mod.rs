@@ -66,7 +66,7 @@ const REPLAY_CHUNK: usize = 64;
 /// to the ledger and the disk buffer.
 const LIVE_BYTES: usize = 16 << 20;
 
-/// What a poll brought: a happening, a failed connection or attempt, or `None` when kicked.
+/// What a poll brought: a happening, a failed connection or attempt, or a kick.
 enum Polled {
     Happened(Happening),
     Failed(LinkError),
