@@ -7,6 +7,7 @@
 
 pub mod committer;
 pub mod ledger;
+pub mod reload;
 pub mod seq;
 pub mod writer;
 
