@@ -57,6 +57,11 @@ pub struct Metrics {
     pub puback_refusals: AtomicU64,
     /// Records not sent because they exceed the broker's maximum packet size.
     pub too_large_for_broker: AtomicU64,
+    /// Reloads applied (SIGHUP or the API).
+    pub reloads: AtomicU64,
+    /// Reloads refused (a config that fails `check`, an unreadable password): the running
+    /// config stays.
+    pub reloads_refused: AtomicU64,
 }
 
 impl Metrics {
