@@ -256,6 +256,14 @@ async fn an_mqtt_change_reconnects_the_publisher_to_the_new_broker_port_with_no_
     let mut gw = edge_gateway::pipeline::start(old.clone()).await.unwrap();
     sub.wait_for(WAIT, "records", |m| m.len() >= 20).await;
 
+    // The old link stops passing anything: what the old publisher has in flight when the
+    // reload replaces it is never acknowledged, and must come back through the disk.
+    first.freeze();
+    let made = Metrics::get(&gw.metrics.records);
+    eventually(WAIT, "records made after the freeze", || {
+        Metrics::get(&gw.metrics.records) >= made + 4
+    })
+    .await;
     let mut new = old.clone();
     new.mqtt.port = second.addr().port();
     new.mqtt.topic_prefix = "plant/reload-mqtt".into();
@@ -280,6 +288,10 @@ async fn an_mqtt_change_reconnects_the_publisher_to_the_new_broker_port_with_no_
     assert_eq!(Metrics::get(&gw.metrics.mqtt_connects), 2);
     assert_eq!((sims.connections(0), sims.connections(1)), (1, 1));
     nothing_lost(&gw, &sub).await;
+    assert!(
+        Metrics::get(&gw.metrics.replayed) > 0,
+        "what the old publisher had in flight came back from disk"
+    );
     gw.shutdown().await;
 }
 
