@@ -127,10 +127,27 @@ fn shutdown_signal() -> CancellationToken {
 
 async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
     let cfg = config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let running = pipeline::start(cfg)
+    let mut running = pipeline::start(cfg)
         .await
         .with_context(|| format!("starting the gateway from {}", path.display()))?;
-    shutdown_signal().cancelled().await;
+    let stop = shutdown_signal();
+    // SIGHUP reloads the file (`systemctl reload`); a file that fails check is refused and the
+    // running config stays (reload_file logs and counts it).
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
+    loop {
+        #[cfg(unix)]
+        let reload = hangup.recv();
+        #[cfg(not(unix))]
+        let reload = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = reload => {
+                let _ = running.reload_file(&path).await;
+            }
+        }
+    }
     running.shutdown().await;
     Ok(())
 }

@@ -60,6 +60,11 @@ pub struct Metrics {
     /// When the TLS client certificate expires, in seconds since the Unix epoch, as of the
     /// last connection attempt (0: no client certificate).
     pub tls_client_cert_not_after: AtomicU64,
+    /// Reloads applied (SIGHUP or the API).
+    pub reloads: AtomicU64,
+    /// Reloads refused (a config that fails `check`, an unreadable password): the running
+    /// config stays.
+    pub reloads_refused: AtomicU64,
 }
 
 impl Metrics {

@@ -4,9 +4,17 @@
 //! and closes the publisher's → the publisher waits `shutdown_grace` for outstanding PUBACKs and
 //! disconnects → the committer commits everything still unacknowledged and syncs. Each stage ends
 //! when the one before it has dropped its sending half, so no record is in flight between them.
+//!
+//! A reload ([`Running::reload`]) stops and starts only the driver tasks whose device changed
+//! ([`reload::Plan`]), hands the writer a new encoder that knows the new devices (catalog ids
+//! are never reused), and for an `[mqtt]` change replaces the publisher: the old one drains like
+//! at shutdown and disconnects, then the new one connects. The buffer, the ledger, the seq
+//! state and the boot are never touched, so everything unacknowledged is committed and
+//! replayed as after any lost connection.
 
 pub mod committer;
 pub mod ledger;
+pub mod reload;
 pub mod seq;
 pub mod writer;
 
@@ -14,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use protocols::driver::{DeviceStatus, DriverContext, Emitter};
-use protocols::model::{Batch, Catalog};
+use protocols::model::{Batch, Catalog, DeviceId};
 use protocols::{modbus, opcua};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -22,14 +30,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::buffer::{self, Buffer, BufferError};
-use crate::config::{Config, DeviceKind};
+use crate::config::{Config, ConfigErrors, DeviceKind, DeviceSettings};
 use crate::encode::json::JsonEncoder;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use committer::run_committer;
 use ledger::Ledger;
+use reload::Plan;
 use seq::SeqState;
-use writer::run_writer;
+use writer::{run_writer, WriterUpdate};
 
 /// Capacity of the drivers' shared batch channel.
 const BATCH_CHANNEL: usize = 1024;
@@ -179,6 +188,26 @@ pub struct DeviceHandle {
     pub status: Arc<DeviceStatus>,
 }
 
+/// Why a reload was refused; the running config stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new file fails `check` (or cannot be read).
+    #[error("the new configuration is refused, the running one stays:\n{0}")]
+    Config(#[from] ConfigErrors),
+    /// The new `[mqtt]` password cannot be read.
+    #[error("the new configuration is refused, the running one stays: mqtt.password_file: {0}")]
+    Secret(#[from] crate::secret::SecretError),
+}
+
+/// One `[[devices]]` entry's driver task (a Modbus line with units runs them all in one task).
+#[derive(Debug)]
+struct DriverTask {
+    settings: DeviceSettings,
+    handles: Vec<DeviceHandle>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
 /// The running gateway.
 #[derive(Debug)]
 pub struct Running {
@@ -186,33 +215,298 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// Devices in config order.
     pub devices: Vec<DeviceHandle>,
-    /// Device and tag names.
+    /// Device and tag names: every id handed out since start (a reload only adds entries).
     pub catalog: Arc<Catalog>,
     /// This start's boot number.
     pub boot: u64,
     /// The buffer, for inspection.
     pub buffer: Arc<Buffer>,
-    cancel: CancellationToken,
-    done: JoinHandle<()>,
+    config: Config,
+    drivers: Vec<DriverTask>,
+    drivers_cancel: CancellationToken,
+    /// Kept for drivers started by a reload; dropped at shutdown so the writer can end.
+    batch_tx: mpsc::Sender<Batch>,
+    updates: mpsc::Sender<WriterUpdate>,
+    shared: Arc<Shared>,
+    writer: JoinHandle<()>,
+    publisher: Option<JoinHandle<()>>,
+    committer: JoinHandle<()>,
+    committer_stop: CancellationToken,
+    /// The data directory's lock, held until everything is on disk.
+    lock: Option<std::fs::File>,
 }
 
 impl Running {
     /// Stops the gateway in order and waits until everything unacknowledged is on disk.
     pub async fn shutdown(self) {
-        self.cancel.cancel();
-        if let Err(e) = self.done.await {
-            error!(error = %e, "shutdown task failed");
+        info!("shutting down: stopping drivers");
+        self.drivers_cancel.cancel();
+        for d in self.drivers {
+            let _ = d.task.await;
+        }
+        // Only the writer's own receivers are left: it drains the channel and ends.
+        drop(self.batch_tx);
+        drop(self.updates);
+        let _ = self.writer.await;
+        if let Some(p) = self.publisher {
+            let _ = p.await;
+        }
+        self.committer_stop.cancel();
+        let _ = self.committer.await;
+        drop(self.lock);
+        info!("shutdown complete");
+    }
+
+    /// The config the gateway runs (after a reload: the new one, with the gateway id, data
+    /// directory and buffer settings it started with).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Reads the config file at `path` again and applies it with [`Running::reload`]; a file
+    /// that fails `check` is refused (logged, counted in `reloads_refused`) and the running
+    /// config stays. This is what SIGHUP and `POST /api/reload` call.
+    pub async fn reload_file(&mut self, path: &std::path::Path) -> Result<Plan, ReloadError> {
+        info!(file = %path.display(), "reloading the configuration");
+        match crate::config::load(path) {
+            Ok(config) => self.reload(config).await,
+            Err(e) => {
+                Metrics::add(&self.metrics.reloads_refused, 1);
+                error!(file = %path.display(), problems = e.problems.len(), "the new configuration fails check; keeping the running one:\n{e}");
+                Err(e.into())
+            }
         }
     }
 
-    /// A token that stops the gateway when cancelled.
-    pub fn cancel_token(&self) -> CancellationToken {
-        self.cancel.clone()
+    /// Applies a checked config to the running gateway without a restart and returns what it
+    /// did. Only devices whose settings or tags changed are stopped and started again, added
+    /// or removed; every other device keeps its connection and its schedule. An `[mqtt]`
+    /// change replaces the publisher: the old one drains its window for `shutdown_grace` and
+    /// disconnects, the new one connects and replays what is on disk. The buffer, the ledger,
+    /// the seq and the boot are never reset, so no record is lost or renumbered.
+    /// `[gateway] id`, `data_dir` and `[buffer]` changes are logged and kept for the next
+    /// start ([`Plan::not_live`]). Refused (and counted) only when the new MQTT password
+    /// cannot be read; then nothing changes.
+    pub async fn reload(&mut self, new: Config) -> Result<Plan, ReloadError> {
+        let plan = Plan::new(&self.config, &new);
+        let config = Plan::effective(&self.config, new);
+        if plan.mqtt_changed {
+            if let Err(e) = read_password(&config) {
+                Metrics::add(&self.metrics.reloads_refused, 1);
+                error!(error = %e, "the new configuration is refused; keeping the running one");
+                return Err(e.into());
+            }
+        }
+        for part in &plan.not_live {
+            warn!(setting = %part, "changed in the file but not applied until the gateway restarts");
+        }
+
+        // Stop the drivers of changed and removed devices before starting anything, so a
+        // device (or a serial line) never has two drivers at once.
+        let stopping: std::collections::HashSet<&str> = plan
+            .changed
+            .iter()
+            .chain(&plan.removed)
+            .map(|n| &**n)
+            .collect();
+        let (stop, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.drivers)
+            .into_iter()
+            .partition(|d| stopping.contains(&*d.settings.name));
+        for d in &stop {
+            d.cancel.cancel();
+        }
+        for d in stop {
+            let _ = d.task.await;
+        }
+
+        // New catalog entries for changed and added devices: an id is never reused, so a
+        // batch still in flight from a stopped driver keeps its own names.
+        let mut catalog = (*self.catalog).clone();
+        let starting: std::collections::HashSet<&str> = plan
+            .changed
+            .iter()
+            .chain(&plan.added)
+            .map(|n| &**n)
+            .collect();
+        let fresh: Vec<(DeviceSettings, Vec<DeviceId>)> = config
+            .devices
+            .iter()
+            .filter(|d| starting.contains(&*d.name))
+            .map(|d| (d.clone(), add_to_catalog(&mut catalog, d)))
+            .collect();
+        let catalog = Arc::new(catalog);
+
+        // The writer learns the new ids (and topics) before any new driver can send a batch.
+        let (live, live_rx) = if plan.mqtt_changed {
+            let (tx, rx) = mpsc::channel(usize::from(config.mqtt.max_inflight) * 2);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let update = WriterUpdate {
+            encoder: encoder_for(&config, self.boot, &catalog),
+            max_packet: config.mqtt.max_packet_size,
+            live,
+        };
+        if self.updates.send(update).await.is_err() {
+            warn!("the writer has ended; the reload applies to nothing");
+        }
+        if let Some(live_rx) = live_rx {
+            // The writer dropped the old publisher's channel: it drains and disconnects; the
+            // new one connects after it, so the broker never sees two sessions at once.
+            let old = self.publisher.take();
+            let (mqtt, buffer, boot, shared) = (
+                config.mqtt.clone(),
+                config.buffer.clone(),
+                self.boot,
+                self.shared.clone(),
+            );
+            let gateway = config.gateway.id.clone();
+            self.publisher = Some(tokio::spawn(async move {
+                if let Some(old) = old {
+                    let _ = old.await;
+                }
+                info!(host = %mqtt.host, port = mqtt.port, "connecting with the reloaded MQTT settings");
+                Publisher::run(
+                    mqtt,
+                    buffer.commit_interval,
+                    buffer.replay_rate,
+                    (gateway, boot),
+                    shared,
+                    live_rx,
+                )
+                .await;
+            }));
+        }
+
+        let mut started: std::collections::HashMap<Arc<str>, DriverTask> = fresh
+            .into_iter()
+            .map(|(settings, ids)| {
+                let name = settings.name.clone();
+                let task = spawn_driver(
+                    settings,
+                    ids,
+                    &catalog,
+                    &self.batch_tx,
+                    &self.drivers_cancel,
+                );
+                (name, task)
+            })
+            .collect();
+        let mut kept: std::collections::HashMap<Arc<str>, DriverTask> = keep
+            .into_iter()
+            .map(|d| (d.settings.name.clone(), d))
+            .collect();
+        self.drivers = config
+            .devices
+            .iter()
+            .filter_map(|d| started.remove(&d.name).or_else(|| kept.remove(&d.name)))
+            .collect();
+        self.devices = self
+            .drivers
+            .iter()
+            .flat_map(|d| d.handles.iter().cloned())
+            .collect();
+        self.catalog = catalog;
+        self.config = config;
+        Metrics::add(&self.metrics.reloads, 1);
+        info!(
+            unchanged = plan.unchanged.len(),
+            changed = ?plan.changed,
+            added = ?plan.added,
+            removed = ?plan.removed,
+            mqtt_changed = plan.mqtt_changed,
+            "configuration reloaded"
+        );
+        Ok(plan)
     }
 }
 
-/// Reads the password once, so that one that cannot be read stops the start.
-fn read_password(config: &Config) -> Result<(), StartError> {
+/// Adds a `[[devices]]` entry to the catalog: a Modbus line with a `units` list publishes each
+/// unit as its own device, named `line/unit` (a meter on an RS-485 line is a device to the
+/// plant, the line is not).
+fn add_to_catalog(catalog: &mut Catalog, d: &DeviceSettings) -> Vec<DeviceId> {
+    match &d.kind {
+        DeviceKind::Modbus(m) => m
+            .units
+            .iter()
+            .map(|u| {
+                let name: Arc<str> = match &u.name {
+                    Some(unit) => format!("{}/{unit}", d.name).into(),
+                    None => d.name.clone(),
+                };
+                catalog.add_device(name, u.tags.iter().map(|t| t.name.clone()).collect())
+            })
+            .collect(),
+        DeviceKind::OpcUa(o) => vec![catalog.add_device(
+            d.name.clone(),
+            o.tags.iter().map(|t| t.name.clone()).collect(),
+        )],
+    }
+}
+
+/// Starts the driver task of one `[[devices]]` entry, stopped by its own token (a child of
+/// `parent`, which stops every driver at shutdown).
+fn spawn_driver(
+    settings: DeviceSettings,
+    ids: Vec<DeviceId>,
+    catalog: &Catalog,
+    batch_tx: &mpsc::Sender<Batch>,
+    parent: &CancellationToken,
+) -> DriverTask {
+    let cancel = parent.child_token();
+    let mut handles = Vec::with_capacity(ids.len());
+    let mut contexts = Vec::with_capacity(ids.len());
+    for id in ids {
+        let name = catalog
+            .device(id)
+            .map_or_else(|| "?".into(), |e| e.name.clone());
+        let status = Arc::new(DeviceStatus::default());
+        handles.push(DeviceHandle {
+            name: name.clone(),
+            status: status.clone(),
+        });
+        contexts.push(DriverContext {
+            device: id,
+            name,
+            emitter: Emitter::new(batch_tx.clone()),
+            cancel: cancel.clone(),
+            status,
+        });
+    }
+    let kind = settings.kind.clone();
+    let task = tokio::spawn(async move {
+        let name = contexts
+            .first()
+            .map_or_else(|| "?".into(), |c| c.name.clone());
+        let result = match kind {
+            DeviceKind::Modbus(m) => modbus::driver::run(m, contexts).await,
+            DeviceKind::OpcUa(o) => match contexts.pop() {
+                Some(ctx) => opcua::driver::run(o, ctx).await,
+                None => Ok(()),
+            },
+        };
+        if let Err(e) = result {
+            warn!(device = %name, error = %e, "driver stopped");
+        }
+    });
+    DriverTask {
+        settings,
+        handles,
+        cancel,
+        task,
+    }
+}
+
+/// The encoder for `config`'s topics over every device of `catalog`.
+fn encoder_for(config: &Config, boot: u64, catalog: &Catalog) -> JsonEncoder {
+    let mqtt = &config.mqtt;
+    let topic = |device: &str| mqtt.topic.render(mqtt, &config.gateway.id, device);
+    JsonEncoder::new(&config.gateway.id, boot, topic, catalog)
+}
+
+/// Reads the password once, so that one that cannot be read stops the start (or a reload).
+fn read_password(config: &Config) -> Result<(), crate::secret::SecretError> {
     if let Some(source) = &config.mqtt.password_file {
         source.read()?;
     }
@@ -279,30 +573,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let boot = seqs.boot();
     info!(gateway = %config.gateway.id, boot, backlog = report.records, devices = config.devices.len(), "starting gateway");
 
-    // A Modbus line with a `units` list publishes each unit as its own device, named
-    // `line/unit`: a meter on an RS-485 line is a device to the plant, the line is not.
     let mut catalog = Catalog::default();
-    let mut lines = Vec::new();
-    for d in &config.devices {
-        let ids: Vec<_> = match &d.kind {
-            DeviceKind::Modbus(m) => m
-                .units
-                .iter()
-                .map(|u| {
-                    let name: Arc<str> = match &u.name {
-                        Some(unit) => format!("{}/{unit}", d.name).into(),
-                        None => d.name.clone(),
-                    };
-                    catalog.add_device(name, u.tags.iter().map(|t| t.name.clone()).collect())
-                })
-                .collect(),
-            DeviceKind::OpcUa(o) => vec![catalog.add_device(
-                d.name.clone(),
-                o.tags.iter().map(|t| t.name.clone()).collect(),
-            )],
-        };
-        lines.push((d.kind.clone(), ids));
-    }
+    let lines: Vec<_> = config
+        .devices
+        .iter()
+        .map(|d| (d.clone(), add_to_catalog(&mut catalog, d)))
+        .collect();
     let catalog = Arc::new(catalog);
     let metrics = Arc::new(Metrics::default());
     metrics.count_quarantined(&report.quarantined);
@@ -311,56 +587,24 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     let shared = Arc::new(Shared::new(buffer.clone(), metrics.clone()));
 
-    let cancel = CancellationToken::new();
-    let drivers_cancel = cancel.child_token();
+    let drivers_cancel = CancellationToken::new();
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_CHANNEL);
     let (live_tx, live_rx) = mpsc::channel(usize::from(config.mqtt.max_inflight) * 2);
+    let (updates, updates_rx) = mpsc::channel(1);
 
-    let mut devices = Vec::new();
-    let mut drivers = Vec::new();
-    for (kind, ids) in lines {
-        let mut contexts = Vec::with_capacity(ids.len());
-        for id in ids {
-            let name = catalog
-                .device(id)
-                .map_or_else(|| "?".into(), |e| e.name.clone());
-            let status = Arc::new(DeviceStatus::default());
-            devices.push(DeviceHandle {
-                name: name.clone(),
-                status: status.clone(),
-            });
-            contexts.push(DriverContext {
-                device: id,
-                name,
-                emitter: Emitter::new(batch_tx.clone()),
-                cancel: drivers_cancel.clone(),
-                status,
-            });
-        }
-        drivers.push(tokio::spawn(async move {
-            let name = contexts
-                .first()
-                .map_or_else(|| "?".into(), |c| c.name.clone());
-            let result = match kind {
-                DeviceKind::Modbus(m) => modbus::driver::run(m, contexts).await,
-                DeviceKind::OpcUa(o) => match contexts.pop() {
-                    Some(ctx) => opcua::driver::run(o, ctx).await,
-                    None => Ok(()),
-                },
-            };
-            if let Err(e) = result {
-                warn!(device = %name, error = %e, "driver stopped");
-            }
-        }));
-    }
-    // Only the drivers hold senders now: the writer ends when the last driver does.
-    drop(batch_tx);
+    let drivers: Vec<DriverTask> = lines
+        .into_iter()
+        .map(|(settings, ids)| spawn_driver(settings, ids, &catalog, &batch_tx, &drivers_cancel))
+        .collect();
+    let devices = drivers
+        .iter()
+        .flat_map(|d| d.handles.iter().cloned())
+        .collect();
 
-    let mqtt = &config.mqtt;
-    let topic = |device: &str| mqtt.topic.render(mqtt, &config.gateway.id, device);
-    let encoder = JsonEncoder::new(&config.gateway.id, boot, topic, &catalog);
+    let encoder = encoder_for(&config, boot, &catalog);
     let writer = tokio::spawn(run_writer(
         batch_rx,
+        updates_rx,
         encoder,
         seqs,
         shared.clone(),
@@ -382,30 +626,23 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         live_rx,
     ));
 
-    let stop = cancel.clone();
-    let done = tokio::spawn(async move {
-        // Held until everything is on disk.
-        let _lock = lock;
-        stop.cancelled().await;
-        info!("shutting down: stopping drivers");
-        for d in drivers {
-            let _ = d.await;
-        }
-        let _ = writer.await;
-        let _ = publisher.await;
-        committer_stop.cancel();
-        let _ = committer.await;
-        info!("shutdown complete");
-    });
-
     Ok(Running {
         metrics,
         devices,
         catalog,
         boot,
         buffer,
-        cancel,
-        done,
+        config,
+        drivers,
+        drivers_cancel,
+        batch_tx,
+        updates,
+        shared,
+        writer,
+        publisher: Some(publisher),
+        committer,
+        committer_stop,
+        lock,
     })
 }
 

@@ -1,6 +1,7 @@
 //! The writer: the only task that assigns sequence numbers. It takes each batch from the
 //! drivers' channel, encodes it once into a record, enters it in the [`Ledger`](super::ledger::Ledger) and hands it to
-//! the publisher at once.
+//! the publisher at once. A reload hands it a [`WriterUpdate`] (a new encoder for new devices,
+//! tags or topics, a new packet limit, a new publisher's channel) between two batches.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,16 +46,31 @@ async fn peek_seq(seqs: &Arc<std::sync::Mutex<SeqState>>) -> Result<u64, StateEr
     }
 }
 
+/// What a reload changes in the writer. Updates are taken before the next batch, so a batch
+/// from a driver started after its update was sent is encoded with it.
+#[derive(Debug)]
+pub struct WriterUpdate {
+    /// Encodes every later record: it knows every device id handed out so far (the catalog
+    /// only grows) and the topics of the new `[mqtt]` settings.
+    pub encoder: JsonEncoder,
+    /// The configured `max_packet_size`.
+    pub max_packet: usize,
+    /// A new publisher's live channel; dropping the old sender lets the old publisher drain
+    /// and disconnect.
+    pub live: Option<mpsc::Sender<Arc<Record>>>,
+}
+
 /// Runs the writer until every driver has dropped its emitter. A batch whose record would not
 /// fit in `max_packet` bytes is split in halves (each its own record); a single sample that does
 /// not fit is dropped and counted, since the broker could never take it.
 pub async fn run_writer(
     mut batches: mpsc::Receiver<Batch>,
+    mut updates: mpsc::Receiver<WriterUpdate>,
     mut encoder: JsonEncoder,
     seqs: SeqState,
     shared: Arc<Shared>,
-    live: mpsc::Sender<Arc<Record>>,
-    max_packet: usize,
+    mut live: mpsc::Sender<Arc<Record>>,
+    mut max_packet: usize,
 ) {
     let seqs = Arc::new(std::sync::Mutex::new(seqs));
     let mut todo: Vec<Batch> = Vec::new();
@@ -62,7 +78,29 @@ pub async fn run_writer(
     let mut first = true;
     // A sample too large was logged (once per run of them).
     let mut oversized_logged = false;
-    while let Some(batch) = batches.recv().await {
+    let mut updates_open = true;
+    loop {
+        let batch = tokio::select! {
+            // Updates first: one sent before a new driver started is applied before its batch.
+            biased;
+            update = updates.recv(), if updates_open => {
+                match update {
+                    Some(u) => {
+                        encoder = u.encoder;
+                        max_packet = u.max_packet;
+                        if let Some(l) = u.live {
+                            live = l;
+                        }
+                    }
+                    None => updates_open = false,
+                }
+                continue;
+            }
+            batch = batches.recv() => match batch {
+                Some(b) => b,
+                None => break,
+            },
+        };
         if std::mem::take(&mut first) {
             shared
                 .wait_for_broker_packet_limit(FIRST_CONNECT_WAIT)
@@ -156,8 +194,10 @@ mod tests {
         let seqs = SeqState::open(dir.path(), 0, true);
         let (batch_tx, batch_rx) = mpsc::channel(4);
         let (live_tx, mut live_rx) = mpsc::channel(64);
+        let (_updates_tx, updates_rx) = mpsc::channel(1);
         let writer = tokio::spawn(run_writer(
             batch_rx,
+            updates_rx,
             encoder,
             seqs,
             shared.clone(),
@@ -196,5 +236,68 @@ mod tests {
         );
         let expected: Vec<String> = (0..100).map(|i| format!("tag{i}")).collect();
         assert_eq!(tags, expected, "every sample once, in order");
+    }
+
+    #[tokio::test]
+    async fn an_update_names_a_new_device_and_moves_later_records_to_a_new_publisher() {
+        let dir = tempfile::tempdir().unwrap();
+        let (buffer, _) = Buffer::open(&dir.path().join("buffer")).unwrap();
+        let shared = Arc::new(Shared::new(Arc::new(buffer), Arc::new(Metrics::default())));
+        shared.set_broker_packet_limit(None);
+        let mut catalog = Catalog::default();
+        catalog.add_device("old".into(), vec!["a".into()]);
+        let encoder = JsonEncoder::new("gw", 1, |d| format!("one/{d}"), &catalog);
+        let seqs = SeqState::open(dir.path(), 0, true);
+        let (batch_tx, batch_rx) = mpsc::channel(4);
+        let (updates_tx, updates_rx) = mpsc::channel(1);
+        let (live_tx, mut first_rx) = mpsc::channel(64);
+        let writer = tokio::spawn(run_writer(
+            batch_rx,
+            updates_rx,
+            encoder,
+            seqs,
+            shared.clone(),
+            live_tx,
+            1 << 20,
+        ));
+        let batch = |device| Batch {
+            device: DeviceId(device),
+            samples: vec![Sample::good(TagId(0), Value::Int(1), Timestamp(1))],
+            read_at: Instant::now(),
+        };
+        batch_tx.send(batch(0)).await.unwrap();
+        let first = first_rx.recv().await.unwrap();
+        assert_eq!((first.seq, &*first.topic), (0, "one/old"));
+
+        let id = catalog.add_device("new".into(), vec!["b".into()]);
+        let (live_tx, mut second_rx) = mpsc::channel(64);
+        updates_tx
+            .send(WriterUpdate {
+                encoder: JsonEncoder::new("gw", 1, |d| format!("two/{d}"), &catalog),
+                max_packet: 1 << 20,
+                live: Some(live_tx),
+            })
+            .await
+            .unwrap();
+        batch_tx.send(batch(id.0)).await.unwrap();
+        batch_tx.send(batch(0)).await.unwrap();
+        drop(batch_tx);
+        writer.await.unwrap();
+        assert!(
+            first_rx.recv().await.is_none(),
+            "the old publisher's channel is closed"
+        );
+        let mut later = Vec::new();
+        while let Some(r) = second_rx.recv().await {
+            let doc: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+            later.push((r.seq, r.topic.to_string(), doc["samples"][0]["tag"].clone()));
+        }
+        assert_eq!(
+            later,
+            [
+                (1, "two/new".to_string(), serde_json::json!("b")),
+                (2, "two/old".to_string(), serde_json::json!("a")),
+            ]
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! The gateway as a child process for crash tests: `gateway-child CONFIG`. Runs until SIGTERM.
+//! The gateway as a child process for crash tests: `gateway-child CONFIG`. Runs until SIGTERM;
+//! SIGHUP reloads CONFIG like `edge-gateway run` does.
 //!
 //! With `GATEWAY_CHILD_METRICS=PATH`, it keeps the gateway's counters in `PATH` (`key=value`
 //! lines, replaced atomically every 100 ms and once more after shutdown), so a test can read
@@ -19,7 +20,8 @@ fn metrics_text(m: &Metrics, devices: &[DeviceHandle], boot: u64) -> String {
     format!(
         "boot={}\nrecords={}\ncommitted={}\ncommits={}\nevicted={}\nio_errors={}\n\
          buffer_failing={}\nmemory_bytes={}\nbuffer_records={}\npublished={}\nacked={}\n\
-         replayed={}\nquarantined={}\nlost_commits={}\nscans={}\n",
+         replayed={}\nquarantined={}\nlost_commits={}\nscans={}\nreloads={}\n\
+         reloads_refused={}\n",
         boot,
         n(&m.records),
         n(&m.committed),
@@ -35,6 +37,8 @@ fn metrics_text(m: &Metrics, devices: &[DeviceHandle], boot: u64) -> String {
         n(&m.quarantined),
         n(&m.lost_commits),
         scans,
+        n(&m.reloads),
+        n(&m.reloads_refused),
     )
 }
 
@@ -61,13 +65,17 @@ async fn main() -> anyhow::Result<()> {
         .context("usage: gateway-child CONFIG")?
         .into();
     let cfg = edge_gateway::config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let running = edge_gateway::pipeline::start(cfg).await?;
+    let mut running = edge_gateway::pipeline::start(cfg).await?;
     let metrics_file = std::env::var_os("GATEWAY_CHILD_METRICS").map(PathBuf::from);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
             _ = term.recv() => break,
+            _ = hangup.recv() => {
+                let _ = running.reload_file(&path).await;
+            }
             _ = tick.tick() => {
                 if let Some(file) = &metrics_file {
                     let text = metrics_text(&running.metrics, &running.devices, running.boot);
