@@ -20,6 +20,26 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines for a person (colour only on a terminal, never with NO_COLOR set) or JSON
+    /// lines for a journal or a log shipper.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    /// The least severe level logged (error, warn, info, debug, trace) or a filter such as
+    /// `info,protocols=debug`; without it RUST_LOG, then the command's own default.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// How the log is written, from the command line.
+struct LogOptions {
+    format: LogFormat,
+    level: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -85,14 +105,47 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 const QUIET_LIBRARIES: &str =
     "rumqttd=off,opcua_client=off,opcua_core=off,opcua_crypto=off,opcua_server=off,opcua_nodes=off,opcua_types=off";
 
-fn init_tracing(default: &str) {
-    let default = format!("{default},{QUIET_LIBRARIES}");
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+/// Colour only for a person at a terminal, and never when `NO_COLOR` is set to anything
+/// (<https://no-color.org>).
+fn colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// The filter: `--log-level`, else RUST_LOG, else `default`; the noisy libraries stay quiet
+/// unless the filter names them.
+fn log_filter(default: &str, level: Option<&str>) -> anyhow::Result<EnvFilter> {
+    if let Some(level) = level {
+        return EnvFilter::try_new(format!("{QUIET_LIBRARIES},{level}"))
+            .with_context(|| format!("--log-level {level:?} is not a level or filter"));
+    }
+    Ok(EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default},{QUIET_LIBRARIES}"))))
+}
+
+fn init_tracing(default: &str, opts: &LogOptions) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let filter = log_filter(default, opts.level.as_deref())?;
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match opts.format {
+        LogFormat::Human => builder
+            .with_ansi(colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ))
+            .init(),
+        // One JSON object a line, the event's fields at the top level next to `level`,
+        // `target` and `timestamp`: what journald, Loki or Vector take as it is.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
     edge_gateway::buffer::contain_sled_panic_reports();
+    Ok(())
 }
 
 /// Cancelled on Ctrl-C or SIGTERM.
@@ -158,15 +211,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let log = LogOptions {
+        format: cli.log_format,
+        level: cli.log_level,
+    };
     let result = runtime.block_on(async move {
-        match cli.command {
+        let done: anyhow::Result<()> = match cli.command {
             Command::Run { config } => {
-                init_tracing("info");
+                init_tracing("info", &log)?;
                 run_gateway(config).await
             }
             #[cfg(feature = "demo")]
             Command::BenchChild { config } => {
-                init_tracing("warn");
+                init_tracing("warn", &log)?;
                 run_gateway(config).await
             }
             #[cfg(feature = "demo")]
@@ -177,7 +234,7 @@ fn main() -> ExitCode {
                 seconds,
                 plain,
             } => {
-                init_tracing("warn");
+                init_tracing("warn", &log)?;
                 let data_dir =
                     data_dir.unwrap_or_else(|| std::env::temp_dir().join("edge-gateway-demo"));
                 let opts = edge_gateway::demo::DemoOptions {
@@ -193,31 +250,55 @@ fn main() -> ExitCode {
             }
             #[cfg(feature = "demo")]
             Command::Bench(opts) => {
-                init_tracing("warn");
+                init_tracing("warn", &log)?;
                 edge_gateway::demo::bench::run(opts)
                     .await
                     .map_err(Into::into)
             }
             Command::Browse(args) => {
-                init_tracing("error");
+                init_tracing("error", &log)?;
                 let text = edge_gateway::cli::browse::run(&args).await?;
                 print!("{text}");
                 Ok(())
             }
             Command::Read(args) => {
-                init_tracing("error");
+                init_tracing("error", &log)?;
                 let text = edge_gateway::cli::read::run(&args).await?;
                 print!("{text}");
                 Ok(())
             }
             Command::Check { .. } => Ok(()),
-        }
+        };
+        done.map(|()| ExitCode::SUCCESS)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color_set() {
+        assert!(colour(true, None));
+        assert!(!colour(false, None));
+        assert!(!colour(true, Some("1".into())));
+        assert!(
+            colour(true, Some("".into())),
+            "an empty NO_COLOR is unset by the convention"
+        );
+    }
+
+    #[test]
+    fn a_log_level_that_is_no_filter_is_refused() {
+        assert!(log_filter("info", Some("debug")).is_ok());
+        assert!(log_filter("info", Some("info,protocols=trace")).is_ok());
+        assert!(log_filter("info", Some("info,protocols=loudest")).is_err());
     }
 }

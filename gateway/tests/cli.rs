@@ -542,3 +542,117 @@ inter_request_delay = "5ms"
         );
     }
 }
+
+/// A port on 127.0.0.1 that nobody listens on (bound once, then released).
+fn dead_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    l.local_addr().expect("local address").port()
+}
+
+/// A config with one Modbus TCP device at `device` and a broker at `broker`, its data directory
+/// in `dir`.
+fn one_device_config(dir: &std::path::Path, device: &str, broker: &str) -> std::path::PathBuf {
+    let path = dir.join("gw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[gateway]
+id = "gw"
+data_dir = "{}"
+
+[mqtt]
+url = "mqtt://{broker}"
+
+[[devices]]
+name = "press"
+protocol = "modbus_tcp"
+address = "{device}"
+scan_interval = "100ms"
+timeout = "200ms"
+
+  [[devices.tags]]
+  name = "speed"
+  address = "hr:0"
+"#,
+            dir.join("data").display()
+        ),
+    )
+    .expect("write the config");
+    path
+}
+
+#[test]
+fn run_with_log_format_json_writes_one_json_object_a_line_with_level_message_and_fields() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let config = one_device_config(
+        dir.path(),
+        &format!("127.0.0.1:{}", dead_port()),
+        &format!("127.0.0.1:{}", dead_port()),
+    );
+    let mut child = gateway()
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let found = loop {
+        // A safety net against a gateway that never logs, not a timing goal.
+        let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(60)) else {
+            break None;
+        };
+        let parsed: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+        lines.push(line);
+        if parsed["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("cannot open the line"))
+        {
+            break Some(parsed);
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let found = found.unwrap_or_else(|| panic!("no line about the dead device in {lines:#?}"));
+    assert_eq!(found["level"], "WARN");
+    assert_eq!(
+        found["line"], "press",
+        "the fields sit beside the message: {found}"
+    );
+    assert!(found["timestamp"].is_string(), "{found}");
+    assert!(
+        lines.iter().all(|l| !l.contains('\u{1b}')),
+        "no terminal colour codes in {lines:#?}"
+    );
+}
+
+#[test]
+fn run_refuses_a_log_level_that_is_no_filter_before_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = one_device_config(dir.path(), "127.0.0.1:502", "127.0.0.1:1883");
+    let out = gateway()
+        .args(["run", "--log-level", "info,protocols=loudest", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--log-level"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.path().join("data").exists(), "nothing was started");
+}
