@@ -1,4 +1,4 @@
-//! The `edge-gateway` command: run, check, browse, read, demo and bench.
+//! The `edge-gateway` command: run, check, test, browse, read, demo and bench.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +56,10 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Poll every enabled device of a config once and print the records `run` would publish
+    /// and each tag's quality, without a broker, a buffer or the data directory; exit 0 when
+    /// every tag was good, 1 when not, 2 when the config is not valid.
+    Test(edge_gateway::cli::dry_run::TestArgs),
     #[cfg(feature = "demo")]
     /// Run simulated Modbus devices and an OPC UA server, an embedded MQTT broker on 127.0.0.1 and the real pipeline
     /// between them, with a live view of the values as a subscriber receives them.
@@ -260,6 +264,23 @@ fn main() -> ExitCode {
                 let text = edge_gateway::cli::browse::run(&args).await?;
                 print!("{text}");
                 Ok(())
+            }
+            Command::Test(args) => {
+                init_tracing("warn", &log)?;
+                return Ok(match edge_gateway::cli::dry_run::run(&args).await {
+                    Ok(found) => {
+                        print!("{}", found.text);
+                        if found.all_good {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::FAILURE
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        ExitCode::from(2)
+                    }
+                });
             }
             Command::Read(args) => {
                 init_tracing("error", &log)?;

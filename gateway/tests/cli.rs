@@ -656,3 +656,161 @@ fn run_refuses_a_log_level_that_is_no_filter_before_starting() {
     );
     assert!(!dir.path().join("data").exists(), "nothing was started");
 }
+
+/// A config of Modbus TCP devices (`name`, `address`) with the demo simulator's tags, one of
+/// them in a scan class of its own, and a broker nobody listens on; its data directory is
+/// `dir/data`.
+fn demo_devices_config(dir: &std::path::Path, devices: &[(&str, String)]) -> std::path::PathBuf {
+    let mut text = format!(
+        "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n",
+        dir.join("data").display(),
+        dead_port()
+    );
+    for (name, address) in devices {
+        text.push_str(&format!(
+            r#"
+[[devices]]
+name = "{name}"
+protocol = "modbus_tcp"
+address = "{address}"
+scan_interval = "100ms"
+timeout = "500ms"
+
+  [[devices.tags]]
+  name = "counter"
+  address = "hr:0"
+
+  [[devices.tags]]
+  name = "sine"
+  address = "hr:1"
+  type = "f32"
+
+  [[devices.tags]]
+  name = "running"
+  address = "co:0"
+  scan_interval = "300ms"
+"#
+        ));
+    }
+    let path = dir.join("gw.toml");
+    std::fs::write(&path, text).expect("write the config");
+    path
+}
+
+async fn dry_run(config: &std::path::Path) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_edge-gateway"))
+        .args(["test", "--config"])
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .expect("run edge-gateway test")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_polls_live_devices_once_prints_their_records_and_exits_0_without_a_data_dir() {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let sims = edge_gateway::demo::start_demo_devices(2, &cancel)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = demo_devices_config(
+        dir.path(),
+        &[
+            ("press", sims[0].addr().to_string()),
+            ("oven", sims[1].addr().to_string()),
+        ],
+    );
+    let out = dry_run(&config).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Each device's two scan classes give a record each: topic, then the JSON payload.
+    let mut records = 0;
+    let mut tags_seen = std::collections::BTreeSet::new();
+    for line in stdout.lines().filter(|l| l.starts_with("edge/gw/")) {
+        let (topic, payload) = line.split_once(' ').unwrap();
+        let record: serde_json::Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(
+            topic,
+            format!("edge/gw/{}", record["device"].as_str().unwrap())
+        );
+        assert_eq!(record["gateway"], "gw");
+        for s in record["samples"].as_array().unwrap() {
+            assert_eq!(s["quality"], "good", "{line}");
+            tags_seen.insert(format!(
+                "{}/{}",
+                record["device"].as_str().unwrap(),
+                s["tag"].as_str().unwrap()
+            ));
+        }
+        records += 1;
+    }
+    assert_eq!(records, 4, "{stdout}");
+    assert_eq!(tags_seen.len(), 6, "{stdout}");
+    for tag in [
+        "press  counter  good",
+        "oven  running  good",
+        "oven  sine  good",
+    ] {
+        assert!(stdout.contains(tag), "missing `{tag}` in:\n{stdout}");
+    }
+    assert!(stdout.contains("6 of 6 tags good"), "{stdout}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "the data directory was not touched"
+    );
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_reports_a_dead_device_bad_beside_a_live_one_and_exits_1() {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let sims = edge_gateway::demo::start_demo_devices(1, &cancel)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = demo_devices_config(
+        dir.path(),
+        &[
+            ("press", sims[0].addr().to_string()),
+            ("dead", format!("127.0.0.1:{}", dead_port())),
+        ],
+    );
+    let out = dry_run(&config).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for tag in [
+        "press  counter  good",
+        "dead  counter  bad",
+        "dead  running  bad",
+    ] {
+        assert!(stdout.contains(tag), "missing `{tag}` in:\n{stdout}");
+    }
+    assert!(stdout.contains("3 of 6 tags good"), "{stdout}");
+    assert!(!dir.path().join("data").exists());
+    cancel.cancel();
+}
+
+#[test]
+fn test_refuses_an_invalid_config_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(&path, "[gateway]\nid = \"gw\"\ncolour = \"blue\"\n").unwrap();
+    let out = gateway()
+        .args(["test", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gateway.colour"));
+}
