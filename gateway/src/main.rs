@@ -1,5 +1,6 @@
-//! The `edge-gateway` command: run, check, test, browse, read, demo and bench.
+//! The `edge-gateway` command: run, check, test, schema, browse, read, demo and bench.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 #[cfg(feature = "demo")]
@@ -60,6 +61,9 @@ enum Command {
     /// and each tag's quality, without a broker, a buffer or the data directory; exit 0 when
     /// every tag was good, 1 when not, 2 when the config is not valid.
     Test(edge_gateway::cli::dry_run::TestArgs),
+    /// Print a JSON Schema of the config file, for editors (Taplo / Even Better TOML): save it
+    /// beside the config and start the config with `#:schema ./gateway.schema.json`.
+    Schema,
     #[cfg(feature = "demo")]
     /// Run simulated Modbus devices and an OPC UA server, an embedded MQTT broker on 127.0.0.1 and the real pipeline
     /// between them, with a live view of the values as a subscriber receives them.
@@ -204,6 +208,11 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         };
     }
+    if let Command::Schema = &cli.command {
+        // A closed pipe (`| head`) is no error worth a panic.
+        let _ = writeln!(std::io::stdout(), "{}", config::schema_json());
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -288,7 +297,7 @@ fn main() -> ExitCode {
                 print!("{text}");
                 Ok(())
             }
-            Command::Check { .. } => Ok(()),
+            Command::Check { .. } | Command::Schema => Ok(()),
         };
         done.map(|()| ExitCode::SUCCESS)
     });

@@ -814,3 +814,73 @@ fn test_refuses_an_invalid_config_with_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("gateway.colour"));
 }
+
+fn schema() -> serde_json::Value {
+    let out = gateway()
+        .arg("schema")
+        .output()
+        .expect("run edge-gateway schema");
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).expect("the schema is JSON")
+}
+
+fn example_config() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/gateway.example.toml"
+    ))
+    .expect("read the example config")
+}
+
+/// The TOML text as the JSON document an editor validates.
+fn as_json(toml_text: &str) -> serde_json::Value {
+    toml::from_str(toml_text).expect("valid TOML")
+}
+
+#[test]
+fn schema_accepts_the_shipped_example_config() {
+    let validator = jsonschema::validator_for(&schema()).unwrap();
+    let example = as_json(&example_config());
+    let errors: Vec<String> = validator
+        .iter_errors(&example)
+        .map(|e| format!("{}: {e}", e.instance_path))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+}
+
+#[test]
+fn schema_refuses_unknown_keys_in_a_section_a_device_and_a_tag() {
+    let validator = jsonschema::validator_for(&schema()).unwrap();
+    let example = example_config();
+    let cases = [
+        example.replacen("[gateway]\n", "[gateway]\ncolour = \"blue\"\n", 1),
+        example.replacen(
+            "[[devices]]\n",
+            "[[devices]]\nadress = \"10.0.0.1:502\"\n",
+            1,
+        ),
+        example.replacen(
+            "[[devices.tags]]\n",
+            "[[devices.tags]]\nunits = \"bar\"\n",
+            1,
+        ),
+        format!("{example}\n[cloud]\nkind = \"aws\"\n"),
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        assert_ne!(case, &example, "case {i} changed nothing");
+        assert!(!validator.is_valid(&as_json(case)), "case {i} was accepted");
+    }
+}
+
+#[test]
+fn schema_refuses_a_value_of_the_wrong_type_and_an_unknown_protocol() {
+    let validator = jsonschema::validator_for(&schema()).unwrap();
+    let example = example_config();
+    let wrong_type = example.replacen("commit_interval = \"100ms\"", "commit_interval = 100", 1);
+    let unknown_protocol =
+        example.replacen("protocol = \"modbus_tcp\"", "protocol = \"profinet\"", 1);
+    for case in [wrong_type, unknown_protocol] {
+        assert_ne!(case, example);
+        assert!(!validator.is_valid(&as_json(&case)));
+    }
+}
