@@ -1,5 +1,6 @@
-//! The `edge-gateway` command: run, check, browse, read, demo and bench.
+//! The `edge-gateway` command: run, check, test, schema, browse, read, demo and bench.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 #[cfg(feature = "demo")]
@@ -20,6 +21,26 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines for a person (colour only on a terminal, never with NO_COLOR set) or JSON
+    /// lines for a journal or a log shipper.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    /// The least severe level logged (error, warn, info, debug, trace) or a filter such as
+    /// `info,protocols=debug`; without it RUST_LOG, then the command's own default.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// How the log is written, from the command line.
+struct LogOptions {
+    format: LogFormat,
+    level: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -36,6 +57,13 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Poll every enabled device of a config once and print the records `run` would publish
+    /// and each tag's quality, without a broker, a buffer or the data directory; exit 0 when
+    /// every tag was good, 1 when not, 2 when the config is not valid.
+    Test(edge_gateway::cli::dry_run::TestArgs),
+    /// Print a JSON Schema of the config file, for editors (Taplo / Even Better TOML): save it
+    /// beside the config and start the config with `#:schema ./gateway.schema.json`.
+    Schema,
     #[cfg(feature = "demo")]
     /// Run simulated Modbus devices and an OPC UA server, an embedded MQTT broker on 127.0.0.1 and the real pipeline
     /// between them, with a live view of the values as a subscriber receives them.
@@ -85,14 +113,47 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 const QUIET_LIBRARIES: &str =
     "rumqttd=off,opcua_client=off,opcua_core=off,opcua_crypto=off,opcua_server=off,opcua_nodes=off,opcua_types=off";
 
-fn init_tracing(default: &str) {
-    let default = format!("{default},{QUIET_LIBRARIES}");
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+/// Colour only for a person at a terminal, and never when `NO_COLOR` is set to anything
+/// (<https://no-color.org>).
+fn colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// The filter: `--log-level`, else RUST_LOG, else `default`; the noisy libraries stay quiet
+/// unless the filter names them.
+fn log_filter(default: &str, level: Option<&str>) -> anyhow::Result<EnvFilter> {
+    if let Some(level) = level {
+        return EnvFilter::try_new(format!("{QUIET_LIBRARIES},{level}"))
+            .with_context(|| format!("--log-level {level:?} is not a level or filter"));
+    }
+    Ok(EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default},{QUIET_LIBRARIES}"))))
+}
+
+fn init_tracing(default: &str, opts: &LogOptions) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let filter = log_filter(default, opts.level.as_deref())?;
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match opts.format {
+        LogFormat::Human => builder
+            .with_ansi(colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ))
+            .init(),
+        // One JSON object a line, the event's fields at the top level next to `level`,
+        // `target` and `timestamp`: what journald, Loki or Vector take as it is.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
     edge_gateway::buffer::contain_sled_panic_reports();
+    Ok(())
 }
 
 /// Cancelled on Ctrl-C or SIGTERM.
@@ -164,6 +225,11 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         };
     }
+    if let Command::Schema = &cli.command {
+        // A closed pipe (`| head`) is no error worth a panic.
+        let _ = writeln!(std::io::stdout(), "{}", config::schema_json());
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -175,15 +241,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let log = LogOptions {
+        format: cli.log_format,
+        level: cli.log_level,
+    };
     let result = runtime.block_on(async move {
-        match cli.command {
+        let done: anyhow::Result<()> = match cli.command {
             Command::Run { config } => {
-                init_tracing("info");
+                init_tracing("info", &log)?;
                 run_gateway(config).await
             }
             #[cfg(feature = "demo")]
             Command::BenchChild { config } => {
-                init_tracing("warn");
+                init_tracing("warn", &log)?;
                 run_gateway(config).await
             }
             #[cfg(feature = "demo")]
@@ -194,7 +264,7 @@ fn main() -> ExitCode {
                 seconds,
                 plain,
             } => {
-                init_tracing("warn");
+                init_tracing("warn", &log)?;
                 let data_dir =
                     data_dir.unwrap_or_else(|| std::env::temp_dir().join("edge-gateway-demo"));
                 let opts = edge_gateway::demo::DemoOptions {
@@ -210,31 +280,72 @@ fn main() -> ExitCode {
             }
             #[cfg(feature = "demo")]
             Command::Bench(opts) => {
-                init_tracing("warn");
+                init_tracing("warn", &log)?;
                 edge_gateway::demo::bench::run(opts)
                     .await
                     .map_err(Into::into)
             }
             Command::Browse(args) => {
-                init_tracing("error");
+                init_tracing("error", &log)?;
                 let text = edge_gateway::cli::browse::run(&args).await?;
                 print!("{text}");
                 Ok(())
             }
+            Command::Test(args) => {
+                init_tracing("warn", &log)?;
+                return Ok(match edge_gateway::cli::dry_run::run(&args).await {
+                    Ok(found) => {
+                        print!("{}", found.text);
+                        if found.all_good {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::FAILURE
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        ExitCode::from(2)
+                    }
+                });
+            }
             Command::Read(args) => {
-                init_tracing("error");
+                init_tracing("error", &log)?;
                 let text = edge_gateway::cli::read::run(&args).await?;
                 print!("{text}");
                 Ok(())
             }
-            Command::Check { .. } => Ok(()),
-        }
+            Command::Check { .. } | Command::Schema => Ok(()),
+        };
+        done.map(|()| ExitCode::SUCCESS)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color_set() {
+        assert!(colour(true, None));
+        assert!(!colour(false, None));
+        assert!(!colour(true, Some("1".into())));
+        assert!(
+            colour(true, Some("".into())),
+            "an empty NO_COLOR is unset by the convention"
+        );
+    }
+
+    #[test]
+    fn a_log_level_that_is_no_filter_is_refused() {
+        assert!(log_filter("info", Some("debug")).is_ok());
+        assert!(log_filter("info", Some("info,protocols=trace")).is_ok());
+        assert!(log_filter("info", Some("info,protocols=loudest")).is_err());
     }
 }

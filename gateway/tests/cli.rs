@@ -542,3 +542,345 @@ inter_request_delay = "5ms"
         );
     }
 }
+
+/// A port on 127.0.0.1 that nobody listens on (bound once, then released).
+fn dead_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    l.local_addr().expect("local address").port()
+}
+
+/// A config with one Modbus TCP device at `device` and a broker at `broker`, its data directory
+/// in `dir`.
+fn one_device_config(dir: &std::path::Path, device: &str, broker: &str) -> std::path::PathBuf {
+    let path = dir.join("gw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[gateway]
+id = "gw"
+data_dir = "{}"
+
+[mqtt]
+url = "mqtt://{broker}"
+
+[[devices]]
+name = "press"
+protocol = "modbus_tcp"
+address = "{device}"
+scan_interval = "100ms"
+timeout = "200ms"
+
+  [[devices.tags]]
+  name = "speed"
+  address = "hr:0"
+"#,
+            dir.join("data").display()
+        ),
+    )
+    .expect("write the config");
+    path
+}
+
+#[test]
+fn run_with_log_format_json_writes_one_json_object_a_line_with_level_message_and_fields() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let config = one_device_config(
+        dir.path(),
+        &format!("127.0.0.1:{}", dead_port()),
+        &format!("127.0.0.1:{}", dead_port()),
+    );
+    let mut child = gateway()
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let found = loop {
+        // A safety net against a gateway that never logs, not a timing goal.
+        let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(60)) else {
+            break None;
+        };
+        let parsed: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+        lines.push(line);
+        if parsed["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("cannot open the line"))
+        {
+            break Some(parsed);
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let found = found.unwrap_or_else(|| panic!("no line about the dead device in {lines:#?}"));
+    assert_eq!(found["level"], "WARN");
+    assert_eq!(
+        found["line"], "press",
+        "the fields sit beside the message: {found}"
+    );
+    assert!(found["timestamp"].is_string(), "{found}");
+    assert!(
+        lines.iter().all(|l| !l.contains('\u{1b}')),
+        "no terminal colour codes in {lines:#?}"
+    );
+}
+
+#[test]
+fn run_refuses_a_log_level_that_is_no_filter_before_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = one_device_config(dir.path(), "127.0.0.1:502", "127.0.0.1:1883");
+    let out = gateway()
+        .args(["run", "--log-level", "info,protocols=loudest", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--log-level"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.path().join("data").exists(), "nothing was started");
+}
+
+/// A config of Modbus TCP devices (`name`, `address`) with the demo simulator's tags, one of
+/// them in a scan class of its own, and a broker nobody listens on; its data directory is
+/// `dir/data`.
+fn demo_devices_config(dir: &std::path::Path, devices: &[(&str, String)]) -> std::path::PathBuf {
+    let mut text = format!(
+        "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n",
+        dir.join("data").display(),
+        dead_port()
+    );
+    for (name, address) in devices {
+        text.push_str(&format!(
+            r#"
+[[devices]]
+name = "{name}"
+protocol = "modbus_tcp"
+address = "{address}"
+scan_interval = "100ms"
+timeout = "500ms"
+
+  [[devices.tags]]
+  name = "counter"
+  address = "hr:0"
+
+  [[devices.tags]]
+  name = "sine"
+  address = "hr:1"
+  type = "f32"
+
+  [[devices.tags]]
+  name = "running"
+  address = "co:0"
+  scan_interval = "300ms"
+"#
+        ));
+    }
+    let path = dir.join("gw.toml");
+    std::fs::write(&path, text).expect("write the config");
+    path
+}
+
+async fn dry_run(config: &std::path::Path) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_edge-gateway"))
+        .args(["test", "--config"])
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .expect("run edge-gateway test")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_polls_live_devices_once_prints_their_records_and_exits_0_without_a_data_dir() {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let sims = edge_gateway::demo::start_demo_devices(2, &cancel)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = demo_devices_config(
+        dir.path(),
+        &[
+            ("press", sims[0].addr().to_string()),
+            ("oven", sims[1].addr().to_string()),
+        ],
+    );
+    let out = dry_run(&config).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Each device's two scan classes give a record each: topic, then the JSON payload.
+    let mut records = 0;
+    let mut tags_seen = std::collections::BTreeSet::new();
+    for line in stdout.lines().filter(|l| l.starts_with("edge/gw/")) {
+        let (topic, payload) = line.split_once(' ').unwrap();
+        let record: serde_json::Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(
+            topic,
+            format!("edge/gw/{}", record["device"].as_str().unwrap())
+        );
+        assert_eq!(record["gateway"], "gw");
+        for s in record["samples"].as_array().unwrap() {
+            assert_eq!(s["quality"], "good", "{line}");
+            tags_seen.insert(format!(
+                "{}/{}",
+                record["device"].as_str().unwrap(),
+                s["tag"].as_str().unwrap()
+            ));
+        }
+        records += 1;
+    }
+    assert_eq!(records, 4, "{stdout}");
+    assert_eq!(tags_seen.len(), 6, "{stdout}");
+    for tag in [
+        "press  counter  good",
+        "oven  running  good",
+        "oven  sine  good",
+    ] {
+        assert!(stdout.contains(tag), "missing `{tag}` in:\n{stdout}");
+    }
+    assert!(stdout.contains("6 of 6 tags good"), "{stdout}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "the data directory was not touched"
+    );
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_reports_a_dead_device_bad_beside_a_live_one_and_exits_1() {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let sims = edge_gateway::demo::start_demo_devices(1, &cancel)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = demo_devices_config(
+        dir.path(),
+        &[
+            ("press", sims[0].addr().to_string()),
+            ("dead", format!("127.0.0.1:{}", dead_port())),
+        ],
+    );
+    let out = dry_run(&config).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for tag in [
+        "press  counter  good",
+        "dead  counter  bad",
+        "dead  running  bad",
+    ] {
+        assert!(stdout.contains(tag), "missing `{tag}` in:\n{stdout}");
+    }
+    assert!(stdout.contains("3 of 6 tags good"), "{stdout}");
+    assert!(!dir.path().join("data").exists());
+    cancel.cancel();
+}
+
+#[test]
+fn test_refuses_an_invalid_config_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(&path, "[gateway]\nid = \"gw\"\ncolour = \"blue\"\n").unwrap();
+    let out = gateway()
+        .args(["test", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gateway.colour"));
+}
+
+fn schema() -> serde_json::Value {
+    let out = gateway()
+        .arg("schema")
+        .output()
+        .expect("run edge-gateway schema");
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).expect("the schema is JSON")
+}
+
+fn example_config() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/gateway.example.toml"
+    ))
+    .expect("read the example config")
+}
+
+/// The TOML text as the JSON document an editor validates.
+fn as_json(toml_text: &str) -> serde_json::Value {
+    toml::from_str(toml_text).expect("valid TOML")
+}
+
+#[test]
+fn schema_accepts_the_shipped_example_config() {
+    let validator = jsonschema::validator_for(&schema()).unwrap();
+    let example = as_json(&example_config());
+    let errors: Vec<String> = validator
+        .iter_errors(&example)
+        .map(|e| format!("{}: {e}", e.instance_path))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+}
+
+#[test]
+fn schema_refuses_unknown_keys_in_a_section_a_device_and_a_tag() {
+    let validator = jsonschema::validator_for(&schema()).unwrap();
+    let example = example_config();
+    let cases = [
+        example.replacen("[gateway]\n", "[gateway]\ncolour = \"blue\"\n", 1),
+        example.replacen(
+            "[[devices]]\n",
+            "[[devices]]\nadress = \"10.0.0.1:502\"\n",
+            1,
+        ),
+        example.replacen(
+            "[[devices.tags]]\n",
+            "[[devices.tags]]\nunits = \"bar\"\n",
+            1,
+        ),
+        format!("{example}\n[cloud]\nkind = \"aws\"\n"),
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        assert_ne!(case, &example, "case {i} changed nothing");
+        assert!(!validator.is_valid(&as_json(case)), "case {i} was accepted");
+    }
+}
+
+#[test]
+fn schema_refuses_a_value_of_the_wrong_type_and_an_unknown_protocol() {
+    let validator = jsonschema::validator_for(&schema()).unwrap();
+    let example = example_config();
+    let wrong_type = example.replacen("commit_interval = \"100ms\"", "commit_interval = 100", 1);
+    let unknown_protocol =
+        example.replacen("protocol = \"modbus_tcp\"", "protocol = \"profinet\"", 1);
+    for case in [wrong_type, unknown_protocol] {
+        assert_ne!(case, example);
+        assert!(!validator.is_valid(&as_json(&case)));
+    }
+}

@@ -23,7 +23,15 @@ fn every_config_case_prints_what_its_expected_file_says() {
             || case.display().to_string(),
             |name| name.to_string_lossy().into_owned(),
         );
+        let before = listing(case);
         let actual = transcript(&check(case));
+        // `check` tries the data directory and leaves nothing behind.
+        let after = listing(case);
+        if after != before {
+            failures.push(format!(
+                "{name}: check left files behind: {before:?} -> {after:?}"
+            ));
+        }
         let expected_file = case.join("expected.txt");
         if update {
             if let Err(e) = std::fs::write(&expected_file, &actual) {
@@ -67,6 +75,20 @@ fn cases(root: &Path) -> Vec<PathBuf> {
         );
     }
     cases
+}
+
+/// The names in a case folder, sorted.
+fn listing(case: &Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = std::fs::read_dir(case)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 /// Runs `edge-gateway check --config gateway.toml` inside the case folder.

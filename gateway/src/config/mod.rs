@@ -45,6 +45,7 @@ mod check;
 mod de;
 mod problem;
 mod raw;
+mod schema;
 mod values;
 
 #[cfg(test)]
@@ -60,6 +61,7 @@ use protocols::opcua::OpcUaSettings;
 use crate::secret::SecretSource;
 
 pub use problem::{ConfigErrors, Problem};
+pub use schema::schema_json;
 pub use values::{parse_duration, DurationError};
 
 /// A validated configuration, ready to build a topology from.
@@ -85,7 +87,7 @@ pub struct GatewaySettings {
 }
 
 /// What to do when the buffer reaches `max_size`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WhenFull {
     /// Evict the oldest records to make room.
@@ -110,7 +112,7 @@ pub struct BufferSettings {
 }
 
 /// Northbound payload format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Format {
     /// One JSON document per device scan.

@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use protocols::modbus::Report;
+use schemars::JsonSchema;
 use serde::de;
 use serde::Deserialize;
 
@@ -84,14 +85,14 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawGateway {
     pub(super) id: String,
     pub(super) data_dir: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBuffer {
     pub(super) max_size: Option<Size>,
@@ -100,7 +101,7 @@ pub(super) struct RawBuffer {
     pub(super) replay_rate: Option<i64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMqtt {
     pub(super) url: String,
@@ -134,12 +135,13 @@ pub(super) struct RawMqtt {
 /// either `address` or `port` and the serial keys (`Protocol::device_keys` in
 /// `check/devices.rs`), and requires `address` or `port` (`Checker::modbus_settings` in
 /// `check/modbus.rs`).
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawModbusDevice {
     pub(super) name: String,
     /// Read and checked before the unit is deserialized; listed so that it is a known key.
     #[allow(dead_code)]
+    #[schemars(schema_with = "super::schema::modbus_protocol")]
     pub(super) protocol: de::IgnoredAny,
     pub(super) address: Option<String>,
     pub(super) port: Option<String>,
@@ -153,6 +155,8 @@ pub(super) struct RawModbusDevice {
     pub(super) timeout: Option<Dur>,
     pub(super) max_registers_per_read: Option<i64>,
     pub(super) max_gap: Option<i64>,
+    #[serde(default)]
+    #[schemars(schema_with = "super::schema::report")]
     pub(super) report: Option<Report>,
     pub(super) max_silence: Option<Dur>,
     pub(super) backoff_min: Option<Dur>,
@@ -162,14 +166,14 @@ pub(super) struct RawModbusDevice {
 
 /// A `[[devices.units]]` entry of a Modbus device, without its `tags`. Its keys are required,
 /// but optional here so that a unit missing both is reported once for each.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawUnit {
     pub(super) name: Option<String>,
     pub(super) unit_id: Option<i64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTag {
     pub(super) name: String,
@@ -188,12 +192,13 @@ pub(super) struct RawTag {
 }
 
 /// A `protocol = "opcua"` `[[devices]]` entry without its `tags`.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawOpcUaDevice {
     pub(super) name: String,
     /// Read and checked before the unit is deserialized; listed so that it is a known key.
     #[allow(dead_code)]
+    #[schemars(schema_with = "super::schema::opcua_protocol")]
     pub(super) protocol: de::IgnoredAny,
     pub(super) endpoint: String,
     pub(super) security_policy: Option<String>,
@@ -214,7 +219,7 @@ pub(super) struct RawOpcUaDevice {
 }
 
 /// `mode` of an OPC UA device.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub(super) enum RawMode {
     Subscribe,
@@ -222,7 +227,7 @@ pub(super) enum RawMode {
 }
 
 /// A `[[devices.tags]]` entry of an OPC UA device.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawOpcUaTag {
     pub(super) name: String,

@@ -145,7 +145,8 @@ fn write_sample(out: &mut Vec<u8>, s: &Sample) {
     out.push(b'}');
 }
 
-fn write_value(out: &mut Vec<u8>, v: &Value) {
+/// Writes a value as the payload does (a float that is not finite as `null`).
+pub(crate) fn write_value(out: &mut Vec<u8>, v: &Value) {
     let _ = match v {
         Value::Bool(b) => write!(out, "{b}"),
         Value::Int(i) => write!(out, "{i}"),

@@ -175,7 +175,8 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                     conn = Some(c);
                     open_failure_logged = false;
                     answered_since_open = false;
-                    silent_line_logged = false;
+                    // `silent_line_logged` stays set until a unit answers: a device that answers
+                    // garbage and is reopened each time gets its hint once per episode.
                     // The backoff is reset by the first answer, not here: a port that opens
                     // and fails at once must not be reopened in a tight loop.
                     if line_down {
@@ -240,6 +241,7 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                 emit(unit, samples).await?;
                 backoff.reset();
                 answered_since_open = true;
+                silent_line_logged = false;
                 if unit.failing && !job.probe {
                     info!(line = %line_name, unit = %unit.ctx.name, "unit answers again");
                 }
@@ -261,7 +263,7 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                 let all_demoted = (0..units.len()).all(|i| schedule.is_demoted(i));
                 if all_demoted && !answered_since_open && !silent_line_logged {
                     silent_line_logged = true;
-                    warn!(line = %line_name, target = settings.link.target(), settings = %line_settings(&settings), "no unit on the line has answered since it was opened: check the baud rate, parity and stop bits against the devices, the A/B wiring and termination, and the unit ids");
+                    warn!(line = %line_name, target = settings.link.target(), settings = %line_settings(&settings), hint = silent_line_hint(&settings.link), "no unit on the line has answered since it was opened");
                 }
                 if link_suspect && link.drop_after_failed_read() {
                     units.iter().for_each(|u| {
@@ -310,6 +312,22 @@ fn line_settings(settings: &ModbusSettings) -> String {
         }
         super::Link::RtuOverTcp { .. } => "RTU over TCP (serial settings on the converter)".into(),
         super::Link::Tcp { .. } => "Modbus TCP".into(),
+    }
+}
+
+/// What to check when no unit on a line has ever answered, for the line's transport: the wiring
+/// and serial settings only where there is a serial line.
+fn silent_line_hint(link: &super::Link) -> &'static str {
+    match link {
+        super::Link::Rtu(_) => {
+            "check the baud rate, parity and stop bits against the devices, the A/B wiring and termination, and the unit ids"
+        }
+        super::Link::RtuOverTcp { .. } => {
+            "check that the converter is in RTU-over-TCP (transparent) mode, its baud rate, parity and stop bits against the devices, its A/B wiring and termination, and the unit ids"
+        }
+        super::Link::Tcp { .. } => {
+            "check that the address is a Modbus TCP server (not a converter expecting RTU frames, nor another service on that port) and the unit ids"
+        }
     }
 }
 
@@ -508,4 +526,28 @@ pub async fn read_once(
         .await;
     conn.close().await;
     answer
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_modbus_tcp_device_gets_no_serial_wiring_hint() {
+        let hint = silent_line_hint(&super::super::Link::Tcp {
+            address: "127.0.0.1:502".into(),
+        });
+        assert!(!hint.contains("baud"), "{hint}");
+        assert!(!hint.contains("A/B"), "{hint}");
+        assert!(hint.contains("Modbus TCP server"), "{hint}");
+    }
+
+    #[test]
+    fn a_silent_converter_gets_its_serial_settings_and_mode_hint() {
+        let hint = silent_line_hint(&super::super::Link::RtuOverTcp {
+            address: "127.0.0.1:4001".into(),
+        });
+        assert!(hint.contains("RTU-over-TCP"), "{hint}");
+        assert!(hint.contains("A/B wiring"), "{hint}");
+    }
 }

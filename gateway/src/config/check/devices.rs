@@ -31,7 +31,7 @@ pub(super) enum DeviceOutcome {
 
 /// The protocols a device can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Protocol {
+pub(in crate::config) enum Protocol {
     ModbusTcp,
     ModbusRtu,
     ModbusRtuOverTcp,
@@ -40,7 +40,7 @@ pub(super) enum Protocol {
 
 impl Protocol {
     /// Every protocol, in the order they are listed to the user.
-    const ALL: [Protocol; 4] = [
+    pub(in crate::config) const ALL: [Protocol; 4] = [
         Protocol::ModbusTcp,
         Protocol::ModbusRtu,
         Protocol::ModbusRtuOverTcp,
@@ -48,7 +48,7 @@ impl Protocol {
     ];
 
     /// The value of `protocol`.
-    fn name(self) -> &'static str {
+    pub(in crate::config) fn name(self) -> &'static str {
         match self {
             Protocol::ModbusTcp => "modbus_tcp",
             Protocol::ModbusRtu => "modbus_rtu",

@@ -14,6 +14,8 @@ mod modbus;
 mod mqtt;
 mod opcua;
 
+pub(super) use devices::Protocol;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

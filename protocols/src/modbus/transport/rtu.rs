@@ -212,7 +212,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
         quiet: Duration,
         limit: Duration,
     ) -> Result<(), ReadError> {
-        let give_up = Instant::now() + limit.max(quiet * 4);
+        // What is waited for at most, and so what a failure reports.
+        let waited = limit.max(quiet * 4);
+        let give_up = Instant::now() + waited;
         let mut chunk = [0u8; 256];
         let mut strays = 0usize;
         // Whatever is already waiting arrived after the last transaction ended: a stray.
@@ -234,7 +236,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
                 return Ok(());
             }
             if now >= give_up {
-                return Err(LinkError::NotQuiet { strays, limit }.into());
+                return Err(LinkError::NotQuiet {
+                    strays,
+                    limit: waited,
+                }
+                .into());
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(until.min(give_up).into()) => {}
@@ -332,6 +338,39 @@ mod tests {
         frame::encode_registers(parsed.unit, parsed.function, regs, &mut answer);
         out.extend_from_slice(&answer);
         peer.write_all(&out).await.expect("answer");
+    }
+
+    #[tokio::test]
+    async fn a_line_that_never_goes_quiet_reports_how_long_it_was_waited_for() {
+        let (a, mut b) = duplex(1024);
+        let mut l = link(a);
+        let talker = tokio::spawn(async move {
+            while b.write_all(&[0x55]).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        let quiet = Duration::from_millis(25);
+        let limit = Duration::from_millis(10);
+        let started = Instant::now();
+        let got = l.wait_for_silence(quiet, limit).await;
+        let elapsed = started.elapsed();
+        drop(l);
+        drop(talker.await);
+        match got {
+            Err(ReadError::Link(LinkError::NotQuiet {
+                strays,
+                limit: said,
+            })) => {
+                assert!(strays > 0);
+                assert_eq!(
+                    said,
+                    quiet * 4,
+                    "the message names the wait, not the timeout"
+                );
+                assert!(elapsed >= said, "waited {elapsed:?}, said {said:?}");
+            }
+            other => panic!("expected NotQuiet, got {other:?}"),
+        }
     }
 
     #[tokio::test]
