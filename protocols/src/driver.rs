@@ -40,12 +40,25 @@ pub struct DeviceStatus {
     pub samples: AtomicU64,
     /// Duration of the last scan in microseconds.
     pub last_scan_us: AtomicU64,
+    /// Durations of the scans the device answered.
+    pub scan_duration: crate::histogram::Histogram,
+    /// When the device last answered a scan (Unix milliseconds; 0: never).
+    pub last_answer_ms: AtomicU64,
 }
 
 impl DeviceStatus {
     /// Whether the device is connected right now.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Counts a scan the device answered, which took `us` microseconds.
+    pub fn answered(&self, us: u64) {
+        self.scans.fetch_add(1, Ordering::Relaxed);
+        self.last_scan_us.store(us, Ordering::Relaxed);
+        self.scan_duration.observe(us);
+        let now = crate::model::Timestamp::now().unix_ms();
+        self.last_answer_ms.store(now, Ordering::Relaxed);
     }
 }
 

@@ -232,11 +232,8 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
         };
         match end {
             ScanEnd::Answered(samples) => {
-                let status = &unit.ctx.status;
-                status.scans.fetch_add(1, Ordering::Relaxed);
-                status
-                    .last_scan_us
-                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                let us = started.elapsed().as_micros() as u64;
+                unit.ctx.status.answered(us);
                 emit(unit, samples).await?;
                 backoff.reset();
                 answered_since_open = true;

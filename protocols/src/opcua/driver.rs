@@ -714,6 +714,7 @@ async fn read_all(
     )
     .await;
     let now = Timestamp::now();
+    let answered = result.is_ok();
     let samples: Vec<Sample> = match result {
         Ok(values) => {
             flags.delivered.store(true, Ordering::Relaxed);
@@ -746,10 +747,13 @@ async fn read_all(
                 .collect()
         }
     };
-    ctx.status.scans.fetch_add(1, Ordering::Relaxed);
-    ctx.status
-        .last_scan_us
-        .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    let us = started.elapsed().as_micros() as u64;
+    if answered {
+        ctx.status.answered(us);
+    } else {
+        ctx.status.scans.fetch_add(1, Ordering::Relaxed);
+        ctx.status.last_scan_us.store(us, Ordering::Relaxed);
+    }
     emit(ctx, samples).await
 }
 
