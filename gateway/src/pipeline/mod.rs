@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::api::{ApiState, DeviceInfo};
 use crate::buffer::{self, Buffer, BufferError};
 use crate::config::{Config, DeviceKind};
 use crate::encode::json::JsonEncoder;
@@ -54,6 +55,8 @@ pub struct Shared {
     broker_limit_known: AtomicBool,
     /// Wakes a writer waiting for the broker's limit.
     broker_limit_set: Notify,
+    /// The latest sample of every tag, for the HTTP API; the writer folds each batch in.
+    pub latest: Arc<crate::api::Latest>,
 }
 
 impl Shared {
@@ -101,6 +104,7 @@ impl Shared {
             broker_packet_limit: AtomicUsize::new(usize::MAX),
             broker_limit_known: AtomicBool::new(false),
             broker_limit_set: Notify::new(),
+            latest: Arc::default(),
         }
     }
 
@@ -168,6 +172,9 @@ pub enum StartError {
     /// The MQTT password cannot be read (its file or credential).
     #[error("mqtt.password_file: {0}")]
     Secret(#[from] crate::secret::SecretError),
+    /// The HTTP API cannot start.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
 }
 
 /// A device's name and live status.
@@ -192,6 +199,8 @@ pub struct Running {
     pub boot: u64,
     /// The buffer, for inspection.
     pub buffer: Arc<Buffer>,
+    /// The HTTP API's address and state, when `[api]` is configured.
+    api: Option<(std::net::SocketAddr, Arc<ApiState>)>,
     cancel: CancellationToken,
     done: JoinHandle<()>,
 }
@@ -203,6 +212,19 @@ impl Running {
         if let Err(e) = self.done.await {
             error!(error = %e, "shutdown task failed");
         }
+    }
+
+    /// The address the HTTP API listens on, when `[api]` is configured.
+    pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
+        self.api.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// RELOAD HOOK: what `POST /api/reload` runs; `false` when there is no API or a hook was
+    /// set already.
+    pub fn set_reload_hook(&self, hook: crate::api::ReloadHook) -> bool {
+        self.api
+            .as_ref()
+            .is_some_and(|(_, state)| state.set_reload_hook(hook))
     }
 
     /// A token that stops the gateway when cancelled.
@@ -261,6 +283,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // A password that cannot be read stops the start here, with a clear error, rather than in
     // a retry loop; the publisher reads it again at each connection attempt.
     read_password(&config)?;
+    // The API's address and files too, before anything runs.
+    let api_bound = match &config.api {
+        Some(settings) => Some(crate::api::bind(settings).await?),
+        None => None,
+    };
     let buffer_dir = data_dir.join("buffer");
     let fresh = !buffer_dir.exists() && !data_dir.join("state").exists();
     let rotate_after = buffer::rotate_after_for(config.buffer.max_size);
@@ -282,12 +309,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // `line/unit`: a meter on an RS-485 line is a device to the plant, the line is not.
     let mut catalog = Catalog::default();
     let mut lines = Vec::new();
+    let mut infos = Vec::new();
     for d in &config.devices {
         let ids: Vec<_> = match &d.kind {
             DeviceKind::Modbus(m) => m
                 .units
                 .iter()
                 .map(|u| {
+                    let fastest = u.tags.iter().map(|t| t.scan_interval).min();
+                    infos.push(DeviceInfo {
+                        scan_interval: Some(fastest.unwrap_or(d.scan_interval)),
+                    });
                     let name: Arc<str> = match &u.name {
                         Some(unit) => format!("{}/{unit}", d.name).into(),
                         None => d.name.clone(),
@@ -295,10 +327,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                     catalog.add_device(name, u.tags.iter().map(|t| t.name.clone()).collect())
                 })
                 .collect(),
-            DeviceKind::OpcUa(o) => vec![catalog.add_device(
-                d.name.clone(),
-                o.tags.iter().map(|t| t.name.clone()).collect(),
-            )],
+            DeviceKind::OpcUa(o) => {
+                let polled = o.mode == opcua::Mode::Poll;
+                infos.push(DeviceInfo {
+                    scan_interval: polled.then_some(o.scan_interval),
+                });
+                vec![catalog.add_device(
+                    d.name.clone(),
+                    o.tags.iter().map(|t| t.name.clone()).collect(),
+                )]
+            }
         };
         lines.push((d.kind.clone(), ids));
     }
@@ -381,11 +419,37 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         live_rx,
     ));
 
+    let api = match api_bound {
+        Some(bound) => {
+            let state = Arc::new(ApiState::new(
+                (config.gateway.id.clone(), boot),
+                metrics.clone(),
+                devices.clone(),
+                infos,
+                catalog.clone(),
+                shared.latest.clone(),
+            ));
+            Some((
+                crate::api::serve(bound, state.clone(), cancel.child_token()),
+                state,
+            ))
+        }
+        _ => None,
+    };
+    let api_addr = api.as_ref().map(|(server, state)| {
+        state.set_ready(true);
+        (server.addr, state.clone())
+    });
+
     let stop = cancel.clone();
     let done = tokio::spawn(async move {
         // Held until everything is on disk.
         let _lock = lock;
         stop.cancelled().await;
+        if let Some((server, state)) = api {
+            state.set_ready(false);
+            server.stopped().await;
+        }
         info!("shutting down: stopping drivers");
         for d in drivers {
             let _ = d.await;
@@ -403,6 +467,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         catalog,
         boot,
         buffer,
+        api: api_addr,
         cancel,
         done,
     })
