@@ -19,6 +19,11 @@ const WAIT: Duration = Duration::from_secs(60);
 /// `--screenshot=FILE`); the page's script gets a few seconds (of virtual time) to fetch and
 /// render. Returns chromium's standard output.
 async fn chromium(addr: SocketAddr, profile: &Path, mode: &str) -> String {
+    chromium_for(addr, profile, mode, 3000).await
+}
+
+/// [`chromium`] with `budget_ms` of virtual time for the page's script.
+async fn chromium_for(addr: SocketAddr, profile: &Path, mode: &str, budget_ms: u32) -> String {
     let run = tokio::process::Command::new("chromium")
         .args([
             "--headless",
@@ -30,8 +35,8 @@ async fn chromium(addr: SocketAddr, profile: &Path, mode: &str) -> String {
             "--disable-sync",
             "--hide-scrollbars",
             "--window-size=1100,900",
-            "--virtual-time-budget=3000",
         ])
+        .arg(format!("--virtual-time-budget={budget_ms}"))
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(mode)
         .arg(format!("http://{addr}/"))
@@ -99,7 +104,10 @@ async fn the_status_page_shows_live_values_that_change_and_a_stopped_device_as_b
         .unwrap_or_else(|_| panic!("a number, not {first:?}"));
     assert_eq!(shown_state(&dom, "press1").as_deref(), Some("ok"));
     assert_eq!(shown_state(&dom, "press2").as_deref(), Some("ok"));
-    assert!(dom.contains("<polyline"), "sparklines are drawn:\n{dom}");
+    assert!(
+        dom.contains("<svg class=\"spark\""),
+        "each tag has its sparkline:\n{dom}"
+    );
 
     // A value that changes on screen (the simulator's counter counts every 100 ms).
     let deadline = Instant::now() + WAIT;
@@ -114,18 +122,6 @@ async fn the_status_page_shows_live_values_that_change_and_a_stopped_device_as_b
         );
     }
 
-    if let Some(file) = std::env::var_os("STATUS_PAGE_SCREENSHOT") {
-        let file = std::path::PathBuf::from(file);
-        chromium(
-            addr,
-            profile.path(),
-            &format!("--screenshot={}", file.display()),
-        )
-        .await;
-        let png = std::fs::read(&file).unwrap();
-        assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
-    }
-
     // A device shown bad once its simulator stops, the other still ok.
     rig.stop_sim(1).await;
     let deadline = Instant::now() + WAIT;
@@ -136,6 +132,15 @@ async fn the_status_page_shows_live_values_that_change_and_a_stopped_device_as_b
             break;
         }
         assert!(Instant::now() < deadline, "press2 never shown bad:\n{dom}");
+    }
+
+    if let Some(file) = std::env::var_os("STATUS_PAGE_SCREENSHOT") {
+        let file = std::path::PathBuf::from(file);
+        // A longer run, so that the sparklines hold some history.
+        let shot = format!("--screenshot={}", file.display());
+        chromium_for(addr, profile.path(), &shot, 30_000).await;
+        let png = std::fs::read(&file).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
     }
     gw.shutdown().await;
 }
