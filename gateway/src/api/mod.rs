@@ -232,6 +232,7 @@ impl ApiState {
         json!({
             "gateway": &*self.gateway,
             "boot": self.boot,
+            "time_ms": now,
             "status": health.status,
             "reasons": health.reasons,
             "broker": {
