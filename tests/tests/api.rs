@@ -198,6 +198,11 @@ async fn metrics_are_served_in_the_prometheus_text_format_with_every_family_and_
     assert_eq!(value_of(&first.body, connected), 1.0);
     assert_eq!(value_of(&first.body, "edge_gateway_mqtt_connected"), 1.0);
     let (scans0, acked0) = (value_of(&first.body, scans), value_of(&first.body, acked));
+    for reason in ["timeout", "exception", "link", "protocol", "other"] {
+        let series =
+            format!("edge_gateway_device_errors_total{{device=\"press1\",reason=\"{reason}\"}}");
+        assert_eq!(value_of(&first.body, &series), 0.0, "{series}");
+    }
     let later = until(addr, "/metrics", "counters to move", |a| {
         value_of(&a.body, scans) > scans0 && value_of(&a.body, acked) > acked0
     })
@@ -293,6 +298,19 @@ async fn a_stopped_device_is_named_by_health_and_shown_bad_while_the_others_keep
     assert_eq!(
         ok,
         vec![("press1".to_owned(), true), ("press2".to_owned(), false)]
+    );
+    let metrics = get(addr, "/metrics").await.body;
+    let classified: f64 = ["timeout", "exception", "link", "protocol"]
+        .iter()
+        .map(|r| {
+            let series =
+                format!("edge_gateway_device_errors_total{{device=\"press2\",reason=\"{r}\"}}");
+            value_of(&metrics, &series)
+        })
+        .sum();
+    assert!(
+        classified > 0.0,
+        "press2's failures are counted by reason:\n{metrics}"
     );
     let tags = until(addr, "/api/tags", "press2's tags bad", |a| {
         a.json()["tags"]

@@ -17,6 +17,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::metrics::{Histogram, Metrics, LATENCY_BUCKETS_US};
 use crate::pipeline::DeviceHandle;
+use protocols::driver::ErrorKind;
 
 /// Reads the pipeline's and the devices' counters at each scrape.
 #[derive(Debug)]
@@ -134,13 +135,28 @@ impl GatewayCollector {
             Counter,
             |d, e| counter(e, d.status.requests.load(Ordering::Relaxed)),
         )?;
-        self.per_device(
+        family(
             encoder,
             "device_errors",
-            "Failed requests: exceptions, timeouts and transport errors.",
+            "Failed requests by reason: timeout, exception (or a bad status), link, protocol; other: a failure the driver did not classify.",
             None,
             Counter,
-            |d, e| counter(e, d.status.errors.load(Ordering::Relaxed)),
+            |enc| {
+                for d in &self.devices {
+                    let s = &d.status;
+                    let mut classified = 0;
+                    for kind in ErrorKind::ALL {
+                        let n = s.errors_by_kind[kind as usize].load(Ordering::Relaxed);
+                        classified += n;
+                        let labels = [("device", d.name.as_ref()), ("reason", kind.name())];
+                        counter(&mut enc.encode_family(&labels)?, n)?;
+                    }
+                    let other = s.errors.load(Ordering::Relaxed).saturating_sub(classified);
+                    let labels = [("device", d.name.as_ref()), ("reason", "other")];
+                    counter(&mut enc.encode_family(&labels)?, other)?;
+                }
+                Ok(())
+            },
         )?;
         self.per_device(
             encoder,

@@ -39,7 +39,7 @@ use super::client::{self, OpcUaError, KEEP_ALIVE_COUNT, SESSION_TIMEOUT};
 use super::convert::sample_of;
 use super::{Mode, NodeRef, OpcUaSettings, SecurityPolicy};
 use crate::backoff::Backoff;
-use crate::driver::{DeviceStatus, DriverContext, DriverError};
+use crate::driver::{DeviceStatus, DriverContext, DriverError, ErrorKind};
 use crate::model::{Batch, DeviceId, Reason, Sample, TagId, Timestamp};
 
 /// Monitored items created per CreateMonitoredItems call (unless the server allows fewer).
@@ -732,7 +732,14 @@ async fn read_all(
                 .collect()
         }
         Err(e) => {
-            ctx.status.errors.fetch_add(1, Ordering::Relaxed);
+            let kind = if !ctx.status.is_connected() {
+                ErrorKind::Link
+            } else if matches!(e, StatusCode::BadTimeout | StatusCode::BadRequestTimeout) {
+                ErrorKind::Timeout
+            } else {
+                ErrorKind::Exception
+            };
+            ctx.status.count_error(kind);
             if !ctx.status.is_connected() {
                 // The event loop reports the outage; no second batch of bad samples.
                 return Ok(());
