@@ -2,6 +2,7 @@
 //! See `docs/ARCHITECTURE.md` for the data flow from poll to PUBACK, the durability contract and
 //! which module owns which invariant.
 
+pub mod api;
 pub mod buffer;
 pub mod cli;
 pub mod config;

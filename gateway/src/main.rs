@@ -197,6 +197,22 @@ async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("listening for SIGHUP")?;
+    // `POST /api/reload` asks this loop, which owns the running gateway, and waits for the
+    // outcome.
+    type Reply = tokio::sync::oneshot::Sender<Result<String, String>>;
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<Reply>(4);
+    running.set_reload_hook(std::sync::Arc::new(move || {
+        let tx = reload_tx.clone();
+        Box::pin(async move {
+            let (reply, outcome) = tokio::sync::oneshot::channel();
+            tx.send(reply)
+                .await
+                .map_err(|_| "the gateway is shutting down".to_owned())?;
+            outcome
+                .await
+                .unwrap_or_else(|_| Err("the gateway is shutting down".to_owned()))
+        })
+    }));
     loop {
         #[cfg(unix)]
         let reload = hangup.recv();
@@ -206,6 +222,20 @@ async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
             _ = stop.cancelled() => break,
             _ = reload => {
                 let _ = running.reload_file(&path).await;
+            }
+            Some(reply) = reload_rx.recv() => {
+                let outcome = match running.reload_file(&path).await {
+                    Ok(plan) => Ok(format!(
+                        "reloaded: {} unchanged, {} changed, {} added, {} removed, mqtt {}",
+                        plan.unchanged.len(),
+                        plan.changed.len(),
+                        plan.added.len(),
+                        plan.removed.len(),
+                        if plan.mqtt_changed { "reconnected" } else { "unchanged" }
+                    )),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(outcome);
             }
         }
     }

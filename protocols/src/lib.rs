@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod driver;
+pub mod histogram;
 pub mod modbus;
 pub mod model;
 pub mod opcua;

@@ -93,6 +93,7 @@ pub fn local_config(
             backoff_max: Duration::from_secs(15),
         },
         devices,
+        api: None,
     }
 }
 

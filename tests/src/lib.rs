@@ -997,7 +997,7 @@ pub struct GatewayRig {
     pub proxy: Proxy,
     /// The gateway's config, for the test to adjust before `start`.
     pub config: edge_gateway::config::Config,
-    _sims: Vec<protocols::sim::modbus::SimServer>,
+    sims: Vec<Option<protocols::sim::modbus::SimServer>>,
     sims_cancel: CancellationToken,
     _dir: tempfile::TempDir,
 }
@@ -1034,9 +1034,16 @@ impl GatewayRig {
             broker,
             proxy,
             config,
-            _sims: sims,
+            sims: sims.into_iter().map(Some).collect(),
             sims_cancel,
             _dir: dir,
+        }
+    }
+
+    /// Stops simulator `i` (its device stops answering; the others go on).
+    pub async fn stop_sim(&mut self, i: usize) {
+        if let Some(sim) = self.sims.get_mut(i).and_then(Option::take) {
+            sim.stop().await;
         }
     }
 

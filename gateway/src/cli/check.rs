@@ -34,6 +34,9 @@ pub fn run(path: &Path) -> (String, bool) {
             if !ok {
                 return (lines.join("\n"), false);
             }
+            if let Some(warning) = cfg.api.as_ref().and_then(|api| api.exposure_warning()) {
+                lines.push(format!("{file}: warning: {warning}"));
+            }
             let tags: usize = cfg.devices.iter().map(DeviceSettings::tag_count).sum();
             // Each unit of a Modbus line is published as a device of its own.
             let devices: usize = cfg

@@ -75,6 +75,62 @@ pub struct Config {
     pub mqtt: MqttSettings,
     /// `[[devices]]`, in file order; a device's index is its `DeviceId`.
     pub devices: Vec<DeviceSettings>,
+    /// `[api]`: the HTTP API and status page; `None` (no section) serves nothing.
+    pub api: Option<ApiSettings>,
+}
+
+/// `[api]`: where the HTTP API (`/metrics`, `/health`, `/ready`, `/api/*`, the status page at
+/// `/`) listens, and how it is protected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// `listen`: the socket address, e.g. `127.0.0.1:9100`.
+    pub listen: std::net::SocketAddr,
+    /// `username` and `password_file`: HTTP basic auth on every path; `None` serves anyone.
+    pub auth: Option<ApiAuth>,
+    /// `cert_file` and `key_file`: HTTPS; `None` serves plain HTTP.
+    pub tls: Option<ApiTls>,
+}
+
+/// `[api] username` and `password_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiAuth {
+    /// The user name a client must give.
+    pub username: String,
+    /// The password's file or credential; read at start, never logged.
+    pub password_file: SecretSource,
+}
+
+/// `[api] cert_file` and `key_file`: the server's certificate chain and private key (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiTls {
+    /// The certificate chain (PEM), the server's own first.
+    pub cert_file: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1 PEM), a file or a credential.
+    pub key_file: SecretSource,
+}
+
+impl ApiSettings {
+    /// What `check` warns about: an API reachable beyond this host without a password or
+    /// without TLS (a password in clear on the plant network).
+    pub fn exposure_warning(&self) -> Option<String> {
+        if self.listen.ip().is_loopback() {
+            return None;
+        }
+        let missing = match (&self.auth, &self.tls) {
+            (None, None) => {
+                "without a password (`username`, `password_file`) or TLS (`cert_file`, `key_file`)"
+            }
+            (None, Some(_)) => "without a password (`username`, `password_file`)",
+            (Some(_), None) => {
+                "without TLS (`cert_file`, `key_file`): the password crosses the network in clear"
+            }
+            (Some(_), Some(_)) => return None,
+        };
+        Some(format!(
+            "api.listen: the API listens on {} beyond this host {missing}",
+            self.listen
+        ))
+    }
 }
 
 /// `[gateway]`

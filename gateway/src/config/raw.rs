@@ -13,7 +13,7 @@ use super::values::{parse_duration, parse_size};
 use super::{Format, WhenFull};
 
 /// The sections of the file, in the order they are documented.
-pub(super) const SECTIONS: &[&str] = &["gateway", "buffer", "mqtt", "devices"];
+pub(super) const SECTIONS: &[&str] = &["gateway", "buffer", "mqtt", "api", "devices"];
 /// The keys of a Modbus device that hold arrays of tables, checked apart from the device.
 pub(super) const MODBUS_ARRAYS: &[&str] = &["units", "tags"];
 /// The keys of an OPC UA device that hold arrays of tables.
@@ -128,6 +128,17 @@ pub(super) struct RawMqtt {
     pub(super) insecure_skip_verify: Option<bool>,
     pub(super) sas_key_file: Option<String>,
     pub(super) sas_ttl: Option<Dur>,
+}
+
+/// `[api]`: the HTTP API and status page.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawApi {
+    pub(super) listen: String,
+    pub(super) username: Option<String>,
+    pub(super) password_file: Option<String>,
+    pub(super) cert_file: Option<String>,
+    pub(super) key_file: Option<String>,
 }
 
 /// A `protocol = "modbus_tcp"`, `"modbus_rtu"` or `"modbus_rtu_over_tcp"` `[[devices]]`

@@ -13,8 +13,8 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 
 use super::check::Protocol;
 use super::raw::{
-    Dur, RawBuffer, RawGateway, RawModbusDevice, RawMqtt, RawOpcUaDevice, RawOpcUaTag, RawTag,
-    RawUnit, Size,
+    Dur, RawApi, RawBuffer, RawGateway, RawModbusDevice, RawMqtt, RawOpcUaDevice, RawOpcUaTag,
+    RawTag, RawUnit, Size,
 };
 
 /// The whole file.
@@ -26,6 +26,7 @@ struct ConfigFile {
     gateway: RawGateway,
     buffer: Option<RawBuffer>,
     mqtt: RawMqtt,
+    api: Option<RawApi>,
     devices: Vec<Device>,
 }
 

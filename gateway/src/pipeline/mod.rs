@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::api::{ApiServer, ApiState, DeviceInfo};
 use crate::buffer::{self, Buffer, BufferError};
 use crate::config::{Config, ConfigErrors, DeviceKind, DeviceSettings};
 use crate::encode::json::JsonEncoder;
@@ -63,6 +64,8 @@ pub struct Shared {
     broker_limit_known: AtomicBool,
     /// Wakes a writer waiting for the broker's limit.
     broker_limit_set: Notify,
+    /// The latest sample of every tag, for the HTTP API; the writer folds each batch in.
+    pub latest: Arc<crate::api::Latest>,
 }
 
 impl Shared {
@@ -110,6 +113,7 @@ impl Shared {
             broker_packet_limit: AtomicUsize::new(usize::MAX),
             broker_limit_known: AtomicBool::new(false),
             broker_limit_set: Notify::new(),
+            latest: Arc::default(),
         }
     }
 
@@ -177,6 +181,9 @@ pub enum StartError {
     /// The MQTT password cannot be read (its file or credential).
     #[error("mqtt.password_file: {0}")]
     Secret(#[from] crate::secret::SecretError),
+    /// The HTTP API cannot start.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
 }
 
 /// A device's name and live status.
@@ -203,6 +210,8 @@ pub enum ReloadError {
 #[derive(Debug)]
 struct DriverTask {
     settings: DeviceSettings,
+    /// The catalog ids of its devices (a Modbus line's units), one per handle.
+    ids: Vec<DeviceId>,
     handles: Vec<DeviceHandle>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
@@ -234,11 +243,47 @@ pub struct Running {
     committer_stop: CancellationToken,
     /// The data directory's lock, held until everything is on disk.
     lock: Option<std::fs::File>,
+    /// The HTTP API, when `[api]` is configured: its server and what it reads.
+    api: Option<(ApiServer, Arc<ApiState>, CancellationToken)>,
+}
+
+/// What the HTTP API shows of the running drivers: their devices' handles, scan intervals and
+/// catalog ids, in config order.
+fn api_view(drivers: &[DriverTask]) -> (Vec<DeviceHandle>, Vec<DeviceInfo>, Vec<DeviceId>) {
+    let mut handles = Vec::new();
+    let mut infos = Vec::new();
+    let mut ids = Vec::new();
+    for d in drivers {
+        let intervals: Vec<Option<std::time::Duration>> = match &d.settings.kind {
+            DeviceKind::Modbus(m) => m
+                .units
+                .iter()
+                .map(|u| {
+                    let fastest = u.tags.iter().map(|t| t.scan_interval).min();
+                    Some(fastest.unwrap_or(d.settings.scan_interval))
+                })
+                .collect(),
+            DeviceKind::OpcUa(o) => {
+                vec![(o.mode == opcua::Mode::Poll).then_some(o.scan_interval)]
+            }
+        };
+        for ((h, id), scan_interval) in d.handles.iter().zip(&d.ids).zip(intervals) {
+            handles.push(h.clone());
+            infos.push(DeviceInfo { scan_interval });
+            ids.push(*id);
+        }
+    }
+    (handles, infos, ids)
 }
 
 impl Running {
     /// Stops the gateway in order and waits until everything unacknowledged is on disk.
     pub async fn shutdown(self) {
+        if let Some((server, state, cancel)) = self.api {
+            state.set_ready(false);
+            cancel.cancel();
+            server.stopped().await;
+        }
         info!("shutting down: stopping drivers");
         self.drivers_cancel.cancel();
         for d in self.drivers {
@@ -255,6 +300,19 @@ impl Running {
         let _ = self.committer.await;
         drop(self.lock);
         info!("shutdown complete");
+    }
+
+    /// The address the HTTP API listens on, when `[api]` is configured.
+    pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
+        self.api.as_ref().map(|(server, _, _)| server.addr)
+    }
+
+    /// RELOAD HOOK: what `POST /api/reload` runs; `false` when there is no API or a hook was
+    /// set already.
+    pub fn set_reload_hook(&self, hook: crate::api::ReloadHook) -> bool {
+        self.api
+            .as_ref()
+            .is_some_and(|(_, state, _)| state.set_reload_hook(hook))
     }
 
     /// The config the gateway runs (after a reload: the new one, with the gateway id, data
@@ -409,6 +467,10 @@ impl Running {
             .collect();
         self.catalog = catalog;
         self.config = config;
+        if let Some((_, state, _)) = &self.api {
+            let (handles, infos, ids) = api_view(&self.drivers);
+            state.set_devices(handles, infos, ids, self.catalog.clone());
+        }
         Metrics::add(&self.metrics.reloads, 1);
         info!(
             unchanged = plan.unchanged.len(),
@@ -457,7 +519,7 @@ fn spawn_driver(
     let cancel = parent.child_token();
     let mut handles = Vec::with_capacity(ids.len());
     let mut contexts = Vec::with_capacity(ids.len());
-    for id in ids {
+    for &id in &ids {
         let name = catalog
             .device(id)
             .map_or_else(|| "?".into(), |e| e.name.clone());
@@ -492,6 +554,7 @@ fn spawn_driver(
     });
     DriverTask {
         settings,
+        ids,
         handles,
         cancel,
         task,
@@ -556,6 +619,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // A password that cannot be read stops the start here, with a clear error, rather than in
     // a retry loop; the publisher reads it again at each connection attempt.
     read_password(&config)?;
+    // The API's address and files too, before anything runs.
+    let api_bound = match &config.api {
+        Some(settings) => Some(crate::api::bind(settings).await?),
+        None => None,
+    };
     let buffer_dir = data_dir.join("buffer");
     let fresh = !buffer_dir.exists() && !data_dir.join("state").exists();
     let rotate_after = buffer::rotate_after_for(config.buffer.max_size);
@@ -626,6 +694,23 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         live_rx,
     ));
 
+    let api = api_bound.map(|bound| {
+        let (handles, infos, ids) = api_view(&drivers);
+        let state = Arc::new(ApiState::new(
+            (config.gateway.id.clone(), boot),
+            metrics.clone(),
+            handles,
+            infos,
+            ids,
+            catalog.clone(),
+            shared.latest.clone(),
+        ));
+        let cancel = CancellationToken::new();
+        let server = crate::api::serve(bound, state.clone(), cancel.clone());
+        state.set_ready(true);
+        (server, state, cancel)
+    });
+
     Ok(Running {
         metrics,
         devices,
@@ -643,6 +728,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         committer,
         committer_stop,
         lock,
+        api,
     })
 }
 

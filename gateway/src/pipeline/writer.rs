@@ -152,6 +152,7 @@ pub async fn run_writer(
                 continue; // unreachable: peek_seq found this number usable
             }
             let record = Arc::new(record);
+            shared.latest.record(&batch);
             let m = &shared.metrics;
             Metrics::add(&m.records, 1);
             Metrics::add(&m.samples, batch.samples.len() as u64);

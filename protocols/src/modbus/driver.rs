@@ -30,7 +30,7 @@ use super::transport::rtu::HOLD_OFF_TIMEOUTS;
 use super::transport::{BlockData, Conn, ReadError};
 use super::{ModbusSettings, TagSpec, UnitSettings};
 use crate::backoff::Backoff;
-use crate::driver::{DriverContext, DriverError};
+use crate::driver::{DriverContext, DriverError, ErrorKind};
 use crate::model::{Batch, Reason, Sample, TagId, Timestamp};
 
 /// Largest number of coils or discrete inputs in one request (Modbus limit).
@@ -233,11 +233,8 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
         };
         match end {
             ScanEnd::Answered(samples) => {
-                let status = &unit.ctx.status;
-                status.scans.fetch_add(1, Ordering::Relaxed);
-                status
-                    .last_scan_us
-                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                let us = started.elapsed().as_micros() as u64;
+                unit.ctx.status.answered(us);
                 emit(unit, samples).await?;
                 backoff.reset();
                 answered_since_open = true;
@@ -250,7 +247,7 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                 report_transition(&line_name, unit, &settings, transition);
             }
             ScanEnd::Silent(e, reason, link_suspect) => {
-                unit.ctx.status.errors.fetch_add(1, Ordering::Relaxed);
+                unit.ctx.status.count_error(ErrorKind::of(reason));
                 if unit.failing {
                     debug!(line = %line_name, unit = %unit.ctx.name, error = %e, "unit still not answering");
                 } else {
@@ -275,7 +272,7 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                 }
             }
             ScanEnd::LinkDown(e) => {
-                unit.ctx.status.errors.fetch_add(1, Ordering::Relaxed);
+                unit.ctx.status.count_error(ErrorKind::Link);
                 warn!(line = %line_name, target = settings.link.target(), error = %e, "line failed; reopening it");
                 open_failure_logged = false;
                 if let Some(c) = conn.take() {
@@ -449,7 +446,7 @@ async fn scan_class(
                     class.blocks.splice(i..=i, [a, b]);
                     continue;
                 }
-                ctx.status.errors.fetch_add(1, Ordering::Relaxed);
+                ctx.status.count_error(ErrorKind::Exception);
                 mark_bad(block, 2, now, &mut samples);
                 i += 1;
             }
@@ -465,7 +462,7 @@ async fn scan_class(
                         false,
                     );
                 }
-                ctx.status.errors.fetch_add(1, Ordering::Relaxed);
+                ctx.status.count_error(ErrorKind::Exception);
                 debug!(device = %ctx.name, area = block.area.prefix(), start = block.start, code, "device answered with an exception");
                 mark_bad(block, code, now, &mut samples);
                 i += 1;

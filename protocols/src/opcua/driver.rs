@@ -39,7 +39,7 @@ use super::client::{self, OpcUaError, KEEP_ALIVE_COUNT, SESSION_TIMEOUT};
 use super::convert::sample_of;
 use super::{Mode, NodeRef, OpcUaSettings, SecurityPolicy};
 use crate::backoff::Backoff;
-use crate::driver::{DeviceStatus, DriverContext, DriverError};
+use crate::driver::{DeviceStatus, DriverContext, DriverError, ErrorKind};
 use crate::model::{Batch, DeviceId, Reason, Sample, TagId, Timestamp};
 
 /// Monitored items created per CreateMonitoredItems call (unless the server allows fewer).
@@ -714,6 +714,7 @@ async fn read_all(
     )
     .await;
     let now = Timestamp::now();
+    let answered = result.is_ok();
     let samples: Vec<Sample> = match result {
         Ok(values) => {
             flags.delivered.store(true, Ordering::Relaxed);
@@ -731,7 +732,14 @@ async fn read_all(
                 .collect()
         }
         Err(e) => {
-            ctx.status.errors.fetch_add(1, Ordering::Relaxed);
+            let kind = if !ctx.status.is_connected() {
+                ErrorKind::Link
+            } else if matches!(e, StatusCode::BadTimeout | StatusCode::BadRequestTimeout) {
+                ErrorKind::Timeout
+            } else {
+                ErrorKind::Exception
+            };
+            ctx.status.count_error(kind);
             if !ctx.status.is_connected() {
                 // The event loop reports the outage; no second batch of bad samples.
                 return Ok(());
@@ -746,10 +754,13 @@ async fn read_all(
                 .collect()
         }
     };
-    ctx.status.scans.fetch_add(1, Ordering::Relaxed);
-    ctx.status
-        .last_scan_us
-        .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    let us = started.elapsed().as_micros() as u64;
+    if answered {
+        ctx.status.answered(us);
+    } else {
+        ctx.status.scans.fetch_add(1, Ordering::Relaxed);
+        ctx.status.last_scan_us.store(us, Ordering::Relaxed);
+    }
     emit(ctx, samples).await
 }
 

@@ -8,6 +8,7 @@
 //! The sections (`[gateway]`, `[buffer]`, `[mqtt]`) are checked here, the devices in
 //! `devices.rs` (with their protocols' rules in `modbus.rs` and `opcua.rs`).
 
+mod api;
 mod cloud;
 mod devices;
 mod modbus;
@@ -287,12 +288,14 @@ impl Checker<'_> {
 
     fn config(&mut self, root: toml::Table) -> Option<Config> {
         let (mut gateway, mut buffer, mut mqtt, mut devices) = (None, None, None, None);
+        let mut api = None;
         for (key, value) in root {
             match key.as_str() {
                 "gateway" => gateway = Some(value),
                 "buffer" => buffer = Some(value),
                 "mqtt" => mqtt = Some(value),
                 "devices" => devices = Some(value),
+                "api" => api = Some(value),
                 _ => {
                     let message = unknown_key_message("section", &key, SECTIONS);
                     self.report(&FieldPath::top(&key), message);
@@ -306,6 +309,7 @@ impl Checker<'_> {
         let data_dir = gateway
             .as_ref()
             .map_or_else(|| PathBuf::from("data"), |g| g.data_dir.clone());
+        let api = api.map(|value| self.api(value));
         let devices = self.devices(devices, &data_dir);
         if let (Some(mqtt), Some(devices), Some(id)) = (&mqtt, &devices, &id) {
             self.status_topic_clash(mqtt, devices, id);
@@ -316,6 +320,7 @@ impl Checker<'_> {
             buffer: buffer?,
             mqtt: mqtt?,
             devices: devices?,
+            api: api.flatten(),
         })
     }
 

@@ -272,7 +272,7 @@ impl Checker<'_> {
 
     /// A file holding a secret: a path (resolved and checked like any credential file) or
     /// `credential:NAME`, checked only where `$CREDENTIALS_DIRECTORY` is set.
-    fn secret_file(&mut self, field: &FieldPath, text: &str) -> SecretSource {
+    pub(super) fn secret_file(&mut self, field: &FieldPath, text: &str) -> SecretSource {
         let Some(name) = text.strip_prefix(CREDENTIAL_PREFIX) else {
             return SecretSource::File(self.credential_file(field, text));
         };

@@ -256,6 +256,7 @@ fn full_contract_example_parses_to_the_expected_runtime_values() {
                 }],
             }),
         }],
+        api: None,
     };
     assert_eq!(config(FULL), expected);
 }

@@ -271,6 +271,24 @@ pub(crate) fn client_config(tls: &TlsSettings, host: &str) -> Result<Arc<ClientC
     Ok(Arc::new(config))
 }
 
+/// The rustls configuration of the HTTP API's HTTPS (`[api] cert_file`, `key_file`), read now:
+/// HTTP/1.1 only, no client certificates.
+pub(crate) fn server_config(
+    cert_file: &std::path::Path,
+    key_file: &crate::secret::SecretSource,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let certs = files::read_certs("api.cert_file", cert_file)?;
+    let key = files::read_key(key_file)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Rustls)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(TlsError::Rustls)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// `name` as a server name rustls checks certificates against.
 fn server_name(field: &'static str, name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name)
