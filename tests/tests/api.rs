@@ -182,6 +182,12 @@ async fn metrics_are_served_in_the_prometheus_text_format_with_every_family_and_
         ("edge_gateway_mqtt_in_flight_records", "gauge"),
         ("edge_gateway_mqtt_puback_refusals", "counter"),
         ("edge_gateway_mqtt_too_large_records", "counter"),
+        (
+            "edge_gateway_mqtt_tls_client_cert_expiry_timestamp_seconds",
+            "gauge",
+        ),
+        ("edge_gateway_config_reloads", "counter"),
+        ("edge_gateway_config_reloads_refused", "counter"),
     ];
     for (name, kind) in families {
         let line = format!("# TYPE {name} {kind}\n");

@@ -417,6 +417,30 @@ impl GatewayCollector {
             None,
             Counter,
             |e| counter(e, get(&m.too_large_for_broker)),
+        )?;
+        family(
+            encoder,
+            "mqtt_tls_client_cert_expiry_timestamp_seconds",
+            "When the TLS client certificate expires (Unix time; 0: none), as of the last connection.",
+            None,
+            Gauge,
+            |e| e.encode_gauge(&gauge_i64(get(&m.tls_client_cert_not_after))),
+        )?;
+        family(
+            encoder,
+            "config_reloads",
+            "Configuration reloads applied (SIGHUP or POST /api/reload).",
+            None,
+            Counter,
+            |e| counter(e, get(&m.reloads)),
+        )?;
+        family(
+            encoder,
+            "config_reloads_refused",
+            "Configuration reloads refused (the file fails check); the running configuration stays.",
+            None,
+            Counter,
+            |e| counter(e, get(&m.reloads_refused)),
         )
     }
 }
