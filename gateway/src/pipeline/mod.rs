@@ -64,8 +64,11 @@ pub struct Shared {
     broker_limit_known: AtomicBool,
     /// Wakes a writer waiting for the broker's limit.
     broker_limit_set: Notify,
-    /// The latest sample of every tag, for the HTTP API; the writer folds each batch in.
+    /// The latest sample of every tag, for the HTTP API; the writer folds each batch in while
+    /// `latest_wanted` (an API is configured), and spends nothing on it otherwise.
     pub latest: Arc<crate::api::Latest>,
+    /// Whether anyone reads `latest`.
+    pub latest_wanted: AtomicBool,
 }
 
 impl Shared {
@@ -114,6 +117,7 @@ impl Shared {
             broker_limit_known: AtomicBool::new(false),
             broker_limit_set: Notify::new(),
             latest: Arc::default(),
+            latest_wanted: AtomicBool::new(false),
         }
     }
 
@@ -654,6 +658,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Metrics::add(&metrics.lost_commits, 1);
     }
     let shared = Arc::new(Shared::new(buffer.clone(), metrics.clone()));
+    shared
+        .latest_wanted
+        .store(api_bound.is_some(), Ordering::Relaxed);
 
     let drivers_cancel = CancellationToken::new();
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_CHANNEL);

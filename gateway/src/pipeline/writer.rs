@@ -152,7 +152,12 @@ pub async fn run_writer(
                 continue; // unreachable: peek_seq found this number usable
             }
             let record = Arc::new(record);
-            shared.latest.record(&batch);
+            if shared
+                .latest_wanted
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                shared.latest.record(&batch);
+            }
             let m = &shared.metrics;
             Metrics::add(&m.records, 1);
             Metrics::add(&m.samples, batch.samples.len() as u64);
