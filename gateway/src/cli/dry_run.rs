@@ -119,23 +119,7 @@ fn catalog_of(config: &Config) -> (Catalog, Vec<Vec<DeviceId>>) {
     let ids = config
         .devices
         .iter()
-        .map(|d| match &d.kind {
-            DeviceKind::Modbus(m) => m
-                .units
-                .iter()
-                .map(|u| {
-                    let name: Arc<str> = match &u.name {
-                        Some(unit) => format!("{}/{unit}", d.name).into(),
-                        None => d.name.clone(),
-                    };
-                    catalog.add_device(name, u.tags.iter().map(|t| t.name.clone()).collect())
-                })
-                .collect(),
-            DeviceKind::OpcUa(o) => vec![catalog.add_device(
-                d.name.clone(),
-                o.tags.iter().map(|t| t.name.clone()).collect(),
-            )],
-        })
+        .map(|d| crate::pipeline::add_to_catalog(&mut catalog, d))
         .collect();
     (catalog, ids)
 }

@@ -491,7 +491,7 @@ impl Running {
 /// Adds a `[[devices]]` entry to the catalog: a Modbus line with a `units` list publishes each
 /// unit as its own device, named `line/unit` (a meter on an RS-485 line is a device to the
 /// plant, the line is not).
-fn add_to_catalog(catalog: &mut Catalog, d: &DeviceSettings) -> Vec<DeviceId> {
+pub(crate) fn add_to_catalog(catalog: &mut Catalog, d: &DeviceSettings) -> Vec<DeviceId> {
     match &d.kind {
         DeviceKind::Modbus(m) => m
             .units
