@@ -11,6 +11,9 @@ pub struct Metrics {
     pub samples: AtomicU64,
     /// Publishes handed to the MQTT client (live and replayed).
     pub published: AtomicU64,
+    /// Bytes of the publishes handed to the MQTT client: topic and payload (live, replayed and
+    /// status), without the MQTT header or TLS.
+    pub published_bytes: AtomicU64,
     /// Publishes acknowledged by the broker.
     pub acked: AtomicU64,
     /// Samples in acknowledged records.
@@ -53,8 +56,9 @@ pub struct Metrics {
     pub mqtt_connected: AtomicBool,
     /// MQTT connections made.
     pub mqtt_connects: AtomicU64,
-    /// PUBACKs with a failure reason code (MQTT 5): the record stays buffered.
-    pub puback_refusals: AtomicU64,
+    /// PUBACKs with a failure reason code (MQTT 5), by the index of the code in
+    /// [`PUBACK_REFUSALS`]: the record stays buffered.
+    pub puback_refusals: [AtomicU64; PUBACK_REFUSALS.len()],
     /// Records not sent because they exceed the broker's maximum packet size.
     pub too_large_for_broker: AtomicU64,
     /// When the TLS client certificate expires, in seconds since the Unix epoch, as of the
@@ -67,7 +71,37 @@ pub struct Metrics {
     pub reloads_refused: AtomicU64,
 }
 
+/// The PUBACK failure reason codes of MQTT 5 (section 3.4.2.1) with their names in the
+/// specification; refusals are counted per code.
+pub const PUBACK_REFUSALS: [(u8, &str); 7] = [
+    (0x80, "unspecified error"),
+    (0x83, "implementation specific error"),
+    (0x87, "not authorized"),
+    (0x90, "topic name invalid"),
+    (0x91, "packet identifier in use"),
+    (0x97, "quota exceeded"),
+    (0x99, "payload format invalid"),
+];
+
 impl Metrics {
+    /// Counts a PUBACK refusal by its reason code (one of [`PUBACK_REFUSALS`]; any other code
+    /// is counted as "unspecified error", the specification's catch-all).
+    pub fn count_puback_refusal(&self, code: u8) {
+        let at = PUBACK_REFUSALS
+            .iter()
+            .position(|(c, _)| *c == code)
+            .unwrap_or(0);
+        Self::add(&self.puback_refusals[at], 1);
+    }
+
+    /// PUBACK refusals counted with reason `code`.
+    pub fn puback_refusals_with(&self, code: u8) -> u64 {
+        PUBACK_REFUSALS
+            .iter()
+            .position(|(c, _)| *c == code)
+            .map_or(0, |at| Self::get(&self.puback_refusals[at]))
+    }
+
     /// Adds to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);

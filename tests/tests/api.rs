@@ -180,6 +180,7 @@ async fn metrics_are_served_in_the_prometheus_text_format_with_every_family_and_
         ("edge_gateway_mqtt_acknowledged_records", "counter"),
         ("edge_gateway_mqtt_acknowledged_samples", "counter"),
         ("edge_gateway_mqtt_in_flight_records", "gauge"),
+        ("edge_gateway_mqtt_published_bytes", "counter"),
         ("edge_gateway_mqtt_puback_refusals", "counter"),
         ("edge_gateway_mqtt_too_large_records", "counter"),
         (
@@ -204,13 +205,20 @@ async fn metrics_are_served_in_the_prometheus_text_format_with_every_family_and_
     assert_eq!(value_of(&first.body, connected), 1.0);
     assert_eq!(value_of(&first.body, "edge_gateway_mqtt_connected"), 1.0);
     let (scans0, acked0) = (value_of(&first.body, scans), value_of(&first.body, acked));
+    let bytes = "edge_gateway_mqtt_published_bytes_total";
+    let bytes0 = value_of(&first.body, bytes);
+    let refused =
+        "edge_gateway_mqtt_puback_refusals_total{code=\"0x87\",reason=\"not authorized\"}";
+    assert_eq!(value_of(&first.body, refused), 0.0, "{refused}");
     for reason in ["timeout", "exception", "link", "protocol", "other"] {
         let series =
             format!("edge_gateway_device_errors_total{{device=\"press1\",reason=\"{reason}\"}}");
         assert_eq!(value_of(&first.body, &series), 0.0, "{series}");
     }
     let later = until(addr, "/metrics", "counters to move", |a| {
-        value_of(&a.body, scans) > scans0 && value_of(&a.body, acked) > acked0
+        value_of(&a.body, scans) > scans0
+            && value_of(&a.body, acked) > acked0
+            && value_of(&a.body, bytes) > bytes0
     })
     .await;
     let buckets = "edge_gateway_device_scan_duration_seconds_bucket{le=\"+Inf\",device=\"press1\"}";
@@ -282,6 +290,24 @@ async fn a_stopped_device_is_named_by_health_and_shown_bad_while_the_others_keep
         counter(&a.json(), "press1") != first
     })
     .await;
+    // The last minutes of each numeric tag: a fixed number of steps, the newest last.
+    let history = get(addr, "/api/history").await.json();
+    let points = history["points"].as_u64().unwrap() as usize;
+    assert!(history["step_s"].as_u64().unwrap() > 0);
+    let series = history["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["device"] == "press1" && t["tag"] == "counter")
+        .expect("press1's counter has a history")["points"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(series.len(), points);
+    assert!(
+        series.iter().rev().take(2).any(|p| p.is_number()),
+        "a point in the step now or the one before: {series:?}"
+    );
 
     rig.stop_sim(1).await;
     let failing = until(addr, "/health", "press2 failing", |a| a.status == 503).await;

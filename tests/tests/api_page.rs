@@ -68,6 +68,15 @@ fn shown_value(dom: &str, key: &str) -> Option<String> {
     Some(text[..text.find('<')?].to_owned())
 }
 
+/// How many points the sparkline of tag `key` holds (from the gateway's history).
+fn shown_points(dom: &str, key: &str) -> Option<usize> {
+    let row = dom.find(&format!("data-tag=\"{key}\""))?;
+    let rest = &dom[row..];
+    let end = rest.find("</tr>")?;
+    let at = rest[..end].find("data-points=\"")? + "data-points=\"".len();
+    rest[at..at + rest[at..].find('"')?].parse().ok()
+}
+
 /// The state a device card shows (`ok` or `bad`).
 fn shown_state(dom: &str, device: &str) -> Option<String> {
     let card = dom.find(&format!("data-device=\"{device}\""))?;
@@ -107,6 +116,12 @@ async fn the_status_page_shows_live_values_that_change_and_a_stopped_device_as_b
     assert!(
         dom.contains("<svg class=\"spark\""),
         "each tag has its sparkline:\n{dom}"
+    );
+    // The sparkline comes from the gateway's history, not only from what this page saw: a
+    // page opened once holds a point already.
+    assert!(
+        shown_points(&dom, "press1/counter").is_some_and(|n| n >= 1),
+        "press1's counter has a history point on a page just opened:\n{dom}"
     );
 
     // A value that changes on screen (the simulator's counter counts every 100 ms).

@@ -148,9 +148,11 @@ async fn a_refusing_puback_keeps_the_record_buffered_until_the_broker_takes_it()
     let sub = broker.collector("edge/gw-deny/#").await;
     let gw = rig.start().await;
     let m = gw.metrics.clone();
-    eventually(Duration::from_secs(20), "refused records", || {
-        Metrics::get(&m.puback_refusals) >= 3
-    })
+    eventually(
+        Duration::from_secs(20),
+        "records refused as not authorized",
+        || m.puback_refusals_with(0x87) >= 3,
+    )
     .await;
     assert_eq!(Metrics::get(&m.acked), 0, "a refused record was credited");
     assert!(

@@ -6,29 +6,42 @@
 //! (`report = "on_change"`) or half of a split scan leaves the other tags' values in place.
 //! The API takes a copy under the same lock and does its formatting off it.
 //!
+//! The same lock keeps the last minutes of each numeric tag ([`History`]) for the page's
+//! sparklines.
+//!
 //! Invariant: `rows[device][tag]` is the last sample the writer took for that tag, or `None`
-//! when none came yet; rows grow to the largest id seen and never shrink.
+//! when none came yet; rows grow to the largest id seen and shrink only when a reload stopped
+//! the device ([`Latest::keep_only`]: ids are never reused).
 
 use std::sync::{Mutex, MutexGuard};
 
-use protocols::model::{Batch, Sample};
+use protocols::model::{Batch, DeviceId, Sample};
+
+use super::history::{History, POINTS};
+
+#[derive(Debug, Default)]
+struct Inner {
+    rows: Vec<Vec<Option<Sample>>>,
+    history: History,
+}
 
 /// The latest sample of every tag, by device and tag id.
 #[derive(Debug, Default)]
 pub struct Latest {
-    rows: Mutex<Vec<Vec<Option<Sample>>>>,
+    inner: Mutex<Inner>,
 }
 
 impl Latest {
-    fn rows(&self) -> MutexGuard<'_, Vec<Vec<Option<Sample>>>> {
+    fn inner(&self) -> MutexGuard<'_, Inner> {
         // Poisoned only by a panic while held; every slot holds a whole sample still.
-        self.rows.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Takes in the samples of one batch.
     pub fn record(&self, batch: &Batch) {
         let device = batch.device.0 as usize;
-        let mut rows = self.rows();
+        let mut inner = self.inner();
+        let Inner { rows, history } = &mut *inner;
         if rows.len() <= device {
             rows.resize_with(device + 1, Vec::new);
         }
@@ -39,12 +52,36 @@ impl Latest {
                 row.resize(tag + 1, None);
             }
             row[tag] = Some(sample.clone());
+            history.record(device, sample);
         }
     }
 
     /// A copy of every device's row.
     pub fn snapshot(&self) -> Vec<Vec<Option<Sample>>> {
-        self.rows().clone()
+        self.inner().rows.clone()
+    }
+
+    /// The history of each tag of `tags` (device id, tag id) for the steps ending with `last`
+    /// (see [`History::points`]), in the same order.
+    pub fn history(
+        &self,
+        tags: impl Iterator<Item = (usize, usize)>,
+        last: u32,
+    ) -> Vec<Option<[Option<f32>; POINTS]>> {
+        let inner = self.inner();
+        tags.map(|(d, t)| inner.history.points(d, t, last))
+            .collect()
+    }
+
+    /// Forgets the devices not in `ids` (stopped by a reload: their ids are never reused).
+    pub fn keep_only(&self, ids: &[DeviceId]) {
+        let mut inner = self.inner();
+        for device in 0..inner.rows.len() {
+            if !ids.iter().any(|id| id.0 as usize == device) {
+                inner.rows[device] = Vec::new();
+                inner.history.forget_device(device);
+            }
+        }
     }
 }
 
@@ -86,5 +123,25 @@ mod tests {
         let tag1 = rows[1][1].as_ref().unwrap();
         assert_eq!(tag1.value, None);
         assert_eq!(tag1.gateway_time, Timestamp(20));
+    }
+
+    #[test]
+    fn a_device_a_reload_stopped_is_forgotten_and_the_others_kept() {
+        let latest = Latest::default();
+        let now = Timestamp::now();
+        for device in [1, 2] {
+            latest.record(&batch(
+                device,
+                vec![Sample::good(TagId(0), Value::Int(5), now)],
+            ));
+        }
+        latest.keep_only(&[DeviceId(2)]);
+        let rows = latest.snapshot();
+        assert!(rows[1].is_empty());
+        assert!(rows[2][0].is_some());
+        let last = super::super::history::step_of(now);
+        let h = latest.history([(1, 0), (2, 0)].into_iter(), last);
+        assert!(h[0].is_none());
+        assert_eq!(h[1].unwrap()[POINTS - 1], Some(5.0));
     }
 }

@@ -1,6 +1,6 @@
 //! The HTTP API: `/metrics` (Prometheus), `/health`, `/ready`, `/api/tags`, `/api/devices`,
-//! `POST /api/reload` and the status page at `/`, on the `[api] listen` address, with optional
-//! basic auth and HTTPS.
+//! `/api/history`, `POST /api/reload` and the status page at `/`, on the `[api] listen`
+//! address, with optional basic auth and HTTPS.
 //!
 //! An HTTP/1.1 server (hyper) in a thin async shell: one task accepts, each connection is a
 //! task of its own, at most [`MAX_CONNECTIONS`] at a time (one more is closed at once), each
@@ -15,6 +15,7 @@
 //! [`DeviceStatus`]: protocols::driver::DeviceStatus
 
 pub mod health;
+mod history;
 mod latest;
 mod prom;
 
@@ -171,6 +172,7 @@ impl ApiState {
         ids: Vec<DeviceId>,
         catalog: Arc<Catalog>,
     ) {
+        self.latest.keep_only(&ids);
         let view = Arc::new(DeviceView {
             devices,
             infos,
@@ -250,6 +252,40 @@ impl ApiState {
             }
         }
         json!({ "tags": tags })
+    }
+
+    /// The last minutes of every numeric tag that has a history, for the sparklines: one point
+    /// per step (`null` for a step without a value), oldest first, the last for the step now.
+    fn history_json(&self) -> serde_json::Value {
+        let now = Timestamp::now();
+        let view = current(&self.view);
+        let tags: Vec<(usize, usize, &str, &str)> = view
+            .ids
+            .iter()
+            .filter_map(|&id| view.catalog.device(id).map(|e| (id, e)))
+            .flat_map(|(id, entry)| {
+                entry
+                    .tags
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, name)| (id.0 as usize, i, &*entry.name, &**name))
+            })
+            .collect();
+        let points = self
+            .latest
+            .history(tags.iter().map(|t| (t.0, t.1)), history::step_of(now));
+        let tags: Vec<serde_json::Value> = tags
+            .iter()
+            .zip(points)
+            .filter_map(|(t, p)| {
+                p.map(|p| json!({ "device": t.2, "tag": t.3, "points": p.as_slice() }))
+            })
+            .collect();
+        json!({
+            "step_s": history::STEP_MS / 1000,
+            "points": history::POINTS,
+            "tags": tags,
+        })
     }
 
     fn devices_json(&self) -> serde_json::Value {
@@ -586,6 +622,7 @@ impl Server {
             }
             (&Method::GET, "/api/tags") => json_answer(StatusCode::OK, &state.tags_json()),
             (&Method::GET, "/api/devices") => json_answer(StatusCode::OK, &state.devices_json()),
+            (&Method::GET, "/api/history") => json_answer(StatusCode::OK, &state.history_json()),
             (&Method::POST, "/api/reload") => match state.reload.get() {
                 None => json_answer(
                     StatusCode::NOT_IMPLEMENTED,
@@ -605,7 +642,7 @@ impl Server {
             (
                 _,
                 "/" | "/index.html" | "/metrics" | "/health" | "/ready" | "/api/tags"
-                | "/api/devices" | "/api/reload",
+                | "/api/devices" | "/api/history" | "/api/reload",
             ) => answer(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",

@@ -15,7 +15,7 @@ use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::metrics::{Histogram, Metrics, LATENCY_BUCKETS_US};
+use crate::metrics::{Histogram, Metrics, LATENCY_BUCKETS_US, PUBACK_REFUSALS};
 use crate::pipeline::DeviceHandle;
 use protocols::driver::ErrorKind;
 
@@ -404,11 +404,26 @@ impl GatewayCollector {
         )?;
         family(
             encoder,
+            "mqtt_published",
+            "Bytes of the publishes handed to the MQTT client (topic and payload; records and status).",
+            Some(&Unit::Bytes),
+            Counter,
+            |e| counter(e, get(&m.published_bytes)),
+        )?;
+        family(
+            encoder,
             "mqtt_puback_refusals",
-            "PUBACKs with a failure reason code (MQTT 5); the record stays buffered.",
+            "PUBACKs with a failure reason code (MQTT 5), by reason; the record stays buffered.",
             None,
             Counter,
-            |e| counter(e, get(&m.puback_refusals)),
+            |e| {
+                for ((code, name), n) in PUBACK_REFUSALS.iter().zip(&m.puback_refusals) {
+                    let code = format!("0x{code:02x}");
+                    let labels = [("code", code.as_str()), ("reason", *name)];
+                    counter(&mut e.encode_family(&labels)?, get(n))?;
+                }
+                Ok(())
+            },
         )?;
         family(
             encoder,

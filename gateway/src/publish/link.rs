@@ -22,6 +22,7 @@ use rumqttc::v5::mqttbytes::v5::{
 use rumqttc::{Event, Outgoing, Packet, QoS, Transport};
 
 use crate::config::{MqttSettings, ProtocolVersion};
+use crate::metrics::PUBACK_REFUSALS;
 
 /// What the broker allows, from its CONNACK (MQTT 5; MQTT 3.1.1 tells nothing and allows all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,16 +359,21 @@ fn happening_outgoing(out: Outgoing) -> Happening {
 /// The code and name of a PUBACK reason that refuses the publish; `None` for success (and
 /// "no matching subscribers", which is a success: the broker took the message).
 fn refusal(reason: PubAckReason) -> Option<(u8, &'static str)> {
-    Some(match reason {
+    let code = match reason {
         PubAckReason::Success | PubAckReason::NoMatchingSubscribers => return None,
-        PubAckReason::UnspecifiedError => (0x80, "unspecified error"),
-        PubAckReason::ImplementationSpecificError => (0x83, "implementation specific error"),
-        PubAckReason::NotAuthorized => (0x87, "not authorized"),
-        PubAckReason::TopicNameInvalid => (0x90, "topic name invalid"),
-        PubAckReason::PacketIdentifierInUse => (0x91, "packet identifier in use"),
-        PubAckReason::QuotaExceeded => (0x97, "quota exceeded"),
-        PubAckReason::PayloadFormatInvalid => (0x99, "payload format invalid"),
-    })
+        PubAckReason::UnspecifiedError => 0x80,
+        PubAckReason::ImplementationSpecificError => 0x83,
+        PubAckReason::NotAuthorized => 0x87,
+        PubAckReason::TopicNameInvalid => 0x90,
+        PubAckReason::PacketIdentifierInUse => 0x91,
+        PubAckReason::QuotaExceeded => 0x97,
+        PubAckReason::PayloadFormatInvalid => 0x99,
+    };
+    let name = PUBACK_REFUSALS
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or("unspecified error", |(_, name)| name);
+    Some((code, name))
 }
 
 #[cfg(test)]

@@ -513,10 +513,15 @@ impl Publisher {
             return;
         }
         let out = self.aliases.outbound(topic);
+        let size = payload.len();
         match self.client.publish(out, payload).await {
             Ok(()) => {
                 self.window.submit(seq, Instant::now());
                 Metrics::add(&self.shared.metrics.published, 1);
+                Metrics::add(
+                    &self.shared.metrics.published_bytes,
+                    (topic.len() + size) as u64,
+                );
             }
             Err(e) => {
                 // Only possible when the event loop is gone; the record stays in ledger or disk.
@@ -577,13 +582,18 @@ impl Publisher {
     /// Publishes the gateway's status, retained where the broker allows it.
     async fn publish_status(&mut self, online: bool) {
         let doc = status::document(&self.gateway, self.boot, online, SystemTime::now());
+        let topic = self.settings.status_topic();
+        let size = (topic.len() + doc.len()) as u64;
         let out = Outbound {
-            topic: self.settings.status_topic(),
+            topic,
             alias: None,
             retain: self.limits.retain_available,
         };
         match self.client.publish(out, doc).await {
-            Ok(()) => self.window.submit_status(Instant::now()),
+            Ok(()) => {
+                self.window.submit_status(Instant::now());
+                Metrics::add(&self.shared.metrics.published_bytes, size);
+            }
             Err(e) => debug!(error = %e, "status not accepted by the MQTT client"),
         }
     }
@@ -631,7 +641,7 @@ impl Publisher {
     /// sending pauses for a backoff that grows while the refusals go on, whatever else the
     /// broker accepts meanwhile (one refused topic must not be retried at full speed).
     fn on_refused(&mut self, seq: u64, refusal: &Refusal) {
-        Metrics::add(&self.shared.metrics.puback_refusals, 1);
+        self.shared.metrics.count_puback_refusal(refusal.code);
         let now = Instant::now();
         let new_episode = self
             .last_refusal
