@@ -801,6 +801,83 @@ async fn test_reports_a_dead_device_bad_beside_a_live_one_and_exits_1() {
     cancel.cancel();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_reads_an_opcua_server_once_with_the_subscription_mode_and_reports_each_tags_quality()
+{
+    let pki = tempfile::tempdir().unwrap();
+    let sim = protocols::sim::opcua::SimOpcUa::start(protocols::sim::opcua::SimOptions {
+        pki_dir: pki.path().join("sim"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ns = sim.namespace();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.toml");
+    let text = format!(
+        r#"[gateway]
+id = "gw"
+data_dir = "{data}"
+
+[mqtt]
+url = "mqtt://127.0.0.1:{broker}"
+
+[[devices]]
+name = "oven"
+protocol = "opcua"
+endpoint = "{endpoint}"
+security_policy = "Basic256Sha256"
+security_mode = "Sign"
+pki_dir = "{pki}"
+trust_server_cert = true
+mode = "subscribe"
+publishing_interval = "100ms"
+
+  [[devices.tags]]
+  name = "temperature"
+  node_id = "ns={ns};s=Sim.Double"
+
+  [[devices.tags]]
+  name = "running"
+  browse_path = "Objects/Sim/Bool"
+
+  [[devices.tags]]
+  name = "sensor"
+  node_id = "ns={ns};s=Sim.Bad"
+"#,
+        data = dir.path().join("data").display(),
+        broker = dead_port(),
+        endpoint = sim.endpoint(),
+        pki = pki.path().join("gateway").display(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = dry_run(&config).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The server's bad sensor is a bad tag: exit 1, the two good tags shown good.
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for tag in [
+        "oven  temperature  good",
+        "oven  running  good",
+        "oven  sensor  bad",
+    ] {
+        assert!(stdout.contains(tag), "missing `{tag}` in:\n{stdout}");
+    }
+    assert!(stdout.contains("2 of 3 tags good"), "{stdout}");
+    let record = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("edge/gw/oven "))
+        .expect("a record for the OPC UA device");
+    let record: serde_json::Value = serde_json::from_str(record).unwrap();
+    assert_eq!(record["device"], "oven");
+    assert!(!dir.path().join("data").exists());
+    sim.stop().await;
+}
+
 #[test]
 fn test_refuses_an_invalid_config_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();
