@@ -40,13 +40,14 @@ pub fn step_of(time: Timestamp) -> u32 {
 }
 
 impl History {
-    /// Takes in one sample of device `device`.
-    pub fn record(&mut self, device: usize, sample: &Sample) {
+    /// Takes in one sample of device `device`; says whether it gave a point (a good or
+    /// uncertain numeric value of a tag that has a ring or got one).
+    pub fn record(&mut self, device: usize, sample: &Sample) -> bool {
         let point = match &sample.value {
             Some(v) if !matches!(sample.quality, Quality::Bad(_)) => v.as_f64(),
             _ => None,
         };
-        let Some(point) = point else { return };
+        let Some(point) = point else { return false };
         let step = step_of(sample.gateway_time);
         let tag = sample.tag.0 as usize;
         if self.rings.len() <= device {
@@ -55,7 +56,7 @@ impl History {
         let row = &mut self.rings[device];
         if row.len() <= tag {
             if self.count >= MAX_TAGS {
-                return;
+                return false;
             }
             row.resize_with(tag + 1, || None);
         }
@@ -63,7 +64,7 @@ impl History {
             Some(ring) => ring,
             slot @ None => {
                 if self.count >= MAX_TAGS {
-                    return;
+                    return false;
                 }
                 self.count += 1;
                 slot.insert(Box::new([(0, 0.0); POINTS]))
@@ -73,6 +74,7 @@ impl History {
         if slot.0 <= step {
             *slot = (step, point as f32);
         }
+        true
     }
 
     /// The points of one tag for the [`POINTS`] steps ending with step `last`, oldest first,

@@ -7,7 +7,9 @@
 //! The API takes a copy under the same lock and does its formatting off it.
 //!
 //! The same lock keeps the last minutes of each numeric tag ([`History`]) for the page's
-//! sparklines.
+//! sparklines. A tag's slot remembers the last step it gave the history, so the history is
+//! touched once per tag and step (the first good value read in the step), not per sample: the
+//! per-sample cost stays one compare on the cache line the sample is written to anyway.
 //!
 //! Invariant: `rows[device][tag]` is the last sample the writer took for that tag, or `None`
 //! when none came yet; rows grow to the largest id seen and shrink only when a reload stopped
@@ -17,12 +19,19 @@ use std::sync::{Mutex, MutexGuard};
 
 use protocols::model::{Batch, DeviceId, Sample};
 
-use super::history::{History, POINTS};
+use super::history::{step_of, History, POINTS};
 
 #[derive(Debug, Default)]
 struct Inner {
-    rows: Vec<Vec<Option<Sample>>>,
+    rows: Vec<Vec<Slot>>,
     history: History,
+}
+
+/// A tag's latest sample and the last step it gave the history (0: none yet).
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    sample: Option<Sample>,
+    step: u32,
 }
 
 /// The latest sample of every tag, by device and tag id.
@@ -49,16 +58,25 @@ impl Latest {
         for sample in &batch.samples {
             let tag = sample.tag.0 as usize;
             if row.len() <= tag {
-                row.resize(tag + 1, None);
+                row.resize(tag + 1, Slot::default());
             }
-            row[tag] = Some(sample.clone());
-            history.record(device, sample);
+            let slot = &mut row[tag];
+            let step = step_of(sample.gateway_time);
+            if slot.step != step && history.record(device, sample) {
+                slot.step = step;
+            }
+            slot.sample = Some(sample.clone());
         }
     }
 
     /// A copy of every device's row.
     pub fn snapshot(&self) -> Vec<Vec<Option<Sample>>> {
-        self.inner().rows.clone()
+        let inner = self.inner();
+        inner
+            .rows
+            .iter()
+            .map(|row| row.iter().map(|slot| slot.sample.clone()).collect())
+            .collect()
     }
 
     /// The history of each tag of `tags` (device id, tag id) for the steps ending with `last`
@@ -78,7 +96,7 @@ impl Latest {
         let mut inner = self.inner();
         for device in 0..inner.rows.len() {
             if !ids.iter().any(|id| id.0 as usize == device) {
-                inner.rows[device] = Vec::new();
+                inner.rows[device].clear();
                 inner.history.forget_device(device);
             }
         }
@@ -139,9 +157,26 @@ mod tests {
         let rows = latest.snapshot();
         assert!(rows[1].is_empty());
         assert!(rows[2][0].is_some());
-        let last = super::super::history::step_of(now);
+        let last = step_of(now);
         let h = latest.history([(1, 0), (2, 0)].into_iter(), last);
         assert!(h[0].is_none());
         assert_eq!(h[1].unwrap()[POINTS - 1], Some(5.0));
+    }
+
+    #[test]
+    fn each_step_of_the_history_keeps_the_first_good_value_read_in_it() {
+        let latest = Latest::default();
+        let t = |ms: i64| Timestamp(1_000_000 * super::super::history::STEP_MS as i64 + ms);
+        for (value, at) in [(None, 0), (Some(2), 10), (Some(3), 20)] {
+            let sample = match value {
+                None => Sample::bad(TagId(0), Reason::Timeout, t(at)),
+                Some(v) => Sample::good(TagId(0), Value::Int(v), t(at)),
+            };
+            latest.record(&batch(0, vec![sample]));
+        }
+        let h = latest.history([(0, 0)].into_iter(), step_of(t(0)));
+        assert_eq!(h[0].unwrap()[POINTS - 1], Some(2.0), "the bad sample gave no point");
+        let rows = latest.snapshot();
+        assert_eq!(rows[0][0].as_ref().unwrap().value, Some(Value::Int(3)));
     }
 }

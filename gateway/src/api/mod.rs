@@ -18,6 +18,7 @@ pub mod health;
 mod history;
 mod latest;
 mod prom;
+mod views;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -34,7 +35,7 @@ use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, WWW
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use protocols::model::{Catalog, DeviceId, Quality, Timestamp, Value};
+use protocols::model::{Catalog, DeviceId, Timestamp};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -217,7 +218,7 @@ impl ApiState {
         )
     }
 
-    fn tags_json(&self) -> serde_json::Value {
+    fn tags_json(&self) -> Vec<u8> {
         let rows = self.latest.snapshot();
         let now = Timestamp::now().unix_ms();
         let view = current(&self.view);
@@ -230,33 +231,15 @@ impl ApiState {
             let row = rows.get(id.0 as usize);
             for (i, name) in entry.tags.iter().enumerate() {
                 let sample = row.and_then(|r| r.get(i)).and_then(Option::as_ref);
-                let tag = match sample {
-                    None => json!({
-                        "device": &*entry.name, "tag": &**name, "value": null,
-                        "quality": null, "reason": null, "timestamp": null, "age_s": null,
-                    }),
-                    Some(s) => {
-                        let at = s.source_time.unwrap_or(s.gateway_time).unix_ms();
-                        json!({
-                            "device": &*entry.name,
-                            "tag": &**name,
-                            "value": s.value.as_ref().map(value_json),
-                            "quality": s.quality.name(),
-                            "reason": reason(s.quality),
-                            "timestamp": at,
-                            "age_s": now.saturating_sub(s.gateway_time.unix_ms()) as f64 / 1e3,
-                        })
-                    }
-                };
-                tags.push(tag);
+                tags.push(views::TagView::new(&entry.name, name, sample, now));
             }
         }
-        json!({ "tags": tags })
+        to_body(&views::TagsView { tags })
     }
 
     /// The last minutes of every numeric tag that has a history, for the sparklines: one point
     /// per step (`null` for a step without a value), oldest first, the last for the step now.
-    fn history_json(&self) -> serde_json::Value {
+    fn history_json(&self) -> Vec<u8> {
         let now = Timestamp::now();
         let view = current(&self.view);
         let tags: Vec<(usize, usize, &str, &str)> = view
@@ -274,17 +257,21 @@ impl ApiState {
         let points = self
             .latest
             .history(tags.iter().map(|t| (t.0, t.1)), history::step_of(now));
-        let tags: Vec<serde_json::Value> = tags
+        let tags = tags
             .iter()
-            .zip(points)
+            .zip(&points)
             .filter_map(|(t, p)| {
-                p.map(|p| json!({ "device": t.2, "tag": t.3, "points": p.as_slice() }))
+                p.as_ref().map(|p| views::HistoryView {
+                    device: t.2,
+                    tag: t.3,
+                    points: p.as_slice(),
+                })
             })
             .collect();
-        json!({
-            "step_s": history::STEP_MS / 1000,
-            "points": history::POINTS,
-            "tags": tags,
+        to_body(&views::HistoriesView {
+            step_s: history::STEP_MS / 1000,
+            points: history::POINTS,
+            tags,
         })
     }
 
@@ -341,21 +328,6 @@ impl ApiState {
             "records": get(&m.records),
             "devices": devices,
         })
-    }
-}
-
-fn reason(quality: Quality) -> Option<String> {
-    quality.reason().map(|r| r.to_string())
-}
-
-fn value_json(value: &Value) -> serde_json::Value {
-    match value {
-        Value::Bool(b) => json!(b),
-        Value::Int(i) => json!(i),
-        Value::UInt(u) => json!(u),
-        Value::Float(f) => json!(f),
-        Value::Text(t) => json!(&**t),
-        Value::Array(items) => items.iter().map(value_json).collect(),
     }
 }
 
@@ -552,6 +524,11 @@ fn json_answer(status: StatusCode, body: &serde_json::Value) -> Answer {
     answer(status, "application/json", body.to_string())
 }
 
+/// A view serialized into a body; a view of plain data cannot fail to serialize.
+fn to_body(view: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(view).unwrap_or_else(|_| b"{\"error\":\"cannot serialize\"}".to_vec())
+}
+
 /// Compares without stopping at the first difference, so the time taken says nothing about
 /// how much of the password was right.
 fn same(given: &[u8], expected: &[u8]) -> bool {
@@ -620,9 +597,13 @@ impl Server {
                 };
                 json_answer(status, &json!({ "ready": ready }))
             }
-            (&Method::GET, "/api/tags") => json_answer(StatusCode::OK, &state.tags_json()),
+            (&Method::GET, "/api/tags") => {
+                answer(StatusCode::OK, "application/json", state.tags_json())
+            }
             (&Method::GET, "/api/devices") => json_answer(StatusCode::OK, &state.devices_json()),
-            (&Method::GET, "/api/history") => json_answer(StatusCode::OK, &state.history_json()),
+            (&Method::GET, "/api/history") => {
+                answer(StatusCode::OK, "application/json", state.history_json())
+            }
             (&Method::POST, "/api/reload") => match state.reload.get() {
                 None => json_answer(
                     StatusCode::NOT_IMPLEMENTED,
@@ -664,13 +645,5 @@ mod tests {
         assert!(!same(b"Basic ab", b"Basic abc"));
         assert!(!same(b"Basic abcd", b"Basic abc"));
         assert!(!same(b"", b"Basic abc"));
-    }
-
-    #[test]
-    fn values_become_json_of_their_type() {
-        assert_eq!(value_json(&Value::Int(-3)), json!(-3));
-        assert_eq!(value_json(&Value::Text("on".into())), json!("on"));
-        let array = Value::Array(vec![Value::Bool(true), Value::Float(1.5)].into());
-        assert_eq!(value_json(&array), json!([true, 1.5]));
     }
 }

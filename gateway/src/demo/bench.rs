@@ -64,6 +64,15 @@ pub struct BenchOptions {
     /// terminator before the broker), to measure what TLS costs.
     #[arg(long)]
     pub tls: bool,
+    /// The gateway serves its HTTP API (`[api]` on loopback), and the bench reads it as an open
+    /// status page and a Prometheus server do: devices and tags every 2 s, the history every
+    /// 10 s, the metrics every 15 s; to measure what the API costs.
+    #[arg(long)]
+    pub api: bool,
+    /// With --api: serve the API but never read it, to measure what feeding it costs the
+    /// pipeline alone.
+    #[arg(long, requires = "api")]
+    pub api_idle: bool,
     /// Profiling hook: do not start the gateway child; print the config path and keep the
     /// simulator, broker and subscriber running for warm-up + --seconds, so the child can be
     /// started by hand (under a profiler) with `bench-child --config PATH`.
@@ -530,7 +539,27 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
                 1,
             ),
     };
+    let (config, what, api_port) = if opts.api {
+        // A port free now, for the child to bind: the bench must know where to read.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(setup)?
+            .port();
+        let config = format!("{config}\n[api]\nlisten = \"127.0.0.1:{port}\"\n");
+        let how = if opts.api_idle {
+            "API served, not read"
+        } else {
+            "API read as by a page"
+        };
+        (config, format!("{what}, {how}"), Some(port))
+    } else {
+        (config, what, None)
+    };
     std::fs::write(&cfg_path, config).map_err(setup)?;
+    let api_reads = Arc::new(AtomicU64::new(0));
+    if let Some(port) = api_port.filter(|_| !opts.api_idle) {
+        tokio::spawn(read_api(port, api_reads.clone(), cancel.clone()));
+    }
     let got = Arc::new(Received::default());
     spawn_counter(broker.port(), got.clone(), cancel.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -627,6 +656,9 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
         ),
         _ => println!("gateway disk writes: not available (/proc/PID/io unreadable)"),
     }
+    if api_port.is_some() {
+        println!("API reads answered: {}", api_reads.load(Ordering::Relaxed));
+    }
     match status {
         Ok(Ok(s)) => println!("gateway exit after SIGTERM: {s}"),
         _ => println!("gateway did not exit within 15 s of SIGTERM"),
@@ -711,6 +743,50 @@ async fn outage(opts: &BenchOptions, pid: u32, cutter: &Cutter, got: &Received, 
         s1.peak_rss_kib as f64 / 1024.0,
         s1.cpu_s - s0.cpu_s
     );
+}
+
+/// Reads the gateway's API on `port` as a status page and a Prometheus server would, counting
+/// the answers with status 200, until cancelled.
+async fn read_api(port: u16, answered: Arc<AtomicU64>, cancel: CancellationToken) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    for round in 0u64.. {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut paths = vec!["/api/devices", "/api/tags"];
+        if round % 5 == 0 {
+            paths.push("/api/history");
+        }
+        if round % 8 == 0 {
+            paths.push("/metrics");
+        }
+        for path in paths {
+            let Ok(Ok(mut stream)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect(("127.0.0.1", port)),
+            )
+            .await
+            else {
+                continue;
+            };
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+            let mut body = Vec::new();
+            let read = async {
+                stream.write_all(request.as_bytes()).await?;
+                stream.read_to_end(&mut body).await
+            };
+            if matches!(
+                tokio::time::timeout(Duration::from_secs(5), read).await,
+                Ok(Ok(_))
+            ) && body.starts_with(b"HTTP/1.1 200")
+            {
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// The `--hold` profiling hook: serves the simulator and broker for an externally started
