@@ -199,7 +199,9 @@ async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
     // A reload of [mqtt] leaves the new publisher waiting for the old one to drain (at most
     // shutdown_grace): that is no stall.
     let mut progress = service::Progress::new(
-        notifier.watchdog().unwrap_or(Duration::from_secs(30))
+        notifier
+            .watchdog()
+            .unwrap_or(std::time::Duration::from_secs(30))
             + running.config().mqtt.shutdown_grace,
     );
     let mut look = tokio::time::interval(notifier.look_interval());
