@@ -267,9 +267,11 @@ mod tests {
 
     /// Feeds the looks one `LOOK` apart and returns the last verdict.
     fn looks(progress: &mut Progress, snapshots: &[Snapshot]) -> Result<(), Stall> {
-        snapshots
-            .iter()
-            .fold(Ok(()), |_, s| progress.observe(*s, LOOK))
+        let mut verdict = Ok(());
+        for s in snapshots {
+            verdict = progress.observe(*s, LOOK);
+        }
+        verdict
     }
 
     #[test]

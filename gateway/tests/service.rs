@@ -1,6 +1,9 @@
-//! `edge-gateway run` as systemd runs it with `Type=notify`: a unix datagram socket stands in
-//! for systemd's notify socket (`NOTIFY_SOCKET`), and the test reads what the gateway tells it
-//! while it polls a simulated Modbus device and publishes to the embedded broker.
+//! `edge-gateway run` as systemd runs it: with `Type=notify` (a unix datagram socket stands in
+//! for systemd's notify socket, `NOTIFY_SOCKET`, and the tests read what the gateway tells it),
+//! and under the unit's system call filter without capabilities, where no systemd runs.
+
+// Test code, helpers included: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
