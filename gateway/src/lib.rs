@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod pipeline;
 pub mod publish;
 pub mod secret;
+pub mod service;

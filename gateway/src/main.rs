@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use edge_gateway::{config, pipeline};
+use edge_gateway::{config, pipeline, service};
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -192,6 +193,21 @@ async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("starting the gateway from {}", path.display()))?;
     let stop = shutdown_signal();
+    // Under systemd (Type=notify): READY now that the pipeline runs, then STATUS= and, while
+    // the pipeline moves, WATCHDOG=1 at each look. Nothing at all without NOTIFY_SOCKET.
+    let mut notifier = service::Notifier::from_env();
+    // A reload of [mqtt] leaves the new publisher waiting for the old one to drain (at most
+    // shutdown_grace): that is no stall.
+    let mut progress = service::Progress::new(
+        notifier
+            .watchdog()
+            .unwrap_or(std::time::Duration::from_secs(30))
+            + running.config().mqtt.shutdown_grace,
+    );
+    let mut look = tokio::time::interval(notifier.look_interval());
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_look = tokio::time::Instant::now();
+    notifier.ready(&running.status());
     // SIGHUP reloads the file (`systemctl reload`); a file that fails check is refused and the
     // running config stays (reload_file logs and counts it).
     #[cfg(unix)]
@@ -213,6 +229,7 @@ async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| Err("the gateway is shutting down".to_owned()))
         })
     }));
+    let mut stalled = false;
     loop {
         #[cfg(unix)]
         let reload = hangup.recv();
@@ -220,11 +237,32 @@ async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
         let reload = std::future::pending::<Option<()>>();
         tokio::select! {
             _ = stop.cancelled() => break,
+            _ = look.tick(), if notifier.enabled() => {
+                let now = tokio::time::Instant::now();
+                let verdict = progress.observe(running.progress(), now - last_look);
+                last_look = now;
+                if let Err(stall) = verdict {
+                    if !stalled {
+                        warn!(%stall, "the pipeline makes no progress: the watchdog is not pinged (systemd restarts the gateway unless it moves again)");
+                    }
+                } else if stalled {
+                    info!("the pipeline moves again");
+                }
+                stalled = verdict.is_err();
+                notifier.look(&running.status(), verdict);
+            }
             _ = reload => {
+                notifier.reloading();
                 let _ = running.reload_file(&path).await;
+                progress.forget();
+                notifier.ready(&running.status());
             }
             Some(reply) = reload_rx.recv() => {
-                let outcome = match running.reload_file(&path).await {
+                notifier.reloading();
+                let reloaded = running.reload_file(&path).await;
+                progress.forget();
+                notifier.ready(&running.status());
+                let outcome = match reloaded {
                     Ok(plan) => Ok(format!(
                         "reloaded: {} unchanged, {} changed, {} added, {} removed, mqtt {}",
                         plan.unchanged.len(),
@@ -239,6 +277,7 @@ async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
             }
         }
     }
+    notifier.stopping();
     running.shutdown().await;
     Ok(())
 }

@@ -64,6 +64,12 @@ pub struct Metrics {
     /// When the TLS client certificate expires, in seconds since the Unix epoch, as of the
     /// last connection attempt (0: no client certificate).
     pub tls_client_cert_not_after: AtomicU64,
+    /// Records the publisher has taken from the writer's channel (live, also while
+    /// disconnected): the watchdog's evidence that the publisher moves (`service.rs`).
+    pub live_taken: AtomicU64,
+    /// The writer holds its records: no sequence number can be handed out (the clock or the
+    /// state file). A hold by design, not a stall.
+    pub writer_holding: AtomicBool,
     /// Reloads applied (SIGHUP or the API).
     pub reloads: AtomicU64,
     /// Reloads refused (a config that fails `check`, an unreadable password): the running

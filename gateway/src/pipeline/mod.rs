@@ -239,6 +239,9 @@ pub struct Running {
     drivers_cancel: CancellationToken,
     /// Kept for drivers started by a reload; dropped at shutdown so the writer can end.
     batch_tx: mpsc::Sender<Batch>,
+    /// The writer-to-publisher channel, only to see how many records wait in it (weak: the
+    /// publisher still ends when the writer drops its sender).
+    live: mpsc::WeakSender<Arc<crate::buffer::Record>>,
     updates: mpsc::Sender<WriterUpdate>,
     shared: Arc<Shared>,
     writer: JoinHandle<()>,
@@ -304,6 +307,34 @@ impl Running {
         let _ = self.committer.await;
         drop(self.lock);
         info!("shutdown complete");
+    }
+
+    /// What the stages have done so far, for the watchdog's progress check (`service.rs`).
+    pub fn progress(&self) -> crate::service::Snapshot {
+        let m = &self.metrics;
+        let waiting = |max: usize, free: usize| max.saturating_sub(free);
+        crate::service::Snapshot {
+            batches_waiting: waiting(self.batch_tx.max_capacity(), self.batch_tx.capacity()),
+            written: Metrics::get(&m.records) + Metrics::get(&m.oversized),
+            writer_holding: m.writer_holding.load(Ordering::Relaxed),
+            live_waiting: self
+                .live
+                .upgrade()
+                .map_or(0, |tx| waiting(tx.max_capacity(), tx.capacity())),
+            live_taken: Metrics::get(&m.live_taken),
+        }
+    }
+
+    /// What the service manager shows (`STATUS=`): devices connected, the broker, the buffer.
+    pub fn status(&self) -> crate::service::Status {
+        let handles = self.drivers.iter().flat_map(|d| &d.handles);
+        crate::service::Status {
+            devices_connected: handles.clone().filter(|h| h.status.is_connected()).count(),
+            devices: handles.count(),
+            mqtt_connected: self.metrics.mqtt_connected.load(Ordering::Relaxed),
+            buffered_on_disk: Metrics::get(&self.metrics.buffer_records),
+            in_memory: self.shared.ledger().pending_len(),
+        }
     }
 
     /// The address the HTTP API listens on, when `[api]` is configured.
@@ -401,6 +432,7 @@ impl Running {
         // The writer learns the new ids (and topics) before any new driver can send a batch.
         let (live, live_rx) = if plan.mqtt_changed {
             let (tx, rx) = mpsc::channel(usize::from(config.mqtt.max_inflight) * 2);
+            self.live = tx.downgrade();
             (Some(tx), Some(rx))
         } else {
             (None, None)
@@ -677,6 +709,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .collect();
 
     let encoder = encoder_for(&config, boot, &catalog);
+    let live = live_tx.downgrade();
     let writer = tokio::spawn(run_writer(
         batch_rx,
         updates_rx,
@@ -728,6 +761,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         drivers,
         drivers_cancel,
         batch_tx,
+        live,
         updates,
         shared,
         writer,

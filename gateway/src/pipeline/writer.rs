@@ -114,6 +114,10 @@ pub async fn run_writer(
                     Err(e) => {
                         // An unreserved number could repeat after a crash: wait instead.
                         if !holding {
+                            shared
+                                .metrics
+                                .writer_holding
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
                             error!(error = %e, "cannot hand out sequence numbers; holding the pipeline");
                             holding = true;
                         }
@@ -122,6 +126,10 @@ pub async fn run_writer(
                 }
             };
             if std::mem::take(&mut holding) {
+                shared
+                    .metrics
+                    .writer_holding
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 info!("sequence numbers are handed out again");
             }
             // A volatile boot (the state file cannot be written) has a boot number of its own.

@@ -397,6 +397,7 @@ impl Publisher {
     /// the queue is full its oldest record is dropped from memory: it is still in the ledger, is
     /// committed, and comes back through the replay.
     fn queue_live(&mut self, r: Arc<Record>) {
+        Metrics::add(&self.shared.metrics.live_taken, 1);
         self.live_bytes += r.payload.len();
         self.live.push_back((r, Instant::now()));
         while self.live.len() > self.live_cap
