@@ -2,6 +2,7 @@
 //! devices, one Modbus `read`, and `browse` of an OPC UA server.
 
 pub mod browse;
+pub mod audit;
 pub mod check;
 pub mod dry_run;
 pub mod read;

@@ -5,8 +5,8 @@
 //! lost connection the whole window is forgotten: with a clean session rumqttc drops its own
 //! queue, and everything unacknowledged is sent again from the ledger or the disk.
 //!
-//! The gateway's own status messages go through the same client, so they take their place in
-//! the submission order too ([`Window::submit_status`]); they stand for no record, never count
+//! The gateway's own status and meta messages go through the same client, so they take their
+//! place in the submission order too ([`Window::submit_status`]); they stand for no record, never count
 //! against the window's room, and their acknowledgement credits nothing.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -76,6 +76,11 @@ impl Window {
     /// A status message was handed to the MQTT client.
     pub fn submit_status(&mut self, now: Instant) {
         self.submitted.push_back((None, now));
+    }
+
+    /// The gateway's own messages (status, meta) handed to the client and not yet written.
+    pub fn own_unwritten(&self) -> usize {
+        self.submitted.iter().filter(|(seq, _)| seq.is_none()).count()
     }
 
     /// The client wrote a publish with `pkid`: it is the oldest submitted one. Returns the

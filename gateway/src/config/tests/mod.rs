@@ -240,6 +240,7 @@ fn full_contract_example_parses_to_the_expected_runtime_values() {
                     name: None,
                     unit_id: 1,
                     tags: vec![TagSpec {
+                        meta: Default::default(),
                         name: "sine".into(),
                         address: Address {
                             area: Area::HoldingRegister,
