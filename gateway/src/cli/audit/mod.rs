@@ -36,6 +36,10 @@ pub struct AuditArgs {
     /// Stop after this many seconds (default: at Ctrl-C or SIGTERM).
     #[arg(long)]
     pub seconds: Option<u64>,
+    /// Stop once no record has arrived for this many seconds (after the first record): the end
+    /// of a test run, a gateway stopped.
+    #[arg(long)]
+    pub idle: Option<u64>,
     /// User name, as `[mqtt] username` (with `--url`).
     #[arg(long, requires = "url")]
     pub username: Option<String>,
@@ -189,10 +193,14 @@ pub async fn run(args: &AuditArgs, stop: CancellationToken) -> Result<AuditOutco
         .seconds
         .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
     let mut lost_logged = false;
+    let idle = args.idle.map(Duration::from_secs);
+    let mut quiet_from: Option<tokio::time::Instant> = None;
     loop {
+        let idle_until = idle.zip(quiet_from).map(|(i, from)| from + i);
         let next = tokio::select! {
             _ = stop.cancelled() => break,
             _ = sleep_until(deadline) => break,
+            _ = sleep_until(idle_until) => break,
             n = sub.next() => n,
         };
         match next {
@@ -214,6 +222,7 @@ pub async fn run(args: &AuditArgs, stop: CancellationToken) -> Result<AuditOutco
                         .duration_since(UNIX_EPOCH)
                         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
                     tally.record(&seen, arrival);
+                    quiet_from = Some(tokio::time::Instant::now());
                 }
                 Decoded::Other => tally.other += 1,
                 Decoded::Garbled => tally.garbled += 1,
@@ -338,6 +347,7 @@ mod tests {
             config: None,
             topic: vec!["x/#".into()],
             seconds: None,
+            idle: None,
             username: Some("cloud".into()),
             password_file: None,
             ca_file: None,
