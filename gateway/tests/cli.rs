@@ -908,7 +908,13 @@ fn schema_payload_prints_the_payload_schema_kept_in_docs() {
 #[test]
 fn audit_refuses_a_url_that_is_no_broker_url_with_exit_2() {
     let out = gateway()
-        .args(["audit", "--url", "http://127.0.0.1:1883", "--topic", "edge/#"])
+        .args([
+            "audit",
+            "--url",
+            "http://127.0.0.1:1883",
+            "--topic",
+            "edge/#",
+        ])
         .output()
         .expect("run edge-gateway audit");
     assert_eq!(out.status.code(), Some(2));

@@ -360,6 +360,9 @@ mod tests {
         assert_eq!(&*info.source, "hr:4");
         assert!(c.tag_info(d, TagId(0)).unwrap().meta.is_empty());
         let named = c.add_device("bare".into(), vec!["x".into()]);
-        assert!(c.tag_info(named, TagId(0)).is_none(), "names only: nothing described");
+        assert!(
+            c.tag_info(named, TagId(0)).is_none(),
+            "names only: nothing described"
+        );
     }
 }

@@ -416,8 +416,8 @@ impl Collector {
                         let _ = subscribed_tx.send(true);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/meta") => {
-                        let doc = serde_json::from_slice(&p.payload)
-                            .unwrap_or(serde_json::Value::Null);
+                        let doc =
+                            serde_json::from_slice(&p.payload).unwrap_or(serde_json::Value::Null);
                         mt.lock().unwrap().push(Received {
                             topic: p.topic.clone(),
                             doc,

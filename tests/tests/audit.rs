@@ -41,9 +41,11 @@ async fn audit_of_a_running_gateway_through_an_outage_finds_no_hole_and_counts_t
 
     rig.proxy.cut();
     let at_cut = Metrics::get(&gw.metrics.records);
-    eventually(Duration::from_secs(10), "records buffered during the outage", || {
-        Metrics::get(&gw.metrics.records) > at_cut + 20 && gw.buffer.len() > 10
-    })
+    eventually(
+        Duration::from_secs(10),
+        "records buffered during the outage",
+        || Metrics::get(&gw.metrics.records) > at_cut + 20 && gw.buffer.len() > 10,
+    )
     .await;
     rig.proxy.restore();
     let created = drained(&gw, Duration::from_secs(20)).await;
@@ -59,12 +61,22 @@ async fn audit_of_a_running_gateway_through_an_outage_finds_no_hole_and_counts_t
     let streams = report["streams"].as_array().unwrap();
     assert_eq!(streams.len(), 1, "{}", found.text);
     let s = &streams[0];
-    assert_eq!((s["gateway"].as_str(), s["boot"].as_u64()), (Some("gw-audit"), Some(1)));
+    assert_eq!(
+        (s["gateway"].as_str(), s["boot"].as_u64()),
+        (Some("gw-audit"), Some(1))
+    );
     assert_eq!(s["missing"], 0);
     assert!(s["records"].as_u64().unwrap() >= 30, "{}", found.text);
-    assert!(s["historical_share"].as_f64().unwrap() > 0.0, "{}", found.text);
+    assert!(
+        s["historical_share"].as_f64().unwrap() > 0.0,
+        "{}",
+        found.text
+    );
     assert!(s["latency_ms"]["samples"].as_u64().unwrap() > 0);
-    assert!(report["other_messages"].as_u64().unwrap() >= 1, "status and meta");
+    assert!(
+        report["other_messages"].as_u64().unwrap() >= 1,
+        "status and meta"
+    );
     assert_eq!(report["garbled_messages"], 0);
 }
 
@@ -112,18 +124,37 @@ async fn audit_reports_a_deliberately_removed_seq_as_a_hole_and_fails() {
     for seq in 100..103 {
         crafted.push((format!("crafted/edge-x/b8r{seq}"), record(8, seq, false)));
     }
-    crafted.push(("crafted/edge-x/status".to_owned(), r#"{"gateway":"edge-x","boot":8,"state":"online","ts":1}"#.to_owned()));
+    crafted.push((
+        "crafted/edge-x/status".to_owned(),
+        r#"{"gateway":"edge-x","boot":8,"state":"online","ts":1}"#.to_owned(),
+    ));
     publish_retained(broker.port(), crafted).await;
 
     let mut a = args(broker.port(), "crafted/#");
     a.json = false;
     let found = audit::run(&a, CancellationToken::new()).await.unwrap();
     assert!(found.holes, "{}", found.text);
-    assert!(found.text.contains("gateway edge-x boot 7:"), "{}", found.text);
+    assert!(
+        found.text.contains("gateway edge-x boot 7:"),
+        "{}",
+        found.text
+    );
     assert!(found.text.contains("  holes: 4\n"), "{}", found.text);
-    assert!(found.text.contains("missing 1, duplicates 1"), "{}", found.text);
-    assert!(found.text.contains("gateway edge-x boot 8:"), "{}", found.text);
-    assert!(found.text.contains("missing 0, duplicates 0"), "{}", found.text);
+    assert!(
+        found.text.contains("missing 1, duplicates 1"),
+        "{}",
+        found.text
+    );
+    assert!(
+        found.text.contains("gateway edge-x boot 8:"),
+        "{}",
+        found.text
+    );
+    assert!(
+        found.text.contains("missing 0, duplicates 0"),
+        "{}",
+        found.text
+    );
     assert!(found.text.contains("LOSS"), "{}", found.text);
 
     // The same records with seq 4 in place: no hole.

@@ -106,10 +106,15 @@ async fn after_a_reload_that_changes_a_tag_the_meta_is_updated_and_a_removed_dev
 
     // A consumer that comes now learns the new catalog, and nothing of the removed device.
     let late = Collector::start(rig.broker.port(), &rig.filter()).await;
-    late.wait_for_meta(WAIT, "the retained meta", |m| meta_of(m, "press1").is_some())
-        .await;
+    late.wait_for_meta(WAIT, "the retained meta", |m| {
+        meta_of(m, "press1").is_some()
+    })
+    .await;
     let metas = late.metas();
-    assert_eq!(meta_of(&metas, "press1").unwrap().doc["tags"][0]["unit"], "cycles");
+    assert_eq!(
+        meta_of(&metas, "press1").unwrap().doc["tags"][0]["unit"],
+        "cycles"
+    );
     assert!(
         meta_of(&metas, "press2").is_none(),
         "the broker keeps no meta of a removed device"

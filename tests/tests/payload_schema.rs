@@ -20,9 +20,22 @@ fn assert_valid(def: &str, messages: &[Received]) {
     let specific = validator(def);
     let any = jsonschema::validator_for(&payload_schema()).unwrap();
     for m in messages {
-        let errors: Vec<String> = specific.iter_errors(&m.doc).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "{} on {}: {errors:?}\n{}", def, m.topic, m.doc);
-        assert!(any.is_valid(&m.doc), "the whole document accepts it: {}", m.doc);
+        let errors: Vec<String> = specific
+            .iter_errors(&m.doc)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{} on {}: {errors:?}\n{}",
+            def,
+            m.topic,
+            m.doc
+        );
+        assert!(
+            any.is_valid(&m.doc),
+            "the whole document accepts it: {}",
+            m.doc
+        );
     }
 }
 
@@ -39,7 +52,8 @@ async fn records_meta_and_status_of_a_running_gateway_match_the_published_schema
         msgs.iter().any(|r| r.doc["samples"][0]["quality"] == "bad")
     })
     .await;
-    sub.wait_for_meta(WAIT, "both metas", |m| m.len() >= 2).await;
+    sub.wait_for_meta(WAIT, "both metas", |m| m.len() >= 2)
+        .await;
     let _ = &mut gw;
     gw.shutdown().await;
     sub.wait_for_status(WAIT, "offline", |s| {

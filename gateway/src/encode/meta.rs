@@ -155,7 +155,11 @@ mod tests {
         let (c, ids) = catalog();
         let m = messages("edge-01", &c, &ids);
         let v: serde_json::Value = serde_json::from_slice(&m[0].payload).unwrap();
-        assert!(v["tags"].as_array().unwrap().iter().all(|t| t["tag"] != "old"));
+        assert!(v["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["tag"] != "old"));
         assert!(messages("edge-01", &c, &[DeviceId(9)]).is_empty());
     }
 

@@ -141,12 +141,14 @@ mod tests {
     #[test]
     fn a_bad_sample_must_say_why_and_a_good_one_must_not() {
         let good = json!({"tag": "t", "value": 1.5, "quality": "good", "ts": 1});
-        let bad = json!({"tag": "t", "value": null, "quality": "bad", "reason": "timeout", "ts": 1});
+        let bad =
+            json!({"tag": "t", "value": null, "quality": "bad", "reason": "timeout", "ts": 1});
         assert!(valid("sample", &good));
         assert!(valid("sample", &bad));
         let bad_without_reason = json!({"tag": "t", "value": null, "quality": "bad", "ts": 1});
         assert!(!valid("sample", &bad_without_reason));
-        let good_with_reason = json!({"tag": "t", "value": 1, "quality": "good", "reason": "x", "ts": 1});
+        let good_with_reason =
+            json!({"tag": "t", "value": 1, "quality": "good", "reason": "x", "ts": 1});
         assert!(!valid("sample", &good_with_reason));
     }
 

@@ -611,7 +611,11 @@ fn meta_for(config: &Config, catalog: &Catalog, drivers: &[DriverTask]) -> Arc<V
         return Arc::default();
     }
     let ids: Vec<DeviceId> = drivers.iter().flat_map(|d| d.ids.iter().copied()).collect();
-    Arc::new(crate::encode::meta::messages(&config.gateway.id, catalog, &ids))
+    Arc::new(crate::encode::meta::messages(
+        &config.gateway.id,
+        catalog,
+        &ids,
+    ))
 }
 
 /// Reads the password once, so that one that cannot be read stops the start (or a reload).
@@ -718,7 +722,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .flat_map(|d| d.handles.iter().cloned())
         .collect();
 
-    shared.meta.send_replace(meta_for(&config, &catalog, &drivers));
+    shared
+        .meta
+        .send_replace(meta_for(&config, &catalog, &drivers));
     let encoder = encoder_for(&config, boot, &catalog);
     let writer = tokio::spawn(run_writer(
         batch_rx,

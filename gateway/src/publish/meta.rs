@@ -53,7 +53,8 @@ impl MetaState {
         }
         // Clears stay remembered until they went out on a connection.
         for (device, payload) in &pending {
-            next.entry(device.clone()).or_insert_with(|| payload.clone());
+            next.entry(device.clone())
+                .or_insert_with(|| payload.clone());
         }
         self.sent = next;
         self.pending = pending;
@@ -127,7 +128,11 @@ mod tests {
         s.due(&[doc("a", "A1")], false);
         assert_eq!(drain(&mut s), pairs(&[("b", "")]));
         s.due(&[doc("a", "A1")], true);
-        assert_eq!(drain(&mut s), pairs(&[("a", "A1")]), "cleared once is enough");
+        assert_eq!(
+            drain(&mut s),
+            pairs(&[("a", "A1")]),
+            "cleared once is enough"
+        );
     }
 
     #[test]

@@ -606,7 +606,8 @@ impl Publisher {
             let Some((device, payload)) = self.meta.next() else {
                 break;
             };
-            let topic = crate::encode::meta::MetaMessage::topic(&self.settings.topic_prefix, &device);
+            let topic =
+                crate::encode::meta::MetaMessage::topic(&self.settings.topic_prefix, &device);
             if topic.len() + payload.len() + PACKET_OVERHEAD > limit {
                 if !self.meta_too_large_logged {
                     error!(device = %device, bytes = payload.len(), max_packet = limit, "the meta message of a device is larger than a packet may be; it is not published (raise max_packet_size)");

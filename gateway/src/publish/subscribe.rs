@@ -87,7 +87,9 @@ impl Subscription {
                             prepared = true;
                         }
                         Err(e) => {
-                            let _ = tx.send(Received::Session(SessionEvent::Lost(e.to_string()))).await;
+                            let _ = tx
+                                .send(Received::Session(SessionEvent::Lost(e.to_string())))
+                                .await;
                             tokio::select! {
                                 _ = stop.cancelled() => return,
                                 _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -124,7 +126,9 @@ impl Subscription {
                     Err(e) => {
                         // TLS files and passwords are read again for the next attempt.
                         prepared = false;
-                        let _ = tx.send(Received::Session(SessionEvent::Lost(e.to_string()))).await;
+                        let _ = tx
+                            .send(Received::Session(SessionEvent::Lost(e.to_string())))
+                            .await;
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -80,7 +80,10 @@ impl Window {
 
     /// The gateway's own messages (status, meta) handed to the client and not yet written.
     pub fn own_unwritten(&self) -> usize {
-        self.submitted.iter().filter(|(seq, _)| seq.is_none()).count()
+        self.submitted
+            .iter()
+            .filter(|(seq, _)| seq.is_none())
+            .count()
     }
 
     /// The client wrote a publish with `pkid`: it is the oldest submitted one. Returns the

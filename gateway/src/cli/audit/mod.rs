@@ -237,7 +237,10 @@ pub async fn run(args: &AuditArgs, stop: CancellationToken) -> Result<AuditOutco
             "garbled_messages": tally.garbled,
             "holes": tally.has_holes(),
         });
-        format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default())
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&doc).unwrap_or_default()
+        )
     } else {
         render(&tally, &reports)
     };
@@ -278,7 +281,13 @@ pub fn render(tally: &Tally, reports: &[StreamReport]) -> String {
             let holes: Vec<String> = r
                 .holes
                 .iter()
-                .map(|(a, b)| if a == b { format!("{a}") } else { format!("{a}..{b}") })
+                .map(|(a, b)| {
+                    if a == b {
+                        format!("{a}")
+                    } else {
+                        format!("{a}..{b}")
+                    }
+                })
                 .collect();
             let _ = writeln!(out, "  holes: {}", holes.join(", "));
         }
@@ -333,10 +342,14 @@ mod tests {
         );
         let status = br#"{"gateway":"g","boot":2,"state":"online","ts":1}"#;
         assert_eq!(d.decode("p/status", status), Decoded::Other);
-        assert_eq!(d.decode("p/d/meta", br#"{"gateway":"g","device":"d","tags":[]}"#), Decoded::Other);
+        assert_eq!(
+            d.decode("p/d/meta", br#"{"gateway":"g","device":"d","tags":[]}"#),
+            Decoded::Other
+        );
         assert_eq!(d.decode("p/d/meta", b""), Decoded::Other);
         assert_eq!(d.decode("p/d", b"not json"), Decoded::Garbled);
-        let without_seq = br#"{"gateway":"g","boot":2,"device":"d","historical":false,"samples":[]}"#;
+        let without_seq =
+            br#"{"gateway":"g","boot":2,"device":"d","historical":false,"samples":[]}"#;
         assert_eq!(d.decode("p/d", without_seq), Decoded::Garbled);
     }
 

@@ -316,7 +316,10 @@ mod tests {
         let mut other = seen(3, 9, false);
         other.gateway = "edge-02".into();
         t.record(&other, 1_010);
-        assert!(!t.has_holes(), "edge-02's seq 9 is no hole in edge-01's 0..5");
+        assert!(
+            !t.has_holes(),
+            "edge-02's seq 9 is no hole in edge-01's 0..5"
+        );
         assert_eq!(t.report().len(), 2);
     }
 
@@ -334,7 +337,10 @@ mod tests {
             t.record(&s, 10_000);
         }
         let p = t.report()[0].latency_ms.unwrap();
-        assert_eq!((p.p50, p.p90, p.p99, p.max, p.samples), (50, 90, 99, 100, 100));
+        assert_eq!(
+            (p.p50, p.p90, p.p99, p.max, p.samples),
+            (50, 90, 99, 100, 100)
+        );
     }
 
     #[test]
