@@ -190,4 +190,20 @@ mod tests {
         assert_eq!(w.room(), 2);
         assert_eq!(w.oldest(), None);
     }
+
+    #[test]
+    fn own_messages_count_as_unwritten_until_the_client_writes_them() {
+        let mut w = Window::new(2);
+        let t = Instant::now();
+        w.submit_status(t);
+        w.submit(1, t);
+        w.submit_status(t);
+        assert_eq!(w.own_unwritten(), 2);
+        w.on_outgoing(10);
+        assert_eq!(w.own_unwritten(), 1);
+        w.on_outgoing(11);
+        w.on_outgoing(12);
+        assert_eq!(w.own_unwritten(), 0);
+        assert_eq!(w.room(), 1, "own messages take no room");
+    }
 }
