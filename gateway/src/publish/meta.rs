@@ -61,7 +61,7 @@ impl MetaState {
     }
 
     /// The next message to send, if any.
-    pub fn next(&mut self) -> Option<(Arc<str>, Bytes)> {
+    pub fn take_next(&mut self) -> Option<(Arc<str>, Bytes)> {
         let out = self.pending.pop_front()?;
         if out.1.is_empty() {
             // Cleared once on the broker: forgotten.
@@ -88,7 +88,7 @@ mod tests {
     }
 
     fn drain(s: &mut MetaState) -> Vec<(String, String)> {
-        std::iter::from_fn(|| s.next())
+        std::iter::from_fn(|| s.take_next())
             .map(|(d, p)| (d.to_string(), String::from_utf8(p.to_vec()).unwrap()))
             .collect()
     }

@@ -603,7 +603,7 @@ impl Publisher {
             .map_or(usize::MAX, |m| m as usize)
             .min(self.settings.max_packet_size);
         while self.meta.has_pending() && self.window.own_unwritten() < meta::MAX_UNWRITTEN {
-            let Some((device, payload)) = self.meta.next() else {
+            let Some((device, payload)) = self.meta.take_next() else {
                 break;
             };
             let topic =
