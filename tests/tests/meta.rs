@@ -121,3 +121,15 @@ async fn after_a_reload_that_changes_a_tag_the_meta_is_updated_and_a_removed_dev
     );
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_status_off_no_meta_goes_out_either() {
+    // A broker that takes only the records' topic (Azure IoT Hub) is configured so.
+    let mut rig = GatewayRig::new("gw-meta", 1, SCAN, None).await;
+    rig.config.mqtt.status = false;
+    let (sub, gw) = rig.start_live().await;
+    // The meta would have gone out before the first record on the connection.
+    assert!(sub.metas().is_empty(), "{:?}", sub.metas());
+    assert!(sub.statuses().is_empty());
+    gw.shutdown().await;
+}

@@ -589,7 +589,13 @@ impl Publisher {
 
     /// The meta documents changed (a reload), or a CONNACK came (`reconnected`): what is due
     /// goes out from the loop, a few at a time ([`meta::MAX_UNWRITTEN`]).
+    /// Meta messages go out only with `status` on: they are the gateway's own retained
+    /// messages beside its status, and a broker that takes only the records' topic (Azure IoT
+    /// Hub closes the connection on any other) is configured with `status = false`.
     fn meta_changed(&mut self, reconnected: bool) {
+        if !self.settings.status {
+            return;
+        }
         let current = self.shared.meta.borrow().clone();
         self.meta.due(&current, reconnected);
     }
