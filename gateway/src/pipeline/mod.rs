@@ -805,4 +805,53 @@ mod tests {
         drop(first);
         assert!(lock_data_dir(dir.path()).unwrap().is_some());
     }
+
+    #[test]
+    fn the_catalog_knows_each_tags_type_source_interval_and_description_for_both_protocols() {
+        let src = r#"
+[gateway]
+id = "edge-01"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+
+[[devices]]
+name = "press7"
+protocol = "modbus_tcp"
+address = "127.0.0.1:5020"
+scan_interval = "2s"
+
+  [[devices.tags]]
+  name = "oil"
+  address = "hr:4"
+  type = "i16"
+  unit = "degC"
+  min = -20
+  max = 120
+
+[[devices]]
+name = "oven"
+protocol = "opcua"
+endpoint = "opc.tcp://127.0.0.1:4840"
+
+  [[devices.tags]]
+  name = "temp"
+  node_id = "ns=2;s=Oven.Temp"
+  sampling_interval = "500ms"
+  description = "Chamber"
+"#;
+        let config = crate::config::parse(src, "t.toml").unwrap();
+        let mut catalog = Catalog::default();
+        let press = add_to_catalog(&mut catalog, &config.devices[0])[0];
+        let oven = add_to_catalog(&mut catalog, &config.devices[1])[0];
+        let oil = catalog.tag_info(press, protocols::model::TagId(0)).unwrap();
+        assert_eq!((oil.data_type, &*oil.source), (Some("i16"), "hr:4"));
+        assert_eq!(oil.scan_interval, std::time::Duration::from_secs(2));
+        assert_eq!(oil.meta.unit.as_deref(), Some("degC"));
+        assert_eq!((oil.meta.min, oil.meta.max), (Some(-20.0), Some(120.0)));
+        let temp = catalog.tag_info(oven, protocols::model::TagId(0)).unwrap();
+        assert_eq!((temp.data_type, &*temp.source), (None, "ns=2;s=Oven.Temp"));
+        assert_eq!(temp.scan_interval, std::time::Duration::from_millis(500));
+        assert_eq!(temp.meta.description.as_deref(), Some("Chamber"));
+    }
 }
