@@ -1,6 +1,7 @@
 //! `edge-gateway audit` as a cloud consumer runs it: against a running gateway through an
 //! outage (no hole, the replay counted as historical and out of order), and against crafted
-//! records with a seq deliberately left out (a hole, so exit 1), duplicates and a new boot.
+//! records with a seq deliberately left out (a hole, so exit 1), duplicates and a new boot, and
+//! logging in to a broker that wants a password (mosquitto).
 
 use std::time::Duration;
 
@@ -82,7 +83,20 @@ async fn audit_of_a_running_gateway_through_an_outage_finds_no_hole_and_counts_t
 
 /// Publishes each `(topic, payload)` retained, so a subscriber that comes later still gets them.
 async fn publish_retained(port: u16, messages: Vec<(String, String)>) {
-    let (client, mut el) = AsyncClient::new(MqttOptions::new("crafter", "127.0.0.1", port), 64);
+    publish_retained_as(port, None, messages).await;
+}
+
+/// [`publish_retained`], logging in with `login` when given.
+async fn publish_retained_as(
+    port: u16,
+    login: Option<(&str, &str)>,
+    messages: Vec<(String, String)>,
+) {
+    let mut o = MqttOptions::new("crafter", "127.0.0.1", port);
+    if let Some((user, password)) = login {
+        o.set_credentials(user, password);
+    }
+    let (client, mut el) = AsyncClient::new(o, 64);
     let total = messages.len();
     tokio::spawn(async move {
         for (topic, payload) in messages {
@@ -166,4 +180,47 @@ async fn audit_reports_a_deliberately_removed_seq_as_a_hole_and_fails() {
     let found = audit::run(&a, CancellationToken::new()).await.unwrap();
     assert!(!found.holes, "{}", found.text);
     assert!(found.text.ends_with("no hole\n"), "{}", found.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_logs_in_with_the_credentials_it_is_given_as_a_consumer_would() {
+    let broker = gateway_tests::mosquitto::Mosquitto::builder()
+        .user("crafter", "crafter-password")
+        .user("cloud", "cloud-password")
+        .allow_write("crafter", "crafted/#")
+        .allow_read("cloud", "crafted/#")
+        .start()
+        .await;
+    let crafted = (0..5)
+        .map(|seq| (format!("crafted/edge-x/r{seq}"), record(7, seq, false)))
+        .collect();
+    publish_retained_as(
+        broker.port(),
+        Some(("crafter", "crafter-password")),
+        crafted,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "cloud-password").unwrap();
+
+    let mut a = args(broker.port(), "crafted/#");
+    a.username = Some("cloud".into());
+    a.password_file = Some(password.display().to_string());
+    let found = audit::run(&a, CancellationToken::new()).await.unwrap();
+    let report: serde_json::Value = serde_json::from_str(&found.text).unwrap();
+    assert_eq!(report["streams"][0]["records"], 5, "{}", found.text);
+    assert!(!found.holes);
+
+    // A wrong password gets nothing (the broker refuses the connection).
+    std::fs::write(&password, "wrong").unwrap();
+    a.seconds = Some(2);
+    let found = audit::run(&a, CancellationToken::new()).await.unwrap();
+    let report: serde_json::Value = serde_json::from_str(&found.text).unwrap();
+    assert_eq!(
+        report["streams"].as_array().map(Vec::len),
+        Some(0),
+        "{}",
+        found.text
+    );
 }
