@@ -63,8 +63,14 @@ enum Command {
     /// every tag was good, 1 when not, 2 when the config is not valid.
     Test(edge_gateway::cli::dry_run::TestArgs),
     /// Print a JSON Schema of the config file, for editors (Taplo / Even Better TOML): save it
-    /// beside the config and start the config with `#:schema ./gateway.schema.json`.
-    Schema,
+    /// beside the config and start the config with `#:schema ./gateway.schema.json`. With
+    /// `--payload`, the JSON Schema of what a consumer receives instead (records, meta and
+    /// status messages, under `$defs`).
+    Schema {
+        /// Print the schema of the MQTT payloads (JSON mode), not of the config file.
+        #[arg(long)]
+        payload: bool,
+    },
     #[cfg(feature = "demo")]
     /// Run simulated Modbus devices and an OPC UA server, an embedded MQTT broker on 127.0.0.1 and the real pipeline
     /// between them, with a live view of the values as a subscriber receives them.
@@ -88,6 +94,10 @@ enum Command {
     /// Browse an OPC UA server's address space: a tree of objects and variables (node id, data
     /// type, access), or with `--format toml` ready-to-paste `[[devices.tags]]` entries.
     Browse(edge_gateway::cli::browse::BrowseArgs),
+    /// Subscribe like a cloud consumer and report per gateway and boot what arrived: records,
+    /// samples, seq holes (losses), duplicates, the historical share and read-to-arrival
+    /// latency; exit 1 when a seq is missing, 2 when the settings are not valid.
+    Audit(edge_gateway::cli::audit::AuditArgs),
     /// One Modbus read, printed raw and decoded as every type and word order: `--device NAME
     /// --config FILE`, or a line given by `--tcp`, `--rtu-over-tcp` or `--serial` flags.
     Read(edge_gateway::cli::read::ReadArgs),
@@ -294,9 +304,17 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         };
     }
-    if let Command::Schema = &cli.command {
+    if let Command::Schema { payload } = &cli.command {
         // A closed pipe (`| head`) is no error worth a panic.
-        let _ = writeln!(std::io::stdout(), "{}", config::schema_json());
+        let _ = if *payload {
+            write!(
+                std::io::stdout(),
+                "{}",
+                edge_gateway::encode::schema::payload_schema_text()
+            )
+        } else {
+            writeln!(std::io::stdout(), "{}", config::schema_json())
+        };
         return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -377,13 +395,32 @@ fn main() -> ExitCode {
                     }
                 });
             }
+            Command::Audit(args) => {
+                init_tracing("warn", &log)?;
+                return Ok(
+                    match edge_gateway::cli::audit::run(&args, shutdown_signal()).await {
+                        Ok(found) => {
+                            print!("{}", found.text);
+                            if found.holes {
+                                ExitCode::FAILURE
+                            } else {
+                                ExitCode::SUCCESS
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("{e}");
+                            ExitCode::from(2)
+                        }
+                    },
+                );
+            }
             Command::Read(args) => {
                 init_tracing("error", &log)?;
                 let text = edge_gateway::cli::read::run(&args).await?;
                 print!("{text}");
                 Ok(())
             }
-            Command::Check { .. } | Command::Schema => Ok(()),
+            Command::Check { .. } | Command::Schema { .. } => Ok(()),
         };
         done.map(|()| ExitCode::SUCCESS)
     });

@@ -974,3 +974,55 @@ fn schema_refuses_a_value_of_the_wrong_type_and_an_unknown_protocol() {
         assert!(!validator.is_valid(&as_json(&case)));
     }
 }
+
+#[test]
+fn schema_payload_prints_the_payload_schema_kept_in_docs() {
+    let out = gateway()
+        .args(["schema", "--payload"])
+        .output()
+        .expect("run edge-gateway schema --payload");
+    assert!(out.status.success());
+    let copy = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/payload.schema.json"
+    ))
+    .expect("read docs/payload.schema.json");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), copy);
+    let doc: serde_json::Value = serde_json::from_str(&copy).unwrap();
+    for def in ["record", "sample", "meta", "status"] {
+        assert!(doc["$defs"].get(def).is_some(), "$defs.{def}");
+    }
+    jsonschema::validator_for(&doc).expect("a valid JSON Schema");
+}
+
+#[test]
+fn audit_refuses_a_url_that_is_no_broker_url_with_exit_2() {
+    let out = gateway()
+        .args([
+            "audit",
+            "--url",
+            "http://127.0.0.1:1883",
+            "--topic",
+            "edge/#",
+        ])
+        .output()
+        .expect("run edge-gateway audit");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mqtt.url"));
+}
+
+#[test]
+fn audit_that_receives_nothing_says_so_and_exits_0() {
+    // Nothing listens on a port just released: no broker, no record, no hole.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let out = gateway()
+        .args(["audit", "--topic", "edge/#", "--seconds", "1", "--url"])
+        .arg(format!("mqtt://127.0.0.1:{port}"))
+        .output()
+        .expect("run edge-gateway audit");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no records received"));
+}

@@ -199,25 +199,94 @@ pub struct Batch {
     pub read_at: Instant,
 }
 
-/// The names of all devices and tags, interned once at start-up.
+/// What a tag is, beyond its name and value, as the config file describes it: for consumers
+/// that need to know what a number means (the meta message, Sparkplug metric properties).
+/// Every field is optional; `min <= max` when both are given (the config check sees to it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TagMeta {
+    /// Engineering unit, e.g. `degC` or `kW`.
+    pub unit: Option<Arc<str>>,
+    /// What the tag measures, for a person.
+    pub description: Option<Arc<str>>,
+    /// Low end of the engineering range.
+    pub min: Option<f64>,
+    /// High end of the engineering range.
+    pub max: Option<f64>,
+}
+
+impl TagMeta {
+    /// Whether nothing is described.
+    pub fn is_empty(&self) -> bool {
+        *self == TagMeta::default()
+    }
+}
+
+/// Everything the gateway knows about one tag besides its values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TagInfo {
+    /// The tag name, unique within its device.
+    pub name: Arc<str>,
+    /// The configured data type (`u16`, `f32`, `bool`, `string`, ...); `None` when the device
+    /// decides (an OPC UA node's own type).
+    pub data_type: Option<&'static str>,
+    /// Where the value comes from: a Modbus address (`hr:100`) or an OPC UA node (`ns=2;s=T`,
+    /// or a browse path).
+    pub source: Arc<str>,
+    /// How often the tag is read; for an OPC UA subscription, the sampling interval asked of
+    /// the server (zero: the server's fastest).
+    pub scan_interval: std::time::Duration,
+    /// Unit, description and range.
+    pub meta: TagMeta,
+}
+
+impl TagInfo {
+    /// A tag known by its name only.
+    pub fn named(name: Arc<str>) -> Self {
+        TagInfo {
+            name,
+            data_type: None,
+            source: Arc::from(""),
+            scan_interval: std::time::Duration::ZERO,
+            meta: TagMeta::default(),
+        }
+    }
+}
+
+/// The names of all devices and tags, interned once at start-up, and what each tag is.
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
     devices: Vec<DeviceEntry>,
 }
 
 /// A device's name and its tags' names.
+///
+/// Invariant: `info` is empty (a device added by names alone) or holds one entry per tag, in
+/// `tags` order, with the same names.
 #[derive(Debug, Clone)]
 pub struct DeviceEntry {
     /// The device name from the config.
     pub name: Arc<str>,
     /// Tag names, indexed by [`TagId`].
     pub tags: Vec<Arc<str>>,
+    /// What each tag is, indexed by [`TagId`]; empty when only the names are known.
+    pub info: Vec<TagInfo>,
 }
 
 impl Catalog {
     /// Adds a device with its tag names and returns its id.
     pub fn add_device(&mut self, name: Arc<str>, tags: Vec<Arc<str>>) -> DeviceId {
-        self.devices.push(DeviceEntry { name, tags });
+        self.devices.push(DeviceEntry {
+            name,
+            tags,
+            info: Vec::new(),
+        });
+        DeviceId((self.devices.len() - 1) as u32)
+    }
+
+    /// Adds a device with what is known of each of its tags and returns its id.
+    pub fn add_described(&mut self, name: Arc<str>, info: Vec<TagInfo>) -> DeviceId {
+        let tags = info.iter().map(|t| t.name.clone()).collect();
+        self.devices.push(DeviceEntry { name, tags, info });
         DeviceId((self.devices.len() - 1) as u32)
     }
 
@@ -229,6 +298,11 @@ impl Catalog {
     /// The name of a tag, if both ids are known.
     pub fn tag_name(&self, device: DeviceId, tag: TagId) -> Option<&Arc<str>> {
         self.device(device)?.tags.get(tag.0 as usize)
+    }
+
+    /// What is known of a tag, if both ids are known and the device was described.
+    pub fn tag_info(&self, device: DeviceId, tag: TagId) -> Option<&TagInfo> {
+        self.device(device)?.info.get(tag.0 as usize)
     }
 
     /// All devices in id order.
@@ -265,5 +339,30 @@ mod tests {
         assert_eq!(c.tag_name(d, TagId(1)).map(|s| &**s), Some("b"));
         assert!(c.tag_name(d, TagId(2)).is_none());
         assert_eq!(c.tag_count(), 2);
+    }
+
+    #[test]
+    fn a_described_device_keeps_each_tags_unit_range_and_source_beside_its_name() {
+        let mut c = Catalog::default();
+        let mut temp = TagInfo::named("temp".into());
+        temp.source = "hr:4".into();
+        temp.meta = TagMeta {
+            unit: Some("degC".into()),
+            description: None,
+            min: Some(-20.0),
+            max: Some(120.0),
+        };
+        let d = c.add_described("oven".into(), vec![TagInfo::named("a".into()), temp]);
+        assert_eq!(c.tag_name(d, TagId(1)).map(|s| &**s), Some("temp"));
+        let info = c.tag_info(d, TagId(1)).unwrap();
+        assert_eq!(info.meta.unit.as_deref(), Some("degC"));
+        assert_eq!((info.meta.min, info.meta.max), (Some(-20.0), Some(120.0)));
+        assert_eq!(&*info.source, "hr:4");
+        assert!(c.tag_info(d, TagId(0)).unwrap().meta.is_empty());
+        let named = c.add_device("bare".into(), vec!["x".into()]);
+        assert!(
+            c.tag_info(named, TagId(0)).is_none(),
+            "names only: nothing described"
+        );
     }
 }

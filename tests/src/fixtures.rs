@@ -24,6 +24,7 @@ pub fn tag(
     scan: Duration,
 ) -> TagSpec {
     TagSpec {
+        meta: Default::default(),
         name: name.into(),
         address,
         data_type,

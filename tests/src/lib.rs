@@ -367,10 +367,12 @@ impl Received {
 }
 
 /// An MQTT subscriber (QoS 1) that keeps every message it receives: records, and apart from
-/// them the gateway's status messages (topics ending in `/status`).
+/// them the gateway's status messages (topics ending in `/status`) and meta messages (topics
+/// ending in `/meta`; an empty one, which clears a retained meta, has a `null` document).
 pub struct Collector {
     messages: Arc<Mutex<Vec<Received>>>,
     statuses: Arc<Mutex<Vec<Received>>>,
+    metas: Arc<Mutex<Vec<Received>>>,
     garbled: Arc<AtomicU64>,
     cancel: CancellationToken,
 }
@@ -391,10 +393,12 @@ impl Collector {
         let (client, mut el) = AsyncClient::new(o, 64);
         let messages = Arc::new(Mutex::new(Vec::new()));
         let statuses = Arc::new(Mutex::new(Vec::new()));
+        let metas = Arc::new(Mutex::new(Vec::new()));
         let garbled = Arc::new(AtomicU64::new(0));
         let cancel = CancellationToken::new();
         let (m, c) = (messages.clone(), cancel.clone());
         let st = statuses.clone();
+        let mt = metas.clone();
         let bad = garbled.clone();
         let (subscribed_tx, mut subscribed) = watch::channel(false);
         let filter = filter.to_string();
@@ -410,6 +414,14 @@ impl Collector {
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         let _ = subscribed_tx.send(true);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/meta") => {
+                        let doc =
+                            serde_json::from_slice(&p.payload).unwrap_or(serde_json::Value::Null);
+                        mt.lock().unwrap().push(Received {
+                            topic: p.topic.clone(),
+                            doc,
+                        });
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let Ok(doc) = serde_json::from_slice(&p.payload) {
@@ -435,8 +447,31 @@ impl Collector {
         Collector {
             messages,
             statuses,
+            metas,
             garbled,
             cancel,
+        }
+    }
+
+    /// Every meta message received so far (retained ones first, when the broker had them).
+    pub fn metas(&self) -> Vec<Received> {
+        self.metas.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds for the received meta messages, or panics after `timeout`.
+    pub async fn wait_for_meta(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&[Received]) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !pred(&self.metas.lock().unwrap()) {
+            if Instant::now() > deadline {
+                let seen: Vec<_> = self.metas().into_iter().map(|s| s.topic).collect();
+                panic!("timed out waiting for {what}; meta messages on: {seen:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

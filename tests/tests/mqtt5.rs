@@ -83,7 +83,7 @@ async fn v5_subscriber(broker: &Mosquitto, filter: &str) -> Arc<Mutex<Vec<Seen>>
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                    if topic.ends_with("/status") {
+                    if topic.ends_with("/status") || topic.ends_with("/meta") {
                         continue;
                     }
                     let content_type = p.properties.and_then(|p| p.content_type);

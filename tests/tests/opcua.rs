@@ -55,6 +55,7 @@ async fn behind_proxy(sim: &SimOpcUa) -> (Proxy, String) {
 
 fn tag(name: &str, node: NodeRef) -> OpcUaTag {
     OpcUaTag {
+        meta: Default::default(),
         name: name.into(),
         node,
         sampling_interval: Duration::from_millis(50),

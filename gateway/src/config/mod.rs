@@ -194,7 +194,7 @@ pub struct MqttSettings {
     /// Where a device's records go.
     pub topic: TopicTemplate,
     /// Whether the gateway publishes its own status (`{topic_prefix}/status`, retained, with
-    /// the same document as its last will).
+    /// the same document as its last will) and, in JSON mode, each device's meta message.
     pub status: bool,
     /// Payload format.
     pub format: Format,

@@ -196,9 +196,14 @@ pub(super) struct RawTag {
     pub(super) scale: Option<f64>,
     pub(super) offset: Option<f64>,
     pub(super) deadband: Option<f64>,
-    /// Engineering unit: accepted and kept for later; nothing uses it yet.
-    #[allow(dead_code)]
+    /// Engineering unit, e.g. `degC`.
     pub(super) unit: Option<String>,
+    /// What the tag measures, for a person.
+    pub(super) description: Option<String>,
+    /// Low end of the engineering range.
+    pub(super) min: Option<f64>,
+    /// High end of the engineering range.
+    pub(super) max: Option<f64>,
     pub(super) scan_interval: Option<Dur>,
 }
 
@@ -247,4 +252,12 @@ pub(super) struct RawOpcUaTag {
     pub(super) sampling_interval: Option<Dur>,
     pub(super) deadband: Option<f64>,
     pub(super) queue_size: Option<i64>,
+    /// Engineering unit, e.g. `degC`.
+    pub(super) unit: Option<String>,
+    /// What the tag measures, for a person.
+    pub(super) description: Option<String>,
+    /// Low end of the engineering range.
+    pub(super) min: Option<f64>,
+    /// High end of the engineering range.
+    pub(super) max: Option<f64>,
 }

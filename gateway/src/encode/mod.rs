@@ -2,3 +2,5 @@
 //! publisher never parses a payload.
 
 pub mod json;
+pub mod meta;
+pub mod schema;

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use protocols::driver::{DeviceStatus, DriverContext, Emitter};
-use protocols::model::{Batch, Catalog, DeviceId};
+use protocols::model::{Batch, Catalog, DeviceId, TagInfo};
 use protocols::{modbus, opcua};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -31,8 +31,9 @@ use tracing::{error, info, warn};
 
 use crate::api::{ApiServer, ApiState, DeviceInfo};
 use crate::buffer::{self, Buffer, BufferError};
-use crate::config::{Config, ConfigErrors, DeviceKind, DeviceSettings};
+use crate::config::{Config, ConfigErrors, DeviceKind, DeviceSettings, Format};
 use crate::encode::json::JsonEncoder;
+use crate::encode::meta::MetaMessage;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use committer::run_committer;
@@ -69,6 +70,9 @@ pub struct Shared {
     pub latest: Arc<crate::api::Latest>,
     /// Whether anyone reads `latest`.
     pub latest_wanted: AtomicBool,
+    /// The meta documents of the current devices (JSON mode; none otherwise): the publisher
+    /// sends them after each CONNACK and whenever a reload changes them.
+    pub meta: tokio::sync::watch::Sender<Arc<Vec<MetaMessage>>>,
 }
 
 impl Shared {
@@ -118,6 +122,7 @@ impl Shared {
             broker_limit_set: Notify::new(),
             latest: Arc::default(),
             latest_wanted: AtomicBool::new(false),
+            meta: tokio::sync::watch::channel(Arc::default()).0,
         }
     }
 
@@ -503,6 +508,9 @@ impl Running {
             .collect();
         self.catalog = catalog;
         self.config = config;
+        self.shared
+            .meta
+            .send_replace(meta_for(&self.config, &self.catalog, &self.drivers));
         if let Some((_, state, _)) = &self.api {
             let (handles, infos, ids) = api_view(&self.drivers);
             state.set_devices(handles, infos, ids, self.catalog.clone());
@@ -520,9 +528,10 @@ impl Running {
     }
 }
 
-/// Adds a `[[devices]]` entry to the catalog: a Modbus line with a `units` list publishes each
-/// unit as its own device, named `line/unit` (a meter on an RS-485 line is a device to the
-/// plant, the line is not).
+/// Adds a `[[devices]]` entry to the catalog, with what each tag is (type, source, scan
+/// interval, unit, description, range): a Modbus line with a `units` list publishes each unit
+/// as its own device, named `line/unit` (a meter on an RS-485 line is a device to the plant,
+/// the line is not).
 pub(crate) fn add_to_catalog(catalog: &mut Catalog, d: &DeviceSettings) -> Vec<DeviceId> {
     match &d.kind {
         DeviceKind::Modbus(m) => m
@@ -533,13 +542,37 @@ pub(crate) fn add_to_catalog(catalog: &mut Catalog, d: &DeviceSettings) -> Vec<D
                     Some(unit) => format!("{}/{unit}", d.name).into(),
                     None => d.name.clone(),
                 };
-                catalog.add_device(name, u.tags.iter().map(|t| t.name.clone()).collect())
+                let info = u
+                    .tags
+                    .iter()
+                    .map(|t| TagInfo {
+                        name: t.name.clone(),
+                        data_type: Some(t.data_type.name()),
+                        source: t.address.to_string().into(),
+                        scan_interval: t.scan_interval,
+                        meta: t.meta.clone(),
+                    })
+                    .collect();
+                catalog.add_described(name, info)
             })
             .collect(),
-        DeviceKind::OpcUa(o) => vec![catalog.add_device(
-            d.name.clone(),
-            o.tags.iter().map(|t| t.name.clone()).collect(),
-        )],
+        DeviceKind::OpcUa(o) => {
+            let info = o
+                .tags
+                .iter()
+                .map(|t| TagInfo {
+                    name: t.name.clone(),
+                    data_type: None,
+                    source: t.node.to_string().into(),
+                    scan_interval: match o.mode {
+                        opcua::Mode::Poll => o.scan_interval,
+                        opcua::Mode::Subscribe => t.sampling_interval,
+                    },
+                    meta: t.meta.clone(),
+                })
+                .collect();
+            vec![catalog.add_described(d.name.clone(), info)]
+        }
     }
 }
 
@@ -602,6 +635,19 @@ fn encoder_for(config: &Config, boot: u64, catalog: &Catalog) -> JsonEncoder {
     let mqtt = &config.mqtt;
     let topic = |device: &str| mqtt.topic.render(mqtt, &config.gateway.id, device);
     JsonEncoder::new(&config.gateway.id, boot, topic, catalog)
+}
+
+/// The meta documents of the running drivers' devices, in config order (JSON mode only).
+fn meta_for(config: &Config, catalog: &Catalog, drivers: &[DriverTask]) -> Arc<Vec<MetaMessage>> {
+    if config.mqtt.format != Format::Json {
+        return Arc::default();
+    }
+    let ids: Vec<DeviceId> = drivers.iter().flat_map(|d| d.ids.iter().copied()).collect();
+    Arc::new(crate::encode::meta::messages(
+        &config.gateway.id,
+        catalog,
+        &ids,
+    ))
 }
 
 /// Reads the password once, so that one that cannot be read stops the start (or a reload).
@@ -708,6 +754,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .flat_map(|d| d.handles.iter().cloned())
         .collect();
 
+    shared
+        .meta
+        .send_replace(meta_for(&config, &catalog, &drivers));
     let encoder = encoder_for(&config, boot, &catalog);
     let live = live_tx.downgrade();
     let writer = tokio::spawn(run_writer(
@@ -789,5 +838,54 @@ mod tests {
         );
         drop(first);
         assert!(lock_data_dir(dir.path()).unwrap().is_some());
+    }
+
+    #[test]
+    fn the_catalog_knows_each_tags_type_source_interval_and_description_for_both_protocols() {
+        let src = r#"
+[gateway]
+id = "edge-01"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+
+[[devices]]
+name = "press7"
+protocol = "modbus_tcp"
+address = "127.0.0.1:5020"
+scan_interval = "2s"
+
+  [[devices.tags]]
+  name = "oil"
+  address = "hr:4"
+  type = "i16"
+  unit = "degC"
+  min = -20
+  max = 120
+
+[[devices]]
+name = "oven"
+protocol = "opcua"
+endpoint = "opc.tcp://127.0.0.1:4840"
+
+  [[devices.tags]]
+  name = "temp"
+  node_id = "ns=2;s=Oven.Temp"
+  sampling_interval = "500ms"
+  description = "Chamber"
+"#;
+        let config = crate::config::parse(src, "t.toml").unwrap();
+        let mut catalog = Catalog::default();
+        let press = add_to_catalog(&mut catalog, &config.devices[0])[0];
+        let oven = add_to_catalog(&mut catalog, &config.devices[1])[0];
+        let oil = catalog.tag_info(press, protocols::model::TagId(0)).unwrap();
+        assert_eq!((oil.data_type, &*oil.source), (Some("i16"), "hr:4"));
+        assert_eq!(oil.scan_interval, std::time::Duration::from_secs(2));
+        assert_eq!(oil.meta.unit.as_deref(), Some("degC"));
+        assert_eq!((oil.meta.min, oil.meta.max), (Some(-20.0), Some(120.0)));
+        let temp = catalog.tag_info(oven, protocols::model::TagId(0)).unwrap();
+        assert_eq!((temp.data_type, &*temp.source), (None, "ns=2;s=Oven.Temp"));
+        assert_eq!(temp.scan_interval, std::time::Duration::from_millis(500));
+        assert_eq!(temp.meta.description.as_deref(), Some("Chamber"));
     }
 }

@@ -25,9 +25,11 @@
 pub mod alias;
 pub(crate) mod connect;
 pub(crate) mod link;
+pub mod meta;
 pub mod pace;
 pub(crate) mod sas;
 pub mod status;
+pub mod subscribe;
 pub(crate) mod tls;
 pub mod window;
 
@@ -192,6 +194,10 @@ pub struct Publisher {
     too_large_logged: bool,
     down_logged: bool,
     kick: Arc<Notify>,
+    /// The meta messages due (JSON mode).
+    meta: meta::MetaState,
+    /// A meta message too large for the broker was logged (once per connection).
+    meta_too_large_logged: bool,
 }
 
 impl Publisher {
@@ -243,7 +249,10 @@ impl Publisher {
             session_lie_logged: false,
             too_large_logged: false,
             kick: Arc::new(Notify::new()),
+            meta: meta::MetaState::default(),
+            meta_too_large_logged: false,
         };
+        let mut meta_rx = p.shared.meta.subscribe();
         if p.settings.protocol_version == ProtocolVersion::V311 {
             // MQTT 3.1.1 brokers announce no limit: the configured one is all there is.
             p.shared.set_broker_packet_limit(None);
@@ -254,6 +263,7 @@ impl Publisher {
 
         loop {
             if p.connected {
+                p.send_meta().await;
                 p.fill_window().await;
             }
             if let Some(deadline) = draining_until {
@@ -330,6 +340,7 @@ impl Publisher {
                         p.draining = true;
                     }
                 },
+                Ok(()) = meta_rx.changed() => p.meta_changed(false),
                 _ = p.shared.committed.notified() => {
                     if let Some(seq) = p.shared.take_replay_hint() {
                         p.replay_from = Some(p.replay_from.map_or(seq, |c| c.min(seq)));
@@ -578,6 +589,54 @@ impl Publisher {
         if self.settings.status {
             self.publish_status(true).await;
         }
+        self.meta_too_large_logged = false;
+        self.meta_changed(true);
+    }
+
+    /// The meta documents changed (a reload), or a CONNACK came (`reconnected`): what is due
+    /// goes out from the loop, a few at a time ([`meta::MAX_UNWRITTEN`]).
+    /// Meta messages go out only with `status` on: they are the gateway's own retained
+    /// messages beside its status, and a broker that takes only the records' topic (Azure IoT
+    /// Hub closes the connection on any other) is configured with `status = false`.
+    fn meta_changed(&mut self, reconnected: bool) {
+        if !self.settings.status {
+            return;
+        }
+        let current = self.shared.meta.borrow().clone();
+        self.meta.due(&current, reconnected);
+    }
+
+    /// Hands due meta messages to the client, retained, while few of the gateway's own messages
+    /// wait unwritten (the client's request channel has room for the window and a few more).
+    async fn send_meta(&mut self) {
+        let limit = self
+            .limits
+            .maximum_packet_size
+            .map_or(usize::MAX, |m| m as usize)
+            .min(self.settings.max_packet_size);
+        while self.meta.has_pending() && self.window.own_unwritten() < meta::MAX_UNWRITTEN {
+            let Some((device, payload)) = self.meta.take_next() else {
+                break;
+            };
+            let topic =
+                crate::encode::meta::MetaMessage::topic(&self.settings.topic_prefix, &device);
+            if topic.len() + payload.len() + PACKET_OVERHEAD > limit {
+                if !self.meta_too_large_logged {
+                    error!(device = %device, bytes = payload.len(), max_packet = limit, "the meta message of a device is larger than a packet may be; it is not published (raise max_packet_size)");
+                    self.meta_too_large_logged = true;
+                }
+                continue;
+            }
+            let out = Outbound {
+                topic,
+                alias: None,
+                retain: self.limits.retain_available,
+            };
+            match self.client.publish(out, payload).await {
+                Ok(()) => self.window.submit_status(Instant::now()),
+                Err(e) => debug!(error = %e, "meta message not accepted by the MQTT client"),
+            }
+        }
     }
 
     /// Publishes the gateway's status, retained where the broker allows it.
@@ -631,7 +690,7 @@ impl Publisher {
             }
             (Some(Acked::Record(seq, _)), Some(refusal)) => self.on_refused(seq, &refusal),
             (Some(Acked::Status), Some(refusal)) => {
-                warn!(code = refusal.code, reason = refusal.name, detail = refusal.reason.as_deref().unwrap_or(""), topic = %self.settings.status_topic(), "the broker refused the gateway's status message");
+                warn!(code = refusal.code, reason = refusal.name, detail = refusal.reason.as_deref().unwrap_or(""), status_topic = %self.settings.status_topic(), "the broker refused one of the gateway's own messages (its status or a meta message)");
             }
             _ => {}
         }

@@ -5,8 +5,8 @@
 //! lost connection the whole window is forgotten: with a clean session rumqttc drops its own
 //! queue, and everything unacknowledged is sent again from the ledger or the disk.
 //!
-//! The gateway's own status messages go through the same client, so they take their place in
-//! the submission order too ([`Window::submit_status`]); they stand for no record, never count
+//! The gateway's own status and meta messages go through the same client, so they take their
+//! place in the submission order too ([`Window::submit_status`]); they stand for no record, never count
 //! against the window's room, and their acknowledgement credits nothing.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -76,6 +76,14 @@ impl Window {
     /// A status message was handed to the MQTT client.
     pub fn submit_status(&mut self, now: Instant) {
         self.submitted.push_back((None, now));
+    }
+
+    /// The gateway's own messages (status, meta) handed to the client and not yet written.
+    pub fn own_unwritten(&self) -> usize {
+        self.submitted
+            .iter()
+            .filter(|(seq, _)| seq.is_none())
+            .count()
     }
 
     /// The client wrote a publish with `pkid`: it is the oldest submitted one. Returns the
@@ -181,5 +189,21 @@ mod tests {
         assert_eq!(w.clear(), 2);
         assert_eq!(w.room(), 2);
         assert_eq!(w.oldest(), None);
+    }
+
+    #[test]
+    fn own_messages_count_as_unwritten_until_the_client_writes_them() {
+        let mut w = Window::new(2);
+        let t = Instant::now();
+        w.submit_status(t);
+        w.submit(1, t);
+        w.submit_status(t);
+        assert_eq!(w.own_unwritten(), 2);
+        w.on_outgoing(10);
+        assert_eq!(w.own_unwritten(), 1);
+        w.on_outgoing(11);
+        w.on_outgoing(12);
+        assert_eq!(w.own_unwritten(), 0);
+        assert_eq!(w.room(), 1, "own messages take no room");
     }
 }

@@ -301,6 +301,8 @@ pub struct TagSpec {
     pub deadband: f64,
     /// How often the tag is scanned.
     pub scan_interval: Duration,
+    /// Unit, description and engineering range, for consumers; the driver never reads it.
+    pub meta: crate::model::TagMeta,
 }
 
 impl TagSpec {

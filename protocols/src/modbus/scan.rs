@@ -142,6 +142,7 @@ mod tests {
 
     fn tag(name: &str, deadband: f64) -> TagSpec {
         TagSpec {
+            meta: Default::default(),
             name: name.into(),
             address: Address {
                 area: crate::modbus::Area::HoldingRegister,

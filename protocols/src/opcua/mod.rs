@@ -255,6 +255,8 @@ pub struct OpcUaTag {
     pub deadband: Option<f64>,
     /// Server-side queue size of the monitored item.
     pub queue_size: u32,
+    /// Unit, description and engineering range, for consumers; the driver never reads it.
+    pub meta: crate::model::TagMeta,
 }
 
 /// A validated OPC UA device (one session).

@@ -4,7 +4,7 @@
 //!
 //! - AWS IoT Core (`*.iot.*.amazonaws.com`): TLS only; a client certificate (or a username for
 //!   a custom authorizer); ALPN `x-amzn-mqtt-ca` on port 443; at most 128KiB per message; at
-//!   most 7 slashes in a topic.
+//!   most 7 slashes in a topic (the records', the status's and the meta messages').
 //! - Azure IoT Hub (`*.azure-devices.net`): TLS only; MQTT 3.1.1; device-to-cloud messages on
 //!   `devices/{client_id}/messages/events/` only (a publish elsewhere closes the connection, so
 //!   no status topic); the username `{host}/{client_id}/?api-version=2021-04-12` (given by the
@@ -81,6 +81,12 @@ impl Checker<'_> {
             .collect();
         if mqtt.status {
             topics.push(mqtt.status_topic());
+            // Each device's meta message (`publish/meta.rs`) goes out with the status.
+            topics.extend(
+                devices
+                    .iter()
+                    .map(|d| crate::encode::meta::MetaMessage::topic(&mqtt.topic_prefix, &d.name)),
+            );
         }
         if let Some(topic) = topics
             .iter()

@@ -20,6 +20,7 @@ use crate::config::values::{
 use crate::config::{DeviceKind, DeviceSettings};
 
 use super::Checker;
+use protocols::model::TagMeta;
 
 /// What checking one `[[devices]]` entry gave.
 pub(super) enum DeviceOutcome {
@@ -384,6 +385,71 @@ impl Checker<'_> {
             timeout,
             backoff_min,
             backoff_max,
+        }
+    }
+}
+
+/// A tag's `unit`, `description`, `min` and `max` as the file gives them (both protocols).
+pub(super) struct TagMetaText {
+    pub(super) unit: Option<String>,
+    pub(super) description: Option<String>,
+    pub(super) min: Option<f64>,
+    pub(super) max: Option<f64>,
+}
+
+/// The longest `unit` accepted, in characters.
+const MAX_UNIT_CHARS: usize = 32;
+/// The longest `description` accepted, in characters.
+const MAX_DESCRIPTION_CHARS: usize = 256;
+
+impl Checker<'_> {
+    /// Checks what describes a tag (for consumers: the meta message, Sparkplug properties):
+    /// text that is neither empty nor too long nor holds control characters, a range of finite
+    /// numbers with `min <= max`. A bad value is reported and left out.
+    pub(super) fn tag_meta(&mut self, path: &FieldPath, raw: TagMetaText) -> TagMeta {
+        let mut text = |key: &str, value: Option<String>, max_chars: usize| {
+            let value = value?;
+            let problem = if value.trim().is_empty() {
+                Some("must not be empty (leave the key out instead)".to_owned())
+            } else if value.chars().count() > max_chars {
+                Some(format!("must be at most {max_chars} characters long"))
+            } else if value.chars().any(char::is_control) {
+                Some("must not contain control characters (line breaks, tabs)".to_owned())
+            } else {
+                None
+            };
+            match problem {
+                Some(message) => {
+                    self.report(&path.key(key), message);
+                    None
+                }
+                None => Some(Arc::<str>::from(value)),
+            }
+        };
+        let unit = text("unit", raw.unit, MAX_UNIT_CHARS);
+        let description = text("description", raw.description, MAX_DESCRIPTION_CHARS);
+        let mut number = |key: &str, value: Option<f64>| match value {
+            Some(v) if !v.is_finite() => {
+                self.report(&path.key(key), "must be a finite number");
+                None
+            }
+            other => other,
+        };
+        let min = number("min", raw.min);
+        let max = number("max", raw.max);
+        if let (Some(lo), Some(hi)) = (min, max) {
+            if lo > hi {
+                self.report(
+                    &path.key("max"),
+                    format!("must not be below `min` ({lo}): the range is min to max"),
+                );
+            }
+        }
+        TagMeta {
+            unit,
+            description,
+            min,
+            max,
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::config::raw::{RawModbusDevice, RawTag, RawUnit};
 use crate::config::values::{check_device_name, split_host_port, MAX_DURATION, MS, NONZERO};
 use crate::config::{DeviceKind, DeviceSettings};
 
-use super::devices::{Common, DeviceOutcome, Foreign, Protocol, Timing};
+use super::devices::{Common, DeviceOutcome, Foreign, Protocol, TagMetaText, Timing};
 use super::Checker;
 
 /// Serial line speeds the gateway accepts, in bits per second.
@@ -631,7 +631,17 @@ impl Checker<'_> {
             MS,
             MAX_DURATION,
         );
+        let meta = self.tag_meta(
+            path,
+            TagMetaText {
+                unit: raw.unit,
+                description: raw.description,
+                min: raw.min,
+                max: raw.max,
+            },
+        );
         let spec = TagSpec {
+            meta,
             name: raw.name.into(),
             address: address?,
             data_type: data_type?,

@@ -15,7 +15,7 @@ use crate::config::raw::{RawMode, RawOpcUaDevice, RawOpcUaTag};
 use crate::config::values::{MAX_DURATION, NONZERO};
 use crate::config::DeviceKind;
 
-use super::devices::{Common, DeviceOutcome, Foreign, Protocol, Timing};
+use super::devices::{Common, DeviceOutcome, Foreign, Protocol, TagMetaText, Timing};
 use super::Checker;
 
 /// Largest server-side queue of an OPC UA monitored item.
@@ -338,8 +338,18 @@ impl Checker<'_> {
             1,
             MAX_QUEUE_SIZE,
         );
+        let meta = self.tag_meta(
+            path,
+            TagMetaText {
+                unit: raw.unit,
+                description: raw.description,
+                min: raw.min,
+                max: raw.max,
+            },
+        );
         let (node, node_key) = node?;
         let tag = OpcUaTag {
+            meta,
             name: raw.name.into(),
             node,
             sampling_interval,

@@ -240,6 +240,11 @@ fn full_contract_example_parses_to_the_expected_runtime_values() {
                     name: None,
                     unit_id: 1,
                     tags: vec![TagSpec {
+                        // The unit is carried (it was dropped before the meta message).
+                        meta: protocols::model::TagMeta {
+                            unit: Some("m/s".into()),
+                            ..Default::default()
+                        },
                         name: "sine".into(),
                         address: Address {
                             area: Area::HoldingRegister,

@@ -99,6 +99,7 @@ fn an_opcua_device_with_every_key_parses_into_its_settings() {
         backoff_max: Duration::from_secs(10),
         tags: vec![
             OpcUaTag {
+                meta: Default::default(),
                 name: "temperature".into(),
                 node: node_id("ns=2;s=Oven.Temp"),
                 sampling_interval: Duration::from_millis(100),
@@ -106,6 +107,7 @@ fn an_opcua_device_with_every_key_parses_into_its_settings() {
                 queue_size: 20,
             },
             OpcUaTag {
+                meta: Default::default(),
                 name: "door".into(),
                 node: NodeRef::BrowsePath(vec!["Oven".to_owned(), "2:Door".to_owned()]),
                 sampling_interval: Duration::from_millis(250),
@@ -125,6 +127,7 @@ fn an_opcua_device_takes_the_runtime_defaults_and_keeps_its_pki_in_the_data_dir(
     let mut expected = OpcUaSettings::new(
         "opc.tcp://127.0.0.1:4840",
         vec![OpcUaTag {
+            meta: Default::default(),
             name: "temperature".into(),
             node: node_id("ns=2;s=Oven.Temp"),
             sampling_interval: Duration::from_millis(500),

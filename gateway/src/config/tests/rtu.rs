@@ -76,6 +76,7 @@ fn tag_spec(
     scan_interval: Duration,
 ) -> TagSpec {
     TagSpec {
+        meta: Default::default(),
         name: name.into(),
         address: match address.parse() {
             Ok(address) => address,
