@@ -26,6 +26,7 @@ pub fn tag(
     TagSpec {
         name: name.into(),
         address,
+        bit: None,
         data_type,
         order,
         length,

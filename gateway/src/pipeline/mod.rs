@@ -538,6 +538,7 @@ fn spawn_driver(
             emitter: Emitter::new(batch_tx.clone()),
             cancel: cancel.clone(),
             status,
+            writes: None,
         });
     }
     let kind = settings.kind.clone();

@@ -147,6 +147,7 @@ mod tests {
                 area: crate::modbus::Area::HoldingRegister,
                 offset: 0,
             },
+            bit: None,
             data_type: DataType::U16,
             order: WordOrder::ABCD,
             length: 0,

@@ -245,6 +245,7 @@ fn full_contract_example_parses_to_the_expected_runtime_values() {
                             area: Area::HoldingRegister,
                             offset: 1,
                         },
+                        bit: None,
                         data_type: DataType::F32,
                         order: WordOrder::ABCD,
                         length: 0,

@@ -81,6 +81,7 @@ fn tag_spec(
             Ok(address) => address,
             Err(e) => panic!("{address}: {e}"),
         },
+        bit: None,
         data_type,
         order,
         length: 0,
