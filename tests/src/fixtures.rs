@@ -34,6 +34,7 @@ pub fn tag(
         offset: 0.0,
         deadband: 0.0,
         scan_interval: scan,
+        write: None,
     }
 }
 
@@ -95,6 +96,7 @@ pub fn local_config(
         },
         devices,
         api: None,
+        commands: Default::default(),
     }
 }
 

@@ -394,6 +394,8 @@ pub struct TagSpec {
     pub deadband: f64,
     /// How often the tag is scanned.
     pub scan_interval: Duration,
+    /// Whether (and within which range) commands may write the tag; None: read-only.
+    pub write: Option<crate::model::WriteAccess>,
 }
 
 impl TagSpec {

@@ -155,6 +155,7 @@ mod tests {
             offset: 0.0,
             deadband,
             scan_interval: Duration::from_secs(1),
+            write: None,
         }
     }
 

@@ -235,6 +235,7 @@ mod tests {
             offset: 0.0,
             deadband: 0.0,
             scan_interval: Duration::from_secs(1),
+            write: None,
         }
     }
 

@@ -12,6 +12,8 @@ use protocols::modbus::{
     UnitSettings, WordOrder,
 };
 
+use protocols::model::WriteAccess;
+
 use crate::config::problem::FieldPath;
 use crate::config::raw::{RawModbusDevice, RawTag, RawUnit};
 use crate::config::values::{check_device_name, split_host_port, MAX_DURATION, MS, NONZERO};
@@ -587,6 +589,52 @@ impl Checker<'_> {
         complete.then_some(specs)
     }
 
+    /// Checks a tag's `writable`, `write_min` and `write_max`; the write access when writable.
+    fn write_access(
+        &mut self,
+        path: &FieldPath,
+        raw: &RawTag,
+        address: Option<Address>,
+        data_type: Option<DataType>,
+    ) -> Option<WriteAccess> {
+        let writable = raw.writable.unwrap_or(false);
+        if let (true, Some(a)) = (writable, address) {
+            if matches!(a.area, Area::InputRegister | Area::DiscreteInput) {
+                let message = format!(
+                    "{} is read-only in Modbus: only coils (co) and holding registers (hr) can \
+                     be written",
+                    area_name(a.area)
+                );
+                self.report(&path.key("writable"), message);
+            }
+        }
+        let numeric = !matches!(data_type, Some(DataType::Bool | DataType::String));
+        let mut bound = |key: &str, value: Option<f64>| -> Option<f64> {
+            let value = value?;
+            if !writable {
+                self.report(&path.key(key), "is only for a tag with writable = true");
+            } else if !numeric {
+                let message = format!(
+                    "is only for numbers, not type \"{}\"",
+                    data_type.map_or("", |t| t.name())
+                );
+                self.report(&path.key(key), message);
+            } else if !value.is_finite() {
+                self.report(&path.key(key), "must be a finite number");
+            }
+            Some(value)
+        };
+        let min = bound("write_min", raw.write_min);
+        let max = bound("write_max", raw.write_max);
+        if let (Some(min), Some(max)) = (min, max) {
+            if min > max {
+                let message = format!("must not be above write_max ({max})");
+                self.report(&path.key("write_min"), message);
+            }
+        }
+        writable.then_some(WriteAccess { min, max })
+    }
+
     /// Checks one tag; returns it when its address and type are known.
     fn tag(&mut self, path: &FieldPath, raw: RawTag, defaults: &TagDefaults) -> Option<TagSpec> {
         let tag_address = raw
@@ -677,7 +725,9 @@ impl Checker<'_> {
             MS,
             MAX_DURATION,
         );
+        let write = self.write_access(path, &raw, address, data_type);
         let spec = TagSpec {
+            write,
             name: raw.name.into(),
             address: address?,
             bit,

@@ -89,6 +89,7 @@ fn tag_spec(
         offset: 0.0,
         deadband: 0.0,
         scan_interval,
+        write: None,
     }
 }
 
