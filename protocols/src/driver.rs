@@ -188,6 +188,9 @@ pub struct WriteRequest {
 /// A write the device accepted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WriteDone {
+    /// The tag's value read right before the write (for the audit); None when that read
+    /// failed.
+    pub previous: Option<Value>,
     /// The tag's value read back right after the write; None when that read failed.
     pub read_back: Option<Value>,
 }

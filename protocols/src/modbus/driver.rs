@@ -367,6 +367,7 @@ async fn write_tag(
         return Err(WriteError::NotConnected);
     };
     let status = &unit.ctx.status;
+    let previous = read_tag(link, settings, unit, spec, tag).await;
     status.requests.fetch_add(1, Ordering::Relaxed);
     let unit_id = unit.settings.unit_id;
     let start = spec.address.offset;
@@ -393,11 +394,25 @@ async fn write_tag(
             return Err(WriteError::Failed(Box::new(e)));
         }
     }
-    // Read the tag back, as a scan would.
-    status.requests.fetch_add(1, Ordering::Relaxed);
+    let read_back = read_tag(link, settings, unit, spec, tag).await;
+    Ok(WriteDone {
+        previous,
+        read_back,
+    })
+}
+
+/// Reads one tag alone, as a scan would; None when the read fails.
+async fn read_tag(
+    link: &mut Conn,
+    settings: &ModbusSettings,
+    unit: &Unit,
+    spec: &TagSpec,
+    tag: TagId,
+) -> Option<crate::model::Value> {
+    unit.ctx.status.requests.fetch_add(1, Ordering::Relaxed);
     let block = Block {
         area: spec.address.area,
-        start,
+        start: spec.address.offset,
         count: spec.width(),
         slots: vec![super::planner::Slot {
             tag,
@@ -405,16 +420,16 @@ async fn write_tag(
             width: spec.width(),
         }],
     };
-    let read_back = match link
+    let answer = link
         .read(
-            unit_id,
+            unit.settings.unit_id,
             block.area,
             block.start,
             block.count,
             settings.timeout,
         )
-        .await
-    {
+        .await;
+    match answer {
         Ok(Ok(data)) => {
             let mut samples = Vec::with_capacity(1);
             decode_block(
@@ -427,8 +442,7 @@ async fn write_tag(
             samples.pop().and_then(|s| s.value)
         }
         Ok(Err(_)) | Err(_) => None,
-    };
-    Ok(WriteDone { read_back })
+    }
 }
 
 /// The serial settings of a line for logs (`19200 8E1`), or its kind.

@@ -9,8 +9,8 @@
 //! `devices.rs` (with their protocols' rules in `modbus.rs` and `opcua.rs`).
 
 mod api;
-mod commands;
 mod cloud;
+mod commands;
 mod devices;
 mod modbus;
 mod mqtt;
