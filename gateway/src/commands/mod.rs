@@ -10,7 +10,7 @@
 //!   a tag without `writable = true`, a value of another kind than the tag's type, a value
 //!   outside `write_min`..=`write_max`, a second write of the tag within `write_interval`.
 //!   Only a command that passes every check reaches a device; only such a command counts for
-//!   the tag's rate.
+//!   the tag's rate (and not when the driver refuses it before sending anything).
 //! - Commands never enter the buffer and are never replayed: a command that cannot be
 //!   performed now is refused, not queued.
 
@@ -378,6 +378,12 @@ impl Checks {
             device: device_id,
             tag: rule.tag,
         })
+    }
+
+    /// Forgets the write of `target` that [`Checks::check`] counted: the driver refused it
+    /// before sending anything, so it does not hold the tag's next write back.
+    pub fn forget(&mut self, target: &Target) {
+        self.last_write.remove(&(target.device, target.tag));
     }
 }
 

@@ -194,7 +194,14 @@ pub async fn run(
                         None => Outcome::Refused(format!(
                             "device `{device}` takes no writes (only Modbus TCP devices do)"
                         )),
-                        Some(writer) => write(writer, target, command.value.clone(), &device).await,
+                        Some(writer) => {
+                            let value = command.value.clone();
+                            let outcome = write(writer, target.clone(), value, &device).await;
+                            if let Outcome::Refused(_) = outcome {
+                                checks.forget(&target);
+                            }
+                            outcome
+                        }
                     },
                 };
                 (

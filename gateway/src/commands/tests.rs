@@ -213,6 +213,19 @@ fn a_tag_is_written_at_most_once_per_write_interval_and_refusals_do_not_count() 
         .is_ok());
 }
 
+#[test]
+fn a_write_the_driver_refused_does_not_hold_the_next_one_back() {
+    let mut c = checks(true);
+    let t0 = Instant::now();
+    let target = c
+        .check("press7", &command("setpoint", Value::Float(1.0)), t0)
+        .unwrap();
+    c.forget(&target);
+    assert!(c
+        .check("press7", &command("setpoint", Value::Float(2.0)), t0)
+        .is_ok());
+}
+
 proptest! {
     #[test]
     fn any_bytes_parse_or_are_refused_without_panicking(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
