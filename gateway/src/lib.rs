@@ -5,6 +5,7 @@
 pub mod api;
 pub mod buffer;
 pub mod cli;
+pub mod commands;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;

@@ -75,6 +75,13 @@ pub struct Metrics {
     /// Reloads refused (a config that fails `check`, an unreadable password): the running
     /// config stays.
     pub reloads_refused: AtomicU64,
+    /// Write commands by outcome: written (the device took it), refused (a check said no,
+    /// before any device), failed (the device or the link said no).
+    pub commands_written: AtomicU64,
+    /// See `commands_written`.
+    pub commands_refused: AtomicU64,
+    /// See `commands_written`.
+    pub commands_failed: AtomicU64,
 }
 
 /// The PUBACK failure reason codes of MQTT 5 (section 3.4.2.1) with their names in the

@@ -1,14 +1,20 @@
 //! The southbound contract: what a driver gets ([`DriverContext`]) and how it hands over what it
 //! read ([`Emitter`]). All drivers share one bounded channel; when it is full a driver waits and
 //! counts an overrun, because a device cannot buffer for us and silently dropping is worse.
+//!
+//! Writes go the other way: each driver task may get a bounded [`WriteInbox`] of
+//! [`WriteRequest`]s (one per task, shared by the units of a Modbus line: a request names its
+//! device). A driver performs a write between two reads, never during one, reads the tag back
+//! and answers on the request's oneshot: [`WriteDone`] with the value read back, or a
+//! [`WriteError`] saying whether the value, the device or the link said no.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{Batch, DeviceId};
+use crate::model::{Batch, DeviceId, TagId, Value};
 
 /// Errors that end a driver task. Per-read failures are not errors: they become bad samples.
 #[derive(Debug, thiserror::Error)]
@@ -162,4 +168,83 @@ pub struct DriverContext {
     pub cancel: CancellationToken,
     /// Counters shared with metrics.
     pub status: Arc<DeviceStatus>,
+    /// Where write requests come from; None when the device takes no writes.
+    pub writes: Option<WriteInbox>,
+}
+
+/// One write asked of a driver.
+#[derive(Debug)]
+pub struct WriteRequest {
+    /// The device (a unit of a Modbus line has its own).
+    pub device: DeviceId,
+    /// The tag, by its index in the device's tags.
+    pub tag: TagId,
+    /// The value, in engineering units (scale and offset are inverted by the driver).
+    pub value: Value,
+    /// Where the outcome goes; a dropped receiver is fine.
+    pub reply: oneshot::Sender<Result<WriteDone, WriteError>>,
+}
+
+/// A write the device accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteDone {
+    /// The tag's value read right before the write (for the audit); None when that read
+    /// failed.
+    pub previous: Option<Value>,
+    /// The tag's value read back right after the write; None when that read failed.
+    pub read_back: Option<Value>,
+}
+
+/// Why a write did not happen (or did not complete).
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The value cannot be stored in the tag (type, range, read-only area); nothing was sent.
+    #[error("{0}")]
+    Refused(String),
+    /// The device or this driver cannot do this kind of write; `what` says which and why.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The device answered with a Modbus exception.
+    #[error("the device refused the write (exception {0})")]
+    Exception(u8),
+    /// The OPC UA server answered with a bad status code.
+    #[error("the server refused the write ({0})")]
+    Status(String),
+    /// The driver has no connection to the device right now; nothing was sent.
+    #[error("the device is not connected")]
+    NotConnected,
+    /// The device does not know the tag (a request for another config).
+    #[error("unknown tag")]
+    UnknownTag,
+    /// No answer, a garbled answer or a failed link: whether the write landed is unknown.
+    #[error("the write got no valid answer: {0}")]
+    Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The receiving end of a driver task's write requests; cloned into each unit's context.
+#[derive(Debug, Clone)]
+pub struct WriteInbox(Arc<tokio::sync::Mutex<mpsc::Receiver<WriteRequest>>>);
+
+impl WriteInbox {
+    /// The next request; None when every sender is gone. Cancel-safe.
+    pub async fn next(&self) -> Option<WriteRequest> {
+        self.0.lock().await.recv().await
+    }
+}
+
+/// A bounded write channel for one driver task.
+pub fn write_channel(capacity: usize) -> (mpsc::Sender<WriteRequest>, WriteInbox) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    (tx, WriteInbox(Arc::new(tokio::sync::Mutex::new(rx))))
+}
+
+/// The next write request of an inbox, or never when there is none (a driver without writes).
+pub async fn next_write(inbox: Option<&WriteInbox>) -> WriteRequest {
+    match inbox {
+        Some(inbox) => match inbox.next().await {
+            Some(request) => request,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }

@@ -43,6 +43,16 @@ pub enum Value {
     Array(Arc<[Value]>),
 }
 
+/// Whether commands may write a tag, and the range they may write (engineering units, both
+/// ends included). Gateway policy carried with the tag; a driver never looks at it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct WriteAccess {
+    /// The smallest value that may be written.
+    pub min: Option<f64>,
+    /// The largest value that may be written.
+    pub max: Option<f64>,
+}
+
 impl Value {
     /// The value as a float, for deadband comparison; `None` for text.
     pub fn as_f64(&self) -> Option<f64> {

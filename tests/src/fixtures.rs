@@ -27,6 +27,7 @@ pub fn tag(
         meta: Default::default(),
         name: name.into(),
         address,
+        bit: None,
         data_type,
         order,
         length,
@@ -34,6 +35,7 @@ pub fn tag(
         offset: 0.0,
         deadband: 0.0,
         scan_interval: scan,
+        write: None,
     }
 }
 
@@ -95,6 +97,7 @@ pub fn local_config(
         },
         devices,
         api: None,
+        commands: Default::default(),
     }
 }
 

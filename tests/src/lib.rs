@@ -1122,6 +1122,8 @@ pub struct ModbusDriverRun {
     pub rx: tokio::sync::mpsc::Receiver<protocols::model::Batch>,
     /// The device's status as the driver reports it.
     pub status: Arc<protocols::driver::DeviceStatus>,
+    /// Write requests to the driver (device 0).
+    pub writes: tokio::sync::mpsc::Sender<protocols::driver::WriteRequest>,
     cancel: CancellationToken,
     driver: Option<tokio::task::JoinHandle<Result<(), protocols::driver::DriverError>>>,
 }
@@ -1129,8 +1131,9 @@ pub struct ModbusDriverRun {
 impl ModbusDriverRun {
     /// Starts the driver of one line with `settings`, reporting as device 0.
     pub fn start(settings: protocols::modbus::ModbusSettings) -> ModbusDriverRun {
-        use protocols::driver::{DeviceStatus, DriverContext, Emitter};
+        use protocols::driver::{write_channel, DeviceStatus, DriverContext, Emitter};
         let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (writes, inbox) = write_channel(4);
         let status = Arc::new(DeviceStatus::default());
         let cancel = CancellationToken::new();
         let ctx = DriverContext {
@@ -1139,11 +1142,13 @@ impl ModbusDriverRun {
             emitter: Emitter::new(tx),
             cancel: cancel.clone(),
             status: status.clone(),
+            writes: Some(inbox),
         };
         let driver = tokio::spawn(protocols::modbus::driver::run(settings, vec![ctx]));
         ModbusDriverRun {
             rx,
             status,
+            writes,
             cancel,
             driver: Some(driver),
         }
@@ -1155,6 +1160,30 @@ impl ModbusDriverRun {
             .await
             .expect("a batch within 5 s: the driver is stuck")
             .expect("the driver ended (did it panic?)")
+    }
+
+    /// Asks the driver to write `value` to tag `tag` of device 0 and waits for the outcome
+    /// (panics when none comes within 5 s).
+    pub async fn write(
+        &self,
+        tag: u32,
+        value: protocols::model::Value,
+    ) -> Result<protocols::driver::WriteDone, protocols::driver::WriteError> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let request = protocols::driver::WriteRequest {
+            device: protocols::model::DeviceId(0),
+            tag: protocols::model::TagId(tag),
+            value,
+            reply,
+        };
+        self.writes
+            .send(request)
+            .await
+            .expect("the driver takes writes");
+        tokio::time::timeout(Duration::from_secs(5), outcome)
+            .await
+            .expect("a write outcome within 5 s")
+            .expect("the driver answers every write")
     }
 
     /// Stops the driver, which must end cleanly and at once.

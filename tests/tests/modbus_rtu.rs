@@ -102,6 +102,7 @@ fn start(settings: ModbusSettings) -> Line {
                 emitter: Emitter::new(tx.clone()),
                 cancel: cancel.clone(),
                 status,
+                writes: None,
             }
         })
         .collect();

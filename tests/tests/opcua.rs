@@ -102,6 +102,7 @@ fn start_on(
         emitter: Emitter::new(tx),
         cancel: cancel.clone(),
         status: status.clone(),
+        writes: None,
     };
     let task = tokio::spawn(opcua::driver::run(s, ctx));
     Running {

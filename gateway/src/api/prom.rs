@@ -456,6 +456,23 @@ impl GatewayCollector {
             None,
             Counter,
             |e| counter(e, get(&m.reloads_refused)),
+        )?;
+        family(
+            encoder,
+            "commands",
+            "Write commands from the cloud by outcome: written, refused (by a check, before any device), failed (the device or the link said no).",
+            None,
+            Counter,
+            |enc| {
+                for (outcome, n) in [
+                    ("written", &m.commands_written),
+                    ("refused", &m.commands_refused),
+                    ("failed", &m.commands_failed),
+                ] {
+                    counter(&mut enc.encode_family(&[("outcome", outcome)])?, get(n))?;
+                }
+                Ok(())
+            },
         )
     }
 }

@@ -149,6 +149,7 @@ pub async fn poll(config: &Config) -> DryRun {
                 emitter: Emitter::new(tx.clone()),
                 cancel: cancel.clone(),
                 status: Arc::new(DeviceStatus::default()),
+                writes: None,
             })
             .collect();
         let kind = d.kind.clone();

@@ -77,6 +77,26 @@ pub struct Config {
     pub devices: Vec<DeviceSettings>,
     /// `[api]`: the HTTP API and status page; `None` (no section) serves nothing.
     pub api: Option<ApiSettings>,
+    /// `[commands]`: writes from the cloud (off by default).
+    pub commands: CommandSettings,
+}
+
+/// `[commands]`: whether the gateway takes write commands, and how often a tag may be written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandSettings {
+    /// Whether `{topic_prefix}/+/cmd` is subscribed to.
+    pub enabled: bool,
+    /// The shortest time between two writes of one tag.
+    pub write_interval: Duration,
+}
+
+impl Default for CommandSettings {
+    fn default() -> Self {
+        CommandSettings {
+            enabled: false,
+            write_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 /// `[api]`: where the HTTP API (`/metrics`, `/health`, `/ready`, `/api/*`, the status page at

@@ -13,7 +13,7 @@ use super::values::{parse_duration, parse_size};
 use super::{Format, WhenFull};
 
 /// The sections of the file, in the order they are documented.
-pub(super) const SECTIONS: &[&str] = &["gateway", "buffer", "mqtt", "api", "devices"];
+pub(super) const SECTIONS: &[&str] = &["gateway", "buffer", "mqtt", "api", "commands", "devices"];
 /// The keys of a Modbus device that hold arrays of tables, checked apart from the device.
 pub(super) const MODBUS_ARRAYS: &[&str] = &["units", "tags"];
 /// The keys of an OPC UA device that hold arrays of tables.
@@ -90,6 +90,16 @@ impl<'de> Deserialize<'de> for Size {
 pub(super) struct RawGateway {
     pub(super) id: String,
     pub(super) data_dir: Option<String>,
+}
+
+/// `[commands]`: writes from the cloud.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCommands {
+    /// Whether the gateway takes write commands on `{topic_prefix}/+/cmd` (default false).
+    pub(super) enabled: Option<bool>,
+    /// The shortest time between two writes of one tag (default "1s").
+    pub(super) write_interval: Option<Dur>,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -205,6 +215,12 @@ pub(super) struct RawTag {
     /// High end of the engineering range.
     pub(super) max: Option<f64>,
     pub(super) scan_interval: Option<Dur>,
+    /// Whether commands may write the tag (default false; needs `[commands] enabled`).
+    pub(super) writable: Option<bool>,
+    /// The smallest value a command may write (engineering units).
+    pub(super) write_min: Option<f64>,
+    /// The largest value a command may write (engineering units).
+    pub(super) write_max: Option<f64>,
 }
 
 /// A `protocol = "opcua"` `[[devices]]` entry without its `tags`.

@@ -13,8 +13,8 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 
 use super::check::Protocol;
 use super::raw::{
-    Dur, RawApi, RawBuffer, RawGateway, RawModbusDevice, RawMqtt, RawOpcUaDevice, RawOpcUaTag,
-    RawTag, RawUnit, Size,
+    Dur, RawApi, RawBuffer, RawCommands, RawGateway, RawModbusDevice, RawMqtt, RawOpcUaDevice,
+    RawOpcUaTag, RawTag, RawUnit, Size,
 };
 
 /// The whole file.
@@ -27,6 +27,7 @@ struct ConfigFile {
     buffer: Option<RawBuffer>,
     mqtt: RawMqtt,
     api: Option<RawApi>,
+    commands: Option<RawCommands>,
     devices: Vec<Device>,
 }
 

@@ -73,9 +73,24 @@ pub struct Shared {
     /// The meta documents of the current devices (JSON mode; none otherwise): the publisher
     /// sends them after each CONNACK and whenever a reload changes them.
     pub meta: tokio::sync::watch::Sender<Arc<Vec<MetaMessage>>>,
+    /// The publisher's ends of the command channels, when commands are on: each publisher
+    /// takes them at its start and gives them back at its end (a reload's new publisher).
+    commands: Mutex<Option<crate::commands::task::CommandLink>>,
 }
 
 impl Shared {
+    /// Hands the command channels to the publisher that starts.
+    pub fn take_commands(&self) -> Option<crate::commands::task::CommandLink> {
+        self.commands.lock().ok().and_then(|mut c| c.take())
+    }
+
+    /// Takes back the command channels from a publisher that ends.
+    pub fn give_back_commands(&self, link: Option<crate::commands::task::CommandLink>) {
+        if let Ok(mut c) = self.commands.lock() {
+            *c = link;
+        }
+    }
+
     /// The publisher says what the broker takes: `Some(bytes)` from an MQTT 5 CONNACK, `None`
     /// for no limit beyond the configured one (MQTT 3.1.1, a broker that names none, or a first
     /// attempt that failed).
@@ -123,6 +138,7 @@ impl Shared {
             latest: Arc::default(),
             latest_wanted: AtomicBool::new(false),
             meta: tokio::sync::watch::channel(Arc::default()).0,
+            commands: Mutex::new(None),
         }
     }
 
@@ -482,12 +498,14 @@ impl Running {
             .into_iter()
             .map(|(settings, ids)| {
                 let name = settings.name.clone();
+                // A driver started by a reload takes no commands (see docs/ARCHITECTURE.md).
                 let task = spawn_driver(
                     settings,
                     ids,
                     &catalog,
                     &self.batch_tx,
                     &self.drivers_cancel,
+                    None,
                 );
                 (name, task)
             })
@@ -584,6 +602,7 @@ fn spawn_driver(
     catalog: &Catalog,
     batch_tx: &mpsc::Sender<Batch>,
     parent: &CancellationToken,
+    writes: Option<protocols::driver::WriteInbox>,
 ) -> DriverTask {
     let cancel = parent.child_token();
     let mut handles = Vec::with_capacity(ids.len());
@@ -603,6 +622,7 @@ fn spawn_driver(
             emitter: Emitter::new(batch_tx.clone()),
             cancel: cancel.clone(),
             status,
+            writes: writes.clone(),
         });
     }
     let kind = settings.kind.clone();
@@ -742,13 +762,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let drivers_cancel = CancellationToken::new();
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_CHANNEL);
+    let mut commands = crate::commands::task::Wiring::new(&config, &lines);
     let (live_tx, live_rx) = mpsc::channel(usize::from(config.mqtt.max_inflight) * 2);
     let (updates, updates_rx) = mpsc::channel(1);
 
     let drivers: Vec<DriverTask> = lines
         .into_iter()
-        .map(|(settings, ids)| spawn_driver(settings, ids, &catalog, &batch_tx, &drivers_cancel))
+        .map(|(settings, ids)| {
+            let inbox = commands.inbox(&settings, &ids);
+            spawn_driver(settings, ids, &catalog, &batch_tx, &drivers_cancel, inbox)
+        })
         .collect();
+    commands.start(&config, shared.clone());
     let devices = drivers
         .iter()
         .flat_map(|d| d.handles.iter().cloned())

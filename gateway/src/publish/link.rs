@@ -85,6 +85,8 @@ pub(crate) enum Happening {
     Acked { pkid: u16, refused: Option<Refusal> },
     /// The DISCONNECT went out.
     DisconnectSent,
+    /// A publish from the broker (a command: the gateway subscribes to nothing else).
+    Received { topic: String, payload: Bytes },
     /// Anything else (pings, the client's own bookkeeping).
     Other,
 }
@@ -222,6 +224,33 @@ impl Sender {
         }
     }
 
+    /// Subscribes to `filter` at QoS 1 (commands).
+    pub(crate) async fn subscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Sender::V4(c) => c
+                .subscribe(filter, QoS::AtLeastOnce)
+                .await
+                .map_err(|e| e.to_string()),
+            Sender::V5(c) => c
+                .subscribe(filter, v5::mqttbytes::QoS::AtLeastOnce)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Hands a QoS 0 publish (a command reply) to the event loop: it takes no packet id and
+    /// no place in the window.
+    pub(crate) fn try_publish_qos0(&self, topic: String, payload: Bytes) -> Result<(), String> {
+        match self {
+            Sender::V4(c) => c
+                .try_publish(topic, QoS::AtMostOnce, false, payload)
+                .map_err(|e| e.to_string()),
+            Sender::V5(c) => c
+                .try_publish(topic, v5::mqttbytes::QoS::AtMostOnce, false, payload)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
     /// Asks the event loop to send DISCONNECT.
     pub(crate) fn try_disconnect(&self) {
         let _ = match self {
@@ -323,6 +352,10 @@ fn happening_v4(event: Event) -> Happening {
             pkid: ack.pkid,
             refused: None,
         },
+        Event::Incoming(Packet::Publish(p)) => Happening::Received {
+            topic: p.topic,
+            payload: p.payload,
+        },
         Event::Outgoing(out) => happening_outgoing(out),
         Event::Incoming(_) => Happening::Other,
     }
@@ -342,6 +375,10 @@ fn happening_v5(event: v5::Event) -> Happening {
                 reason: ack.properties.and_then(|p| p.reason_string),
             }),
         },
+        v5::Event::Incoming(Packet5::Publish(p)) => Happening::Received {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload,
+        },
         v5::Event::Outgoing(out) => happening_outgoing(out),
         v5::Event::Incoming(_) => Happening::Other,
     }
@@ -349,6 +386,9 @@ fn happening_v5(event: v5::Event) -> Happening {
 
 fn happening_outgoing(out: Outgoing) -> Happening {
     match out {
+        // Packet id 0 is a QoS 0 publish (a command reply): never acknowledged, never in the
+        // window.
+        Outgoing::Publish(0) => Happening::Other,
         Outgoing::Publish(pkid) => Happening::Sent(pkid),
         Outgoing::AwaitAck(pkid) => Happening::Collision(pkid),
         Outgoing::Disconnect => Happening::DisconnectSent,

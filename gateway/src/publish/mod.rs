@@ -23,6 +23,7 @@
 //!   next attempt instead of connecting without them.
 
 pub mod alias;
+mod commands;
 pub(crate) mod connect;
 pub(crate) mod link;
 pub mod meta;
@@ -257,6 +258,8 @@ impl Publisher {
             // MQTT 3.1.1 brokers announce no limit: the configured one is all there is.
             p.shared.set_broker_packet_limit(None);
         }
+        // Commands (when on): taken for this publisher's life, given back at its end.
+        let mut commands = p.shared.take_commands();
         let mut poll = p.poll_next(link, Duration::ZERO);
         let mut check = tokio::time::interval(Duration::from_millis(500));
         let mut draining_until: Option<tokio::time::Instant> = None;
@@ -302,6 +305,11 @@ impl Publisher {
                             // window's pkid mapping and credit an ack to the wrong record.
                             link.forget_old_connection();
                             p.on_connected(limits).await;
+                            commands::subscribe(&p.client, commands.as_ref(), &p.settings.topic_prefix).await;
+                            Duration::ZERO
+                        }
+                        Polled::Happened(Happening::Received { topic, payload }) => {
+                            commands::forward(commands.as_ref(), topic, payload);
                             Duration::ZERO
                         }
                         Polled::Happened(h) => {
@@ -346,6 +354,9 @@ impl Publisher {
                         p.replay_from = Some(p.replay_from.map_or(seq, |c| c.min(seq)));
                     }
                 }
+                reply = commands::next_reply(&mut commands), if p.connected => {
+                    commands::send_reply(&p.client, reply);
+                }
                 _ = check.tick() => {
                     p.check_ack_timeout();
                     p.check_token_renewal();
@@ -357,6 +368,7 @@ impl Publisher {
             }
         }
         p.disconnect(poll).await;
+        p.shared.give_back_commands(commands);
     }
 
     /// The next poll of `link`: a new connection attempt, prepared afresh, when one is due
@@ -674,7 +686,10 @@ impl Publisher {
             Happening::Acked { pkid, refused } => {
                 self.on_puback(pkid, refused);
             }
-            Happening::Connected { .. } | Happening::DisconnectSent | Happening::Other => {}
+            Happening::Connected { .. }
+            | Happening::DisconnectSent
+            | Happening::Received { .. }
+            | Happening::Other => {}
         }
     }
 

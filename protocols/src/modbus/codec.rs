@@ -71,6 +71,12 @@ pub fn decode_bit(bit: bool) -> Value {
     Value::Bool(bit)
 }
 
+/// Decodes bit `bit` of a register (0 is the least significant) into a bool; a bit past 15
+/// reads as false.
+pub fn decode_register_bit(reg: u16, bit: u8) -> Value {
+    Value::Bool(reg.checked_shr(u32::from(bit)).is_some_and(|r| r & 1 == 1))
+}
+
 /// Applies value = raw * scale + offset; returns the value unchanged when scale == 1 and offset == 0,
 /// Value::Float otherwise (bool and text are never scaled).
 pub fn apply_scaling(value: Value, scale: f64, offset: f64) -> Value {
@@ -741,5 +747,14 @@ mod tests {
                 prop_assert_eq!(result.is_ok(), n == usize::from(register_count(t, length)));
             }
         }
+    }
+
+    #[test]
+    fn a_register_bit_is_counted_from_the_least_significant_bit() {
+        assert_eq!(decode_register_bit(0b1000, 3), Value::Bool(true));
+        assert_eq!(decode_register_bit(0b1000, 2), Value::Bool(false));
+        assert_eq!(decode_register_bit(0x8000, 15), Value::Bool(true));
+        assert_eq!(decode_register_bit(0x0001, 0), Value::Bool(true));
+        assert_eq!(decode_register_bit(0xFFFF, 16), Value::Bool(false));
     }
 }

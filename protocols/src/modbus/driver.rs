@@ -22,15 +22,17 @@ use std::time::{Duration, Instant};
 use tokio_modbus::ExceptionCode;
 use tracing::{debug, info, warn};
 
-use super::codec;
 use super::planner::{Block, Limits};
 use super::scan::{self, ChangeFilter, ScanClass};
 use super::schedule::{budgeted_probe_period, Schedule, Transition};
 use super::transport::rtu::HOLD_OFF_TIMEOUTS;
 use super::transport::{BlockData, Conn, ReadError};
+use super::{codec, write};
 use super::{ModbusSettings, TagSpec, UnitSettings};
 use crate::backoff::Backoff;
-use crate::driver::{DriverContext, DriverError, ErrorKind};
+use crate::driver::{
+    next_write, DriverContext, DriverError, ErrorKind, WriteDone, WriteError, WriteRequest,
+};
 use crate::model::{Batch, Reason, Sample, TagId, Timestamp};
 
 /// Largest number of coils or discrete inputs in one request (Modbus limit).
@@ -143,14 +145,23 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
     let mut silent_line_logged = false;
     let mut attempts: u64 = 0;
 
+    // Every unit's context holds the same inbox (one per line).
+    let inbox = units.iter().find_map(|u| u.ctx.writes.clone());
+
     loop {
-        let Some(next) = schedule.next_due() else {
-            cancel.cancelled().await;
-            return Ok(());
-        };
+        let next = schedule.next_due();
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            _ = tokio::time::sleep_until(next.into()) => {}
+            _ = sleep_until(next) => {}
+            request = next_write(inbox.as_ref()) => {
+                let dropped = write_request(&mut conn, &settings, &units, request).await;
+                if dropped {
+                    units.iter().for_each(|u| {
+                        u.ctx.status.connected.store(false, Ordering::Relaxed);
+                    });
+                }
+                continue;
+            }
         }
         let Some(job) = schedule.pick(Instant::now()) else {
             continue;
@@ -290,6 +301,147 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `next`, or for ever when nothing is scheduled.
+async fn sleep_until(next: Option<Instant>) {
+    match next {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Performs one write request between two scans and answers it. Returns whether the
+/// connection was dropped (a write that got no valid answer leaves a Modbus TCP connection
+/// unusable, as a read does).
+async fn write_request(
+    conn: &mut Option<Conn>,
+    settings: &ModbusSettings,
+    units: &[Unit],
+    request: WriteRequest,
+) -> bool {
+    let WriteRequest {
+        device,
+        tag,
+        value,
+        reply,
+    } = request;
+    let mut dropped = false;
+    let outcome = match units.iter().find(|u| u.ctx.device == device) {
+        None => Err(WriteError::UnknownTag),
+        Some(unit) => match unit.settings.tags.get(tag.0 as usize) {
+            None => Err(WriteError::UnknownTag),
+            Some(spec) => {
+                let result = write_tag(conn, settings, unit, spec, tag, &value).await;
+                if let Err(WriteError::Failed(_)) = &result {
+                    if let Some(c) = conn.take() {
+                        c.close().await;
+                        dropped = true;
+                    }
+                }
+                result
+            }
+        },
+    };
+    let _ = reply.send(outcome);
+    dropped
+}
+
+/// Writes `value` to one tag of a unit and reads the tag back.
+async fn write_tag(
+    conn: &mut Option<Conn>,
+    settings: &ModbusSettings,
+    unit: &Unit,
+    spec: &TagSpec,
+    tag: TagId,
+    value: &crate::model::Value,
+) -> Result<WriteDone, WriteError> {
+    let plan = write::plan(spec, value).map_err(|e| WriteError::Refused(e.to_string()))?;
+    if settings.link.is_rtu() {
+        return Err(WriteError::Unsupported(
+            "writes are not implemented on Modbus RTU lines yet (only Modbus TCP)".into(),
+        ));
+    }
+    let Some(link) = conn.as_mut() else {
+        return Err(WriteError::NotConnected);
+    };
+    let status = &unit.ctx.status;
+    let previous = read_tag(link, settings, unit, spec, tag).await;
+    status.requests.fetch_add(1, Ordering::Relaxed);
+    let unit_id = unit.settings.unit_id;
+    let start = spec.address.offset;
+    match link.write(unit_id, start, &plan, settings.timeout).await {
+        Ok(Ok(())) => {}
+        Ok(Err(ExceptionCode::IllegalFunction))
+            if matches!(plan, write::WritePlan::Mask { .. }) =>
+        {
+            status.count_error(ErrorKind::Exception);
+            return Err(WriteError::Unsupported(format!(
+                "the device does not take the mask write (function 22, exception 01), so bit {} \
+                 of {} cannot be written alone; writing the whole register could overwrite \
+                 other bits the device changed meanwhile, so nothing was written",
+                spec.bit.unwrap_or(0),
+                spec.address
+            )));
+        }
+        Ok(Err(code)) => {
+            status.count_error(ErrorKind::Exception);
+            return Err(WriteError::Exception(u8::from(code)));
+        }
+        Err(e) => {
+            status.count_error(ErrorKind::of(reason_of(&e)));
+            return Err(WriteError::Failed(Box::new(e)));
+        }
+    }
+    let read_back = read_tag(link, settings, unit, spec, tag).await;
+    Ok(WriteDone {
+        previous,
+        read_back,
+    })
+}
+
+/// Reads one tag alone, as a scan would; None when the read fails.
+async fn read_tag(
+    link: &mut Conn,
+    settings: &ModbusSettings,
+    unit: &Unit,
+    spec: &TagSpec,
+    tag: TagId,
+) -> Option<crate::model::Value> {
+    unit.ctx.status.requests.fetch_add(1, Ordering::Relaxed);
+    let block = Block {
+        area: spec.address.area,
+        start: spec.address.offset,
+        count: spec.width(),
+        slots: vec![super::planner::Slot {
+            tag,
+            offset: 0,
+            width: spec.width(),
+        }],
+    };
+    let answer = link
+        .read(
+            unit.settings.unit_id,
+            block.area,
+            block.start,
+            block.count,
+            settings.timeout,
+        )
+        .await;
+    match answer {
+        Ok(Ok(data)) => {
+            let mut samples = Vec::with_capacity(1);
+            decode_block(
+                &block,
+                &data,
+                &unit.settings.tags,
+                Timestamp::now(),
+                &mut samples,
+            );
+            samples.pop().and_then(|s| s.value)
+        }
+        Ok(Err(_)) | Err(_) => None,
     }
 }
 
@@ -495,6 +647,10 @@ fn decode_block(
         let start = usize::from(slot.offset);
         let end = start + usize::from(slot.width);
         let value = match data {
+            BlockData::Registers(regs) if spec.bit.is_some() => regs
+                .get(start)
+                .zip(spec.bit)
+                .map(|(&reg, bit)| codec::decode_register_bit(reg, bit)),
             BlockData::Registers(regs) => regs.get(start..end).and_then(|r| {
                 codec::decode_registers(spec.data_type, spec.order, spec.length, r)
                     .ok()

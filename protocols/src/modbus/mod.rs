@@ -7,6 +7,7 @@ mod planner;
 mod scan;
 mod schedule;
 mod transport;
+pub mod write;
 
 pub use schedule::BUDGET_FACTOR;
 pub use transport::{frame, BlockData, LinkError, ReadError};
@@ -117,13 +118,57 @@ pub enum AddressError {
     /// The number is not in 0..=65535.
     #[error("`{0}` is not a register number between 0 and 65535")]
     Number(String),
+    /// A Modicon-style number such as `40001`, which names an area by its first digit and
+    /// counts from 1.
+    #[error(
+        "`{text}` looks like a Modicon register number (first digit the area, counted from 1): \
+         did you mean `{suggestion}`? Addresses here are `AREA:NUMBER`, counted from 0"
+    )]
+    Modicon {
+        /// The address as written.
+        text: String,
+        /// The zero-based address it stands for.
+        suggestion: Address,
+    },
+    /// The bit after the register (`hr:5.3`) is not in 0..=15.
+    #[error("`{0}` is not a bit number between 0 (least significant) and 15")]
+    Bit(String),
+    /// A bit given on a coil or discrete input (`co:5.3`), which is a single bit already.
+    #[error("`{0}:` is one bit already: `.BIT` is only for a bit of a register (hr or ir)")]
+    BitOfBit(Area),
+}
+
+/// A Modicon-style address (`40001`, `400001`, `30001`, `10001`, `00001`) as the zero-based
+/// address it stands for; None when the text is not one.
+fn modicon(text: &str) -> Option<Address> {
+    if !(5..=6).contains(&text.len()) || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let area = match text.as_bytes().first()? {
+        b'0' => Area::Coil,
+        b'1' => Area::DiscreteInput,
+        b'3' => Area::InputRegister,
+        b'4' => Area::HoldingRegister,
+        _ => return None,
+    };
+    let number: u32 = text.get(1..)?.parse().ok()?;
+    let offset = u16::try_from(number.checked_sub(1)?).ok()?;
+    Some(Address { area, offset })
 }
 
 impl FromStr for Address {
     type Err = AddressError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (area, num) = s.trim().split_once(':').ok_or(AddressError::Format)?;
+        let Some((area, num)) = s.trim().split_once(':') else {
+            return Err(match modicon(s.trim()) {
+                Some(suggestion) => AddressError::Modicon {
+                    text: s.trim().to_owned(),
+                    suggestion,
+                },
+                None => AddressError::Format,
+            });
+        };
         // Lower-cased first, so that an unknown area is named the way the known ones are.
         let area = area.to_ascii_lowercase().parse::<Area>()?;
         let offset = num
@@ -131,6 +176,51 @@ impl FromStr for Address {
             .parse::<u16>()
             .map_err(|_| AddressError::Number(num.to_string()))?;
         Ok(Address { area, offset })
+    }
+}
+
+/// Where a tag is: an address, and for a bool in a register (`hr:5.3`) the bit, 0 being the
+/// least significant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TagAddress {
+    /// The register (or coil, or discrete input).
+    pub address: Address,
+    /// The bit of the register, 0..=15; only in `hr` and `ir`.
+    pub bit: Option<u8>,
+}
+
+impl FromStr for TagAddress {
+    type Err = AddressError;
+
+    /// `hr:5` or `hr:5.3` (bit 3 of holding register 5).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let text = s.trim();
+        let (register, bit) = match text.split_once(':') {
+            Some((_, number)) => match number.rsplit_once('.') {
+                Some((_, bit)) => (&text[..text.len() - bit.len() - 1], Some(bit)),
+                None => (text, None),
+            },
+            None => (text, None),
+        };
+        let address = register.parse::<Address>()?;
+        let bit = match bit {
+            None => None,
+            Some(_) if address.area.is_bit() => return Err(AddressError::BitOfBit(address.area)),
+            Some(bit) => match bit.trim().parse::<u8>() {
+                Ok(b) if b < 16 => Some(b),
+                _ => return Err(AddressError::Bit(bit.to_owned())),
+            },
+        };
+        Ok(TagAddress { address, bit })
+    }
+}
+
+impl fmt::Display for TagAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.bit {
+            Some(bit) => write!(f, "{}.{bit}", self.address),
+            None => write!(f, "{}", self.address),
+        }
     }
 }
 
@@ -287,6 +377,9 @@ pub struct TagSpec {
     pub name: Arc<str>,
     /// Where the tag starts.
     pub address: Address,
+    /// For a bool in a register area, the bit of the register (0 = least significant); the
+    /// tag then occupies its one register, which other bit tags may share.
+    pub bit: Option<u8>,
     /// How to interpret it.
     pub data_type: DataType,
     /// Word and byte order for multi-register types.
@@ -303,12 +396,14 @@ pub struct TagSpec {
     pub scan_interval: Duration,
     /// Unit, description and engineering range, for consumers; the driver never reads it.
     pub meta: crate::model::TagMeta,
+    /// Whether (and within which range) commands may write the tag; None: read-only.
+    pub write: Option<crate::model::WriteAccess>,
 }
 
 impl TagSpec {
     /// The number of registers (or bits, in a bit area) the tag occupies.
     pub fn width(&self) -> u16 {
-        if self.address.area.is_bit() {
+        if self.address.area.is_bit() || self.bit.is_some() {
             1
         } else {
             codec::register_count(self.data_type, self.length)
@@ -478,5 +573,77 @@ impl ModbusSettings {
     /// Number of tags over all units.
     pub fn tag_count(&self) -> usize {
         self.units.iter().map(|u| u.tags.len()).sum()
+    }
+}
+
+impl TagSpec {
+    /// Where the tag is, with its bit: `hr:5.3`.
+    pub fn tag_address(&self) -> TagAddress {
+        TagAddress {
+            address: self.address,
+            bit: self.bit,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn tag_address(s: &str) -> Result<TagAddress, AddressError> {
+        s.parse()
+    }
+
+    #[test]
+    fn a_bit_of_a_register_is_written_after_a_dot() {
+        let a = tag_address("hr:5.3").unwrap();
+        assert_eq!(
+            a.address,
+            Address {
+                area: Area::HoldingRegister,
+                offset: 5
+            }
+        );
+        assert_eq!(a.bit, Some(3));
+        assert_eq!(a.to_string(), "hr:5.3");
+        let a = tag_address("IR:0.15").unwrap();
+        assert_eq!((a.address.area, a.bit), (Area::InputRegister, Some(15)));
+        assert_eq!(tag_address("hr:5").unwrap().bit, None);
+    }
+
+    #[test]
+    fn a_bit_past_15_or_of_a_coil_is_refused() {
+        assert_eq!(tag_address("hr:5.16"), Err(AddressError::Bit("16".into())));
+        assert_eq!(tag_address("hr:5.x"), Err(AddressError::Bit("x".into())));
+        assert_eq!(tag_address("hr:5."), Err(AddressError::Bit("".into())));
+        assert_eq!(
+            tag_address("co:5.1"),
+            Err(AddressError::BitOfBit(Area::Coil))
+        );
+        assert!(matches!(
+            tag_address("hr:70000.1"),
+            Err(AddressError::Number(_))
+        ));
+    }
+
+    #[test]
+    fn modicon_numbers_are_explained_with_the_address_they_stand_for() {
+        let suggest = |s: &str| match s.parse::<Address>() {
+            Err(AddressError::Modicon { suggestion, .. }) => Some(suggestion.to_string()),
+            _ => None,
+        };
+        assert_eq!(suggest("40001").as_deref(), Some("hr:0"));
+        assert_eq!(suggest("40101").as_deref(), Some("hr:100"));
+        assert_eq!(suggest("30001").as_deref(), Some("ir:0"));
+        assert_eq!(suggest("10005").as_deref(), Some("di:4"));
+        assert_eq!(suggest("00001").as_deref(), Some("co:0"));
+        assert_eq!(suggest("400001").as_deref(), Some("hr:0"));
+        assert_eq!(suggest("465536").as_deref(), Some("hr:65535"));
+        assert_eq!(suggest("465537"), None);
+        assert_eq!(suggest("40000"), None, "Modicon numbers count from 1");
+        assert_eq!(suggest("20001"), None, "2 is no area");
+        assert_eq!(suggest("4001"), None);
+        assert_eq!("4001".parse::<Address>(), Err(AddressError::Format));
     }
 }

@@ -356,6 +356,17 @@ mod tests {
     }
 
     #[test]
+    fn bit_tags_of_a_register_are_read_in_the_block_of_its_other_tags() {
+        // Two bit tags of hr:5 (width 1 at offset 5) beside u16 tags at hr:4 and hr:6.
+        let blocks = plan(&hr(&[(4, 1), (5, 1), (5, 1), (6, 1)]), limits(125, 0));
+        assert_eq!(ranges(&blocks), [(4, 3)]);
+        assert_eq!(
+            blocks[0].slots,
+            [slot(0, 0, 1), slot(1, 1, 1), slot(2, 1, 1), slot(3, 2, 1)]
+        );
+    }
+
+    #[test]
     fn oversized_tag_gets_its_own_untruncated_block() {
         let blocks = plan(&hr(&[(0, 1), (1, 10), (11, 1)]), limits(4, 10));
         assert_eq!(ranges(&blocks), [(0, 1), (1, 10), (11, 1)]);

@@ -148,6 +148,7 @@ mod tests {
                 area: crate::modbus::Area::HoldingRegister,
                 offset: 0,
             },
+            bit: None,
             data_type: DataType::U16,
             order: WordOrder::ABCD,
             length: 0,
@@ -155,6 +156,7 @@ mod tests {
             offset: 0.0,
             deadband,
             scan_interval: Duration::from_secs(1),
+            write: None,
         }
     }
 

@@ -99,9 +99,40 @@ impl Image {
         Ok(range)
     }
 
-    /// The answer to a request: a read of the image, or the exception the device gives.
-    pub(crate) fn answer(&self, req: &Request<'_>) -> Result<Response, ExceptionCode> {
+    /// The answer to a request: a read or write of the image, or the exception the device
+    /// gives. Writes take coils and holding registers (functions 5, 6, 15, 16 and the mask
+    /// write, 22).
+    pub(crate) fn answer(&mut self, req: &Request<'_>) -> Result<Response, ExceptionCode> {
         match *req {
+            Request::WriteSingleCoil(a, on) => {
+                let r = self.check(Area::Coil, a, 1)?;
+                self.co[r].fill(on);
+                Ok(Response::WriteSingleCoil(a, on))
+            }
+            Request::WriteMultipleCoils(a, ref bits) => {
+                let n = u16::try_from(bits.len()).map_err(|_| ExceptionCode::IllegalDataValue)?;
+                let r = self.check(Area::Coil, a, n)?;
+                self.co[r].copy_from_slice(bits);
+                Ok(Response::WriteMultipleCoils(a, n))
+            }
+            Request::WriteSingleRegister(a, word) => {
+                let r = self.check(Area::HoldingRegister, a, 1)?;
+                self.hr[r].fill(word);
+                Ok(Response::WriteSingleRegister(a, word))
+            }
+            Request::WriteMultipleRegisters(a, ref words) => {
+                let n = u16::try_from(words.len()).map_err(|_| ExceptionCode::IllegalDataValue)?;
+                let r = self.check(Area::HoldingRegister, a, n)?;
+                self.hr[r].copy_from_slice(words);
+                Ok(Response::WriteMultipleRegisters(a, n))
+            }
+            Request::MaskWriteRegister(a, and_mask, or_mask) => {
+                let r = self.check(Area::HoldingRegister, a, 1)?;
+                for reg in &mut self.hr[r] {
+                    *reg = (*reg & and_mask) | (or_mask & !and_mask);
+                }
+                Ok(Response::MaskWriteRegister(a, and_mask, or_mask))
+            }
             Request::ReadHoldingRegisters(a, n) => {
                 let r = self.check(Area::HoldingRegister, a, n)?;
                 Ok(Response::ReadHoldingRegisters(self.hr[r].to_vec()))
@@ -134,6 +165,11 @@ pub struct Faults {
     pub silent: AtomicBool,
     /// Connections accepted.
     pub connections: AtomicU64,
+    /// Write requests received (functions 5, 6, 15, 16, 22), answered or not.
+    pub writes: AtomicU64,
+    /// When set, the mask write (function 22) is answered with exception 01 (illegal
+    /// function), as by devices that do not implement it.
+    pub no_mask_write: AtomicBool,
 }
 
 /// A simulated device: its register image and fault switches, shared with its server.
@@ -158,6 +194,11 @@ impl SimDevice {
     /// The fault switches and counters.
     pub fn faults(&self) -> &Faults {
         &self.faults
+    }
+
+    /// Write requests received so far.
+    pub fn writes(&self) -> u64 {
+        self.faults.writes.load(Ordering::Relaxed)
     }
 
     /// Requests received so far.
@@ -280,7 +321,27 @@ impl Service for SimDevice {
         self.faults.requests.fetch_add(1, Ordering::Relaxed);
         let delay = Duration::from_millis(self.faults.delay_ms.load(Ordering::Relaxed));
         let silent = self.faults.silent.load(Ordering::Relaxed);
-        let answer = self.image().answer(&req.request);
+        let write = matches!(
+            req.request,
+            Request::WriteSingleCoil(..)
+                | Request::WriteMultipleCoils(..)
+                | Request::WriteSingleRegister(..)
+                | Request::WriteMultipleRegisters(..)
+                | Request::MaskWriteRegister(..)
+        );
+        if write {
+            self.faults.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        let mask_refused = matches!(req.request, Request::MaskWriteRegister(..))
+            && self.faults.no_mask_write.load(Ordering::Relaxed);
+        let answer = if silent {
+            // A silent device changes nothing.
+            Err(ExceptionCode::ServerDeviceFailure)
+        } else if mask_refused {
+            Err(ExceptionCode::IllegalFunction)
+        } else {
+            self.image().answer(&req.request)
+        };
         Box::pin(async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;

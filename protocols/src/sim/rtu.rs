@@ -211,7 +211,7 @@ impl RtuSim {
             return Ok(());
         }
         let delay = Duration::from_millis(faults.delay_ms.load(Ordering::Relaxed));
-        encode_answer(&device.image(), &request, frame);
+        encode_answer(&mut device.image(), &request, frame);
         self.spoil(frame, tx);
 
         let mut at = arrived;
@@ -310,7 +310,7 @@ impl RtuSim {
 }
 
 /// Writes the answer for `request` from `image` into `frame`: data, or an exception frame.
-fn encode_answer(image: &Image, request: &frame::Request, frame: &mut Vec<u8>) {
+fn encode_answer(image: &mut Image, request: &frame::Request, frame: &mut Vec<u8>) {
     let (unit, function, start, count) =
         (request.unit, request.function, request.start, request.count);
     let Some(area) = frame::area_of(function) else {

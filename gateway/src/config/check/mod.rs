@@ -10,6 +10,7 @@
 
 mod api;
 mod cloud;
+mod commands;
 mod devices;
 mod modbus;
 mod mqtt;
@@ -289,6 +290,7 @@ impl Checker<'_> {
     fn config(&mut self, root: toml::Table) -> Option<Config> {
         let (mut gateway, mut buffer, mut mqtt, mut devices) = (None, None, None, None);
         let mut api = None;
+        let mut commands = None;
         for (key, value) in root {
             match key.as_str() {
                 "gateway" => gateway = Some(value),
@@ -296,6 +298,7 @@ impl Checker<'_> {
                 "mqtt" => mqtt = Some(value),
                 "devices" => devices = Some(value),
                 "api" => api = Some(value),
+                "commands" => commands = Some(value),
                 _ => {
                     let message = unknown_key_message("section", &key, SECTIONS);
                     self.report(&FieldPath::top(&key), message);
@@ -310,6 +313,7 @@ impl Checker<'_> {
             .as_ref()
             .map_or_else(|| PathBuf::from("data"), |g| g.data_dir.clone());
         let api = api.map(|value| self.api(value));
+        let commands = self.commands(commands);
         let devices = self.devices(devices, &data_dir);
         if let (Some(mqtt), Some(devices), Some(id)) = (&mqtt, &devices, &id) {
             self.status_topic_clash(mqtt, devices, id);
@@ -321,6 +325,7 @@ impl Checker<'_> {
             mqtt: mqtt?,
             devices: devices?,
             api: api.flatten(),
+            commands: commands?,
         })
     }
 

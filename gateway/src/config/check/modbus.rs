@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocols::modbus::{
-    Address, Area, DataType, Link, ModbusSettings, Parity, SerialSettings, TagSpec, UnitSettings,
-    WordOrder,
+    Address, Area, DataType, Link, ModbusSettings, Parity, SerialSettings, TagAddress, TagSpec,
+    UnitSettings, WordOrder,
 };
+
+use protocols::model::WriteAccess;
 
 use crate::config::problem::FieldPath;
 use crate::config::raw::{RawModbusDevice, RawTag, RawUnit};
@@ -35,7 +37,16 @@ struct TagDefaults {
 struct Placed {
     name: Arc<str>,
     address: Address,
+    bit: Option<u8>,
     width: u16,
+}
+
+/// Who holds a register (or coil) of a device's map: one tag, or distinct bits of it.
+enum Holder {
+    /// The first placed tag covering the whole register.
+    Whole(usize),
+    /// The placed tags of each bit taken, as a 16-bit mask and the first holder.
+    Bits(u16, usize),
 }
 
 fn area_name(area: Area) -> &'static str {
@@ -47,10 +58,12 @@ fn area_name(area: Area) -> &'static str {
     }
 }
 
-/// `hr:1..hr:2`, or `hr:1` for one register.
-fn fmt_range(address: Address, width: u16) -> String {
+/// `hr:1..hr:2`, or `hr:1` for one register, or `hr:1.3` for a bit of it.
+fn fmt_range(address: Address, bit: Option<u8>, width: u16) -> String {
     let last = u32::from(address.offset) + u32::from(width.max(1)) - 1;
-    if width <= 1 {
+    if let Some(bit) = bit {
+        format!("{address}.{bit}")
+    } else if width <= 1 {
         address.to_string()
     } else {
         format!("{address}..{}:{last}", address.area.prefix())
@@ -505,8 +518,9 @@ impl Checker<'_> {
         let mut complete = true;
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut placed: Vec<Placed> = Vec::new();
-        // Register -> the first placed tag covering it; a tag is at most 125 registers wide.
-        let mut covered: HashMap<(Area, u32), usize> = HashMap::new();
+        // Register -> who covers it; a tag is at most 125 registers wide. Bit tags share a
+        // register as long as their bits differ.
+        let mut covered: HashMap<(Area, u32), Holder> = HashMap::new();
         for (index, entry) in entries.into_iter().enumerate() {
             let tag_path = path.index(index);
             let Some(table) = self.entry(entry, &tag_path, header) else {
@@ -527,23 +541,47 @@ impl Checker<'_> {
             let start = u32::from(spec.address.offset);
             let last = start + u32::from(width) - 1;
             let area = spec.address.area;
+            let mask = spec.bit.map(|b| 1u16 << b);
             let overlapping = (start..=last)
-                .filter_map(|register| covered.get(&(area, register)).copied())
+                .filter_map(|register| match (covered.get(&(area, register)), mask) {
+                    (Some(Holder::Whole(i)), _) => Some(*i),
+                    (Some(Holder::Bits(_, i)), None) => Some(*i),
+                    (Some(Holder::Bits(taken, _)), Some(bit)) if taken & bit != 0 => placed
+                        .iter()
+                        .position(|p| p.address == spec.address && p.bit == spec.bit),
+                    _ => None,
+                })
                 .min();
             if let Some(other) = overlapping.and_then(|i| placed.get(i)) {
                 let message = format!(
                     "overlaps tag `{}` ({})",
                     other.name,
-                    fmt_range(other.address, other.width)
+                    fmt_range(other.address, other.bit, other.width)
                 );
                 self.report(&tag_path.key("address"), message);
             }
             for register in start..=last {
-                covered.entry((area, register)).or_insert(placed.len());
+                let index = placed.len();
+                let holder = covered.entry((area, register));
+                match (holder, mask) {
+                    (std::collections::hash_map::Entry::Vacant(v), Some(bit)) => {
+                        v.insert(Holder::Bits(bit, index));
+                    }
+                    (std::collections::hash_map::Entry::Vacant(v), None) => {
+                        v.insert(Holder::Whole(index));
+                    }
+                    (std::collections::hash_map::Entry::Occupied(mut o), Some(bit)) => {
+                        if let Holder::Bits(taken, _) = o.get_mut() {
+                            *taken |= bit;
+                        }
+                    }
+                    (std::collections::hash_map::Entry::Occupied(_), None) => {}
+                }
             }
             placed.push(Placed {
                 name: Arc::clone(&spec.name),
                 address: spec.address,
+                bit: spec.bit,
                 width,
             });
             specs.push(spec);
@@ -551,16 +589,64 @@ impl Checker<'_> {
         complete.then_some(specs)
     }
 
+    /// Checks a tag's `writable`, `write_min` and `write_max`; the write access when writable.
+    fn write_access(
+        &mut self,
+        path: &FieldPath,
+        raw: &RawTag,
+        address: Option<Address>,
+        data_type: Option<DataType>,
+    ) -> Option<WriteAccess> {
+        let writable = raw.writable.unwrap_or(false);
+        if let (true, Some(a)) = (writable, address) {
+            if matches!(a.area, Area::InputRegister | Area::DiscreteInput) {
+                let message = format!(
+                    "{} is read-only in Modbus: only coils (co) and holding registers (hr) can \
+                     be written",
+                    area_name(a.area)
+                );
+                self.report(&path.key("writable"), message);
+            }
+        }
+        let numeric = !matches!(data_type, Some(DataType::Bool | DataType::String));
+        let mut bound = |key: &str, value: Option<f64>| -> Option<f64> {
+            let value = value?;
+            if !writable {
+                self.report(&path.key(key), "is only for a tag with writable = true");
+            } else if !numeric {
+                let message = format!(
+                    "is only for numbers, not type \"{}\"",
+                    data_type.map_or("", |t| t.name())
+                );
+                self.report(&path.key(key), message);
+            } else if !value.is_finite() {
+                self.report(&path.key(key), "must be a finite number");
+            }
+            Some(value)
+        };
+        let min = bound("write_min", raw.write_min);
+        let max = bound("write_max", raw.write_max);
+        if let (Some(min), Some(max)) = (min, max) {
+            if min > max {
+                let message = format!("must not be above write_max ({max})");
+                self.report(&path.key("write_min"), message);
+            }
+        }
+        writable.then_some(WriteAccess { min, max })
+    }
+
     /// Checks one tag; returns it when its address and type are known.
     fn tag(&mut self, path: &FieldPath, raw: RawTag, defaults: &TagDefaults) -> Option<TagSpec> {
-        let address = raw
+        let tag_address = raw
             .address
-            .parse::<Address>()
+            .parse::<TagAddress>()
             .map_err(|e| self.report(&path.key("address"), e.to_string()))
             .ok();
+        let address = tag_address.map(|a| a.address);
+        let bit = tag_address.and_then(|a| a.bit);
         let data_type = match raw.data_type.as_deref() {
             None => address.map(|a| {
-                if a.area.is_bit() {
+                if a.area.is_bit() || bit.is_some() {
                     DataType::Bool
                 } else {
                     DataType::U16
@@ -577,6 +663,14 @@ impl Checker<'_> {
                     "{} holds a single bit: use type = \"bool\" (or a register area, hr or ir, \
                      for type \"{}\")",
                     area_name(address.area),
+                    data_type.name()
+                );
+                self.report(&path.key("type"), message);
+            }
+            if let (Some(bit), false) = (bit, data_type == DataType::Bool) {
+                let message = format!(
+                    "`{address}.{bit}` is one bit of a register: use type = \"bool\" (or \
+                     `{address}` without `.{bit}` for type \"{}\")",
                     data_type.name()
                 );
                 self.report(&path.key("type"), message);
@@ -631,6 +725,7 @@ impl Checker<'_> {
             MS,
             MAX_DURATION,
         );
+        let write = self.write_access(path, &raw, address, data_type);
         let meta = self.tag_meta(
             path,
             TagMetaText {
@@ -642,8 +737,10 @@ impl Checker<'_> {
         );
         let spec = TagSpec {
             meta,
+            write,
             name: raw.name.into(),
             address: address?,
+            bit,
             data_type: data_type?,
             order,
             length,

@@ -250,6 +250,7 @@ fn full_contract_example_parses_to_the_expected_runtime_values() {
                             area: Area::HoldingRegister,
                             offset: 1,
                         },
+                        bit: None,
                         data_type: DataType::F32,
                         order: WordOrder::ABCD,
                         length: 0,
@@ -257,11 +258,13 @@ fn full_contract_example_parses_to_the_expected_runtime_values() {
                         offset: 0.0,
                         deadband: 0.0,
                         scan_interval: Duration::from_millis(250),
+                        write: None,
                     }],
                 }],
             }),
         }],
         api: None,
+        commands: Default::default(),
     };
     assert_eq!(config(FULL), expected);
 }

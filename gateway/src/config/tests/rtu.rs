@@ -82,6 +82,7 @@ fn tag_spec(
             Ok(address) => address,
             Err(e) => panic!("{address}: {e}"),
         },
+        bit: None,
         data_type,
         order,
         length: 0,
@@ -89,6 +90,7 @@ fn tag_spec(
         offset: 0.0,
         deadband: 0.0,
         scan_interval,
+        write: None,
     }
 }
 

@@ -209,6 +209,30 @@ impl Conn {
         Ok(answer)
     }
 
+    /// Performs one write on unit `unit`; only Modbus TCP lines write (RTU links answer
+    /// [`ReadError::Garbled`] without sending anything: the line driver refuses before).
+    pub(crate) async fn write(
+        &mut self,
+        unit: u8,
+        start: u16,
+        plan: &super::write::WritePlan,
+        timeout: Duration,
+    ) -> Result<Result<(), ExceptionCode>, ReadError> {
+        match self {
+            Conn::Tcp(c) => {
+                if !c.inter_request_delay.is_zero() {
+                    tokio::time::sleep_until((c.last_answer + c.inter_request_delay).into()).await;
+                }
+                let answer = tcp::write(&mut c.context, unit, start, plan, timeout).await;
+                c.last_answer = Instant::now();
+                answer
+            }
+            Conn::RtuOverTcp(_) | Conn::Serial(_) => Err(ReadError::Garbled(
+                "writes are not implemented on RTU lines".into(),
+            )),
+        }
+    }
+
     /// Whether a read that got no answer leaves the line unusable. Modbus TCP connections are
     /// dropped after a timeout: tokio-modbus would take a late reply for the next request's.
     /// RTU lines resynchronise by silence instead.

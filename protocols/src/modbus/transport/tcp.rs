@@ -17,6 +17,7 @@ use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 
 use super::{BlockData, LinkError, ReadError};
+use crate::modbus::write::WritePlan;
 use crate::modbus::Area;
 
 /// Connects a TCP stream to `address` (`host:port`, every resolved address in turn).
@@ -86,6 +87,43 @@ pub(crate) async fn read(
         Ok(Err(tokio_modbus::Error::Transport(e))) => Err(LinkError::Transport(e).into()),
         Ok(Ok(Err(code))) => Ok(Err(code)),
         Ok(Ok(Ok(response))) => answer_data(response, count).map(Ok),
+    }
+}
+
+/// Performs one write (`plan`, at `start`) on unit `unit` under `timeout`; `Ok(Ok(()))` when
+/// the device echoed it.
+pub(crate) async fn write(
+    client: &mut Context,
+    unit: u8,
+    start: u16,
+    plan: &WritePlan,
+    timeout: Duration,
+) -> Result<Result<(), ExceptionCode>, ReadError> {
+    client.set_slave(Slave(unit));
+    let request = match plan {
+        WritePlan::Coil(on) => Request::WriteSingleCoil(start, *on),
+        WritePlan::Register(r) => Request::WriteSingleRegister(start, *r),
+        WritePlan::Registers(regs) => {
+            Request::WriteMultipleRegisters(start, std::borrow::Cow::Borrowed(regs))
+        }
+        WritePlan::Mask { and_mask, or_mask } => {
+            Request::MaskWriteRegister(start, *and_mask, *or_mask)
+        }
+    };
+    match tokio::time::timeout(timeout, client.call(request)).await {
+        Err(_) => Err(ReadError::NoAnswer(timeout)),
+        Ok(Err(tokio_modbus::Error::Protocol(e))) => Err(ReadError::Garbled(e.to_string())),
+        Ok(Err(tokio_modbus::Error::Transport(e))) if undecodable(&e) => {
+            Err(ReadError::Undecodable(e))
+        }
+        Ok(Err(tokio_modbus::Error::Transport(e))) => Err(LinkError::Transport(e).into()),
+        Ok(Ok(Err(code))) => Ok(Err(code)),
+        Ok(Ok(Ok(response))) if response.function_code().value() == plan.function() => Ok(Ok(())),
+        Ok(Ok(Ok(other))) => Err(ReadError::Garbled(format!(
+            "answer of function {} to a write of function {}",
+            other.function_code(),
+            plan.function()
+        ))),
     }
 }
 

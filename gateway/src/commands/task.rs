@@ -1,0 +1,394 @@
+//! The commands task: takes the command publishes the publisher hands over (a bounded
+//! channel), checks each ([`super::Checks`]), asks the device's driver to write (its bounded
+//! write channel), and hands the reply back to the publisher for
+//! `{topic_prefix}/{device}/cmd/reply`. One command at a time; every outcome is an audit event
+//! (`target = "audit"`) and a count.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use protocols::driver::{write_channel, WriteError, WriteInbox, WriteRequest};
+use protocols::model::{DeviceId, Value};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::{lenient_id, parse, Checks, Refusal};
+use crate::config::{Config, DeviceKind, DeviceSettings};
+use crate::metrics::Metrics;
+use crate::pipeline::Shared;
+
+/// How long a driver may take to perform a write and read the tag back.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Capacity of the publisher-to-commands and commands-to-publisher channels.
+pub const CHANNEL: usize = 16;
+
+/// A publish received on a command topic.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Its topic, `{topic_prefix}/{device}/cmd`.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Bytes,
+}
+
+/// A reply to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// `{topic_prefix}/{device}/cmd/reply`.
+    pub topic: String,
+    /// The JSON reply.
+    pub payload: Bytes,
+}
+
+/// The publisher's ends of the command channels.
+#[derive(Debug)]
+pub struct CommandLink {
+    /// Where command publishes go.
+    pub incoming: mpsc::Sender<Incoming>,
+    /// The replies to publish.
+    pub replies: mpsc::Receiver<Reply>,
+}
+
+/// The commands task's ends of the command channels.
+#[derive(Debug)]
+pub struct TaskEnds {
+    /// Command publishes from the publisher.
+    pub incoming: mpsc::Receiver<Incoming>,
+    /// Replies to the publisher.
+    pub replies: mpsc::Sender<Reply>,
+}
+
+/// Both ends of the bounded channels between the publisher and the commands task.
+pub fn channels() -> (CommandLink, TaskEnds) {
+    let (in_tx, in_rx) = mpsc::channel(CHANNEL);
+    let (out_tx, out_rx) = mpsc::channel(CHANNEL);
+    (
+        CommandLink {
+            incoming: in_tx,
+            replies: out_rx,
+        },
+        TaskEnds {
+            incoming: in_rx,
+            replies: out_tx,
+        },
+    )
+}
+
+/// How commands are wired at a start: a write channel for each Modbus TCP driver task, the
+/// checks, and the channels to the publisher. Nothing at all when `[commands]` is off.
+#[derive(Debug)]
+pub struct Wiring {
+    enabled: bool,
+    ids: Vec<(String, Vec<DeviceId>)>,
+    writers: HashMap<DeviceId, mpsc::Sender<WriteRequest>>,
+}
+
+/// Write requests waiting for one driver task at most.
+const WRITE_QUEUE: usize = 4;
+
+impl Wiring {
+    /// The wiring of `config`, whose devices got these catalog ids.
+    pub fn new(config: &Config, lines: &[(DeviceSettings, Vec<DeviceId>)]) -> Self {
+        Wiring {
+            enabled: config.commands.enabled,
+            ids: lines
+                .iter()
+                .map(|(d, ids)| (d.name.to_string(), ids.clone()))
+                .collect(),
+            writers: HashMap::new(),
+        }
+    }
+
+    /// The write inbox of one device's driver task: Modbus TCP devices only, when commands
+    /// are on.
+    pub fn inbox(&mut self, settings: &DeviceSettings, ids: &[DeviceId]) -> Option<WriteInbox> {
+        if !self.enabled {
+            return None;
+        }
+        let DeviceKind::Modbus(m) = &settings.kind else {
+            return None;
+        };
+        if m.link.is_rtu() {
+            return None;
+        }
+        let (tx, inbox) = write_channel(WRITE_QUEUE);
+        for id in ids {
+            self.writers.insert(*id, tx.clone());
+        }
+        Some(inbox)
+    }
+
+    /// Starts the commands task and hands the publisher its ends (before the publisher
+    /// starts).
+    pub fn start(self, config: &Config, shared: Arc<Shared>) {
+        if !self.enabled {
+            return;
+        }
+        let (link, ends) = channels();
+        shared.give_back_commands(Some(link));
+        let checks = Checks::for_config(config, &self.ids);
+        tokio::spawn(run(
+            checks,
+            config.mqtt.topic_prefix.clone(),
+            self.writers,
+            ends,
+            shared.metrics.clone(),
+        ));
+    }
+}
+
+/// The subscription for commands: `{topic_prefix}/+/cmd`.
+pub fn filter(topic_prefix: &str) -> String {
+    format!("{topic_prefix}/+/cmd")
+}
+
+/// The device named by a command topic, if it is one.
+pub fn device_of<'a>(topic_prefix: &str, topic: &'a str) -> Option<&'a str> {
+    let device = topic
+        .strip_prefix(topic_prefix)?
+        .strip_prefix('/')?
+        .strip_suffix("/cmd")?;
+    (!device.is_empty() && !device.contains('/')).then_some(device)
+}
+
+/// How a command ended, for the reply, the audit event and the metrics.
+enum Outcome {
+    Written {
+        old: Option<Value>,
+        new: Option<Value>,
+    },
+    Refused(String),
+    Failed(String),
+}
+
+/// Runs the commands task until the publisher's end closes. `writers` holds the write channel
+/// of each device's driver.
+pub async fn run(
+    mut checks: Checks,
+    topic_prefix: String,
+    writers: HashMap<DeviceId, mpsc::Sender<WriteRequest>>,
+    mut ends: TaskEnds,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(incoming) = ends.incoming.recv().await {
+        let Some(device) = device_of(&topic_prefix, &incoming.topic) else {
+            continue;
+        };
+        let device = device.to_owned();
+        let (id, tag, value, outcome) = match parse(&incoming.payload) {
+            Err(e) => (
+                lenient_id(&incoming.payload),
+                None,
+                None,
+                Outcome::Refused(Refusal::Malformed(e.to_string()).to_string()),
+            ),
+            Ok(command) => {
+                let outcome = match checks.check(&device, &command, Instant::now()) {
+                    Err(refusal) => Outcome::Refused(refusal.to_string()),
+                    Ok(target) => match writers.get(&target.device) {
+                        None => Outcome::Refused(format!(
+                            "device `{device}` takes no writes (only Modbus TCP devices do)"
+                        )),
+                        Some(writer) => {
+                            let value = command.value.clone();
+                            let outcome = write(writer, target.clone(), value, &device).await;
+                            if let Outcome::Refused(_) = outcome {
+                                checks.forget(&target);
+                            }
+                            outcome
+                        }
+                    },
+                };
+                (
+                    Some(command.id),
+                    Some(command.tag),
+                    Some(command.value),
+                    outcome,
+                )
+            }
+        };
+        audit(
+            &incoming.topic,
+            &device,
+            tag.as_deref(),
+            value.as_ref(),
+            &outcome,
+        );
+        let counter = match outcome {
+            Outcome::Written { .. } => &metrics.commands_written,
+            Outcome::Refused(_) => &metrics.commands_refused,
+            Outcome::Failed(_) => &metrics.commands_failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let reply = Reply {
+            topic: format!("{}/reply", incoming.topic),
+            payload: reply_payload(id.as_deref(), &outcome),
+        };
+        if ends.replies.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Hands one write to a driver and waits for its outcome.
+async fn write(
+    writer: &mpsc::Sender<WriteRequest>,
+    target: super::Target,
+    value: Value,
+    device: &str,
+) -> Outcome {
+    let (reply, outcome) = oneshot::channel();
+    let request = WriteRequest {
+        device: target.device,
+        tag: target.tag,
+        value,
+        reply,
+    };
+    if let Err(e) = writer.try_send(request) {
+        return Outcome::Refused(match e {
+            mpsc::error::TrySendError::Full(_) => {
+                format!("device `{device}` is busy with other writes; try again")
+            }
+            mpsc::error::TrySendError::Closed(_) => {
+                format!("device `{device}` is not running")
+            }
+        });
+    }
+    match tokio::time::timeout(WRITE_TIMEOUT, outcome).await {
+        Err(_) => Outcome::Failed(format!(
+            "no outcome from the driver within {WRITE_TIMEOUT:?}; the write may or may not have landed"
+        )),
+        Ok(Err(_)) => Outcome::Failed("the driver stopped before answering".into()),
+        Ok(Ok(Ok(done))) => Outcome::Written {
+            old: done.previous,
+            new: done.read_back,
+        },
+        Ok(Ok(Err(
+            e @ (WriteError::Refused(_)
+            | WriteError::Unsupported(_)
+            | WriteError::NotConnected
+            | WriteError::UnknownTag),
+        ))) => Outcome::Refused(e.to_string()),
+        Ok(Ok(Err(e))) => Outcome::Failed(error_chain(&e)),
+    }
+}
+
+/// An error with its sources, for a reply.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn json_value(value: Option<&Value>) -> serde_json::Value {
+    match value {
+        None => serde_json::Value::Null,
+        Some(Value::Bool(b)) => json!(b),
+        Some(Value::Int(i)) => json!(i),
+        Some(Value::UInt(u)) => json!(u),
+        Some(Value::Float(f)) => json!(f),
+        Some(other) => json!(other.to_string()),
+    }
+}
+
+/// The reply document: the command's id, the outcome, the reason of a refusal or failure,
+/// and the value read back after a write.
+fn reply_payload(id: Option<&str>, outcome: &Outcome) -> Bytes {
+    let doc = match outcome {
+        Outcome::Written { new, .. } => {
+            json!({"id": id, "outcome": "written", "value": json_value(new.as_ref())})
+        }
+        Outcome::Refused(reason) => json!({"id": id, "outcome": "refused", "reason": reason}),
+        Outcome::Failed(reason) => json!({"id": id, "outcome": "failed", "reason": reason}),
+    };
+    Bytes::from(doc.to_string())
+}
+
+/// One audit event per command, whatever its outcome.
+fn audit(topic: &str, device: &str, tag: Option<&str>, value: Option<&Value>, outcome: &Outcome) {
+    let tag = tag.unwrap_or("");
+    let new = json_value(value).to_string();
+    match outcome {
+        Outcome::Written {
+            old,
+            new: read_back,
+        } => info!(
+            target: "audit",
+            source_topic = topic,
+            client = "mqtt",
+            device,
+            tag,
+            old_value = %json_value(old.as_ref()),
+            new_value = %new,
+            read_back = %json_value(read_back.as_ref()),
+            outcome = "written",
+            "write command performed"
+        ),
+        Outcome::Refused(reason) => warn!(
+            target: "audit",
+            source_topic = topic,
+            client = "mqtt",
+            device,
+            tag,
+            new_value = %new,
+            outcome = "refused",
+            reason = %reason,
+            "write command refused"
+        ),
+        Outcome::Failed(reason) => warn!(
+            target: "audit",
+            source_topic = topic,
+            client = "mqtt",
+            device,
+            tag,
+            new_value = %new,
+            outcome = "failed",
+            reason = %reason,
+            "write command failed"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_topic_names_one_device() {
+        assert_eq!(device_of("plant", "plant/press7/cmd"), Some("press7"));
+        assert_eq!(device_of("plant", "plant/press7/cmd/reply"), None);
+        assert_eq!(device_of("plant", "plant//cmd"), None);
+        assert_eq!(device_of("plant", "plantx/press7/cmd"), None);
+        assert_eq!(device_of("plant", "other/press7/cmd"), None);
+        assert_eq!(filter("plant"), "plant/+/cmd");
+    }
+
+    #[test]
+    fn a_reply_carries_the_id_the_outcome_and_the_reason_or_the_value() {
+        let written = Outcome::Written {
+            old: Some(Value::UInt(1)),
+            new: Some(Value::UInt(7)),
+        };
+        assert_eq!(
+            reply_payload(Some("42"), &written),
+            Bytes::from(r#"{"id":"42","outcome":"written","value":7}"#)
+        );
+        assert_eq!(
+            reply_payload(None, &Outcome::Refused("unknown tag `x`".into())),
+            Bytes::from(r#"{"id":null,"outcome":"refused","reason":"unknown tag `x`"}"#)
+        );
+    }
+}

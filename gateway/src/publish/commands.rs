@@ -1,0 +1,58 @@
+//! The publisher's side of commands: the subscription to `{topic_prefix}/+/cmd` after each
+//! CONNACK, command publishes handed to the commands task (a bounded channel; a command that
+//! finds it full is dropped and logged, never queued without bound), and replies sent at QoS 0,
+//! which take no packet id and no place in the records' window. Commands never touch the
+//! ledger or the buffer.
+
+use bytes::Bytes;
+use tracing::{debug, warn};
+
+use super::link::Sender;
+use crate::commands::task::{filter, CommandLink, Incoming, Reply};
+
+/// Subscribes to the command topics, when commands are on.
+pub(super) async fn subscribe(client: &Sender, link: Option<&CommandLink>, topic_prefix: &str) {
+    if link.is_none() {
+        return;
+    }
+    let filter = filter(topic_prefix);
+    if let Err(e) = client.subscribe(&filter).await {
+        warn!(filter = %filter, error = %e, "cannot subscribe to the command topics");
+    }
+}
+
+/// Hands a publish from the broker to the commands task.
+pub(super) fn forward(link: Option<&CommandLink>, topic: String, payload: Bytes) {
+    let Some(link) = link else {
+        debug!(topic = %topic, "publish received while commands are off; ignored");
+        return;
+    };
+    if let Err(e) = link.incoming.try_send(Incoming { topic, payload }) {
+        let topic = match e {
+            tokio::sync::mpsc::error::TrySendError::Full(i)
+            | tokio::sync::mpsc::error::TrySendError::Closed(i) => i.topic,
+        };
+        warn!(topic = %topic, "command dropped: the commands task is busy (too many commands at once)");
+    }
+}
+
+/// The next reply to publish; never when commands are off (or their task ended).
+pub(super) async fn next_reply(link: &mut Option<CommandLink>) -> Reply {
+    let Some(l) = link.as_mut() else {
+        return std::future::pending().await;
+    };
+    match l.replies.recv().await {
+        Some(reply) => reply,
+        None => {
+            *link = None;
+            std::future::pending().await
+        }
+    }
+}
+
+/// Publishes a reply at QoS 0.
+pub(super) fn send_reply(client: &Sender, reply: Reply) {
+    if let Err(e) = client.try_publish_qos0(reply.topic, reply.payload) {
+        debug!(error = %e, "command reply not accepted by the MQTT client");
+    }
+}

@@ -1,0 +1,207 @@
+//! Writes from the cloud end to end: a client publishes commands on the embedded broker
+//! (rumqttd), the gateway checks them, writes to a Modbus TCP simulator and replies on
+//! `{topic_prefix}/{device}/cmd/reply`.
+
+use std::time::Duration;
+
+use edge_gateway::metrics::Metrics;
+use gateway_tests::fixtures::{local_config, modbus_device, tag};
+use gateway_tests::{init_tracing, Collector, Received};
+use protocols::modbus::{Address, Area, DataType, TagSpec, WordOrder};
+use protocols::model::WriteAccess;
+use protocols::sim::modbus::SimDevice;
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+
+const SCAN: Duration = Duration::from_millis(100);
+const PREFIX: &str = "edge/gw-cmd";
+
+fn hr(offset: u16) -> Address {
+    Address {
+        area: Area::HoldingRegister,
+        offset,
+    }
+}
+
+fn writable(mut t: TagSpec, min: Option<f64>, max: Option<f64>) -> TagSpec {
+    t.write = Some(WriteAccess { min, max });
+    t
+}
+
+/// The device's tags: a writable scaled setpoint (-20..=80), a writable bit of hr:5, a
+/// read-only counter.
+fn tags() -> Vec<TagSpec> {
+    let mut setpoint = tag("setpoint", hr(10), DataType::I16, WordOrder::ABCD, 0, SCAN);
+    setpoint.scale = 0.1;
+    let mut reset = tag("reset", hr(5), DataType::Bool, WordOrder::ABCD, 0, SCAN);
+    reset.bit = Some(3);
+    vec![
+        writable(setpoint, Some(-20.0), Some(80.0)),
+        writable(reset, None, None),
+        tag("counter", hr(0), DataType::U16, WordOrder::ABCD, 0, SCAN),
+    ]
+}
+
+/// A client that publishes commands.
+async fn commander(port: u16) -> AsyncClient {
+    let o = MqttOptions::new("commander", "127.0.0.1", port);
+    let (client, mut el) = AsyncClient::new(o, 16);
+    tokio::spawn(async move {
+        loop {
+            if el.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    client
+}
+
+/// Publishes `payload` on `device`'s command topic and waits for the reply with `id`.
+async fn ask(
+    client: &AsyncClient,
+    sub: &Collector,
+    device: &str,
+    id: &str,
+    payload: &str,
+) -> Received {
+    client
+        .publish(
+            format!("{PREFIX}/{device}/cmd"),
+            QoS::AtLeastOnce,
+            false,
+            payload.to_owned(),
+        )
+        .await
+        .unwrap();
+    let reply_topic = format!("{PREFIX}/{device}/cmd/reply");
+    let is_reply = |m: &Received| m.topic == reply_topic && m.doc["id"] == id;
+    sub.wait_for(Duration::from_secs(10), "the reply", |msgs| {
+        msgs.iter().any(is_reply)
+    })
+    .await;
+    sub.messages().into_iter().find(is_reply).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_write_lands_in_the_device_and_every_refusal_stays_away_from_it() {
+    init_tracing();
+    let broker = edge_gateway::demo::broker::start(16 << 20).unwrap();
+    let dev = SimDevice::new();
+    dev.image().hr[5] = 0b1000_0001;
+    let sim = dev.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = local_config(
+        "gw-cmd",
+        dir.path().join("data"),
+        broker.port(),
+        vec![modbus_device("press1", sim.addr(), SCAN, tags())],
+    );
+    config.commands.enabled = true;
+    config.commands.write_interval = Duration::from_secs(600);
+    config.mqtt.shutdown_grace = Duration::from_millis(500);
+    let sub = Collector::start(broker.port(), &format!("{PREFIX}/#")).await;
+    let gw = edge_gateway::pipeline::start(config).await.unwrap();
+    // A record published after the gateway's subscription: commands are heard from here on.
+    sub.wait_for(Duration::from_secs(10), "a record", |m| {
+        m.iter().any(|r| r.topic == format!("{PREFIX}/press1"))
+    })
+    .await;
+    let client = commander(broker.port()).await;
+
+    // Accepted: 21.5 = raw * 0.1 lands as 215 and is read back.
+    let reply = ask(
+        &client,
+        &sub,
+        "press1",
+        "a1",
+        r#"{"id":"a1","tag":"setpoint","value":21.5}"#,
+    )
+    .await;
+    assert_eq!(reply.doc["outcome"], "written", "{}", reply.doc);
+    assert_eq!(dev.image().hr[10], 215);
+    let back = reply.doc["value"].as_f64().unwrap();
+    assert!((back - 21.5).abs() < 1e-9, "{back}");
+
+    // A bit: only bit 3 of hr:5 changes.
+    let reply = ask(
+        &client,
+        &sub,
+        "press1",
+        "a2",
+        r#"{"id":"a2","tag":"reset","value":true}"#,
+    )
+    .await;
+    assert_eq!(reply.doc["outcome"], "written", "{}", reply.doc);
+    assert_eq!(reply.doc["value"], true);
+    assert_eq!(dev.image().hr[5], 0b1000_1001);
+    let writes = dev.writes();
+    assert_eq!(writes, 2);
+
+    // Every refusal, with its reason; none reaches the device.
+    let refusals = [
+        (
+            "press1",
+            "r1",
+            r#"{"id":"r1","tag":"nope","value":1}"#,
+            "unknown tag",
+        ),
+        (
+            "press1",
+            "r2",
+            r#"{"id":"r2","tag":"counter","value":1}"#,
+            "not writable",
+        ),
+        (
+            "press1",
+            "r3",
+            r#"{"id":"r3","tag":"reset","value":1}"#,
+            "takes a bool",
+        ),
+        (
+            "press1",
+            "r4",
+            r#"{"id":"r4","tag":"setpoint","value":80.5}"#,
+            "above write_max",
+        ),
+        (
+            "press1",
+            "r5",
+            r#"{"id":"r5","tag":"setpoint","value":20}"#,
+            "less than",
+        ),
+        (
+            "press1",
+            "r6",
+            r#"{"id":"r6","tag":"setpoint"}"#,
+            "not a command",
+        ),
+        (
+            "press9",
+            "r7",
+            r#"{"id":"r7","tag":"setpoint","value":1}"#,
+            "unknown device",
+        ),
+    ];
+    for (device, id, payload, reason) in refusals {
+        let reply = ask(&client, &sub, device, id, payload).await;
+        assert_eq!(reply.doc["outcome"], "refused", "{}", reply.doc);
+        let text = reply.doc["reason"].as_str().unwrap();
+        assert!(text.contains(reason), "{id}: {text}");
+    }
+    assert_eq!(
+        dev.writes(),
+        writes,
+        "no refused command reached the device"
+    );
+    assert_eq!(dev.image().hr[10], 215);
+    assert_eq!(Metrics::get(&gw.metrics.commands_written), 2);
+    assert_eq!(Metrics::get(&gw.metrics.commands_refused), 7);
+
+    // Commands never enter the buffer: the records' seq stays contiguous and no record is
+    // about a command.
+    gw.shutdown().await;
+    assert!(sub
+        .messages()
+        .iter()
+        .filter(|m| m.topic == format!("{PREFIX}/press1"))
+        .all(|m| m.doc["samples"].is_array()));
+}
