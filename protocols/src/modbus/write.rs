@@ -225,6 +225,7 @@ mod tests {
     fn tag(address: &str, data_type: DataType) -> TagSpec {
         let a: crate::modbus::TagAddress = address.parse().unwrap();
         TagSpec {
+            meta: Default::default(),
             name: "t".into(),
             address: a.address,
             bit: a.bit,
