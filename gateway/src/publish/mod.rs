@@ -27,6 +27,7 @@ pub(crate) mod connect;
 pub(crate) mod link;
 pub mod pace;
 pub(crate) mod sas;
+pub mod sparkplug;
 pub mod status;
 pub(crate) mod tls;
 pub mod window;
@@ -58,6 +59,15 @@ use window::{Acked, Window};
 #[cfg(feature = "demo")]
 pub fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
     tls::provider()
+}
+
+/// What the writer hands the publisher, in order.
+#[derive(Debug)]
+pub enum Live {
+    /// A record to publish.
+    Record(Arc<Record>),
+    /// In Sparkplug: a device starts (`true`) or stops answering, between its records.
+    Device(protocols::model::DeviceId, bool),
 }
 
 /// Records read from disk per replay step.
@@ -150,7 +160,7 @@ pub struct Publisher {
     shared: Arc<Shared>,
     window: Window,
     aliases: Aliases,
-    live: VecDeque<(Arc<Record>, Instant)>,
+    live: VecDeque<(Live, Instant)>,
     live_cap: usize,
     /// Payload bytes in `live`, capped at LIVE_BYTES: OPC UA records of 10k samples are
     /// half a megabyte each, so a count alone does not bound memory during an outage.
@@ -192,6 +202,8 @@ pub struct Publisher {
     too_large_logged: bool,
     down_logged: bool,
     kick: Arc<Notify>,
+    /// Sparkplug B: the edge node and its session; `None` in JSON mode.
+    node: Option<sparkplug::Node>,
 }
 
 impl Publisher {
@@ -204,11 +216,13 @@ impl Publisher {
         replay_rate: Option<u32>,
         (gateway, boot): (Arc<str>, u64),
         shared: Arc<Shared>,
-        mut live_rx: mpsc::Receiver<Arc<Record>>,
+        mut live_rx: mpsc::Receiver<Live>,
+        mut node: Option<sparkplug::Node>,
     ) {
         let (client, link) = link::open(&settings);
         let window_cap = usize::from(settings.max_inflight);
-        let connector = Connector::new(settings.clone(), &gateway, boot);
+        let mut connector = Connector::new(settings.clone(), &gateway, boot);
+        connector.sparkplug = node.as_mut().and_then(sparkplug::Node::take_will);
         let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
         let mut p = Publisher {
             refusal_backoff: Backoff::new(settings.backoff_min, settings.backoff_max),
@@ -243,6 +257,7 @@ impl Publisher {
             session_lie_logged: false,
             too_large_logged: false,
             kick: Arc::new(Notify::new()),
+            node,
         };
         if p.settings.protocol_version == ProtocolVersion::V311 {
             // MQTT 3.1.1 brokers announce no limit: the configured one is all there is.
@@ -292,6 +307,10 @@ impl Publisher {
                             // window's pkid mapping and credit an ack to the wrong record.
                             link.forget_old_connection();
                             p.on_connected(limits).await;
+                            Duration::ZERO
+                        }
+                        Polled::Happened(Happening::Message { topic, payload }) => {
+                            p.sparkplug_message(&topic, &payload).await;
                             Duration::ZERO
                         }
                         Polled::Happened(h) => {
@@ -396,14 +415,29 @@ impl Publisher {
     /// within the commit interval (or the first one at start-up) then costs no disk write. When
     /// the queue is full its oldest record is dropped from memory: it is still in the ledger, is
     /// committed, and comes back through the replay.
-    fn queue_live(&mut self, r: Arc<Record>) {
+    fn queue_live(&mut self, item: Live) {
+        let r = match item {
+            Live::Record(r) => r,
+            // A device's liveness goes in order with its records while births have gone out;
+            // otherwise it only tells the next births.
+            Live::Device(d, online) if !self.connected || !self.data_allowed() => {
+                self.device_changed_offline(d, online);
+                return;
+            }
+            device => {
+                self.live.push_back((device, Instant::now()));
+                return;
+            }
+        };
         self.live_bytes += r.payload.len();
-        self.live.push_back((r, Instant::now()));
+        self.live.push_back((Live::Record(r), Instant::now()));
         while self.live.len() > self.live_cap
             || (self.live_bytes > LIVE_BYTES && self.live.len() > 1)
         {
-            if let Some((old, _)) = self.live.pop_front() {
-                self.live_bytes -= old.payload.len();
+            match self.live.pop_front() {
+                Some((Live::Record(old), _)) => self.live_bytes -= old.payload.len(),
+                Some((Live::Device(d, online), _)) => self.device_changed_offline(d, online),
+                None => {}
             }
         }
     }
@@ -416,9 +450,20 @@ impl Publisher {
             }
             self.refused_until = None;
         }
+        if !self.data_allowed() {
+            // Sparkplug: nothing before this connection's NBIRTH.
+            return;
+        }
         while self.window.room() > 0 {
-            let Some((r, queued)) = self.live.pop_front() else {
+            let Some((item, queued)) = self.live.pop_front() else {
                 break;
+            };
+            let r = match item {
+                Live::Record(r) => r,
+                Live::Device(d, online) => {
+                    self.device_changed(d, online).await;
+                    continue;
+                }
             };
             self.live_bytes -= r.payload.len();
             // A record that waited out a commit interval (an outage) went the store-and-forward
@@ -513,6 +558,7 @@ impl Publisher {
             return;
         }
         let out = self.aliases.outbound(topic);
+        let payload = self.sequenced(payload);
         match self.client.publish(out, payload).await {
             Ok(()) => {
                 self.window.submit(seq, Instant::now());
@@ -569,7 +615,9 @@ impl Publisher {
         let m = &self.shared.metrics;
         m.mqtt_connected.store(true, Ordering::Relaxed);
         Metrics::add(&m.mqtt_connects, 1);
-        if self.settings.status {
+        if self.node.is_some() {
+            self.sparkplug_connected().await;
+        } else if self.settings.status {
             self.publish_status(true).await;
         }
     }
@@ -604,7 +652,10 @@ impl Publisher {
             Happening::Acked { pkid, refused } => {
                 self.on_puback(pkid, refused);
             }
-            Happening::Connected { .. } | Happening::DisconnectSent | Happening::Other => {}
+            Happening::Connected { .. }
+            | Happening::Message { .. }
+            | Happening::DisconnectSent
+            | Happening::Other => {}
         }
     }
 
@@ -658,6 +709,9 @@ impl Publisher {
 
     fn on_disconnect(&mut self, error: &str) {
         let lost = self.window.clear();
+        if let Some(node) = &mut self.node {
+            node.session.lost();
+        }
         let healthy = self
             .connected_at
             .take()
@@ -723,8 +777,14 @@ impl Publisher {
         }
         let mut poll = poll;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-        if self.settings.status {
-            self.publish_status(false).await;
+        let sparkplug_up = self.node.as_ref().is_some_and(|n| n.session.up());
+        if sparkplug_up || (self.node.is_none() && self.settings.status) {
+            if sparkplug_up {
+                // Sparkplug: NDEATH ourselves, so the host need not wait for the will.
+                self.publish_ndeath().await;
+            } else {
+                self.publish_status(false).await;
+            }
             // Until the status is acknowledged (or the deadline).
             loop {
                 match tokio::time::timeout_at(deadline, &mut poll).await {
