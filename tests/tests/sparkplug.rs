@@ -73,6 +73,11 @@ async fn a_session_is_nbirth_then_a_dbirth_per_device_then_ddata_by_alias_and_a_
     let (report, _) = finish(gw, &sub).await;
     assert_eq!(report.nbirths.len(), 1);
     assert_eq!(report.ndeaths, report.nbirths, "the NDEATH names the session's bdSeq");
+    // The gateway's own NDEATH, not the will made at connect time: it is younger than the data.
+    let msgs = sub.messages();
+    let last_data = msgs.iter().filter(|m| m.kind == "DDATA").filter_map(|m| m.payload.timestamp).max();
+    let death = msgs.iter().find(|m| m.kind == "NDEATH").and_then(|m| m.payload.timestamp);
+    assert!(death >= last_data, "NDEATH published at shutdown ({death:?}), after the data ({last_data:?})");
     assert_eq!(report.historical, 0, "nothing historical without an outage");
     assert!(rig.config.gateway.data_dir.join("sparkplug_bdseq").exists(), "bdSeq is kept in the data directory");
 }
