@@ -64,6 +64,10 @@ pub struct BenchOptions {
     /// terminator before the broker), to measure what TLS costs.
     #[arg(long)]
     pub tls: bool,
+    /// Payload format: "json" or "sparkplug_b" (the gateway as a Sparkplug B edge node; the
+    /// subscriber decodes DDATA).
+    #[arg(long, default_value = "json", value_parser = ["json", "sparkplug_b"])]
+    pub format: String,
     /// Profiling hook: do not start the gateway child; print the config path and keep the
     /// simulator, broker and subscriber running for warm-up + --seconds, so the child can be
     /// started by hand (under a profiler) with `bench-child --config PATH`.
@@ -323,7 +327,7 @@ fn now_ms() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn spawn_counter(port: u16, got: Arc<Received>, cancel: CancellationToken) {
+fn spawn_counter(port: u16, got: Arc<Received>, cancel: CancellationToken, sparkplug: bool) {
     let on_message = move |doc: serde_json::Value| {
         let Some(samples) = doc["samples"].as_array() else {
             return;
@@ -355,7 +359,7 @@ fn spawn_counter(port: u16, got: Arc<Received>, cancel: CancellationToken) {
     crate::demo::broker::subscribe_json(
         port,
         "bench-subscriber",
-        "edge/bench/#".into(),
+        if sparkplug { "spBv1.0/bench/DDATA/#" } else { "edge/bench/#" }.into(),
         cancel,
         on_message,
     );
@@ -530,9 +534,20 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
                 1,
             ),
     };
+    let sparkplug = opts.format == "sparkplug_b";
+    let (config, what) = if sparkplug {
+        let config = config.replacen(
+            "max_inflight = 256\n",
+            "max_inflight = 256\nformat = \"sparkplug_b\"\n\n[sparkplug]\ngroup_id = \"bench\"\n",
+            1,
+        );
+        (config, format!("{what}, Sparkplug B"))
+    } else {
+        (config, what)
+    };
     std::fs::write(&cfg_path, config).map_err(setup)?;
     let got = Arc::new(Received::default());
-    spawn_counter(broker.port(), got.clone(), cancel.clone());
+    spawn_counter(broker.port(), got.clone(), cancel.clone(), sparkplug);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     if opts.hold {
