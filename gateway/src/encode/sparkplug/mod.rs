@@ -53,7 +53,7 @@ pub fn device_id(name: &str) -> String {
 
 /// A metric's alias.
 pub fn alias(device: u32, tag: u32) -> u64 {
-    (u64::from(device) + 1) << 32 | u64::from(tag)
+    ((u64::from(device) + 1) << 32) | u64::from(tag)
 }
 
 /// The topics of one edge node.
@@ -438,6 +438,47 @@ pub fn host_online(payload: &[u8]) -> Option<bool> {
     }
     let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
     v.get("online")?.as_bool()
+}
+
+/// A payload as readable JSON, for `edge-gateway test`: each metric with its name (from
+/// `name_of` for an alias), value or null, timestamp and properties.
+pub fn describe(payload: &[u8], name_of: impl Fn(u64) -> Option<String>) -> String {
+    let Ok(p) = Payload::decode(payload) else {
+        return "(not a Sparkplug payload)".into();
+    };
+    let metrics: Vec<serde_json::Value> = p
+        .metrics
+        .iter()
+        .map(|m| {
+            let name = m.name.clone().or_else(|| m.alias.and_then(&name_of));
+            let value = match &m.value {
+                Some(MetricValue::IntValue(v)) => serde_json::json!(v),
+                Some(MetricValue::LongValue(v)) => serde_json::json!(v),
+                Some(MetricValue::FloatValue(v)) => serde_json::json!(v),
+                Some(MetricValue::DoubleValue(v)) => serde_json::json!(v),
+                Some(MetricValue::BooleanValue(v)) => serde_json::json!(v),
+                Some(MetricValue::StringValue(v)) => serde_json::json!(v),
+                Some(MetricValue::BytesValue(v)) => serde_json::json!(v),
+                None => serde_json::Value::Null,
+            };
+            let mut o = serde_json::json!({
+                "name": name, "alias": m.alias, "timestamp": m.timestamp, "value": value,
+            });
+            if let Some(props) = &m.properties {
+                for (k, v) in props.keys.iter().zip(&props.values) {
+                    let v = match &v.value {
+                        Some(PropertyValueValue::IntValue(i)) => serde_json::json!(i),
+                        Some(PropertyValueValue::StringValue(t)) => serde_json::json!(t),
+                        _ => serde_json::Value::Null,
+                    };
+                    o[k.as_str()] = v;
+                }
+            }
+            o
+        })
+        .collect();
+    serde_json::json!({ "timestamp": p.timestamp, "seq": p.seq, "uuid": p.uuid, "metrics": metrics })
+        .to_string()
 }
 
 #[cfg(test)]
