@@ -125,7 +125,12 @@ impl SpCollector {
     }
 
     /// Waits until `pred` holds for the messages so far, or panics after `timeout`.
-    pub async fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&[SpMessage]) -> bool) {
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&[SpMessage]) -> bool,
+    ) {
         let deadline = Instant::now() + timeout;
         loop {
             if pred(&self.messages.lock().unwrap()) {
@@ -135,7 +140,16 @@ impl SpCollector {
                 let kinds: Vec<String> = self
                     .messages()
                     .iter()
-                    .map(|m| format!("{}{}", m.kind, m.device.as_deref().map(|d| format!("/{d}")).unwrap_or_default()))
+                    .map(|m| {
+                        format!(
+                            "{}{}",
+                            m.kind,
+                            m.device
+                                .as_deref()
+                                .map(|d| format!("/{d}"))
+                                .unwrap_or_default()
+                        )
+                    })
                     .collect();
                 panic!("timed out waiting for {what}; received {kinds:?}");
             }
@@ -214,7 +228,12 @@ impl SessionReport {
             .collect();
         let seqs: Vec<u64> = seqs.into_iter().collect();
         for w in seqs.windows(2) {
-            assert_eq!(w[1], w[0] + 1, "gateway seq {} of boot {boot} never arrived", w[0] + 1);
+            assert_eq!(
+                w[1],
+                w[0] + 1,
+                "gateway seq {} of boot {boot} never arrived",
+                w[0] + 1
+            );
         }
         seqs
     }
@@ -247,7 +266,12 @@ pub fn check_session(msgs: &[SpMessage]) -> Result<SessionReport, String> {
                 let bd = m
                     .metric_u64(BD_SEQ)
                     .ok_or_else(|| format!("{at}: NBIRTH without bdSeq"))?;
-                if !m.payload.metrics.iter().any(|x| x.name.as_deref() == Some(REBIRTH)) {
+                if !m
+                    .payload
+                    .metrics
+                    .iter()
+                    .any(|x| x.name.as_deref() == Some(REBIRTH))
+                {
                     return Err(format!("{at}: NBIRTH without {REBIRTH}"));
                 }
                 bd_seqs.push(bd);
@@ -264,7 +288,9 @@ pub fn check_session(msgs: &[SpMessage]) -> Result<SessionReport, String> {
                     .metric_u64(BD_SEQ)
                     .ok_or_else(|| format!("{at}: NDEATH without bdSeq"))?;
                 if !bd_seqs.contains(&bd) {
-                    return Err(format!("{at}: NDEATH bdSeq {bd} of no NBIRTH seen ({bd_seqs:?})"));
+                    return Err(format!(
+                        "{at}: NDEATH bdSeq {bd} of no NBIRTH seen ({bd_seqs:?})"
+                    ));
                 }
                 if session.is_some_and(|(b, _)| b == bd) {
                     r.ndeaths.push(bd);
@@ -277,7 +303,9 @@ pub fn check_session(msgs: &[SpMessage]) -> Result<SessionReport, String> {
             _ => {}
         }
         let Some((bd, last)) = session else {
-            return Err(format!("{at}: outside a session (no NBIRTH since the last NDEATH)"));
+            return Err(format!(
+                "{at}: outside a session (no NBIRTH since the last NDEATH)"
+            ));
         };
         let expected = last.wrapping_add(1);
         if seq != Some(u64::from(expected)) {
@@ -299,7 +327,9 @@ pub fn check_session(msgs: &[SpMessage]) -> Result<SessionReport, String> {
                         && x.alias.is_some()
                         && x.datatype.is_some()
                         && (x.value.is_some() || x.is_null == Some(true))
-                        && x.properties.as_ref().is_some_and(|p| p.keys.iter().any(|k| k == "Quality"));
+                        && x.properties
+                            .as_ref()
+                            .is_some_and(|p| p.keys.iter().any(|k| k == "Quality"));
                     if !complete {
                         return Err(format!("{at}: incomplete birth metric {x:?}"));
                     }
@@ -327,8 +357,10 @@ pub fn check_session(msgs: &[SpMessage]) -> Result<SessionReport, String> {
                 if m.historical() {
                     r.historical += 1;
                 }
-                r.records
-                    .push(m.record_id().ok_or_else(|| format!("{at}: DDATA without boot:seq uuid"))?);
+                r.records.push(
+                    m.record_id()
+                        .ok_or_else(|| format!("{at}: DDATA without boot:seq uuid"))?,
+                );
             }
             "DDEATH" => {
                 if born.remove(&device).is_none() {

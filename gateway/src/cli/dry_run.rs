@@ -179,12 +179,9 @@ pub async fn poll(config: &Config) -> DryRun {
     });
     let mut encoder = match sparkplug {
         Some(e) => crate::encode::Encoder::Sparkplug(e),
-        None => crate::encode::Encoder::Json(JsonEncoder::new(
-            &config.gateway.id,
-            0,
-            topic,
-            &catalog,
-        )),
+        None => {
+            crate::encode::Encoder::Json(JsonEncoder::new(&config.gateway.id, 0, topic, &catalog))
+        }
     };
     // A Sparkplug payload is printed decoded, metrics named (DDATA has aliases only).
     let name_of = |alias: u64| {

@@ -359,7 +359,12 @@ fn spawn_counter(port: u16, got: Arc<Received>, cancel: CancellationToken, spark
     crate::demo::broker::subscribe_json(
         port,
         "bench-subscriber",
-        if sparkplug { "spBv1.0/bench/DDATA/#" } else { "edge/bench/#" }.into(),
+        if sparkplug {
+            "spBv1.0/bench/DDATA/#"
+        } else {
+            "edge/bench/#"
+        }
+        .into(),
         cancel,
         on_message,
     );

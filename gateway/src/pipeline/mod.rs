@@ -35,8 +35,8 @@ use crate::config::{Config, ConfigErrors, DeviceKind, DeviceSettings};
 use crate::encode::json::JsonEncoder;
 use crate::encode::sparkplug::{SparkplugEncoder, Topics};
 use crate::encode::Encoder;
-use crate::publish::sparkplug::Node;
 use crate::metrics::Metrics;
+use crate::publish::sparkplug::Node;
 use crate::publish::Publisher;
 use committer::run_committer;
 use ledger::Ledger;
@@ -411,7 +411,13 @@ impl Running {
                 .iter()
                 .map(|d| (&d.settings, &d.ids[..]))
                 .chain(fresh.iter().map(|(s, ids)| (s, &ids[..])));
-            node_for(&config, &catalog, lines, self.shared.latest.clone(), self.boot)
+            node_for(
+                &config,
+                &catalog,
+                lines,
+                self.shared.latest.clone(),
+                self.boot,
+            )
         } else {
             None
         };
@@ -605,7 +611,10 @@ fn node_for<'a>(
     let sp = config.mqtt.sparkplug.as_ref()?;
     let mut declared: std::collections::HashMap<DeviceId, Vec<_>> = Default::default();
     for (settings, ids) in lines {
-        for (id, types) in ids.iter().zip(crate::publish::sparkplug::declared(&settings.kind)) {
+        for (id, types) in ids
+            .iter()
+            .zip(crate::publish::sparkplug::declared(&settings.kind))
+        {
             declared.insert(*id, types);
         }
     }
@@ -616,7 +625,13 @@ fn node_for<'a>(
             (d.name.clone(), d.tags.clone(), types)
         })
         .collect();
-    Some(Node::new(sp, devices, latest, &config.gateway.data_dir, boot))
+    Some(Node::new(
+        sp,
+        devices,
+        latest,
+        &config.gateway.data_dir,
+        boot,
+    ))
 }
 
 /// Reads the password once, so that one that cannot be read stops the start (or a reload).

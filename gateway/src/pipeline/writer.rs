@@ -210,7 +210,12 @@ mod tests {
         let mut catalog = Catalog::default();
         let tags = (0..100).map(|i| Arc::from(format!("tag{i}"))).collect();
         catalog.add_device("dev".into(), tags);
-        let encoder = Encoder::Json(JsonEncoder::new("gw", 1, |d| format!("edge/gw/{d}"), &catalog));
+        let encoder = Encoder::Json(JsonEncoder::new(
+            "gw",
+            1,
+            |d| format!("edge/gw/{d}"),
+            &catalog,
+        ));
         let seqs = SeqState::open(dir.path(), 0, true);
         let (batch_tx, batch_rx) = mpsc::channel(4);
         let (live_tx, mut live_rx) = mpsc::channel(64);

@@ -191,7 +191,10 @@ pub(crate) fn open(settings: &MqttSettings) -> (Sender, Link) {
             o.set_network_options(network);
             let (client, el) = v5::AsyncClient::new(o, cap);
             let protobuf = settings.format == crate::config::Format::SparkplugB;
-            (Sender::V5(client, protobuf), Link::V5(Box::new(el), inflight))
+            (
+                Sender::V5(client, protobuf),
+                Link::V5(Box::new(el), inflight),
+            )
         }
     }
 }

@@ -220,7 +220,11 @@ impl Publisher {
                 out.push((dev.dbirth.clone(), sp::with_seq(&payload, seq)));
             }
         }
-        info!(bd_seq = node.session.bd_seq(), devices = out.len() - 1, "Sparkplug births published");
+        info!(
+            bd_seq = node.session.bd_seq(),
+            devices = out.len() - 1,
+            "Sparkplug births published"
+        );
         for (topic, payload) in out {
             self.publish_session(topic, payload).await;
         }
@@ -232,7 +236,9 @@ impl Publisher {
         let Some(node) = &mut self.node else { return };
         let d = device.0 as usize;
         node.set_online(d, online);
-        let Some(dev) = node.devices.get(d) else { return };
+        let Some(dev) = node.devices.get(d) else {
+            return;
+        };
         let now = Timestamp::now().unix_ms();
         let message = if online {
             node.session.dbirth(d).map(|seq| {
@@ -285,7 +291,10 @@ impl Publisher {
                 }
             }
         } else {
-            debug!(topic, "command for a device; the gateway writes nothing yet");
+            debug!(
+                topic,
+                "command for a device; the gateway writes nothing yet"
+            );
             None
         };
         self.sparkplug_step(step).await;

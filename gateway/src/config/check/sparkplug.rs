@@ -33,7 +33,8 @@ impl Checker<'_> {
         let format = mqtt.map(|m| m.format);
         let Some(value) = value else {
             if format == Some(Format::SparkplugB) {
-                let message = "`format = \"sparkplug_b\"` needs a [sparkplug] section with `group_id`";
+                let message =
+                    "`format = \"sparkplug_b\"` needs a [sparkplug] section with `group_id`";
                 self.report(&FieldPath::top("mqtt").key("format"), message);
             }
             return None;

@@ -28,7 +28,9 @@ use prost::Message;
 use protocols::model::{Batch, Catalog, Quality, Sample, Value};
 
 use crate::buffer::Record;
-use proto::{datatype, Metric, MetricValue, Payload, PropertySet, PropertyValue, PropertyValueValue};
+use proto::{
+    datatype, Metric, MetricValue, Payload, PropertySet, PropertyValue, PropertyValueValue,
+};
 
 /// `Record::flag_offset` of a Sparkplug record: its historical form is made by [`historical`].
 pub const SPARKPLUG_FLAG: u32 = u32::MAX - 1;
@@ -312,7 +314,13 @@ impl SparkplugEncoder {
 }
 
 /// A node or device metric with its name, for births.
-fn named(name: &str, alias: u64, datatype: u32, value: Option<MetricValue>, timestamp: u64) -> Metric {
+fn named(
+    name: &str,
+    alias: u64,
+    datatype: u32,
+    value: Option<MetricValue>,
+    timestamp: u64,
+) -> Metric {
     Metric {
         name: Some(name.to_owned()),
         alias: Some(alias),
@@ -331,9 +339,27 @@ pub fn nbirth(bd_seq: u64, boot: u64, timestamp: u64) -> Vec<u8> {
     Payload {
         timestamp: Some(timestamp),
         metrics: vec![
-            named(BD_SEQ, 1, datatype::INT64, Some(MetricValue::LongValue(bd_seq)), timestamp),
-            named(REBIRTH, 2, datatype::BOOLEAN, Some(MetricValue::BooleanValue(false)), timestamp),
-            named(BOOT, 3, datatype::UINT64, Some(MetricValue::LongValue(boot)), timestamp),
+            named(
+                BD_SEQ,
+                1,
+                datatype::INT64,
+                Some(MetricValue::LongValue(bd_seq)),
+                timestamp,
+            ),
+            named(
+                REBIRTH,
+                2,
+                datatype::BOOLEAN,
+                Some(MetricValue::BooleanValue(false)),
+                timestamp,
+            ),
+            named(
+                BOOT,
+                3,
+                datatype::UINT64,
+                Some(MetricValue::LongValue(boot)),
+                timestamp,
+            ),
         ],
         seq: None,
         uuid: None,
@@ -346,7 +372,13 @@ pub fn nbirth(bd_seq: u64, boot: u64, timestamp: u64) -> Vec<u8> {
 pub fn ndeath(bd_seq: u64, timestamp: u64) -> Vec<u8> {
     Payload {
         timestamp: Some(timestamp),
-        metrics: vec![named(BD_SEQ, 1, datatype::INT64, Some(MetricValue::LongValue(bd_seq)), timestamp)],
+        metrics: vec![named(
+            BD_SEQ,
+            1,
+            datatype::INT64,
+            Some(MetricValue::LongValue(bd_seq)),
+            timestamp,
+        )],
         seq: None,
         uuid: None,
         body: None,
@@ -396,7 +428,11 @@ pub fn dbirth(
             m.datatype = Some(datatype);
             let props = m.properties.get_or_insert_with(PropertySet::default);
             if props.keys.is_empty() {
-                let code = if sample.is_some() { QUALITY_GOOD } else { QUALITY_BAD };
+                let code = if sample.is_some() {
+                    QUALITY_GOOD
+                } else {
+                    QUALITY_BAD
+                };
                 props.keys.push("Quality".into());
                 props.values.push(PropertyValue {
                     r#type: Some(datatype::INT32),

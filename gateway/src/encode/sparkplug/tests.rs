@@ -6,7 +6,10 @@ use super::*;
 
 fn catalog() -> Catalog {
     let mut c = Catalog::default();
-    c.add_device("press7".into(), vec!["sine".into(), "count".into(), "txt".into()]);
+    c.add_device(
+        "press7".into(),
+        vec!["sine".into(), "count".into(), "txt".into()],
+    );
     c.add_device("meters/meter1".into(), vec!["power".into()]);
     c
 }
@@ -38,14 +41,21 @@ fn a_scan_becomes_ddata_on_the_device_topic_with_metrics_by_alias_and_no_seq() {
     assert_eq!(r.flag_offset, SPARKPLUG_FLAG);
     let p = Payload::decode(&r.payload[..]).unwrap();
     assert_eq!(p.seq, None, "the session appends seq at send time");
-    assert_eq!(p.uuid.as_deref(), Some("3:17"), "the gateway's boot and seq");
+    assert_eq!(
+        p.uuid.as_deref(),
+        Some("3:17"),
+        "the gateway's boot and seq"
+    );
     assert_eq!(p.timestamp, Some(1_764_190_000_001));
     assert_eq!(p.metrics.len(), 2);
     assert_eq!(p.metrics[0].name, None);
     assert_eq!(p.metrics[0].alias, Some(alias(0, 0)));
     assert_eq!(p.metrics[0].timestamp, Some(1_764_190_000_000));
     assert_eq!(p.metrics[0].value, Some(MetricValue::DoubleValue(0.5)));
-    assert_eq!(p.metrics[1].value, Some(MetricValue::LongValue(-2i64 as u64)));
+    assert_eq!(
+        p.metrics[1].value,
+        Some(MetricValue::LongValue(-2i64 as u64))
+    );
     assert_eq!(p.metrics[0].is_historical, None);
 }
 
@@ -71,7 +81,10 @@ fn a_bad_sample_is_null_with_quality_0_and_an_uncertain_one_keeps_its_value_with
         1,
         &batch(
             0,
-            vec![Sample::bad(TagId(0), Reason::Timeout, Timestamp(5)), uncertain],
+            vec![
+                Sample::bad(TagId(0), Reason::Timeout, Timestamp(5)),
+                uncertain,
+            ],
         ),
     );
     let p = Payload::decode(&r.payload[..]).unwrap();
@@ -81,7 +94,10 @@ fn a_bad_sample_is_null_with_quality_0_and_an_uncertain_one_keeps_its_value_with
     let props = bad.properties.as_ref().unwrap();
     assert_eq!(props.keys, ["Quality", "reason"]);
     assert_eq!(props.values[0].r#type, Some(datatype::INT32));
-    assert_eq!(props.values[0].value, Some(PropertyValueValue::IntValue(QUALITY_BAD)));
+    assert_eq!(
+        props.values[0].value,
+        Some(PropertyValueValue::IntValue(QUALITY_BAD))
+    );
     assert_eq!(
         props.values[1].value,
         Some(PropertyValueValue::StringValue("timeout".into()))
@@ -90,7 +106,10 @@ fn a_bad_sample_is_null_with_quality_0_and_an_uncertain_one_keeps_its_value_with
     assert_eq!(unc.is_null, None);
     assert_eq!(unc.value, Some(MetricValue::LongValue(4)));
     let props = unc.properties.as_ref().unwrap();
-    assert_eq!(props.values[0].value, Some(PropertyValueValue::IntValue(QUALITY_STALE)));
+    assert_eq!(
+        props.values[0].value,
+        Some(PropertyValueValue::IntValue(QUALITY_STALE))
+    );
 }
 
 #[test]
@@ -109,7 +128,10 @@ fn a_replayed_record_has_every_metric_historical_with_its_original_timestamps() 
     let mut e = encoder();
     let r = e.encode(
         9,
-        &batch(0, vec![good(0, Value::Float(2.0)), good(2, Value::Text("a".into()))]),
+        &batch(
+            0,
+            vec![good(0, Value::Float(2.0)), good(2, Value::Text("a".into()))],
+        ),
     );
     let h = historical(&r.payload);
     let p = Payload::decode(&with_seq(&h, 4)[..]).unwrap();
@@ -121,16 +143,23 @@ fn a_replayed_record_has_every_metric_historical_with_its_original_timestamps() 
 }
 
 #[test]
-fn a_device_is_born_at_its_first_answer_dies_after_its_first_silent_scan_and_makes_no_record_while_dead() {
+fn a_device_is_born_at_its_first_answer_dies_after_its_first_silent_scan_and_makes_no_record_while_dead(
+) {
     let mut e = encoder();
     let answer = batch(0, vec![good(0, Value::Float(1.0))]);
-    let silent = batch(0, vec![Sample::bad(TagId(0), Reason::Timeout, Timestamp(1))]);
+    let silent = batch(
+        0,
+        vec![Sample::bad(TagId(0), Reason::Timeout, Timestamp(1))],
+    );
     let v = e.verdict(&answer);
     assert!(v.born && v.record && !v.died);
     let v = e.verdict(&answer);
     assert!(!v.born && v.record && !v.died);
     let v = e.verdict(&silent);
-    assert!(!v.born && v.record && v.died, "its last scan goes out, then DDEATH");
+    assert!(
+        !v.born && v.record && v.died,
+        "its last scan goes out, then DDEATH"
+    );
     let v = e.verdict(&silent);
     assert!(!v.born && !v.record && !v.died, "nothing while dead");
     let v = e.verdict(&answer);
@@ -140,7 +169,10 @@ fn a_device_is_born_at_its_first_answer_dies_after_its_first_silent_scan_and_mak
 #[test]
 fn a_device_silent_from_the_start_is_never_born_and_makes_no_record() {
     let mut e = encoder();
-    let silent = batch(1, vec![Sample::bad(TagId(0), Reason::Timeout, Timestamp(1))]);
+    let silent = batch(
+        1,
+        vec![Sample::bad(TagId(0), Reason::Timeout, Timestamp(1))],
+    );
     assert_eq!(
         e.verdict(&silent),
         Verdict {
@@ -217,7 +249,10 @@ fn an_ncmd_asks_for_a_rebirth_only_with_rebirth_true() {
 #[test]
 fn a_host_state_is_read_from_the_3_0_json_and_the_older_text() {
     assert_eq!(host_online(br#"{"online":true,"timestamp":1}"#), Some(true));
-    assert_eq!(host_online(br#"{"online":false,"timestamp":1}"#), Some(false));
+    assert_eq!(
+        host_online(br#"{"online":false,"timestamp":1}"#),
+        Some(false)
+    );
     assert_eq!(host_online(b"ONLINE"), Some(true));
     assert_eq!(host_online(b"OFFLINE"), Some(false));
     assert_eq!(host_online(b"{"), None);
