@@ -100,6 +100,9 @@ pub struct NodeDevice {
     ddeath: String,
 }
 
+/// A device as the node declares it: its gateway name, its tag names and their datatypes.
+pub type DeviceDecl = (Arc<str>, Vec<Arc<str>>, Vec<Declared>);
+
 /// The edge node: its identity, devices and session.
 #[derive(Debug)]
 pub struct Node {
@@ -119,7 +122,7 @@ impl Node {
     /// datatypes the config declares), reading births' values from `latest`.
     pub fn new(
         settings: &SparkplugSettings,
-        devices: Vec<(Arc<str>, Vec<Arc<str>>, Vec<Declared>)>,
+        devices: Vec<DeviceDecl>,
         latest: Arc<Latest>,
         data_dir: &Path,
         boot: u64,
