@@ -84,6 +84,7 @@ pub fn local_config(
             topic: TopicTemplate::default(),
             status: true,
             format: Format::Json,
+            sparkplug: None,
             username: None,
             password_file: None,
             sas: None,

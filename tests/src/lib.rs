@@ -7,6 +7,7 @@ pub mod fixtures;
 pub mod mosquitto;
 pub mod pki;
 pub mod powercut;
+pub mod sparkplug;
 pub mod tls_front;
 
 use std::net::SocketAddr;
@@ -1033,6 +1034,7 @@ pub struct GatewayRig {
     /// The gateway's config, for the test to adjust before `start`.
     pub config: edge_gateway::config::Config,
     sims: Vec<Option<protocols::sim::modbus::SimServer>>,
+    stopped: std::collections::HashMap<usize, SocketAddr>,
     sims_cancel: CancellationToken,
     _dir: tempfile::TempDir,
 }
@@ -1070,6 +1072,7 @@ impl GatewayRig {
             proxy,
             config,
             sims: sims.into_iter().map(Some).collect(),
+            stopped: Default::default(),
             sims_cancel,
             _dir: dir,
         }
@@ -1078,7 +1081,26 @@ impl GatewayRig {
     /// Stops simulator `i` (its device stops answering; the others go on).
     pub async fn stop_sim(&mut self, i: usize) {
         if let Some(sim) = self.sims.get_mut(i).and_then(Option::take) {
+            let addr = sim.addr();
             sim.stop().await;
+            self.stopped.insert(i, addr);
+        }
+    }
+
+    /// Starts simulator `i` again on its old address, after [`GatewayRig::stop_sim`].
+    pub async fn restart_sim(&mut self, i: usize) {
+        if let Some(addr) = self.stopped.remove(&i) {
+            let dev = protocols::sim::modbus::SimDevice::demo();
+            dev.animate(Duration::from_millis(100), self.sims_cancel.clone());
+            // The old listener may linger for a moment.
+            for _ in 0..50 {
+                if let Ok(server) = dev.serve(addr).await {
+                    self.sims[i] = Some(server);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("cannot serve simulator {i} again on {addr}");
         }
     }
 

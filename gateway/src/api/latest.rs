@@ -175,7 +175,11 @@ mod tests {
             latest.record(&batch(0, vec![sample]));
         }
         let h = latest.history([(0, 0)].into_iter(), step_of(t(0)));
-        assert_eq!(h[0].unwrap()[POINTS - 1], Some(2.0), "the bad sample gave no point");
+        assert_eq!(
+            h[0].unwrap()[POINTS - 1],
+            Some(2.0),
+            "the bad sample gave no point"
+        );
         let rows = latest.snapshot();
         assert_eq!(rows[0][0].as_ref().unwrap().value, Some(Value::Int(3)));
     }

@@ -22,7 +22,8 @@ pub struct Record {
     pub topic: Arc<str>,
     /// The MQTT payload, as sent live.
     pub payload: Bytes,
-    /// Byte offset of the 5-byte `false` literal of the `historical` field, or [`NO_FLAG`].
+    /// Byte offset of the 5-byte `false` literal of the `historical` field, [`NO_FLAG`], or
+    /// [`SPARKPLUG_FLAG`](crate::encode::sparkplug::SPARKPLUG_FLAG) (re-encoded when replayed).
     pub flag_offset: u32,
 }
 
@@ -46,6 +47,9 @@ pub enum RecordError {
 impl Record {
     /// The payload as it goes out when replayed: the same bytes with `historical` set to true.
     pub fn historical_payload(&self) -> Bytes {
+        if self.flag_offset == crate::encode::sparkplug::SPARKPLUG_FLAG {
+            return crate::encode::sparkplug::historical(&self.payload);
+        }
         let at = self.flag_offset as usize;
         match self.payload.get(at..at + 5) {
             Some(b"false") => {

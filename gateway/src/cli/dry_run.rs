@@ -6,7 +6,9 @@
 //! reach as bad samples of every tag), so each scan class of a Modbus device is read once. A
 //! device whose tags have not all reported by the deadline is stopped, and its silent tags are
 //! listed as bad with the reason `no sample`. The records are the JSON of the `json` encoder
-//! with boot 0 and seqs from 0: the only parts of the payload that `run` sets differently.
+//! with boot 0 and seqs from 0: the only parts of the payload that `run` sets differently. With
+//! `format = "sparkplug_b"` they are the DDATA payloads, decoded to JSON with metric names (no
+//! `seq`: the session sets it at send time; no births: they need a broker session).
 //!
 //! Invariant: `Tally::seen[d][t]` is set exactly once, by the first sample of tag `t` of
 //! device `d`, and a record is printed only when it set at least one of them.
@@ -172,7 +174,22 @@ pub async fn poll(config: &Config) -> DryRun {
 
     let mqtt = &config.mqtt;
     let topic = |device: &str| mqtt.topic.render(mqtt, &config.gateway.id, device);
-    let mut encoder = JsonEncoder::new(&config.gateway.id, 0, topic, &catalog);
+    let sparkplug = mqtt.sparkplug.as_ref().map(|sp| {
+        let topics = crate::encode::sparkplug::Topics::new(&sp.group_id, &sp.edge_node_id);
+        crate::encode::sparkplug::SparkplugEncoder::new(&topics, 0, &catalog)
+    });
+    let mut encoder = match sparkplug {
+        Some(e) => crate::encode::Encoder::Sparkplug(e),
+        None => {
+            crate::encode::Encoder::Json(JsonEncoder::new(&config.gateway.id, 0, topic, &catalog))
+        }
+    };
+    // A Sparkplug payload is printed decoded, metrics named (DDATA has aliases only).
+    let name_of = |alias: u64| {
+        let device = protocols::model::DeviceId(((alias >> 32) as u32).checked_sub(1)?);
+        let tag = protocols::model::TagId(alias as u32);
+        catalog.tag_name(device, tag).map(|n| n.to_string())
+    };
     let mut tally = Tally::new(&catalog);
     let mut text = String::new();
     let mut seq = 0u64;
@@ -196,12 +213,15 @@ pub async fn poll(config: &Config) -> DryRun {
         if let Some(batch) = batch.filter(|b| tally.take(b)) {
             let record = encoder.encode(seq, &batch);
             seq += 1;
-            let _ = writeln!(
-                text,
-                "{} {}",
-                record.topic,
-                String::from_utf8_lossy(&record.payload)
-            );
+            let payload = match &encoder {
+                crate::encode::Encoder::Sparkplug(_) => {
+                    crate::encode::sparkplug::describe(&record.payload, name_of)
+                }
+                crate::encode::Encoder::Json(_) => {
+                    String::from_utf8_lossy(&record.payload).into_owned()
+                }
+            };
+            let _ = writeln!(text, "{} {payload}", record.topic);
         }
         let now = tokio::time::Instant::now();
         for (ids, cancel, at) in &stops {

@@ -194,6 +194,20 @@ pub enum Format {
     /// One JSON document per device scan.
     #[default]
     Json,
+    /// Sparkplug B 3.0 (Eclipse Tahu protobuf): the gateway is an edge node, each device a
+    /// Sparkplug device; needs a `[sparkplug]` section.
+    SparkplugB,
+}
+
+/// `[sparkplug]`, with `[mqtt] format = "sparkplug_b"`: the edge node's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SparkplugSettings {
+    /// `group_id`: the Sparkplug group.
+    pub group_id: String,
+    /// `edge_node_id`: the edge node (default: the gateway id).
+    pub edge_node_id: String,
+    /// `primary_host_id`: data goes out only while this host's STATE is online.
+    pub primary_host_id: Option<String>,
 }
 
 /// `[mqtt]`
@@ -218,6 +232,8 @@ pub struct MqttSettings {
     pub status: bool,
     /// Payload format.
     pub format: Format,
+    /// `[sparkplug]`: set exactly when `format` is Sparkplug B.
+    pub sparkplug: Option<SparkplugSettings>,
     /// User name, if the broker wants one.
     pub username: Option<String>,
     /// File holding the password; read at each connect, never logged.

@@ -13,7 +13,15 @@ use super::values::{parse_duration, parse_size};
 use super::{Format, WhenFull};
 
 /// The sections of the file, in the order they are documented.
-pub(super) const SECTIONS: &[&str] = &["gateway", "buffer", "mqtt", "api", "commands", "devices"];
+pub(super) const SECTIONS: &[&str] = &[
+    "gateway",
+    "buffer",
+    "mqtt",
+    "sparkplug",
+    "api",
+    "commands",
+    "devices",
+];
 /// The keys of a Modbus device that hold arrays of tables, checked apart from the device.
 pub(super) const MODBUS_ARRAYS: &[&str] = &["units", "tags"];
 /// The keys of an OPC UA device that hold arrays of tables.
@@ -138,6 +146,18 @@ pub(super) struct RawMqtt {
     pub(super) insecure_skip_verify: Option<bool>,
     pub(super) sas_key_file: Option<String>,
     pub(super) sas_ttl: Option<Dur>,
+}
+
+/// `[sparkplug]`: the Sparkplug B edge node (with `[mqtt] format = "sparkplug_b"`).
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSparkplug {
+    /// The Sparkplug group id (no `/`, `+` or `#`).
+    pub(super) group_id: String,
+    /// The edge node id (default: the gateway id; no `/`, `+` or `#`).
+    pub(super) edge_node_id: Option<String>,
+    /// The primary host application: data goes out only while its STATE is online.
+    pub(super) primary_host_id: Option<String>,
 }
 
 /// `[api]`: the HTTP API and status page.

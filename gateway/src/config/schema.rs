@@ -14,7 +14,7 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use super::check::Protocol;
 use super::raw::{
     Dur, RawApi, RawBuffer, RawCommands, RawGateway, RawModbusDevice, RawMqtt, RawOpcUaDevice,
-    RawOpcUaTag, RawTag, RawUnit, Size,
+    RawOpcUaTag, RawSparkplug, RawTag, RawUnit, Size,
 };
 
 /// The whole file.
@@ -26,6 +26,7 @@ struct ConfigFile {
     gateway: RawGateway,
     buffer: Option<RawBuffer>,
     mqtt: RawMqtt,
+    sparkplug: Option<RawSparkplug>,
     api: Option<RawApi>,
     commands: Option<RawCommands>,
     devices: Vec<Device>,

@@ -73,6 +73,10 @@ pub struct BenchOptions {
     /// pipeline alone.
     #[arg(long, requires = "api")]
     pub api_idle: bool,
+    /// Payload format: "json" or "sparkplug_b" (the gateway as a Sparkplug B edge node; the
+    /// subscriber decodes DDATA).
+    #[arg(long, default_value = "json", value_parser = ["json", "sparkplug_b"])]
+    pub format: String,
     /// Profiling hook: do not start the gateway child; print the config path and keep the
     /// simulator, broker and subscriber running for warm-up + --seconds, so the child can be
     /// started by hand (under a profiler) with `bench-child --config PATH`.
@@ -332,7 +336,7 @@ fn now_ms() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn spawn_counter(port: u16, got: Arc<Received>, cancel: CancellationToken) {
+fn spawn_counter(port: u16, got: Arc<Received>, cancel: CancellationToken, sparkplug: bool) {
     let on_message = move |doc: serde_json::Value| {
         let Some(samples) = doc["samples"].as_array() else {
             return;
@@ -364,7 +368,12 @@ fn spawn_counter(port: u16, got: Arc<Received>, cancel: CancellationToken) {
     crate::demo::broker::subscribe_json(
         port,
         "bench-subscriber",
-        "edge/bench/#".into(),
+        if sparkplug {
+            "spBv1.0/bench/DDATA/#"
+        } else {
+            "edge/bench/#"
+        }
+        .into(),
         cancel,
         on_message,
     );
@@ -555,13 +564,25 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
     } else {
         (config, what, None)
     };
+    let sparkplug = opts.format == "sparkplug_b";
+    let (config, what) = if sparkplug {
+        let config = config.replacen(
+            "max_inflight = 256\n",
+            "max_inflight = 256\nformat = \"sparkplug_b\"\n",
+            1,
+        );
+        let config = format!("{config}\n[sparkplug]\ngroup_id = \"bench\"\n");
+        (config, format!("{what}, Sparkplug B"))
+    } else {
+        (config, what)
+    };
     std::fs::write(&cfg_path, config).map_err(setup)?;
     let api_reads = Arc::new(AtomicU64::new(0));
     if let Some(port) = api_port.filter(|_| !opts.api_idle) {
         tokio::spawn(read_api(port, api_reads.clone(), cancel.clone()));
     }
     let got = Arc::new(Received::default());
-    spawn_counter(broker.port(), got.clone(), cancel.clone());
+    spawn_counter(broker.port(), got.clone(), cancel.clone(), sparkplug);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     if opts.hold {

@@ -103,6 +103,20 @@ pub fn start_keeping(max_payload: usize, segments: usize) -> Result<EmbeddedBrok
     Err(BrokerError::NotListening)
 }
 
+/// A Sparkplug DDATA payload as the JSON record's shape the viewers read: `samples` with their
+/// `ts`, and `historical`.
+fn sparkplug_doc(payload: &[u8]) -> Option<serde_json::Value> {
+    use prost::Message;
+    let p = crate::encode::sparkplug::proto::Payload::decode(payload).ok()?;
+    let samples: Vec<serde_json::Value> = p
+        .metrics
+        .iter()
+        .map(|m| serde_json::json!({ "ts": m.timestamp }))
+        .collect();
+    let historical = p.metrics.iter().any(|m| m.is_historical == Some(true));
+    Some(serde_json::json!({ "samples": samples, "historical": historical }))
+}
+
 /// Subscribes to `filter` on the loopback broker at `port` (re-subscribing after reconnects) and
 /// hands every message's parsed JSON payload to `on_message`, until `cancel`. Used by the demo's
 /// view and the bench's counter.
@@ -129,6 +143,8 @@ pub fn subscribe_json(
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if let Ok(doc) = serde_json::from_slice(&p.payload) {
+                        on_message(doc);
+                    } else if let Some(doc) = sparkplug_doc(&p.payload) {
                         on_message(doc);
                     }
                 }

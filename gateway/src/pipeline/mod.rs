@@ -34,7 +34,10 @@ use crate::buffer::{self, Buffer, BufferError};
 use crate::config::{Config, ConfigErrors, DeviceKind, DeviceSettings, Format};
 use crate::encode::json::JsonEncoder;
 use crate::encode::meta::MetaMessage;
+use crate::encode::sparkplug::{SparkplugEncoder, Topics};
+use crate::encode::Encoder;
 use crate::metrics::Metrics;
+use crate::publish::sparkplug::Node;
 use crate::publish::Publisher;
 use committer::run_committer;
 use ledger::Ledger;
@@ -262,7 +265,7 @@ pub struct Running {
     batch_tx: mpsc::Sender<Batch>,
     /// The writer-to-publisher channel, only to see how many records wait in it (weak: the
     /// publisher still ends when the writer drops its sender).
-    live: mpsc::WeakSender<Arc<crate::buffer::Record>>,
+    live: mpsc::WeakSender<crate::publish::Live>,
     updates: mpsc::Sender<WriterUpdate>,
     shared: Arc<Shared>,
     writer: JoinHandle<()>,
@@ -451,7 +454,26 @@ impl Running {
         let catalog = Arc::new(catalog);
 
         // The writer learns the new ids (and topics) before any new driver can send a batch.
-        let (live, live_rx) = if plan.mqtt_changed {
+        // A Sparkplug node declares its devices in its births: new devices mean a new session.
+        let new_devices = !plan.changed.is_empty() || !plan.added.is_empty();
+        let restart_publisher =
+            plan.mqtt_changed || (config.mqtt.sparkplug.is_some() && new_devices);
+        let node = if restart_publisher {
+            let lines = keep
+                .iter()
+                .map(|d| (&d.settings, &d.ids[..]))
+                .chain(fresh.iter().map(|(s, ids)| (s, &ids[..])));
+            node_for(
+                &config,
+                &catalog,
+                lines,
+                self.shared.latest.clone(),
+                self.boot,
+            )
+        } else {
+            None
+        };
+        let (live, live_rx) = if restart_publisher {
             let (tx, rx) = mpsc::channel(usize::from(config.mqtt.max_inflight) * 2);
             self.live = tx.downgrade();
             (Some(tx), Some(rx))
@@ -489,6 +511,7 @@ impl Running {
                     (gateway, boot),
                     shared,
                     live_rx,
+                    node,
                 )
                 .await;
             }));
@@ -650,11 +673,50 @@ fn spawn_driver(
     }
 }
 
-/// The encoder for `config`'s topics over every device of `catalog`.
-fn encoder_for(config: &Config, boot: u64, catalog: &Catalog) -> JsonEncoder {
+/// The encoder of `config`'s format and topics over every device of `catalog`.
+fn encoder_for(config: &Config, boot: u64, catalog: &Catalog) -> Encoder {
     let mqtt = &config.mqtt;
+    if let Some(sp) = &mqtt.sparkplug {
+        let topics = Topics::new(&sp.group_id, &sp.edge_node_id);
+        return Encoder::Sparkplug(SparkplugEncoder::new(&topics, boot, catalog));
+    }
     let topic = |device: &str| mqtt.topic.render(mqtt, &config.gateway.id, device);
-    JsonEncoder::new(&config.gateway.id, boot, topic, catalog)
+    Encoder::Json(JsonEncoder::new(&config.gateway.id, boot, topic, catalog))
+}
+
+/// The Sparkplug edge node of `config` (none in JSON mode) over the devices of `catalog`,
+/// `lines` naming the catalog ids of each `[[devices]]` entry.
+fn node_for<'a>(
+    config: &Config,
+    catalog: &Catalog,
+    lines: impl Iterator<Item = (&'a DeviceSettings, &'a [DeviceId])>,
+    latest: Arc<crate::api::Latest>,
+    boot: u64,
+) -> Option<Node> {
+    let sp = config.mqtt.sparkplug.as_ref()?;
+    let mut declared: std::collections::HashMap<DeviceId, Vec<_>> = Default::default();
+    for (settings, ids) in lines {
+        for (id, types) in ids
+            .iter()
+            .zip(crate::publish::sparkplug::declared(&settings.kind))
+        {
+            declared.insert(*id, types);
+        }
+    }
+    let devices = catalog
+        .devices()
+        .map(|(id, d)| {
+            let types = declared.remove(&id).unwrap_or_default();
+            (d.name.clone(), d.tags.clone(), types)
+        })
+        .collect();
+    Some(Node::new(
+        sp,
+        devices,
+        latest,
+        &config.gateway.data_dir,
+        boot,
+    ))
 }
 
 /// The meta documents of the running drivers' devices, in config order (JSON mode only).
@@ -756,9 +818,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Metrics::add(&metrics.lost_commits, 1);
     }
     let shared = Arc::new(Shared::new(buffer.clone(), metrics.clone()));
+    // Sparkplug births carry every tag's latest value.
+    let sparkplug = config.mqtt.sparkplug.is_some();
     shared
         .latest_wanted
-        .store(api_bound.is_some(), Ordering::Relaxed);
+        .store(api_bound.is_some() || sparkplug, Ordering::Relaxed);
+    let node = node_for(
+        &config,
+        &catalog,
+        lines.iter().map(|(s, ids)| (s, &ids[..])),
+        shared.latest.clone(),
+        boot,
+    );
 
     let drivers_cancel = CancellationToken::new();
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_CHANNEL);
@@ -806,6 +877,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         (config.gateway.id.clone(), boot),
         shared.clone(),
         live_rx,
+        node,
     ));
 
     let api = api_bound.map(|bound| {

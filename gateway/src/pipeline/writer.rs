@@ -10,11 +10,11 @@ use protocols::model::Batch;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::buffer::Record;
-use crate::encode::json::JsonEncoder;
+use crate::encode::Encoder;
 use crate::metrics::Metrics;
 use crate::pipeline::seq::{SeqState, StateError};
 use crate::pipeline::Shared;
+use crate::publish::Live;
 
 /// MQTT fixed header, topic length and packet id, and MQTT 5's properties (content type,
 /// payload format, topic alias), beyond topic and payload.
@@ -52,12 +52,12 @@ async fn peek_seq(seqs: &Arc<std::sync::Mutex<SeqState>>) -> Result<u64, StateEr
 pub struct WriterUpdate {
     /// Encodes every later record: it knows every device id handed out so far (the catalog
     /// only grows) and the topics of the new `[mqtt]` settings.
-    pub encoder: JsonEncoder,
+    pub encoder: Encoder,
     /// The configured `max_packet_size`.
     pub max_packet: usize,
     /// A new publisher's live channel; dropping the old sender lets the old publisher drain
     /// and disconnect.
-    pub live: Option<mpsc::Sender<Arc<Record>>>,
+    pub live: Option<mpsc::Sender<Live>>,
 }
 
 /// Runs the writer until every driver has dropped its emitter. A batch whose record would not
@@ -66,10 +66,10 @@ pub struct WriterUpdate {
 pub async fn run_writer(
     mut batches: mpsc::Receiver<Batch>,
     mut updates: mpsc::Receiver<WriterUpdate>,
-    mut encoder: JsonEncoder,
+    mut encoder: Encoder,
     seqs: SeqState,
     shared: Arc<Shared>,
-    mut live: mpsc::Sender<Arc<Record>>,
+    mut live: mpsc::Sender<Live>,
     mut max_packet: usize,
 ) {
     let seqs = Arc::new(std::sync::Mutex::new(seqs));
@@ -106,7 +106,23 @@ pub async fn run_writer(
                 .wait_for_broker_packet_limit(FIRST_CONNECT_WAIT)
                 .await;
         }
-        todo.push(batch);
+        // In Sparkplug a device's liveness decides: a DBIRTH before its first answer, a DDEATH
+        // after the scan it stops answering with, no record while it stays silent.
+        let verdict = encoder.verdict(&batch);
+        if shared
+            .latest_wanted
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Before a birth is announced: the session reads its values from here.
+            shared.latest.record(&batch);
+        }
+        let device = batch.device;
+        if verdict.born {
+            let _ = live.send(Live::Device(device, true)).await;
+        }
+        if verdict.record {
+            todo.push(batch);
+        }
         while let Some(batch) = todo.pop() {
             let seq = loop {
                 match peek_seq(&seqs).await {
@@ -160,18 +176,15 @@ pub async fn run_writer(
                 continue; // unreachable: peek_seq found this number usable
             }
             let record = Arc::new(record);
-            if shared
-                .latest_wanted
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
-                shared.latest.record(&batch);
-            }
             let m = &shared.metrics;
             Metrics::add(&m.records, 1);
             Metrics::add(&m.samples, batch.samples.len() as u64);
             shared.ledger().insert(record.clone(), batch.read_at);
             // A closed publisher (shutdown) is fine: the ledger commits what is not acknowledged.
-            let _ = live.send(record).await;
+            let _ = live.send(Live::Record(record)).await;
+        }
+        if verdict.died {
+            let _ = live.send(Live::Device(device, false)).await;
         }
     }
     debug!("writer drained");
@@ -193,6 +206,7 @@ mod tests {
 
     use super::*;
     use crate::buffer::Buffer;
+    use crate::encode::json::JsonEncoder;
     use crate::metrics::Metrics;
     use protocols::model::{Catalog, DeviceId, Sample, TagId, Timestamp, Value};
 
@@ -204,7 +218,12 @@ mod tests {
         let mut catalog = Catalog::default();
         let tags = (0..100).map(|i| Arc::from(format!("tag{i}"))).collect();
         catalog.add_device("dev".into(), tags);
-        let encoder = JsonEncoder::new("gw", 1, |d| format!("edge/gw/{d}"), &catalog);
+        let encoder = Encoder::Json(JsonEncoder::new(
+            "gw",
+            1,
+            |d| format!("edge/gw/{d}"),
+            &catalog,
+        ));
         let seqs = SeqState::open(dir.path(), 0, true);
         let (batch_tx, batch_rx) = mpsc::channel(4);
         let (live_tx, mut live_rx) = mpsc::channel(64);
@@ -234,7 +253,7 @@ mod tests {
         writer.await.unwrap();
         let mut seqs = Vec::new();
         let mut tags = Vec::new();
-        while let Some(r) = live_rx.recv().await {
+        while let Some(Live::Record(r)) = live_rx.recv().await {
             assert!(r.topic.len() + r.payload.len() + PACKET_OVERHEAD <= 2000);
             let doc: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
             for s in doc["samples"].as_array().unwrap() {
@@ -260,7 +279,7 @@ mod tests {
         shared.set_broker_packet_limit(None);
         let mut catalog = Catalog::default();
         catalog.add_device("old".into(), vec!["a".into()]);
-        let encoder = JsonEncoder::new("gw", 1, |d| format!("one/{d}"), &catalog);
+        let encoder = Encoder::Json(JsonEncoder::new("gw", 1, |d| format!("one/{d}"), &catalog));
         let seqs = SeqState::open(dir.path(), 0, true);
         let (batch_tx, batch_rx) = mpsc::channel(4);
         let (updates_tx, updates_rx) = mpsc::channel(1);
@@ -280,14 +299,16 @@ mod tests {
             read_at: Instant::now(),
         };
         batch_tx.send(batch(0)).await.unwrap();
-        let first = first_rx.recv().await.unwrap();
+        let Some(Live::Record(first)) = first_rx.recv().await else {
+            panic!("a record first")
+        };
         assert_eq!((first.seq, &*first.topic), (0, "one/old"));
 
         let id = catalog.add_device("new".into(), vec!["b".into()]);
         let (live_tx, mut second_rx) = mpsc::channel(64);
         updates_tx
             .send(WriterUpdate {
-                encoder: JsonEncoder::new("gw", 1, |d| format!("two/{d}"), &catalog),
+                encoder: Encoder::Json(JsonEncoder::new("gw", 1, |d| format!("two/{d}"), &catalog)),
                 max_packet: 1 << 20,
                 live: Some(live_tx),
             })
@@ -302,7 +323,7 @@ mod tests {
             "the old publisher's channel is closed"
         );
         let mut later = Vec::new();
-        while let Some(r) = second_rx.recv().await {
+        while let Some(Live::Record(r)) = second_rx.recv().await {
             let doc: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
             later.push((r.seq, r.topic.to_string(), doc["samples"][0]["tag"].clone()));
         }

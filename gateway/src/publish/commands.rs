@@ -21,12 +21,27 @@ pub(super) async fn subscribe(client: &Sender, link: Option<&CommandLink>, topic
     }
 }
 
-/// Hands a publish from the broker to the commands task.
-pub(super) fn forward(link: Option<&CommandLink>, topic: String, payload: Bytes) {
+/// Whether `topic` is a command topic, `{topic_prefix}/{device}/cmd`.
+pub(super) fn is_command_topic(topic_prefix: &str, topic: &str) -> bool {
+    topic
+        .strip_prefix(topic_prefix)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .and_then(|rest| rest.strip_suffix("/cmd"))
+        .is_some_and(|device| !device.is_empty() && !device.contains('/'))
+}
+
+/// Hands a publish from the broker to the commands task. A retained command is never
+/// executed: the broker would hand it again at every reconnect and restart, and the write
+/// would be repeated long after anyone asked for it.
+pub(super) fn forward(link: Option<&CommandLink>, topic: String, payload: Bytes, retain: bool) {
     let Some(link) = link else {
         debug!(topic = %topic, "publish received while commands are off; ignored");
         return;
     };
+    if retain {
+        warn!(target: "audit", topic = %topic, outcome = "refused", reason = "retained", "a retained command is never executed (publish commands without retain)");
+        return;
+    }
     if let Err(e) = link.incoming.try_send(Incoming { topic, payload }) {
         let topic = match e {
             tokio::sync::mpsc::error::TrySendError::Full(i)
@@ -54,5 +69,19 @@ pub(super) async fn next_reply(link: &mut Option<CommandLink>) -> Reply {
 pub(super) fn send_reply(client: &Sender, reply: Reply) {
     if let Err(e) = client.try_publish_qos0(reply.topic, reply.payload) {
         debug!(error = %e, "command reply not accepted by the MQTT client");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_command_topic;
+
+    #[test]
+    fn a_command_topic_is_the_prefix_one_device_and_cmd() {
+        assert!(is_command_topic("plant/gw", "plant/gw/press1/cmd"));
+        assert!(!is_command_topic("plant/gw", "plant/gw/press1/cmd/reply"));
+        assert!(!is_command_topic("plant/gw", "plant/gw//cmd"));
+        assert!(!is_command_topic("plant/gw", "plant/gwx/press1/cmd"));
+        assert!(!is_command_topic("plant/gw", "spBv1.0/g/NCMD/gw"));
     }
 }

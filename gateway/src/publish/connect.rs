@@ -47,6 +47,8 @@ pub(crate) struct Connector {
     expiry: ExpiryWarning,
     /// When the client certificate of the last attempt expires.
     pub(crate) client_cert_not_after: Option<SystemTime>,
+    /// Sparkplug B: the will is NDEATH, with a `bdSeq` stepped for every attempt.
+    pub(crate) sparkplug: Option<super::sparkplug::NodeWill>,
 }
 
 impl Connector {
@@ -58,6 +60,7 @@ impl Connector {
             will_retained: true,
             expiry: ExpiryWarning::new(),
             client_cert_not_after: None,
+            sparkplug: None,
             sas: settings.sas.as_ref().map(|s| {
                 SasRenewal::new(
                     device_resource_uri(&settings.host, &settings.client_id),
@@ -107,6 +110,15 @@ impl Connector {
             None => None,
             Some(user) => Some((user, self.password()?)),
         };
+        if let Some(node) = &mut self.sparkplug {
+            // Sparkplug: NDEATH, never retained.
+            return Ok(Prepared {
+                transport,
+                credentials,
+                will: Some(node.next()),
+                will_retained: false,
+            });
+        }
         let will = self.settings.status.then(|| {
             let doc = status::document(&self.gateway, self.boot, false, SystemTime::now());
             (self.settings.status_topic(), doc)

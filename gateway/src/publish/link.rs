@@ -83,10 +83,15 @@ pub(crate) enum Happening {
     Collision(u16),
     /// A PUBACK; `refused` when its reason code is a failure.
     Acked { pkid: u16, refused: Option<Refusal> },
+    /// A message on a subscribed topic (Sparkplug's NCMD, DCMD and STATE, or a command);
+    /// `retain`: the broker kept it from before (a retained command is never executed).
+    Message {
+        topic: String,
+        payload: Bytes,
+        retain: bool,
+    },
     /// The DISCONNECT went out.
     DisconnectSent,
-    /// A publish from the broker (a command: the gateway subscribes to nothing else).
-    Received { topic: String, payload: Bytes },
     /// Anything else (pings, the client's own bookkeeping).
     Other,
 }
@@ -117,7 +122,8 @@ pub(crate) struct Prepared {
 /// The client half: hands publishes to the event loop.
 pub(crate) enum Sender {
     V4(rumqttc::AsyncClient),
-    V5(v5::AsyncClient),
+    /// With whether payloads are protobuf (Sparkplug B) rather than JSON.
+    V5(v5::AsyncClient, bool),
 }
 
 /// The event-loop half: owns the connection, and rumqttc's in-flight limit (`inflight`), with
@@ -190,7 +196,11 @@ pub(crate) fn open(settings: &MqttSettings) -> (Sender, Link) {
             o.set_request_channel_capacity(cap);
             o.set_network_options(network);
             let (client, el) = v5::AsyncClient::new(o, cap);
-            (Sender::V5(client), Link::V5(Box::new(el), inflight))
+            let protobuf = settings.format == crate::config::Format::SparkplugB;
+            (
+                Sender::V5(client, protobuf),
+                Link::V5(Box::new(el), inflight),
+            )
         }
     }
 }
@@ -204,11 +214,18 @@ impl Sender {
                 .publish_bytes(out.topic, QoS::AtLeastOnce, out.retain, payload)
                 .await
                 .map_err(|e| e.to_string()),
-            Sender::V5(c) => {
+            Sender::V5(c, protobuf) => {
                 let properties = PublishProperties {
-                    payload_format_indicator: Some(1),
+                    payload_format_indicator: Some(u8::from(!*protobuf)),
                     topic_alias: out.alias,
-                    content_type: Some("application/json".to_owned()),
+                    content_type: Some(
+                        if *protobuf {
+                            "application/x-protobuf"
+                        } else {
+                            "application/json"
+                        }
+                        .to_owned(),
+                    ),
                     ..PublishProperties::default()
                 };
                 c.publish_bytes_with_properties(
@@ -224,20 +241,6 @@ impl Sender {
         }
     }
 
-    /// Subscribes to `filter` at QoS 1 (commands).
-    pub(crate) async fn subscribe(&self, filter: &str) -> Result<(), String> {
-        match self {
-            Sender::V4(c) => c
-                .subscribe(filter, QoS::AtLeastOnce)
-                .await
-                .map_err(|e| e.to_string()),
-            Sender::V5(c) => c
-                .subscribe(filter, v5::mqttbytes::QoS::AtLeastOnce)
-                .await
-                .map_err(|e| e.to_string()),
-        }
-    }
-
     /// Hands a QoS 0 publish (a command reply) to the event loop: it takes no packet id and
     /// no place in the window.
     pub(crate) fn try_publish_qos0(&self, topic: String, payload: Bytes) -> Result<(), String> {
@@ -245,7 +248,7 @@ impl Sender {
             Sender::V4(c) => c
                 .try_publish(topic, QoS::AtMostOnce, false, payload)
                 .map_err(|e| e.to_string()),
-            Sender::V5(c) => c
+            Sender::V5(c, _) => c
                 .try_publish(topic, v5::mqttbytes::QoS::AtMostOnce, false, payload)
                 .map_err(|e| e.to_string()),
         }
@@ -255,8 +258,23 @@ impl Sender {
     pub(crate) fn try_disconnect(&self) {
         let _ = match self {
             Sender::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
-            Sender::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Sender::V5(c, _) => c.try_disconnect().map_err(|e| e.to_string()),
         };
+    }
+
+    /// Hands a QoS 1 SUBSCRIBE to the event loop; it goes out before any publish handed over
+    /// after it. An error only when the event loop is gone.
+    pub(crate) async fn subscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Sender::V4(c) => c
+                .subscribe(filter, QoS::AtLeastOnce)
+                .await
+                .map_err(|e| e.to_string()),
+            Sender::V5(c, _) => c
+                .subscribe(filter, v5::mqttbytes::QoS::AtLeastOnce)
+                .await
+                .map_err(|e| e.to_string()),
+        }
     }
 }
 
@@ -352,9 +370,10 @@ fn happening_v4(event: Event) -> Happening {
             pkid: ack.pkid,
             refused: None,
         },
-        Event::Incoming(Packet::Publish(p)) => Happening::Received {
+        Event::Incoming(Packet::Publish(p)) => Happening::Message {
             topic: p.topic,
             payload: p.payload,
+            retain: p.retain,
         },
         Event::Outgoing(out) => happening_outgoing(out),
         Event::Incoming(_) => Happening::Other,
@@ -375,9 +394,10 @@ fn happening_v5(event: v5::Event) -> Happening {
                 reason: ack.properties.and_then(|p| p.reason_string),
             }),
         },
-        v5::Event::Incoming(Packet5::Publish(p)) => Happening::Received {
+        v5::Event::Incoming(Packet5::Publish(p)) => Happening::Message {
             topic: String::from_utf8_lossy(&p.topic).into_owned(),
             payload: p.payload,
+            retain: p.retain,
         },
         v5::Event::Outgoing(out) => happening_outgoing(out),
         v5::Event::Incoming(_) => Happening::Other,

@@ -29,6 +29,7 @@ pub(crate) mod link;
 pub mod meta;
 pub mod pace;
 pub(crate) mod sas;
+pub mod sparkplug;
 pub mod status;
 pub mod subscribe;
 pub(crate) mod tls;
@@ -61,6 +62,15 @@ use window::{Acked, Window};
 #[cfg(feature = "demo")]
 pub fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
     tls::provider()
+}
+
+/// What the writer hands the publisher, in order.
+#[derive(Debug)]
+pub enum Live {
+    /// A record to publish.
+    Record(Arc<Record>),
+    /// In Sparkplug: a device starts (`true`) or stops answering, between its records.
+    Device(protocols::model::DeviceId, bool),
 }
 
 /// Records read from disk per replay step.
@@ -153,7 +163,7 @@ pub struct Publisher {
     shared: Arc<Shared>,
     window: Window,
     aliases: Aliases,
-    live: VecDeque<(Arc<Record>, Instant)>,
+    live: VecDeque<(Live, Instant)>,
     live_cap: usize,
     /// Payload bytes in `live`, capped at LIVE_BYTES: OPC UA records of 10k samples are
     /// half a megabyte each, so a count alone does not bound memory during an outage.
@@ -199,6 +209,8 @@ pub struct Publisher {
     meta: meta::MetaState,
     /// A meta message too large for the broker was logged (once per connection).
     meta_too_large_logged: bool,
+    /// Sparkplug B: the edge node and its session; `None` in JSON mode.
+    node: Option<sparkplug::Node>,
 }
 
 impl Publisher {
@@ -211,11 +223,13 @@ impl Publisher {
         replay_rate: Option<u32>,
         (gateway, boot): (Arc<str>, u64),
         shared: Arc<Shared>,
-        mut live_rx: mpsc::Receiver<Arc<Record>>,
+        mut live_rx: mpsc::Receiver<Live>,
+        mut node: Option<sparkplug::Node>,
     ) {
         let (client, link) = link::open(&settings);
         let window_cap = usize::from(settings.max_inflight);
-        let connector = Connector::new(settings.clone(), &gateway, boot);
+        let mut connector = Connector::new(settings.clone(), &gateway, boot);
+        connector.sparkplug = node.as_mut().and_then(sparkplug::Node::take_will);
         let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
         let mut p = Publisher {
             refusal_backoff: Backoff::new(settings.backoff_min, settings.backoff_max),
@@ -252,6 +266,7 @@ impl Publisher {
             kick: Arc::new(Notify::new()),
             meta: meta::MetaState::default(),
             meta_too_large_logged: false,
+            node,
         };
         let mut meta_rx = p.shared.meta.subscribe();
         if p.settings.protocol_version == ProtocolVersion::V311 {
@@ -308,8 +323,12 @@ impl Publisher {
                             commands::subscribe(&p.client, commands.as_ref(), &p.settings.topic_prefix).await;
                             Duration::ZERO
                         }
-                        Polled::Happened(Happening::Received { topic, payload }) => {
-                            commands::forward(commands.as_ref(), topic, payload);
+                        Polled::Happened(Happening::Message { topic, payload, retain }) => {
+                            if commands::is_command_topic(&p.settings.topic_prefix, &topic) {
+                                commands::forward(commands.as_ref(), topic, payload, retain);
+                            } else {
+                                p.sparkplug_message(&topic, &payload).await;
+                            }
                             Duration::ZERO
                         }
                         Polled::Happened(h) => {
@@ -419,15 +438,32 @@ impl Publisher {
     /// within the commit interval (or the first one at start-up) then costs no disk write. When
     /// the queue is full its oldest record is dropped from memory: it is still in the ledger, is
     /// committed, and comes back through the replay.
-    fn queue_live(&mut self, r: Arc<Record>) {
-        Metrics::add(&self.shared.metrics.live_taken, 1);
+    fn queue_live(&mut self, item: Live) {
+        let r = match item {
+            Live::Record(r) => {
+                Metrics::add(&self.shared.metrics.live_taken, 1);
+                r
+            }
+            // A device's liveness goes in order with its records while births have gone out;
+            // otherwise it only tells the next births.
+            Live::Device(d, online) if !self.connected || !self.data_allowed() => {
+                self.device_changed_offline(d, online);
+                return;
+            }
+            device => {
+                self.live.push_back((device, Instant::now()));
+                return;
+            }
+        };
         self.live_bytes += r.payload.len();
-        self.live.push_back((r, Instant::now()));
+        self.live.push_back((Live::Record(r), Instant::now()));
         while self.live.len() > self.live_cap
             || (self.live_bytes > LIVE_BYTES && self.live.len() > 1)
         {
-            if let Some((old, _)) = self.live.pop_front() {
-                self.live_bytes -= old.payload.len();
+            match self.live.pop_front() {
+                Some((Live::Record(old), _)) => self.live_bytes -= old.payload.len(),
+                Some((Live::Device(d, online), _)) => self.device_changed_offline(d, online),
+                None => {}
             }
         }
     }
@@ -440,9 +476,20 @@ impl Publisher {
             }
             self.refused_until = None;
         }
+        if !self.data_allowed() {
+            // Sparkplug: nothing before this connection's NBIRTH.
+            return;
+        }
         while self.window.room() > 0 {
-            let Some((r, queued)) = self.live.pop_front() else {
+            let Some((item, queued)) = self.live.pop_front() else {
                 break;
+            };
+            let r = match item {
+                Live::Record(r) => r,
+                Live::Device(d, online) => {
+                    self.device_changed(d, online).await;
+                    continue;
+                }
             };
             self.live_bytes -= r.payload.len();
             // A record that waited out a commit interval (an outage) went the store-and-forward
@@ -537,6 +584,7 @@ impl Publisher {
             return;
         }
         let out = self.aliases.outbound(topic);
+        let payload = self.sequenced(payload);
         let size = payload.len();
         match self.client.publish(out, payload).await {
             Ok(()) => {
@@ -598,7 +646,9 @@ impl Publisher {
         let m = &self.shared.metrics;
         m.mqtt_connected.store(true, Ordering::Relaxed);
         Metrics::add(&m.mqtt_connects, 1);
-        if self.settings.status {
+        if self.node.is_some() {
+            self.sparkplug_connected().await;
+        } else if self.settings.status {
             self.publish_status(true).await;
         }
         self.meta_too_large_logged = false;
@@ -687,8 +737,8 @@ impl Publisher {
                 self.on_puback(pkid, refused);
             }
             Happening::Connected { .. }
+            | Happening::Message { .. }
             | Happening::DisconnectSent
-            | Happening::Received { .. }
             | Happening::Other => {}
         }
     }
@@ -743,6 +793,9 @@ impl Publisher {
 
     fn on_disconnect(&mut self, error: &str) {
         let lost = self.window.clear();
+        if let Some(node) = &mut self.node {
+            node.session.lost();
+        }
         let healthy = self
             .connected_at
             .take()
@@ -808,8 +861,14 @@ impl Publisher {
         }
         let mut poll = poll;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-        if self.settings.status {
-            self.publish_status(false).await;
+        let sparkplug_up = self.node.as_ref().is_some_and(|n| n.session.up());
+        if sparkplug_up || (self.node.is_none() && self.settings.status) {
+            if sparkplug_up {
+                // Sparkplug: NDEATH ourselves, so the host need not wait for the will.
+                self.publish_ndeath().await;
+            } else {
+                self.publish_status(false).await;
+            }
             // Until the status is acknowledged (or the deadline).
             loop {
                 match tokio::time::timeout_at(deadline, &mut poll).await {

@@ -15,6 +15,7 @@ mod devices;
 mod modbus;
 mod mqtt;
 mod opcua;
+mod sparkplug;
 
 pub(super) use devices::Protocol;
 
@@ -289,7 +290,7 @@ impl Checker<'_> {
 
     fn config(&mut self, root: toml::Table) -> Option<Config> {
         let (mut gateway, mut buffer, mut mqtt, mut devices) = (None, None, None, None);
-        let mut api = None;
+        let (mut api, mut sparkplug) = (None, None);
         let mut commands = None;
         for (key, value) in root {
             match key.as_str() {
@@ -299,6 +300,7 @@ impl Checker<'_> {
                 "devices" => devices = Some(value),
                 "api" => api = Some(value),
                 "commands" => commands = Some(value),
+                "sparkplug" => sparkplug = Some(value),
                 _ => {
                     let message = unknown_key_message("section", &key, SECTIONS);
                     self.report(&FieldPath::top(&key), message);
@@ -308,7 +310,11 @@ impl Checker<'_> {
         let gateway = self.gateway(gateway);
         let id = gateway.as_ref().map(|g| Arc::clone(&g.id));
         let buffer = self.buffer(buffer);
-        let mqtt = self.mqtt(mqtt, id.as_deref());
+        let mut mqtt = self.mqtt(mqtt, id.as_deref());
+        let sparkplug = self.sparkplug(sparkplug, mqtt.as_ref(), id.as_deref());
+        if let Some(m) = &mut mqtt {
+            m.sparkplug = sparkplug;
+        }
         let data_dir = gateway
             .as_ref()
             .map_or_else(|| PathBuf::from("data"), |g| g.data_dir.clone());

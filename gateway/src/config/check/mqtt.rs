@@ -164,6 +164,7 @@ impl Checker<'_> {
             topic,
             status: raw.status.unwrap_or(true),
             format: raw.format.unwrap_or_default(),
+            sparkplug: None,
             username: raw.username,
             password_file,
             sas,

@@ -210,6 +210,7 @@ fn full_contract_example_parses_to_the_expected_runtime_values() {
             topic: TopicTemplate::default(),
             status: true,
             format: Format::Json,
+            sparkplug: None,
             username: Some("gw".to_owned()),
             password_file: Some(SecretSource::File(PathBuf::from("/path"))),
             sas: None,

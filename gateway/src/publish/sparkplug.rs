@@ -1,0 +1,387 @@
+//! The publisher's side of a Sparkplug B edge node: the subscriptions, births and deaths a
+//! [`Session`] asks for, the will's `bdSeq` (persisted in the data directory, stepped on
+//! every connection attempt), and the commands that come in (a rebirth, the primary host's
+//! STATE). Records themselves go out as in JSON mode; only their `seq` is appended here.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use protocols::model::{DeviceId, Timestamp};
+use tracing::{debug, info, warn};
+
+use super::link::Outbound;
+use super::Publisher;
+use crate::api::Latest;
+use crate::config::SparkplugSettings;
+use crate::encode::sparkplug::session::{Session, Step};
+use crate::encode::sparkplug::{self as sp, Declared, Topics};
+
+/// The file of the last `bdSeq` used, in the data directory.
+const BD_SEQ_FILE: &str = "sparkplug_bdseq";
+
+/// `bdSeq`: 0..=255, one more on every connection attempt, kept across restarts.
+#[derive(Debug)]
+pub(crate) struct BdSeq {
+    path: PathBuf,
+    last: Option<u64>,
+    failing: bool,
+}
+
+impl BdSeq {
+    /// The counter kept in `data_dir`; a missing or unreadable file starts at 0.
+    pub(crate) fn open(data_dir: &Path) -> Self {
+        let path = data_dir.join(BD_SEQ_FILE);
+        let last = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .map(|n| n % 256);
+        BdSeq {
+            path,
+            last,
+            failing: false,
+        }
+    }
+
+    /// The `bdSeq` of the next attempt, written to disk (temporary file, fsync, rename) first.
+    /// A disk that fails is logged once; the count goes on in memory.
+    pub(crate) fn step(&mut self) -> u64 {
+        let next = self.last.map_or(0, |n| (n + 1) % 256);
+        self.last = Some(next);
+        match write_atomically(&self.path, next) {
+            Ok(()) => self.failing = false,
+            Err(e) => {
+                if !std::mem::replace(&mut self.failing, true) {
+                    warn!(file = %self.path.display(), error = %e, "cannot persist the Sparkplug bdSeq; counting on in memory");
+                }
+            }
+        }
+        next
+    }
+}
+
+fn write_atomically(path: &Path, n: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "{n}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The will of a Sparkplug connection: NDEATH with the attempt's `bdSeq`.
+#[derive(Debug)]
+pub(crate) struct NodeWill {
+    pub(crate) topic: String,
+    pub(crate) bd_seq: BdSeq,
+    /// The `bdSeq` of the last attempt prepared.
+    pub(crate) current: u64,
+}
+
+impl NodeWill {
+    /// Steps `bdSeq` for a new attempt: the will's topic and payload.
+    pub(crate) fn next(&mut self) -> (String, Bytes) {
+        self.current = self.bd_seq.step();
+        let payload = sp::ndeath(self.current, Timestamp::now().unix_ms());
+        (self.topic.clone(), Bytes::from(payload))
+    }
+}
+
+/// One device of the node.
+#[derive(Debug)]
+pub struct NodeDevice {
+    /// Its tag names, by tag id.
+    pub tags: Vec<Arc<str>>,
+    /// The datatype a tag's values will have, when the config says (for a birth before any
+    /// value was read).
+    pub declared: Vec<Declared>,
+    dbirth: String,
+    ddeath: String,
+}
+
+/// A device as the node declares it: its gateway name, its tag names and their datatypes.
+pub type DeviceDecl = (Arc<str>, Vec<Arc<str>>, Vec<Declared>);
+
+/// The edge node: its identity, devices and session.
+#[derive(Debug)]
+pub struct Node {
+    topics: Topics,
+    primary_host: Option<String>,
+    pub(crate) session: Session,
+    devices: Vec<NodeDevice>,
+    /// Whether each device answered at its last scan (the writer's verdicts, in order).
+    online: Vec<bool>,
+    latest: Arc<Latest>,
+    boot: u64,
+    will: Option<NodeWill>,
+}
+
+impl Node {
+    /// The node for `settings` over the devices of the catalog (by id: name, tags and the
+    /// datatypes the config declares), reading births' values from `latest`.
+    pub fn new(
+        settings: &SparkplugSettings,
+        devices: Vec<DeviceDecl>,
+        latest: Arc<Latest>,
+        data_dir: &Path,
+        boot: u64,
+    ) -> Self {
+        let topics = Topics::new(&settings.group_id, &settings.edge_node_id);
+        let devices = devices
+            .into_iter()
+            .map(|(name, tags, declared)| NodeDevice {
+                dbirth: topics.device("DBIRTH", &name),
+                ddeath: topics.device("DDEATH", &name),
+                tags,
+                declared,
+            })
+            .collect();
+        let will = NodeWill {
+            topic: topics.ndeath(),
+            bd_seq: BdSeq::open(data_dir),
+            current: 0,
+        };
+        Node {
+            session: Session::new(settings.primary_host_id.is_some()),
+            primary_host: settings.primary_host_id.clone(),
+            topics,
+            devices,
+            online: Vec::new(),
+            latest,
+            boot,
+            will: Some(will),
+        }
+    }
+
+    /// The will, for the connector (taken once).
+    pub(crate) fn take_will(&mut self) -> Option<NodeWill> {
+        self.will.take()
+    }
+
+    /// What the node subscribes to before its NBIRTH.
+    fn subscriptions(&self) -> Vec<String> {
+        let mut s = vec![self.topics.ncmd(), self.topics.dcmd_filter()];
+        if let Some(host) = &self.primary_host {
+            s.push(Topics::state(host));
+        }
+        s
+    }
+
+    fn set_online(&mut self, device: usize, online: bool) {
+        if self.online.len() <= device {
+            self.online.resize(device + 1, false);
+        }
+        self.online[device] = online;
+    }
+}
+
+impl Publisher {
+    /// After a CONNACK: the subscriptions, then the births unless a primary host is awaited.
+    pub(super) async fn sparkplug_connected(&mut self) {
+        let bd_seq = self
+            .connector
+            .lock()
+            .map_or(0, |c| c.sparkplug.as_ref().map_or(0, |w| w.current));
+        let Some(node) = &mut self.node else { return };
+        for filter in node.subscriptions() {
+            if let Err(e) = self.client.subscribe(&filter).await {
+                debug!(error = %e, filter, "subscribe not accepted by the MQTT client");
+            }
+        }
+        let step = node.session.connected(bd_seq);
+        self.sparkplug_step(step).await;
+    }
+
+    async fn sparkplug_step(&mut self, step: Option<Step>) {
+        match step {
+            Some(Step::Births) => self.births().await,
+            Some(Step::Disconnect) => {
+                info!("the primary host is offline: dropping the connection (the broker publishes NDEATH); data waits in the buffer");
+                self.on_disconnect("primary host offline");
+                self.kick.notify_one();
+            }
+            None => {}
+        }
+    }
+
+    /// NBIRTH, then a DBIRTH for every device that answers, with its latest values.
+    async fn births(&mut self) {
+        let Some(node) = &mut self.node else { return };
+        let now = Timestamp::now().unix_ms();
+        let seq = node.session.nbirth();
+        let nbirth = sp::nbirth(node.session.bd_seq(), node.boot, now);
+        let mut out = vec![(node.topics.nbirth(), sp::with_seq(&nbirth, seq))];
+        let rows = node.latest.snapshot();
+        for (d, dev) in node.devices.iter().enumerate() {
+            if !node.online.get(d).copied().unwrap_or(false) {
+                continue;
+            }
+            if let Some(seq) = node.session.dbirth(d) {
+                let row = rows.get(d).map_or(&[][..], |r| &r[..]);
+                let payload = sp::dbirth(d as u32, &dev.tags, &dev.declared, row, now);
+                out.push((dev.dbirth.clone(), sp::with_seq(&payload, seq)));
+            }
+        }
+        info!(
+            bd_seq = node.session.bd_seq(),
+            devices = out.len() - 1,
+            "Sparkplug births published"
+        );
+        for (topic, payload) in out {
+            self.publish_session(topic, payload).await;
+        }
+    }
+
+    /// A device's liveness changed (in order with its records): DBIRTH or DDEATH while the
+    /// node is up.
+    pub(super) async fn device_changed(&mut self, device: DeviceId, online: bool) {
+        let Some(node) = &mut self.node else { return };
+        let d = device.0 as usize;
+        node.set_online(d, online);
+        let Some(dev) = node.devices.get(d) else {
+            return;
+        };
+        let now = Timestamp::now().unix_ms();
+        let message = if online {
+            node.session.dbirth(d).map(|seq| {
+                let rows = node.latest.snapshot();
+                let row = rows.get(d).map_or(&[][..], |r| &r[..]);
+                let payload = sp::dbirth(d as u32, &dev.tags, &dev.declared, row, now);
+                (dev.dbirth.clone(), sp::with_seq(&payload, seq))
+            })
+        } else {
+            node.session
+                .ddeath(d)
+                .map(|seq| (dev.ddeath.clone(), sp::with_seq(&sp::ddeath(now), seq)))
+        };
+        if let Some((topic, payload)) = message {
+            self.publish_session(topic, payload).await;
+        }
+    }
+
+    /// A device's liveness changed while the node is not up: remembered for the next births.
+    pub(super) fn device_changed_offline(&mut self, device: DeviceId, online: bool) {
+        if let Some(node) = &mut self.node {
+            node.set_online(device.0 as usize, online);
+        }
+    }
+
+    /// A message on a subscribed topic: a rebirth request or the primary host's STATE.
+    pub(super) async fn sparkplug_message(&mut self, topic: &str, payload: &[u8]) {
+        let Some(node) = &mut self.node else { return };
+        let step = if topic == node.topics.ncmd() {
+            if sp::asks_rebirth(payload) {
+                info!("rebirth requested (NCMD Node Control/Rebirth)");
+                node.session.rebirth()
+            } else {
+                debug!(topic, "NCMD without a rebirth request; ignored");
+                None
+            }
+        } else if node
+            .primary_host
+            .as_deref()
+            .is_some_and(|h| topic == Topics::state(h))
+        {
+            match sp::host_online(payload) {
+                Some(online) => {
+                    info!(online, "primary host STATE");
+                    node.session.host_state(online)
+                }
+                None => {
+                    warn!(topic, "unreadable primary host STATE; ignored");
+                    None
+                }
+            }
+        } else {
+            debug!(
+                topic,
+                "command for a device; the gateway writes nothing yet"
+            );
+            None
+        };
+        self.sparkplug_step(step).await;
+    }
+
+    /// A payload of a record as it goes out: with the session's next `seq` in Sparkplug.
+    pub(super) fn sequenced(&mut self, payload: Bytes) -> Bytes {
+        match &mut self.node {
+            Some(node) => sp::with_seq(&payload, node.session.next_seq()),
+            None => payload,
+        }
+    }
+
+    /// Whether records may go out (in Sparkplug: after the NBIRTH of this connection).
+    pub(super) fn data_allowed(&self) -> bool {
+        self.node.as_ref().is_none_or(|n| n.session.up())
+    }
+
+    /// NDEATH at a clean shutdown, with the connection's `bdSeq`.
+    pub(super) async fn publish_ndeath(&mut self) {
+        let Some(node) = &self.node else { return };
+        let payload = sp::ndeath(node.session.bd_seq(), Timestamp::now().unix_ms());
+        let topic = node.topics.ndeath();
+        self.publish_session(topic, Bytes::from(payload)).await;
+    }
+
+    /// A birth or death: QoS 1, not retained, acknowledged like a status message (it stands
+    /// for no record).
+    async fn publish_session(&mut self, topic: String, payload: Bytes) {
+        let out = Outbound {
+            topic,
+            alias: None,
+            retain: false,
+        };
+        match self.client.publish(out, payload).await {
+            Ok(()) => self.window.submit_status(Instant::now()),
+            Err(e) => debug!(error = %e, "Sparkplug message not accepted by the MQTT client"),
+        }
+    }
+}
+
+/// The datatypes a Modbus unit's tags will have (from their config type and scaling); an OPC UA
+/// device declares none (its values say).
+pub fn declared(kind: &crate::config::DeviceKind) -> Vec<Vec<Declared>> {
+    use crate::encode::sparkplug::proto::datatype;
+    use protocols::modbus::DataType;
+    match kind {
+        crate::config::DeviceKind::Modbus(m) => m
+            .units
+            .iter()
+            .map(|u| {
+                u.tags
+                    .iter()
+                    .map(|t| {
+                        let scaled = t.scale != 1.0 || t.offset != 0.0;
+                        Some(match t.data_type {
+                            DataType::Bool => datatype::BOOLEAN,
+                            DataType::String => datatype::STRING,
+                            DataType::F32 | DataType::F64 => datatype::DOUBLE,
+                            _ if scaled => datatype::DOUBLE,
+                            DataType::I16 | DataType::I32 | DataType::I64 => datatype::INT64,
+                            DataType::U16 | DataType::U32 | DataType::U64 => datatype::UINT64,
+                        })
+                    })
+                    .collect()
+            })
+            .collect(),
+        crate::config::DeviceKind::OpcUa(o) => vec![vec![None; o.tags.len()]],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bd_seq_steps_on_every_attempt_wraps_after_255_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = BdSeq::open(dir.path());
+        assert_eq!(b.step(), 0);
+        assert_eq!(b.step(), 1);
+        let mut again = BdSeq::open(dir.path());
+        assert_eq!(again.step(), 2, "read back from the data directory");
+        std::fs::write(dir.path().join(BD_SEQ_FILE), "255\n").unwrap();
+        assert_eq!(BdSeq::open(dir.path()).step(), 0);
+    }
+}

@@ -1,0 +1,297 @@
+//! Sparkplug B end to end: the gateway as an edge node on the embedded broker (reached through
+//! a fault-injecting proxy), with a host's subscriber that decodes every message and checks the
+//! Sparkplug 3.0 rules message by message (`gateway_tests::sparkplug::check_session`), and that
+//! the gateway's own (boot, seq), carried in each DDATA's `uuid`, has no hole.
+
+use std::time::Duration;
+
+use edge_gateway::config::{Format, SparkplugSettings};
+use edge_gateway::metrics::Metrics;
+use edge_gateway::pipeline::Running;
+use gateway_tests::sparkplug::{check_session, SpCollector, SpMessage};
+use gateway_tests::{drained, GatewayRig};
+
+const GROUP: &str = "plant";
+const SCAN: Duration = Duration::from_millis(50);
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn rig(node: &str, primary_host: Option<&str>) -> GatewayRig {
+    let mut rig = GatewayRig::new(node, 2, SCAN, None).await;
+    rig.config.mqtt.format = Format::SparkplugB;
+    rig.config.mqtt.sparkplug = Some(SparkplugSettings {
+        group_id: GROUP.into(),
+        edge_node_id: node.into(),
+        primary_host_id: primary_host.map(Into::into),
+    });
+    rig
+}
+
+fn count(msgs: &[SpMessage], kind: &str) -> usize {
+    msgs.iter().filter(|m| m.kind == kind).count()
+}
+
+/// Waits until every record made so far arrived, shuts the gateway down, waits for its NDEATH
+/// and checks the whole session; returns the report and the records made.
+async fn finish(gw: Running, sub: &SpCollector) -> (gateway_tests::sparkplug::SessionReport, u64) {
+    let created = drained(&gw, WAIT).await;
+    let boot = gw.boot;
+    sub.wait_for(WAIT, "every record", |m| {
+        let ids: std::collections::BTreeSet<u64> = m
+            .iter()
+            .filter_map(SpMessage::record_id)
+            .filter(|(b, _)| *b == boot)
+            .map(|(_, s)| s)
+            .collect();
+        ids.len() as u64 >= created
+    })
+    .await;
+    let deaths = count(&sub.messages(), "NDEATH");
+    gw.shutdown().await;
+    sub.wait_for(WAIT, "the NDEATH of the shutdown", |m| {
+        count(m, "NDEATH") > deaths
+    })
+    .await;
+    let report = check_session(&sub.messages()).unwrap_or_else(|e| panic!("{e}"));
+    let seqs = report.contiguous(boot);
+    assert_eq!(seqs.first(), Some(&0), "the boot's records from seq 0");
+    assert!(
+        seqs.len() as u64 >= created,
+        "{} of {created} records arrived",
+        seqs.len()
+    );
+    (report, created)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_nbirth_then_a_dbirth_per_device_then_ddata_by_alias_and_a_clean_shutdown_ends_it_with_ndeath(
+) {
+    let rig = rig("sp-normal", None).await;
+    let sub = SpCollector::start(rig.broker.port()).await;
+    let gw = rig.start().await;
+    sub.wait_for(WAIT, "data from both devices", |m| count(m, "DDATA") >= 20)
+        .await;
+    let msgs = sub.messages();
+    assert_eq!(msgs[0].kind, "NBIRTH", "the NBIRTH comes first");
+    let dbirths: Vec<&SpMessage> = msgs.iter().filter(|m| m.kind == "DBIRTH").collect();
+    assert_eq!(dbirths.len(), 2, "one DBIRTH per device");
+    let tags = rig.config.devices[0].tag_count();
+    assert_eq!(
+        dbirths[0].payload.metrics.len(),
+        tags,
+        "every tag in the DBIRTH"
+    );
+    assert_eq!(dbirths[0].topic, "spBv1.0/plant/DBIRTH/sp-normal/press1");
+    let (report, _) = finish(gw, &sub).await;
+    assert_eq!(report.nbirths.len(), 1);
+    assert_eq!(
+        report.ndeaths, report.nbirths,
+        "the NDEATH names the session's bdSeq"
+    );
+    // The gateway's own NDEATH, not the will made at connect time: it is younger than the data.
+    let msgs = sub.messages();
+    let last_data = msgs
+        .iter()
+        .filter(|m| m.kind == "DDATA")
+        .filter_map(|m| m.payload.timestamp)
+        .max();
+    let death = msgs
+        .iter()
+        .find(|m| m.kind == "NDEATH")
+        .and_then(|m| m.payload.timestamp);
+    assert!(
+        death >= last_data,
+        "NDEATH published at shutdown ({death:?}), after the data ({last_data:?})"
+    );
+    assert_eq!(report.historical, 0, "nothing historical without an outage");
+    assert!(
+        rig.config.gateway.data_dir.join("sparkplug_bdseq").exists(),
+        "bdSeq is kept in the data directory"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebirth_request_is_answered_with_an_nbirth_with_seq_0_and_every_dbirth_again() {
+    let rig = rig("sp-rebirth", None).await;
+    let sub = SpCollector::start(rig.broker.port()).await;
+    let gw = rig.start().await;
+    sub.wait_for(WAIT, "data", |m| count(m, "DDATA") >= 10)
+        .await;
+    sub.request_rebirth(GROUP, "sp-rebirth").await;
+    sub.wait_for(WAIT, "the rebirth and data after it", |m| {
+        count(m, "NBIRTH") == 2
+            && count(m, "DBIRTH") == 4
+            && m.iter()
+                .rev()
+                .take_while(|x| x.kind != "NBIRTH")
+                .any(|x| x.kind == "DDATA")
+    })
+    .await;
+    let (report, _) = finish(gw, &sub).await;
+    assert_eq!(
+        report.nbirths[0], report.nbirths[1],
+        "a rebirth keeps the connection's bdSeq"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_is_announced_by_the_will_and_the_next_session_steps_bd_seq_with_nothing_lost(
+) {
+    let rig = rig("sp-cut", None).await;
+    let sub = SpCollector::start(rig.broker.port()).await;
+    let gw = rig.start().await;
+    sub.wait_for(WAIT, "data", |m| count(m, "DDATA") >= 10)
+        .await;
+    rig.proxy.cut();
+    sub.wait_for(WAIT, "the will (NDEATH)", |m| count(m, "NDEATH") == 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rig.proxy.restore();
+    sub.wait_for(WAIT, "a new session with data", |m| {
+        count(m, "NBIRTH") == 2
+            && m.iter()
+                .rev()
+                .take_while(|x| x.kind != "NBIRTH")
+                .any(|x| x.kind == "DDATA")
+    })
+    .await;
+    let (report, _) = finish(gw, &sub).await;
+    assert_eq!(report.nbirths.len(), 2);
+    assert_eq!(
+        report.ndeaths[0], report.nbirths[0],
+        "the will names the first session"
+    );
+    // One step per CONNECT: the attempts the proxy refused took theirs too.
+    assert!(
+        report.nbirths[1] > report.nbirths[0],
+        "bdSeq steps on a new connection: {:?}",
+        report.nbirths
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_stops_answering_gets_a_ddeath_and_a_dbirth_when_it_answers_again() {
+    let mut rig = rig("sp-device", None).await;
+    let sub = SpCollector::start(rig.broker.port()).await;
+    let gw = rig.start().await;
+    sub.wait_for(WAIT, "data", |m| count(m, "DDATA") >= 10)
+        .await;
+    rig.stop_sim(1).await;
+    sub.wait_for(WAIT, "the DDEATH of press2", |m| {
+        m.iter()
+            .any(|x| x.kind == "DDEATH" && x.device.as_deref() == Some("press2"))
+    })
+    .await;
+    rig.restart_sim(1).await;
+    sub.wait_for(WAIT, "press2 born again, with data", |m| {
+        let after: Vec<_> = m
+            .iter()
+            .skip_while(|x| x.kind != "DDEATH")
+            .filter(|x| x.device.as_deref() == Some("press2"))
+            .collect();
+        after.iter().any(|x| x.kind == "DBIRTH") && after.iter().any(|x| x.kind == "DDATA")
+    })
+    .await;
+    let (report, _) = finish(gw, &sub).await;
+    assert_eq!(report.ddeaths, 1);
+    assert_eq!(report.dbirths, 3, "press1 once, press2 twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_primary_host_data_goes_out_only_while_its_state_is_online_and_waits_in_the_buffer_meanwhile(
+) {
+    let rig = rig("sp-host", Some("scada")).await;
+    let sub = SpCollector::start(rig.broker.port()).await;
+    sub.host_state("scada", false).await;
+    let gw = rig.start().await;
+    // Records are made, and wait.
+    gateway_tests::eventually(WAIT, "records on disk", || {
+        Metrics::get(&gw.metrics.committed) >= 10
+    })
+    .await;
+    assert!(
+        sub.messages().is_empty(),
+        "nothing before the host is online: {:?}",
+        sub.messages()
+    );
+    sub.host_state("scada", true).await;
+    sub.wait_for(WAIT, "births and historical data", |m| {
+        count(m, "NBIRTH") == 1 && m.iter().any(SpMessage::historical)
+    })
+    .await;
+    sub.host_state("scada", false).await;
+    sub.wait_for(WAIT, "the NDEATH when the host went offline", |m| {
+        count(m, "NDEATH") == 1
+    })
+    .await;
+    let committed = Metrics::get(&gw.metrics.committed);
+    gateway_tests::eventually(WAIT, "records on disk while the host is offline", || {
+        Metrics::get(&gw.metrics.committed) >= committed + 10
+    })
+    .await;
+    assert_eq!(
+        count(&sub.messages(), "NBIRTH"),
+        1,
+        "no new session while the host is offline"
+    );
+    sub.host_state("scada", true).await;
+    sub.wait_for(WAIT, "a new session", |m| count(m, "NBIRTH") == 2)
+        .await;
+    let (report, _) = finish(gw, &sub).await;
+    assert!(
+        report.nbirths[1] > report.nbirths[0],
+        "a new connection, a new bdSeq"
+    );
+    assert!(report.historical > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_replayed_after_the_new_births_as_historical_ddata_oldest_first_with_nothing_lost(
+) {
+    let rig = rig("sp-outage", None).await;
+    let sub = SpCollector::start(rig.broker.port()).await;
+    let gw = rig.start().await;
+    sub.wait_for(WAIT, "data", |m| count(m, "DDATA") >= 10)
+        .await;
+    rig.proxy.cut();
+    let committed = Metrics::get(&gw.metrics.committed);
+    gateway_tests::eventually(WAIT, "the outage's records on disk", || {
+        Metrics::get(&gw.metrics.committed) >= committed + 20
+    })
+    .await;
+    let before = sub.messages().len();
+    rig.proxy.restore();
+    sub.wait_for(WAIT, "historical data after the new births", |m| {
+        m[before..].iter().any(SpMessage::historical)
+    })
+    .await;
+    let msgs = sub.messages();
+    let second = &msgs[before..];
+    let nbirth = second
+        .iter()
+        .position(|m| m.kind == "NBIRTH")
+        .expect("a new NBIRTH");
+    let first_data = second.iter().position(|m| m.kind == "DDATA").expect("data");
+    assert!(nbirth < first_data, "the births go before the backlog");
+    // The replay runs oldest first: the historical records of one device come in seq order.
+    let replayed: Vec<u64> = second
+        .iter()
+        .filter(|m| m.historical() && m.device.as_deref() == Some("press1"))
+        .filter_map(|m| m.record_id().map(|(_, s)| s))
+        .collect();
+    let mut sorted = replayed.clone();
+    sorted.sort_unstable();
+    assert_eq!(replayed, sorted, "historical records oldest first");
+    let h = second.iter().find(|m| m.historical()).unwrap();
+    assert!(
+        h.payload
+            .metrics
+            .iter()
+            .all(|m| m
+                .timestamp
+                .is_some_and(|t| t < h.payload.timestamp.unwrap_or(0) + 1)),
+        "original timestamps"
+    );
+    // Every record of the outage arrived (no hole in the gateway's seqs), some historical.
+    let (report, _) = finish(gw, &sub).await;
+    assert!(report.historical > 0);
+}
