@@ -2,12 +2,19 @@
 # Builds the Debian package (cargo deb: the production build, without the demo feature),
 # unpacks it into a temporary tree with dpkg -x, checks its control data, maintainer scripts
 # and unit, and runs the packaged `edge-gateway check` on the packaged example config.
-# Usage: deploy/test-deb.sh [--no-build]   (--no-build: package target/release/edge-gateway as
-# it is). Needs cargo-deb (cargo install cargo-deb), dpkg-deb, systemd-analyze and shellcheck.
+# Usage: deploy/test-deb.sh [--no-build | --profile dev]   (--no-build: package
+# target/release/edge-gateway as it is; --profile dev: package an unoptimized build, which is
+# what CI does to keep within its time: the packaging is the same, only the binary is slower).
+# Needs cargo-deb (cargo install cargo-deb), dpkg-deb, systemd-analyze and shellcheck.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=(--no-default-features --strip)
-if [ "${1:-}" = "--no-build" ]; then build+=(--no-build); fi
+case "${1:-}" in
+  --no-build) build+=(--no-build) ;;
+  --profile) build+=(--profile "${2:?--profile needs a name}") ;;
+  "") ;;
+  *) echo "usage: deploy/test-deb.sh [--no-build | --profile NAME]" >&2; exit 2 ;;
+esac
 
 fail() { echo "test-deb: FAIL: $*" >&2; exit 1; }
 
