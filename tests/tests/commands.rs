@@ -205,3 +205,83 @@ async fn an_accepted_write_lands_in_the_device_and_every_refusal_stays_away_from
         .filter(|m| m.topic == format!("{PREFIX}/press1"))
         .all(|m| m.doc["samples"].is_array()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_command_is_never_executed_and_a_reload_that_turns_commands_off_refuses_the_next(
+) {
+    init_tracing();
+    let broker = edge_gateway::demo::broker::start(16 << 20).unwrap();
+    let dev = SimDevice::new();
+    let sim = dev.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = local_config(
+        "gw-cmd",
+        dir.path().join("data"),
+        broker.port(),
+        vec![modbus_device("press1", sim.addr(), SCAN, tags())],
+    );
+    config.commands.enabled = true;
+    config.commands.write_interval = Duration::from_millis(1);
+    config.mqtt.shutdown_grace = Duration::from_millis(500);
+    let client = commander(broker.port()).await;
+    // Left on the broker before the gateway subscribes: handed over at every subscription.
+    client
+        .publish(
+            format!("{PREFIX}/press1/cmd"),
+            QoS::AtLeastOnce,
+            true,
+            r#"{"id":"old","tag":"setpoint","value":30}"#,
+        )
+        .await
+        .unwrap();
+    let sub = Collector::start(broker.port(), &format!("{PREFIX}/#")).await;
+    sub.wait_for(Duration::from_secs(10), "the retained command", |m| {
+        m.iter().any(|r| r.topic == format!("{PREFIX}/press1/cmd"))
+    })
+    .await;
+    let mut gw = edge_gateway::pipeline::start(config.clone()).await.unwrap();
+    sub.wait_for(Duration::from_secs(10), "a record", |m| {
+        m.iter().any(|r| r.topic == format!("{PREFIX}/press1"))
+    })
+    .await;
+    // Commands are taken in order: once this one is answered, the retained one was handled.
+    let reply = ask(
+        &client,
+        &sub,
+        "press1",
+        "new",
+        r#"{"id":"new","tag":"setpoint","value":25}"#,
+    )
+    .await;
+    assert_eq!(reply.doc["outcome"], "written", "{}", reply.doc);
+    assert_eq!(dev.writes(), 1, "the retained command was executed");
+    assert_eq!(dev.image().hr[10], 250);
+    assert!(
+        !sub.messages()
+            .iter()
+            .any(|m| m.doc["id"] == "old" && m.topic.ends_with("/reply")),
+        "the retained command got a reply as if run"
+    );
+
+    // A reload that turns commands off: the next command is refused and never written.
+    let mut off = config.clone();
+    off.commands.enabled = false;
+    gw.reload(off).await.unwrap();
+    let reply = ask(
+        &client,
+        &sub,
+        "press1",
+        "late",
+        r#"{"id":"late","tag":"setpoint","value":22}"#,
+    )
+    .await;
+    assert_eq!(reply.doc["outcome"], "refused", "{}", reply.doc);
+    assert!(
+        reply.doc["reason"].as_str().unwrap().contains("disabled"),
+        "{}",
+        reply.doc
+    );
+    assert_eq!(dev.writes(), 1);
+    assert_eq!(dev.image().hr[10], 250);
+    gw.shutdown().await;
+}

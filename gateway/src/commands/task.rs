@@ -18,7 +18,6 @@ use tracing::{info, warn};
 
 use super::{lenient_id, parse, Checks, Refusal};
 use crate::config::{Config, DeviceKind, DeviceSettings};
-use crate::metrics::Metrics;
 use crate::pipeline::Shared;
 
 /// How long a driver may take to perform a write and read the tag back.
@@ -132,12 +131,13 @@ impl Wiring {
         let (link, ends) = channels();
         shared.give_back_commands(Some(link));
         let checks = Checks::for_config(config, &self.ids);
+        shared.commands_enabled.store(true, Ordering::Relaxed);
         tokio::spawn(run(
             checks,
             config.mqtt.topic_prefix.clone(),
             self.writers,
             ends,
-            shared.metrics.clone(),
+            shared.clone(),
         ));
     }
 }
@@ -173,8 +173,9 @@ pub async fn run(
     topic_prefix: String,
     writers: HashMap<DeviceId, mpsc::Sender<WriteRequest>>,
     mut ends: TaskEnds,
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
 ) {
+    let metrics = shared.metrics.clone();
     while let Some(incoming) = ends.incoming.recv().await {
         let Some(device) = device_of(&topic_prefix, &incoming.topic) else {
             continue;
@@ -188,7 +189,13 @@ pub async fn run(
                 Outcome::Refused(Refusal::Malformed(e.to_string()).to_string()),
             ),
             Ok(command) => {
-                let outcome = match checks.check(&device, &command, Instant::now()) {
+                let now_enabled = shared.commands_enabled.load(Ordering::Relaxed);
+                let checked = if now_enabled {
+                    checks.check(&device, &command, Instant::now())
+                } else {
+                    Err(Refusal::Disabled)
+                };
+                let outcome = match checked {
                     Err(refusal) => Outcome::Refused(refusal.to_string()),
                     Ok(target) => match writers.get(&target.device) {
                         None => Outcome::Refused(format!(

@@ -79,6 +79,9 @@ pub struct Shared {
     /// The publisher's ends of the command channels, when commands are on: each publisher
     /// takes them at its start and gives them back at its end (a reload's new publisher).
     commands: Mutex<Option<crate::commands::task::CommandLink>>,
+    /// Whether commands are taken now: false from the start when `[commands]` is off, and
+    /// from the moment a reload turns them off (the commands task then refuses every one).
+    pub commands_enabled: AtomicBool,
 }
 
 impl Shared {
@@ -142,6 +145,7 @@ impl Shared {
             latest_wanted: AtomicBool::new(false),
             meta: tokio::sync::watch::channel(Arc::default()).0,
             commands: Mutex::new(None),
+            commands_enabled: AtomicBool::new(false),
         }
     }
 
@@ -416,6 +420,14 @@ impl Running {
         }
         for part in &plan.not_live {
             warn!(setting = %part, "changed in the file but not applied until the gateway restarts");
+        }
+        if self.config.commands != config.commands {
+            if config.commands.enabled {
+                warn!("[commands] changed: turning commands on or a new write_interval applies when the gateway restarts");
+            } else {
+                self.shared.commands_enabled.store(false, Ordering::Relaxed);
+                info!("commands turned off by the reload: every command is refused from now on");
+            }
         }
 
         // Stop the drivers of changed and removed devices before starting anything, so a

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use super::link::Sender;
-use crate::commands::task::{filter, CommandLink, Incoming, Reply};
+use crate::commands::task::{device_of, filter, CommandLink, Incoming, Reply};
 
 /// Subscribes to the command topics, when commands are on.
 pub(super) async fn subscribe(client: &Sender, link: Option<&CommandLink>, topic_prefix: &str) {
@@ -23,11 +23,7 @@ pub(super) async fn subscribe(client: &Sender, link: Option<&CommandLink>, topic
 
 /// Whether `topic` is a command topic, `{topic_prefix}/{device}/cmd`.
 pub(super) fn is_command_topic(topic_prefix: &str, topic: &str) -> bool {
-    topic
-        .strip_prefix(topic_prefix)
-        .and_then(|rest| rest.strip_prefix('/'))
-        .and_then(|rest| rest.strip_suffix("/cmd"))
-        .is_some_and(|device| !device.is_empty() && !device.contains('/'))
+    device_of(topic_prefix, topic).is_some()
 }
 
 /// Hands a publish from the broker to the commands task. A retained command is never

@@ -327,6 +327,12 @@ async fn write_request(
         value,
         reply,
     } = request;
+    // Nobody waits any more (the commands task gave up and answered "failed"): a write done
+    // now would land long after it was asked for, unseen. It is dropped instead.
+    if reply.is_closed() {
+        tracing::warn!(target: "audit", device = device.0, tag = tag.0, "a write waited too long behind the scans and was dropped; it never reached the device");
+        return false;
+    }
     let mut dropped = false;
     let outcome = match units.iter().find(|u| u.ctx.device == device) {
         None => Err(WriteError::UnknownTag),
@@ -367,7 +373,15 @@ async fn write_tag(
         return Err(WriteError::NotConnected);
     };
     let status = &unit.ctx.status;
-    let previous = read_tag(link, settings, unit, spec, tag).await;
+    // A read that timed out or failed on the link leaves the connection unusable (a late
+    // answer would be taken for the next request's): the write fails and the caller drops it.
+    let previous = match read_tag(link, settings, unit, spec, tag).await {
+        Ok(previous) => previous,
+        Err(e) => {
+            status.count_error(ErrorKind::of(reason_of(&e)));
+            return Err(WriteError::Failed(Box::new(e)));
+        }
+    };
     status.requests.fetch_add(1, Ordering::Relaxed);
     let unit_id = unit.settings.unit_id;
     let start = spec.address.offset;
@@ -394,21 +408,34 @@ async fn write_tag(
             return Err(WriteError::Failed(Box::new(e)));
         }
     }
-    let read_back = read_tag(link, settings, unit, spec, tag).await;
+    // The write is done whatever the read back gives; a link failure there still drops the
+    // connection, as a scan would.
+    let read_back = match read_tag(link, settings, unit, spec, tag).await {
+        Ok(value) => value,
+        Err(e) => {
+            status.count_error(ErrorKind::of(reason_of(&e)));
+            if let Some(c) = conn.take() {
+                c.close().await;
+                status.connected.store(false, Ordering::Relaxed);
+            }
+            None
+        }
+    };
     Ok(WriteDone {
         previous,
         read_back,
     })
 }
 
-/// Reads one tag alone, as a scan would; None when the read fails.
+/// Reads one tag alone, as a scan would: None when the device answers with an exception or
+/// something undecodable, an error when the link failed or timed out.
 async fn read_tag(
     link: &mut Conn,
     settings: &ModbusSettings,
     unit: &Unit,
     spec: &TagSpec,
     tag: TagId,
-) -> Option<crate::model::Value> {
+) -> Result<Option<crate::model::Value>, ReadError> {
     unit.ctx.status.requests.fetch_add(1, Ordering::Relaxed);
     let block = Block {
         area: spec.address.area,
@@ -439,9 +466,10 @@ async fn read_tag(
                 Timestamp::now(),
                 &mut samples,
             );
-            samples.pop().and_then(|s| s.value)
+            Ok(samples.pop().and_then(|s| s.value))
         }
-        Ok(Err(_)) | Err(_) => None,
+        Ok(Err(_)) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

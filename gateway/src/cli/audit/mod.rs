@@ -191,12 +191,14 @@ pub async fn run(args: &AuditArgs, stop: CancellationToken) -> Result<AuditOutco
     let mut tally = Tally::default();
     let deadline = args
         .seconds
-        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+        .and_then(|s| tokio::time::Instant::now().checked_add(Duration::from_secs(s)));
     let mut lost_logged = false;
     let idle = args.idle.map(Duration::from_secs);
     let mut quiet_from: Option<tokio::time::Instant> = None;
     loop {
-        let idle_until = idle.zip(quiet_from).map(|(i, from)| from + i);
+        let idle_until = idle
+            .zip(quiet_from)
+            .and_then(|(i, from)| from.checked_add(i));
         let next = tokio::select! {
             _ = stop.cancelled() => break,
             _ = sleep_until(deadline) => break,

@@ -47,8 +47,12 @@ struct Stream {
 }
 
 impl Stream {
-    /// Adds `seq`; false when it was there already.
+    /// Adds `seq`; false when it was there already, or is `u64::MAX` (no gateway reaches it:
+    /// a record claiming it is a forgery or corrupt, and counting it would overflow).
     fn insert(&mut self, seq: u64) -> bool {
+        if seq == u64::MAX {
+            return false;
+        }
         if let Some((&start, &end)) = self.ranges.range(..=seq).next_back() {
             if seq <= end {
                 return false;
@@ -272,6 +276,13 @@ mod tests {
         let r = &t.report()[0];
         assert_eq!(r.missing, 3);
         assert_eq!(r.holes, vec![(4, 4), (7, 8)]);
+    }
+
+    #[test]
+    fn seqs_at_the_top_of_the_range_from_a_forged_record_neither_panic_nor_make_holes() {
+        let mut t = Tally::default();
+        feed(&mut t, 3, [u64::MAX - 1, u64::MAX, u64::MAX]);
+        assert!(!t.has_holes());
     }
 
     #[test]
