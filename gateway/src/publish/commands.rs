@@ -61,10 +61,21 @@ pub(super) async fn next_reply(link: &mut Option<CommandLink>) -> Reply {
     }
 }
 
+/// Replies handed to the MQTT client and not yet written, at most: with the gateway's own
+/// messages ([`super::meta::MAX_UNWRITTEN`] and a status) they stay within the 8 places the
+/// client's request channel has beyond the window, so a record's publish never waits on a
+/// full channel (which would stop the loop that drains it).
+pub(super) const MAX_REPLIES_UNWRITTEN: usize = 3;
+
 /// Publishes a reply at QoS 0.
-pub(super) fn send_reply(client: &Sender, reply: Reply) {
-    if let Err(e) = client.try_publish_qos0(reply.topic, reply.payload) {
-        debug!(error = %e, "command reply not accepted by the MQTT client");
+/// Says whether the client took it.
+pub(super) fn send_reply(client: &Sender, reply: Reply) -> bool {
+    match client.try_publish_qos0(reply.topic, reply.payload) {
+        Ok(()) => true,
+        Err(e) => {
+            debug!(error = %e, "command reply not accepted by the MQTT client");
+            false
+        }
     }
 }
 

@@ -92,6 +92,8 @@ pub(crate) enum Happening {
     },
     /// The DISCONNECT went out.
     DisconnectSent,
+    /// A QoS 0 publish (a command reply) was written.
+    Qos0Written,
     /// Anything else (pings, the client's own bookkeeping).
     Other,
 }
@@ -408,7 +410,7 @@ fn happening_outgoing(out: Outgoing) -> Happening {
     match out {
         // Packet id 0 is a QoS 0 publish (a command reply): never acknowledged, never in the
         // window.
-        Outgoing::Publish(0) => Happening::Other,
+        Outgoing::Publish(0) => Happening::Qos0Written,
         Outgoing::Publish(pkid) => Happening::Sent(pkid),
         Outgoing::AwaitAck(pkid) => Happening::Collision(pkid),
         Outgoing::Disconnect => Happening::DisconnectSent,

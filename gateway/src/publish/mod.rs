@@ -211,6 +211,8 @@ pub struct Publisher {
     meta_too_large_logged: bool,
     /// Sparkplug B: the edge node and its session; `None` in JSON mode.
     node: Option<sparkplug::Node>,
+    /// Command replies handed to the client and not yet written (QoS 0: no packet id).
+    replies_unwritten: usize,
 }
 
 impl Publisher {
@@ -267,6 +269,7 @@ impl Publisher {
             meta: meta::MetaState::default(),
             meta_too_large_logged: false,
             node,
+            replies_unwritten: 0,
         };
         let mut meta_rx = p.shared.meta.subscribe();
         if p.settings.protocol_version == ProtocolVersion::V311 {
@@ -373,8 +376,10 @@ impl Publisher {
                         p.replay_from = Some(p.replay_from.map_or(seq, |c| c.min(seq)));
                     }
                 }
-                reply = commands::next_reply(&mut commands), if p.connected => {
-                    commands::send_reply(&p.client, reply);
+                reply = commands::next_reply(&mut commands), if p.connected && p.replies_unwritten < commands::MAX_REPLIES_UNWRITTEN => {
+                    if commands::send_reply(&p.client, reply) {
+                        p.replies_unwritten += 1;
+                    }
                 }
                 _ = check.tick() => {
                     p.check_ack_timeout();
@@ -740,6 +745,9 @@ impl Publisher {
             | Happening::Message { .. }
             | Happening::DisconnectSent
             | Happening::Other => {}
+            Happening::Qos0Written => {
+                self.replies_unwritten = self.replies_unwritten.saturating_sub(1)
+            }
         }
     }
 
