@@ -263,13 +263,13 @@ async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
             }
             _ = reload => {
                 notifier.reloading();
-                let _ = running.reload_file(&path).await;
+                let _ = reload_pinging(&mut running, &path, &mut notifier, &mut look).await;
                 progress.forget();
                 notifier.ready(&running.status());
             }
             Some(reply) = reload_rx.recv() => {
                 notifier.reloading();
-                let reloaded = running.reload_file(&path).await;
+                let reloaded = reload_pinging(&mut running, &path, &mut notifier, &mut look).await;
                 progress.forget();
                 notifier.ready(&running.status());
                 let outcome = match reloaded {
@@ -290,6 +290,24 @@ async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
     notifier.stopping();
     running.shutdown().await;
     Ok(())
+}
+
+/// Reloads the file while the watchdog keeps being pinged at each look (see
+/// [`service::Notifier::reload_ping`]).
+async fn reload_pinging(
+    running: &mut edge_gateway::pipeline::Running,
+    path: &std::path::Path,
+    notifier: &mut service::Notifier,
+    look: &mut tokio::time::Interval,
+) -> Result<edge_gateway::pipeline::reload::Plan, edge_gateway::pipeline::ReloadError> {
+    let reload = running.reload_file(path);
+    tokio::pin!(reload);
+    loop {
+        tokio::select! {
+            outcome = &mut reload => return outcome,
+            _ = look.tick(), if notifier.enabled() => notifier.reload_ping(),
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -218,6 +218,15 @@ impl Notifier {
         self.send(&states);
     }
 
+    /// `WATCHDOG=1` while a reload runs: the run loop that looks at the pipeline waits for the
+    /// reload (drivers stopped one by one, each within its timeouts), and a healthy gateway
+    /// must not be killed for a reload that takes longer than `WatchdogSec`.
+    pub fn reload_ping(&mut self) {
+        if self.watchdog.is_some() {
+            self.send(&[NotifyState::Watchdog]);
+        }
+    }
+
     /// `STOPPING=1`.
     pub fn stopping(&mut self) {
         self.send(&[
