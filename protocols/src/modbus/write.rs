@@ -182,7 +182,10 @@ fn raw_number(spec: &TagSpec, value: &Value) -> Result<Value, WriteRefusal> {
         DataType::F64 => Ok(Value::Float(raw)),
         _ => {
             let whole = raw.round();
-            if (raw - whole).abs() > WHOLE_EPSILON * raw.abs().max(1.0) {
+            // Absolute, so a large raw value cannot hide a fraction; the relative term only
+            // covers the rounding of the division itself.
+            let tolerance = WHOLE_EPSILON.max(raw.abs() * 4.0 * f64::EPSILON);
+            if (raw - whole).abs() > tolerance {
                 return Err(WriteRefusal::Fraction { raw, data_type: t });
             }
             // Beyond ±2^127 the cast saturates, which the range check then refuses.
@@ -221,6 +224,20 @@ mod tests {
     use crate::modbus::WordOrder;
     use proptest::prelude::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_fraction_of_a_large_raw_value_is_refused_not_rounded() {
+        let mut spec = tag("hr:0", DataType::U32);
+        spec.scale = 0.001;
+        assert!(matches!(
+            raw_number(&spec, &Value::Float(1500.0007)),
+            Err(WriteRefusal::Fraction { .. })
+        ));
+        assert_eq!(
+            raw_number(&spec, &Value::Float(1500.001)),
+            Ok(Value::UInt(1_500_001))
+        );
+    }
 
     fn tag(address: &str, data_type: DataType) -> TagSpec {
         let a: crate::modbus::TagAddress = address.parse().unwrap();
