@@ -448,6 +448,18 @@ impl Checker<'_> {
         };
         if let Err(message) = check_device_name(&name) {
             self.report(&name_path, message);
+        } else if matches!(name.as_str(), "cmd" | "meta") {
+            // A unit's records go to `{prefix}/{line}/{unit}`: these would be the line's
+            // command or meta topic, which consumers and the command subscription read.
+            let what = if name == "cmd" {
+                "a command topic (the gateway subscribes to `{topic_prefix}/+/cmd`)"
+            } else {
+                "a meta topic (consumers read `{topic_prefix}/+/meta` as tag catalogs)"
+            };
+            let message = format!(
+                "a unit may not be named `{name}`: its records' topic `{{topic_prefix}}/{{line}}/{name}` is {what}"
+            );
+            self.report(&name_path, message);
         }
         if let Some(&first) = names.get(&name) {
             let first_path = units.index(first).key("name");
