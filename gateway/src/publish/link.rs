@@ -94,6 +94,9 @@ pub(crate) enum Happening {
     DisconnectSent,
     /// A QoS 0 publish (a command reply) was written.
     Qos0Written,
+    /// The broker refused `refused` of the filters of one SUBSCRIBE (an ACL, most often):
+    /// nothing will arrive on them.
+    SubscriptionRefused { refused: usize },
     /// Anything else (pings, the client's own bookkeeping).
     Other,
 }
@@ -372,6 +375,12 @@ fn happening_v4(event: Event) -> Happening {
             pkid: ack.pkid,
             refused: None,
         },
+        Event::Incoming(Packet::SubAck(ack)) => subscription(
+            ack.return_codes
+                .iter()
+                .filter(|c| matches!(c, rumqttc::mqttbytes::v4::SubscribeReasonCode::Failure))
+                .count(),
+        ),
         Event::Incoming(Packet::Publish(p)) => Happening::Message {
             topic: p.topic,
             payload: p.payload,
@@ -396,6 +405,12 @@ fn happening_v5(event: v5::Event) -> Happening {
                 reason: ack.properties.and_then(|p| p.reason_string),
             }),
         },
+        v5::Event::Incoming(Packet5::SubAck(ack)) => subscription(
+            ack.return_codes
+                .iter()
+                .filter(|c| !matches!(c, v5::mqttbytes::v5::SubscribeReasonCode::Success(_)))
+                .count(),
+        ),
         v5::Event::Incoming(Packet5::Publish(p)) => Happening::Message {
             topic: String::from_utf8_lossy(&p.topic).into_owned(),
             payload: p.payload,
@@ -403,6 +418,14 @@ fn happening_v5(event: v5::Event) -> Happening {
         },
         v5::Event::Outgoing(out) => happening_outgoing(out),
         v5::Event::Incoming(_) => Happening::Other,
+    }
+}
+
+fn subscription(refused: usize) -> Happening {
+    if refused == 0 {
+        Happening::Other
+    } else {
+        Happening::SubscriptionRefused { refused }
     }
 }
 

@@ -748,6 +748,9 @@ impl Publisher {
             Happening::Qos0Written => {
                 self.replies_unwritten = self.replies_unwritten.saturating_sub(1)
             }
+            Happening::SubscriptionRefused { refused } => {
+                error!(refused, "the broker refused a subscription (an ACL?): commands, Sparkplug NCMD/DCMD or the primary host's STATE will not arrive on it");
+            }
         }
     }
 
