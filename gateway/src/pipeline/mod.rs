@@ -719,7 +719,8 @@ fn node_for<'a>(
         .devices()
         .map(|(id, d)| {
             let types = declared.remove(&id).unwrap_or_default();
-            (d.name.clone(), d.tags.clone(), types)
+            let meta = d.info.iter().map(|t| t.meta.clone()).collect();
+            (d.name.clone(), d.tags.clone(), types, meta)
         })
         .collect();
     Some(Node::new(

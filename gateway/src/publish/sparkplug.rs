@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use protocols::model::{DeviceId, Timestamp};
+use protocols::model::{DeviceId, TagMeta, Timestamp};
 use tracing::{debug, info, warn};
 
 use super::link::Outbound;
@@ -96,12 +96,15 @@ pub struct NodeDevice {
     /// The datatype a tag's values will have, when the config says (for a birth before any
     /// value was read).
     pub declared: Vec<Declared>,
+    /// Each tag's unit, range and description (for the births).
+    pub meta: Vec<TagMeta>,
     dbirth: String,
     ddeath: String,
 }
 
-/// A device as the node declares it: its gateway name, its tag names and their datatypes.
-pub type DeviceDecl = (Arc<str>, Vec<Arc<str>>, Vec<Declared>);
+/// A device as the node declares it: its gateway name, its tag names, their datatypes and
+/// their unit, range and description.
+pub type DeviceDecl = (Arc<str>, Vec<Arc<str>>, Vec<Declared>, Vec<TagMeta>);
 
 /// The edge node: its identity, devices and session.
 #[derive(Debug)]
@@ -130,11 +133,12 @@ impl Node {
         let topics = Topics::new(&settings.group_id, &settings.edge_node_id);
         let devices = devices
             .into_iter()
-            .map(|(name, tags, declared)| NodeDevice {
+            .map(|(name, tags, declared, meta)| NodeDevice {
                 dbirth: topics.device("DBIRTH", &name),
                 ddeath: topics.device("DDEATH", &name),
                 tags,
                 declared,
+                meta,
             })
             .collect();
         let will = NodeWill {
@@ -219,7 +223,7 @@ impl Publisher {
             }
             if let Some(seq) = node.session.dbirth(d) {
                 let row = rows.get(d).map_or(&[][..], |r| &r[..]);
-                let payload = sp::dbirth(d as u32, &dev.tags, &dev.declared, row, now);
+                let payload = sp::dbirth(d as u32, &dev.tags, &dev.declared, &dev.meta, row, now);
                 out.push((dev.dbirth.clone(), sp::with_seq(&payload, seq)));
             }
         }
@@ -247,7 +251,7 @@ impl Publisher {
             node.session.dbirth(d).map(|seq| {
                 let rows = node.latest.snapshot();
                 let row = rows.get(d).map_or(&[][..], |r| &r[..]);
-                let payload = sp::dbirth(d as u32, &dev.tags, &dev.declared, row, now);
+                let payload = sp::dbirth(d as u32, &dev.tags, &dev.declared, &dev.meta, row, now);
                 (dev.dbirth.clone(), sp::with_seq(&payload, seq))
             })
         } else {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
-use protocols::model::{Batch, Catalog, Quality, Sample, Value};
+use protocols::model::{Batch, Catalog, Quality, Sample, TagMeta, Value};
 
 use crate::buffer::Record;
 use proto::{
@@ -398,12 +398,54 @@ pub fn ddeath(timestamp: u64) -> Vec<u8> {
 /// What a birth declares for a tag that has no value yet: the datatype its values will have.
 pub type Declared = Option<u32>;
 
+/// The configured unit, range and description of a tag as the metric properties Sparkplug
+/// names for them (`engUnit`, `engLow`, `engHigh`) and `description`.
+fn eng_properties(props: &mut PropertySet, meta: &TagMeta) {
+    let mut put = |key: &str, r#type: u32, value: PropertyValueValue| {
+        props.keys.push(key.into());
+        props.values.push(PropertyValue {
+            r#type: Some(r#type),
+            is_null: None,
+            value: Some(value),
+        });
+    };
+    if let Some(unit) = &meta.unit {
+        put(
+            "engUnit",
+            datatype::STRING,
+            PropertyValueValue::StringValue(unit.to_string()),
+        );
+    }
+    if let Some(low) = meta.min {
+        put(
+            "engLow",
+            datatype::DOUBLE,
+            PropertyValueValue::DoubleValue(low),
+        );
+    }
+    if let Some(high) = meta.max {
+        put(
+            "engHigh",
+            datatype::DOUBLE,
+            PropertyValueValue::DoubleValue(high),
+        );
+    }
+    if let Some(text) = &meta.description {
+        put(
+            "description",
+            datatype::STRING,
+            PropertyValueValue::StringValue(text.to_string()),
+        );
+    }
+}
+
 /// DBIRTH of device `device`: every tag with name, alias, datatype, its latest value (null
-/// when it has none) and `Quality`.
+/// when it has none), `Quality`, and the unit, range and description the config gives it.
 pub fn dbirth(
     device: u32,
     tags: &[Arc<str>],
     declared: &[Declared],
+    meta: &[TagMeta],
     latest: &[Option<Sample>],
     timestamp: u64,
 ) -> Vec<u8> {
@@ -439,6 +481,9 @@ pub fn dbirth(
                     is_null: None,
                     value: Some(PropertyValueValue::IntValue(code)),
                 });
+            }
+            if let Some(meta) = meta.get(i) {
+                eng_properties(props, meta);
             }
             m
         })

@@ -1,6 +1,6 @@
 use std::time::Instant;
 
-use protocols::model::{DeviceId, Reason, TagId, Timestamp};
+use protocols::model::{DeviceId, Reason, TagId, TagMeta, Timestamp};
 
 use super::*;
 
@@ -205,7 +205,36 @@ fn dbirth_lists_every_metric_with_name_alias_datatype_value_and_quality() {
         Some(Sample::bad(TagId(1), Reason::Timeout, Timestamp(7))),
     ];
     let declared = [None, Some(datatype::UINT64), None];
-    let p = Payload::decode(&dbirth(0, &tags, &declared, &latest, 99)[..]).unwrap();
+    let meta = [
+        TagMeta {
+            unit: Some("m/s".into()),
+            description: Some("Belt speed".into()),
+            min: Some(0.0),
+            max: Some(2.5),
+        },
+        TagMeta::default(),
+    ];
+    let p = Payload::decode(&dbirth(0, &tags, &declared, &meta, &latest, 99)[..]).unwrap();
+    let props = p.metrics[0].properties.as_ref().unwrap();
+    assert_eq!(
+        props.keys,
+        ["Quality", "engUnit", "engLow", "engHigh", "description"],
+        "the configured unit, range and description as Sparkplug's properties"
+    );
+    assert_eq!(
+        props.values[1].value,
+        Some(PropertyValueValue::StringValue("m/s".into()))
+    );
+    assert_eq!(
+        props.values[3].value,
+        Some(PropertyValueValue::DoubleValue(2.5))
+    );
+    let keys = &p.metrics[1].properties.as_ref().unwrap().keys;
+    assert_eq!(
+        keys,
+        &["Quality", "reason"],
+        "nothing configured, nothing added"
+    );
     assert_eq!(p.metrics.len(), 3, "every tag, also one never read");
     for (i, m) in p.metrics.iter().enumerate() {
         assert_eq!(m.name.as_deref(), Some(&*tags[i]));
