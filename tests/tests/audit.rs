@@ -224,3 +224,55 @@ async fn audit_logs_in_with_the_credentials_it_is_given_as_a_consumer_would() {
         found.text
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_of_a_sparkplug_gateway_reads_its_ddata_uuids_and_finds_no_hole_through_an_outage() {
+    use edge_gateway::config::{Format, SparkplugSettings};
+    let mut rig = GatewayRig::new("sp-audit", 2, Duration::from_millis(50), None).await;
+    rig.config.mqtt.format = Format::SparkplugB;
+    rig.config.mqtt.sparkplug = Some(SparkplugSettings {
+        group_id: "plant".into(),
+        edge_node_id: "sp-audit".into(),
+        primary_host_id: None,
+    });
+    let mut a = args(rig.broker.port(), "spBv1.0/plant/#");
+    a.format = AuditFormat::SparkplugB;
+    a.idle = Some(5);
+    let auditor = tokio::spawn(async move { audit::run(&a, CancellationToken::new()).await });
+    let gw = rig.start().await;
+    eventually(Duration::from_secs(10), "live records", || {
+        Metrics::get(&gw.metrics.acked) >= 10
+    })
+    .await;
+    rig.proxy.cut();
+    let at_cut = Metrics::get(&gw.metrics.records);
+    eventually(
+        Duration::from_secs(10),
+        "records buffered during the outage",
+        || Metrics::get(&gw.metrics.records) > at_cut + 20 && gw.buffer.len() > 10,
+    )
+    .await;
+    rig.proxy.restore();
+    drained(&gw, Duration::from_secs(20)).await;
+    gw.shutdown().await;
+
+    let found = auditor.await.unwrap().unwrap();
+    let report: serde_json::Value = serde_json::from_str(&found.text).unwrap();
+    assert!(!found.holes, "{}", found.text);
+    let streams = report["streams"].as_array().unwrap();
+    assert_eq!(streams.len(), 1, "{}", found.text);
+    let s = &streams[0];
+    assert_eq!(s["gateway"], "sp-audit", "{}", found.text);
+    assert_eq!(s["missing"], 0);
+    assert!(s["records"].as_u64().unwrap() >= 30, "{}", found.text);
+    assert!(
+        s["historical_share"].as_f64().unwrap() > 0.0,
+        "{}",
+        found.text
+    );
+    assert!(
+        report["other_messages"].as_u64().unwrap() >= 2,
+        "births and deaths are passed over: {}",
+        found.text
+    );
+}

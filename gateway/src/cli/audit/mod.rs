@@ -55,7 +55,8 @@ pub struct AuditArgs {
     /// Client key (PEM), as `[mqtt] key_file`.
     #[arg(long, requires = "url")]
     pub key_file: Option<String>,
-    /// The payload format: json (Sparkplug B is not read yet).
+    /// The payload format: the gateway's JSON records, or Sparkplug B DDATA (the gateway's
+    /// (boot, seq) is each DDATA's `uuid`; the gateway is the edge node id).
     #[arg(long, value_enum, default_value_t = AuditFormat::Json)]
     pub format: AuditFormat,
     /// Print the report as one JSON document instead of text.
@@ -68,6 +69,8 @@ pub struct AuditArgs {
 pub enum AuditFormat {
     /// The gateway's JSON records.
     Json,
+    /// Sparkplug B (`spBv1.0/...`): DDATA are records, everything else is passed over.
+    SparkplugB,
 }
 
 /// Why `audit` could not run.
@@ -130,6 +133,35 @@ impl Decoder for JsonDecoder {
     }
 }
 
+/// Sparkplug B: a DDATA on `spBv1.0/{group}/DDATA/{edge node}/{device}` is a record of the
+/// gateway named by its edge node id; births, deaths, commands and STATE are passed over.
+#[derive(Debug, Default)]
+pub struct SparkplugDecoder;
+
+impl Decoder for SparkplugDecoder {
+    fn decode(&self, topic: &str, payload: &[u8]) -> Decoded {
+        let mut parts = topic.split('/');
+        let (Some("spBv1.0"), Some(_group), Some(kind), Some(node)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Decoded::Other;
+        };
+        if kind != "DDATA" {
+            return Decoded::Other;
+        }
+        match crate::encode::sparkplug::ddata_identity(payload) {
+            Some(id) => Decoded::Record(Seen {
+                gateway: node.to_owned(),
+                boot: id.boot,
+                seq: id.seq,
+                historical: id.historical,
+                sample_ts: id.sample_ts,
+            }),
+            None => Decoded::Garbled,
+        }
+    }
+}
+
 /// What an audit found.
 #[derive(Debug)]
 pub struct AuditOutcome {
@@ -186,6 +218,7 @@ pub async fn run(args: &AuditArgs, stop: CancellationToken) -> Result<AuditOutco
     let mqtt = settings(args)?;
     let decoder: Box<dyn Decoder + Send> = match args.format {
         AuditFormat::Json => Box::new(JsonDecoder),
+        AuditFormat::SparkplugB => Box::new(SparkplugDecoder),
     };
     let mut sub = Subscription::start(&mqtt, args.topic.clone());
     let mut tally = Tally::default();
@@ -327,6 +360,40 @@ pub fn render(tally: &Tally, reports: &[StreamReport]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sparkplug_ddata_are_records_of_their_edge_node_and_a_replay_is_historical() {
+        use crate::encode::sparkplug::{historical, with_seq, SparkplugEncoder, Topics};
+        use protocols::model::{Batch, Catalog, DeviceId, Sample, TagId, Timestamp, Value};
+        let mut catalog = Catalog::default();
+        catalog.add_device("press7".into(), vec!["sine".into()]);
+        let mut encoder = SparkplugEncoder::new(&Topics::new("plant", "edge-01"), 4, &catalog);
+        let batch = Batch {
+            device: DeviceId(0),
+            samples: vec![Sample::good(TagId(0), Value::Float(0.5), Timestamp(1_000))],
+            read_at: std::time::Instant::now(),
+        };
+        let record = encoder.encode(42, &batch);
+        let live = with_seq(&record.payload, 9);
+        let d = SparkplugDecoder;
+        let seen = |historical| {
+            Decoded::Record(Seen {
+                gateway: "edge-01".into(),
+                boot: 4,
+                seq: 42,
+                historical,
+                sample_ts: vec![1_000],
+            })
+        };
+        assert_eq!(d.decode(&record.topic, &live), seen(false));
+        assert_eq!(d.decode(&record.topic, &historical(&live)), seen(true));
+        assert_eq!(
+            d.decode("spBv1.0/plant/NBIRTH/edge-01", &live),
+            Decoded::Other
+        );
+        assert_eq!(d.decode("spBv1.0/STATE/scada", b"{}"), Decoded::Other);
+        assert_eq!(d.decode(&record.topic, b"\xff\xff"), Decoded::Garbled);
+    }
 
     #[test]
     fn json_records_statuses_metas_and_garbage_are_told_apart() {

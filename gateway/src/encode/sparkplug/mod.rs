@@ -564,3 +564,34 @@ pub fn describe(payload: &[u8], name_of: impl Fn(u64) -> Option<String>) -> Stri
 
 #[cfg(test)]
 mod tests;
+
+/// What a consumer needs of a DDATA to account for it: the gateway's (boot, seq) from the
+/// `uuid`, whether it was replayed (`is_historical` on its metrics) and each metric's read
+/// time. `None` for a payload that does not decode or carries no `"{boot}:{seq}"` uuid.
+pub fn ddata_identity(payload: &[u8]) -> Option<DdataIdentity> {
+    let p = Payload::decode(payload).ok()?;
+    let (boot, seq) = p.uuid.as_deref()?.split_once(':')?;
+    Some(DdataIdentity {
+        boot: boot.parse().ok()?,
+        seq: seq.parse().ok()?,
+        historical: p.metrics.iter().any(|m| m.is_historical == Some(true)),
+        sample_ts: p
+            .metrics
+            .iter()
+            .filter_map(|m| m.timestamp.and_then(|t| i64::try_from(t).ok()))
+            .collect(),
+    })
+}
+
+/// See [`ddata_identity`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DdataIdentity {
+    /// The gateway's boot.
+    pub boot: u64,
+    /// The gateway's record seq.
+    pub seq: u64,
+    /// Replayed from the gateway's disk.
+    pub historical: bool,
+    /// Each metric's read time (milliseconds since the Unix epoch).
+    pub sample_ts: Vec<i64>,
+}
