@@ -295,3 +295,70 @@ async fn an_outage_is_replayed_after_the_new_births_as_historical_ddata_oldest_f
     let (report, _) = finish(gw, &sub).await;
     assert!(report.historical > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_ends_the_session_and_the_next_one_is_born_with_the_next_bd_seq_with_nothing_lost(
+) {
+    use gateway_tests::mosquitto::Mosquitto;
+    let mut broker = Mosquitto::builder().allow_anonymous(true).start().await;
+    let mut rig = GatewayRig::new("sp-restart", 2, SCAN, Some(broker.addr())).await;
+    rig.config.mqtt.format = Format::SparkplugB;
+    rig.config.mqtt.sparkplug = Some(SparkplugSettings {
+        group_id: GROUP.into(),
+        edge_node_id: "sp-restart".into(),
+        primary_host_id: None,
+    });
+    rig.config.mqtt.backoff_max = Duration::from_secs(1);
+    let before = SpCollector::start(broker.port()).await;
+    let gw = rig.start().await;
+    before
+        .wait_for(WAIT, "data", |m| count(m, "DDATA") >= 10)
+        .await;
+
+    // The broker restarts without persistence: it forgets every session and subscription.
+    // The gateway is kept away until the new host listens, so the host sees the whole new
+    // session from its NBIRTH.
+    rig.proxy.cut();
+    broker.restart().await;
+    let after = SpCollector::start(broker.port()).await;
+    rig.proxy.restore();
+    after
+        .wait_for(WAIT, "a new session's data", |m| count(m, "DDATA") >= 10)
+        .await;
+    let created = drained(&gw, WAIT).await;
+    let boot = gw.boot;
+    after
+        .wait_for(WAIT, "every record", |m| {
+            let mut all = before.messages();
+            all.extend_from_slice(m);
+            let ids: std::collections::BTreeSet<u64> = all
+                .iter()
+                .filter_map(SpMessage::record_id)
+                .filter(|(b, _)| *b == boot)
+                .map(|(_, s)| s)
+                .collect();
+            ids.len() as u64 >= created
+        })
+        .await;
+    gw.shutdown().await;
+
+    let first = check_session(&before.messages()).unwrap_or_else(|e| panic!("{e}"));
+    let second = check_session(&after.messages()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(second.nbirths.len(), 1, "one new session");
+    assert!(
+        second.nbirths[0] > first.nbirths[0],
+        "bdSeq steps: {:?} then {:?}",
+        first.nbirths,
+        second.nbirths
+    );
+    assert!(second.dbirths >= 2, "every device born again");
+    let mut records = first.records;
+    records.extend(second.records);
+    let report = gateway_tests::sparkplug::SessionReport {
+        records,
+        ..Default::default()
+    };
+    let seqs = report.contiguous(boot);
+    assert_eq!(seqs.first(), Some(&0));
+    assert!(seqs.len() as u64 >= created, "{} of {created}", seqs.len());
+}
