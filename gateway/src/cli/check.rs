@@ -37,6 +37,31 @@ pub fn run(path: &Path) -> (String, bool) {
             if let Some(warning) = cfg.api.as_ref().and_then(|api| api.exposure_warning()) {
                 lines.push(format!("{file}: warning: {warning}"));
             }
+            if !cfg.commands.enabled {
+                let writable: usize = cfg
+                    .devices
+                    .iter()
+                    .map(|d| match &d.kind {
+                        DeviceKind::Modbus(m) => m
+                            .units
+                            .iter()
+                            .flat_map(|u| &u.tags)
+                            .filter(|t| t.write.is_some())
+                            .count(),
+                        DeviceKind::OpcUa(_) => 0,
+                    })
+                    .sum();
+                if writable > 0 {
+                    let (n, are) = if writable == 1 {
+                        ("1 tag".to_owned(), "is")
+                    } else {
+                        (format!("{writable} tags"), "are")
+                    };
+                    lines.push(format!(
+                        "{file}: warning: {n} {are} `writable = true` but [commands] is not enabled: no write reaches them"
+                    ));
+                }
+            }
             let tags: usize = cfg.devices.iter().map(DeviceSettings::tag_count).sum();
             // Each unit of a Modbus line is published as a device of its own.
             let devices: usize = cfg
