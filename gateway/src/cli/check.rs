@@ -37,6 +37,14 @@ pub fn run(path: &Path) -> (String, bool) {
             if let Some(warning) = cfg.api.as_ref().and_then(|api| api.exposure_warning()) {
                 lines.push(format!("{file}: warning: {warning}"));
             }
+            // The shipped unit stops the gateway with TimeoutStopSec=30: the drain of the
+            // window (shutdown_grace) and the final commit must fit in it.
+            if cfg.mqtt.shutdown_grace >= std::time::Duration::from_secs(25) {
+                lines.push(format!(
+                    "{file}: warning: mqtt.shutdown_grace of {:?} leaves no time for the final commit within systemd's TimeoutStopSec=30 (systemd/edge-gateway.service): raise TimeoutStopSec with it",
+                    cfg.mqtt.shutdown_grace
+                ));
+            }
             if !cfg.commands.enabled {
                 let writable: usize = cfg
                     .devices
