@@ -208,12 +208,13 @@ async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
     let mut notifier = service::Notifier::from_env();
     // A reload of [mqtt] leaves the new publisher waiting for the old one to drain (at most
     // shutdown_grace): that is no stall.
-    let mut progress = service::Progress::new(
+    let patience = |running: &pipeline::Running, notifier: &service::Notifier| {
         notifier
             .watchdog()
             .unwrap_or(std::time::Duration::from_secs(30))
-            + running.config().mqtt.shutdown_grace,
-    );
+            + running.config().mqtt.shutdown_grace
+    };
+    let mut progress = service::Progress::new(patience(&running, &notifier));
     let mut look = tokio::time::interval(notifier.look_interval());
     look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_look = tokio::time::Instant::now();
@@ -264,13 +265,13 @@ async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
             _ = reload => {
                 notifier.reloading();
                 let _ = reload_pinging(&mut running, &path, &mut notifier, &mut look).await;
-                progress.forget();
+                progress = service::Progress::new(patience(&running, &notifier));
                 notifier.ready(&running.status());
             }
             Some(reply) = reload_rx.recv() => {
                 notifier.reloading();
                 let reloaded = reload_pinging(&mut running, &path, &mut notifier, &mut look).await;
-                progress.forget();
+                progress = service::Progress::new(patience(&running, &notifier));
                 notifier.ready(&running.status());
                 let outcome = match reloaded {
                     Ok(plan) => Ok(format!(
