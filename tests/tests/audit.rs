@@ -28,6 +28,20 @@ fn args(port: u16, filter: &str) -> AuditArgs {
     }
 }
 
+/// Cuts the gateway's link until more than 20 records were made and more than 10 wait on
+/// disk, then restores it.
+async fn outage(rig: &GatewayRig, gw: &edge_gateway::pipeline::Running) {
+    rig.proxy.cut();
+    let at_cut = Metrics::get(&gw.metrics.records);
+    eventually(
+        Duration::from_secs(10),
+        "records buffered during the outage",
+        || Metrics::get(&gw.metrics.records) > at_cut + 20 && gw.buffer.len() > 10,
+    )
+    .await;
+    rig.proxy.restore();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_of_a_running_gateway_through_an_outage_finds_no_hole_and_counts_the_replay() {
     let rig = GatewayRig::new("gw-audit", 2, Duration::from_millis(50), None).await;
@@ -40,15 +54,7 @@ async fn audit_of_a_running_gateway_through_an_outage_finds_no_hole_and_counts_t
     sub.wait_for(Duration::from_secs(10), "live records", |m| m.len() >= 10)
         .await;
 
-    rig.proxy.cut();
-    let at_cut = Metrics::get(&gw.metrics.records);
-    eventually(
-        Duration::from_secs(10),
-        "records buffered during the outage",
-        || Metrics::get(&gw.metrics.records) > at_cut + 20 && gw.buffer.len() > 10,
-    )
-    .await;
-    rig.proxy.restore();
+    outage(&rig, &gw).await;
     let created = drained(&gw, Duration::from_secs(20)).await;
     sub.wait_for(Duration::from_secs(20), "every record", |m| {
         contiguous_len(m, 1) >= created
@@ -244,15 +250,7 @@ async fn audit_of_a_sparkplug_gateway_reads_its_ddata_uuids_and_finds_no_hole_th
         Metrics::get(&gw.metrics.acked) >= 10
     })
     .await;
-    rig.proxy.cut();
-    let at_cut = Metrics::get(&gw.metrics.records);
-    eventually(
-        Duration::from_secs(10),
-        "records buffered during the outage",
-        || Metrics::get(&gw.metrics.records) > at_cut + 20 && gw.buffer.len() > 10,
-    )
-    .await;
-    rig.proxy.restore();
+    outage(&rig, &gw).await;
     drained(&gw, Duration::from_secs(20)).await;
     gw.shutdown().await;
 

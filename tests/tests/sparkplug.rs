@@ -32,17 +32,20 @@ fn count(msgs: &[SpMessage], kind: &str) -> usize {
 
 /// Waits until every record made so far arrived, shuts the gateway down, waits for its NDEATH
 /// and checks the whole session; returns the report and the records made.
+/// The distinct gateway seqs of `boot` among the DDATA received.
+fn seqs_of(msgs: &[SpMessage], boot: u64) -> std::collections::BTreeSet<u64> {
+    msgs.iter()
+        .filter_map(SpMessage::record_id)
+        .filter(|(b, _)| *b == boot)
+        .map(|(_, s)| s)
+        .collect()
+}
+
 async fn finish(gw: Running, sub: &SpCollector) -> (gateway_tests::sparkplug::SessionReport, u64) {
     let created = drained(&gw, WAIT).await;
     let boot = gw.boot;
     sub.wait_for(WAIT, "every record", |m| {
-        let ids: std::collections::BTreeSet<u64> = m
-            .iter()
-            .filter_map(SpMessage::record_id)
-            .filter(|(b, _)| *b == boot)
-            .map(|(_, s)| s)
-            .collect();
-        ids.len() as u64 >= created
+        seqs_of(m, boot).len() as u64 >= created
     })
     .await;
     let deaths = count(&sub.messages(), "NDEATH");
@@ -331,13 +334,7 @@ async fn a_broker_restart_ends_the_session_and_the_next_one_is_born_with_the_nex
         .wait_for(WAIT, "every record", |m| {
             let mut all = before.messages();
             all.extend_from_slice(m);
-            let ids: std::collections::BTreeSet<u64> = all
-                .iter()
-                .filter_map(SpMessage::record_id)
-                .filter(|(b, _)| *b == boot)
-                .map(|(_, s)| s)
-                .collect();
-            ids.len() as u64 >= created
+            seqs_of(&all, boot).len() as u64 >= created
         })
         .await;
     gw.shutdown().await;
