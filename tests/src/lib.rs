@@ -72,6 +72,7 @@ impl Proxy {
                     drop(client); // refused while cut
                     continue;
                 }
+                f.accepted.fetch_add(1, Ordering::SeqCst);
                 let mut cut = g.subscribe();
                 let c = c.clone();
                 let f = f.clone();
@@ -151,6 +152,11 @@ impl Proxy {
         self.faults.frozen.store(true, Ordering::SeqCst);
     }
 
+    /// Connections let through so far (a connection attempt, whatever the upstream then does).
+    pub fn accepted(&self) -> u64 {
+        self.faults.accepted.load(Ordering::SeqCst)
+    }
+
     /// Connections cut by [`Proxy::cut_after_bytes`] so far.
     pub fn cuts(&self) -> u64 {
         self.faults.cuts.load(Ordering::SeqCst)
@@ -183,6 +189,7 @@ struct Faults {
     frozen: AtomicBool,
     cut_after: AtomicU64,
     cut_epoch: AtomicU64,
+    accepted: AtomicU64,
     cuts: AtomicU64,
     cuts_mid_packet: AtomicU64,
     throttle: AtomicU64,
@@ -196,6 +203,7 @@ impl Faults {
             frozen: AtomicBool::new(false),
             cut_after: AtomicU64::new(NO_CUT),
             cut_epoch: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
             cuts_mid_packet: AtomicU64::new(0),
             throttle: AtomicU64::new(0),

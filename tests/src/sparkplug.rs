@@ -181,9 +181,14 @@ impl SpCollector {
         self.publish(&topic, payload.encode_to_vec(), false).await;
     }
 
-    /// Publishes a primary host's STATE (Sparkplug 3.0 JSON), retained.
+    /// Publishes a primary host's STATE (Sparkplug 3.0 JSON), retained, stamped now.
     pub async fn host_state(&self, host: &str, online: bool) {
-        let body = format!("{{\"online\":{online},\"timestamp\":{}}}", now_ms());
+        self.host_state_at(host, online, now_ms()).await;
+    }
+
+    /// Publishes a primary host's STATE for its session that began at `timestamp` (Unix ms).
+    pub async fn host_state_at(&self, host: &str, online: bool, timestamp: u64) {
+        let body = format!("{{\"online\":{online},\"timestamp\":{timestamp}}}");
         self.publish(&format!("spBv1.0/STATE/{host}"), body.into_bytes(), true)
             .await;
     }

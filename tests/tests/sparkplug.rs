@@ -221,6 +221,23 @@ async fn with_a_primary_host_data_goes_out_only_while_its_state_is_online_and_wa
         count(m, "NBIRTH") == 1 && m.iter().any(SpMessage::historical)
     })
     .await;
+    // A late will of the host's earlier session (older timestamp) ends nothing.
+    let an_hour_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        - 3_600_000;
+    sub.host_state_at("scada", false, an_hour_ago).await;
+    let data = count(&sub.messages(), "DDATA");
+    sub.wait_for(WAIT, "data going on after the stale offline STATE", |m| {
+        count(m, "DDATA") >= data + 20
+    })
+    .await;
+    assert_eq!(
+        count(&sub.messages(), "NDEATH"),
+        0,
+        "the stale STATE ended the session"
+    );
     sub.host_state("scada", false).await;
     sub.wait_for(WAIT, "the NDEATH when the host went offline", |m| {
         count(m, "NDEATH") == 1
@@ -295,6 +312,64 @@ async fn an_outage_is_replayed_after_the_new_births_as_historical_ddata_oldest_f
         "original timestamps"
     );
     // Every record of the outage arrived (no hole in the gateway's seqs), some historical.
+    let (report, _) = finish(gw, &sub).await;
+    assert!(report.historical > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_died_during_an_outage_is_born_for_its_historical_data_and_dies_again_after_it(
+) {
+    let mut rig = rig("sp-dead", None).await;
+    let sub = SpCollector::start(rig.broker.port()).await;
+    let gw = rig.start().await;
+    sub.wait_for(WAIT, "data of both devices", |m| {
+        ["press1", "press2"].iter().all(|d| {
+            m.iter()
+                .any(|x| x.kind == "DDATA" && x.device.as_deref() == Some(*d))
+        })
+    })
+    .await;
+    rig.proxy.cut();
+    let committed = Metrics::get(&gw.metrics.committed);
+    gateway_tests::eventually(WAIT, "press2's outage records on disk", || {
+        Metrics::get(&gw.metrics.committed) >= committed + 20
+    })
+    .await;
+    rig.stop_sim(1).await;
+    let press2 = gw.devices[1].status.clone();
+    gateway_tests::eventually(WAIT, "press2 gone", || !press2.is_connected()).await;
+    let before = sub.messages().len();
+    rig.proxy.restore();
+    sub.wait_for(WAIT, "press2's history, then its DDEATH", |m| {
+        let second = &m[before.min(m.len())..];
+        second
+            .iter()
+            .any(|x| x.historical() && x.device.as_deref() == Some("press2"))
+            && second
+                .iter()
+                .any(|x| x.kind == "DDEATH" && x.device.as_deref() == Some("press2"))
+    })
+    .await;
+    let msgs = sub.messages();
+    let second: Vec<_> = msgs[before..]
+        .iter()
+        .filter(|x| x.device.as_deref() == Some("press2"))
+        .collect();
+    let kinds: Vec<&str> = second.iter().map(|x| x.kind.as_str()).collect();
+    let birth = kinds.iter().position(|k| *k == "DBIRTH");
+    let first_data = kinds.iter().position(|k| *k == "DDATA");
+    let death = kinds.iter().rposition(|k| *k == "DDEATH");
+    assert!(
+        birth < first_data && first_data < death,
+        "press2 in the new session: DBIRTH, its historical DDATA, DDEATH; got {kinds:?}"
+    );
+    assert!(
+        second[first_data.unwrap_or(0)..death.unwrap_or(0)]
+            .iter()
+            .all(|x| x.kind != "DDATA" || x.historical()),
+        "only history between the birth and the death"
+    );
+    // The whole run by the Sparkplug rules, with no hole in the gateway's seqs.
     let (report, _) = finish(gw, &sub).await;
     assert!(report.historical > 0);
 }

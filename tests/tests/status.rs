@@ -128,14 +128,20 @@ async fn the_first_attempt_after_a_lost_connection_is_immediate() {
     .await;
     // Connected for more than a second: a healthy connection.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let attempts = rig.proxy.accepted();
     rig.proxy.cut();
     rig.proxy.restore();
-    sub.wait_for_status(
-        Duration::from_secs(20),
-        "online again, well before 30 s",
-        |s| states(s).iter().filter(|s| *s == "online").count() == 2,
-    )
-    .await;
+    // The attempt itself is what is timed: whether the broker then keeps the new connection is
+    // its own affair (rumqttd can drop a same-client-id reconnection that overtakes the old
+    // connection's close, and the gateway then rightly backs off).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while rig.proxy.accepted() == attempts {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new connection attempt within 20 s of the cut (a backoff would wait at least 30 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     gw.shutdown().await;
 }
 

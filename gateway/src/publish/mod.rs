@@ -569,6 +569,9 @@ impl Publisher {
                 self.submit(&r.topic, payload, r.seq).await;
             }
         }
+        if self.replay_from.is_none() && self.live.is_empty() {
+            self.deaths_after_history().await;
+        }
     }
 
     /// Hands one record to the client, unless it exceeds the broker's packet size (it stays in
@@ -588,6 +591,7 @@ impl Publisher {
             }
             return;
         }
+        self.birth_for_record(topic).await;
         let out = self.aliases.outbound(topic);
         let payload = self.sequenced(payload);
         let size = payload.len();

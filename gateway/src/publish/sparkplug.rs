@@ -2,7 +2,13 @@
 //! [`Session`] asks for, the will's `bdSeq` (persisted in the data directory, stepped on
 //! every connection attempt), and the commands that come in (a rebirth, the primary host's
 //! STATE). Records themselves go out as in JSON mode; only their `seq` is appended here.
+//!
+//! A DDATA goes out only for a device born in this session. A device that is offline now (it
+//! stopped answering during an outage) still has records in the backlog: before the first of
+//! them a DBIRTH is published for it, and once the backlog is through, its DDEATH again, so a
+//! host sees its history between a birth and a death like any other device's data.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,7 +21,7 @@ use super::link::Outbound;
 use super::Publisher;
 use crate::api::Latest;
 use crate::config::SparkplugSettings;
-use crate::encode::sparkplug::session::{Session, Step};
+use crate::encode::sparkplug::session::{Session, Stale, Step};
 use crate::encode::sparkplug::{self as sp, Declared, Topics};
 
 /// The file of the last `bdSeq` used, in the data directory.
@@ -113,8 +119,13 @@ pub struct Node {
     primary_host: Option<String>,
     pub(crate) session: Session,
     devices: Vec<NodeDevice>,
+    /// Each device's DDATA topic (a record's topic), to its index.
+    by_ddata: HashMap<String, usize>,
     /// Whether each device answered at its last scan (the writer's verdicts, in order).
     online: Vec<bool>,
+    /// Offline devices born in this session only for their records in the backlog: each gets
+    /// its DDEATH once the backlog is through.
+    born_for_history: Vec<usize>,
     latest: Arc<Latest>,
     boot: u64,
     will: Option<NodeWill>,
@@ -131,6 +142,11 @@ impl Node {
         boot: u64,
     ) -> Self {
         let topics = Topics::new(&settings.group_id, &settings.edge_node_id);
+        let by_ddata = devices
+            .iter()
+            .enumerate()
+            .map(|(d, (name, ..))| (topics.device("DDATA", name), d))
+            .collect();
         let devices = devices
             .into_iter()
             .map(|(name, tags, declared, meta)| NodeDevice {
@@ -151,7 +167,9 @@ impl Node {
             primary_host: settings.primary_host_id.clone(),
             topics,
             devices,
+            by_ddata,
             online: Vec::new(),
+            born_for_history: Vec::new(),
             latest,
             boot,
             will: Some(will),
@@ -177,6 +195,26 @@ impl Node {
             self.online.resize(device + 1, false);
         }
         self.online[device] = online;
+        // Alive, or dead by its own DDEATH: no longer born only for its history.
+        self.born_for_history.retain(|&d| d != device);
+    }
+
+    /// The DBIRTH of `device` (its latest values), with the session's next `seq`, if it may
+    /// be born now.
+    fn dbirth_message(&mut self, d: usize, now: u64) -> Option<(String, Bytes)> {
+        let dev = self.devices.get(d)?;
+        let seq = self.session.dbirth(d)?;
+        let rows = self.latest.snapshot();
+        let row = rows.get(d).map_or(&[][..], |r| &r[..]);
+        let payload = sp::dbirth(d as u32, &dev.tags, &dev.declared, &dev.meta, row, now);
+        Some((dev.dbirth.clone(), sp::with_seq(&payload, seq)))
+    }
+
+    /// The DDEATH of `device`, with the session's next `seq`, if it was born.
+    fn ddeath_message(&mut self, d: usize, now: u64) -> Option<(String, Bytes)> {
+        let dev = self.devices.get(d)?;
+        let seq = self.session.ddeath(d)?;
+        Some((dev.ddeath.clone(), sp::with_seq(&sp::ddeath(now), seq)))
     }
 }
 
@@ -216,16 +254,12 @@ impl Publisher {
         let seq = node.session.nbirth();
         let nbirth = sp::nbirth(node.session.bd_seq(), node.boot, now);
         let mut out = vec![(node.topics.nbirth(), sp::with_seq(&nbirth, seq))];
-        let rows = node.latest.snapshot();
-        for (d, dev) in node.devices.iter().enumerate() {
+        node.born_for_history.clear();
+        for d in 0..node.devices.len() {
             if !node.online.get(d).copied().unwrap_or(false) {
                 continue;
             }
-            if let Some(seq) = node.session.dbirth(d) {
-                let row = rows.get(d).map_or(&[][..], |r| &r[..]);
-                let payload = sp::dbirth(d as u32, &dev.tags, &dev.declared, &dev.meta, row, now);
-                out.push((dev.dbirth.clone(), sp::with_seq(&payload, seq)));
-            }
+            out.extend(node.dbirth_message(d, now));
         }
         info!(
             bd_seq = node.session.bd_seq(),
@@ -243,23 +277,52 @@ impl Publisher {
         let Some(node) = &mut self.node else { return };
         let d = device.0 as usize;
         node.set_online(d, online);
-        let Some(dev) = node.devices.get(d) else {
-            return;
-        };
         let now = Timestamp::now().unix_ms();
         let message = if online {
-            node.session.dbirth(d).map(|seq| {
-                let rows = node.latest.snapshot();
-                let row = rows.get(d).map_or(&[][..], |r| &r[..]);
-                let payload = sp::dbirth(d as u32, &dev.tags, &dev.declared, &dev.meta, row, now);
-                (dev.dbirth.clone(), sp::with_seq(&payload, seq))
-            })
+            node.dbirth_message(d, now)
         } else {
-            node.session
-                .ddeath(d)
-                .map(|seq| (dev.ddeath.clone(), sp::with_seq(&sp::ddeath(now), seq)))
+            node.ddeath_message(d, now)
         };
         if let Some((topic, payload)) = message {
+            self.publish_session(topic, payload).await;
+        }
+    }
+
+    /// Before a record goes out on `topic`: the DBIRTH of its device when it is not born in
+    /// this session (an offline device's record from the backlog).
+    pub(super) async fn birth_for_record(&mut self, topic: &str) {
+        let Some(node) = &mut self.node else { return };
+        let Some(&d) = node.by_ddata.get(topic) else {
+            return;
+        };
+        if node.session.is_born(d) {
+            return;
+        }
+        let Some(message) = node.dbirth_message(d, Timestamp::now().unix_ms()) else {
+            return;
+        };
+        if !node.online.get(d).copied().unwrap_or(false) {
+            node.born_for_history.push(d);
+        }
+        debug!(
+            device = d,
+            "DBIRTH for an offline device's records from the backlog"
+        );
+        self.publish_session(message.0, message.1).await;
+    }
+
+    /// The backlog is through: the DDEATH of every offline device born only for it.
+    pub(super) async fn deaths_after_history(&mut self) {
+        let Some(node) = &mut self.node else { return };
+        if node.born_for_history.is_empty() {
+            return;
+        }
+        let now = Timestamp::now().unix_ms();
+        let mut out = Vec::new();
+        for d in std::mem::take(&mut node.born_for_history) {
+            out.extend(node.ddeath_message(d, now));
+        }
+        for (topic, payload) in out {
             self.publish_session(topic, payload).await;
         }
     }
@@ -287,11 +350,17 @@ impl Publisher {
             .as_deref()
             .is_some_and(|h| topic == Topics::state(h))
         {
-            match sp::host_online(payload) {
-                Some(online) => {
-                    info!(online, "primary host STATE");
-                    node.session.host_state(online)
-                }
+            match sp::host_state(payload) {
+                Some(state) => match node.session.host_state(state.online, state.timestamp) {
+                    Ok(step) => {
+                        info!(online = state.online, "primary host STATE");
+                        step
+                    }
+                    Err(Stale) => {
+                        info!(online = state.online, timestamp = state.timestamp, "primary host STATE older than one already seen (an earlier session of the host); ignored");
+                        None
+                    }
+                },
                 None => {
                     warn!(topic, "unreadable primary host STATE; ignored");
                     None

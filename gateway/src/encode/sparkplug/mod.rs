@@ -509,16 +509,40 @@ pub fn asks_rebirth(payload: &[u8]) -> bool {
     })
 }
 
+/// A primary host's STATE as it said it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostState {
+    /// Whether the host is online.
+    pub online: bool,
+    /// When the host's session that this STATE is about began (Unix ms); None in the older
+    /// text form, which has none.
+    pub timestamp: Option<u64>,
+}
+
 /// A primary host's STATE payload (Sparkplug 3.0: `{"online":true,"timestamp":...}`; the
-/// older `ONLINE`/`OFFLINE` text too): whether the host is online; `None` when unreadable.
-pub fn host_online(payload: &[u8]) -> Option<bool> {
+/// older `ONLINE`/`OFFLINE` text too); `None` when unreadable.
+pub fn host_state(payload: &[u8]) -> Option<HostState> {
+    let text = |online| {
+        Some(HostState {
+            online,
+            timestamp: None,
+        })
+    };
     match payload {
-        b"ONLINE" => return Some(true),
-        b"OFFLINE" => return Some(false),
+        b"ONLINE" => return text(true),
+        b"OFFLINE" => return text(false),
         _ => {}
     }
-    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    v.get("online")?.as_bool()
+    #[derive(serde::Deserialize)]
+    struct Json {
+        online: bool,
+        timestamp: Option<u64>,
+    }
+    let j: Json = serde_json::from_slice(payload).ok()?;
+    Some(HostState {
+        online: j.online,
+        timestamp: j.timestamp,
+    })
 }
 
 /// A payload as readable JSON, for `edge-gateway test`: each metric with its name (from

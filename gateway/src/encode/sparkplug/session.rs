@@ -12,6 +12,9 @@
 //!   was not: births and deaths alternate per device.
 //! - The primary host going offline ends the connection (the broker then publishes the will,
 //!   NDEATH); the next connection waits for the host again with a new `bdSeq`.
+//! - A STATE with a timestamp older than the newest one seen is about an earlier session of
+//!   the host (a late will, say) and changes nothing; one without a timestamp (the older text
+//!   form) is taken as it says. Seen timestamps outlive connections.
 
 /// Where the session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +36,10 @@ pub enum Step {
     Disconnect,
 }
 
+/// A STATE older than one already taken: about an earlier session of the host, ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stale;
+
 /// The session state of one edge node.
 #[derive(Debug)]
 pub struct Session {
@@ -41,6 +48,8 @@ pub struct Session {
     next: u8,
     bd_seq: u64,
     born: Vec<bool>,
+    /// The newest STATE timestamp taken from the primary host.
+    host_timestamp: Option<u64>,
 }
 
 impl Session {
@@ -52,6 +61,7 @@ impl Session {
             next: 0,
             bd_seq: 0,
             born: Vec::new(),
+            host_timestamp: None,
         }
     }
 
@@ -82,16 +92,27 @@ impl Session {
         self.born.clear();
     }
 
-    /// The primary host's STATE said `online`.
-    pub fn host_state(&mut self, online: bool) -> Option<Step> {
-        match (self.phase, online) {
+    /// The primary host's STATE said `online`, for its session that began at `timestamp`:
+    /// what to do, or [`Stale`] when the STATE is older than one already taken.
+    pub fn host_state(
+        &mut self,
+        online: bool,
+        timestamp: Option<u64>,
+    ) -> Result<Option<Step>, Stale> {
+        if let Some(t) = timestamp {
+            if self.host_timestamp.is_some_and(|seen| t < seen) {
+                return Err(Stale);
+            }
+            self.host_timestamp = Some(t);
+        }
+        Ok(match (self.phase, online) {
             (Phase::WaitingForHost, true) => Some(Step::Births),
             (Phase::Up, false) if self.primary_host => {
                 self.lost();
                 Some(Step::Disconnect)
             }
             _ => None,
-        }
+        })
     }
 
     /// An NCMD asked for a rebirth: honoured once the node is up.
@@ -201,8 +222,8 @@ mod tests {
         assert_eq!(s.phase(), Phase::WaitingForHost);
         assert!(!s.up());
         assert_eq!(s.dbirth(0), None, "no DBIRTH before the NBIRTH");
-        assert_eq!(s.host_state(false), None);
-        assert_eq!(s.host_state(true), Some(Step::Births));
+        assert_eq!(s.host_state(false, None), Ok(None));
+        assert_eq!(s.host_state(true, None), Ok(Some(Step::Births)));
         s.nbirth();
         assert!(s.up());
     }
@@ -211,9 +232,9 @@ mod tests {
     fn the_primary_host_going_offline_drops_the_connection_and_stops_data() {
         let mut s = Session::new(true);
         s.connected(3);
-        s.host_state(true);
+        s.host_state(true, None).unwrap();
         s.nbirth();
-        assert_eq!(s.host_state(false), Some(Step::Disconnect));
+        assert_eq!(s.host_state(false, None), Ok(Some(Step::Disconnect)));
         assert!(!s.up());
         assert_eq!(s.phase(), Phase::Down);
     }
@@ -242,5 +263,44 @@ mod tests {
         assert!(!s.is_born(0));
         assert_eq!(s.connected(1), Some(Step::Births));
         assert_eq!(s.bd_seq(), 1);
+    }
+
+    #[test]
+    fn an_offline_state_older_than_the_online_one_is_a_late_will_and_keeps_the_session() {
+        let mut s = Session::new(true);
+        s.connected(1);
+        assert_eq!(s.host_state(true, Some(2_000)), Ok(Some(Step::Births)));
+        s.nbirth();
+        assert_eq!(s.host_state(false, Some(1_000)), Err(Stale));
+        assert!(
+            s.up(),
+            "still up: that death was of the host's earlier session"
+        );
+        assert_eq!(
+            s.host_state(false, Some(2_000)),
+            Ok(Some(Step::Disconnect)),
+            "the death of the session it was online for (same timestamp) counts"
+        );
+    }
+
+    #[test]
+    fn an_online_state_older_than_one_seen_does_not_start_a_session_even_after_a_reconnect() {
+        let mut s = Session::new(true);
+        s.connected(1);
+        assert_eq!(s.host_state(false, Some(5_000)), Ok(None));
+        s.lost();
+        s.connected(2);
+        assert_eq!(s.host_state(true, Some(4_000)), Err(Stale));
+        assert!(!s.up());
+        assert_eq!(s.host_state(true, Some(6_000)), Ok(Some(Step::Births)));
+    }
+
+    #[test]
+    fn a_state_without_a_timestamp_is_taken_as_it_says() {
+        let mut s = Session::new(true);
+        s.connected(1);
+        s.host_state(true, Some(9_000)).unwrap();
+        s.nbirth();
+        assert_eq!(s.host_state(false, None), Ok(Some(Step::Disconnect)));
     }
 }

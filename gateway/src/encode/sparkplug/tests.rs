@@ -277,12 +277,19 @@ fn an_ncmd_asks_for_a_rebirth_only_with_rebirth_true() {
 
 #[test]
 fn a_host_state_is_read_from_the_3_0_json_and_the_older_text() {
-    assert_eq!(host_online(br#"{"online":true,"timestamp":1}"#), Some(true));
+    let state = |online, timestamp| Some(HostState { online, timestamp });
     assert_eq!(
-        host_online(br#"{"online":false,"timestamp":1}"#),
-        Some(false)
+        host_state(br#"{"online":true,"timestamp":1}"#),
+        state(true, Some(1))
     );
-    assert_eq!(host_online(b"ONLINE"), Some(true));
-    assert_eq!(host_online(b"OFFLINE"), Some(false));
-    assert_eq!(host_online(b"{"), None);
+    assert_eq!(
+        host_state(br#"{"online":false,"timestamp":1700000000000}"#),
+        state(false, Some(1_700_000_000_000))
+    );
+    assert_eq!(host_state(b"ONLINE"), state(true, None));
+    assert_eq!(host_state(b"OFFLINE"), state(false, None));
+    assert_eq!(host_state(b"{"), None);
+    assert_eq!(host_state(br#"{"online":"yes"}"#), None);
+    assert_eq!(host_state(br#"{"timestamp":1}"#), None);
+    assert_eq!(host_state(br#"{"online":true,"timestamp":-1}"#), None);
 }
