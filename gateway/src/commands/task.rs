@@ -1,8 +1,9 @@
 //! The commands task: takes the command publishes the publisher hands over (a bounded
 //! channel), checks each ([`super::Checks`]), asks the device's driver to write (its bounded
 //! write channel), and hands the reply back to the publisher for
-//! `{topic_prefix}/{device}/cmd/reply`. One command at a time; every outcome is an audit event
-//! (`target = "audit"`) and a count.
+//! `{topic_prefix}/{device}/cmd/reply`. The metrics of a Sparkplug DCMD go the same way, one
+//! write each, without a reply (the host sees the value in the device's next DDATA). One
+//! write at a time; every outcome is an audit event (`target = "audit"`) and a count.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -16,7 +17,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use super::{lenient_id, parse, Checks, Refusal};
+use super::{lenient_id, parse, Checks, Command, Refusal};
 use crate::config::{Config, DeviceKind, DeviceSettings};
 use crate::pipeline::Shared;
 
@@ -26,13 +27,34 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Capacity of the publisher-to-commands and commands-to-publisher channels.
 pub const CHANNEL: usize = 16;
 
-/// A publish received on a command topic.
+/// A command the publisher received.
 #[derive(Debug, Clone)]
-pub struct Incoming {
-    /// Its topic, `{topic_prefix}/{device}/cmd`.
-    pub topic: String,
-    /// Its payload.
-    pub payload: Bytes,
+pub enum Incoming {
+    /// A JSON command, answered on its topic's `/reply`.
+    Json {
+        /// Its topic, `{topic_prefix}/{device}/cmd`.
+        topic: String,
+        /// Its payload.
+        payload: Bytes,
+    },
+    /// The metrics of a Sparkplug DCMD, in its order; no reply.
+    Sparkplug {
+        /// The DCMD's topic.
+        topic: String,
+        /// The device's gateway name.
+        device: String,
+        /// Each metric: its tag's name and value, or why it cannot be written.
+        writes: Vec<DeviceWrite>,
+    },
+}
+
+/// One metric of a DCMD, its alias resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceWrite {
+    /// The tag's name, or why the metric names no tag.
+    pub tag: Result<String, String>,
+    /// The value, or why it cannot be read.
+    pub value: Result<Value, String>,
 }
 
 /// A reply to publish.
@@ -175,70 +197,113 @@ pub async fn run(
     mut ends: TaskEnds,
     shared: Arc<Shared>,
 ) {
-    let metrics = shared.metrics.clone();
+    let mut gate = Gate {
+        checks: &mut checks,
+        writers: &writers,
+        shared: &shared,
+    };
     while let Some(incoming) = ends.incoming.recv().await {
-        let Some(device) = device_of(&topic_prefix, &incoming.topic) else {
+        let (topic, payload) = match incoming {
+            Incoming::Json { topic, payload } => (topic, payload),
+            Incoming::Sparkplug {
+                topic,
+                device,
+                writes,
+            } => {
+                for w in writes {
+                    let outcome = match (&w.tag, &w.value) {
+                        (Err(reason), _) | (_, Err(reason)) => Outcome::Refused(reason.clone()),
+                        (Ok(tag), Ok(value)) => {
+                            let command = Command {
+                                id: String::new(),
+                                tag: tag.clone(),
+                                value: value.clone(),
+                            };
+                            gate.perform(&device, &command).await
+                        }
+                    };
+                    let tag = w.tag.as_deref().ok();
+                    gate.account(&topic, &device, tag, w.value.as_ref().ok(), &outcome);
+                }
+                continue;
+            }
+        };
+        let Some(device) = device_of(&topic_prefix, &topic) else {
             continue;
         };
         let device = device.to_owned();
-        let (id, tag, value, outcome) = match parse(&incoming.payload) {
+        let (id, command, outcome) = match parse(&payload) {
             Err(e) => (
-                lenient_id(&incoming.payload),
-                None,
+                lenient_id(&payload),
                 None,
                 Outcome::Refused(Refusal::Malformed(e.to_string()).to_string()),
             ),
             Ok(command) => {
-                let now_enabled = shared.commands_enabled.load(Ordering::Relaxed);
-                let checked = if now_enabled {
-                    checks.check(&device, &command, Instant::now())
-                } else {
-                    Err(Refusal::Disabled)
-                };
-                let outcome = match checked {
-                    Err(refusal) => Outcome::Refused(refusal.to_string()),
-                    Ok(target) => match writers.get(&target.device) {
-                        None => Outcome::Refused(format!(
-                            "device `{device}` takes no writes (only Modbus TCP devices do)"
-                        )),
-                        Some(writer) => {
-                            let value = command.value.clone();
-                            let outcome = write(writer, target.clone(), value, &device).await;
-                            if let Outcome::Refused(_) = outcome {
-                                checks.forget(&target);
-                            }
-                            outcome
-                        }
-                    },
-                };
-                (
-                    Some(command.id),
-                    Some(command.tag),
-                    Some(command.value),
-                    outcome,
-                )
+                let outcome = gate.perform(&device, &command).await;
+                (Some(command.id.clone()), Some(command), outcome)
             }
         };
-        audit(
-            &incoming.topic,
-            &device,
-            tag.as_deref(),
-            value.as_ref(),
-            &outcome,
-        );
-        let counter = match outcome {
-            Outcome::Written { .. } => &metrics.commands_written,
-            Outcome::Refused(_) => &metrics.commands_refused,
-            Outcome::Failed(_) => &metrics.commands_failed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        let tag = command.as_ref().map(|c| c.tag.as_str());
+        let value = command.as_ref().map(|c| &c.value);
+        gate.account(&topic, &device, tag, value, &outcome);
         let reply = Reply {
-            topic: format!("{}/reply", incoming.topic),
+            topic: format!("{topic}/reply"),
             payload: reply_payload(id.as_deref(), &outcome),
         };
         if ends.replies.send(reply).await.is_err() {
             return;
         }
+    }
+}
+
+/// What a command passes on its way to a device: the checks, then the device's driver.
+struct Gate<'a> {
+    checks: &'a mut Checks,
+    writers: &'a HashMap<DeviceId, mpsc::Sender<WriteRequest>>,
+    shared: &'a Arc<Shared>,
+}
+
+impl Gate<'_> {
+    /// Checks one command and, when it passes, has the driver write it.
+    async fn perform(&mut self, device: &str, command: &Command) -> Outcome {
+        let checked = if self.shared.commands_enabled.load(Ordering::Relaxed) {
+            self.checks.check(device, command, Instant::now())
+        } else {
+            Err(Refusal::Disabled)
+        };
+        let target = match checked {
+            Err(refusal) => return Outcome::Refused(refusal.to_string()),
+            Ok(target) => target,
+        };
+        let Some(writer) = self.writers.get(&target.device) else {
+            return Outcome::Refused(format!(
+                "device `{device}` takes no writes (only Modbus TCP devices do)"
+            ));
+        };
+        let outcome = write(writer, target.clone(), command.value.clone(), device).await;
+        if let Outcome::Refused(_) = outcome {
+            self.checks.forget(&target);
+        }
+        outcome
+    }
+
+    /// The audit event and the count of one outcome.
+    fn account(
+        &self,
+        topic: &str,
+        device: &str,
+        tag: Option<&str>,
+        value: Option<&Value>,
+        outcome: &Outcome,
+    ) {
+        audit(topic, device, tag, value, outcome);
+        let m = &self.shared.metrics;
+        let counter = match outcome {
+            Outcome::Written { .. } => &m.commands_written,
+            Outcome::Refused(_) => &m.commands_refused,
+            Outcome::Failed(_) => &m.commands_failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -5,7 +5,7 @@
 //! ledger or the buffer.
 
 use bytes::Bytes;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::link::Sender;
 use crate::commands::task::{device_of, filter, CommandLink, Incoming, Reply};
@@ -38,10 +38,33 @@ pub(super) fn forward(link: Option<&CommandLink>, topic: String, payload: Bytes,
         warn!(target: "audit", topic = %topic, outcome = "refused", reason = "retained", "a retained command is never executed (publish commands without retain)");
         return;
     }
-    if let Err(e) = link.incoming.try_send(Incoming { topic, payload }) {
-        let topic = match e {
-            tokio::sync::mpsc::error::TrySendError::Full(i)
-            | tokio::sync::mpsc::error::TrySendError::Closed(i) => i.topic,
+    hand_over(link, Incoming::Json { topic, payload });
+}
+
+/// Hands a Sparkplug DCMD's writes to the commands task; like a JSON command, a retained one
+/// is never executed.
+pub(super) fn forward_sparkplug(link: Option<&CommandLink>, incoming: Incoming, retain: bool) {
+    let Incoming::Sparkplug { topic, .. } = &incoming else {
+        return;
+    };
+    let Some(link) = link else {
+        info!(target: "audit", topic = %topic, outcome = "refused", reason = "commands are disabled on this gateway", "a DCMD arrived while commands are off; nothing written");
+        return;
+    };
+    if retain {
+        warn!(target: "audit", topic = %topic, outcome = "refused", reason = "retained", "a retained command is never executed (publish commands without retain)");
+        return;
+    }
+    hand_over(link, incoming);
+}
+
+/// A command into the commands task's bounded channel, or dropped (logged) when it is full.
+fn hand_over(link: &CommandLink, incoming: Incoming) {
+    if let Err(e) = link.incoming.try_send(incoming) {
+        let (tokio::sync::mpsc::error::TrySendError::Full(i)
+        | tokio::sync::mpsc::error::TrySendError::Closed(i)) = e;
+        let topic = match i {
+            Incoming::Json { topic, .. } | Incoming::Sparkplug { topic, .. } => topic,
         };
         warn!(topic = %topic, "command dropped: the commands task is busy (too many commands at once)");
     }

@@ -329,8 +329,8 @@ impl Publisher {
                         Polled::Happened(Happening::Message { topic, payload, retain }) => {
                             if commands::is_command_topic(&p.settings.topic_prefix, &topic) {
                                 commands::forward(commands.as_ref(), topic, payload, retain);
-                            } else {
-                                p.sparkplug_message(&topic, &payload).await;
+                            } else if let Some(dcmd) = p.sparkplug_message(&topic, &payload).await {
+                                commands::forward_sparkplug(commands.as_ref(), dcmd, retain);
                             }
                             Duration::ZERO
                         }

@@ -20,7 +20,9 @@ use tracing::{debug, info, warn};
 use super::link::Outbound;
 use super::Publisher;
 use crate::api::Latest;
+use crate::commands::task::{DeviceWrite, Incoming};
 use crate::config::SparkplugSettings;
+use crate::encode::sparkplug::command::{self, MetricRef};
 use crate::encode::sparkplug::session::{Session, Stale, Step};
 use crate::encode::sparkplug::{self as sp, Declared, Topics};
 
@@ -104,6 +106,8 @@ pub struct NodeDevice {
     pub declared: Vec<Declared>,
     /// Each tag's unit, range and description (for the births).
     pub meta: Vec<TagMeta>,
+    /// Its gateway name (commands name devices so).
+    name: Arc<str>,
     dbirth: String,
     ddeath: String,
 }
@@ -121,6 +125,8 @@ pub struct Node {
     devices: Vec<NodeDevice>,
     /// Each device's DDATA topic (a record's topic), to its index.
     by_ddata: HashMap<String, usize>,
+    /// Each device's DCMD topic, to its index.
+    by_dcmd: HashMap<String, usize>,
     /// Whether each device answered at its last scan (the writer's verdicts, in order).
     online: Vec<bool>,
     /// Offline devices born in this session only for their records in the backlog: each gets
@@ -142,16 +148,20 @@ impl Node {
         boot: u64,
     ) -> Self {
         let topics = Topics::new(&settings.group_id, &settings.edge_node_id);
-        let by_ddata = devices
-            .iter()
-            .enumerate()
-            .map(|(d, (name, ..))| (topics.device("DDATA", name), d))
-            .collect();
+        let by_topic = |kind: &str| {
+            devices
+                .iter()
+                .enumerate()
+                .map(|(d, (name, ..))| (topics.device(kind, name), d))
+                .collect::<HashMap<_, _>>()
+        };
+        let (by_ddata, by_dcmd) = (by_topic("DDATA"), by_topic("DCMD"));
         let devices = devices
             .into_iter()
             .map(|(name, tags, declared, meta)| NodeDevice {
                 dbirth: topics.device("DBIRTH", &name),
                 ddeath: topics.device("DDEATH", &name),
+                name,
                 tags,
                 declared,
                 meta,
@@ -168,6 +178,7 @@ impl Node {
             topics,
             devices,
             by_ddata,
+            by_dcmd,
             online: Vec::new(),
             born_for_history: Vec::new(),
             latest,
@@ -334,9 +345,17 @@ impl Publisher {
         }
     }
 
-    /// A message on a subscribed topic: a rebirth request or the primary host's STATE.
-    pub(super) async fn sparkplug_message(&mut self, topic: &str, payload: &[u8]) {
-        let Some(node) = &mut self.node else { return };
+    /// A message on a subscribed topic: a rebirth request, the primary host's STATE, or a
+    /// device's DCMD (returned, as the writes it asks for, for the commands task).
+    pub(super) async fn sparkplug_message(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+    ) -> Option<Incoming> {
+        let node = self.node.as_mut()?;
+        if let Some(&d) = node.by_dcmd.get(topic) {
+            return node.devices.get(d).map(|dev| dcmd(topic, d, dev, payload));
+        }
         let step = if topic == node.topics.ncmd() {
             if sp::asks_rebirth(payload) {
                 info!("rebirth requested (NCMD Node Control/Rebirth)");
@@ -369,11 +388,12 @@ impl Publisher {
         } else {
             debug!(
                 topic,
-                "command for a device; the gateway writes nothing yet"
+                "Sparkplug message on no topic of this node's; ignored"
             );
             None
         };
         self.sparkplug_step(step).await;
+        None
     }
 
     /// A payload of a record as it goes out: with the session's next `seq` in Sparkplug.
@@ -409,6 +429,42 @@ impl Publisher {
             Ok(()) => self.window.submit_status(Instant::now()),
             Err(e) => debug!(error = %e, "Sparkplug message not accepted by the MQTT client"),
         }
+    }
+}
+
+/// The writes a DCMD to device `d` asks for, its aliases resolved to the device's tag names.
+fn dcmd(topic: &str, d: usize, dev: &NodeDevice, payload: &[u8]) -> Incoming {
+    let writes = match command::device_writes(payload) {
+        Ok(writes) => writes
+            .into_iter()
+            .map(|w| DeviceWrite {
+                tag: match w.metric {
+                    Some(MetricRef::Name(name)) => Ok(name),
+                    Some(MetricRef::Alias(alias)) => tag_of_alias(dev, d, alias),
+                    None => Err("a metric with neither a name nor an alias".to_owned()),
+                },
+                value: w.value,
+            })
+            .collect(),
+        Err(e) => vec![DeviceWrite {
+            tag: Err(e.to_string()),
+            value: Err(e.to_string()),
+        }],
+    };
+    Incoming::Sparkplug {
+        topic: topic.to_owned(),
+        device: dev.name.to_string(),
+        writes,
+    }
+}
+
+/// The name of the tag of device `d` that `alias` stands for (see [`sp::alias`]).
+fn tag_of_alias(dev: &NodeDevice, d: usize, alias: u64) -> Result<String, String> {
+    let tag = (alias & u64::from(u32::MAX)) as usize;
+    let device_of_alias = (alias >> 32).checked_sub(1);
+    match dev.tags.get(tag) {
+        Some(name) if device_of_alias == Some(d as u64) => Ok(name.to_string()),
+        _ => Err(format!("alias {alias} is no metric of this device")),
     }
 }
 

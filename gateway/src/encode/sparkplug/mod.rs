@@ -18,6 +18,7 @@
 //! - A replayed record is re-encoded with `is_historical` on every metric ([`historical`]);
 //!   replay is rare, and the live path stays one encode.
 
+pub mod command;
 pub mod proto;
 pub mod session;
 
