@@ -8,6 +8,9 @@
 //!   out, and a device that is gone gets an empty retained message, which deletes its retained
 //!   meta from the broker; a device gone while the broker was away is cleared after the next
 //!   CONNACK.
+//! - A clear is remembered until the broker acknowledged it ([`MetaState::acked`] with the
+//!   token it went out with): one lost with its connection goes again after the next
+//!   CONNACK, so a removed device's catalog never stays retained.
 //! - Nothing here counts against the record window: like the status, a meta message stands
 //!   for no record and its PUBACK credits nothing. At most [`MAX_UNWRITTEN`] of the gateway's
 //!   own messages wait in the MQTT client's request channel at once, which is sized for the
@@ -19,6 +22,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::encode::meta::MetaMessage;
+use crate::publish::window::NO_TOKEN;
 
 /// The gateway's own messages (status, meta) handed to the MQTT client and not yet written, at
 /// most: the client's request channel holds the window and 8 more.
@@ -27,10 +31,15 @@ pub const MAX_UNWRITTEN: usize = 4;
 /// What was handed out, and what is still to go.
 #[derive(Debug, Default)]
 pub struct MetaState {
-    /// The last document handed out per device (an empty payload: cleared).
+    /// The last document handed out per device (an empty payload: a clear not yet
+    /// acknowledged).
     sent: BTreeMap<Arc<str>, Bytes>,
     /// Due on this connection, in order: device and payload (empty: clear).
     pending: VecDeque<(Arc<str>, Bytes)>,
+    /// Clears handed out on this connection, by their token.
+    clearing: BTreeMap<u64, Arc<str>>,
+    /// The last token given.
+    last_token: u64,
 }
 
 impl MetaState {
@@ -46,28 +55,47 @@ impl MetaState {
             }
             next.insert(m.device.clone(), m.payload.clone());
         }
-        for device in self.sent.keys() {
-            if !next.contains_key(device) {
+        if reconnected {
+            // Acknowledgements of the old connection will never come.
+            self.clearing.clear();
+        }
+        for (device, payload) in &self.sent {
+            if next.contains_key(device) {
+                continue;
+            }
+            // Gone: cleared; a clear handed out and not acknowledged yet goes again only on a
+            // new connection (on this one it is on its way).
+            if reconnected || !payload.is_empty() {
                 pending.push_back((device.clone(), Bytes::new()));
             }
-        }
-        // Clears stay remembered until they went out on a connection.
-        for (device, payload) in &pending {
-            next.entry(device.clone())
-                .or_insert_with(|| payload.clone());
+            next.insert(device.clone(), Bytes::new());
         }
         self.sent = next;
         self.pending = pending;
     }
 
-    /// The next message to send, if any.
-    pub fn take_next(&mut self) -> Option<(Arc<str>, Bytes)> {
-        let out = self.pending.pop_front()?;
-        if out.1.is_empty() {
-            // Cleared once on the broker: forgotten.
-            self.sent.remove(&out.0);
+    /// The next message to send, if any, with the token its acknowledgement is to name
+    /// ([`NO_TOKEN`] for a document).
+    pub fn take_next(&mut self) -> Option<(Arc<str>, Bytes, u64)> {
+        let (device, payload) = self.pending.pop_front()?;
+        let token = if payload.is_empty() {
+            self.last_token += 1;
+            self.clearing.insert(self.last_token, device.clone());
+            self.last_token
+        } else {
+            NO_TOKEN
+        };
+        Some((device, payload, token))
+    }
+
+    /// The broker acknowledged the message that went out with `token`: a clear is done with
+    /// (unless the device came back meanwhile).
+    pub fn acked(&mut self, token: u64) {
+        if let Some(device) = self.clearing.remove(&token) {
+            if self.sent.get(&device).is_some_and(Bytes::is_empty) {
+                self.sent.remove(&device);
+            }
         }
-        Some(out)
     }
 
     /// Whether messages are waiting to go out.
@@ -87,9 +115,14 @@ mod tests {
         }
     }
 
+    /// Everything due, each acknowledged at once.
     fn drain(s: &mut MetaState) -> Vec<(String, String)> {
-        std::iter::from_fn(|| s.take_next())
-            .map(|(d, p)| (d.to_string(), String::from_utf8(p.to_vec()).unwrap()))
+        let out = std::iter::from_fn(|| s.take_next()).collect::<Vec<_>>();
+        for (_, _, token) in &out {
+            s.acked(*token);
+        }
+        out.into_iter()
+            .map(|(d, p, _)| (d.to_string(), String::from_utf8(p.to_vec()).unwrap()))
             .collect()
     }
 
@@ -144,5 +177,37 @@ mod tests {
         s.due(&[doc("a", "A2")], false);
         s.due(&[doc("a", "A2")], true);
         assert_eq!(drain(&mut s), pairs(&[("a", "A2"), ("b", "")]));
+    }
+
+    #[test]
+    fn a_clear_lost_with_its_connection_goes_again_after_the_next_connack() {
+        let mut s = MetaState::default();
+        s.due(&[doc("a", "A1"), doc("b", "B1")], true);
+        drain(&mut s);
+        s.due(&[doc("a", "A1")], false);
+        let (device, payload, _unacked) = s.take_next().unwrap();
+        assert_eq!((&*device, payload.is_empty()), ("b", true));
+        // Another change on the same connection: the clear is on its way, not sent twice.
+        s.due(&[doc("a", "A2")], false);
+        assert_eq!(drain(&mut s), pairs(&[("a", "A2")]));
+        // The connection dropped before the PUBACK.
+        s.due(&[doc("a", "A2")], true);
+        assert_eq!(drain(&mut s), pairs(&[("a", "A2"), ("b", "")]));
+        s.due(&[doc("a", "A2")], true);
+        assert_eq!(drain(&mut s), pairs(&[("a", "A2")]), "acknowledged: done");
+    }
+
+    #[test]
+    fn a_device_back_before_its_clear_was_acknowledged_keeps_its_document() {
+        let mut s = MetaState::default();
+        s.due(&[doc("a", "A1")], true);
+        drain(&mut s);
+        s.due(&[], false);
+        let (_, _, token) = s.take_next().unwrap();
+        s.due(&[doc("a", "A2")], false);
+        s.acked(token);
+        assert_eq!(drain(&mut s), pairs(&[("a", "A2")]));
+        s.due(&[doc("a", "A2")], false);
+        assert!(!s.has_pending(), "its document stays known");
     }
 }

@@ -56,7 +56,7 @@ use alias::Aliases;
 use connect::Connector;
 use link::{BrokerLimits, Happening, Link, LinkError, Outbound, Refusal, Sender};
 use pace::Pace;
-use window::{Acked, Window};
+use window::{Acked, Window, NO_TOKEN};
 
 /// The rustls crypto provider the gateway's TLS uses (ring), for the demo's TLS peers.
 #[cfg(feature = "demo")]
@@ -686,7 +686,7 @@ impl Publisher {
             .map_or(usize::MAX, |m| m as usize)
             .min(self.settings.max_packet_size);
         while self.meta.has_pending() && self.window.own_unwritten() < meta::MAX_UNWRITTEN {
-            let Some((device, payload)) = self.meta.take_next() else {
+            let Some((device, payload, token)) = self.meta.take_next() else {
                 break;
             };
             let topic =
@@ -704,7 +704,7 @@ impl Publisher {
                 retain: self.limits.retain_available,
             };
             match self.client.publish(out, payload).await {
-                Ok(()) => self.window.submit_status(Instant::now()),
+                Ok(()) => self.window.submit_own(Instant::now(), token),
                 Err(e) => debug!(error = %e, "meta message not accepted by the MQTT client"),
             }
         }
@@ -769,7 +769,8 @@ impl Publisher {
                 let _: AckOutcome = self.shared.ledger().ack(seq);
             }
             (Some(Acked::Record(seq, _)), Some(refusal)) => self.on_refused(seq, &refusal),
-            (Some(Acked::Status), Some(refusal)) => {
+            (Some(Acked::Own(token)), None) => self.meta.acked(token),
+            (Some(Acked::Own(_)), Some(refusal)) => {
                 warn!(code = refusal.code, reason = refusal.name, detail = refusal.reason.as_deref().unwrap_or(""), status_topic = %self.settings.status_topic(), "the broker refused one of the gateway's own messages (its status or a meta message)");
             }
             _ => {}
@@ -891,7 +892,7 @@ impl Publisher {
                         // Records acknowledged meanwhile are credited as always.
                         let status_acked = match h {
                             Happening::Acked { pkid, refused } => {
-                                self.on_puback(pkid, refused) == Some(Acked::Status)
+                                self.on_puback(pkid, refused) == Some(Acked::Own(NO_TOKEN))
                             }
                             other => {
                                 self.on_happening(other);

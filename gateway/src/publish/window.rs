@@ -6,8 +6,9 @@
 //! queue, and everything unacknowledged is sent again from the ledger or the disk.
 //!
 //! The gateway's own status and meta messages go through the same client, so they take their
-//! place in the submission order too ([`Window::submit_status`]); they stand for no record, never count
-//! against the window's room, and their acknowledgement credits nothing.
+//! place in the submission order too ([`Window::submit_own`]); they stand for no record, never
+//! count against the window's room, and their acknowledgement credits no record: it only
+//! names the token they were submitted with.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
@@ -16,10 +17,19 @@ use std::time::Instant;
 #[derive(Debug)]
 pub struct Window {
     capacity: usize,
-    /// Handed to the client, not yet written: a record's seq, or `None` for a status message.
-    submitted: VecDeque<(Option<u64>, Instant)>,
-    inflight: HashMap<u16, (Option<u64>, Instant)>,
+    /// Handed to the client, not yet written.
+    submitted: VecDeque<(Slot, Instant)>,
+    inflight: HashMap<u16, (Slot, Instant)>,
     outstanding: HashSet<u64>,
+}
+
+/// What a publish handed to the client stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// A record, by its seq.
+    Record(u64),
+    /// One of the gateway's own messages, by the token it was submitted with.
+    Own(u64),
 }
 
 /// What a PUBACK acknowledged.
@@ -27,9 +37,12 @@ pub struct Window {
 pub enum Acked {
     /// A record, submitted at that time.
     Record(u64, Instant),
-    /// A status message.
-    Status,
+    /// One of the gateway's own messages (status, birth, meta), with its token.
+    Own(u64),
 }
+
+/// The token of an own message whose acknowledgement nobody waits for.
+pub const NO_TOKEN: u64 = 0;
 
 impl Window {
     /// A window of at most `capacity` unacknowledged records.
@@ -69,39 +82,48 @@ impl Window {
 
     /// A record was handed to the MQTT client.
     pub fn submit(&mut self, seq: u64, now: Instant) {
-        self.submitted.push_back((Some(seq), now));
+        self.submitted.push_back((Slot::Record(seq), now));
         self.outstanding.insert(seq);
     }
 
-    /// A status message was handed to the MQTT client.
+    /// A status message (or a Sparkplug birth or death) was handed to the MQTT client.
     pub fn submit_status(&mut self, now: Instant) {
-        self.submitted.push_back((None, now));
+        self.submit_own(now, NO_TOKEN);
+    }
+
+    /// One of the gateway's own messages was handed to the MQTT client; its PUBACK will name
+    /// `token`.
+    pub fn submit_own(&mut self, now: Instant, token: u64) {
+        self.submitted.push_back((Slot::Own(token), now));
     }
 
     /// The gateway's own messages (status, meta) handed to the client and not yet written.
     pub fn own_unwritten(&self) -> usize {
         self.submitted
             .iter()
-            .filter(|(seq, _)| seq.is_none())
+            .filter(|(slot, _)| matches!(slot, Slot::Own(_)))
             .count()
     }
 
     /// The client wrote a publish with `pkid`: it is the oldest submitted one. Returns the
     /// record's seq (`None` for a status message or an unknown publish).
     pub fn on_outgoing(&mut self, pkid: u16) -> Option<u64> {
-        let (seq, at) = self.submitted.pop_front()?;
-        self.inflight.insert(pkid, (seq, at));
-        seq
+        let (slot, at) = self.submitted.pop_front()?;
+        self.inflight.insert(pkid, (slot, at));
+        match slot {
+            Slot::Record(seq) => Some(seq),
+            Slot::Own(_) => None,
+        }
     }
 
     /// The broker acknowledged `pkid`: what it was.
     pub fn on_ack(&mut self, pkid: u16) -> Option<Acked> {
         match self.inflight.remove(&pkid)? {
-            (Some(seq), at) => {
+            (Slot::Record(seq), at) => {
                 self.outstanding.remove(&seq);
                 Some(Acked::Record(seq, at))
             }
-            (None, _) => Some(Acked::Status),
+            (Slot::Own(token), _) => Some(Acked::Own(token)),
         }
     }
 
@@ -109,7 +131,7 @@ impl Window {
     pub fn oldest(&self) -> Option<Instant> {
         let records = self.submitted.iter().chain(self.inflight.values());
         records
-            .filter(|(seq, _)| seq.is_some())
+            .filter(|(slot, _)| matches!(slot, Slot::Record(_)))
             .map(|(_, t)| *t)
             .min()
     }
@@ -156,7 +178,7 @@ mod tests {
         assert_eq!(w.on_outgoing(1), Some(10));
         assert_eq!(w.on_outgoing(2), None);
         assert_eq!(w.on_outgoing(3), Some(11));
-        assert_eq!(w.on_ack(2), Some(Acked::Status));
+        assert_eq!(w.on_ack(2), Some(Acked::Own(NO_TOKEN)));
         assert!(w.contains(10) && w.contains(11));
         assert_eq!(w.on_ack(3), Some(Acked::Record(11, t)));
     }
@@ -205,5 +227,19 @@ mod tests {
         w.on_outgoing(12);
         assert_eq!(w.own_unwritten(), 0);
         assert_eq!(w.room(), 1, "own messages take no room");
+    }
+
+    #[test]
+    fn an_own_message_is_acknowledged_by_the_token_it_was_submitted_with() {
+        let mut w = Window::new(2);
+        let t = Instant::now();
+        w.submit_own(t, 7);
+        w.submit(1, t);
+        w.submit_own(t, 8);
+        w.on_outgoing(1);
+        w.on_outgoing(2);
+        w.on_outgoing(3);
+        assert_eq!(w.on_ack(3), Some(Acked::Own(8)));
+        assert_eq!(w.on_ack(1), Some(Acked::Own(7)));
     }
 }
