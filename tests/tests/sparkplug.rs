@@ -375,6 +375,37 @@ async fn a_device_that_died_during_an_outage_is_born_for_its_historical_data_and
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn births_of_more_devices_than_the_client_has_spare_places_never_stall_the_backlog_behind_them(
+) {
+    // 12 births after the CONNACK, a backlog of far more than a small window: the births and
+    // the records together overflow what the MQTT client's request channel holds beyond the
+    // window, so the publisher must pace its own messages rather than wait on the channel
+    // (which only its own loop drains).
+    let mut rig = GatewayRig::new("sp-many", 12, SCAN, None).await;
+    rig.config.mqtt.format = Format::SparkplugB;
+    rig.config.mqtt.sparkplug = Some(SparkplugSettings {
+        group_id: GROUP.into(),
+        edge_node_id: "sp-many".into(),
+        primary_host_id: None,
+    });
+    rig.config.mqtt.max_inflight = 16;
+    let sub = SpCollector::start(rig.broker.port()).await;
+    let gw = rig.start().await;
+    sub.wait_for(WAIT, "data", |m| count(m, "DDATA") >= 20)
+        .await;
+    rig.proxy.cut();
+    let committed = Metrics::get(&gw.metrics.committed);
+    gateway_tests::eventually(WAIT, "a backlog on disk", || {
+        Metrics::get(&gw.metrics.committed) >= committed + 200
+    })
+    .await;
+    rig.proxy.restore();
+    let (report, _) = finish(gw, &sub).await;
+    assert!(report.historical > 0);
+    assert!(report.dbirths >= 24, "every device born in both sessions");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_ends_the_session_and_the_next_one_is_born_with_the_next_bd_seq_with_nothing_lost(
 ) {
     use gateway_tests::mosquitto::Mosquitto;

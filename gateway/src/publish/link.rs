@@ -169,7 +169,13 @@ impl std::fmt::Display for LinkError {
 
 /// The client and its event loop for `settings`.
 pub(crate) fn open(settings: &MqttSettings) -> (Sender, Link) {
-    let cap = usize::from(settings.max_inflight) + 8;
+    // The request channel, drained only by the publisher's own loop, must never fill while
+    // that loop hands over a publish: it holds the window's records (at most `max_inflight`
+    // unwritten) and the gateway's own messages, each paced by a budget: births and deaths
+    // and meta together at most `sparkplug::SESSION_UNWRITTEN`, the status and the NDEATH of
+    // a shutdown, up to 4 subscriptions after a CONNACK, and `commands::MAX_REPLIES_UNWRITTEN`
+    // replies.
+    let cap = usize::from(settings.max_inflight) + 24;
     // rumqttc's own limit stays far above the window so packet ids are not reused while a
     // broker acknowledges out of order.
     let inflight = settings.max_inflight.saturating_mul(4).max(16);

@@ -56,6 +56,7 @@ use alias::Aliases;
 use connect::Connector;
 use link::{BrokerLimits, Happening, Link, LinkError, Outbound, Refusal, Sender};
 use pace::Pace;
+use sparkplug::FAREWELL_TOKEN;
 use window::{Acked, Window, NO_TOKEN};
 
 /// The rustls crypto provider the gateway's TLS uses (ring), for the demo's TLS peers.
@@ -284,6 +285,7 @@ impl Publisher {
 
         loop {
             if p.connected {
+                p.send_session().await;
                 p.send_meta().await;
                 p.fill_window().await;
             }
@@ -481,11 +483,12 @@ impl Publisher {
             }
             self.refused_until = None;
         }
-        if !self.data_allowed() {
-            // Sparkplug: nothing before this connection's NBIRTH.
+        if !self.data_allowed() || self.session_waiting() {
+            // Sparkplug: nothing before this connection's NBIRTH, and no record before the
+            // births and deaths already due.
             return;
         }
-        while self.window.room() > 0 {
+        while self.window.room() > 0 && !self.session_waiting() {
             let Some((item, queued)) = self.live.pop_front() else {
                 break;
             };
@@ -496,7 +499,6 @@ impl Publisher {
                     continue;
                 }
             };
-            self.live_bytes -= r.payload.len();
             // A record that waited out a commit interval (an outage) went the store-and-forward
             // way, even when it is still in memory: it is flagged historical like a replayed one.
             let stale = queued.elapsed() >= self.commit_interval;
@@ -505,8 +507,16 @@ impl Publisher {
                 // acknowledged) is left to the replay, which paces it; the commit pointed the
                 // replay at it. One held in memory only (commits failing) goes now: nothing
                 // else would send it.
+                self.live_bytes -= r.payload.len();
                 continue;
             }
+            self.birth_for_record(&r.topic).await;
+            if self.session_waiting() {
+                // Its device's DBIRTH waits for the client: the record goes after it.
+                self.live.push_front((Live::Record(r), queued));
+                break;
+            }
+            self.live_bytes -= r.payload.len();
             let payload = if stale {
                 r.historical_payload()
             } else {
@@ -516,7 +526,7 @@ impl Publisher {
         }
         // While draining for shutdown only live records go out: the backlog stays on disk.
         let held_back = self.replay_held_until.is_some_and(|t| Instant::now() < t);
-        while self.window.room() > 0 && !self.draining && !held_back {
+        while self.window.room() > 0 && !self.draining && !held_back && !self.session_waiting() {
             let Some(from) = self.replay_from else {
                 break;
             };
@@ -564,6 +574,12 @@ impl Publisher {
             self.replay_from = Some(last + 1);
             self.pace.spend(chunk.len());
             for r in chunk {
+                self.birth_for_record(&r.topic).await;
+                if self.session_waiting() {
+                    // Its device's DBIRTH waits for the client: read again from here after it.
+                    self.replay_from = Some(r.seq);
+                    break;
+                }
                 Metrics::add(&self.shared.metrics.replayed, 1);
                 let payload = r.historical_payload();
                 self.submit(&r.topic, payload, r.seq).await;
@@ -591,7 +607,6 @@ impl Publisher {
             }
             return;
         }
-        self.birth_for_record(topic).await;
         let out = self.aliases.outbound(topic);
         let payload = self.sequenced(payload);
         let size = payload.len();
@@ -722,7 +737,9 @@ impl Publisher {
         };
         match self.client.publish(out, doc).await {
             Ok(()) => {
-                self.window.submit_status(Instant::now());
+                // The offline status is the shutdown's farewell: the disconnect waits for it.
+                let token = if online { NO_TOKEN } else { FAREWELL_TOKEN };
+                self.window.submit_own(Instant::now(), token);
                 Metrics::add(&self.shared.metrics.published_bytes, size);
             }
             Err(e) => debug!(error = %e, "status not accepted by the MQTT client"),
@@ -810,7 +827,7 @@ impl Publisher {
     fn on_disconnect(&mut self, error: &str) {
         let lost = self.window.clear();
         if let Some(node) = &mut self.node {
-            node.session.lost();
+            node.lost();
         }
         let healthy = self
             .connected_at
@@ -892,7 +909,7 @@ impl Publisher {
                         // Records acknowledged meanwhile are credited as always.
                         let status_acked = match h {
                             Happening::Acked { pkid, refused } => {
-                                self.on_puback(pkid, refused) == Some(Acked::Own(NO_TOKEN))
+                                self.on_puback(pkid, refused) == Some(Acked::Own(FAREWELL_TOKEN))
                             }
                             other => {
                                 self.on_happening(other);

@@ -3,12 +3,19 @@
 //! every connection attempt), and the commands that come in (a rebirth, the primary host's
 //! STATE). Records themselves go out as in JSON mode; only their `seq` is appended here.
 //!
+//! Births and deaths go into the node's queue and out to the MQTT client while few of the
+//! gateway's own messages wait unwritten ([`SESSION_UNWRITTEN`]): the client's request channel
+//! holds the window and a few more, and only the publisher's own loop drains it, so a burst of
+//! births (one per device) handed over at once, with the backlog behind it, would fill the
+//! channel and stop that loop for good. No record goes out while births or deaths wait in the
+//! queue: a DDATA always follows its device's DBIRTH on the wire, as its `seq` does.
+//!
 //! A DDATA goes out only for a device born in this session. A device that is offline now (it
 //! stopped answering during an outage) still has records in the backlog: before the first of
 //! them a DBIRTH is published for it, and once the backlog is through, its DDEATH again, so a
 //! host sees its history between a birth and a death like any other device's data.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +25,7 @@ use protocols::model::{DeviceId, TagMeta, Timestamp};
 use tracing::{debug, info, warn};
 
 use super::link::Outbound;
+use super::window::NO_TOKEN;
 use super::Publisher;
 use crate::api::Latest;
 use crate::commands::task::{DeviceWrite, Incoming};
@@ -25,6 +33,13 @@ use crate::config::SparkplugSettings;
 use crate::encode::sparkplug::command::{self, MetricRef};
 use crate::encode::sparkplug::session::{Session, Stale, Step};
 use crate::encode::sparkplug::{self as sp, Declared, Topics};
+
+/// Births and deaths handed to the MQTT client and not yet written, at most (with the other own
+/// messages: see `link::open` for the channel they share with the window).
+pub(super) const SESSION_UNWRITTEN: usize = 8;
+
+/// The token of the NDEATH published at a clean shutdown (meta clears count up from 1).
+pub(super) const FAREWELL_TOKEN: u64 = u64::MAX;
 
 /// The file of the last `bdSeq` used, in the data directory.
 const BD_SEQ_FILE: &str = "sparkplug_bdseq";
@@ -132,6 +147,8 @@ pub struct Node {
     /// Offline devices born in this session only for their records in the backlog: each gets
     /// its DDEATH once the backlog is through.
     born_for_history: Vec<usize>,
+    /// Births and deaths of this session waiting for the client, in `seq` order.
+    out: VecDeque<(String, Bytes)>,
     latest: Arc<Latest>,
     boot: u64,
     will: Option<NodeWill>,
@@ -181,6 +198,7 @@ impl Node {
             by_dcmd,
             online: Vec::new(),
             born_for_history: Vec::new(),
+            out: VecDeque::new(),
             latest,
             boot,
             will: Some(will),
@@ -199,6 +217,12 @@ impl Node {
             s.push(Topics::state(host));
         }
         s
+    }
+
+    /// The connection is gone: so is the session, and what it had still to say.
+    pub(crate) fn lost(&mut self) {
+        self.session.lost();
+        self.out.clear();
     }
 
     fn set_online(&mut self, device: usize, online: bool) {
@@ -409,24 +433,51 @@ impl Publisher {
         self.node.as_ref().is_none_or(|n| n.session.up())
     }
 
-    /// NDEATH at a clean shutdown, with the connection's `bdSeq`.
+    /// NDEATH at a clean shutdown, with the connection's `bdSeq`: at once, before any birth
+    /// or death still waiting (they would be dead news). Acknowledged with [`FAREWELL_TOKEN`].
     pub(super) async fn publish_ndeath(&mut self) {
-        let Some(node) = &self.node else { return };
+        let Some(node) = &mut self.node else { return };
+        node.out.clear();
         let payload = sp::ndeath(node.session.bd_seq(), Timestamp::now().unix_ms());
         let topic = node.topics.ndeath();
-        self.publish_session(topic, Bytes::from(payload)).await;
+        self.publish_own(topic, Bytes::from(payload), FAREWELL_TOKEN)
+            .await;
     }
 
-    /// A birth or death: QoS 1, not retained, acknowledged like a status message (it stands
-    /// for no record).
+    /// A birth or death: queued in `seq` order, and out as far as the budget allows.
     async fn publish_session(&mut self, topic: String, payload: Bytes) {
+        if let Some(node) = &mut self.node {
+            node.out.push_back((topic, payload));
+        }
+        self.send_session().await;
+    }
+
+    /// Hands queued births and deaths to the client while fewer than [`SESSION_UNWRITTEN`] of
+    /// the gateway's own messages wait unwritten (the loop calls it again as they are written).
+    pub(super) async fn send_session(&mut self) {
+        while self.window.own_unwritten() < SESSION_UNWRITTEN {
+            let Some((topic, payload)) = self.node.as_mut().and_then(|n| n.out.pop_front()) else {
+                break;
+            };
+            self.publish_own(topic, payload, NO_TOKEN).await;
+        }
+    }
+
+    /// Whether births or deaths wait: records wait behind them.
+    pub(super) fn session_waiting(&self) -> bool {
+        self.node.as_ref().is_some_and(|n| !n.out.is_empty())
+    }
+
+    /// One of the session's messages to the client: QoS 1, not retained, acknowledged like a
+    /// status message (it stands for no record).
+    async fn publish_own(&mut self, topic: String, payload: Bytes, token: u64) {
         let out = Outbound {
             topic,
             alias: None,
             retain: false,
         };
         match self.client.publish(out, payload).await {
-            Ok(()) => self.window.submit_status(Instant::now()),
+            Ok(()) => self.window.submit_own(Instant::now(), token),
             Err(e) => debug!(error = %e, "Sparkplug message not accepted by the MQTT client"),
         }
     }
