@@ -9,27 +9,34 @@
 # Needs root (chroot), debootstrap and Debian's mirror (DEBIAN_MIRROR, default
 # http://deb.debian.org/debian); fails, never skips, without them.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 fail() { echo "test-deb-install: FAIL: $*" >&2; exit 1; }
 
 deb=${1:?usage: deploy/test-deb-install.sh PACKAGE.deb [--root DIR]}
 [ -f "$deb" ] || fail "no package at $deb"
+deb=$(realpath "$deb")
 base=""
 if [ "${2:-}" = "--root" ]; then
-  base=${3:?--root needs a directory}
+  base=$(realpath "${3:?--root needs a directory}")
 fi
+cd "$(dirname "$0")/."
 [ "$(id -u)" -eq 0 ] || fail "needs root (chroot and dpkg -i)"
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf --one-file-system "$work"' EXIT
 root="$work/root"
 if [ -n "$base" ]; then
   cp -a "$base" "$root"
 else
   command -v debootstrap >/dev/null 2>&1 || fail "debootstrap is missing (apt-get install debootstrap)"
-  suite=$(sed -n 's/^VERSION_CODENAME=//p' /etc/os-release)
-  suite=${suite:-bookworm}
+  # The host's own Debian release, from Debian's mirror (another distribution's codename is
+  # not on it: say which suite to use with DEBIAN_SUITE).
+  suite=${DEBIAN_SUITE:-}
+  if [ -z "$suite" ]; then
+    grep -q '^ID=debian$' /etc/os-release ||
+      fail "not a Debian host: set DEBIAN_SUITE (e.g. bookworm) for the chroot"
+    suite=$(sed -n 's/^VERSION_CODENAME=//p' /etc/os-release)
+  fi
   mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
   echo "test-deb-install: debootstrap --variant=minbase $suite from $mirror"
   debootstrap --variant=minbase "$suite" "$root" "$mirror" >"$work/debootstrap.log" 2>&1 ||
@@ -52,7 +59,7 @@ wants=/etc/systemd/system/multi-user.target.wants/edge-gateway.service
 in_root test -f /etc/edge-gateway/gateway.example.toml || fail "no example config"
 ! in_root test -e /etc/edge-gateway/gateway.toml || fail "a gateway.toml was installed"
 # shellcheck disable=SC2016 # dpkg-query's format, not the shell's
-in_root dpkg-query -W -f='${Conffiles}\n' edge-gateway | grep -q '/etc/edge-gateway/gateway.example.toml' ||
+in_root dpkg-query -W -f='${Conffiles}\n' edge-gateway | grep '/etc/edge-gateway/gateway.example.toml' >/dev/null ||
   fail "the example config is not a conffile"
 in_root /usr/bin/edge-gateway check --config /etc/edge-gateway/gateway.example.toml >"$work/check.log" 2>&1 ||
   { cat "$work/check.log" >&2; fail "edge-gateway check fails on the installed example"; }

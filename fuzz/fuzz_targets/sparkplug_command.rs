@@ -8,7 +8,7 @@ use edge_gateway::encode::sparkplug::command::{device_writes, MAX_WRITES};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(writes) = device_writes(data) {
+    if let Ok(writes) = device_writes(data, |_| Some(3)) {
         assert!(writes.len() <= MAX_WRITES);
     }
 });

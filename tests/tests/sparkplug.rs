@@ -356,15 +356,19 @@ async fn a_device_that_died_during_an_outage_is_born_for_its_historical_data_and
         .filter(|x| x.device.as_deref() == Some("press2"))
         .collect();
     let kinds: Vec<&str> = second.iter().map(|x| x.kind.as_str()).collect();
-    let birth = kinds.iter().position(|k| *k == "DBIRTH");
-    let first_data = kinds.iter().position(|k| *k == "DDATA");
-    let death = kinds.iter().rposition(|k| *k == "DDEATH");
+    let position = |kind: &str| kinds.iter().position(|k| *k == kind);
+    let birth = position("DBIRTH").expect("a DBIRTH of press2 in the new session");
+    let first_data = position("DDATA").expect("press2's history");
+    let death = kinds
+        .iter()
+        .rposition(|k| *k == "DDEATH")
+        .expect("a DDEATH");
     assert!(
         birth < first_data && first_data < death,
         "press2 in the new session: DBIRTH, its historical DDATA, DDEATH; got {kinds:?}"
     );
     assert!(
-        second[first_data.unwrap_or(0)..death.unwrap_or(0)]
+        second[first_data..death]
             .iter()
             .all(|x| x.kind != "DDATA" || x.historical()),
         "only history between the birth and the death"

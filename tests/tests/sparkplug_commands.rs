@@ -27,8 +27,8 @@ fn hr(offset: u16) -> Address {
     }
 }
 
-/// A writable scaled setpoint (-20..=80) on hr:10, a writable bit 3 of hr:5, a read-only
-/// counter on hr:0.
+/// A writable scaled setpoint (-20..=80) on hr:10, a writable bit 3 of hr:5, a writable
+/// mode on hr:11, a read-only counter on hr:0.
 fn tags() -> Vec<TagSpec> {
     let mut setpoint = tag("setpoint", hr(10), DataType::I16, WordOrder::ABCD, 0, SCAN);
     setpoint.scale = 0.1;
@@ -39,19 +39,23 @@ fn tags() -> Vec<TagSpec> {
     let mut reset = tag("reset", hr(5), DataType::Bool, WordOrder::ABCD, 0, SCAN);
     reset.bit = Some(3);
     reset.write = Some(WriteAccess::default());
+    let mut mode = tag("mode", hr(11), DataType::U16, WordOrder::ABCD, 0, SCAN);
+    mode.write = Some(WriteAccess::default());
     vec![
         setpoint,
         reset,
+        mode,
         tag("counter", hr(0), DataType::U16, WordOrder::ABCD, 0, SCAN),
     ]
 }
 
-/// A DCMD metric: by name or by alias, with its datatype and value.
+/// A DCMD metric: by name or by alias, with its datatype (0: none, as Sparkplug 3.0 says a
+/// host should send it) and value.
 fn metric(name: Option<&str>, alias: Option<u64>, datatype: u32, value: MetricValue) -> Metric {
     Metric {
         name: name.map(Into::into),
         alias,
-        datatype: Some(datatype),
+        datatype: (datatype != 0).then_some(datatype),
         value: Some(value),
         ..Metric::default()
     }
@@ -96,7 +100,16 @@ async fn a_dcmd_by_alias_or_by_name_lands_in_the_device_and_every_refusal_stays_
     config.commands.write_interval = Duration::from_secs(600);
     config.mqtt.shutdown_grace = Duration::from_millis(500);
     let host = SpCollector::start(broker.port()).await;
+    // A retained DCMD waiting on the broker: handed to the gateway with its subscription (and
+    // again at every reconnect), and never executed.
+    dcmd(
+        &host,
+        vec![metric(Some("mode"), None, 7, MetricValue::IntValue(3))],
+        true,
+    )
+    .await;
     let gw = edge_gateway::pipeline::start(config).await.unwrap();
+    counted(&gw.metrics.commands_refused, 1, "the retained DCMD refused").await;
     host.wait_for(WAIT, "the DBIRTH of press1", |m| {
         m.iter().any(|x| x.kind == "DBIRTH")
     })
@@ -113,13 +126,14 @@ async fn a_dcmd_by_alias_or_by_name_lands_in_the_device_and_every_refusal_stays_
     };
     let m = &gw.metrics;
 
-    // By alias, as host applications send it: 21.5 lands as 215 (scale inverted).
+    // By alias and without a datatype, as Sparkplug 3.0 hosts send it (read as the Double its
+    // birth declared): 21.5 lands as 215 (scale inverted).
     dcmd(
         &host,
         vec![metric(
             None,
             Some(alias_of("setpoint")),
-            10,
+            0,
             MetricValue::DoubleValue(21.5),
         )],
         false,
@@ -179,26 +193,16 @@ async fn a_dcmd_by_alias_or_by_name_lands_in_the_device_and_every_refusal_stays_
         false,
     )
     .await;
-    counted(&m.commands_refused, 5, "five refusals").await;
-    // A retained DCMD is never executed.
-    dcmd(
-        &host,
-        vec![metric(
-            Some("reset"),
-            None,
-            11,
-            MetricValue::BooleanValue(false),
-        )],
-        true,
-    )
-    .await;
+    counted(&m.commands_refused, 6, "five refusals more").await;
     // Garbage is refused, never a panic.
     let topic = format!("spBv1.0/{GROUP}/DCMD/{NODE}/press1");
     host.publish(&topic, b"\xff\xfe not protobuf".to_vec(), false)
         .await;
-    counted(&m.commands_refused, 6, "the garbage refused").await;
+    counted(&m.commands_refused, 7, "the garbage refused").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(Metrics::get(&m.commands_written), 2);
+    assert_eq!(Metrics::get(&m.commands_refused), 7, "each refused once");
+    assert_eq!(dev.image().hr[11], 0, "the retained DCMD wrote nothing");
     assert_eq!(
         dev.image().hr[10],
         215,
@@ -248,5 +252,10 @@ async fn a_dcmd_while_commands_are_off_writes_nothing() {
     .await;
     assert_eq!(dev.image().hr[10], 0, "nothing written");
     assert_eq!(Metrics::get(&gw.metrics.commands_written), 0);
+    assert_eq!(
+        Metrics::get(&gw.metrics.commands_refused),
+        1,
+        "refused (and counted) at the publisher"
+    );
     gw.shutdown().await;
 }

@@ -1,11 +1,14 @@
 //! The publisher's side of commands: the subscription to `{topic_prefix}/+/cmd` after each
 //! CONNACK, command publishes handed to the commands task (a bounded channel; a command that
-//! finds it full is dropped and logged, never queued without bound), and replies sent at QoS 0,
+//! finds it full is dropped, audited and counted, never queued without bound), and replies
+//! sent at QoS 0,
 //! which take no packet id and no place in the records' window. Commands never touch the
 //! ledger or the buffer.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::Bytes;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::link::Sender;
 use crate::commands::task::{device_of, filter, CommandLink, Incoming, Reply};
@@ -28,45 +31,66 @@ pub(super) fn is_command_topic(topic_prefix: &str, topic: &str) -> bool {
 
 /// Hands a publish from the broker to the commands task. A retained command is never
 /// executed: the broker would hand it again at every reconnect and restart, and the write
-/// would be repeated long after anyone asked for it.
-pub(super) fn forward(link: Option<&CommandLink>, topic: String, payload: Bytes, retain: bool) {
+/// would be repeated long after anyone asked for it. What never reaches the task is counted
+/// in `refused` here.
+pub(super) fn forward(
+    link: Option<&CommandLink>,
+    topic: String,
+    payload: Bytes,
+    retain: bool,
+    refused: &AtomicU64,
+) {
     let Some(link) = link else {
         debug!(topic = %topic, "publish received while commands are off; ignored");
         return;
     };
     if retain {
-        warn!(target: "audit", topic = %topic, outcome = "refused", reason = "retained", "a retained command is never executed (publish commands without retain)");
+        refuse_retained(&topic, refused);
         return;
     }
-    hand_over(link, Incoming::Json { topic, payload });
+    hand_over(link, Incoming::Json { topic, payload }, refused);
 }
 
-/// Hands a Sparkplug DCMD's writes to the commands task; like a JSON command, a retained one
-/// is never executed.
-pub(super) fn forward_sparkplug(link: Option<&CommandLink>, incoming: Incoming, retain: bool) {
+/// Hands a Sparkplug DCMD's writes to the commands task. The node subscribes to DCMD whatever
+/// `[commands]` says, so one that comes while commands are off is refused here; like a JSON
+/// command, a retained one is never executed.
+pub(super) fn forward_sparkplug(
+    link: Option<&CommandLink>,
+    incoming: Incoming,
+    retain: bool,
+    refused: &AtomicU64,
+) {
     let Incoming::Sparkplug { topic, .. } = &incoming else {
         return;
     };
     let Some(link) = link else {
-        info!(target: "audit", topic = %topic, outcome = "refused", reason = "commands are disabled on this gateway", "a DCMD arrived while commands are off; nothing written");
+        warn!(target: "audit", source_topic = %topic, outcome = "refused", reason = "commands are disabled on this gateway", "a DCMD arrived while commands are off; nothing written");
+        refused.fetch_add(1, Ordering::Relaxed);
         return;
     };
     if retain {
-        warn!(target: "audit", topic = %topic, outcome = "refused", reason = "retained", "a retained command is never executed (publish commands without retain)");
+        refuse_retained(topic, refused);
         return;
     }
-    hand_over(link, incoming);
+    hand_over(link, incoming, refused);
 }
 
-/// A command into the commands task's bounded channel, or dropped (logged) when it is full.
-fn hand_over(link: &CommandLink, incoming: Incoming) {
+fn refuse_retained(topic: &str, refused: &AtomicU64) {
+    warn!(target: "audit", source_topic = %topic, outcome = "refused", reason = "retained", "a retained command is never executed (publish commands without retain)");
+    refused.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A command into the commands task's bounded channel, or dropped (audited, counted as
+/// refused) when it is full.
+fn hand_over(link: &CommandLink, incoming: Incoming, refused: &AtomicU64) {
     if let Err(e) = link.incoming.try_send(incoming) {
         let (tokio::sync::mpsc::error::TrySendError::Full(i)
         | tokio::sync::mpsc::error::TrySendError::Closed(i)) = e;
         let topic = match i {
             Incoming::Json { topic, .. } | Incoming::Sparkplug { topic, .. } => topic,
         };
-        warn!(topic = %topic, "command dropped: the commands task is busy (too many commands at once)");
+        warn!(target: "audit", source_topic = %topic, outcome = "refused", reason = "busy", "command dropped: the commands task is busy (too many commands at once)");
+        refused.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -16,7 +16,7 @@
 //!   own messages wait in the MQTT client's request channel at once, which is sized for the
 //!   window plus a few.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -48,8 +48,10 @@ impl MetaState {
     pub fn due(&mut self, current: &[MetaMessage], reconnected: bool) {
         let mut next: BTreeMap<Arc<str>, Bytes> = BTreeMap::new();
         let mut pending = VecDeque::new();
+        // What was due and not handed out yet is no more "sent" than before.
+        let untaken: BTreeSet<Arc<str>> = self.pending.iter().map(|(d, _)| d.clone()).collect();
         for m in current {
-            let same = self.sent.get(&m.device) == Some(&m.payload);
+            let same = !untaken.contains(&m.device) && self.sent.get(&m.device) == Some(&m.payload);
             if reconnected || !same {
                 pending.push_back((m.device.clone(), m.payload.clone()));
             }
@@ -59,13 +61,13 @@ impl MetaState {
             // Acknowledgements of the old connection will never come.
             self.clearing.clear();
         }
-        for (device, payload) in &self.sent {
+        for device in self.sent.keys() {
             if next.contains_key(device) {
                 continue;
             }
-            // Gone: cleared; a clear handed out and not acknowledged yet goes again only on a
-            // new connection (on this one it is on its way).
-            if reconnected || !payload.is_empty() {
+            // Gone: cleared, unless a clear of it is on its way on this connection.
+            let on_its_way = self.clearing.values().any(|d| d == device);
+            if !on_its_way {
                 pending.push_back((device.clone(), Bytes::new()));
             }
             next.insert(device.clone(), Bytes::new());
@@ -209,5 +211,18 @@ mod tests {
         assert_eq!(drain(&mut s), pairs(&[("a", "A2")]));
         s.due(&[doc("a", "A2")], false);
         assert!(!s.has_pending(), "its document stays known");
+    }
+
+    #[test]
+    fn what_was_due_and_not_yet_handed_out_stays_due_through_another_change() {
+        let mut s = MetaState::default();
+        s.due(&[doc("a", "A1"), doc("b", "B1")], true);
+        drain(&mut s);
+        // b removed, a changed; nothing handed out before the next change.
+        s.due(&[doc("a", "A2")], false);
+        s.due(&[doc("a", "A2"), doc("c", "C1")], false);
+        let mut out = drain(&mut s);
+        out.sort();
+        assert_eq!(out, pairs(&[("a", "A2"), ("b", ""), ("c", "C1")]));
     }
 }

@@ -330,9 +330,11 @@ impl Publisher {
                         }
                         Polled::Happened(Happening::Message { topic, payload, retain }) => {
                             if commands::is_command_topic(&p.settings.topic_prefix, &topic) {
-                                commands::forward(commands.as_ref(), topic, payload, retain);
+                                let refused = &p.shared.metrics.commands_refused;
+                                commands::forward(commands.as_ref(), topic, payload, retain, refused);
                             } else if let Some(dcmd) = p.sparkplug_message(&topic, &payload).await {
-                                commands::forward_sparkplug(commands.as_ref(), dcmd, retain);
+                                let refused = &p.shared.metrics.commands_refused;
+                                commands::forward_sparkplug(commands.as_ref(), dcmd, retain, refused);
                             }
                             Duration::ZERO
                         }

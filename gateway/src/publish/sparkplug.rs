@@ -10,7 +10,9 @@
 //! channel and stop that loop for good. No record goes out while births or deaths wait in the
 //! queue: a DDATA always follows its device's DBIRTH on the wire, as its `seq` does.
 //!
-//! A DDATA goes out only for a device born in this session. A device that is offline now (it
+//! A DDATA goes out only for a device born in this session, with one exception: a record in
+//! the backlog of a device the node does not know (removed by a reload, or configured in an
+//! earlier boot) goes out as it was recorded, since nothing could birth it. A device that is offline now (it
 //! stopped answering during an outage) still has records in the backlog: before the first of
 //! them a DBIRTH is published for it, and once the backlog is through, its DDEATH again, so a
 //! host sees its history between a birth and a death like any other device's data.
@@ -362,10 +364,16 @@ impl Publisher {
         }
     }
 
-    /// A device's liveness changed while the node is not up: remembered for the next births.
+    /// A device's liveness changed and is not published now (the node is not up, or the live
+    /// queue overflowed): remembered for the next births. A born device that died this way
+    /// gets its DDEATH with the backlog's deaths.
     pub(super) fn device_changed_offline(&mut self, device: DeviceId, online: bool) {
         if let Some(node) = &mut self.node {
-            node.set_online(device.0 as usize, online);
+            let d = device.0 as usize;
+            node.set_online(d, online);
+            if !online && node.session.is_born(d) {
+                node.born_for_history.push(d);
+            }
         }
     }
 
@@ -378,7 +386,12 @@ impl Publisher {
     ) -> Option<Incoming> {
         let node = self.node.as_mut()?;
         if let Some(&d) = node.by_dcmd.get(topic) {
-            return node.devices.get(d).map(|dev| dcmd(topic, d, dev, payload));
+            let rows = node.latest.snapshot();
+            let row = rows.get(d).map_or(&[][..], |r| &r[..]);
+            return node
+                .devices
+                .get(d)
+                .map(|dev| dcmd(topic, d, dev, row, payload));
         }
         let step = if topic == node.topics.ncmd() {
             if sp::asks_rebirth(payload) {
@@ -483,15 +496,38 @@ impl Publisher {
     }
 }
 
-/// The writes a DCMD to device `d` asks for, its aliases resolved to the device's tag names.
-fn dcmd(topic: &str, d: usize, dev: &NodeDevice, payload: &[u8]) -> Incoming {
-    let writes = match command::device_writes(payload) {
+/// The writes a DCMD to device `d` asks for, its aliases resolved to the device's tag names;
+/// a metric that names no datatype is read by the one its birth gave it (from `latest`, the
+/// device's latest samples, as the births do).
+fn dcmd(
+    topic: &str,
+    d: usize,
+    dev: &NodeDevice,
+    latest: &[Option<protocols::model::Sample>],
+    payload: &[u8],
+) -> Incoming {
+    let index = |m: &MetricRef| match m {
+        MetricRef::Name(name) => dev.tags.iter().position(|t| **t == **name),
+        MetricRef::Alias(alias) => tag_index_of_alias(dev, d, *alias),
+    };
+    let birth_datatype = |m: &MetricRef| {
+        let i = index(m)?;
+        let latest = latest.get(i).and_then(Option::as_ref);
+        Some(sp::birth_datatype(
+            latest,
+            dev.declared.get(i).copied().flatten(),
+        ))
+    };
+    let writes = match command::device_writes(payload, birth_datatype) {
         Ok(writes) => writes
             .into_iter()
             .map(|w| DeviceWrite {
                 tag: match w.metric {
                     Some(MetricRef::Name(name)) => Ok(name),
-                    Some(MetricRef::Alias(alias)) => tag_of_alias(dev, d, alias),
+                    Some(MetricRef::Alias(alias)) => tag_index_of_alias(dev, d, alias)
+                        .and_then(|i| dev.tags.get(i))
+                        .map(|t| t.to_string())
+                        .ok_or_else(|| format!("alias {alias} is no metric of this device")),
                     None => Err("a metric with neither a name nor an alias".to_owned()),
                 },
                 value: w.value,
@@ -509,14 +545,11 @@ fn dcmd(topic: &str, d: usize, dev: &NodeDevice, payload: &[u8]) -> Incoming {
     }
 }
 
-/// The name of the tag of device `d` that `alias` stands for (see [`sp::alias`]).
-fn tag_of_alias(dev: &NodeDevice, d: usize, alias: u64) -> Result<String, String> {
+/// The index of the tag of device `d` that `alias` stands for (see [`sp::alias`]).
+fn tag_index_of_alias(dev: &NodeDevice, d: usize, alias: u64) -> Option<usize> {
     let tag = (alias & u64::from(u32::MAX)) as usize;
     let device_of_alias = (alias >> 32).checked_sub(1);
-    match dev.tags.get(tag) {
-        Some(name) if device_of_alias == Some(d as u64) => Ok(name.to_string()),
-        _ => Err(format!("alias {alias} is no metric of this device")),
-    }
+    (device_of_alias == Some(d as u64) && tag < dev.tags.len()).then_some(tag)
 }
 
 /// The datatypes a Modbus unit's tags will have (from their config type and scaling); an OPC UA

@@ -440,6 +440,16 @@ fn eng_properties(props: &mut PropertySet, meta: &TagMeta) {
     }
 }
 
+/// The datatype a tag is born with: its latest value's, else the one the config declares,
+/// else String.
+pub fn birth_datatype(latest: Option<&Sample>, declared: Declared) -> u32 {
+    latest
+        .and_then(|s| s.value.as_ref())
+        .map(value_datatype)
+        .or(declared)
+        .unwrap_or(datatype::STRING)
+}
+
 /// DBIRTH of device `device`: every tag with name, alias, datatype, its latest value (null
 /// when it has none), `Quality`, and the unit, range and description the config gives it.
 pub fn dbirth(
@@ -455,11 +465,7 @@ pub fn dbirth(
         .enumerate()
         .map(|(i, name)| {
             let sample = latest.get(i).and_then(Option::as_ref);
-            let datatype = sample
-                .and_then(|s| s.value.as_ref())
-                .map(value_datatype)
-                .or_else(|| declared.get(i).copied().flatten())
-                .unwrap_or(datatype::STRING);
+            let datatype = birth_datatype(sample, declared.get(i).copied().flatten());
             let mut m = match sample {
                 Some(s) => {
                     let mut m = sample_metric(device, s);
