@@ -78,8 +78,8 @@ pub fn channels() -> (CommandLink, TaskEnds) {
     )
 }
 
-/// How commands are wired at a start: a write channel for each Modbus TCP driver task, the
-/// checks, and the channels to the publisher. Nothing at all when `[commands]` is off.
+/// How commands are wired at a start: a write channel for each driver task with a writable
+/// tag, the checks, and the channels to the publisher. Nothing at all when `[commands]` is off.
 #[derive(Debug)]
 pub struct Wiring {
     enabled: bool,
@@ -103,16 +103,21 @@ impl Wiring {
         }
     }
 
-    /// The write inbox of one device's driver task: Modbus TCP devices only, when commands
-    /// are on.
+    /// The write inbox of one device's driver task (a Modbus line's units share it; an OPC
+    /// UA device has its own), when commands are on and the device has a writable tag.
     pub fn inbox(&mut self, settings: &DeviceSettings, ids: &[DeviceId]) -> Option<WriteInbox> {
         if !self.enabled {
             return None;
         }
-        let DeviceKind::Modbus(m) = &settings.kind else {
-            return None;
+        let writable = match &settings.kind {
+            DeviceKind::Modbus(m) => m
+                .units
+                .iter()
+                .flat_map(|u| &u.tags)
+                .any(|t| t.write.is_some()),
+            DeviceKind::OpcUa(o) => o.tags.iter().any(|t| t.write.is_some()),
         };
-        if m.link.is_rtu() {
+        if !writable {
             return None;
         }
         let (tx, inbox) = write_channel(WRITE_QUEUE);
@@ -199,7 +204,7 @@ pub async fn run(
                     Err(refusal) => Outcome::Refused(refusal.to_string()),
                     Ok(target) => match writers.get(&target.device) {
                         None => Outcome::Refused(format!(
-                            "device `{device}` takes no writes (only Modbus TCP devices do)"
+                            "device `{device}` takes no writes until the gateway restarts"
                         )),
                         Some(writer) => {
                             let value = command.value.clone();
