@@ -61,6 +61,7 @@ fn tag(name: &str, node: NodeRef) -> OpcUaTag {
         sampling_interval: Duration::from_millis(50),
         deadband: None,
         queue_size: 10,
+        write: None,
     }
 }
 
