@@ -312,8 +312,8 @@ fn any_value() -> Option<WriteAccess> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_opcua_write_lands_in_the_node_s_own_type_and_a_refusing_server_s_status_is_the_reason(
-) {
+async fn an_opcua_write_lands_in_the_node_s_own_type_and_a_refusing_server_s_status_is_the_reason()
+{
     use ::opcua::types::Variant;
     use edge_gateway::config::{DeviceKind, DeviceSettings};
     use protocols::sim::opcua::{SimOpcUa, SimOptions};
@@ -457,4 +457,87 @@ async fn an_opcua_write_lands_in_the_node_s_own_type_and_a_refusing_server_s_sta
     assert_eq!(Metrics::get(&gw.metrics.commands_refused), 5);
     gw.shutdown().await;
     sim.stop().await;
+}
+
+// ---- Modbus RTU: a unit of a line is a device of its own ------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_on_a_unit_s_topic_writes_that_unit_of_an_rtu_line_and_no_other() {
+    use edge_gateway::config::{DeviceKind, DeviceSettings};
+    use protocols::modbus::{Link, ModbusSettings, UnitSettings};
+    use protocols::sim::rtu::RtuSim;
+
+    init_tracing();
+    let broker = edge_gateway::demo::broker::start(16 << 20).unwrap();
+    let (three, seven) = (SimDevice::new(), SimDevice::new());
+    let sim = RtuSim::new()
+        .with_unit(3, three.clone())
+        .with_unit(7, seven.clone());
+    let converter = sim.serve_tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let unit = |name: &str, unit_id| UnitSettings {
+        name: Some(name.into()),
+        unit_id,
+        tags: tags(),
+    };
+    let line = DeviceSettings {
+        name: "meters".into(),
+        scan_interval: SCAN,
+        kind: DeviceKind::Modbus(ModbusSettings {
+            link: Link::RtuOverTcp {
+                address: converter.addr().to_string(),
+            },
+            timeout: Duration::from_millis(300),
+            units: vec![unit("m3", 3), unit("m7", 7)],
+            ..ModbusSettings::tcp(String::new(), 1, Vec::new())
+        }),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = local_config("gw-cmd", dir.path().join("data"), broker.port(), vec![line]);
+    config.commands.enabled = true;
+    config.mqtt.shutdown_grace = Duration::from_millis(500);
+    let sub = Collector::start(broker.port(), &format!("{PREFIX}/#")).await;
+    let gw = edge_gateway::pipeline::start(config).await.unwrap();
+    sub.wait_for(Duration::from_secs(10), "a record of each unit", |m| {
+        ["m3", "m7"]
+            .iter()
+            .all(|u| m.iter().any(|r| r.topic == format!("{PREFIX}/meters/{u}")))
+    })
+    .await;
+    let client = commander(broker.port()).await;
+
+    let reply = ask(
+        &client,
+        &sub,
+        "meters/m7",
+        "u1",
+        r#"{"id":"u1","tag":"setpoint","value":-12.5}"#,
+    )
+    .await;
+    assert_eq!(reply.doc["outcome"], "written", "{}", reply.doc);
+    assert_eq!(reply.doc["value"], -12.5);
+    assert_eq!(seven.image().hr[10], (-125i16) as u16);
+    assert_eq!(seven.writes(), 1);
+    assert_eq!(
+        three.writes(),
+        0,
+        "the other unit of the line is left alone"
+    );
+    assert_eq!(three.image().hr[10], 0);
+
+    // The line's name alone is no device.
+    let reply = ask(
+        &client,
+        &sub,
+        "meters",
+        "u2",
+        r#"{"id":"u2","tag":"setpoint","value":1}"#,
+    )
+    .await;
+    assert_eq!(reply.doc["outcome"], "refused", "{}", reply.doc);
+    assert!(reply.doc["reason"]
+        .as_str()
+        .unwrap()
+        .contains("unknown device"));
+    assert_eq!(three.writes() + seven.writes(), 1);
+    gw.shutdown().await;
 }

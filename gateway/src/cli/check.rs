@@ -56,9 +56,7 @@ pub fn run(path: &Path) -> (String, bool) {
                             .flat_map(|u| &u.tags)
                             .filter(|t| t.write.is_some())
                             .count(),
-                        DeviceKind::OpcUa(o) => {
-                            o.tags.iter().filter(|t| t.write.is_some()).count()
-                        }
+                        DeviceKind::OpcUa(o) => o.tags.iter().filter(|t| t.write.is_some()).count(),
                     })
                     .sum();
                 if writable > 0 {

@@ -218,7 +218,11 @@ impl Kind {
                 | (Kind::Text, Value::Text(_))
                 | (
                     Kind::Any,
-                    Value::Bool(_) | Value::Int(_) | Value::UInt(_) | Value::Float(_) | Value::Text(_)
+                    Value::Bool(_)
+                        | Value::Int(_)
+                        | Value::UInt(_)
+                        | Value::Float(_)
+                        | Value::Text(_)
                 )
         )
     }

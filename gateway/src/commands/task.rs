@@ -147,18 +147,24 @@ impl Wiring {
     }
 }
 
-/// The subscription for commands: `{topic_prefix}/+/cmd`.
-pub fn filter(topic_prefix: &str) -> String {
-    format!("{topic_prefix}/+/cmd")
+/// The subscriptions for commands: `{topic_prefix}/+/cmd` for a device, and
+/// `{topic_prefix}/+/+/cmd` for a named unit of a Modbus line (device `line/unit`).
+pub fn filters(topic_prefix: &str) -> [String; 2] {
+    [
+        format!("{topic_prefix}/+/cmd"),
+        format!("{topic_prefix}/+/+/cmd"),
+    ]
 }
 
-/// The device named by a command topic, if it is one.
+/// The device named by a command topic, if it is one: `device` or `line/unit` (device names
+/// hold no `/`).
 pub fn device_of<'a>(topic_prefix: &str, topic: &'a str) -> Option<&'a str> {
     let device = topic
         .strip_prefix(topic_prefix)?
         .strip_prefix('/')?
         .strip_suffix("/cmd")?;
-    (!device.is_empty() && !device.contains('/')).then_some(device)
+    let levels = device.split('/').count();
+    (levels <= 2 && device.split('/').all(|level| !level.is_empty())).then_some(device)
 }
 
 /// How a command ended, for the reply, the audit event and the metrics.
@@ -379,13 +385,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_command_topic_names_one_device() {
+    fn a_command_topic_names_one_device_or_one_unit_of_a_line() {
         assert_eq!(device_of("plant", "plant/press7/cmd"), Some("press7"));
         assert_eq!(device_of("plant", "plant/press7/cmd/reply"), None);
         assert_eq!(device_of("plant", "plant//cmd"), None);
         assert_eq!(device_of("plant", "plantx/press7/cmd"), None);
         assert_eq!(device_of("plant", "other/press7/cmd"), None);
-        assert_eq!(filter("plant"), "plant/+/cmd");
+        assert_eq!(device_of("plant", "plant/meters/m3/cmd"), Some("meters/m3"));
+        assert_eq!(device_of("plant", "plant/meters//cmd"), None);
+        assert_eq!(device_of("plant", "plant/a/b/c/cmd"), None);
+        assert_eq!(filters("plant"), ["plant/+/cmd", "plant/+/+/cmd"]);
     }
 
     #[test]

@@ -349,8 +349,8 @@ async fn write_request(
 /// a failed link always, a missing or garbled answer on Modbus TCP (a late reply would be
 /// taken for the next request's). An RTU line resynchronises by silence instead.
 async fn drop_if_unusable(conn: &mut Option<Conn>, e: &ReadError) {
-    let unusable = matches!(e, ReadError::Link(_))
-        || conn.as_ref().is_some_and(Conn::drop_after_failed_read);
+    let unusable =
+        matches!(e, ReadError::Link(_)) || conn.as_ref().is_some_and(Conn::drop_after_failed_read);
     if unusable {
         if let Some(c) = conn.take() {
             c.close().await;

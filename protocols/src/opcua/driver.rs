@@ -40,9 +40,9 @@ use tracing::{debug, error, info, trace, warn};
 
 use super::client::{self, OpcUaError, KEEP_ALIVE_COUNT, SESSION_TIMEOUT};
 use super::convert::sample_of;
+use super::write;
 use super::{Mode, NodeRef, OpcUaSettings, SecurityPolicy};
 use crate::backoff::Backoff;
-use super::write;
 use crate::driver::{
     next_write, refusing_writes, DeviceStatus, DriverContext, DriverError, ErrorKind,
 };

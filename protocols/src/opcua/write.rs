@@ -281,7 +281,10 @@ fn status_name(status: StatusCode) -> String {
 fn error_kind(status: StatusCode, status_of: &DeviceStatus) -> ErrorKind {
     if !status_of.is_connected() {
         ErrorKind::Link
-    } else if matches!(status, StatusCode::BadTimeout | StatusCode::BadRequestTimeout) {
+    } else if matches!(
+        status,
+        StatusCode::BadTimeout | StatusCode::BadRequestTimeout
+    ) {
         ErrorKind::Timeout
     } else {
         ErrorKind::Exception
@@ -539,7 +542,9 @@ mod tests {
             Err(WriteRefusal::Text(_))
         ));
         assert_eq!(
-            to_variant(&Value::Float(1e30), T::Int64).unwrap_err().to_string(),
+            to_variant(&Value::Float(1e30), T::Int64)
+                .unwrap_err()
+                .to_string(),
             "1000000000000000000000000000000 is outside the range of type Int64"
         );
     }

@@ -700,7 +700,11 @@ mod tests {
             assert_eq!(answer, echo_of(&request), "{plan:?}");
             assert!(matches!(
                 find_write_response(&answer, write_echo(&request)),
-                Found::Answer { answer: Answer::Data { .. }, skipped: 0, .. }
+                Found::Answer {
+                    answer: Answer::Data { .. },
+                    skipped: 0,
+                    ..
+                }
             ));
         }
         let mut read = Vec::new();
