@@ -3,14 +3,17 @@
 //! registers as every data type and word order (with scaling). Must never panic.
 //!
 //! Input layout: `[unit][area][count lo][count hi][string length][scale: 8 bytes][received...]`
-//! (short inputs are padded with zeros); the received bytes also go to `parse_request`.
+//! (short inputs are padded with zeros); the received bytes also go to `parse_request`,
+//! `parse_slave_request` and, with the header's first six bytes as the echo, to
+//! `find_write_response`.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use protocols::modbus::codec::{apply_scaling, decode_bit, decode_registers, register_count};
 use protocols::modbus::frame::{
-    self, crc_ok, data_len, find_response, parse_request, Answer, Expect, Found,
+    self, crc_ok, data_len, find_response, find_write_response, parse_request,
+    parse_slave_request, Answer, Expect, Found,
 };
 use protocols::modbus::{Area, DataType, WordOrder};
 
@@ -54,6 +57,18 @@ fuzz_target!(|data: &[u8]| {
 
     let _ = parse_request(buf);
     let _ = parse_request(data);
+
+    // The write path on the same bytes: the echo finder, with the header's first six bytes as
+    // the expected echo (unit, function, address, value), and the simulators' request parser.
+    if let Found::Answer { skipped, end, .. } = find_write_response(buf, &header[..6]) {
+        assert!(skipped < end && end <= buf.len(), "{skipped}..{end}");
+        assert!(crc_ok(&buf[skipped..end]));
+    }
+    for bytes in [buf, data] {
+        if let Ok(Some((_, _, len))) = parse_slave_request(bytes) {
+            assert!(len <= bytes.len());
+        }
+    }
 
     let Found::Answer {
         answer,

@@ -248,3 +248,21 @@ pub async fn next_write(inbox: Option<&WriteInbox>) -> WriteRequest {
         None => std::future::pending().await,
     }
 }
+
+/// Runs `work` to its end, answering every write request that arrives meanwhile with
+/// [`WriteError::NotConnected`] (a driver that is connecting or waiting to reconnect), so a
+/// command is refused at once instead of waiting for a session that may never come.
+pub async fn refusing_writes<F: std::future::Future>(
+    inbox: Option<&WriteInbox>,
+    work: F,
+) -> F::Output {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            request = next_write(inbox) => {
+                let _ = request.reply.send(Err(WriteError::NotConnected));
+            }
+        }
+    }
+}

@@ -1145,39 +1145,55 @@ impl Drop for GatewayRig {
     }
 }
 
-/// A Modbus line driver for one device, run as the gateway runs it: its batches and status.
-/// Dropping it cancels the driver.
+/// A Modbus line driver, run as the gateway runs it: its batches and status. Unit `i` of the
+/// line reports as device `i`. Dropping it cancels the driver.
 pub struct ModbusDriverRun {
-    /// The driver's batches.
+    /// The driver's batches (of every unit).
     pub rx: tokio::sync::mpsc::Receiver<protocols::model::Batch>,
-    /// The device's status as the driver reports it.
+    /// The status of device 0 (the first unit) as the driver reports it.
     pub status: Arc<protocols::driver::DeviceStatus>,
-    /// Write requests to the driver (device 0).
+    /// The status of each unit, in line order.
+    pub statuses: Vec<Arc<protocols::driver::DeviceStatus>>,
+    /// Write requests to the driver (one inbox for the line).
     pub writes: tokio::sync::mpsc::Sender<protocols::driver::WriteRequest>,
     cancel: CancellationToken,
     driver: Option<tokio::task::JoinHandle<Result<(), protocols::driver::DriverError>>>,
 }
 
 impl ModbusDriverRun {
-    /// Starts the driver of one line with `settings`, reporting as device 0.
+    /// Starts the driver of one line with `settings`, unit `i` reporting as device `i`.
     pub fn start(settings: protocols::modbus::ModbusSettings) -> ModbusDriverRun {
         use protocols::driver::{write_channel, DeviceStatus, DriverContext, Emitter};
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let (writes, inbox) = write_channel(4);
-        let status = Arc::new(DeviceStatus::default());
         let cancel = CancellationToken::new();
-        let ctx = DriverContext {
-            device: protocols::model::DeviceId(0),
-            name: "dev".into(),
-            emitter: Emitter::new(tx),
-            cancel: cancel.clone(),
-            status: status.clone(),
-            writes: Some(inbox),
-        };
-        let driver = tokio::spawn(protocols::modbus::driver::run(settings, vec![ctx]));
+        let statuses: Vec<Arc<DeviceStatus>> = settings
+            .units
+            .iter()
+            .map(|_| Arc::new(DeviceStatus::default()))
+            .collect();
+        let contexts = statuses
+            .iter()
+            .enumerate()
+            .map(|(i, status)| DriverContext {
+                device: protocols::model::DeviceId(i as u32),
+                name: if i == 0 {
+                    "dev".into()
+                } else {
+                    format!("dev{i}").into()
+                },
+                emitter: Emitter::new(tx.clone()),
+                cancel: cancel.clone(),
+                status: status.clone(),
+                writes: Some(inbox.clone()),
+            })
+            .collect();
+        let status = statuses.first().cloned().unwrap_or_default();
+        let driver = tokio::spawn(protocols::modbus::driver::run(settings, contexts));
         ModbusDriverRun {
             rx,
             status,
+            statuses,
             writes,
             cancel,
             driver: Some(driver),
@@ -1199,9 +1215,20 @@ impl ModbusDriverRun {
         tag: u32,
         value: protocols::model::Value,
     ) -> Result<protocols::driver::WriteDone, protocols::driver::WriteError> {
+        self.write_to(0, tag, value).await
+    }
+
+    /// Asks the driver to write `value` to tag `tag` of device (unit) `device` and waits for
+    /// the outcome (panics when none comes within 5 s).
+    pub async fn write_to(
+        &self,
+        device: u32,
+        tag: u32,
+        value: protocols::model::Value,
+    ) -> Result<protocols::driver::WriteDone, protocols::driver::WriteError> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
         let request = protocols::driver::WriteRequest {
-            device: protocols::model::DeviceId(0),
+            device: protocols::model::DeviceId(device),
             tag: protocols::model::TagId(tag),
             value,
             reply,

@@ -285,3 +285,259 @@ async fn a_retained_command_is_never_executed_and_a_reload_that_turns_commands_o
     assert_eq!(dev.image().hr[10], 250);
     gw.shutdown().await;
 }
+
+// ---- OPC UA: the Write service ------------------------------------------------------------
+
+/// An OPC UA tag of the simulator's node `id`, writable within `bounds` when given.
+fn ua_tag(
+    sim: &protocols::sim::opcua::SimOpcUa,
+    name: &str,
+    id: &str,
+    write: Option<WriteAccess>,
+) -> protocols::opcua::OpcUaTag {
+    let node = protocols::opcua::parse_node_id(&format!("ns={};s={id}", sim.namespace())).unwrap();
+    protocols::opcua::OpcUaTag {
+        meta: Default::default(),
+        name: name.into(),
+        node: protocols::opcua::NodeRef::Id(node),
+        sampling_interval: SCAN,
+        deadband: None,
+        queue_size: 10,
+        write,
+    }
+}
+
+fn any_value() -> Option<WriteAccess> {
+    Some(WriteAccess::default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opcua_write_lands_in_the_node_s_own_type_and_a_refusing_server_s_status_is_the_reason()
+{
+    use ::opcua::types::Variant;
+    use edge_gateway::config::{DeviceKind, DeviceSettings};
+    use protocols::sim::opcua::{SimOpcUa, SimOptions};
+
+    init_tracing();
+    let broker = edge_gateway::demo::broker::start(16 << 20).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = SimOpcUa::start(SimOptions {
+        pki_dir: dir.path().join("sim-pki"),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let tags = vec![
+        // A Double the server takes, bounded by the gateway.
+        ua_tag(
+            &sim,
+            "setpoint",
+            "Sim.Setpoint",
+            Some(WriteAccess {
+                min: Some(0.0),
+                max: Some(100.0),
+            }),
+        ),
+        // An Int16 the server takes.
+        ua_tag(&sim, "limit", "Sim.Limit", any_value()),
+        // Writable for the gateway, read-only on the server.
+        ua_tag(&sim, "wave", "Sim.Double", any_value()),
+        ua_tag(&sim, "counter", "Sim.Counter", None),
+    ];
+    let mut settings = protocols::opcua::OpcUaSettings::new(sim.endpoint(), tags);
+    settings.pki_dir = dir.path().join("gw-pki");
+    settings.trust_server_cert = true;
+    settings.publishing_interval = SCAN;
+    settings.timeout = Duration::from_secs(2);
+    let device = DeviceSettings {
+        name: "oven".into(),
+        scan_interval: SCAN,
+        kind: DeviceKind::OpcUa(settings),
+    };
+    let mut config = local_config(
+        "gw-cmd",
+        dir.path().join("data"),
+        broker.port(),
+        vec![device],
+    );
+    config.commands.enabled = true;
+    config.commands.write_interval = Duration::from_millis(1);
+    config.mqtt.shutdown_grace = Duration::from_millis(500);
+    let sub = Collector::start(broker.port(), &format!("{PREFIX}/#")).await;
+    let gw = edge_gateway::pipeline::start(config).await.unwrap();
+    // A good value comes once the session is subscribed: writes are taken from then on.
+    sub.wait_for(Duration::from_secs(20), "a good record", |m| {
+        m.iter().any(|r| {
+            r.topic == format!("{PREFIX}/oven")
+                && r.doc["samples"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["quality"] == "good"))
+        })
+    })
+    .await;
+    let client = commander(broker.port()).await;
+
+    // Accepted, and read back.
+    let reply = ask(
+        &client,
+        &sub,
+        "oven",
+        "w1",
+        r#"{"id":"w1","tag":"setpoint","value":42.5}"#,
+    )
+    .await;
+    assert_eq!(reply.doc["outcome"], "written", "{}", reply.doc);
+    assert_eq!(reply.doc["value"], 42.5);
+    assert_eq!(sim.value("Sim.Setpoint").unwrap(), Variant::Double(42.5));
+
+    // The node's data type decides: 21 arrives as an Int16, not as the command's integer.
+    let reply = ask(
+        &client,
+        &sub,
+        "oven",
+        "w2",
+        r#"{"id":"w2","tag":"limit","value":21}"#,
+    )
+    .await;
+    assert_eq!(reply.doc["outcome"], "written", "{}", reply.doc);
+    assert_eq!(reply.doc["value"], 21);
+    assert_eq!(sim.value("Sim.Limit").unwrap(), Variant::Int16(21));
+
+    // The server refuses: its status code is the reason.
+    let reply = ask(
+        &client,
+        &sub,
+        "oven",
+        "f1",
+        r#"{"id":"f1","tag":"wave","value":1.5}"#,
+    )
+    .await;
+    assert_eq!(reply.doc["outcome"], "failed", "{}", reply.doc);
+    let reason = reply.doc["reason"].as_str().unwrap();
+    assert!(reason.contains("BadUserAccessDenied"), "{reason}");
+
+    // Values that do not fit the node, or the gateway's bounds, never reach the server.
+    let refusals = [
+        (
+            "r1",
+            r#"{"id":"r1","tag":"limit","value":21.5}"#,
+            "not a whole number",
+        ),
+        (
+            "r2",
+            r#"{"id":"r2","tag":"limit","value":40000}"#,
+            "outside the range of type Int16",
+        ),
+        (
+            "r3",
+            r#"{"id":"r3","tag":"setpoint","value":true}"#,
+            "a bool value cannot be written to a node of type Double",
+        ),
+        (
+            "r4",
+            r#"{"id":"r4","tag":"setpoint","value":150}"#,
+            "above write_max",
+        ),
+        (
+            "r5",
+            r#"{"id":"r5","tag":"counter","value":1}"#,
+            "not writable",
+        ),
+    ];
+    for (id, payload, reason) in refusals {
+        let reply = ask(&client, &sub, "oven", id, payload).await;
+        assert_eq!(reply.doc["outcome"], "refused", "{}", reply.doc);
+        let text = reply.doc["reason"].as_str().unwrap();
+        assert!(text.contains(reason), "{id}: {text}");
+    }
+    assert_eq!(sim.value("Sim.Limit").unwrap(), Variant::Int16(21));
+    assert_eq!(sim.value("Sim.Setpoint").unwrap(), Variant::Double(42.5));
+    assert_eq!(Metrics::get(&gw.metrics.commands_written), 2);
+    assert_eq!(Metrics::get(&gw.metrics.commands_failed), 1);
+    assert_eq!(Metrics::get(&gw.metrics.commands_refused), 5);
+    gw.shutdown().await;
+    sim.stop().await;
+}
+
+// ---- Modbus RTU: a unit of a line is a device of its own ------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_on_a_unit_s_topic_writes_that_unit_of_an_rtu_line_and_no_other() {
+    use edge_gateway::config::{DeviceKind, DeviceSettings};
+    use protocols::modbus::{Link, ModbusSettings, UnitSettings};
+    use protocols::sim::rtu::RtuSim;
+
+    init_tracing();
+    let broker = edge_gateway::demo::broker::start(16 << 20).unwrap();
+    let (three, seven) = (SimDevice::new(), SimDevice::new());
+    let sim = RtuSim::new()
+        .with_unit(3, three.clone())
+        .with_unit(7, seven.clone());
+    let converter = sim.serve_tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let unit = |name: &str, unit_id| UnitSettings {
+        name: Some(name.into()),
+        unit_id,
+        tags: tags(),
+    };
+    let line = DeviceSettings {
+        name: "meters".into(),
+        scan_interval: SCAN,
+        kind: DeviceKind::Modbus(ModbusSettings {
+            link: Link::RtuOverTcp {
+                address: converter.addr().to_string(),
+            },
+            timeout: Duration::from_millis(300),
+            units: vec![unit("m3", 3), unit("m7", 7)],
+            ..ModbusSettings::tcp(String::new(), 1, Vec::new())
+        }),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = local_config("gw-cmd", dir.path().join("data"), broker.port(), vec![line]);
+    config.commands.enabled = true;
+    config.mqtt.shutdown_grace = Duration::from_millis(500);
+    let sub = Collector::start(broker.port(), &format!("{PREFIX}/#")).await;
+    let gw = edge_gateway::pipeline::start(config).await.unwrap();
+    sub.wait_for(Duration::from_secs(10), "a record of each unit", |m| {
+        ["m3", "m7"]
+            .iter()
+            .all(|u| m.iter().any(|r| r.topic == format!("{PREFIX}/meters/{u}")))
+    })
+    .await;
+    let client = commander(broker.port()).await;
+
+    let reply = ask(
+        &client,
+        &sub,
+        "meters/m7",
+        "u1",
+        r#"{"id":"u1","tag":"setpoint","value":-12.5}"#,
+    )
+    .await;
+    assert_eq!(reply.doc["outcome"], "written", "{}", reply.doc);
+    assert_eq!(reply.doc["value"], -12.5);
+    assert_eq!(seven.image().hr[10], (-125i16) as u16);
+    assert_eq!(seven.writes(), 1);
+    assert_eq!(
+        three.writes(),
+        0,
+        "the other unit of the line is left alone"
+    );
+    assert_eq!(three.image().hr[10], 0);
+
+    // The line's name alone is no device.
+    let reply = ask(
+        &client,
+        &sub,
+        "meters",
+        "u2",
+        r#"{"id":"u2","tag":"setpoint","value":1}"#,
+    )
+    .await;
+    assert_eq!(reply.doc["outcome"], "refused", "{}", reply.doc);
+    assert!(reply.doc["reason"]
+        .as_str()
+        .unwrap()
+        .contains("unknown device"));
+    assert_eq!(three.writes() + seven.writes(), 1);
+    gw.shutdown().await;
+}

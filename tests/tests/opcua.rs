@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use ::opcua::types::{StatusCode, Variant};
 use gateway_tests::{eventually, init_tracing, Proxy};
-use protocols::driver::{DeviceStatus, DriverContext, Emitter};
-use protocols::model::{Batch, DeviceId, Quality, Reason, Sample, Value};
+use protocols::driver::{
+    write_channel, DeviceStatus, DriverContext, Emitter, WriteDone, WriteError, WriteRequest,
+};
+use protocols::model::{Batch, DeviceId, Quality, Reason, Sample, TagId, Value};
 use protocols::opcua::{
     self, browse, Identity, Mode, NodeRef, OpcUaSettings, OpcUaTag, SecurityMode, SecurityPolicy,
 };
@@ -61,6 +63,7 @@ fn tag(name: &str, node: NodeRef) -> OpcUaTag {
         sampling_interval: Duration::from_millis(50),
         deadband: None,
         queue_size: 10,
+        write: None,
     }
 }
 
@@ -81,6 +84,7 @@ struct Running {
     status: Arc<DeviceStatus>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), protocols::driver::DriverError>>,
+    writes: mpsc::Sender<WriteRequest>,
 }
 
 fn start(s: OpcUaSettings) -> Running {
@@ -96,13 +100,14 @@ fn start_on(
 ) -> Running {
     let status = Arc::new(DeviceStatus::default());
     let cancel = CancellationToken::new();
+    let (writes, inbox) = write_channel(4);
     let ctx = DriverContext {
         device,
         name: format!("dev{}", device.0).into(),
         emitter: Emitter::new(tx),
         cancel: cancel.clone(),
         status: status.clone(),
-        writes: None,
+        writes: Some(inbox),
     };
     let task = tokio::spawn(opcua::driver::run(s, ctx));
     Running {
@@ -110,10 +115,30 @@ fn start_on(
         status,
         cancel,
         task,
+        writes,
     }
 }
 
 impl Running {
+    /// Asks the driver to write `value` to tag `tag`; panics when no outcome comes in 15 s.
+    async fn write(&self, tag: u32, value: Value) -> Result<WriteDone, WriteError> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let request = WriteRequest {
+            device: DeviceId(0),
+            tag: TagId(tag),
+            value,
+            reply,
+        };
+        self.writes
+            .send(request)
+            .await
+            .expect("the driver takes writes");
+        tokio::time::timeout(Duration::from_secs(15), outcome)
+            .await
+            .expect("a write outcome within 15 s")
+            .expect("the driver answers every write")
+    }
+
     async fn next(&mut self) -> Batch {
         tokio::time::timeout(Duration::from_secs(15), self.rx.recv())
             .await
@@ -781,4 +806,67 @@ async fn an_unusable_pki_directory_marks_the_tags_bad_and_stops_the_driver() {
         .unwrap()
         .unwrap();
     assert!(r.is_err(), "the driver stops with the reason");
+}
+
+#[tokio::test]
+async fn in_poll_mode_a_write_lands_between_two_reads_in_the_node_s_type_and_is_read_back() {
+    init_tracing();
+    let sim = sim().await;
+    let pki = tempfile::tempdir().unwrap();
+    let tags = vec![
+        tag("limit", node(&sim, "Sim.Limit")),
+        tag("wave", node(&sim, "Sim.Double")),
+    ];
+    let mut s = settings(&sim.endpoint(), pki.path(), tags);
+    s.mode = Mode::Poll;
+    let mut run = start(s);
+    run.until("a good read", |b| {
+        b.samples.iter().all(|s| s.quality == Quality::Good)
+    })
+    .await;
+
+    let done = run.write(0, Value::Int(-300)).await.unwrap();
+    assert_eq!(done.previous, Some(Value::Int(0)));
+    assert_eq!(done.read_back, Some(Value::Int(-300)));
+    assert_eq!(sim.value("Sim.Limit").unwrap(), Variant::Int16(-300));
+    run.until("the written value read", |b| {
+        b.samples
+            .iter()
+            .any(|s| s.tag == TagId(0) && s.value == Some(Value::Int(-300)))
+    })
+    .await;
+
+    // Refused before the Write service: not an Int16. Refused by the server: read-only.
+    let refused = run.write(0, Value::Int(40_000)).await.unwrap_err();
+    assert!(matches!(refused, WriteError::Refused(_)), "{refused}");
+    let failed = run.write(1, Value::Float(1.0)).await.unwrap_err();
+    assert!(
+        matches!(&failed, WriteError::Status(name) if name == "BadUserAccessDenied"),
+        "{failed}"
+    );
+    assert_eq!(sim.value("Sim.Limit").unwrap(), Variant::Int16(-300));
+    run.stop().await;
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_write_while_the_server_cannot_be_reached_is_refused_as_not_connected() {
+    init_tracing();
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let pki = tempfile::tempdir().unwrap();
+    let node = NodeRef::Id(opcua::parse_node_id("ns=2;s=Sim.Limit").unwrap());
+    let endpoint = format!("opc.tcp://127.0.0.1:{port}/");
+    let mut run = start(settings(&endpoint, pki.path(), vec![tag("limit", node)]));
+    run.until("the tags bad", |b| {
+        b.samples.iter().all(|s| s.quality != Quality::Good)
+    })
+    .await;
+    let refused = run.write(0, Value::Int(1)).await.unwrap_err();
+    assert!(matches!(refused, WriteError::NotConnected), "{refused}");
+    run.stop().await;
 }

@@ -56,7 +56,7 @@ pub fn run(path: &Path) -> (String, bool) {
                             .flat_map(|u| &u.tags)
                             .filter(|t| t.write.is_some())
                             .count(),
-                        DeviceKind::OpcUa(_) => 0,
+                        DeviceKind::OpcUa(o) => o.tags.iter().filter(|t| t.write.is_some()).count(),
                     })
                     .sum();
                 if writable > 0 {

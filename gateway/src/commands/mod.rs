@@ -7,8 +7,10 @@
 //!   JSON object `{"id": "...", "tag": "...", "value": ...}` and nothing else: `id` a string of
 //!   1 to 128 characters, `tag` a string, `value` a bool, a number or a string.
 //! - [`Checks::check`] refuses, in this order: commands disabled, unknown device, unknown tag,
-//!   a tag without `writable = true`, a value of another kind than the tag's type, a value
+//!   a tag without `writable = true`, a value of another kind than the tag's type, a number
 //!   outside `write_min`..=`write_max`, a second write of the tag within `write_interval`.
+//!   (An OPC UA tag's type is its node's, known to the server only: its driver refuses a
+//!   value of the wrong kind.)
 //!   Only a command that passes every check reaches a device; only such a command counts for
 //!   the tag's rate (and not when the driver refuses it before sending anything).
 //! - Commands never enter the buffer and are never replayed: a command that cannot be
@@ -181,6 +183,9 @@ pub enum Kind {
     Number,
     /// A JSON string.
     Text,
+    /// Any of them: the device knows the type (an OPC UA node's data type), so its driver
+    /// refuses a value of the wrong kind.
+    Any,
 }
 
 impl Kind {
@@ -189,6 +194,7 @@ impl Kind {
             Kind::Bool => "a bool",
             Kind::Number => "a number",
             Kind::Text => "text",
+            Kind::Any => "a bool, a number or text",
         }
     }
 
@@ -210,6 +216,14 @@ impl Kind {
                     Value::Int(_) | Value::UInt(_) | Value::Float(_)
                 )
                 | (Kind::Text, Value::Text(_))
+                | (
+                    Kind::Any,
+                    Value::Bool(_)
+                        | Value::Int(_)
+                        | Value::UInt(_)
+                        | Value::Float(_)
+                        | Value::Text(_)
+                )
         )
     }
 }
@@ -263,16 +277,41 @@ impl Checks {
         }
     }
 
-    /// The checks of a config whose Modbus devices got these catalog ids (one per unit, in
-    /// order; see `pipeline::add_to_catalog`). OPC UA devices take no commands yet.
+    /// The checks of a config whose devices got these catalog ids (one per unit of a Modbus
+    /// line, in order; one per OPC UA device; see `pipeline::add_to_catalog`).
     pub fn for_config(config: &Config, ids: &[(String, Vec<DeviceId>)]) -> Self {
         let mut devices = HashMap::new();
         for d in &config.devices {
-            let DeviceKind::Modbus(m) = &d.kind else {
-                continue;
-            };
             let Some((_, unit_ids)) = ids.iter().find(|(name, _)| **name == *d.name) else {
                 continue;
+            };
+            let m = match &d.kind {
+                DeviceKind::Modbus(m) => m,
+                DeviceKind::OpcUa(o) => {
+                    let Some(id) = unit_ids.first() else {
+                        continue;
+                    };
+                    // A node's data type is the server's: the driver checks the value's kind.
+                    let tags = o
+                        .tags
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| {
+                            let rule = TagRule {
+                                tag: TagId(i as u32),
+                                kind: Kind::Any,
+                                access: t.write,
+                            };
+                            (t.name.clone(), rule)
+                        })
+                        .collect();
+                    let rules = DeviceRules {
+                        id: Some(*id),
+                        tags,
+                    };
+                    devices.insert(d.name.clone(), rules);
+                    continue;
+                }
             };
             for (unit, id) in m.units.iter().zip(unit_ids) {
                 let name: Arc<str> = match &unit.name {
@@ -346,7 +385,11 @@ impl Checks {
                 got: Kind::of(&command.value),
             });
         }
-        if let Some(value) = command.value.as_f64().filter(|_| rule.kind == Kind::Number) {
+        let number = matches!(
+            command.value,
+            Value::Int(_) | Value::UInt(_) | Value::Float(_)
+        );
+        if let Some(value) = command.value.as_f64().filter(|_| number) {
             if let Some(min) = access.min.filter(|&min| value < min) {
                 return Err(Refusal::BelowMin {
                     tag: tag.to_owned(),

@@ -100,8 +100,8 @@ pub fn channels() -> (CommandLink, TaskEnds) {
     )
 }
 
-/// How commands are wired at a start: a write channel for each Modbus TCP driver task, the
-/// checks, and the channels to the publisher. Nothing at all when `[commands]` is off.
+/// How commands are wired at a start: a write channel for each driver task with a writable
+/// tag, the checks, and the channels to the publisher. Nothing at all when `[commands]` is off.
 #[derive(Debug)]
 pub struct Wiring {
     enabled: bool,
@@ -125,16 +125,21 @@ impl Wiring {
         }
     }
 
-    /// The write inbox of one device's driver task: Modbus TCP devices only, when commands
-    /// are on.
+    /// The write inbox of one device's driver task (a Modbus line's units share it; an OPC
+    /// UA device has its own), when commands are on and the device has a writable tag.
     pub fn inbox(&mut self, settings: &DeviceSettings, ids: &[DeviceId]) -> Option<WriteInbox> {
         if !self.enabled {
             return None;
         }
-        let DeviceKind::Modbus(m) = &settings.kind else {
-            return None;
+        let writable = match &settings.kind {
+            DeviceKind::Modbus(m) => m
+                .units
+                .iter()
+                .flat_map(|u| &u.tags)
+                .any(|t| t.write.is_some()),
+            DeviceKind::OpcUa(o) => o.tags.iter().any(|t| t.write.is_some()),
         };
-        if m.link.is_rtu() {
+        if !writable {
             return None;
         }
         let (tx, inbox) = write_channel(WRITE_QUEUE);
@@ -164,18 +169,24 @@ impl Wiring {
     }
 }
 
-/// The subscription for commands: `{topic_prefix}/+/cmd`.
-pub fn filter(topic_prefix: &str) -> String {
-    format!("{topic_prefix}/+/cmd")
+/// The subscriptions for commands: `{topic_prefix}/+/cmd` for a device, and
+/// `{topic_prefix}/+/+/cmd` for a named unit of a Modbus line (device `line/unit`).
+pub fn filters(topic_prefix: &str) -> [String; 2] {
+    [
+        format!("{topic_prefix}/+/cmd"),
+        format!("{topic_prefix}/+/+/cmd"),
+    ]
 }
 
-/// The device named by a command topic, if it is one.
+/// The device named by a command topic, if it is one: `device` or `line/unit` (device names
+/// hold no `/`).
 pub fn device_of<'a>(topic_prefix: &str, topic: &'a str) -> Option<&'a str> {
     let device = topic
         .strip_prefix(topic_prefix)?
         .strip_prefix('/')?
         .strip_suffix("/cmd")?;
-    (!device.is_empty() && !device.contains('/')).then_some(device)
+    let levels = device.split('/').count();
+    (levels <= 2 && device.split('/').all(|level| !level.is_empty())).then_some(device)
 }
 
 /// How a command ended, for the reply, the audit event and the metrics.
@@ -277,7 +288,7 @@ impl Gate<'_> {
         };
         let Some(writer) = self.writers.get(&target.device) else {
             return Outcome::Refused(format!(
-                "device `{device}` takes no writes (only Modbus TCP devices do)"
+                "device `{device}` takes no writes until the gateway restarts"
             ));
         };
         let outcome = write(writer, target.clone(), command.value.clone(), device).await;
@@ -439,13 +450,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_command_topic_names_one_device() {
+    fn a_command_topic_names_one_device_or_one_unit_of_a_line() {
         assert_eq!(device_of("plant", "plant/press7/cmd"), Some("press7"));
         assert_eq!(device_of("plant", "plant/press7/cmd/reply"), None);
         assert_eq!(device_of("plant", "plant//cmd"), None);
         assert_eq!(device_of("plant", "plantx/press7/cmd"), None);
         assert_eq!(device_of("plant", "other/press7/cmd"), None);
-        assert_eq!(filter("plant"), "plant/+/cmd");
+        assert_eq!(device_of("plant", "plant/meters/m3/cmd"), Some("meters/m3"));
+        assert_eq!(device_of("plant", "plant/meters//cmd"), None);
+        assert_eq!(device_of("plant", "plant/a/b/c/cmd"), None);
+        assert_eq!(filters("plant"), ["plant/+/cmd", "plant/+/+/cmd"]);
     }
 
     #[test]

@@ -248,3 +248,45 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_tag_of_any_kind_takes_every_value_and_bounds_only_numbers() {
+    // An OPC UA tag: the node's type is the server's, so the driver checks the kind.
+    let mut tags = HashMap::new();
+    let bounds = WriteAccess {
+        min: Some(0.0),
+        max: Some(10.0),
+    };
+    tags.insert(
+        Arc::from("recipe"),
+        TagRule {
+            tag: TagId(0),
+            kind: Kind::Any,
+            access: Some(bounds),
+        },
+    );
+    let rules = DeviceRules {
+        id: Some(DeviceId(1)),
+        tags,
+    };
+    let devices = HashMap::from([(Arc::from("oven"), rules)]);
+    let mut checks = Checks::new(true, Duration::ZERO, devices);
+    let now = Instant::now();
+    for value in [
+        Value::Bool(true),
+        Value::Text("bake".into()),
+        Value::UInt(10),
+        Value::Float(0.0),
+    ] {
+        let target = checks.check("oven", &command("recipe", value.clone()), now);
+        assert!(target.is_ok(), "{value:?}: {target:?}");
+    }
+    assert!(matches!(
+        checks.check("oven", &command("recipe", Value::Float(10.5)), now),
+        Err(Refusal::AboveMax { .. })
+    ));
+    assert!(matches!(
+        checks.check("oven", &command("recipe", Value::Int(-1)), now),
+        Err(Refusal::BelowMin { .. })
+    ));
+}

@@ -296,4 +296,10 @@ pub(super) struct RawOpcUaTag {
     pub(super) min: Option<f64>,
     /// High end of the engineering range.
     pub(super) max: Option<f64>,
+    /// Whether commands may write the tag (default false; needs `[commands] enabled`).
+    pub(super) writable: Option<bool>,
+    /// The smallest number a command may write.
+    pub(super) write_min: Option<f64>,
+    /// The largest number a command may write.
+    pub(super) write_max: Option<f64>,
 }

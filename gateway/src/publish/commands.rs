@@ -1,7 +1,7 @@
-//! The publisher's side of commands: the subscription to `{topic_prefix}/+/cmd` after each
-//! CONNACK, command publishes handed to the commands task (a bounded channel; a command that
-//! finds it full is dropped, audited and counted, never queued without bound), and replies
-//! sent at QoS 0,
+//! The publisher's side of commands: the subscriptions to `{topic_prefix}/+/cmd` (devices)
+//! and `{topic_prefix}/+/+/cmd` (units of a Modbus line) after each CONNACK, command publishes
+//! handed to the commands task (a bounded channel; a command that finds it full is dropped,
+//! audited and counted, never queued without bound), and replies sent at QoS 0,
 //! which take no packet id and no place in the records' window. Commands never touch the
 //! ledger or the buffer.
 
@@ -11,16 +11,17 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use super::link::Sender;
-use crate::commands::task::{device_of, filter, CommandLink, Incoming, Reply};
+use crate::commands::task::{device_of, filters, CommandLink, Incoming, Reply};
 
 /// Subscribes to the command topics, when commands are on.
 pub(super) async fn subscribe(client: &Sender, link: Option<&CommandLink>, topic_prefix: &str) {
     if link.is_none() {
         return;
     }
-    let filter = filter(topic_prefix);
-    if let Err(e) = client.subscribe(&filter).await {
-        warn!(filter = %filter, error = %e, "cannot subscribe to the command topics");
+    for filter in filters(topic_prefix) {
+        if let Err(e) = client.subscribe(&filter).await {
+            warn!(filter = %filter, error = %e, "cannot subscribe to the command topics");
+        }
     }
 }
 
@@ -133,6 +134,7 @@ mod tests {
     #[test]
     fn a_command_topic_is_the_prefix_one_device_and_cmd() {
         assert!(is_command_topic("plant/gw", "plant/gw/press1/cmd"));
+        assert!(is_command_topic("plant/gw", "plant/gw/meters/m3/cmd"));
         assert!(!is_command_topic("plant/gw", "plant/gw/press1/cmd/reply"));
         assert!(!is_command_topic("plant/gw", "plant/gw//cmd"));
         assert!(!is_command_topic("plant/gw", "plant/gwx/press1/cmd"));

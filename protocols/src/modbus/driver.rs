@@ -314,7 +314,7 @@ async fn sleep_until(next: Option<Instant>) {
 
 /// Performs one write request between two scans and answers it. Returns whether the
 /// connection was dropped (a write that got no valid answer leaves a Modbus TCP connection
-/// unusable, as a read does).
+/// unusable, as a read does; an RTU line only when the link itself failed).
 async fn write_request(
     conn: &mut Option<Conn>,
     settings: &ModbusSettings,
@@ -333,25 +333,29 @@ async fn write_request(
         tracing::warn!(target: "audit", device = device.0, tag = tag.0, "a write waited too long behind the scans and was dropped; it never reached the device");
         return false;
     }
-    let mut dropped = false;
+    let open = conn.is_some();
     let outcome = match units.iter().find(|u| u.ctx.device == device) {
         None => Err(WriteError::UnknownTag),
         Some(unit) => match unit.settings.tags.get(tag.0 as usize) {
             None => Err(WriteError::UnknownTag),
-            Some(spec) => {
-                let result = write_tag(conn, settings, unit, spec, tag, &value).await;
-                if let Err(WriteError::Failed(_)) = &result {
-                    if let Some(c) = conn.take() {
-                        c.close().await;
-                        dropped = true;
-                    }
-                }
-                result
-            }
+            Some(spec) => write_tag(conn, settings, unit, spec, tag, &value).await,
         },
     };
     let _ = reply.send(outcome);
-    dropped
+    open && conn.is_none()
+}
+
+/// Closes the line after a transaction that failed with `e` when it cannot be used any more:
+/// a failed link always, a missing or garbled answer on Modbus TCP (a late reply would be
+/// taken for the next request's). An RTU line resynchronises by silence instead.
+async fn drop_if_unusable(conn: &mut Option<Conn>, e: &ReadError) {
+    let unusable =
+        matches!(e, ReadError::Link(_)) || conn.as_ref().is_some_and(Conn::drop_after_failed_read);
+    if unusable {
+        if let Some(c) = conn.take() {
+            c.close().await;
+        }
+    }
 }
 
 /// Writes `value` to one tag of a unit and reads the tag back.
@@ -364,21 +368,16 @@ async fn write_tag(
     value: &crate::model::Value,
 ) -> Result<WriteDone, WriteError> {
     let plan = write::plan(spec, value).map_err(|e| WriteError::Refused(e.to_string()))?;
-    if settings.link.is_rtu() {
-        return Err(WriteError::Unsupported(
-            "writes are not implemented on Modbus RTU lines yet (only Modbus TCP)".into(),
-        ));
-    }
     let Some(link) = conn.as_mut() else {
         return Err(WriteError::NotConnected);
     };
     let status = &unit.ctx.status;
-    // A read that timed out or failed on the link leaves the connection unusable (a late
-    // answer would be taken for the next request's): the write fails and the caller drops it.
+    // A read that timed out or failed on the link: the write fails before it is sent.
     let previous = match read_tag(link, settings, unit, spec, tag).await {
         Ok(previous) => previous,
         Err(e) => {
             status.count_error(ErrorKind::of(reason_of(&e)));
+            drop_if_unusable(conn, &e).await;
             return Err(WriteError::Failed(Box::new(e)));
         }
     };
@@ -405,19 +404,17 @@ async fn write_tag(
         }
         Err(e) => {
             status.count_error(ErrorKind::of(reason_of(&e)));
+            drop_if_unusable(conn, &e).await;
             return Err(WriteError::Failed(Box::new(e)));
         }
     }
-    // The write is done whatever the read back gives; a link failure there still drops the
-    // connection, as a scan would.
+    // The write is done whatever the read back gives; a failure there still drops an
+    // unusable connection, as a scan would.
     let read_back = match read_tag(link, settings, unit, spec, tag).await {
         Ok(value) => value,
         Err(e) => {
             status.count_error(ErrorKind::of(reason_of(&e)));
-            if let Some(c) = conn.take() {
-                c.close().await;
-                status.connected.store(false, Ordering::Relaxed);
-            }
+            drop_if_unusable(conn, &e).await;
             None
         }
     };

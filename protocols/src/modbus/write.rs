@@ -9,8 +9,10 @@
 //!   the tag or a value of another kind than the tag's is refused, never stored changed.
 //! - Only coils and holding registers are written; a bit of a holding register is written by a
 //!   mask write (function 22), which leaves the register's other bits as they are.
-//! - A coil is function 5, a one-register value function 6, a wider value function 16.
+//! - A coil is function 5, a one-register value function 6, a wider value function 16 (at
+//!   most 123 registers, what one request carries; a wider tag is refused).
 
+use super::frame::MAX_WRITE_REGISTERS;
 use super::{codec, Area, DataType, TagSpec};
 use crate::model::Value;
 
@@ -78,6 +80,9 @@ pub enum WriteRefusal {
         /// The tag's type.
         data_type: DataType,
     },
+    /// More registers than one write request carries (a string tag of 247 to 250 bytes).
+    #[error("the tag spans {0} registers; one write carries at most {MAX_WRITE_REGISTERS}")]
+    TooWide(usize),
     /// Text longer than the tag.
     #[error("the text has {len} bytes, the tag holds {max}")]
     TooLong {
@@ -142,6 +147,9 @@ pub fn plan(spec: &TagSpec, value: &Value) -> Result<WritePlan, WriteRefusal> {
         _ => return Err(refuse_kind()),
     };
     let regs = codec::encode_registers(spec.data_type, spec.order, spec.length, &raw);
+    if regs.len() > MAX_WRITE_REGISTERS {
+        return Err(WriteRefusal::TooWide(regs.len()));
+    }
     Ok(match regs.as_slice() {
         [one] => WritePlan::Register(*one),
         _ => WritePlan::Registers(regs),
@@ -350,6 +358,14 @@ mod tests {
         assert_eq!(
             plan(&s, &Value::Text("ok".into())),
             Ok(WritePlan::Registers(vec![0x6F6B, 0]))
+        );
+        // 246 bytes is what one request carries; 250 is not.
+        s.length = 246;
+        assert!(plan(&s, &Value::Text("x".into())).is_ok());
+        s.length = 250;
+        assert_eq!(
+            plan(&s, &Value::Text("x".into())),
+            Err(WriteRefusal::TooWide(125))
         );
     }
 

@@ -17,6 +17,9 @@
 //!   a whole, and rejected credentials or certificates (which would only pile up half-open
 //!   sessions on the server). The driver then discovers the endpoint again with its own
 //!   jittered backoff, which only resets after a session that worked.
+//! - Writes (`write.rs`) are performed by the control half between two reads; while there is
+//!   no session set up (connecting, resolving, subscribing, backing off) a write request is
+//!   answered "not connected" at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,9 +40,12 @@ use tracing::{debug, error, info, trace, warn};
 
 use super::client::{self, OpcUaError, KEEP_ALIVE_COUNT, SESSION_TIMEOUT};
 use super::convert::sample_of;
+use super::write;
 use super::{Mode, NodeRef, OpcUaSettings, SecurityPolicy};
 use crate::backoff::Backoff;
-use crate::driver::{DeviceStatus, DriverContext, DriverError, ErrorKind};
+use crate::driver::{
+    next_write, refusing_writes, DeviceStatus, DriverContext, DriverError, ErrorKind,
+};
 use crate::model::{Batch, DeviceId, Reason, Sample, TagId, Timestamp};
 
 /// Monitored items created per CreateMonitoredItems call (unless the server allows fewer).
@@ -84,7 +90,7 @@ pub async fn run(settings: OpcUaSettings, ctx: DriverContext) -> Result<(), Driv
         attempts += 1;
         let opened = tokio::select! {
             _ = ctx.cancel.cancelled() => return Ok(()),
-            r = client::open_session(&mut client, &settings) => r,
+            r = refusing_writes(ctx.writes.as_ref(), client::open_session(&mut client, &settings)) => r,
         };
         match opened {
             Ok((session, event_loop, endpoint)) => {
@@ -115,7 +121,7 @@ pub async fn run(settings: OpcUaSettings, ctx: DriverContext) -> Result<(), Driv
         let delay = backoff.next_delay();
         tokio::select! {
             _ = ctx.cancel.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(delay) => {}
+            _ = refusing_writes(ctx.writes.as_ref(), tokio::time::sleep(delay)) => {}
         }
     }
 }
@@ -454,17 +460,13 @@ async fn control(
     flags: Arc<SessionFlags>,
     reconnected: &Notify,
 ) -> Result<(), ControlEnd> {
-    session.wait_for_connection().await;
-    let limits = Limits::read(session).await;
-    debug!(device = %ctx.name, ?limits, "server operation limits");
-    let nodes = resolve(settings, ctx, session).await?;
-    // The Read request is the same every scan: built once per session.
-    let reads: Vec<ReadValueId> = nodes
-        .iter()
-        .filter_map(|n| n.as_ref().ok().map(ReadValueId::from))
-        .collect();
-    match settings.mode {
-        Mode::Subscribe => {
+    // Until the session is set up, a write is refused at once.
+    let setup = async {
+        session.wait_for_connection().await;
+        let limits = Limits::read(session).await;
+        debug!(device = %ctx.name, ?limits, "server operation limits");
+        let nodes = resolve(settings, ctx, session).await?;
+        if settings.mode == Mode::Subscribe {
             subscribe(
                 settings,
                 ctx,
@@ -476,18 +478,41 @@ async fn control(
             )
             .await?;
             flags.subscribed.store(true, Ordering::Relaxed);
-            loop {
-                reconnected.notified().await;
-                read_all(ctx, session, &nodes, &reads, limits, &flags).await?;
-            }
         }
+        Ok::<_, ControlEnd>((limits, nodes))
+    };
+    let (limits, nodes) = refusing_writes(ctx.writes.as_ref(), setup).await?;
+    // The Read request is the same every scan: built once per session.
+    let reads: Vec<ReadValueId> = nodes
+        .iter()
+        .filter_map(|n| n.as_ref().ok().map(ReadValueId::from))
+        .collect();
+    // Writes are performed here, between two reads (never during one).
+    let inbox = ctx.writes.as_ref();
+    match settings.mode {
+        Mode::Subscribe => loop {
+            tokio::select! {
+                _ = reconnected.notified() => {
+                    read_all(ctx, session, &nodes, &reads, limits, &flags).await?;
+                }
+                request = next_write(inbox) => {
+                    write::answer(session, &nodes, &ctx.status, request).await;
+                }
+            }
+        },
         Mode::Poll => {
             let mut tick = tokio::time::interval(settings.scan_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
-                if ctx.status.is_connected() {
-                    read_all(ctx, session, &nodes, &reads, limits, &flags).await?;
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if ctx.status.is_connected() {
+                            read_all(ctx, session, &nodes, &reads, limits, &flags).await?;
+                        }
+                    }
+                    request = next_write(inbox) => {
+                        write::answer(session, &nodes, &ctx.status, request).await;
+                    }
                 }
             }
         }

@@ -9,6 +9,7 @@ pub mod browse;
 mod client;
 mod convert;
 pub mod driver;
+mod write;
 
 pub use client::{is_certificate_problem, trust_server_certificate, OpcUaError};
 
@@ -257,6 +258,9 @@ pub struct OpcUaTag {
     pub queue_size: u32,
     /// Unit, description and engineering range, for consumers; the driver never reads it.
     pub meta: crate::model::TagMeta,
+    /// Whether commands may write the tag, and the range they may write; gateway policy the
+    /// driver never reads (it writes whatever request reaches it).
+    pub write: Option<crate::model::WriteAccess>,
 }
 
 /// A validated OPC UA device (one session).

@@ -6,9 +6,11 @@
 //!   requests), plus [`LineFaults`] for what goes wrong on the wire itself. It is a cheap,
 //!   cloneable handle: a test keeps one while the line serves.
 //! - One serving loop, `RtuSim::serve_stream`, runs over any byte stream. It behaves like the
-//!   slaves on a bus: bytes are accumulated, an 8-byte read request with a valid CRC at the start
-//!   of the buffer is a transaction, and anything else is dropped one byte at a time until a
-//!   request lines up again (a slave resynchronises on noise). Requests are handled one at a
+//!   slaves on a bus: bytes are accumulated, a request frame with a valid CRC at the start of
+//!   the buffer is a transaction, and anything else is dropped one byte at a time until a
+//!   request lines up again (a slave resynchronises on noise). Writes (functions 5, 6, 15, 16
+//!   and 22) change the unit's image and are answered with their echo, as the TCP simulator
+//!   takes them (counted in `faults.writes`; `faults.no_mask_write` refuses function 22). Requests are handled one at a
 //!   time in order; a unit nobody simulates, unit 0 (broadcast) and a silent unit do not answer;
 //!   a late unit answers after its delay even when the master has long given up, which is what
 //!   makes late answers collide with the next transaction on a real line.
@@ -55,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::modbus::{Image, SimDevice, SimServer};
-use crate::modbus::frame::{self, LineTiming, MAX_FRAME, REQUEST_LEN};
+use crate::modbus::frame::{self, LineTiming, MAX_FRAME};
 use crate::modbus::Area;
 
 /// Bytes buffered by the serving loop; a request is 8 bytes, so this only bounds one read.
@@ -161,15 +163,15 @@ impl RtuSim {
         let mut tx = Vec::with_capacity(MAX_NOISE + MAX_FRAME);
         loop {
             loop {
-                match frame::parse_request(&rx[start..end]) {
+                match frame::parse_slave_request(&rx[start..end]) {
                     Ok(None) => break,
                     Err(()) => {
                         start += 1;
                         self.faults.bad_requests.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(Some(request)) => {
-                        start += REQUEST_LEN;
-                        self.transact(request, &mut stream, &mut frame, &mut tx)
+                    Ok(Some((unit, request, len))) => {
+                        start += len;
+                        self.transact(unit, &request, len, &mut stream, &mut frame, &mut tx)
                             .await?;
                     }
                 }
@@ -186,10 +188,13 @@ impl RtuSim {
         }
     }
 
-    /// Handles one request: counts it, and answers if the unit exists and is not silent.
+    /// Handles one request (a frame of `len` bytes): counts it, and answers if the unit exists
+    /// and is not silent.
     async fn transact<S>(
         &self,
-        request: frame::Request,
+        unit: u8,
+        request: &Request<'_>,
+        len: usize,
         stream: &mut S,
         frame: &mut Vec<u8>,
         tx: &mut Vec<u8>,
@@ -199,25 +204,39 @@ impl RtuSim {
     {
         let arrived = Instant::now();
         let _line = self.bus.lock().await;
-        if request.unit == 0 {
+        if unit == 0 {
             return Ok(());
         }
-        let Some(device) = self.units.get(&request.unit) else {
+        let Some(device) = self.units.get(&unit) else {
             return Ok(());
         };
         let faults = device.faults();
         faults.requests.fetch_add(1, Ordering::Relaxed);
+        let write = is_write(request);
+        if write {
+            faults.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        // A silent unit changes nothing.
         if faults.silent.load(Ordering::Relaxed) {
             return Ok(());
         }
         let delay = Duration::from_millis(faults.delay_ms.load(Ordering::Relaxed));
-        encode_answer(&mut device.image(), &request, frame);
+        let mask_refused = matches!(request, Request::MaskWriteRegister(..))
+            && faults.no_mask_write.load(Ordering::Relaxed);
+        if mask_refused {
+            let code = ExceptionCode::IllegalFunction.into();
+            frame::encode_exception(unit, 22, code, frame);
+        } else if write {
+            encode_write_answer(&mut device.image(), unit, request, frame);
+        } else {
+            encode_answer(&mut device.image(), unit, request, frame);
+        }
         self.spoil(frame, tx);
 
         let mut at = arrived;
         if let Some(timing) = self.timing {
             // The request's characters and the end-of-frame silence before the unit may answer.
-            at += timing.chars(REQUEST_LEN) + timing.t35;
+            at += timing.chars(len) + timing.t35;
             sleep_until(at).await;
         }
         if !delay.is_zero() {
@@ -309,13 +328,47 @@ impl RtuSim {
     }
 }
 
-/// Writes the answer for `request` from `image` into `frame`: data, or an exception frame.
-fn encode_answer(image: &mut Image, request: &frame::Request, frame: &mut Vec<u8>) {
-    let (unit, function, start, count) =
-        (request.unit, request.function, request.start, request.count);
-    let Some(area) = frame::area_of(function) else {
-        frame::encode_exception(unit, function, ExceptionCode::IllegalFunction.into(), frame);
-        return;
+/// Whether a request writes.
+fn is_write(request: &Request<'_>) -> bool {
+    matches!(
+        request,
+        Request::WriteSingleCoil(..)
+            | Request::WriteMultipleCoils(..)
+            | Request::WriteSingleRegister(..)
+            | Request::WriteMultipleRegisters(..)
+            | Request::MaskWriteRegister(..)
+    )
+}
+
+/// Performs the write `request` on `image` and writes its answer into `frame`: the echo, or
+/// an exception frame.
+fn encode_write_answer(image: &mut Image, unit: u8, request: &Request<'_>, frame: &mut Vec<u8>) {
+    let function = request.function_code().value();
+    match image.answer(request) {
+        Ok(response) => {
+            if frame::encode_write_answer(unit, &response, frame).is_none() {
+                let code = ExceptionCode::ServerDeviceFailure.into();
+                frame::encode_exception(unit, function, code, frame);
+            }
+        }
+        Err(code) => frame::encode_exception(unit, function, code.into(), frame),
+    }
+}
+
+/// Writes the answer for the read `request` from `image` into `frame`: data, or an exception
+/// frame (exception 01 for a function that is no read).
+fn encode_answer(image: &mut Image, unit: u8, request: &Request<'_>, frame: &mut Vec<u8>) {
+    let function = request.function_code().value();
+    let (area, count) = match *request {
+        Request::ReadCoils(_, n) => (Area::Coil, n),
+        Request::ReadDiscreteInputs(_, n) => (Area::DiscreteInput, n),
+        Request::ReadHoldingRegisters(_, n) => (Area::HoldingRegister, n),
+        Request::ReadInputRegisters(_, n) => (Area::InputRegister, n),
+        _ => {
+            let code = ExceptionCode::IllegalFunction.into();
+            frame::encode_exception(unit, function, code, frame);
+            return;
+        }
     };
     // The protocol limits of one read; a larger count cannot even be framed.
     let limit = if area.is_bit() { 2000 } else { 125 };
@@ -328,13 +381,7 @@ fn encode_answer(image: &mut Image, request: &frame::Request, frame: &mut Vec<u8
         );
         return;
     }
-    let read = match area {
-        Area::Coil => Request::ReadCoils(start, count),
-        Area::DiscreteInput => Request::ReadDiscreteInputs(start, count),
-        Area::HoldingRegister => Request::ReadHoldingRegisters(start, count),
-        Area::InputRegister => Request::ReadInputRegisters(start, count),
-    };
-    match image.answer(&read) {
+    match image.answer(request) {
         Ok(Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits)) => {
             frame::encode_bits(unit, function, &bits, frame);
         }

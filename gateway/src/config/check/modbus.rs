@@ -620,31 +620,11 @@ impl Checker<'_> {
                 self.report(&path.key("writable"), message);
             }
         }
-        let numeric = !matches!(data_type, Some(DataType::Bool | DataType::String));
-        let mut bound = |key: &str, value: Option<f64>| -> Option<f64> {
-            let value = value?;
-            if !writable {
-                self.report(&path.key(key), "is only for a tag with writable = true");
-            } else if !numeric {
-                let message = format!(
-                    "is only for numbers, not type \"{}\"",
-                    data_type.map_or("", |t| t.name())
-                );
-                self.report(&path.key(key), message);
-            } else if !value.is_finite() {
-                self.report(&path.key(key), "must be a finite number");
-            }
-            Some(value)
+        let not_numeric = match data_type {
+            Some(t @ (DataType::Bool | DataType::String)) => Some(t.name()),
+            _ => None,
         };
-        let min = bound("write_min", raw.write_min);
-        let max = bound("write_max", raw.write_max);
-        if let (Some(min), Some(max)) = (min, max) {
-            if min > max {
-                let message = format!("must not be above write_max ({max})");
-                self.report(&path.key("write_min"), message);
-            }
-        }
-        writable.then_some(WriteAccess { min, max })
+        self.write_bounds(path, writable, not_numeric, raw.write_min, raw.write_max)
     }
 
     /// Checks one tag; returns it when its address and type are known.

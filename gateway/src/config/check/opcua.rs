@@ -347,8 +347,18 @@ impl Checker<'_> {
                 max: raw.max,
             },
         );
+        // The node's data type is the server's: any bound is checked against numbers only
+        // when a write comes.
+        let write = self.write_bounds(
+            path,
+            raw.writable.unwrap_or(false),
+            None,
+            raw.write_min,
+            raw.write_max,
+        );
         let (node, node_key) = node?;
         let tag = OpcUaTag {
+            write,
             meta,
             name: raw.name.into(),
             node,

@@ -105,6 +105,7 @@ fn an_opcua_device_with_every_key_parses_into_its_settings() {
                 sampling_interval: Duration::from_millis(100),
                 deadband: Some(0.1),
                 queue_size: 20,
+                write: None,
             },
             OpcUaTag {
                 meta: Default::default(),
@@ -113,6 +114,7 @@ fn an_opcua_device_with_every_key_parses_into_its_settings() {
                 sampling_interval: Duration::from_millis(250),
                 deadband: None,
                 queue_size: 10,
+                write: None,
             },
         ],
     };
@@ -133,6 +135,7 @@ fn an_opcua_device_takes_the_runtime_defaults_and_keeps_its_pki_in_the_data_dir(
             sampling_interval: Duration::from_millis(500),
             deadband: None,
             queue_size: 10,
+            write: None,
         }],
     );
     expected.pki_dir = PathBuf::from("./data/pki");

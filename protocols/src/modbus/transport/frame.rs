@@ -1,5 +1,5 @@
-//! Modbus RTU framing, free of I/O: CRC-16, read requests, and a response finder that
-//! resynchronises on a noisy line.
+//! Modbus RTU framing, free of I/O: CRC-16, read and write requests, and response finders
+//! that resynchronise on a noisy line.
 //!
 //! An RTU frame is `[unit][function][data...][crc lo][crc hi]`; frames are separated by at least
 //! 3.5 character times of silence. The master knows the exact length of the answer it expects,
@@ -11,6 +11,11 @@
 
 use std::time::Duration;
 
+use tokio_modbus::Request as Pdu;
+#[cfg(any(test, feature = "sim"))]
+use tokio_modbus::Response;
+
+use crate::modbus::write::WritePlan;
 use crate::modbus::Area;
 
 /// Largest RTU frame: unit, function, 252 data bytes, CRC.
@@ -63,18 +68,6 @@ pub(crate) fn function_code(area: Area) -> u8 {
         Area::DiscreteInput => 0x02,
         Area::HoldingRegister => 0x03,
         Area::InputRegister => 0x04,
-    }
-}
-
-/// The area a read function code reads, if it is one of the four read functions.
-#[cfg(feature = "sim")]
-pub(crate) fn area_of(function: u8) -> Option<Area> {
-    match function {
-        0x01 => Some(Area::Coil),
-        0x02 => Some(Area::DiscreteInput),
-        0x03 => Some(Area::HoldingRegister),
-        0x04 => Some(Area::InputRegister),
-        _ => None,
     }
 }
 
@@ -199,6 +192,188 @@ pub fn find_response(buf: &[u8], expect: Expect) -> Found {
         // looking, so a complete valid frame behind a false start is not missed.
     }
     Found::Incomplete
+}
+
+/// Most registers one write (function 16) carries: its byte count is one byte and the frame
+/// at most [`MAX_FRAME`] bytes.
+pub const MAX_WRITE_REGISTERS: usize = 123;
+
+/// Writes the request frame that performs `plan` at `start` on unit `unit` into `out`:
+/// function 5 (a coil, `FF00` for on), 6 (one register), 16 (registers; at most
+/// [`MAX_WRITE_REGISTERS`], more are cut: the planner refuses them before) or 22 (a mask write).
+pub(crate) fn encode_write(unit: u8, start: u16, plan: &WritePlan, out: &mut Vec<u8>) {
+    out.clear();
+    out.push(unit);
+    out.push(plan.function());
+    out.extend_from_slice(&start.to_be_bytes());
+    match plan {
+        WritePlan::Coil(on) => out.extend_from_slice(&coil_word(*on).to_be_bytes()),
+        WritePlan::Register(word) => out.extend_from_slice(&word.to_be_bytes()),
+        WritePlan::Registers(words) => {
+            let words = &words[..words.len().min(MAX_WRITE_REGISTERS)];
+            // At most 123 words: both counts fit.
+            out.extend_from_slice(&(words.len() as u16).to_be_bytes());
+            out.push((words.len() * 2) as u8);
+            for w in words {
+                out.extend_from_slice(&w.to_be_bytes());
+            }
+        }
+        WritePlan::Mask { and_mask, or_mask } => {
+            out.extend_from_slice(&and_mask.to_be_bytes());
+            out.extend_from_slice(&or_mask.to_be_bytes());
+        }
+    }
+    push_crc(out);
+}
+
+/// The word of a single coil write: `FF00` for on, `0000` for off.
+fn coil_word(on: bool) -> u16 {
+    if on {
+        0xFF00
+    } else {
+        0
+    }
+}
+
+/// The normal answer to the write request `request` (a frame from [`encode_write`]), without
+/// its CRC: functions 5 and 6 echo unit, function, address and value; 15 and 16 answer unit,
+/// function, address and count (the request's first six bytes all the same); 22 echoes the
+/// whole request.
+pub(crate) fn write_echo(request: &[u8]) -> &[u8] {
+    let len = if request.get(1) == Some(&22) { 8 } else { 6 };
+    &request[..len.min(request.len())]
+}
+
+/// Looks for the answer to a write in `buf`: the normal answer `echo` (see [`write_echo`])
+/// followed by its CRC, or an exception frame of the same unit and function. Skips whatever
+/// cannot start it, as [`find_response`] does; a normal answer is [`Answer::Data`] over the
+/// bytes after unit and function.
+pub fn find_write_response(buf: &[u8], echo: &[u8]) -> Found {
+    let (Some(&unit), Some(&function)) = (echo.first(), echo.get(1)) else {
+        return Found::Incomplete;
+    };
+    let normal_len = echo.len() + 2;
+    for i in 0..buf.len() {
+        let rest = &buf[i..];
+        if rest[0] != unit {
+            continue;
+        }
+        let Some(&f) = rest.get(1) else {
+            break;
+        };
+        if f == function {
+            match rest.get(..normal_len) {
+                Some(frame) if frame.starts_with(echo) && crc_ok(frame) => {
+                    return Found::Answer {
+                        answer: Answer::Data {
+                            start: i + 2,
+                            len: echo.len() - 2,
+                        },
+                        skipped: i,
+                        end: i + normal_len,
+                    };
+                }
+                _ => {}
+            }
+        } else if f == function | 0x80 {
+            match rest.get(..EXCEPTION_LEN) {
+                Some(frame) if crc_ok(frame) => {
+                    return Found::Answer {
+                        answer: Answer::Exception(frame[2]),
+                        skipped: i,
+                        end: i + EXCEPTION_LEN,
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+    Found::Incomplete
+}
+
+/// Parses one request frame at the start of `buf` as a slave sees it, for simulators: the
+/// unit, the request and the frame's length. Reads (1-4) and writes (5, 6, 15, 16, 22) are
+/// understood; any other function is taken as an 8-byte frame and given as
+/// [`tokio_modbus::Request::Custom`], which a slave answers with exception 01. `Ok(None)` when more bytes are
+/// needed, `Err(())` when the bytes cannot be such a frame with a valid CRC.
+#[allow(clippy::result_unit_err)]
+pub fn parse_slave_request(buf: &[u8]) -> Result<Option<(u8, Pdu<'static>, usize)>, ()> {
+    let (Some(&unit), Some(&function)) = (buf.first(), buf.get(1)) else {
+        return Ok(None);
+    };
+    let len = match function {
+        15 | 16 => match buf.get(6) {
+            Some(&count) => 9 + usize::from(count),
+            None => return Ok(None),
+        },
+        22 => 10,
+        _ => REQUEST_LEN,
+    };
+    let Some(frame) = buf.get(..len) else {
+        return Ok(None);
+    };
+    if !crc_ok(frame) {
+        return Err(());
+    }
+    let word = |i: usize| u16::from_be_bytes([frame[i], frame[i + 1]]);
+    let (start, value) = (word(2), word(4));
+    // The data bytes of functions 15 and 16 (after the byte count); none for the others.
+    let data = frame.get(7..len - 2).unwrap_or_default();
+    let request = match function {
+        1 => Pdu::ReadCoils(start, value),
+        2 => Pdu::ReadDiscreteInputs(start, value),
+        3 => Pdu::ReadHoldingRegisters(start, value),
+        4 => Pdu::ReadInputRegisters(start, value),
+        // A coil write of another value than FF00 or 0000 is illegal: given as custom.
+        5 if value == 0xFF00 || value == 0 => Pdu::WriteSingleCoil(start, value != 0),
+        6 => Pdu::WriteSingleRegister(start, value),
+        15 => {
+            let bits: Vec<bool> = (0..usize::from(value))
+                .map_while(|i| data.get(i / 8).map(|b| b >> (i % 8) & 1 == 1))
+                .collect();
+            if bits.len() != usize::from(value) {
+                return Err(());
+            }
+            Pdu::WriteMultipleCoils(start, bits.into())
+        }
+        16 => {
+            if data.len() != usize::from(value) * 2 {
+                return Err(());
+            }
+            let words: Vec<u16> = data
+                .chunks_exact(2)
+                .map(|p| u16::from_be_bytes([p[0], p[1]]))
+                .collect();
+            Pdu::WriteMultipleRegisters(start, words.into())
+        }
+        22 => Pdu::MaskWriteRegister(start, value, word(6)),
+        _ => Pdu::Custom(function, frame[2..6].to_vec().into()),
+    };
+    Ok(Some((unit, request, len)))
+}
+
+/// Writes the normal answer of a slave to a write into `out`, for simulators; `None` when
+/// `response` answers no write.
+#[cfg(any(test, feature = "sim"))]
+pub(crate) fn encode_write_answer(unit: u8, response: &Response, out: &mut Vec<u8>) -> Option<()> {
+    out.clear();
+    out.push(unit);
+    let (function, start, words): (u8, u16, [u16; 2]) = match *response {
+        Response::WriteSingleCoil(a, on) => (5, a, [coil_word(on), 0]),
+        Response::WriteSingleRegister(a, w) => (6, a, [w, 0]),
+        Response::WriteMultipleCoils(a, n) => (15, a, [n, 0]),
+        Response::WriteMultipleRegisters(a, n) => (16, a, [n, 0]),
+        Response::MaskWriteRegister(a, and, or) => (22, a, [and, or]),
+        _ => return None,
+    };
+    out.push(function);
+    out.extend_from_slice(&start.to_be_bytes());
+    out.extend_from_slice(&words[0].to_be_bytes());
+    if function == 22 {
+        out.extend_from_slice(&words[1].to_be_bytes());
+    }
+    push_crc(out);
+    Some(())
 }
 
 /// Registers of a normal answer's data bytes (big-endian pairs).
@@ -452,7 +627,143 @@ mod tests {
         assert!((fast - 4369.0).abs() < 2.0, "{fast}");
     }
 
+    fn echo_of(request: &[u8]) -> Vec<u8> {
+        let mut answer = write_echo(request).to_vec();
+        push_crc(&mut answer);
+        answer
+    }
+
+    #[test]
+    fn every_write_plan_is_framed_as_the_specification_says() {
+        let mut out = Vec::new();
+        // Write single coil 0x00AC on at unit 0x11 (the specification's example): FF00.
+        encode_write(0x11, 0x00AC, &WritePlan::Coil(true), &mut out);
+        assert_eq!(out[..6], [0x11, 0x05, 0x00, 0xAC, 0xFF, 0x00]);
+        assert!(crc_ok(&out));
+        encode_write(0x11, 0x0001, &WritePlan::Register(0x0003), &mut out);
+        assert_eq!(out[..6], [0x11, 0x06, 0x00, 0x01, 0x00, 0x03]);
+        encode_write(
+            0x11,
+            0x0001,
+            &WritePlan::Registers(vec![0x000A, 0x0102]),
+            &mut out,
+        );
+        assert_eq!(
+            out[..11],
+            [0x11, 0x10, 0x00, 0x01, 0x00, 0x02, 0x04, 0x00, 0x0A, 0x01, 0x02]
+        );
+        assert_eq!(write_echo(&out), [0x11, 0x10, 0x00, 0x01, 0x00, 0x02]);
+        let mask = WritePlan::Mask {
+            and_mask: 0x00F2,
+            or_mask: 0x0025,
+        };
+        encode_write(0x11, 0x0004, &mask, &mut out);
+        assert_eq!(out.len(), 10);
+        assert_eq!(write_echo(&out), &out[..8]);
+    }
+
+    #[test]
+    fn a_slave_parses_what_the_master_frames_and_answers_what_the_master_finds() {
+        let plans = [
+            (WritePlan::Coil(true), Pdu::WriteSingleCoil(7, true)),
+            (WritePlan::Coil(false), Pdu::WriteSingleCoil(7, false)),
+            (WritePlan::Register(9), Pdu::WriteSingleRegister(7, 9)),
+            (
+                WritePlan::Registers(vec![1, 2, 3]),
+                Pdu::WriteMultipleRegisters(7, vec![1, 2, 3].into()),
+            ),
+            (
+                WritePlan::Mask {
+                    and_mask: 0xFFF7,
+                    or_mask: 8,
+                },
+                Pdu::MaskWriteRegister(7, 0xFFF7, 8),
+            ),
+        ];
+        for (plan, expected) in plans {
+            let mut request = Vec::new();
+            encode_write(3, 7, &plan, &mut request);
+            let (unit, parsed, len) = parse_slave_request(&request).unwrap().unwrap();
+            assert_eq!((unit, len), (3, request.len()));
+            assert_eq!(parsed, expected);
+            let response = match parsed {
+                Pdu::WriteSingleCoil(a, on) => Response::WriteSingleCoil(a, on),
+                Pdu::WriteSingleRegister(a, w) => Response::WriteSingleRegister(a, w),
+                Pdu::WriteMultipleRegisters(a, w) => {
+                    Response::WriteMultipleRegisters(a, w.len() as u16)
+                }
+                Pdu::MaskWriteRegister(a, and, or) => Response::MaskWriteRegister(a, and, or),
+                other => panic!("{other:?}"),
+            };
+            let mut answer = Vec::new();
+            encode_write_answer(3, &response, &mut answer).unwrap();
+            assert_eq!(answer, echo_of(&request), "{plan:?}");
+            assert!(matches!(
+                find_write_response(&answer, write_echo(&request)),
+                Found::Answer {
+                    answer: Answer::Data { .. },
+                    skipped: 0,
+                    ..
+                }
+            ));
+        }
+        let mut read = Vec::new();
+        encode_read(2, Area::Coil, 5, 3, &mut read);
+        assert_eq!(
+            parse_slave_request(&read),
+            Ok(Some((2, Pdu::ReadCoils(5, 3), 8)))
+        );
+    }
+
+    #[test]
+    fn a_write_answer_is_found_behind_garbage_and_another_write_s_echo_is_not_it() {
+        let mut request = Vec::new();
+        encode_write(4, 10, &WritePlan::Register(215), &mut request);
+        let mut stale = Vec::new();
+        encode_write(4, 10, &WritePlan::Register(200), &mut stale);
+        let answer = echo_of(&request);
+        let buf = [vec![0x04, 0x06, 0xFF], stale.clone(), answer.clone()].concat();
+        match find_write_response(&buf, write_echo(&request)) {
+            Found::Answer {
+                answer: Answer::Data { .. },
+                skipped,
+                end,
+            } => {
+                assert_eq!(skipped, 3 + stale.len());
+                assert_eq!(end, buf.len());
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut exception = Vec::new();
+        encode_exception(4, 6, 2, &mut exception);
+        assert!(matches!(
+            find_write_response(&exception, write_echo(&request)),
+            Found::Answer {
+                answer: Answer::Exception(2),
+                ..
+            }
+        ));
+        assert_eq!(
+            find_write_response(&stale, write_echo(&request)),
+            Found::Incomplete
+        );
+    }
+
     proptest! {
+        #[test]
+        fn any_bytes_never_panic_as_a_write_answer_or_a_slave_request(
+            buf in proptest::collection::vec(any::<u8>(), 0..300),
+            echo in proptest::collection::vec(any::<u8>(), 0..9),
+        ) {
+            if let Found::Answer { skipped, end, .. } = find_write_response(&buf, &echo) {
+                prop_assert!(skipped < end && end <= buf.len());
+                prop_assert!(crc_ok(&buf[skipped..end]));
+            }
+            if let Ok(Some((_, _, len))) = parse_slave_request(&buf) {
+                prop_assert!(len <= buf.len());
+            }
+        }
+
         #[test]
         fn any_bytes_never_panic_and_an_answer_lies_inside_the_buffer(
             buf in proptest::collection::vec(any::<u8>(), 0..300),

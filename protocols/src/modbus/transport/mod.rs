@@ -209,8 +209,7 @@ impl Conn {
         Ok(answer)
     }
 
-    /// Performs one write on unit `unit`; only Modbus TCP lines write (RTU links answer
-    /// [`ReadError::Garbled`] without sending anything: the line driver refuses before).
+    /// Performs one write on unit `unit`, on any kind of line.
     pub(crate) async fn write(
         &mut self,
         unit: u8,
@@ -227,9 +226,8 @@ impl Conn {
                 c.last_answer = Instant::now();
                 answer
             }
-            Conn::RtuOverTcp(_) | Conn::Serial(_) => Err(ReadError::Garbled(
-                "writes are not implemented on RTU lines".into(),
-            )),
+            Conn::RtuOverTcp(l) => l.write(unit, start, plan, timeout).await,
+            Conn::Serial(l) => l.write(unit, start, plan, timeout).await,
         }
     }
 

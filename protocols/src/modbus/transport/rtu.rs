@@ -12,8 +12,11 @@
 //!   and is thrown away instead of colliding with the next unit's answer. (The line driver
 //!   also holds the failed unit back for [`HOLD_OFF_TIMEOUTS`] timeouts; see `driver.rs`.)
 //! - An answer is accepted only from the addressed unit, with the requested function, the
-//!   exact byte count and a valid CRC ([`frame::find_response`]); bytes before it are counted
-//!   as discarded.
+//!   exact byte count and a valid CRC ([`frame::find_response`]); the answer to a write only as
+//!   the exact echo the request calls for, or an exception ([`frame::find_write_response`]).
+//!   Bytes before it are counted as discarded.
+//! - A write is one transaction like a read: the same silences before it, the same guard after
+//!   a failed one.
 //! - A line that never goes quiet, an I/O error or end of file is a link failure: the driver
 //!   closes the port or connection and opens it again.
 
@@ -25,6 +28,7 @@ use tokio_modbus::ExceptionCode;
 
 use super::frame::{self, Answer, Expect, Found, LineTiming};
 use super::{BlockData, LinkError, ReadError};
+use crate::modbus::write::WritePlan;
 use crate::modbus::{Area, Parity, SerialSettings};
 
 /// Received bytes kept while looking for an answer; the longest frame is 256 bytes.
@@ -98,6 +102,50 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
         count: u16,
         timeout: Duration,
     ) -> Result<Result<BlockData, ExceptionCode>, ReadError> {
+        frame::encode_read(unit, area, start, count, &mut self.request);
+        let expect = Expect { unit, area, count };
+        let answer = self.transact(Awaited::Read(expect), timeout).await?;
+        Ok(match answer {
+            Err(code) => Err(ExceptionCode::new(code)),
+            Ok((start, len)) => {
+                let data = &self.buf[start..start + len];
+                Ok(if area.is_bit() {
+                    BlockData::Bits(frame::bits(data, count))
+                } else {
+                    BlockData::Registers(frame::registers(data, count))
+                })
+            }
+        })
+    }
+
+    /// Performs the write `plan` at `start` on unit `unit`: the request, then its echo (or an
+    /// exception), with the same silences, resynchronisation and failure handling as a read.
+    pub(crate) async fn write(
+        &mut self,
+        unit: u8,
+        start: u16,
+        plan: &WritePlan,
+        timeout: Duration,
+    ) -> Result<Result<(), ExceptionCode>, ReadError> {
+        frame::encode_write(unit, start, plan, &mut self.request);
+        let echo = frame::write_echo(&self.request);
+        let mut expected = [0u8; 8];
+        expected[..echo.len()].copy_from_slice(echo);
+        let awaited = Awaited::Write {
+            echo: expected,
+            len: echo.len(),
+        };
+        let answer = self.transact(awaited, timeout).await?;
+        Ok(answer.map(|_| ()).map_err(ExceptionCode::new))
+    }
+
+    /// Sends the request in `self.request` after the silence the line needs and waits for
+    /// `awaited`: the data bytes' place in `self.buf`, or an exception code.
+    async fn transact(
+        &mut self,
+        awaited: Awaited,
+        timeout: Duration,
+    ) -> Result<Result<(usize, usize), u8>, ReadError> {
         let quiet = if self.failed {
             self.quiet_after_failure
         } else {
@@ -105,19 +153,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
         };
         self.wait_for_silence(quiet, timeout).await?;
 
-        frame::encode_read(unit, area, start, count, &mut self.request);
         self.io
             .write_all(&self.request)
             .await
             .map_err(LinkError::Send)?;
         self.io.flush().await.map_err(LinkError::Send)?;
         // On a real UART the request is still on the wire when write returns.
-        let sent = Instant::now() + self.char_time * frame::REQUEST_LEN as u32;
+        let sent = Instant::now() + self.char_time * self.request.len() as u32;
         self.last_activity = sent;
         let deadline = sent + timeout;
-        let expect = Expect { unit, area, count };
-        let function = frame::function_code(area);
-        let normal_len = frame::response_len(area, count);
+        let unit = awaited.unit();
+        let function = awaited.function();
+        let normal_len = awaited.normal_len();
 
         self.buf.clear();
         let result = loop {
@@ -149,7 +196,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
                 self.discarded += drop as u64;
             }
             self.buf.extend_from_slice(&chunk[..n]);
-            match frame::find_response(&self.buf, expect) {
+            match awaited.find(&self.buf) {
                 Found::Incomplete => {
                     // On a serial line the rest of the answer cannot arrive faster than the
                     // character rate: sleep until shortly before it can be complete instead of
@@ -172,15 +219,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
                 } => {
                     self.discarded += (skipped + self.buf.len() - end) as u64;
                     break Ok(match answer {
-                        Answer::Exception(code) => Err(ExceptionCode::new(code)),
-                        Answer::Data { start, len } => {
-                            let data = &self.buf[start..start + len];
-                            Ok(if area.is_bit() {
-                                BlockData::Bits(frame::bits(data, count))
-                            } else {
-                                BlockData::Registers(frame::registers(data, count))
-                            })
-                        }
+                        Answer::Exception(code) => Err(code),
+                        Answer::Data { start, len } => Ok((start, len)),
                     });
                 }
             }
@@ -253,6 +293,46 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
                     Err(e) => return Err(LinkError::Receive(e).into()),
                 },
             }
+        }
+    }
+}
+
+/// What a transaction waits for.
+#[derive(Debug, Clone, Copy)]
+enum Awaited {
+    /// The answer to a read.
+    Read(Expect),
+    /// The echo of a write ([`frame::write_echo`]: at most 8 bytes, `len` of them used).
+    Write { echo: [u8; 8], len: usize },
+}
+
+impl Awaited {
+    fn unit(&self) -> u8 {
+        match self {
+            Awaited::Read(e) => e.unit,
+            Awaited::Write { echo, .. } => echo[0],
+        }
+    }
+
+    fn function(&self) -> u8 {
+        match self {
+            Awaited::Read(e) => frame::function_code(e.area),
+            Awaited::Write { echo, .. } => echo[1],
+        }
+    }
+
+    /// The length of the normal answer, CRC included.
+    fn normal_len(&self) -> usize {
+        match self {
+            Awaited::Read(e) => frame::response_len(e.area, e.count),
+            Awaited::Write { len, .. } => len + 2,
+        }
+    }
+
+    fn find(&self, buf: &[u8]) -> Found {
+        match self {
+            Awaited::Read(e) => frame::find_response(buf, *e),
+            Awaited::Write { echo, len } => frame::find_write_response(buf, &echo[..*len]),
         }
     }
 }
@@ -388,6 +468,34 @@ mod tests {
             .expect("no exception");
         assert!(matches!(got, BlockData::Registers(r) if r == [10, 20]));
         assert_eq!(l.discarded(), 3);
+        drop(peer.await);
+    }
+
+    #[tokio::test]
+    async fn a_write_takes_its_echo_behind_noise_and_an_exception_as_the_unit_s_no() {
+        let (a, mut b) = duplex(1024);
+        let mut l = link(a);
+        let peer = tokio::spawn(async move {
+            let mut req = [0u8; 8];
+            b.read_exact(&mut req).await.expect("request");
+            assert_eq!(req[..6], [7, 6, 0, 10, 0, 215]);
+            // Noise, then the echo.
+            b.write_all(&[0x07, 0x06, 0x55]).await.expect("noise");
+            b.write_all(&req).await.expect("echo");
+            b.read_exact(&mut req).await.expect("request");
+            let mut exception = Vec::new();
+            frame::encode_exception(7, 6, 2, &mut exception);
+            b.write_all(&exception).await.expect("exception");
+            b
+        });
+        let timeout = Duration::from_millis(500);
+        let plan = WritePlan::Register(215);
+        assert!(matches!(l.write(7, 10, &plan, timeout).await, Ok(Ok(()))));
+        assert_eq!(l.discarded(), 3);
+        assert!(matches!(
+            l.write(7, 10, &plan, timeout).await,
+            Ok(Err(ExceptionCode::IllegalDataAddress))
+        ));
         drop(peer.await);
     }
 

@@ -19,6 +19,10 @@
 //! - The certificate's application URI (and the server's) is `urn:edge-gateway:sim:server`, not
 //!   the namespace URI `urn:edge-gateway:sim`: async-opcua gives the application URI its own
 //!   namespace (index 1, the diagnostics namespace), so the simulated nodes need a different one.
+//! - async-opcua checks the type of a written value only for arrays: a scalar of another type
+//!   than the variable's (an Int64 for an Int16) is stored as it came, where a stricter server
+//!   answers `BadTypeMismatch`. [`SimOpcUa::value`] shows the variant as stored, so a test can
+//!   check that a client wrote the variable's own type.
 //! - To trust the server without `trust_server_certs`, a client must store the certificate in its
 //!   `pki/trusted/` directory under the name `CertificateStore::cert_file_name(&cert)`, i.e.
 //!   `"CN=Edge Gateway OPC UA Simulator [<sha1 thumbprint>].der"`; any other name is ignored.
@@ -53,8 +57,9 @@ pub(crate) const APPLICATION_URI: &str = "urn:edge-gateway:sim:server";
 ///
 /// Node ids are `ns=<namespace>;s=<id>`, browse paths `Objects/Sim/<id without "Sim.">`. Ids
 /// ending in `Array` are one-dimensional arrays (ValueRank 1) of the named type, all others are
-/// scalars (ValueRank -1). Every variable changes on each tick except `Sim.Setpoint` (written by
-/// clients only) and `Sim.String` (every tenth tick); `Sim.Uncertain` carries the status
+/// scalars (ValueRank -1). Every variable changes on each tick except `Sim.Setpoint` and
+/// `Sim.Limit` (written by clients only; the only writable ones) and `Sim.String` (every tenth
+/// tick); `Sim.Uncertain` carries the status
 /// `UncertainLastUsableValue` and `Sim.Bad` the status `BadSensorFailure`.
 #[cfg(test)]
 const VARIABLES: &[(&str, &str)] = &[
@@ -76,6 +81,7 @@ const VARIABLES: &[(&str, &str)] = &[
     ("Sim.Int32Array", "Int32"),
     ("Sim.Counter", "UInt32"),
     ("Sim.Setpoint", "Double"),
+    ("Sim.Limit", "Int16"),
     ("Sim.Uncertain", "Double"),
     ("Sim.Bad", "Double"),
 ];
@@ -310,6 +316,13 @@ impl SimOpcUa {
         let now = DateTime::now();
         let dv = data_value(value, var.status, now);
         self.shared.write(&var.node_id, dv)
+    }
+
+    /// The value a simulated variable holds now, as stored (its variant type included).
+    pub fn value(&self, id: &str) -> Result<Variant, SimError> {
+        let i = self.shared.lookup(id)?;
+        let vars = self.shared.lock_vars();
+        self.shared.current_value(&vars[i].node_id)
     }
 
     /// Sets the status code of a variable's value (for quality tests).

@@ -38,6 +38,7 @@ pub(super) enum Kind {
     Int32Array,
     Counter,
     Setpoint,
+    Limit,
     Uncertain,
     Bad,
     Bench(u32),
@@ -63,6 +64,7 @@ pub(super) const SIM_KINDS: &[(&str, Kind)] = &[
     ("Int32Array", Kind::Int32Array),
     ("Counter", Kind::Counter),
     ("Setpoint", Kind::Setpoint),
+    ("Limit", Kind::Limit),
     ("Uncertain", Kind::Uncertain),
     ("Bad", Kind::Bad),
 ];
@@ -73,7 +75,7 @@ impl Kind {
             Kind::Bool => VariantScalarTypeId::Boolean,
             Kind::SByte => VariantScalarTypeId::SByte,
             Kind::Byte => VariantScalarTypeId::Byte,
-            Kind::Int16 => VariantScalarTypeId::Int16,
+            Kind::Int16 | Kind::Limit => VariantScalarTypeId::Int16,
             Kind::UInt16 => VariantScalarTypeId::UInt16,
             Kind::Int32 | Kind::Int32Array => VariantScalarTypeId::Int32,
             Kind::UInt32 | Kind::Counter => VariantScalarTypeId::UInt32,
@@ -162,9 +164,14 @@ impl Kind {
         }
     }
 
-    /// Whether the simulator drives this variable at all.
+    /// Whether the simulator drives this variable at all (not the ones clients write).
     fn simulated(self) -> bool {
-        self != Kind::Setpoint
+        !self.writable()
+    }
+
+    /// Whether clients may write this variable.
+    pub(super) fn writable(self) -> bool {
+        matches!(self, Kind::Setpoint | Kind::Limit)
     }
 
     /// Whether the value changes on tick `n` (only changed values are written).
@@ -214,6 +221,7 @@ impl Kind {
             }
             Kind::Counter => Variant::UInt32(n as u32),
             Kind::Setpoint => Variant::Double(0.0),
+            Kind::Limit => Variant::Int16(0),
             Kind::Uncertain => Variant::Double(x * 0.5),
             Kind::Bad => Variant::Double(-x),
             Kind::Bench(i) => Variant::Double(x + f64::from(i) * 0.001),
@@ -227,7 +235,7 @@ pub(super) struct SimVar {
     pub(super) node_id: NodeId,
     pub(super) kind: Kind,
     pub(super) status: StatusCode,
-    /// Whether ticks still change the value (false for the set-point and after `set`).
+    /// Whether ticks still change the value (false for the writable ones and after `set`).
     pub(super) driven: bool,
 }
 
@@ -260,7 +268,6 @@ impl Shared {
             .map_err(SimError::Update)
     }
 
-    #[cfg(test)]
     pub(super) fn current_value(&self, node_id: &NodeId) -> Result<Variant, SimError> {
         use opcua::server::address_space::NodeType;
         use opcua::types::{DataEncoding, NumericRange, TimestampsToReturn};
@@ -353,7 +360,7 @@ pub(super) fn populate(node_manager: &SimpleNodeManager, ns: u16, bench: usize) 
         if let Some(len) = kind.array_len() {
             builder = builder.array_dimensions(&[len]);
         }
-        if kind == Kind::Setpoint {
+        if kind.writable() {
             builder = builder.writable();
         }
         builder.insert(&mut *space);

@@ -1,4 +1,5 @@
 use super::*;
+use crate::modbus::frame::REQUEST_LEN;
 use tokio::io::{duplex, DuplexStream};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -299,12 +300,18 @@ async fn exceptions_follow_the_image_and_the_protocol_limits() {
     assert_eq!(answer, exception_answer(1, 4, 2));
     let answer = exchange(&mut io, &read_request(1, Area::HoldingRegister, 0, 126), 5).await;
     assert_eq!(answer, exception_answer(1, 3, 3));
-    // Write single register (06) has a read's shape but is not supported.
+    // Write single register (06) is answered with its echo and lands in the image.
     let mut write = vec![1, 0x06, 0, 1, 0, 7];
     frame::push_crc(&mut write);
+    assert_eq!(exchange(&mut io, &write, 8).await, write);
+    assert_eq!(sim.device(1).expect("unit").image().hr[1], 7);
+    assert_eq!(sim.device(1).expect("unit").writes(), 1);
+    // A function the units do not implement (08, diagnostics) is refused.
+    let mut diagnostics = vec![1, 0x08, 0, 0, 0x12, 0x34];
+    frame::push_crc(&mut diagnostics);
     assert_eq!(
-        exchange(&mut io, &write, 5).await,
-        exception_answer(1, 6, 1)
+        exchange(&mut io, &diagnostics, 5).await,
+        exception_answer(1, 8, 1)
     );
     let mut coils = Vec::new();
     sim.device(2).expect("unit").image().co[..3].copy_from_slice(&[true, false, true]);
