@@ -207,7 +207,7 @@ async fn an_accepted_write_lands_in_the_device_and_every_refusal_stays_away_from
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retained_command_is_never_executed_and_a_reload_that_turns_commands_off_refuses_the_next(
+async fn a_retained_command_is_never_executed_and_a_reload_turns_commands_off_and_on_again_with_new_checks(
 ) {
     init_tracing();
     let broker = edge_gateway::demo::broker::start(16 << 20).unwrap();
@@ -283,6 +283,40 @@ async fn a_retained_command_is_never_executed_and_a_reload_that_turns_commands_o
     );
     assert_eq!(dev.writes(), 1);
     assert_eq!(dev.image().hr[10], 250);
+
+    // A reload that turns them on again and changes the device (a wider bound, a new writable
+    // tag): its restarted driver takes writes at once, under the new checks.
+    let mut changed = config.clone();
+    let mut tags = tags();
+    tags[0].write = Some(WriteAccess {
+        min: Some(-20.0),
+        max: Some(90.0),
+    });
+    let mut mode = tag("mode", hr(11), DataType::U16, WordOrder::ABCD, 0, SCAN);
+    mode.write = Some(WriteAccess::default());
+    tags.push(mode);
+    changed.devices = vec![modbus_device("press1", sim.addr(), SCAN, tags)];
+    gw.reload(changed).await.unwrap();
+    let reply = ask(
+        &client,
+        &sub,
+        "press1",
+        "wider",
+        r#"{"id":"wider","tag":"setpoint","value":85}"#,
+    )
+    .await;
+    assert_eq!(reply.doc["outcome"], "written", "{}", reply.doc);
+    assert_eq!(dev.image().hr[10], 850);
+    let reply = ask(
+        &client,
+        &sub,
+        "press1",
+        "mode",
+        r#"{"id":"mode","tag":"mode","value":3}"#,
+    )
+    .await;
+    assert_eq!(reply.doc["outcome"], "written", "{}", reply.doc);
+    assert_eq!(dev.image().hr[11], 3);
     gw.shutdown().await;
 }
 

@@ -423,6 +423,12 @@ impl Checks {
         })
     }
 
+    /// Takes the last writes `old` counted (a reload's new checks: a tag keeps its
+    /// `write_interval`; a device a reload restarted has new ids, and starts afresh).
+    pub fn keep_last_writes(&mut self, old: &Checks) {
+        self.last_write.clone_from(&old.last_write);
+    }
+
     /// Forgets the write of `target` that [`Checks::check`] counted: the driver refused it
     /// before sending anything, so it does not hold the tag's next write back.
     pub fn forget(&mut self, target: &Target) {

@@ -131,41 +131,121 @@ impl Wiring {
         if !self.enabled {
             return None;
         }
-        let writable = match &settings.kind {
-            DeviceKind::Modbus(m) => m
-                .units
-                .iter()
-                .flat_map(|u| &u.tags)
-                .any(|t| t.write.is_some()),
-            DeviceKind::OpcUa(o) => o.tags.iter().any(|t| t.write.is_some()),
-        };
-        if !writable {
-            return None;
-        }
-        let (tx, inbox) = write_channel(WRITE_QUEUE);
-        for id in ids {
-            self.writers.insert(*id, tx.clone());
-        }
-        Some(inbox)
+        write_inbox(settings, ids, &mut self.writers)
     }
 
     /// Starts the commands task and hands the publisher its ends (before the publisher
-    /// starts).
-    pub fn start(self, config: &Config, shared: Arc<Shared>) {
+    /// starts); the handle a reload rewires it with. Nothing when commands are off.
+    pub fn start(self, config: &Config, shared: Arc<Shared>) -> Option<CommandsHandle> {
         if !self.enabled {
-            return;
+            return None;
         }
         let (link, ends) = channels();
         shared.give_back_commands(Some(link));
         let checks = Checks::for_config(config, &self.ids);
         shared.commands_enabled.store(true, Ordering::Relaxed);
-        tokio::spawn(run(
+        let slot = Arc::new(RewireSlot::default());
+        let gate = Gate {
             checks,
+            writers: self.writers.clone(),
+            shared: shared.clone(),
+        };
+        tokio::spawn(run(
+            gate,
             config.mqtt.topic_prefix.clone(),
-            self.writers,
             ends,
-            shared.clone(),
+            slot.clone(),
         ));
+        Some(CommandsHandle {
+            writers: self.writers,
+            slot,
+        })
+    }
+}
+
+/// A write channel for the driver task of `settings` (its units: `ids`) when it has a
+/// writable tag, kept in `writers` for each unit.
+fn write_inbox(
+    settings: &DeviceSettings,
+    ids: &[DeviceId],
+    writers: &mut HashMap<DeviceId, mpsc::Sender<WriteRequest>>,
+) -> Option<WriteInbox> {
+    let writable = match &settings.kind {
+        DeviceKind::Modbus(m) => m
+            .units
+            .iter()
+            .flat_map(|u| &u.tags)
+            .any(|t| t.write.is_some()),
+        DeviceKind::OpcUa(o) => o.tags.iter().any(|t| t.write.is_some()),
+    };
+    if !writable {
+        return None;
+    }
+    let (tx, inbox) = write_channel(WRITE_QUEUE);
+    for id in ids {
+        writers.insert(*id, tx.clone());
+    }
+    Some(inbox)
+}
+
+/// What a reload changes in the running commands task: the checks of the new config and the
+/// write channel of every driver that takes writes now.
+#[derive(Debug)]
+struct Rewire {
+    checks: Checks,
+    writers: HashMap<DeviceId, mpsc::Sender<WriteRequest>>,
+}
+
+/// The latest rewiring not yet taken by the task (a newer one replaces it: never a queue that
+/// could wait on a write in progress).
+#[derive(Debug, Default)]
+struct RewireSlot {
+    next: std::sync::Mutex<Option<Rewire>>,
+    ready: tokio::sync::Notify,
+}
+
+impl RewireSlot {
+    fn put(&self, rewire: Rewire) {
+        if let Ok(mut next) = self.next.lock() {
+            *next = Some(rewire);
+        }
+        self.ready.notify_one();
+    }
+
+    fn take(&self) -> Option<Rewire> {
+        self.next.lock().ok().and_then(|mut next| next.take())
+    }
+}
+
+/// The running commands task as the pipeline keeps it: a reload gives the drivers it starts
+/// their write channels and the task the new checks.
+#[derive(Debug)]
+pub struct CommandsHandle {
+    writers: HashMap<DeviceId, mpsc::Sender<WriteRequest>>,
+    slot: Arc<RewireSlot>,
+}
+
+impl CommandsHandle {
+    /// The write inbox of a driver task a reload starts (the same rule as at a start).
+    pub fn inbox(&mut self, settings: &DeviceSettings, ids: &[DeviceId]) -> Option<WriteInbox> {
+        write_inbox(settings, ids, &mut self.writers)
+    }
+
+    /// Forgets the write channels of drivers a reload stopped.
+    pub fn forget(&mut self, ids: &[DeviceId]) {
+        for id in ids {
+            self.writers.remove(id);
+        }
+    }
+
+    /// Hands the task the checks of `config`, whose devices now have these catalog ids, and
+    /// the write channels of the running drivers; taken before the task's next command. The
+    /// tags' last writes carry over (`write_interval` still holds across a reload).
+    pub fn rewire(&self, config: &Config, ids: &[(String, Vec<DeviceId>)]) {
+        self.slot.put(Rewire {
+            checks: Checks::for_config(config, ids),
+            writers: self.writers.clone(),
+        });
     }
 }
 
@@ -199,21 +279,25 @@ enum Outcome {
     Failed(String),
 }
 
-/// Runs the commands task until the publisher's end closes. `writers` holds the write channel
-/// of each device's driver.
-pub async fn run(
-    mut checks: Checks,
-    topic_prefix: String,
-    writers: HashMap<DeviceId, mpsc::Sender<WriteRequest>>,
-    mut ends: TaskEnds,
-    shared: Arc<Shared>,
-) {
-    let mut gate = Gate {
-        checks: &mut checks,
-        writers: &writers,
-        shared: &shared,
-    };
-    while let Some(incoming) = ends.incoming.recv().await {
+/// Runs the commands task until the publisher's end closes; a reload's rewiring (in `slot`)
+/// is taken between two commands.
+async fn run(mut gate: Gate, topic_prefix: String, mut ends: TaskEnds, slot: Arc<RewireSlot>) {
+    loop {
+        let incoming = tokio::select! {
+            incoming = ends.incoming.recv() => match incoming {
+                Some(incoming) => incoming,
+                None => return,
+            },
+            () = slot.ready.notified() => {
+                if let Some(rewire) = slot.take() {
+                    gate.rewire(rewire);
+                }
+                continue;
+            }
+        };
+        if let Some(rewire) = slot.take() {
+            gate.rewire(rewire);
+        }
         let (topic, payload) = match incoming {
             Incoming::Json { topic, payload } => (topic, payload),
             Incoming::Sparkplug {
@@ -268,13 +352,24 @@ pub async fn run(
 }
 
 /// What a command passes on its way to a device: the checks, then the device's driver.
-struct Gate<'a> {
-    checks: &'a mut Checks,
-    writers: &'a HashMap<DeviceId, mpsc::Sender<WriteRequest>>,
-    shared: &'a Arc<Shared>,
+struct Gate {
+    checks: Checks,
+    writers: HashMap<DeviceId, mpsc::Sender<WriteRequest>>,
+    shared: Arc<Shared>,
 }
 
-impl Gate<'_> {
+impl Gate {
+    /// A reload's checks and write channels from now on, the tags' last writes kept.
+    fn rewire(&mut self, rewire: Rewire) {
+        let Rewire {
+            mut checks,
+            writers,
+        } = rewire;
+        checks.keep_last_writes(&self.checks);
+        self.checks = checks;
+        self.writers = writers;
+    }
+
     /// Checks one command and, when it passes, has the driver write it.
     async fn perform(&mut self, device: &str, command: &Command) -> Outcome {
         let checked = if self.shared.commands_enabled.load(Ordering::Relaxed) {

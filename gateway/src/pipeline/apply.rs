@@ -43,11 +43,16 @@ impl Running {
             warn!(setting = %part, "changed in the file but not applied until the gateway restarts");
         }
         if self.config.commands != config.commands {
-            if config.commands.enabled {
-                warn!("[commands] changed: turning commands on or a new write_interval applies when the gateway restarts");
-            } else {
-                self.shared.commands_enabled.store(false, Ordering::Relaxed);
-                info!("commands turned off by the reload: every command is refused from now on");
+            match (config.commands.enabled, &self.commands) {
+                (true, Some(_)) => {
+                    self.shared.commands_enabled.store(true, Ordering::Relaxed);
+                    info!(write_interval_ms = config.commands.write_interval.as_millis() as u64, "commands on, with the reloaded [commands] settings");
+                }
+                (true, None) => warn!("[commands] turned on: commands are taken once the gateway restarts (no commands task runs in this start)"),
+                (false, _) => {
+                    self.shared.commands_enabled.store(false, Ordering::Relaxed);
+                    info!("commands turned off by the reload: every command is refused from now on");
+                }
             }
         }
 
@@ -66,6 +71,9 @@ impl Running {
             d.cancel.cancel();
         }
         for d in stop {
+            if let Some(commands) = &mut self.commands {
+                commands.forget(&d.ids);
+            }
             let _ = d.task.await;
         }
 
@@ -154,14 +162,17 @@ impl Running {
             .into_iter()
             .map(|(settings, ids)| {
                 let name = settings.name.clone();
-                // A driver started by a reload takes no commands (see docs/ARCHITECTURE.md).
+                let inbox = self
+                    .commands
+                    .as_mut()
+                    .and_then(|c| c.inbox(&settings, &ids));
                 let task = spawn_driver(
                     settings,
                     ids,
                     &catalog,
                     &self.batch_tx,
                     &self.drivers_cancel,
-                    None,
+                    inbox,
                 );
                 (name, task)
             })
@@ -182,6 +193,16 @@ impl Running {
             .collect();
         self.catalog = catalog;
         self.config = config;
+        if let Some(commands) = &self.commands {
+            // The new drivers' channels and the new config's checks (new ids for changed
+            // devices, new tags, `writable`, bounds and `write_interval`), before any command.
+            let ids: Vec<(String, Vec<DeviceId>)> = self
+                .drivers
+                .iter()
+                .map(|d| (d.settings.name.to_string(), d.ids.clone()))
+                .collect();
+            commands.rewire(&self.config, &ids);
+        }
         self.shared
             .meta
             .send_replace(meta_for(&self.config, &self.catalog, &self.drivers));

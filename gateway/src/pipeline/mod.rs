@@ -281,6 +281,8 @@ pub struct Running {
     lock: Option<std::fs::File>,
     /// The HTTP API, when `[api]` is configured: its server and what it reads.
     api: Option<(ApiServer, Arc<ApiState>, CancellationToken)>,
+    /// The commands task, when `[commands]` was on at the start: a reload rewires it.
+    commands: Option<crate::commands::task::CommandsHandle>,
 }
 
 /// What the HTTP API shows of the running drivers: their devices' handles, scan intervals and
@@ -677,7 +679,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             spawn_driver(settings, ids, &catalog, &batch_tx, &drivers_cancel, inbox)
         })
         .collect();
-    commands.start(&config, shared.clone());
+    let commands = commands.start(&config, shared.clone());
     let devices = drivers
         .iter()
         .flat_map(|d| d.handles.iter().cloned())
@@ -749,6 +751,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         committer_stop,
         lock,
         api,
+        commands,
     })
 }
 
