@@ -199,9 +199,27 @@ async fn a_dcmd_by_alias_or_by_name_lands_in_the_device_and_every_refusal_stays_
     host.publish(&topic, b"\xff\xfe not protobuf".to_vec(), false)
         .await;
     counted(&m.commands_refused, 7, "the garbage refused").await;
+    // The node itself has nothing to write but its rebirth.
+    let ncmd = Payload {
+        timestamp: Some(1),
+        metrics: vec![metric(
+            Some("Node Control/Reboot"),
+            None,
+            11,
+            MetricValue::BooleanValue(true),
+        )],
+        ..Payload::default()
+    };
+    host.publish(
+        &format!("spBv1.0/{GROUP}/NCMD/{NODE}"),
+        ncmd.encode_to_vec(),
+        false,
+    )
+    .await;
+    counted(&m.commands_refused, 8, "the NCMD write refused").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(Metrics::get(&m.commands_written), 2);
-    assert_eq!(Metrics::get(&m.commands_refused), 7, "each refused once");
+    assert_eq!(Metrics::get(&m.commands_refused), 8, "each refused once");
     assert_eq!(dev.image().hr[11], 0, "the retained DCMD wrote nothing");
     assert_eq!(
         dev.image().hr[10],

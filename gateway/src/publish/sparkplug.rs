@@ -35,6 +35,7 @@ use crate::config::SparkplugSettings;
 use crate::encode::sparkplug::command::{self, MetricRef};
 use crate::encode::sparkplug::session::{Session, Stale, Step};
 use crate::encode::sparkplug::{self as sp, Declared, Topics};
+use crate::metrics::Metrics;
 
 /// Births and deaths handed to the MQTT client and not yet written, at most (with the other own
 /// messages: see `link::open` for the channel they share with the window).
@@ -394,11 +395,16 @@ impl Publisher {
                 .map(|dev| dcmd(topic, d, dev, row, payload));
         }
         let step = if topic == node.topics.ncmd() {
-            if sp::asks_rebirth(payload) {
+            let command = sp::node_command(payload);
+            for metric in &command.others {
+                warn!(target: "audit", source_topic = topic, client = "mqtt", tag = %metric, outcome = "refused", reason = "the edge node has no writable metric of that name", "NCMD write refused");
+                Metrics::add(&self.shared.metrics.commands_refused, 1);
+            }
+            if command.rebirth {
                 info!("rebirth requested (NCMD Node Control/Rebirth)");
                 node.session.rebirth()
             } else {
-                debug!(topic, "NCMD without a rebirth request; ignored");
+                debug!(topic, "NCMD without a rebirth request");
                 None
             }
         } else if node

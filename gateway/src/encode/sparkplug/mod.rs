@@ -349,7 +349,7 @@ pub fn nbirth(bd_seq: u64, boot: u64, timestamp: u64) -> Vec<u8> {
             ),
             named(
                 REBIRTH,
-                2,
+                REBIRTH_ALIAS,
                 datatype::BOOLEAN,
                 Some(MetricValue::BooleanValue(false)),
                 timestamp,
@@ -505,15 +505,41 @@ pub fn dbirth(
     .encode_to_vec()
 }
 
-/// Whether an NCMD payload asks for a rebirth (`Node Control/Rebirth` = true); a payload that
-/// does not decode asks for nothing.
-pub fn asks_rebirth(payload: &[u8]) -> bool {
-    Payload::decode(payload).is_ok_and(|p| {
-        p.metrics.iter().any(|m| {
-            m.name.as_deref() == Some(REBIRTH)
-                && matches!(m.value, Some(MetricValue::BooleanValue(true)))
-        })
-    })
+/// The alias `Node Control/Rebirth` has in the NBIRTH.
+pub const REBIRTH_ALIAS: u64 = 2;
+
+/// What an NCMD asks of the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeCommand {
+    /// `Node Control/Rebirth` = true (by name or by its alias).
+    pub rebirth: bool,
+    /// Any other metric it would write, by name or `alias N`: the node has no writable
+    /// metric, so each is refused.
+    pub others: Vec<String>,
+}
+
+/// What an NCMD payload asks; a payload that does not decode asks for nothing.
+pub fn node_command(payload: &[u8]) -> NodeCommand {
+    let Ok(p) = Payload::decode(payload) else {
+        return NodeCommand::default();
+    };
+    let mut command = NodeCommand::default();
+    for m in p.metrics {
+        let is_rebirth = match (&m.name, m.alias) {
+            (Some(name), _) if !name.is_empty() => name == REBIRTH,
+            (_, alias) => alias == Some(REBIRTH_ALIAS),
+        };
+        if is_rebirth {
+            command.rebirth |= matches!(m.value, Some(MetricValue::BooleanValue(true)));
+        } else {
+            command.others.push(match (m.name, m.alias) {
+                (Some(name), _) if !name.is_empty() => name,
+                (_, Some(alias)) => format!("alias {alias}"),
+                _ => "a metric without name or alias".to_owned(),
+            });
+        }
+    }
+    command
 }
 
 /// A primary host's STATE as it said it.

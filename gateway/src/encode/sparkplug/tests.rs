@@ -258,11 +258,12 @@ fn dbirth_lists_every_metric_with_name_alias_datatype_value_and_quality() {
 }
 
 #[test]
-fn an_ncmd_asks_for_a_rebirth_only_with_rebirth_true() {
-    let ask = |v: bool| {
+fn an_ncmd_asks_for_a_rebirth_only_with_rebirth_true_by_name_or_alias() {
+    let ask = |name: Option<&str>, alias: Option<u64>, v: bool| {
         Payload {
             metrics: vec![Metric {
-                name: Some(REBIRTH.into()),
+                name: name.map(Into::into),
+                alias,
                 value: Some(MetricValue::BooleanValue(v)),
                 ..Metric::default()
             }],
@@ -270,9 +271,33 @@ fn an_ncmd_asks_for_a_rebirth_only_with_rebirth_true() {
         }
         .encode_to_vec()
     };
-    assert!(asks_rebirth(&ask(true)));
-    assert!(!asks_rebirth(&ask(false)));
-    assert!(!asks_rebirth(b"\xff\xff garbage"));
+    assert!(node_command(&ask(Some(REBIRTH), None, true)).rebirth);
+    assert!(node_command(&ask(None, Some(REBIRTH_ALIAS), true)).rebirth);
+    assert!(!node_command(&ask(Some(REBIRTH), None, false)).rebirth);
+    assert_eq!(node_command(b"\xff\xff garbage"), NodeCommand::default());
+}
+
+#[test]
+fn an_ncmd_writing_any_other_node_metric_names_it_for_a_refusal() {
+    let p = Payload {
+        metrics: vec![
+            Metric {
+                name: Some("Node Control/Reboot".into()),
+                value: Some(MetricValue::BooleanValue(true)),
+                ..Metric::default()
+            },
+            Metric {
+                alias: Some(1),
+                value: Some(MetricValue::LongValue(9)),
+                ..Metric::default()
+            },
+        ],
+        ..Payload::default()
+    }
+    .encode_to_vec();
+    let c = node_command(&p);
+    assert!(!c.rebirth);
+    assert_eq!(c.others, ["Node Control/Reboot", "alias 1"]);
 }
 
 #[test]
