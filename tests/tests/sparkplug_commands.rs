@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use edge_gateway::config::{Format, SparkplugSettings};
+use edge_gateway::config::{Config, Format, SparkplugSettings};
 use edge_gateway::encode::sparkplug::proto::{Metric, MetricValue, Payload};
 use edge_gateway::metrics::Metrics;
 use gateway_tests::fixtures::{local_config, modbus_device, tag};
@@ -71,6 +71,23 @@ async fn dcmd(host: &SpCollector, metrics: Vec<Metric>, retain: bool) {
     host.publish(&topic, payload.encode_to_vec(), retain).await;
 }
 
+/// The edge node's config: press1 on the simulator at `sim`, the broker at `port`.
+fn node_config(dir: &std::path::Path, port: u16, sim: std::net::SocketAddr) -> Config {
+    let mut config = local_config(
+        NODE,
+        dir.join("data"),
+        port,
+        vec![modbus_device("press1", sim, SCAN, tags())],
+    );
+    config.mqtt.format = Format::SparkplugB;
+    config.mqtt.sparkplug = Some(SparkplugSettings {
+        group_id: GROUP.into(),
+        edge_node_id: NODE.into(),
+        primary_host_id: None,
+    });
+    config
+}
+
 /// Waits until `counter` of the gateway's metrics reaches `n`.
 async fn counted(counter: &std::sync::atomic::AtomicU64, n: u64, what: &str) {
     gateway_tests::eventually(WAIT, what, || Metrics::get(counter) >= n).await;
@@ -84,18 +101,7 @@ async fn a_dcmd_by_alias_or_by_name_lands_in_the_device_and_every_refusal_stays_
     dev.image().hr[5] = 0b1000_0001;
     let sim = dev.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = local_config(
-        NODE,
-        dir.path().join("data"),
-        broker.port(),
-        vec![modbus_device("press1", sim.addr(), SCAN, tags())],
-    );
-    config.mqtt.format = Format::SparkplugB;
-    config.mqtt.sparkplug = Some(SparkplugSettings {
-        group_id: GROUP.into(),
-        edge_node_id: NODE.into(),
-        primary_host_id: None,
-    });
+    let mut config = node_config(dir.path(), broker.port(), sim.addr());
     config.commands.enabled = true;
     config.commands.write_interval = Duration::from_secs(600);
     config.mqtt.shutdown_grace = Duration::from_millis(500);
@@ -236,18 +242,7 @@ async fn a_dcmd_while_commands_are_off_writes_nothing() {
     let dev = SimDevice::new();
     let sim = dev.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = local_config(
-        NODE,
-        dir.path().join("data"),
-        broker.port(),
-        vec![modbus_device("press1", sim.addr(), SCAN, tags())],
-    );
-    config.mqtt.format = Format::SparkplugB;
-    config.mqtt.sparkplug = Some(SparkplugSettings {
-        group_id: GROUP.into(),
-        edge_node_id: NODE.into(),
-        primary_host_id: None,
-    });
+    let config = node_config(dir.path(), broker.port(), sim.addr());
     let host = SpCollector::start(broker.port()).await;
     let gw = edge_gateway::pipeline::start(config).await.unwrap();
     host.wait_for(WAIT, "the DBIRTH", |m| m.iter().any(|x| x.kind == "DBIRTH"))

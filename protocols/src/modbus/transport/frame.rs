@@ -177,15 +177,8 @@ pub fn find_response(buf: &[u8], expect: Expect) -> Found {
                 _ => {}
             }
         } else if f == function | 0x80 {
-            match rest.get(..EXCEPTION_LEN) {
-                Some(frame) if crc_ok(frame) => {
-                    return Found::Answer {
-                        answer: Answer::Exception(frame[2]),
-                        skipped: i,
-                        end: i + EXCEPTION_LEN,
-                    };
-                }
-                _ => {}
+            if let Some(found) = exception_at(rest, i) {
+                return found;
             }
         }
         // An incomplete candidate may still turn out valid, but a later start can too: keep
@@ -276,19 +269,22 @@ pub fn find_write_response(buf: &[u8], echo: &[u8]) -> Found {
                 _ => {}
             }
         } else if f == function | 0x80 {
-            match rest.get(..EXCEPTION_LEN) {
-                Some(frame) if crc_ok(frame) => {
-                    return Found::Answer {
-                        answer: Answer::Exception(frame[2]),
-                        skipped: i,
-                        end: i + EXCEPTION_LEN,
-                    };
-                }
-                _ => {}
+            if let Some(found) = exception_at(rest, i) {
+                return found;
             }
         }
     }
     Found::Incomplete
+}
+
+/// An exception answer at the start of `rest` (found at `i` in the buffer), when its CRC holds.
+fn exception_at(rest: &[u8], i: usize) -> Option<Found> {
+    let frame = rest.get(..EXCEPTION_LEN).filter(|f| crc_ok(f))?;
+    Some(Found::Answer {
+        answer: Answer::Exception(frame[2]),
+        skipped: i,
+        end: i + EXCEPTION_LEN,
+    })
 }
 
 /// Parses one request frame at the start of `buf` as a slave sees it, for simulators: the
