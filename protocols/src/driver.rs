@@ -185,6 +185,19 @@ pub struct WriteRequest {
     pub reply: oneshot::Sender<Result<WriteDone, WriteError>>,
 }
 
+impl WriteRequest {
+    /// Whether nobody waits for this write any more (the commands task gave up and answered
+    /// "failed"): a write done now would land long after it was asked for, unseen, so the
+    /// driver drops it instead; audited here.
+    pub fn abandoned(&self) -> bool {
+        let gone = self.reply.is_closed();
+        if gone {
+            tracing::warn!(target: "audit", device = self.device.0, tag = self.tag.0, "a write waited too long behind the reads and was dropped; it never reached the device");
+        }
+        gone
+    }
+}
+
 /// A write the device accepted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WriteDone {

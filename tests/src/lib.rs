@@ -1145,6 +1145,29 @@ impl Drop for GatewayRig {
     }
 }
 
+/// Asks a driver, through its write channel, to write `value` to tag `tag` of device (unit)
+/// `device`, and waits for the outcome; panics when none comes within `within`.
+pub async fn ask_driver(
+    writes: &tokio::sync::mpsc::Sender<protocols::driver::WriteRequest>,
+    device: u32,
+    tag: u32,
+    value: protocols::model::Value,
+    within: Duration,
+) -> Result<protocols::driver::WriteDone, protocols::driver::WriteError> {
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    let request = protocols::driver::WriteRequest {
+        device: protocols::model::DeviceId(device),
+        tag: protocols::model::TagId(tag),
+        value,
+        reply,
+    };
+    writes.send(request).await.expect("the driver takes writes");
+    tokio::time::timeout(within, outcome)
+        .await
+        .unwrap_or_else(|_| panic!("a write outcome within {within:?}"))
+        .expect("the driver answers every write")
+}
+
 /// A Modbus line driver, run as the gateway runs it: its batches and status. Unit `i` of the
 /// line reports as device `i`. Dropping it cancels the driver.
 pub struct ModbusDriverRun {
@@ -1226,21 +1249,7 @@ impl ModbusDriverRun {
         tag: u32,
         value: protocols::model::Value,
     ) -> Result<protocols::driver::WriteDone, protocols::driver::WriteError> {
-        let (reply, outcome) = tokio::sync::oneshot::channel();
-        let request = protocols::driver::WriteRequest {
-            device: protocols::model::DeviceId(device),
-            tag: protocols::model::TagId(tag),
-            value,
-            reply,
-        };
-        self.writes
-            .send(request)
-            .await
-            .expect("the driver takes writes");
-        tokio::time::timeout(Duration::from_secs(5), outcome)
-            .await
-            .expect("a write outcome within 5 s")
-            .expect("the driver answers every write")
+        ask_driver(&self.writes, device, tag, value, Duration::from_secs(5)).await
     }
 
     /// Stops the driver, which must end cleanly and at once.

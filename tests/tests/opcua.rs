@@ -122,21 +122,7 @@ fn start_on(
 impl Running {
     /// Asks the driver to write `value` to tag `tag`; panics when no outcome comes in 15 s.
     async fn write(&self, tag: u32, value: Value) -> Result<WriteDone, WriteError> {
-        let (reply, outcome) = tokio::sync::oneshot::channel();
-        let request = WriteRequest {
-            device: DeviceId(0),
-            tag: TagId(tag),
-            value,
-            reply,
-        };
-        self.writes
-            .send(request)
-            .await
-            .expect("the driver takes writes");
-        tokio::time::timeout(Duration::from_secs(15), outcome)
-            .await
-            .expect("a write outcome within 15 s")
-            .expect("the driver answers every write")
+        gateway_tests::ask_driver(&self.writes, 0, tag, value, Duration::from_secs(15)).await
     }
 
     async fn next(&mut self) -> Batch {

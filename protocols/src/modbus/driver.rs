@@ -321,18 +321,15 @@ async fn write_request(
     units: &[Unit],
     request: WriteRequest,
 ) -> bool {
+    if request.abandoned() {
+        return false;
+    }
     let WriteRequest {
         device,
         tag,
         value,
         reply,
     } = request;
-    // Nobody waits any more (the commands task gave up and answered "failed"): a write done
-    // now would land long after it was asked for, unseen. It is dropped instead.
-    if reply.is_closed() {
-        tracing::warn!(target: "audit", device = device.0, tag = tag.0, "a write waited too long behind the scans and was dropped; it never reached the device");
-        return false;
-    }
     let open = conn.is_some();
     let outcome = match units.iter().find(|u| u.ctx.device == device) {
         None => Err(WriteError::UnknownTag),

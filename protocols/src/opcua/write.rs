@@ -24,7 +24,6 @@ use opcua::types::{
     AttributeId, ByteString, DataValue, DateTime, NodeId, ReadValueId, StatusCode,
     TimestampsToReturn, UAString, Variant, VariantScalarTypeId, WriteValue,
 };
-use tracing::warn;
 
 use super::convert::variant_to_value;
 use crate::driver::{DeviceStatus, ErrorKind, WriteDone, WriteError, WriteRequest};
@@ -415,18 +414,12 @@ pub(crate) async fn answer(
     status: &DeviceStatus,
     request: WriteRequest,
 ) {
-    let WriteRequest {
-        device,
-        tag,
-        value,
-        reply,
-    } = request;
-    // Nobody waits any more (the commands task gave up and answered "failed"): a write done
-    // now would land long after it was asked for, unseen. It is dropped instead.
-    if reply.is_closed() {
-        warn!(target: "audit", device = device.0, tag = tag.0, "a write waited too long behind the reads and was dropped; it never reached the server");
+    if request.abandoned() {
         return;
     }
+    let WriteRequest {
+        tag, value, reply, ..
+    } = request;
     let outcome = match nodes.get(tag.0 as usize) {
         None => Err(WriteError::UnknownTag),
         Some(Err(code)) => Err(WriteError::Refused(format!(
