@@ -221,6 +221,15 @@ async fn a_write_to_a_silent_unit_behind_a_converter_fails_and_the_line_stays_op
     let failed = run.write_to(1, 0, Value::Float(30.0)).await.unwrap_err();
     assert!(matches!(failed, WriteError::Failed(_)), "{failed}");
     assert_eq!(seven.image().hr[10], 100, "a silent unit changes nothing");
+    // Right after, the unit is held back (its late answer could still come): refused, not
+    // sent.
+    seven.faults().silent.store(false, Ordering::Relaxed);
+    let held = run.write_to(1, 0, Value::Float(30.0)).await.unwrap_err();
+    assert!(
+        matches!(&held, WriteError::Refused(r) if r.contains("held back")),
+        "{held}"
+    );
+    assert_eq!(seven.image().hr[10], 100, "a held unit changes nothing");
 
     // The line was not dropped for the silent unit: one connection, the other unit good.
     drain(&mut run);

@@ -31,7 +31,8 @@ use super::{codec, write};
 use super::{ModbusSettings, TagSpec, UnitSettings};
 use crate::backoff::Backoff;
 use crate::driver::{
-    next_write, DriverContext, DriverError, ErrorKind, WriteDone, WriteError, WriteRequest,
+    next_write, refusing_writes, DriverContext, DriverError, ErrorKind, WriteDone, WriteError,
+    WriteRequest,
 };
 use crate::model::{Batch, Reason, Sample, TagId, Timestamp};
 
@@ -154,7 +155,8 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
             _ = cancel.cancelled() => return Ok(()),
             _ = sleep_until(next) => {}
             request = next_write(inbox.as_ref()) => {
-                let dropped = write_request(&mut conn, &settings, &units, request).await;
+                let dropped =
+                    write_request(&mut conn, &settings, &units, &mut schedule, request).await;
                 if dropped {
                     units.iter().for_each(|u| {
                         u.ctx.status.connected.store(false, Ordering::Relaxed);
@@ -221,7 +223,7 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                     let delay = backoff.next_delay();
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = refusing_writes(inbox.as_ref(), tokio::time::sleep(delay)) => {}
                     }
                     continue;
                 }
@@ -297,7 +299,7 @@ pub async fn run(settings: ModbusSettings, units: Vec<DriverContext>) -> Result<
                 let delay = backoff.next_delay();
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = refusing_writes(inbox.as_ref(), tokio::time::sleep(delay)) => {}
                 }
             }
         }
@@ -314,11 +316,15 @@ async fn sleep_until(next: Option<Instant>) {
 
 /// Performs one write request between two scans and answers it. Returns whether the
 /// connection was dropped (a write that got no valid answer leaves a Modbus TCP connection
-/// unusable, as a read does; an RTU line only when the link itself failed).
+/// unusable, as a read does; an RTU line only when the link itself failed). A unit held back
+/// after a request it did not answer takes no write until the hold-off is over (its late
+/// answer must not be taken for the write's), and a write it does not answer holds it back
+/// the same way, scans included.
 async fn write_request(
     conn: &mut Option<Conn>,
     settings: &ModbusSettings,
     units: &[Unit],
+    schedule: &mut Schedule,
     request: WriteRequest,
 ) -> bool {
     if request.abandoned() {
@@ -331,14 +337,38 @@ async fn write_request(
         reply,
     } = request;
     let open = conn.is_some();
-    let outcome = match units.iter().find(|u| u.ctx.device == device) {
+    let outcome = match units.iter().position(|u| u.ctx.device == device) {
         None => Err(WriteError::UnknownTag),
-        Some(unit) => match unit.settings.tags.get(tag.0 as usize) {
+        Some(i) if schedule.is_held(i, Instant::now()) => Err(WriteError::Refused(
+            "the unit did not answer its last request and is held back for a moment (a late \
+             answer may still come); nothing was written, try again"
+                .into(),
+        )),
+        Some(i) => match units[i].settings.tags.get(tag.0 as usize) {
             None => Err(WriteError::UnknownTag),
-            Some(spec) => write_tag(conn, settings, unit, spec, tag, &value).await,
+            Some(spec) => {
+                let mut unanswered = false;
+                let outcome = write_tag(
+                    conn,
+                    settings,
+                    &units[i],
+                    spec,
+                    tag,
+                    &value,
+                    &mut unanswered,
+                )
+                .await;
+                if unanswered {
+                    schedule.hold(i, Instant::now());
+                }
+                outcome
+            }
         },
     };
-    let _ = reply.send(outcome);
+    if let Err(outcome) = reply.send(outcome) {
+        // The commands task gave up waiting: the real outcome is audited here.
+        tracing::warn!(target: "audit", device = device.0, tag = tag.0, outcome = ?outcome, "a write finished after its command was answered as failed");
+    }
     open && conn.is_none()
 }
 
@@ -355,7 +385,8 @@ async fn drop_if_unusable(conn: &mut Option<Conn>, e: &ReadError) {
     }
 }
 
-/// Writes `value` to one tag of a unit and reads the tag back.
+/// Writes `value` to one tag of a unit and reads the tag back; sets `unanswered` when one of
+/// its transactions got no valid answer.
 async fn write_tag(
     conn: &mut Option<Conn>,
     settings: &ModbusSettings,
@@ -363,6 +394,7 @@ async fn write_tag(
     spec: &TagSpec,
     tag: TagId,
     value: &crate::model::Value,
+    unanswered: &mut bool,
 ) -> Result<WriteDone, WriteError> {
     let plan = write::plan(spec, value).map_err(|e| WriteError::Refused(e.to_string()))?;
     let Some(link) = conn.as_mut() else {
@@ -373,6 +405,7 @@ async fn write_tag(
     let previous = match read_tag(link, settings, unit, spec, tag).await {
         Ok(previous) => previous,
         Err(e) => {
+            *unanswered = true;
             status.count_error(ErrorKind::of(reason_of(&e)));
             drop_if_unusable(conn, &e).await;
             return Err(WriteError::Failed(Box::new(e)));
@@ -400,6 +433,7 @@ async fn write_tag(
             return Err(WriteError::Exception(u8::from(code)));
         }
         Err(e) => {
+            *unanswered = true;
             status.count_error(ErrorKind::of(reason_of(&e)));
             drop_if_unusable(conn, &e).await;
             return Err(WriteError::Failed(Box::new(e)));
@@ -410,6 +444,7 @@ async fn write_tag(
     let read_back = match read_tag(link, settings, unit, spec, tag).await {
         Ok(value) => value,
         Err(e) => {
+            *unanswered = true;
             status.count_error(ErrorKind::of(reason_of(&e)));
             drop_if_unusable(conn, &e).await;
             None

@@ -188,6 +188,24 @@ impl Schedule {
         self.units.get_mut(job.unit)?.classes.get_mut(job.class)
     }
 
+    /// Whether `unit` is held back after a request it did not answer: a late answer may still
+    /// come, and must not be taken for the next request's.
+    pub(crate) fn is_held(&self, unit: usize, now: Instant) -> bool {
+        self.units
+            .get(unit)
+            .and_then(|u| u.held_until)
+            .is_some_and(|until| now < until)
+    }
+
+    /// Holds `unit` back as a failed job does (a write that got no valid answer), without
+    /// counting a failure against its standing.
+    pub(crate) fn hold(&mut self, unit: usize, now: Instant) {
+        let hold_off = self.hold_off;
+        if let Some(u) = self.units.get_mut(unit) {
+            u.held_until = Some(now + hold_off);
+        }
+    }
+
     /// Records the outcome of a job: `answered` when the unit answered at all (data or an
     /// exception), false when it stayed silent or its answer was garbled.
     pub(crate) fn finish(&mut self, job: Job, answered: bool, now: Instant) -> Option<Transition> {
@@ -488,5 +506,27 @@ mod tests {
             s.finish(job, false, t0);
         }
         assert_eq!(s.next_due(), Some(t0 + Duration::from_secs(6)));
+    }
+
+    #[test]
+    fn a_unit_held_after_a_silent_write_is_held_for_the_hold_off_without_a_failure_counted() {
+        let t = Instant::now();
+        let mut s = Schedule::new(
+            vec![vec![class(100, t)]],
+            Duration::from_secs(1),
+            Duration::from_secs(8),
+            Duration::from_millis(400),
+        );
+        assert!(!s.is_held(0, t));
+        assert_eq!(s.pick(t).map(|j| j.unit), Some(0));
+        s.hold(0, t);
+        assert!(s.is_held(0, t + Duration::from_millis(399)));
+        assert!(!s.is_held(0, t + Duration::from_millis(400)));
+        assert!(!s.is_held(7, t), "no such unit");
+        assert!(
+            s.next_due()
+                .is_some_and(|due| due >= t + Duration::from_millis(400)),
+            "its scans wait too"
+        );
     }
 }

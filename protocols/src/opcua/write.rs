@@ -116,7 +116,7 @@ pub(crate) fn target_type(
         Some(Variant::Variant(inner)) => Some(&**inner),
         other => other,
     };
-    if matches!(current, Some(Variant::Array(_))) || value_rank.is_some_and(|r| r >= 1) {
+    if matches!(current, Some(Variant::Array(_))) || value_rank.is_some_and(|r| r >= 0) {
         return Err(NodeUnsupported::Array);
     }
     let builtin = data_type
@@ -418,7 +418,10 @@ pub(crate) async fn answer(
         return;
     }
     let WriteRequest {
-        tag, value, reply, ..
+        device,
+        tag,
+        value,
+        reply,
     } = request;
     let outcome = match nodes.get(tag.0 as usize) {
         None => Err(WriteError::UnknownTag),
@@ -429,7 +432,10 @@ pub(crate) async fn answer(
         Some(Ok(_)) if !status.is_connected() => Err(WriteError::NotConnected),
         Some(Ok(node)) => write_node(session, node, &value, status).await,
     };
-    let _ = reply.send(outcome);
+    if let Err(outcome) = reply.send(outcome) {
+        // The commands task gave up waiting: the real outcome is audited here.
+        tracing::warn!(target: "audit", device = device.0, tag = tag.0, outcome = ?outcome, "a write finished after its command was answered as failed");
+    }
 }
 
 #[cfg(test)]
