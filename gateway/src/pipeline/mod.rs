@@ -241,7 +241,9 @@ pub enum ReloadError {
 /// One `[[devices]]` entry's driver task (a Modbus line with units runs them all in one task).
 #[derive(Debug)]
 struct DriverTask {
-    settings: DeviceSettings,
+    /// Its `[[devices]]` entry's name; the entry itself is the running config's (kept once:
+    /// a second copy of every tag's settings cost 1.7 MB with 10k tags).
+    name: Arc<str>,
     /// The catalog ids of its devices (a Modbus line's units), one per handle.
     ids: Vec<DeviceId>,
     handles: Vec<DeviceHandle>,
@@ -282,20 +284,31 @@ pub struct Running {
     api: Option<(ApiServer, Arc<ApiState>, CancellationToken)>,
 }
 
-/// What the HTTP API shows of the running drivers: their devices' handles, scan intervals and
-/// catalog ids, in config order.
-fn api_view(drivers: &[DriverTask]) -> (Vec<DeviceHandle>, Vec<DeviceInfo>, Vec<DeviceId>) {
+/// The `[[devices]]` entry of `config` that a driver runs.
+fn settings_of<'a>(config: &'a Config, driver: &DriverTask) -> Option<&'a DeviceSettings> {
+    config.devices.iter().find(|s| s.name == driver.name)
+}
+
+/// What the HTTP API shows of the running drivers (started from `config`): their devices'
+/// handles, scan intervals and catalog ids, in config order.
+fn api_view(
+    config: &Config,
+    drivers: &[DriverTask],
+) -> (Vec<DeviceHandle>, Vec<DeviceInfo>, Vec<DeviceId>) {
     let mut handles = Vec::new();
     let mut infos = Vec::new();
     let mut ids = Vec::new();
     for d in drivers {
-        let intervals: Vec<Option<std::time::Duration>> = match &d.settings.kind {
+        let Some(settings) = settings_of(config, d) else {
+            continue;
+        };
+        let intervals: Vec<Option<std::time::Duration>> = match &settings.kind {
             DeviceKind::Modbus(m) => m
                 .units
                 .iter()
                 .map(|u| {
                     let fastest = u.tags.iter().map(|t| t.scan_interval).min();
-                    Some(fastest.unwrap_or(d.settings.scan_interval))
+                    Some(fastest.unwrap_or(settings.scan_interval))
                 })
                 .collect(),
             DeviceKind::OpcUa(o) => {
@@ -440,7 +453,7 @@ impl Running {
             .collect();
         let (stop, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.drivers)
             .into_iter()
-            .partition(|d| stopping.contains(&*d.settings.name));
+            .partition(|d| stopping.contains(&*d.name));
         for d in &stop {
             d.cancel.cancel();
         }
@@ -471,9 +484,10 @@ impl Running {
         let restart_publisher =
             plan.mqtt_changed || (config.mqtt.sparkplug.is_some() && new_devices);
         let node = if restart_publisher {
+            // A kept driver's device is unchanged: the new config's entry is its settings.
             let lines = keep
                 .iter()
-                .map(|d| (&d.settings, &d.ids[..]))
+                .filter_map(|d| settings_of(&config, d).map(|s| (s, &d.ids[..])))
                 .chain(fresh.iter().map(|(s, ids)| (s, &ids[..])));
             node_for(
                 &config,
@@ -545,10 +559,8 @@ impl Running {
                 (name, task)
             })
             .collect();
-        let mut kept: std::collections::HashMap<Arc<str>, DriverTask> = keep
-            .into_iter()
-            .map(|d| (d.settings.name.clone(), d))
-            .collect();
+        let mut kept: std::collections::HashMap<Arc<str>, DriverTask> =
+            keep.into_iter().map(|d| (d.name.clone(), d)).collect();
         self.drivers = config
             .devices
             .iter()
@@ -565,7 +577,7 @@ impl Running {
             .meta
             .send_replace(meta_for(&self.config, &self.catalog, &self.drivers));
         if let Some((_, state, _)) = &self.api {
-            let (handles, infos, ids) = api_view(&self.drivers);
+            let (handles, infos, ids) = api_view(&self.config, &self.drivers);
             state.set_devices(handles, infos, ids, self.catalog.clone());
         }
         Metrics::add(&self.metrics.reloads, 1);
@@ -660,7 +672,8 @@ fn spawn_driver(
             writes: writes.clone(),
         });
     }
-    let kind = settings.kind.clone();
+    let name = settings.name;
+    let kind = settings.kind;
     let task = tokio::spawn(async move {
         let name = contexts
             .first()
@@ -677,7 +690,7 @@ fn spawn_driver(
         }
     });
     DriverTask {
-        settings,
+        name,
         ids,
         handles,
         cancel,
@@ -894,7 +907,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     ));
 
     let api = api_bound.map(|bound| {
-        let (handles, infos, ids) = api_view(&drivers);
+        let (handles, infos, ids) = api_view(&config, &drivers);
         let state = Arc::new(ApiState::new(
             (config.gateway.id.clone(), boot),
             metrics.clone(),
