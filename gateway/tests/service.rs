@@ -295,7 +295,6 @@ async fn run_works_under_the_units_system_call_filter_without_capabilities() {
         .args(["run", "--config"])
         .arg(&file)
         .env("NOTIFY_SOCKET", &socket_path)
-        .env("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=131072")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())

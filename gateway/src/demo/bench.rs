@@ -98,9 +98,6 @@ pub enum BenchError {
     Child(String),
 }
 
-/// The allocator setting of systemd/edge-gateway.service.
-pub const GLIBC_TUNABLES: &str = "glibc.malloc.mmap_threshold=131072";
-
 fn setup<E: std::fmt::Display>(e: E) -> BenchError {
     BenchError::Setup(e.to_string())
 }
@@ -592,8 +589,6 @@ pub async fn run(opts: BenchOptions) -> Result<(), BenchError> {
     let exe = std::env::current_exe().map_err(setup)?;
     let mut child = tokio::process::Command::new(exe)
         .arg("bench-child")
-        // What systemd/edge-gateway.service sets, so the bench measures what production runs.
-        .env("GLIBC_TUNABLES", GLIBC_TUNABLES)
         .arg("--config")
         .arg(&cfg_path)
         .stdin(Stdio::null())

@@ -12,8 +12,8 @@ use tracing::{error, info, warn};
 use super::reload::Plan;
 use super::writer::WriterUpdate;
 use super::{
-    add_to_catalog, api_view, encoder_for, meta_for, node_for, read_password, spawn_driver,
-    DriverTask, ReloadError, Running,
+    add_to_catalog, api_view, encoder_for, meta_for, node_for, read_password, settings_of,
+    spawn_driver, DriverTask, ReloadError, Running,
 };
 use crate::config::{Config, DeviceSettings};
 use crate::metrics::Metrics;
@@ -66,7 +66,7 @@ impl Running {
             .collect();
         let (stop, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.drivers)
             .into_iter()
-            .partition(|d| stopping.contains(&*d.settings.name));
+            .partition(|d| stopping.contains(&*d.name));
         for d in &stop {
             d.cancel.cancel();
         }
@@ -100,9 +100,10 @@ impl Running {
         let restart_publisher =
             plan.mqtt_changed || (config.mqtt.sparkplug.is_some() && new_devices);
         let node = if restart_publisher {
+            // A kept driver's device is unchanged: the new config's entry is its settings.
             let lines = keep
                 .iter()
-                .map(|d| (&d.settings, &d.ids[..]))
+                .filter_map(|d| settings_of(&config, d).map(|s| (s, &d.ids[..])))
                 .chain(fresh.iter().map(|(s, ids)| (s, &ids[..])));
             node_for(
                 &config,
@@ -177,10 +178,8 @@ impl Running {
                 (name, task)
             })
             .collect();
-        let mut kept: std::collections::HashMap<Arc<str>, DriverTask> = keep
-            .into_iter()
-            .map(|d| (d.settings.name.clone(), d))
-            .collect();
+        let mut kept: std::collections::HashMap<Arc<str>, DriverTask> =
+            keep.into_iter().map(|d| (d.name.clone(), d)).collect();
         self.drivers = config
             .devices
             .iter()
@@ -199,7 +198,7 @@ impl Running {
             let ids: Vec<(String, Vec<DeviceId>)> = self
                 .drivers
                 .iter()
-                .map(|d| (d.settings.name.to_string(), d.ids.clone()))
+                .map(|d| (d.name.to_string(), d.ids.clone()))
                 .collect();
             commands.rewire(&self.config, &ids);
         }
@@ -207,7 +206,7 @@ impl Running {
             .meta
             .send_replace(meta_for(&self.config, &self.catalog, &self.drivers));
         if let Some((_, state, _)) = &self.api {
-            let (handles, infos, ids) = api_view(&self.drivers);
+            let (handles, infos, ids) = api_view(&self.config, &self.drivers);
             state.set_devices(handles, infos, ids, self.catalog.clone());
         }
         Metrics::add(&self.metrics.reloads, 1);

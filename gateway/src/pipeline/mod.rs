@@ -242,7 +242,9 @@ pub enum ReloadError {
 /// One `[[devices]]` entry's driver task (a Modbus line with units runs them all in one task).
 #[derive(Debug)]
 struct DriverTask {
-    settings: DeviceSettings,
+    /// Its `[[devices]]` entry's name; the entry itself is the running config's (kept once:
+    /// a second copy of every tag's settings cost 1.7 MB with 10k tags).
+    name: Arc<str>,
     /// The catalog ids of its devices (a Modbus line's units), one per handle.
     ids: Vec<DeviceId>,
     handles: Vec<DeviceHandle>,
@@ -285,20 +287,31 @@ pub struct Running {
     commands: Option<crate::commands::task::CommandsHandle>,
 }
 
-/// What the HTTP API shows of the running drivers: their devices' handles, scan intervals and
-/// catalog ids, in config order.
-fn api_view(drivers: &[DriverTask]) -> (Vec<DeviceHandle>, Vec<DeviceInfo>, Vec<DeviceId>) {
+/// The `[[devices]]` entry of `config` that a driver runs.
+fn settings_of<'a>(config: &'a Config, driver: &DriverTask) -> Option<&'a DeviceSettings> {
+    config.devices.iter().find(|s| s.name == driver.name)
+}
+
+/// What the HTTP API shows of the running drivers (started from `config`): their devices'
+/// handles, scan intervals and catalog ids, in config order.
+fn api_view(
+    config: &Config,
+    drivers: &[DriverTask],
+) -> (Vec<DeviceHandle>, Vec<DeviceInfo>, Vec<DeviceId>) {
     let mut handles = Vec::new();
     let mut infos = Vec::new();
     let mut ids = Vec::new();
     for d in drivers {
-        let intervals: Vec<Option<std::time::Duration>> = match &d.settings.kind {
+        let Some(settings) = settings_of(config, d) else {
+            continue;
+        };
+        let intervals: Vec<Option<std::time::Duration>> = match &settings.kind {
             DeviceKind::Modbus(m) => m
                 .units
                 .iter()
                 .map(|u| {
                     let fastest = u.tags.iter().map(|t| t.scan_interval).min();
-                    Some(fastest.unwrap_or(d.settings.scan_interval))
+                    Some(fastest.unwrap_or(settings.scan_interval))
                 })
                 .collect(),
             DeviceKind::OpcUa(o) => {
@@ -482,7 +495,8 @@ fn spawn_driver(
             writes: writes.clone(),
         });
     }
-    let kind = settings.kind.clone();
+    let name = settings.name;
+    let kind = settings.kind;
     let task = tokio::spawn(async move {
         let name = contexts
             .first()
@@ -499,7 +513,7 @@ fn spawn_driver(
         }
     });
     DriverTask {
-        settings,
+        name,
         ids,
         handles,
         cancel,
@@ -716,7 +730,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     ));
 
     let api = api_bound.map(|bound| {
-        let (handles, infos, ids) = api_view(&drivers);
+        let (handles, infos, ids) = api_view(&config, &drivers);
         let state = Arc::new(ApiState::new(
             (config.gateway.id.clone(), boot),
             metrics.clone(),
