@@ -1129,6 +1129,22 @@ impl GatewayRig {
             .unwrap()
     }
 
+    /// Cuts the link to the broker and waits until `records` more records are committed to
+    /// disk (the link stays cut).
+    pub async fn cut_until_committed(
+        &self,
+        gw: &edge_gateway::pipeline::Running,
+        records: u64,
+        what: &str,
+    ) {
+        self.proxy.cut();
+        let committed = edge_gateway::metrics::Metrics::get(&gw.metrics.committed);
+        eventually(Duration::from_secs(20), what, || {
+            edge_gateway::metrics::Metrics::get(&gw.metrics.committed) >= committed + records
+        })
+        .await;
+    }
+
     /// A subscriber, then the gateway, once the subscriber has received live records from it.
     pub async fn start_live(&self) -> (Collector, edge_gateway::pipeline::Running) {
         let sub = self.collector().await;

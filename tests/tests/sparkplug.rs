@@ -16,7 +16,12 @@ const SCAN: Duration = Duration::from_millis(50);
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn rig(node: &str, primary_host: Option<&str>) -> GatewayRig {
-    let mut rig = GatewayRig::new(node, 2, SCAN, None).await;
+    rig_of(node, 2, primary_host).await
+}
+
+/// An edge node of `devices` simulated devices.
+async fn rig_of(node: &str, devices: usize, primary_host: Option<&str>) -> GatewayRig {
+    let mut rig = GatewayRig::new(node, devices, SCAN, None).await;
     rig.config.mqtt.format = Format::SparkplugB;
     rig.config.mqtt.sparkplug = Some(SparkplugSettings {
         group_id: GROUP.into(),
@@ -272,12 +277,8 @@ async fn an_outage_is_replayed_after_the_new_births_as_historical_ddata_oldest_f
     let gw = rig.start().await;
     sub.wait_for(WAIT, "data", |m| count(m, "DDATA") >= 10)
         .await;
-    rig.proxy.cut();
-    let committed = Metrics::get(&gw.metrics.committed);
-    gateway_tests::eventually(WAIT, "the outage's records on disk", || {
-        Metrics::get(&gw.metrics.committed) >= committed + 20
-    })
-    .await;
+    rig.cut_until_committed(&gw, 20, "the outage's records on disk")
+        .await;
     let before = sub.messages().len();
     rig.proxy.restore();
     sub.wait_for(WAIT, "historical data after the new births", |m| {
@@ -329,12 +330,8 @@ async fn a_device_that_died_during_an_outage_is_born_for_its_historical_data_and
         })
     })
     .await;
-    rig.proxy.cut();
-    let committed = Metrics::get(&gw.metrics.committed);
-    gateway_tests::eventually(WAIT, "press2's outage records on disk", || {
-        Metrics::get(&gw.metrics.committed) >= committed + 20
-    })
-    .await;
+    rig.cut_until_committed(&gw, 20, "press2's outage records on disk")
+        .await;
     rig.stop_sim(1).await;
     let press2 = gw.devices[1].status.clone();
     gateway_tests::eventually(WAIT, "press2 gone", || !press2.is_connected()).await;
@@ -391,24 +388,13 @@ async fn births_of_more_devices_than_the_client_has_spare_places_never_stall_the
     // the records together overflow what the MQTT client's request channel holds beyond the
     // window, so the publisher must pace its own messages rather than wait on the channel
     // (which only its own loop drains).
-    let mut rig = GatewayRig::new("sp-many", 12, SCAN, None).await;
-    rig.config.mqtt.format = Format::SparkplugB;
-    rig.config.mqtt.sparkplug = Some(SparkplugSettings {
-        group_id: GROUP.into(),
-        edge_node_id: "sp-many".into(),
-        primary_host_id: None,
-    });
+    let mut rig = rig_of("sp-many", 12, None).await;
     rig.config.mqtt.max_inflight = 16;
     let sub = SpCollector::start(rig.broker.port()).await;
     let gw = rig.start().await;
     sub.wait_for(WAIT, "data", |m| count(m, "DDATA") >= 20)
         .await;
-    rig.proxy.cut();
-    let committed = Metrics::get(&gw.metrics.committed);
-    gateway_tests::eventually(WAIT, "a backlog on disk", || {
-        Metrics::get(&gw.metrics.committed) >= committed + 200
-    })
-    .await;
+    rig.cut_until_committed(&gw, 200, "a backlog on disk").await;
     rig.proxy.restore();
     let (report, _) = finish(gw, &sub).await;
     assert!(report.historical > 0);
