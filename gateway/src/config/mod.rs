@@ -46,6 +46,7 @@ mod de;
 mod problem;
 mod raw;
 mod schema;
+mod split;
 mod values;
 
 #[cfg(test)]
@@ -420,6 +421,17 @@ pub fn parse(src: &str, file: &str) -> Result<Config, ConfigErrors> {
 
 /// Both entry points: `dir` is the config file's directory when loading from disk.
 fn validate(src: &str, file: &str, dir: Option<&Path>) -> Result<Config, ConfigErrors> {
+    // A file with devices is parsed a device at a time (`split.rs`); the whole text is parsed
+    // at once only when it has none or the split cannot be used.
+    if let Some(split::Split { rest, pieces }) = split::split(src) {
+        let rest = toml::from_str::<toml::Table>(&rest).ok();
+        if let Some(rest) = rest.filter(|rest| !split::Split::rest_names_devices(rest)) {
+            let pieces = check::Pieces { src, pieces };
+            if let Some(result) = check::check(rest, Some(pieces), src, file, dir) {
+                return result;
+            }
+        }
+    }
     // toml_edit's document (kept only for the line numbers of problems) is parsed when a
     // problem needs it: holding it next to the table doubled the parse's memory.
     let root: toml::Table = match toml::from_str(src) {
@@ -430,5 +442,12 @@ fn validate(src: &str, file: &str, dir: Option<&Path>) -> Result<Config, ConfigE
             return Err(ConfigErrors::syntax(src, file, e.message(), e.span()));
         }
     };
-    check::check(root, src, file, dir)
+    check::check(root, None, src, file, dir).unwrap_or_else(|| {
+        // Only a split file's pieces can send the check back to the whole text.
+        Err(ConfigErrors::whole_file(
+            file,
+            None,
+            "the configuration could not be checked".to_owned(),
+        ))
+    })
 }

@@ -3,7 +3,7 @@
 //! (names, timing, tags present) and those across devices (unique names) are here.
 
 use std::collections::{BTreeSet, HashMap};
-use std::ops::RangeInclusive;
+use std::ops::{Range, RangeInclusive};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use crate::config::raw::{
     Dur, RawModbusDevice, RawOpcUaDevice, RawOpcUaTag, RawTag, MODBUS_ARRAYS, OPCUA_ARRAYS,
     SERIAL_KEYS,
 };
+use crate::config::split;
 use crate::config::values::{
     check_device_name, check_tag_name, fmt_duration, MAX_DURATION, MS, NONZERO,
 };
@@ -21,6 +22,38 @@ use crate::config::{DeviceKind, DeviceSettings};
 
 use super::Checker;
 use protocols::model::TagMeta;
+
+/// The text of a file split at its devices (`split.rs`): each device's byte range in it.
+pub(in crate::config) struct Pieces<'s> {
+    pub(in crate::config) src: &'s str,
+    pub(in crate::config) pieces: Vec<Range<usize>>,
+}
+
+/// The `[[devices]]` entries in order; `None` for a piece that does not parse on its own.
+enum Entries<'s> {
+    Parsed(std::vec::IntoIter<toml::Value>),
+    Pieces(&'s str, std::vec::IntoIter<Range<usize>>),
+}
+
+impl Iterator for Entries<'_> {
+    type Item = Option<toml::Value>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Entries::Parsed(values) => values.next().map(Some),
+            Entries::Pieces(src, pieces) => pieces.next().map(|p| split::parse_piece(src, &p)),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            Entries::Parsed(values) => values.size_hint(),
+            Entries::Pieces(_, pieces) => pieces.size_hint(),
+        }
+    }
+}
+
+impl ExactSizeIterator for Entries<'_> {}
 
 /// What checking one `[[devices]]` entry gave.
 pub(super) enum DeviceOutcome {
@@ -179,17 +212,24 @@ impl Common {
 }
 
 impl Checker<'_> {
+    /// The `[[devices]]` entries: the root table's `value` when the whole file was parsed,
+    /// else the file's `pieces`, each parsed when its turn comes (`split.rs`). A piece that
+    /// does not parse on its own leaves `whole_text_needed` set.
     pub(super) fn devices(
         &mut self,
         value: Option<toml::Value>,
+        pieces: Option<Pieces<'_>>,
         data_dir: &Path,
     ) -> Option<Vec<DeviceSettings>> {
         let path = FieldPath::top("devices");
-        let entries = match value {
-            Some(value) => self.entries(value, &path, "[[devices]]"),
-            None => Vec::new(),
+        let entries = match (pieces, value) {
+            (Some(Pieces { src, pieces }), _) => Entries::Pieces(src, pieces.into_iter()),
+            (None, Some(value)) => {
+                Entries::Parsed(self.entries(value, &path, "[[devices]]").into_iter())
+            }
+            (None, None) => Entries::Parsed(Vec::new().into_iter()),
         };
-        if entries.is_empty() && !self.problems.iter().any(|p| p.field == "devices") {
+        if entries.len() == 0 && !self.problems.iter().any(|p| p.field == "devices") {
             self.report(&path, "no [[devices]]: configure at least one device");
             return None;
         }
@@ -198,7 +238,11 @@ impl Checker<'_> {
         // Serial ports of enabled lines, with the index of the first device on each.
         let mut ports: HashMap<String, (usize, Arc<str>)> = HashMap::new();
         let mut complete = true;
-        for (index, entry) in entries.into_iter().enumerate() {
+        for (index, entry) in entries.enumerate() {
+            let Some(entry) = entry else {
+                self.whole_text_needed = true;
+                return None;
+            };
             match self.device(index, entry, &mut names, data_dir) {
                 DeviceOutcome::Enabled(device) => {
                     self.port_not_shared(index, &device, &mut ports);

@@ -17,7 +17,7 @@ mod mqtt;
 mod opcua;
 mod sparkplug;
 
-pub(super) use devices::Protocol;
+pub(super) use devices::{Pieces, Protocol};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -37,20 +37,28 @@ use devices::Foreign;
 
 /// Checks the parsed file `root` (the text `src`, named `file` in problems); `dir` is the
 /// config file's directory when loading from disk.
+/// When the file was split at its devices (`split.rs`), `root` is the rest's table and the
+/// devices come from `pieces`; `None` then means a piece did not parse on its own, and the
+/// whole text must be checked instead.
 pub(super) fn check(
     root: toml::Table,
+    pieces: Option<Pieces<'_>>,
     src: &str,
     file: &str,
     dir: Option<&Path>,
-) -> Result<Config, ConfigErrors> {
+) -> Option<Result<Config, ConfigErrors>> {
     let mut checker = Checker {
         locator: Locator::new(src),
         dir,
         problems: Vec::new(),
+        whole_text_needed: false,
     };
-    let config = checker.config(root);
+    let config = checker.config(root, pieces);
+    if checker.whole_text_needed {
+        return None;
+    }
     let mut problems = checker.problems;
-    match config {
+    Some(match config {
         Some(config) if problems.is_empty() => Ok(config),
         _ => {
             if problems.is_empty() {
@@ -62,7 +70,7 @@ pub(super) fn check(
             }
             Err(ConfigErrors::new(file, problems))
         }
-    }
+    })
 }
 
 /// Walks the units of one document and collects problems.
@@ -73,6 +81,8 @@ struct Checker<'a> {
     /// against it and the credential files are checked.
     dir: Option<&'a Path>,
     problems: Vec<Problem>,
+    /// A device's piece of a split file did not parse on its own: the whole text says why.
+    whole_text_needed: bool,
 }
 
 impl Checker<'_> {
@@ -288,7 +298,7 @@ impl Checker<'_> {
         resolved
     }
 
-    fn config(&mut self, root: toml::Table) -> Option<Config> {
+    fn config(&mut self, root: toml::Table, pieces: Option<Pieces<'_>>) -> Option<Config> {
         let (mut gateway, mut buffer, mut mqtt, mut devices) = (None, None, None, None);
         let (mut api, mut sparkplug) = (None, None);
         let mut commands = None;
@@ -320,7 +330,7 @@ impl Checker<'_> {
             .map_or_else(|| PathBuf::from("data"), |g| g.data_dir.clone());
         let api = api.map(|value| self.api(value));
         let commands = self.commands(commands);
-        let devices = self.devices(devices, &data_dir);
+        let devices = self.devices(devices, pieces, &data_dir);
         if let (Some(mqtt), Some(devices), Some(id)) = (&mqtt, &devices, &id) {
             self.status_topic_clash(mqtt, devices, id);
             self.cloud_rules(mqtt, devices, id);
