@@ -133,6 +133,9 @@ fn value_of(text: &str, series: &str) -> f64 {
 async fn metrics_are_served_in_the_prometheus_text_format_with_every_family_and_moving_counters() {
     let mut rig = GatewayRig::new("api-metrics", 2, Duration::from_millis(100), None).await;
     rig.config.api = Some(plain_api());
+    // A small window, so the publisher's live queue holds less than the outage below makes:
+    // the rest comes back from disk (replayed), not from memory.
+    rig.config.mqtt.max_inflight = 4;
     let (_sub, gw) = rig.start_live().await;
     let addr = gw.api_addr().expect("the API listens");
 
@@ -240,14 +243,14 @@ async fn metrics_are_served_in_the_prometheus_text_format_with_every_family_and_
         "the first is no reconnect"
     );
     assert_eq!(value_of(&later.body, replayed), 0.0);
-    rig.cut_until_committed(&gw, 5, "records committed while the broker is away")
+    rig.cut_until_committed(&gw, 40, "records committed while the broker is away")
         .await;
     rig.proxy.restore();
     let after = until(addr, "/metrics", "a reconnect and a replay", |a| {
-        value_of(&a.body, reconnects) >= 1.0 && value_of(&a.body, replayed) >= 5.0
+        value_of(&a.body, reconnects) >= 1.0 && value_of(&a.body, replayed) > 0.0
     })
     .await;
-    assert!(value_of(&after.body, committed) >= 5.0);
+    assert!(value_of(&after.body, committed) >= 40.0);
     assert_eq!(
         value_of(&after.body, reconnects),
         value_of(&after.body, connections) - 1.0,
