@@ -17,7 +17,10 @@
 //!
 //! [`describe_failure`] names the cause of a failed connection in one line when it is TLS's;
 //! [`client_cert_not_after`] and [`ExpiryWarning`] warn of a client certificate that expires
-//! soon; [`inspect`] is what `check` reports of the TLS files.
+//! soon; [`inspect`] is what `check` (and a reload) reports of the TLS files.
+//!
+//! [`server_config`] is the HTTP API's HTTPS configuration (`[api] cert_file`, `key_file`);
+//! [`inspect_server`] is what `check` reports of those files, built the same way.
 //!
 //! A key file's content never reaches an error message, a log line or a debug print: errors
 //! about it say what is wrong in words of their own.
