@@ -133,6 +133,9 @@ fn value_of(text: &str, series: &str) -> f64 {
 async fn metrics_are_served_in_the_prometheus_text_format_with_every_family_and_moving_counters() {
     let mut rig = GatewayRig::new("api-metrics", 2, Duration::from_millis(100), None).await;
     rig.config.api = Some(plain_api());
+    // A small window, so the publisher's live queue holds less than the outage below makes:
+    // the rest comes back from disk (replayed), not from memory.
+    rig.config.mqtt.max_inflight = 4;
     let (_sub, gw) = rig.start_live().await;
     let addr = gw.api_addr().expect("the API listens");
 
@@ -176,6 +179,7 @@ async fn metrics_are_served_in_the_prometheus_text_format_with_every_family_and_
         ("edge_gateway_buffer_commit_duration_seconds", "histogram"),
         ("edge_gateway_mqtt_connected", "gauge"),
         ("edge_gateway_mqtt_connections", "counter"),
+        ("edge_gateway_mqtt_reconnects", "counter"),
         ("edge_gateway_mqtt_published_records", "counter"),
         ("edge_gateway_mqtt_acknowledged_records", "counter"),
         ("edge_gateway_mqtt_acknowledged_samples", "counter"),
@@ -225,6 +229,33 @@ async fn metrics_are_served_in_the_prometheus_text_format_with_every_family_and_
     let count = "edge_gateway_device_scan_duration_seconds_count{device=\"press1\"}";
     assert!(value_of(&later.body, buckets) > 0.0);
     assert_eq!(value_of(&later.body, buckets), value_of(&later.body, count));
+
+    // A short outage: records are committed to disk while the broker is away, and replayed
+    // from it over a second connection once it is back.
+    let connections = "edge_gateway_mqtt_connections_total";
+    let reconnects = "edge_gateway_mqtt_reconnects_total";
+    let committed = "edge_gateway_buffer_committed_records_total";
+    let replayed = "edge_gateway_buffer_replayed_records_total";
+    assert_eq!(value_of(&later.body, connections), 1.0);
+    assert_eq!(
+        value_of(&later.body, reconnects),
+        0.0,
+        "the first is no reconnect"
+    );
+    assert_eq!(value_of(&later.body, replayed), 0.0);
+    rig.cut_until_committed(&gw, 40, "records committed while the broker is away")
+        .await;
+    rig.proxy.restore();
+    let after = until(addr, "/metrics", "a reconnect and a replay", |a| {
+        value_of(&a.body, reconnects) >= 1.0 && value_of(&a.body, replayed) > 0.0
+    })
+    .await;
+    assert!(value_of(&after.body, committed) >= 40.0);
+    assert_eq!(
+        value_of(&after.body, reconnects),
+        value_of(&after.body, connections) - 1.0,
+        "every connection after the first is a reconnect"
+    );
     gw.shutdown().await;
 }
 

@@ -239,6 +239,84 @@ async fn a_config_that_fails_check_is_refused_and_the_running_one_stays() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_mqtt_key_is_not_its_certificates_is_refused_like_check_refuses_it() {
+    init_tracing();
+    let broker = edge_gateway::demo::broker::start(16 << 20).unwrap();
+    let sims = Sims::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let old = config("reload-tls", dir.path(), broker.port(), &sims.addrs());
+    let sub = Collector::start(broker.port(), "edge/reload-tls/#").await;
+    let mut gw = edge_gateway::pipeline::start(old.clone()).await.unwrap();
+    sub.wait_for(WAIT, "records", |m| m.len() >= 10).await;
+
+    // A file the config's own checks accept (every file exists and is readable), but whose
+    // client key belongs to another certificate: `check` fails it, so the reload must too.
+    let pki = gateway_tests::pki::Pki::generate().unwrap();
+    let file = dir.path().join("gateway.toml");
+    let text = format!(
+        r#"[gateway]
+id = "reload-tls"
+data_dir = "{data}"
+
+[mqtt]
+url = "mqtts://localhost:{port}"
+ca_file = "{ca}"
+cert_file = "{cert}"
+key_file = "{key}"
+
+[[devices]]
+name = "press1"
+protocol = "modbus_tcp"
+address = "{addr}"
+
+  [[devices.tags]]
+  name = "counter"
+  address = "hr:0"
+"#,
+        data = dir.path().join("data").display(),
+        port = broker.port(),
+        ca = pki.ca().display(),
+        cert = pki.client().cert.display(),
+        key = pki.server().key.display(),
+        addr = sims.addrs()[0],
+    );
+    std::fs::write(&file, text).unwrap();
+    assert!(
+        edge_gateway::config::load(&file).is_ok(),
+        "the file passes the config's own checks"
+    );
+    let (said, ok) = edge_gateway::cli::check::run(&file);
+    assert!(!ok, "check fails it: {said}");
+
+    let refused = gw.reload_file(&file).await;
+    match &refused {
+        Err(ReloadError::Files(problems)) => assert!(
+            problems.iter().any(|p| p.starts_with("mqtt.key_file: ")
+                && p.contains("is not the private key of the certificate in mqtt.cert_file")),
+            "{problems:?}"
+        ),
+        other => panic!("refused for its key, not {other:?}"),
+    }
+    assert_eq!(Metrics::get(&gw.metrics.reloads_refused), 1);
+    assert_eq!(Metrics::get(&gw.metrics.reloads), 0);
+    assert_eq!(gw.config(), &old);
+    assert_eq!(
+        Metrics::get(&gw.metrics.mqtt_connects),
+        1,
+        "the publisher stayed"
+    );
+
+    let before = sub.messages().len();
+    sub.wait_for(WAIT, "records after the refusal", |m| {
+        m.len() >= before + 10
+    })
+    .await;
+    assert_eq!(sims.connections(0), 1, "the device kept its connection");
+    nothing_lost(&gw, &sub).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt_change_reconnects_the_publisher_to_the_new_broker_port_with_no_seq_lost() {
     init_tracing();
     let broker = edge_gateway::demo::broker::start(16 << 20).unwrap();

@@ -233,3 +233,90 @@ fn check_passes_a_client_certificate_expiring_in_10_days_with_a_warning_line() {
     assert!(lines[0].contains("expires in 9 days"), "{text}");
     assert!(lines[1].ends_with(": OK (1 devices, 1 tags)"), "{text}");
 }
+
+/// A config with the HTTP API over HTTPS with `cert` and `key` (and a plain broker url),
+/// written beside the PKI's files; what `check` prints for it, and whether it passes.
+fn check_api(pki: &Pki, cert: &Path, key: &Path) -> (String, bool) {
+    let config = format!(
+        r#"[gateway]
+id = "edge-01"
+data_dir = "{}"
+
+[mqtt]
+url = "mqtt://localhost"
+
+[api]
+listen = "127.0.0.1:0"
+cert_file = "{}"
+key_file = "{}"
+
+[[devices]]
+name = "press7"
+protocol = "modbus_tcp"
+address = "127.0.0.1:5020"
+
+  [[devices.tags]]
+  name = "counter"
+  address = "hr:0"
+"#,
+        pki.dir().join("data").display(),
+        cert.display(),
+        key.display()
+    );
+    let path = pki.dir().join("api.toml");
+    std::fs::write(&path, config).unwrap();
+    edge_gateway::cli::check::run(&path)
+}
+
+#[test]
+fn check_passes_an_api_certificate_with_its_own_key() {
+    let pki = Pki::generate().unwrap();
+    let (text, ok) = check_api(&pki, &pki.server().cert, &pki.server().key);
+    assert!(ok, "{text}");
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.ends_with(": OK (1 devices, 1 tags)"), "{text}");
+}
+
+#[test]
+fn check_fails_an_api_key_that_is_not_its_certificates_naming_api_key_file() {
+    let pki = Pki::generate().unwrap();
+    let (text, ok) = check_api(&pki, &pki.server().cert, &pki.client().key);
+    assert!(!ok, "{text}");
+    let expected = format!(
+        "api.toml: api.key_file: {} is not the private key of the certificate in api.cert_file ({})",
+        pki.client().key.display(),
+        pki.server().cert.display()
+    );
+    assert!(text.contains(&expected), "{text}");
+    assert!(!text.contains("mqtt."), "{text}");
+}
+
+#[test]
+fn check_fails_an_api_certificate_that_is_not_one_naming_api_cert_file() {
+    let pki = Pki::generate().unwrap();
+    let key = &pki.server().key;
+    // Not PEM at all.
+    let garbage = pki.dir().join("garbage.pem");
+    std::fs::write(&garbage, "this is no certificate\n").unwrap();
+    let (text, ok) = check_api(&pki, &garbage, key);
+    assert!(!ok, "{text}");
+    let expected = format!(
+        "api.toml: api.cert_file: {} holds no certificate",
+        garbage.display()
+    );
+    assert!(text.contains(&expected), "{text}");
+    // A PEM certificate section whose content is no certificate.
+    let damaged = pki.dir().join("damaged.pem");
+    std::fs::write(
+        &damaged,
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGUgYXQgYWxs\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let (text, ok) = check_api(&pki, &damaged, key);
+    assert!(!ok, "{text}");
+    let expected = format!(
+        "api.toml: api.cert_file: the certificate in {} cannot be used",
+        damaged.display()
+    );
+    assert!(text.contains(&expected), "{text}");
+}

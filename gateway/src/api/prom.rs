@@ -44,6 +44,12 @@ fn gauge_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// The reconnects among `connections`: every connection after the first. Derived at scrape
+/// time from the one counter the publisher keeps, so it stays monotonic with it.
+fn reconnects(connections: u64) -> u64 {
+    connections.saturating_sub(1)
+}
+
 fn counter(enc: &mut MetricEncoder<'_>, v: u64) -> Result<(), std::fmt::Error> {
     enc.encode_counter::<(), u64, u64>(&v, None::<&Exemplar<(), u64>>)
 }
@@ -369,6 +375,14 @@ impl GatewayCollector {
             None,
             Counter,
             |e| counter(e, get(&m.mqtt_connects)),
+        )?;
+        family(
+            encoder,
+            "mqtt_reconnects",
+            "MQTT connections made after the first (after a lost connection or a reload of [mqtt]).",
+            None,
+            Counter,
+            |e| counter(e, reconnects(get(&m.mqtt_connects))),
         )?;
         family(
             encoder,

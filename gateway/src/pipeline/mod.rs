@@ -234,6 +234,11 @@ pub enum ReloadError {
     /// The new file fails `check` (or cannot be read).
     #[error("the new configuration is refused, the running one stays:\n{0}")]
     Config(#[from] ConfigErrors),
+    /// The new file passes the config's checks but not what `check` finds beyond them (a TLS
+    /// file that does not load, a key that is not its certificate's, a new data directory
+    /// that cannot be written): one line each.
+    #[error("the new configuration is refused, the running one stays:\n{}", .0.join("\n"))]
+    Files(Vec<String>),
     /// The new `[mqtt]` password cannot be read.
     #[error("the new configuration is refused, the running one stays: mqtt.password_file: {0}")]
     Secret(#[from] crate::secret::SecretError),
@@ -403,15 +408,53 @@ impl Running {
     /// Reads the config file at `path` again and applies it with [`Running::reload`]; a file
     /// that fails `check` is refused (logged, counted in `reloads_refused`) and the running
     /// config stays. This is what SIGHUP and `POST /api/reload` call.
+    ///
+    /// "Fails `check`" is the config's own checks and what `check` finds beyond them
+    /// (`preflight::inspect`: the `[mqtt]` TLS files, the `[api]` certificate and key); its
+    /// warnings are logged. The data directory is probed (a file written and removed) only
+    /// when the file names another one than the running gateway's: that one is in use, locked
+    /// and written by this process, and a probe failing there (a full disk) must not refuse
+    /// a device change, as a failing disk never stops the gateway; a new directory waits for
+    /// the next start, which it would stop.
     pub async fn reload_file(&mut self, path: &std::path::Path) -> Result<Plan, ReloadError> {
         info!(file = %path.display(), "reloading the configuration");
-        match crate::config::load(path) {
+        let checked = crate::config::load(path)
+            .map_err(ReloadError::from)
+            .and_then(|config| {
+                self.preflight(path, &config)?;
+                Ok(config)
+            });
+        match checked {
             Ok(config) => self.reload(config).await,
             Err(e) => {
                 Metrics::add(&self.metrics.reloads_refused, 1);
-                error!(file = %path.display(), problems = e.problems.len(), "the new configuration fails check; keeping the running one:\n{e}");
-                Err(e.into())
+                error!(file = %path.display(), "the new configuration fails check; keeping the running one:\n{e}");
+                Err(e)
             }
+        }
+    }
+
+    /// What `check` finds in `new` beyond its file's checks: warnings logged, problems
+    /// returned (see [`Running::reload_file`] for the data directory).
+    fn preflight(&self, path: &std::path::Path, new: &Config) -> Result<(), ReloadError> {
+        let mut problems = Vec::new();
+        for finding in crate::preflight::inspect(new) {
+            match finding.severity {
+                crate::publish::tls::Severity::Problem => problems.push(finding.to_string()),
+                crate::publish::tls::Severity::Warning => {
+                    warn!(file = %path.display(), "{finding}");
+                }
+            }
+        }
+        if new.gateway.data_dir != self.config.gateway.data_dir {
+            if let Err(e) = crate::preflight::probe_data_dir(&new.gateway.data_dir) {
+                problems.push(format!("gateway.data_dir: {e}"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ReloadError::Files(problems))
         }
     }
 }

@@ -1,6 +1,8 @@
 //! `[api]`: the listen address, basic auth and HTTPS of the HTTP API. An address beyond
 //! loopback without them is allowed (a closed plant network) but warned about by `check`
 //! ([`ApiSettings::exposure_warning`](crate::config::ApiSettings::exposure_warning)).
+//! Here `cert_file` and `key_file` need only exist and be readable; `check` (and a reload)
+//! then parses them and builds the API's TLS configuration as `run` does (`preflight.rs`).
 
 use std::net::SocketAddr;
 

@@ -10,7 +10,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{Error as RustlsError, InconsistentKeys, RootCertStore};
 use x509_cert::der::Decode;
 
-use super::{KeyProblem, TlsError, CA_FILE, CERT_FILE};
+use super::{IdentityFields, KeyProblem, TlsError, CA_FILE, CERT_FILE, MQTT_IDENTITY};
 use crate::config::TlsSettings;
 use crate::secret::{Secret, SecretSource};
 
@@ -105,21 +105,28 @@ pub(super) fn not_after(
     Ok(cert.tbs_certificate.validity.not_after.to_system_time())
 }
 
-/// The private key in `source`'s file, read through [`SecretSource::read`] (which warns once
-/// about a file others may read, and zeroes its copy). Errors say what is wrong without
-/// quoting the file.
-pub(super) fn read_key(source: &SecretSource) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let secret = source.read().map_err(TlsError::KeySecret)?;
-    parse_key(source, &secret)
+/// The private key in `source`'s file (named by the config `field`), read through
+/// [`SecretSource::read`] (which warns once about a file others may read, and zeroes its
+/// copy). Errors say what is wrong without quoting the file.
+pub(super) fn read_key(
+    field: &'static str,
+    source: &SecretSource,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let secret = source
+        .read()
+        .map_err(|source| TlsError::KeySecret { field, source })?;
+    parse_key(field, source, &secret)
 }
 
-/// The private key in `secret`, the content of `source`'s file.
+/// The private key in `secret`, the content of `source`'s file (named by the config `field`).
 pub(super) fn parse_key(
+    field: &'static str,
     source: &SecretSource,
     secret: &Secret,
 ) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = secret.expose().as_bytes();
     let problem = |problem| TlsError::Key {
+        field,
         key: source.to_string(),
         problem,
     };
@@ -160,12 +167,14 @@ pub(super) fn client_identity(
     };
     let chain = read_certs(CERT_FILE, cert_path)?;
     not_after(CERT_FILE, cert_path, &chain, 0)?;
-    let key = read_key(key_source)?;
-    identity(chain, key, cert_path, key_source, provider).map(Some)
+    let key = read_key(MQTT_IDENTITY.key, key_source)?;
+    identity(MQTT_IDENTITY, chain, key, cert_path, key_source, provider).map(Some)
 }
 
-/// `chain` and `key` as one identity, refused when the key is not the certificate's.
+/// `chain` and `key` as one identity, refused when the key is not the certificate's; errors
+/// name the config `fields`.
 pub(super) fn identity(
+    fields: IdentityFields,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     cert_path: &Path,
@@ -176,6 +185,7 @@ pub(super) fn identity(
         .key_provider
         .load_private_key(key)
         .map_err(|source| TlsError::KeyUnusable {
+            field: fields.key,
             key: key_source.to_string(),
             source,
         })?;
@@ -185,11 +195,13 @@ pub(super) fn identity(
         Ok(()) | Err(RustlsError::InconsistentKeys(InconsistentKeys::Unknown)) => Ok(identity),
         Err(RustlsError::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
             Err(TlsError::KeyMismatch {
+                fields,
                 key: key_source.to_string(),
                 cert: cert_path.to_owned(),
             })
         }
         Err(source) => Err(TlsError::CertUnusable {
+            field: fields.cert,
             path: cert_path.to_owned(),
             source,
         }),

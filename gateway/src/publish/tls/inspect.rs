@@ -1,15 +1,19 @@
-//! What `check` reports of the TLS files of an `mqtts://` url: each read and parsed as a
-//! connection would, every problem found rather than the first, and warnings for what works
-//! but should not last (a client certificate expiring within 30 days, `insecure_skip_verify`).
-//! The system's CA certificates are not looked at: `check` may run on another machine than the
-//! gateway.
+//! What `check` (and a reload) reports of the TLS files of an `mqtts://` url: each read and
+//! parsed as a connection would, every problem found rather than the first, and warnings for
+//! what works but should not last (a client certificate expiring within 30 days,
+//! `insecure_skip_verify`). The system's CA certificates are not looked at: `check` may run on
+//! another machine than the gateway. The HTTP API's certificate and key ([`inspect_server`])
+//! are read and built into its server configuration as `run` builds it.
 
 use std::fmt;
+use std::path::Path;
 use std::time::SystemTime;
+
+use rustls::pki_types::PrivateKeyDer;
 
 use super::expiry::Expiring;
 use super::files::{ca_file_roots, identity, not_after, parse_key, read_certs};
-use super::{server_name, TlsError, CA_FILE, CERT_FILE, URL};
+use super::{server_name, TlsError, API_IDENTITY, CA_FILE, CERT_FILE, MQTT_IDENTITY, URL};
 use crate::config::TlsSettings;
 use crate::secret::{SecretError, SecretSource};
 
@@ -146,15 +150,32 @@ fn client_findings(tls: &TlsSettings, now: SystemTime) -> Vec<Finding> {
             None
         }
     };
+    let key = key_of(MQTT_IDENTITY.key, key_source, &mut findings);
+    if let (Some(chain), Some(key)) = (chain, key) {
+        let provider = super::provider();
+        if let Err(e) = identity(MQTT_IDENTITY, chain, key, cert_path, key_source, &provider) {
+            findings.push(Finding::problem(&e));
+        }
+    }
+    findings
+}
+
+/// The key in `source` (named by the config `field`), read and parsed as a connection would;
+/// a problem found is added to `findings`.
+fn key_of(
+    field: &'static str,
+    source: &SecretSource,
+    findings: &mut Vec<Finding>,
+) -> Option<PrivateKeyDer<'static>> {
     // Whether others may read the key is left to the gateway's own warning when it runs: the
     // mode of a file depends on where it was copied with which umask, and `check` says the
     // same for the same file anywhere (as for `password_file`).
-    let read = match key_source {
-        SecretSource::File(_) => key_source.read_in(None).map(|(secret, _)| secret),
-        SecretSource::Credential(_) => key_source.read(),
+    let read = match source {
+        SecretSource::File(_) => source.read_in(None).map(|(secret, _)| secret),
+        SecretSource::Credential(_) => source.read(),
     };
-    let key = match read {
-        Ok(secret) => match parse_key(key_source, &secret) {
+    match read {
+        Ok(secret) => match parse_key(field, source, &secret) {
             Ok(key) => Some(key),
             Err(e) => {
                 findings.push(Finding::problem(&e));
@@ -164,14 +185,28 @@ fn client_findings(tls: &TlsSettings, now: SystemTime) -> Vec<Finding> {
         // `credential:NAME` outside the service: `check` cannot see it, as the config check
         // cannot.
         Err(SecretError::NoCredentialsDirectory(_)) => None,
+        Err(source) => {
+            findings.push(Finding::problem(&TlsError::KeySecret { field, source }));
+            None
+        }
+    }
+}
+
+/// Everything wrong with the HTTP API's certificate and key (`[api] cert_file`, `key_file`):
+/// each read and parsed, then the server configuration built from them as `run` builds it
+/// ([`super::server_config`]), so a file `run` would stop on is a problem here.
+pub(crate) fn inspect_server(cert_file: &Path, key_file: &SecretSource) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let certs = match read_certs(API_IDENTITY.cert, cert_file) {
+        Ok(certs) => Some(certs),
         Err(e) => {
-            findings.push(Finding::problem(&TlsError::KeySecret(e)));
+            findings.push(Finding::problem(&e));
             None
         }
     };
-    if let (Some(chain), Some(key)) = (chain, key) {
-        let provider = super::provider();
-        if let Err(e) = identity(chain, key, cert_path, key_source, &provider) {
+    let key = key_of(API_IDENTITY.key, key_file, &mut findings);
+    if let (Some(certs), Some(key)) = (certs, key) {
+        if let Err(e) = super::server_config_of(certs, key, cert_file, key_file) {
             findings.push(Finding::problem(&e));
         }
     }

@@ -17,7 +17,10 @@
 //!
 //! [`describe_failure`] names the cause of a failed connection in one line when it is TLS's;
 //! [`client_cert_not_after`] and [`ExpiryWarning`] warn of a client certificate that expires
-//! soon; [`inspect`] is what `check` reports of the TLS files.
+//! soon; [`inspect`] is what `check` (and a reload) reports of the TLS files.
+//!
+//! [`server_config`] is the HTTP API's HTTPS configuration (`[api] cert_file`, `key_file`);
+//! [`inspect_server`] is what `check` reports of those files, built the same way.
 //!
 //! A key file's content never reaches an error message, a log line or a debug print: errors
 //! about it say what is wrong in words of their own.
@@ -47,7 +50,7 @@ use crate::secret::SecretError;
 pub(crate) use expiry::ExpiryWarning;
 pub(crate) use failure::{describe_failure, describe_failure_v5};
 pub(crate) use files::client_cert_not_after;
-pub(crate) use inspect::{inspect, Finding, Severity};
+pub(crate) use inspect::{inspect, inspect_server, Finding, Severity};
 
 /// The config fields errors name.
 pub(crate) const CA_FILE: &str = "mqtt.ca_file";
@@ -59,6 +62,26 @@ pub(crate) const KEY_FILE: &str = "mqtt.key_file";
 pub(crate) const SERVER_NAME: &str = "mqtt.server_name";
 /// See [`CA_FILE`].
 pub(crate) const URL: &str = "mqtt.url";
+
+/// The config fields that name a certificate and its key, for errors about either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IdentityFields {
+    /// The certificate's field.
+    pub(crate) cert: &'static str,
+    /// The key's field.
+    pub(crate) key: &'static str,
+}
+
+/// The MQTT client's certificate and key.
+pub(crate) const MQTT_IDENTITY: IdentityFields = IdentityFields {
+    cert: CERT_FILE,
+    key: KEY_FILE,
+};
+/// The HTTP API's certificate and key (`[api] cert_file`, `key_file`).
+pub(crate) const API_IDENTITY: IdentityFields = IdentityFields {
+    cert: "api.cert_file",
+    key: "api.key_file",
+};
 
 /// Why a TLS configuration cannot be built. Each names the config field (and file) at fault;
 /// none carries a key file's content.
@@ -127,20 +150,30 @@ pub(crate) enum TlsError {
     },
     /// `key_file` cannot be read (through [`crate::secret`]: a missing file or credential, or
     /// one that is not text).
-    #[error("{KEY_FILE}: {0}")]
-    KeySecret(#[source] SecretError),
+    #[error("{field}: {source}")]
+    KeySecret {
+        /// The config field naming the key (`mqtt.key_file`, `api.key_file`).
+        field: &'static str,
+        /// Why it cannot be read.
+        #[source]
+        source: SecretError,
+    },
     /// `key_file` holds no usable private key; the reason is in words of our own, never the
     /// file's content.
-    #[error("{KEY_FILE}: {key} {problem}")]
+    #[error("{field}: {key} {problem}")]
     Key {
+        /// The config field naming the key.
+        field: &'static str,
         /// The file, as the config names it.
         key: String,
         /// What is wrong with it.
         problem: KeyProblem,
     },
     /// rustls cannot sign with the key (an algorithm it does not support).
-    #[error("{KEY_FILE}: the key in {key} cannot be used (RSA, ECDSA P-256 or P-384, and Ed25519 keys can): {source}")]
+    #[error("{field}: the key in {key} cannot be used (RSA, ECDSA P-256 or P-384, and Ed25519 keys can): {source}")]
     KeyUnusable {
+        /// The config field naming the key.
+        field: &'static str,
         /// The file, as the config names it.
         key: String,
         /// rustls' reason (it holds no key material).
@@ -148,16 +181,20 @@ pub(crate) enum TlsError {
         source: rustls::Error,
     },
     /// The key is not the certificate's.
-    #[error("{KEY_FILE}: {key} is not the private key of the certificate in {CERT_FILE} ({})", cert.display())]
+    #[error("{}: {key} is not the private key of the certificate in {} ({})", fields.key, fields.cert, cert.display())]
     KeyMismatch {
+        /// The config fields naming the certificate and the key.
+        fields: IdentityFields,
         /// The key file, as the config names it.
         key: String,
         /// The certificate file.
         cert: PathBuf,
     },
-    /// rustls cannot use the client certificate.
-    #[error("{CERT_FILE}: the certificate in {} cannot be used: {source}", path.display())]
+    /// rustls cannot use the certificate.
+    #[error("{field}: the certificate in {} cannot be used: {source}", path.display())]
     CertUnusable {
+        /// The config field naming the certificate.
+        field: &'static str,
         /// The file.
         path: PathBuf,
         /// rustls' reason.
@@ -207,16 +244,16 @@ impl TlsError {
             | TlsError::Pem { field, .. }
             | TlsError::NoCertificate { field, .. }
             | TlsError::BadCertificate { field, .. }
-            | TlsError::ServerName { field, .. } => field,
+            | TlsError::ServerName { field, .. }
+            | TlsError::CertUnusable { field, .. }
+            | TlsError::KeySecret { field, .. }
+            | TlsError::Key { field, .. }
+            | TlsError::KeyUnusable { field, .. } => field,
+            TlsError::KeyMismatch { fields, .. } => fields.key,
             TlsError::NoTrustAnchor { .. }
             | TlsError::NoSystemRoots { .. }
             | TlsError::Verifier { .. }
             | TlsError::Rustls(_) => CA_FILE,
-            TlsError::CertUnusable { .. } => CERT_FILE,
-            TlsError::KeySecret(_)
-            | TlsError::Key { .. }
-            | TlsError::KeyUnusable { .. }
-            | TlsError::KeyMismatch { .. } => KEY_FILE,
         }
     }
 }
@@ -272,19 +309,32 @@ pub(crate) fn client_config(tls: &TlsSettings, host: &str) -> Result<Arc<ClientC
 }
 
 /// The rustls configuration of the HTTP API's HTTPS (`[api] cert_file`, `key_file`), read now:
-/// HTTP/1.1 only, no client certificates.
+/// HTTP/1.1 only, no client certificates. A key that is not the certificate's is refused
+/// here, naming `api.key_file`, as `check` names it ([`inspect_server`]).
 pub(crate) fn server_config(
     cert_file: &std::path::Path,
     key_file: &crate::secret::SecretSource,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let certs = files::read_certs("api.cert_file", cert_file)?;
-    let key = files::read_key(key_file)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let certs = files::read_certs(API_IDENTITY.cert, cert_file)?;
+    let key = files::read_key(API_IDENTITY.key, key_file)?;
+    server_config_of(certs, key, cert_file, key_file)
+}
+
+/// The API's rustls configuration from a certificate chain and its key, as read from
+/// `cert_file` and `key_file`.
+fn server_config_of(
+    certs: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    cert_file: &std::path::Path,
+    key_file: &crate::secret::SecretSource,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let identity = files::identity(API_IDENTITY, certs, key, cert_file, key_file, &provider)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Rustls)?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(TlsError::Rustls)?;
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(identity)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

@@ -171,3 +171,23 @@ fn the_expired_client_certificates_end_is_read_from_it() {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_609_459_200)
     );
 }
+
+#[test]
+fn the_apis_server_config_refuses_a_key_that_is_not_its_certificates_naming_the_api_fields() {
+    let pki = pki();
+    let key = SecretSource::File(pki.client().key.clone());
+    let err = match super::super::server_config(&pki.server().cert, &key) {
+        Ok(_) => panic!("built a server configuration"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err:?}");
+    assert_eq!(err.field(), "api.key_file");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("api.key_file: ")
+            && text.contains("is not the private key of the certificate in api.cert_file"),
+        "{text}"
+    );
+    let own = SecretSource::File(pki.server().key.clone());
+    super::super::server_config(&pki.server().cert, &own).unwrap();
+}
