@@ -99,6 +99,7 @@ pub fn local_config(
         devices,
         api: None,
         commands: Default::default(),
+        disabled_devices: 0,
     }
 }
 

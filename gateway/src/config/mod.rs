@@ -80,6 +80,9 @@ pub struct Config {
     pub api: Option<ApiSettings>,
     /// `[commands]`: writes from the cloud (off by default).
     pub commands: CommandSettings,
+    /// The devices of `[[devices]]` entries with `enabled = false`, left out of `devices`
+    /// (each unit of a Modbus line counts, as each is published as a device).
+    pub disabled_devices: usize,
 }
 
 /// `[commands]`: whether the gateway takes write commands, and how often a tag may be written.

@@ -59,7 +59,8 @@ impl ExactSizeIterator for Entries<'_> {}
 pub(super) enum DeviceOutcome {
     /// Boxed: an OPC UA device's settings are large, the other outcomes empty.
     Enabled(Box<DeviceSettings>),
-    Disabled,
+    /// `enabled = false`: how many devices it would publish (each unit of a Modbus line).
+    Disabled(usize),
     Invalid,
 }
 
@@ -206,7 +207,10 @@ impl Common {
                 kind,
             }))
         } else {
-            DeviceOutcome::Disabled
+            DeviceOutcome::Disabled(match &kind {
+                DeviceKind::Modbus(m) => m.units.len().max(1),
+                DeviceKind::OpcUa(_) => 1,
+            })
         }
     }
 }
@@ -248,7 +252,7 @@ impl Checker<'_> {
                     self.port_not_shared(index, &device, &mut ports);
                     devices.push(*device);
                 }
-                DeviceOutcome::Disabled => {}
+                DeviceOutcome::Disabled(published) => self.disabled += published,
                 DeviceOutcome::Invalid => complete = false,
             }
         }

@@ -52,6 +52,7 @@ pub(super) fn check(
         dir,
         problems: Vec::new(),
         whole_text_needed: false,
+        disabled: 0,
     };
     let config = checker.config(root, pieces);
     if checker.whole_text_needed {
@@ -83,6 +84,8 @@ struct Checker<'a> {
     problems: Vec<Problem>,
     /// A device's piece of a split file did not parse on its own: the whole text says why.
     whole_text_needed: bool,
+    /// The devices left out with `enabled = false` (each unit of a Modbus line counts).
+    disabled: usize,
 }
 
 impl Checker<'_> {
@@ -342,6 +345,7 @@ impl Checker<'_> {
             devices: devices?,
             api: api.flatten(),
             commands: commands?,
+            disabled_devices: self.disabled,
         })
     }
 

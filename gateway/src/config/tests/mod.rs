@@ -266,6 +266,7 @@ fn full_contract_example_parses_to_the_expected_runtime_values() {
         }],
         api: None,
         commands: Default::default(),
+        disabled_devices: 0,
     };
     assert_eq!(config(FULL), expected);
 }
@@ -347,6 +348,20 @@ fn disabled_devices_are_left_out() {
     let config = config(&format!("{BASE}{disabled}"));
     let names: Vec<&str> = config.devices.iter().map(|d| &*d.name).collect();
     assert_eq!(names, ["press7"], "a disabled device needs no tags either");
+    assert_eq!(config.disabled_devices, 1);
+}
+
+#[test]
+fn each_unit_of_a_disabled_line_counts_as_a_disabled_device() {
+    let line = "\n[[devices]]\nname = \"line\"\nprotocol = \"modbus_tcp\"\n\
+                address = \"10.0.0.9:502\"\nenabled = false\n\
+                [[devices.units]]\nname = \"u1\"\nunit_id = 1\n\
+                [[devices.units.tags]]\nname = \"a\"\naddress = \"hr:0\"\ntype = \"u16\"\n\
+                [[devices.units]]\nname = \"u2\"\nunit_id = 2\n\
+                [[devices.units.tags]]\nname = \"a\"\naddress = \"hr:0\"\ntype = \"u16\"\n";
+    let config = config(&format!("{BASE}{line}"));
+    assert_eq!(config.devices.len(), 1);
+    assert_eq!(config.disabled_devices, 2);
 }
 
 #[test]
