@@ -82,7 +82,7 @@ fn writable_tags(cfg: &Config) -> usize {
             DeviceKind::Modbus(m) => m
                 .units
                 .iter()
-                .flat_map(|u| &u.tags)
+                .flat_map(|u| u.tags.iter())
                 .filter(|t| t.write.is_some())
                 .count(),
             DeviceKind::OpcUa(o) => o.tags.iter().filter(|t| t.write.is_some()).count(),

@@ -511,7 +511,7 @@ async fn a_command_on_a_unit_s_topic_writes_that_unit_of_an_rtu_line_and_no_othe
     let unit = |name: &str, unit_id| UnitSettings {
         name: Some(name.into()),
         unit_id,
-        tags: tags(),
+        tags: tags().into(),
     };
     let line = DeviceSettings {
         name: "meters".into(),

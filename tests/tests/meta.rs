@@ -17,7 +17,7 @@ fn describe_counter(config: &mut Config, i: usize, unit: &str) {
     let DeviceKind::Modbus(m) = &mut config.devices[i].kind else {
         panic!("the demo devices are Modbus devices");
     };
-    m.units[0].tags[0].meta = TagMeta {
+    std::sync::Arc::make_mut(&mut m.units[0].tags)[0].meta = TagMeta {
         unit: Some(unit.into()),
         description: Some("Strokes since the last reset".into()),
         min: Some(0.0),

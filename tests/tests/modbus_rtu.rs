@@ -57,7 +57,8 @@ fn unit(name: &str, unit_id: u8) -> UnitSettings {
         tags: vec![
             tag("marker", hr(0), DataType::U16, WordOrder::ABCD, 0, SCAN),
             tag("power", hr(1), DataType::F32, WordOrder::CDAB, 0, SCAN),
-        ],
+        ]
+        .into(),
     }
 }
 
@@ -356,7 +357,8 @@ async fn a_slow_unit_never_gets_the_answer_of_one_block_on_another_block_of_the_
                 0,
                 SCAN + Duration::from_millis(30),
             ),
-        ],
+        ]
+        .into(),
     };
     let mut line = start(serial(pty.path(), vec![blocks]));
     line.until("good values", all_good).await;

@@ -119,7 +119,9 @@ async fn a_reload_restarts_only_the_changed_device_and_the_unchanged_one_keeps_i
     let edge_gateway::config::DeviceKind::Modbus(m) = &mut new.devices[1].kind else {
         unreachable!("the demo presses are Modbus devices")
     };
-    let last = m.units[0].tags.pop().unwrap().name;
+    let mut kept = m.units[0].tags.to_vec();
+    let last = kept.pop().unwrap().name;
+    m.units[0].tags = kept.into();
     let tags = m.units[0].tags.len();
     let plan = gw.reload(new.clone()).await.unwrap();
     assert_eq!(

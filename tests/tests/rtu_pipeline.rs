@@ -245,7 +245,8 @@ fn converter_unit(name: &str, unit_id: u8, scan: Duration) -> UnitSettings {
                 scale: 0.1,
                 ..tag("energy", ir(20), DataType::U32, WordOrder::ABCD, 0, scan)
             },
-        ],
+        ]
+        .into(),
     }
 }
 

@@ -83,7 +83,7 @@ fn line(link: Link) -> ModbusSettings {
     let unit = |name: &str, unit_id| UnitSettings {
         name: Some(name.into()),
         unit_id,
-        tags: unit_tags(),
+        tags: unit_tags().into(),
     };
     ModbusSettings {
         link,

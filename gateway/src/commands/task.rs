@@ -174,7 +174,7 @@ fn write_inbox(
         DeviceKind::Modbus(m) => m
             .units
             .iter()
-            .flat_map(|u| &u.tags)
+            .flat_map(|u| u.tags.iter())
             .any(|t| t.write.is_some()),
         DeviceKind::OpcUa(o) => o.tags.iter().any(|t| t.write.is_some()),
     };

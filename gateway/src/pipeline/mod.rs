@@ -544,10 +544,13 @@ fn spawn_driver(
         let name = contexts
             .first()
             .map_or_else(|| "?".into(), |c| c.name.clone());
+        // Each driver's future is boxed: inline, the task of every device would be as large
+        // as the larger of the two (an OPC UA session's future, about 15 KB more than a
+        // Modbus line's: 1.5 MB for 100 Modbus devices).
         let result = match kind {
-            DeviceKind::Modbus(m) => modbus::driver::run(m, contexts).await,
+            DeviceKind::Modbus(m) => Box::pin(modbus::driver::run(m, contexts)).await,
             DeviceKind::OpcUa(o) => match contexts.pop() {
-                Some(ctx) => opcua::driver::run(o, ctx).await,
+                Some(ctx) => Box::pin(opcua::driver::run(o, ctx)).await,
                 None => Ok(()),
             },
         };

@@ -517,8 +517,10 @@ pub struct UnitSettings {
     pub name: Option<Arc<str>>,
     /// Unit id (slave id), 0-247 on RTU (0 only for TCP devices that ignore it), 0-255 on TCP.
     pub unit_id: u8,
-    /// The unit's tags, in config order; a tag's index is its `TagId` within the unit.
-    pub tags: Vec<TagSpec>,
+    /// The unit's tags, in config order; a tag's index is its `TagId` within the unit. Shared:
+    /// the running config, the driver and a reload's comparison hold one copy (10k tags are
+    /// about 1.7 MB).
+    pub tags: Arc<[TagSpec]>,
 }
 
 /// A validated Modbus line: one connection or serial port shared by one or more units.
@@ -565,7 +567,7 @@ impl ModbusSettings {
             units: vec![UnitSettings {
                 name: None,
                 unit_id,
-                tags,
+                tags: tags.into(),
             }],
         }
     }

@@ -173,7 +173,7 @@ impl Checker<'_> {
                     vec![UnitSettings {
                         name: None,
                         unit_id,
-                        tags,
+                        tags: tags.into(),
                     }]
                 })
             }
@@ -421,7 +421,7 @@ impl Checker<'_> {
                 (Some(name), Some(unit_id), Some(tags)) => units.push(UnitSettings {
                     name: Some(name.into()),
                     unit_id,
-                    tags,
+                    tags: tags.into(),
                 }),
                 _ => complete = false,
             }

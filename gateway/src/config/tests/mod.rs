@@ -260,7 +260,8 @@ fn full_contract_example_parses_to_the_expected_runtime_values() {
                         deadband: 0.0,
                         scan_interval: Duration::from_millis(250),
                         write: None,
-                    }],
+                    }]
+                    .into(),
                 }],
             }),
         }],

@@ -142,7 +142,7 @@ fn an_rtu_line_in_the_issues_shape_loads_into_its_settings() {
             UnitSettings {
                 name: Some("meter3".into()),
                 unit_id: 3,
-                tags: vec![power.clone()],
+                tags: vec![power.clone()].into(),
             },
             UnitSettings {
                 name: Some("meter4".into()),
@@ -156,7 +156,8 @@ fn an_rtu_line_in_the_issues_shape_loads_into_its_settings() {
                         WordOrder::ABCD,
                         Duration::from_secs(10),
                     ),
-                ],
+                ]
+                .into(),
             },
         ],
     };
