@@ -229,6 +229,18 @@ impl TagMeta {
     pub fn is_empty(&self) -> bool {
         *self == TagMeta::default()
     }
+
+    /// The description as its holders keep it: shared by the config, the driver and the
+    /// catalog, and one allocation for every tag described by nothing (most are; 64 bytes
+    /// each, held twice, was 1.3 MB with 10k tags).
+    pub fn shared(self) -> Arc<TagMeta> {
+        static NONE: std::sync::OnceLock<Arc<TagMeta>> = std::sync::OnceLock::new();
+        if self.is_empty() {
+            NONE.get_or_init(|| Arc::new(TagMeta::default())).clone()
+        } else {
+            Arc::new(self)
+        }
+    }
 }
 
 /// Everything the gateway knows about one tag besides its values.
@@ -246,7 +258,7 @@ pub struct TagInfo {
     /// the server (zero: the server's fastest).
     pub scan_interval: std::time::Duration,
     /// Unit, description and range.
-    pub meta: TagMeta,
+    pub meta: Arc<TagMeta>,
 }
 
 impl TagInfo {
@@ -257,7 +269,7 @@ impl TagInfo {
             data_type: None,
             source: Arc::from(""),
             scan_interval: std::time::Duration::ZERO,
-            meta: TagMeta::default(),
+            meta: TagMeta::default().shared(),
         }
     }
 }
@@ -361,7 +373,8 @@ mod tests {
             description: None,
             min: Some(-20.0),
             max: Some(120.0),
-        };
+        }
+        .shared();
         let d = c.add_described("oven".into(), vec![TagInfo::named("a".into()), temp]);
         assert_eq!(c.tag_name(d, TagId(1)).map(|s| &**s), Some("temp"));
         let info = c.tag_info(d, TagId(1)).unwrap();

@@ -22,7 +22,8 @@ fn describe_counter(config: &mut Config, i: usize, unit: &str) {
         description: Some("Strokes since the last reset".into()),
         min: Some(0.0),
         max: Some(65535.0),
-    };
+    }
+    .shared();
 }
 
 fn meta_of<'a>(metas: &'a [Received], device: &str) -> Option<&'a Received> {

@@ -44,8 +44,9 @@ async fn records_meta_and_status_of_a_running_gateway_match_the_published_schema
     let mut rig = GatewayRig::new("gw-schema", 2, Duration::from_millis(50), None).await;
     let DeviceKindModbus(m) = modbus(&mut rig.config);
     let mut tags = m.units[0].tags.to_vec();
-    tags[1].meta.unit = Some("bar".into());
-    tags[1].meta.min = Some(-1.5);
+    let meta = std::sync::Arc::make_mut(&mut tags[1].meta);
+    meta.unit = Some("bar".into());
+    meta.min = Some(-1.5);
     m.units[0].tags = tags.into();
     let (sub, mut gw) = rig.start_live().await;
     // A device that stops answering gives bad samples with a reason.

@@ -114,14 +114,15 @@ mod tests {
                 description: Some("Oil \"temp\"".into()),
                 min: Some(-20.0),
                 max: Some(120.0),
-            },
+            }
+            .shared(),
         };
         let bare = TagInfo {
             name: "door".into(),
             data_type: None,
             source: "ns=2;s=Door".into(),
             scan_interval: Duration::ZERO,
-            meta: TagMeta::default(),
+            meta: TagMeta::default().shared(),
         };
         let new = c.add_described("press7".into(), vec![temp, bare]);
         let _ = old;

@@ -123,7 +123,7 @@ pub struct NodeDevice {
     /// value was read).
     pub declared: Vec<Declared>,
     /// Each tag's unit, range and description (for the births).
-    pub meta: Vec<TagMeta>,
+    pub meta: Vec<Arc<TagMeta>>,
     /// Its gateway name (commands name devices so).
     name: Arc<str>,
     dbirth: String,
@@ -132,7 +132,7 @@ pub struct NodeDevice {
 
 /// A device as the node declares it: its gateway name, its tag names, their datatypes and
 /// their unit, range and description.
-pub type DeviceDecl = (Arc<str>, Vec<Arc<str>>, Vec<Declared>, Vec<TagMeta>);
+pub type DeviceDecl = (Arc<str>, Vec<Arc<str>>, Vec<Declared>, Vec<Arc<TagMeta>>);
 
 /// The edge node: its identity, devices and session.
 #[derive(Debug)]

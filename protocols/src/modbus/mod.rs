@@ -395,7 +395,7 @@ pub struct TagSpec {
     /// How often the tag is scanned.
     pub scan_interval: Duration,
     /// Unit, description and engineering range, for consumers; the driver never reads it.
-    pub meta: crate::model::TagMeta,
+    pub meta: Arc<crate::model::TagMeta>,
     /// Whether (and within which range) commands may write the tag; None: read-only.
     pub write: Option<crate::model::WriteAccess>,
 }

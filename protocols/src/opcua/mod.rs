@@ -257,7 +257,7 @@ pub struct OpcUaTag {
     /// Server-side queue size of the monitored item.
     pub queue_size: u32,
     /// Unit, description and engineering range, for consumers; the driver never reads it.
-    pub meta: crate::model::TagMeta,
+    pub meta: Arc<crate::model::TagMeta>,
     /// Whether commands may write the tag, and the range they may write; gateway policy the
     /// driver never reads (it writes whatever request reaches it).
     pub write: Option<crate::model::WriteAccess>,

@@ -728,7 +728,7 @@ impl Checker<'_> {
             },
         );
         let spec = TagSpec {
-            meta,
+            meta: meta.shared(),
             write,
             name: raw.name.into(),
             address: address?,

@@ -359,7 +359,7 @@ impl Checker<'_> {
         let (node, node_key) = node?;
         let tag = OpcUaTag {
             write,
-            meta,
+            meta: meta.shared(),
             name: raw.name.into(),
             node,
             sampling_interval,

@@ -245,7 +245,8 @@ fn full_contract_example_parses_to_the_expected_runtime_values() {
                         meta: protocols::model::TagMeta {
                             unit: Some("m/s".into()),
                             ..Default::default()
-                        },
+                        }
+                        .shared(),
                         name: "sine".into(),
                         address: Address {
                             area: Area::HoldingRegister,

@@ -456,7 +456,7 @@ pub fn dbirth(
     device: u32,
     tags: &[Arc<str>],
     declared: &[Declared],
-    meta: &[TagMeta],
+    meta: &[Arc<TagMeta>],
     latest: &[Option<Sample>],
     timestamp: u64,
 ) -> Vec<u8> {

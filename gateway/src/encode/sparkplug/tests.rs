@@ -211,8 +211,9 @@ fn dbirth_lists_every_metric_with_name_alias_datatype_value_and_quality() {
             description: Some("Belt speed".into()),
             min: Some(0.0),
             max: Some(2.5),
-        },
-        TagMeta::default(),
+        }
+        .shared(),
+        TagMeta::default().shared(),
     ];
     let p = Payload::decode(&dbirth(0, &tags, &declared, &meta, &latest, 99)[..]).unwrap();
     let props = p.metrics[0].properties.as_ref().unwrap();
