@@ -22,8 +22,8 @@ use crate::publish::tls::{self, Finding, Severity};
 /// (`shutdown_grace`) and the final commit must fit in it.
 const UNIT_STOP_TIMEOUT_MARGIN: Duration = Duration::from_secs(25);
 
-/// Everything `check` says about `cfg` beyond its file, in the order `check` prints it: the
-/// `[mqtt]` TLS files, the `[api]` certificate and key, then warnings about the settings. A
+/// Everything `check` says about `cfg` beyond its file: the `[mqtt]` TLS files, the `[api]`
+/// certificate and key, then warnings about the settings (`check` prints the problems first). A
 /// [`Severity::Problem`] would stop `run` (or its connection); a warning would not.
 pub(crate) fn inspect(cfg: &Config) -> Vec<Finding> {
     let mut findings = match &cfg.mqtt.tls {

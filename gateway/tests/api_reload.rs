@@ -54,7 +54,7 @@ listen = "127.0.0.1:0"
 
 /// `edge-gateway run` with JSON log lines on stderr, and the address its API listens on (from
 /// its "HTTP API listening" line).
-fn spawn(config: &Path) -> (Child, SocketAddr) {
+fn spawn(config: &Path) -> (Running, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edge-gateway"))
         .args([
             "run",
@@ -94,7 +94,25 @@ fn spawn(config: &Path) -> (Child, SocketAddr) {
     let addr = rx
         .recv_timeout(WAIT)
         .expect("the gateway says where its API listens");
-    (child, addr)
+    (Running(Some(child)), addr)
+}
+
+/// The gateway child, killed if the test fails before it is stopped (a `Child` is not).
+struct Running(Option<Child>);
+
+impl Running {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("the child runs until taken")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// One HTTP/1.1 request (`Connection: close`): the status and the body.
@@ -244,11 +262,12 @@ async fn post_api_reload_applies_a_changed_file_and_refuses_a_bad_one_keeping_th
         "no device was reconnected"
     );
     assert!(
-        child.try_wait().unwrap().is_none(),
+        child.child().try_wait().unwrap().is_none(),
         "the gateway still runs"
     );
 
-    signal(&child, "TERM");
+    signal(child.child(), "TERM");
+    let mut child = child.0.take().expect("still running");
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();

@@ -12,9 +12,9 @@ use crate::publish::tls::{self, Severity};
 /// refuses a file for): for an `mqtts://` url the TLS files are read and parsed (the key must
 /// match the certificate, the client certificate must not have expired), and the `[api]`
 /// certificate and key are built into the API's TLS configuration as `run` builds it; their
-/// problems are listed without a line, and a warning (a client certificate that expires within
-/// 30 days, an API beyond loopback without a password or TLS, every device disabled) is a line
-/// before the counts of a valid file. What would stop `run` at start is checked too: the data
+/// problems are listed without a line, after the file's own problems, and a warning (a client
+/// certificate that expires within 30 days, an API beyond loopback without a password or TLS,
+/// every device disabled) is a line of its own, printed for an invalid file too. What would stop `run` at start is checked too: the data
 /// directory must be creatable and writable (see [`probe_data_dir`]).
 pub fn run(path: &Path) -> (String, bool) {
     match config::load(path) {

@@ -27,8 +27,9 @@
 //! `devices` before the first `[[devices]]`, a `[devices]` table, a bracket left open) gives
 //! no split, and a piece or rest that does not parse sends the caller back to the whole text
 //! too: syntax errors are always reported from the whole text, exactly as without the split.
-//! The tests check the invariant on generated files, and the `config_loader` fuzz target on
-//! arbitrary ones.
+//! The tests check the invariant on generated files, valid ones and ones made of header-like
+//! lines and mistakes; the `config_loader` fuzz target runs the loader (and so the split) on
+//! arbitrary text.
 
 use std::ops::Range;
 

@@ -152,7 +152,103 @@ const LINES: &[&str] = &[
     "k = \"é\"",
 ];
 
+/// One `[[devices]]` entry of a valid file: its header's spelling, tags, units, a sub-table,
+/// and a multi-line string holding header-like lines.
+#[derive(Debug, Clone)]
+struct Device {
+    header: usize,
+    tags: usize,
+    units: usize,
+    extra: bool,
+    note: bool,
+}
+
+fn device() -> impl Strategy<Value = Device> {
+    (
+        0..4usize,
+        0..3usize,
+        0..3usize,
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(header, tags, units, extra, note)| Device {
+            header,
+            tags,
+            units,
+            extra,
+            note,
+        })
+}
+
+/// A valid file: devices with sections placed before, between and after them.
+fn valid_file(devices: &[Device], slots: [usize; 3], crlf: bool, bom: bool) -> String {
+    const HEADERS: [&str; 4] = [
+        "[[devices]]",
+        "[[ devices ]]",
+        "[[\tdevices]] # d",
+        "  [[devices]]",
+    ];
+    const SECTIONS: [&str; 3] = [
+        "[gateway]\nid = \"g\"\n",
+        "# the broker\n[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n",
+        "[api]\nlisten = \"127.0.0.1:9100\" # [[devices]]\n",
+    ];
+    let mut out = String::from(if bom { "\u{feff}" } else { "" });
+    for (i, d) in devices.iter().enumerate() {
+        for (s, &slot) in SECTIONS.iter().zip(&slots) {
+            if slot == i {
+                out.push_str(s);
+            }
+        }
+        out.push_str(HEADERS[d.header]);
+        out.push_str(&format!("\nname = \"d{i}\"\n"));
+        if d.note {
+            out.push_str("note = \"\"\"\n[[devices]]\n[mqtt]\n\"\"\"\n");
+        }
+        for t in 0..d.tags {
+            out.push_str(&format!(
+                "  [[devices.tags]]\n  name = \"t{t}\"\n  r = [\n[1],\n]\n"
+            ));
+        }
+        for u in 0..d.units {
+            out.push_str(&format!(
+                "[[devices.units]]\nname = \"u{u}\"\n[[devices.units.tags]]\nname = \"a\"\n"
+            ));
+        }
+        if d.extra {
+            out.push_str("[devices.extra]\nx = { y = [1, [2]] }\n");
+        }
+    }
+    for (s, &slot) in SECTIONS.iter().zip(&slots) {
+        if slot >= devices.len() {
+            out.push_str(s);
+        }
+    }
+    if crlf {
+        out = out.replace('\n', "\r\n");
+    }
+    out
+}
+
 proptest! {
+    /// A valid file is always split (when it has devices), and the pieces give its table.
+    #[test]
+    fn a_valid_file_split_gives_the_whole_files_table(
+        devices in prop::collection::vec(device(), 0..6),
+        slots in prop::array::uniform3(0..7usize),
+        crlf in any::<bool>(),
+        bom in any::<bool>(),
+    ) {
+        let src = valid_file(&devices, slots, crlf, bom);
+        let whole = toml::from_str::<toml::Table>(&src);
+        prop_assert!(whole.is_ok(), "{}", src);
+        if devices.is_empty() {
+            prop_assert!(split(&src).is_none());
+        } else {
+            prop_assert_eq!(by_pieces(&src), whole.ok(), "{}", src);
+        }
+    }
+
     /// Where the split is used, it gives what the whole file gives; where the whole file does
     /// not parse, the split never gives a table either.
     #[test]
