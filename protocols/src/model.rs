@@ -290,8 +290,9 @@ pub struct DeviceEntry {
     pub name: Arc<str>,
     /// Tag names, indexed by [`TagId`].
     pub tags: Vec<Arc<str>>,
-    /// What each tag is, indexed by [`TagId`]; empty when only the names are known.
-    pub info: Vec<TagInfo>,
+    /// What each tag is, indexed by [`TagId`]; empty when only the names are known. Shared
+    /// with whoever describes the device later (its meta document is rendered when sent).
+    pub info: Arc<[TagInfo]>,
 }
 
 impl Catalog {
@@ -300,7 +301,7 @@ impl Catalog {
         self.devices.push(DeviceEntry {
             name,
             tags,
-            info: Vec::new(),
+            info: Arc::new([]),
         });
         DeviceId((self.devices.len() - 1) as u32)
     }
@@ -308,7 +309,11 @@ impl Catalog {
     /// Adds a device with what is known of each of its tags and returns its id.
     pub fn add_described(&mut self, name: Arc<str>, info: Vec<TagInfo>) -> DeviceId {
         let tags = info.iter().map(|t| t.name.clone()).collect();
-        self.devices.push(DeviceEntry { name, tags, info });
+        self.devices.push(DeviceEntry {
+            name,
+            tags,
+            info: info.into(),
+        });
         DeviceId((self.devices.len() - 1) as u32)
     }
 

@@ -13,6 +13,7 @@
 //! - The document depends on the config alone (no time stamp): the same config gives the same
 //!   bytes, so a re-publication after a reconnect changes nothing for a consumer.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,12 +21,36 @@ use protocols::model::{Catalog, DeviceId, TagInfo};
 use serde::Serialize;
 
 /// One device's meta document, ready to publish; the publisher makes its topic.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// The document is rendered when it is sent, from the catalog's description of the device
+/// (shared, not copied): holding every rendered document between connections cost 8 KB per
+/// 100-tag device, 0.8 MB with 10k tags. Its digest, taken once, tells a changed document
+/// from an unchanged one.
+#[derive(Debug, Clone)]
 pub struct MetaMessage {
     /// The device, as in its records' `device`.
     pub device: Arc<str>,
-    /// The JSON document.
-    pub payload: Bytes,
+    /// A digest of the document: equal documents have equal digests.
+    pub digest: u64,
+    body: Body,
+}
+
+#[derive(Debug, Clone)]
+enum Body {
+    /// Rendered from a device's description.
+    Described {
+        gateway: Arc<str>,
+        info: Arc<[TagInfo]>,
+    },
+    /// Given whole (tests of what goes out when).
+    #[cfg(test)]
+    Fixed(Bytes),
+}
+
+impl PartialEq for MetaMessage {
+    fn eq(&self, other: &Self) -> bool {
+        self.device == other.device && self.payload() == other.payload()
+    }
 }
 
 impl MetaMessage {
@@ -33,6 +58,51 @@ impl MetaMessage {
     pub fn topic(topic_prefix: &str, device: &str) -> String {
         format!("{topic_prefix}/{device}/meta")
     }
+
+    fn described(gateway: Arc<str>, device: Arc<str>, info: Arc<[TagInfo]>) -> Self {
+        let mut m = MetaMessage {
+            device,
+            digest: 0,
+            body: Body::Described { gateway, info },
+        };
+        m.digest = digest(&m.payload());
+        m
+    }
+
+    /// A message whose document is `payload` as given.
+    #[cfg(test)]
+    pub fn fixed(device: &str, payload: &str) -> Self {
+        let payload = Bytes::from(payload.to_owned());
+        MetaMessage {
+            device: device.into(),
+            digest: digest(&payload),
+            body: Body::Fixed(payload),
+        }
+    }
+
+    /// The JSON document.
+    pub fn payload(&self) -> Bytes {
+        match &self.body {
+            Body::Described { gateway, info } => {
+                let doc = Document {
+                    gateway,
+                    device: &self.device,
+                    tags: info.iter().map(Tag::of).collect(),
+                };
+                // Serializing plain strings and finite numbers into a Vec cannot fail.
+                Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
+            }
+            #[cfg(test)]
+            Body::Fixed(payload) => payload.clone(),
+        }
+    }
+}
+
+/// The digest of a document: stable within the process, which is all a comparison needs.
+fn digest(payload: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    payload.hash(&mut h);
+    h.finish()
 }
 
 #[derive(Serialize)]
@@ -77,20 +147,11 @@ impl<'a> Tag<'a> {
 /// The meta documents of the devices `ids` of `catalog`, in that order (ids the catalog does
 /// not know are skipped).
 pub fn messages(gateway: &str, catalog: &Catalog, ids: &[DeviceId]) -> Vec<MetaMessage> {
+    let gateway: Arc<str> = gateway.into();
     ids.iter()
         .filter_map(|id| catalog.device(*id))
         .map(|entry| {
-            let doc = Document {
-                gateway,
-                device: &entry.name,
-                tags: entry.info.iter().map(Tag::of).collect(),
-            };
-            // Serializing plain strings and finite numbers into a Vec cannot fail.
-            let payload = serde_json::to_vec(&doc).unwrap_or_default();
-            MetaMessage {
-                device: entry.name.clone(),
-                payload: Bytes::from(payload),
-            }
+            MetaMessage::described(gateway.clone(), entry.name.clone(), entry.info.clone())
         })
         .collect()
 }
@@ -135,7 +196,7 @@ mod tests {
         let m = messages("edge-01", &c, &ids);
         assert_eq!(m.len(), 1);
         assert_eq!(&*m[0].device, "press7");
-        let v: serde_json::Value = serde_json::from_slice(&m[0].payload).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&m[0].payload()).unwrap();
         assert_eq!(
             v,
             serde_json::json!({
@@ -155,7 +216,7 @@ mod tests {
     fn only_the_current_devices_are_described_not_the_ids_a_reload_retired() {
         let (c, ids) = catalog();
         let m = messages("edge-01", &c, &ids);
-        let v: serde_json::Value = serde_json::from_slice(&m[0].payload).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&m[0].payload()).unwrap();
         assert!(v["tags"]
             .as_array()
             .unwrap()
@@ -167,7 +228,9 @@ mod tests {
     #[test]
     fn the_same_catalog_gives_the_same_bytes() {
         let (c, ids) = catalog();
-        assert_eq!(messages("g", &c, &ids), messages("g", &c, &ids));
+        let (a, b) = (messages("g", &c, &ids), messages("g", &c, &ids));
+        assert_eq!(a, b);
+        assert_eq!(a[0].digest, b[0].digest);
     }
 
     #[test]

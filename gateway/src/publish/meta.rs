@@ -31,11 +31,11 @@ pub const MAX_UNWRITTEN: usize = 4;
 /// What was handed out, and what is still to go.
 #[derive(Debug, Default)]
 pub struct MetaState {
-    /// The last document handed out per device (an empty payload: a clear not yet
+    /// The digest of the last document handed out per device (`None`: a clear not yet
     /// acknowledged).
-    sent: BTreeMap<Arc<str>, Bytes>,
-    /// Due on this connection, in order: device and payload (empty: clear).
-    pending: VecDeque<(Arc<str>, Bytes)>,
+    sent: BTreeMap<Arc<str>, Option<u64>>,
+    /// Due on this connection, in order: the document, or `None` for a clear of the device.
+    pending: VecDeque<(Arc<str>, Option<MetaMessage>)>,
     /// Clears handed out on this connection, by their token.
     clearing: BTreeMap<u64, Arc<str>>,
     /// The last token given.
@@ -46,16 +46,17 @@ impl MetaState {
     /// The documents are `current` now; `reconnected` after a CONNACK (everything goes out
     /// again), otherwise after a change (only what differs). Replaces what was still due.
     pub fn due(&mut self, current: &[MetaMessage], reconnected: bool) {
-        let mut next: BTreeMap<Arc<str>, Bytes> = BTreeMap::new();
+        let mut next: BTreeMap<Arc<str>, Option<u64>> = BTreeMap::new();
         let mut pending = VecDeque::new();
         // What was due and not handed out yet is no more "sent" than before.
         let untaken: BTreeSet<Arc<str>> = self.pending.iter().map(|(d, _)| d.clone()).collect();
         for m in current {
-            let same = !untaken.contains(&m.device) && self.sent.get(&m.device) == Some(&m.payload);
+            let same =
+                !untaken.contains(&m.device) && self.sent.get(&m.device) == Some(&Some(m.digest));
             if reconnected || !same {
-                pending.push_back((m.device.clone(), m.payload.clone()));
+                pending.push_back((m.device.clone(), Some(m.clone())));
             }
-            next.insert(m.device.clone(), m.payload.clone());
+            next.insert(m.device.clone(), Some(m.digest));
         }
         if reconnected {
             // Acknowledgements of the old connection will never come.
@@ -68,33 +69,33 @@ impl MetaState {
             // Gone: cleared, unless a clear of it is on its way on this connection.
             let on_its_way = self.clearing.values().any(|d| d == device);
             if !on_its_way {
-                pending.push_back((device.clone(), Bytes::new()));
+                pending.push_back((device.clone(), None));
             }
-            next.insert(device.clone(), Bytes::new());
+            next.insert(device.clone(), None);
         }
         self.sent = next;
         self.pending = pending;
     }
 
-    /// The next message to send, if any, with the token its acknowledgement is to name
-    /// ([`NO_TOKEN`] for a document).
+    /// The next message to send, if any (its document rendered now; empty for a clear), with
+    /// the token its acknowledgement is to name ([`NO_TOKEN`] for a document).
     pub fn take_next(&mut self) -> Option<(Arc<str>, Bytes, u64)> {
-        let (device, payload) = self.pending.pop_front()?;
-        let token = if payload.is_empty() {
-            self.last_token += 1;
-            self.clearing.insert(self.last_token, device.clone());
-            self.last_token
-        } else {
-            NO_TOKEN
-        };
-        Some((device, payload, token))
+        let (device, message) = self.pending.pop_front()?;
+        Some(match message {
+            Some(m) => (device, m.payload(), NO_TOKEN),
+            None => {
+                self.last_token += 1;
+                self.clearing.insert(self.last_token, device.clone());
+                (device, Bytes::new(), self.last_token)
+            }
+        })
     }
 
     /// The broker acknowledged the message that went out with `token`: a clear is done with
     /// (unless the device came back meanwhile).
     pub fn acked(&mut self, token: u64) {
         if let Some(device) = self.clearing.remove(&token) {
-            if self.sent.get(&device).is_some_and(Bytes::is_empty) {
+            if self.sent.get(&device).is_some_and(Option::is_none) {
                 self.sent.remove(&device);
             }
         }
@@ -111,10 +112,7 @@ mod tests {
     use super::*;
 
     fn doc(device: &str, body: &str) -> MetaMessage {
-        MetaMessage {
-            device: device.into(),
-            payload: Bytes::from(body.to_owned()),
-        }
+        MetaMessage::fixed(device, body)
     }
 
     /// Everything due, each acknowledged at once.
