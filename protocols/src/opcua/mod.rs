@@ -291,7 +291,7 @@ pub struct OpcUaSettings {
     /// Longest reconnect delay.
     pub backoff_max: Duration,
     /// The tags, in config order; a tag's index is its `TagId`.
-    pub tags: Vec<OpcUaTag>,
+    pub tags: Arc<[OpcUaTag]>,
 }
 
 impl OpcUaSettings {
@@ -310,7 +310,7 @@ impl OpcUaSettings {
             timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
-            tags,
+            tags: tags.into(),
         }
     }
 }

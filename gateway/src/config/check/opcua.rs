@@ -47,7 +47,7 @@ impl Checker<'_> {
         let tags = self.opcua_tags(&tags_path, entries, publishing_interval);
         match (device, tags) {
             (Some((common, mut settings)), Some(tags)) => {
-                settings.tags = tags;
+                settings.tags = tags.into();
                 common.outcome(DeviceKind::OpcUa(settings))
             }
             _ => DeviceOutcome::Invalid,

@@ -116,7 +116,8 @@ fn an_opcua_device_with_every_key_parses_into_its_settings() {
                 queue_size: 10,
                 write: None,
             },
-        ],
+        ]
+        .into(),
     };
     assert_eq!(opcua(device), &expected);
 }
