@@ -12,13 +12,20 @@
 //! - each device's **piece** (its header up to the next header outside `devices`, or the end)
 //!   is parsed on its own when the checker comes to it, as a document whose `devices` array
 //!   holds that one entry;
+//! - within it, each of the device's own `[[devices.tags]]` entries (its header up to the next
+//!   header not under `devices.tags`) is a **tag piece**, blanked out of the device's piece and
+//!   parsed on its own when the checker comes to that tag: a one-device file of 10k OPC UA
+//!   items is never one tree either (a unit's tags stay in their device's piece);
 //! - the **rest** is the text with every piece blanked out (each byte but a newline made a
 //!   space), so its lines and byte offsets are the file's; it is parsed once, up front.
 //!
 //! # Invariant
 //!
 //! When [`split`] returns a split, and the rest and every piece parse, the rest's table plus a
-//! `devices` array of the pieces' entries (in order) is the table the whole text parses to.
+//! `devices` array of the pieces' entries (in order, each with a `tags` array of its tag
+//! pieces' entries when it has any) is the table the whole text parses to. The same argument
+//! holds a level down: a device piece that still names `tags` once its tag pieces are
+//! blanked out is not used.
 //! That holds because the cuts fall only at the start of a header line outside any value, a
 //! header resets the table later lines belong to, and the rest must not name `devices` at
 //! all (a `devices` key or table there could merge with or clash against the pieces' entries:
@@ -40,8 +47,18 @@ use toml_parser::Source;
 pub(super) struct Split {
     /// The text without the devices' pieces: every byte of them but a newline is a space.
     pub(super) rest: String,
-    /// Each `[[devices]]` entry's byte range in the text, in order.
-    pub(super) pieces: Vec<Range<usize>>,
+    /// Each `[[devices]]` entry's piece, in order.
+    pub(super) pieces: Vec<Piece>,
+}
+
+/// One device's piece of the text, and its own tags' pieces in it.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Piece {
+    /// From its `[[devices]]` header up to the next header outside `devices`.
+    pub(super) range: Range<usize>,
+    /// Each `[[devices.tags]]` entry of the device: from its header up to the next header
+    /// that is not under it (a one-device file of 10k OPC UA items is parsed a tag at a time).
+    pub(super) tags: Vec<Range<usize>>,
 }
 
 impl Split {
@@ -52,18 +69,63 @@ impl Split {
     }
 }
 
-/// One device's entry, parsed from its piece; `None` when the piece does not parse on its own
-/// (the whole text then says why).
-pub(super) fn parse_piece(src: &str, piece: &Range<usize>) -> Option<toml::Value> {
-    let text = src.get(piece.clone())?;
-    let mut table: toml::Table = toml::from_str(text).ok()?;
-    match table.remove(DEVICES)? {
-        toml::Value::Array(mut entries) if entries.len() == 1 && table.is_empty() => entries.pop(),
+/// One device's entry, parsed from its piece without its tags' pieces (parsed one at a time
+/// by [`parse_tag`]); `None` when the piece does not parse on its own (the whole text then
+/// says why), or names `tags` besides its tags' pieces.
+pub(super) fn parse_piece(src: &str, piece: &Piece) -> Option<toml::Value> {
+    let text = src.get(piece.range.clone())?;
+    let start = piece.range.start;
+    let mut table: toml::Table = if piece.tags.is_empty() {
+        toml::from_str(text).ok()?
+    } else {
+        let tags = piece.tags.iter().map(|t| t.start - start..t.end - start);
+        toml::from_str(&blank(text, tags)?).ok()?
+    };
+    let entry = match table.remove(DEVICES)? {
+        toml::Value::Array(mut entries) if entries.len() == 1 && table.is_empty() => {
+            entries.pop()?
+        }
+        _ => return None,
+    };
+    if !piece.tags.is_empty() && entry.as_table()?.contains_key(TAGS) {
+        return None;
+    }
+    Some(entry)
+}
+
+/// One `[[devices.tags]]` entry, parsed from its piece; `None` when it does not parse on its
+/// own. Alone, the piece's header makes `devices` a table holding the `tags` array.
+pub(super) fn parse_tag(src: &str, tag: &Range<usize>) -> Option<toml::Value> {
+    let mut table: toml::Table = toml::from_str(src.get(tag.clone())?).ok()?;
+    let toml::Value::Table(mut devices) = table.remove(DEVICES)? else {
+        return None;
+    };
+    match devices.remove(TAGS)? {
+        toml::Value::Array(mut entries)
+            if entries.len() == 1 && devices.is_empty() && table.is_empty() =>
+        {
+            entries.pop()
+        }
         _ => None,
     }
 }
 
+/// `text` with the bytes of `ranges` made spaces, newlines kept.
+fn blank(text: &str, ranges: impl Iterator<Item = Range<usize>>) -> Option<String> {
+    let mut bytes = text.as_bytes().to_vec();
+    for range in ranges {
+        for byte in bytes.get_mut(range)? {
+            if *byte != b'\n' {
+                *byte = b' ';
+            }
+        }
+    }
+    // Only whole UTF-8 sequences were replaced, each byte by an ASCII space.
+    String::from_utf8(bytes).ok()
+}
+
 const DEVICES: &str = "devices";
+const TAGS: &str = "tags";
 
 /// Cuts `src` at its `[[devices]]` headers; `None` when it has none, or when the scan meets
 /// anything it does not recognise (the whole text is then parsed as one).
@@ -72,16 +134,7 @@ pub(super) fn split(src: &str) -> Option<Split> {
     if pieces.is_empty() {
         return None;
     }
-    let mut rest = src.as_bytes().to_vec();
-    for piece in &pieces {
-        for byte in &mut rest[piece.clone()] {
-            if *byte != b'\n' {
-                *byte = b' ';
-            }
-        }
-    }
-    // Only whole UTF-8 sequences were replaced, each byte by an ASCII space.
-    let rest = String::from_utf8(rest).ok()?;
+    let rest = blank(src, pieces.iter().map(|p| p.range.clone()))?;
     Some(Split { rest, pieces })
 }
 
@@ -90,19 +143,25 @@ pub(super) fn split(src: &str) -> Option<Split> {
 enum Header {
     /// `[[devices]]`: a new device.
     NewDevice,
-    /// Any other table under `devices` (`[[devices.tags]]`, `[devices.x]`): part of the
+    /// `[[devices.tags]]`: a new tag of the current device.
+    NewTag,
+    /// A table under `devices.tags` (`[devices.tags.x]`): part of the current tag.
+    UnderTag,
+    /// Any other table under `devices` (`[[devices.units]]`, `[devices.x]`): part of the
     /// current device.
     UnderDevices,
     /// A table outside `devices`.
     Other,
 }
 
-/// The byte ranges of the devices' pieces.
-fn pieces(src: &str) -> Option<Vec<Range<usize>>> {
+/// The devices' pieces.
+fn pieces(src: &str) -> Option<Vec<Piece>> {
     let mut tokens = Source::new(src).lex();
     let mut pieces = Vec::new();
-    // The start of the current device's piece.
-    let mut open: Option<usize> = None;
+    // The current device's piece, its start and its tags so far.
+    let mut open: Option<(usize, Vec<Range<usize>>)> = None;
+    // The start of the current tag's piece.
+    let mut tag: Option<usize> = None;
     // Brackets and braces open in the current value.
     let mut depth = 0usize;
     // Whether the next token starts an expression (a header or a key/value).
@@ -113,18 +172,33 @@ fn pieces(src: &str) -> Option<Vec<Range<usize>>> {
             TokenKind::Whitespace | TokenKind::Comment => {}
             TokenKind::Newline => line_start = depth == 0,
             TokenKind::LeftSquareBracket if line_start && depth == 0 => {
-                let start = token.span().start();
-                match header(src, &mut tokens)? {
+                let at = token.span().start();
+                let header = header(src, &mut tokens)?;
+                if header != Header::UnderTag {
+                    if let (Some(begin), Some((_, tags))) = (tag.take(), open.as_mut()) {
+                        tags.push(begin..at);
+                    }
+                }
+                match header {
                     Header::NewDevice => {
-                        if let Some(begin) = open.replace(start) {
-                            pieces.push(begin..start);
+                        if let Some((begin, tags)) = open.replace((at, Vec::new())) {
+                            pieces.push(Piece {
+                                range: begin..at,
+                                tags,
+                            });
                         }
                     }
-                    Header::UnderDevices if open.is_none() => return None,
-                    Header::UnderDevices => {}
+                    Header::NewTag | Header::UnderTag | Header::UnderDevices if open.is_none() => {
+                        return None
+                    }
+                    Header::NewTag => tag = Some(at),
+                    Header::UnderTag | Header::UnderDevices => {}
                     Header::Other => {
-                        if let Some(begin) = open.take() {
-                            pieces.push(begin..start);
+                        if let Some((begin, tags)) = open.take() {
+                            pieces.push(Piece {
+                                range: begin..at,
+                                tags,
+                            });
                         }
                     }
                 }
@@ -144,8 +218,14 @@ fn pieces(src: &str) -> Option<Vec<Range<usize>>> {
     if depth != 0 {
         return None;
     }
-    if let Some(begin) = open {
-        pieces.push(begin..src.len());
+    if let Some((begin, mut tags)) = open {
+        if let Some(t) = tag {
+            tags.push(t..src.len());
+        }
+        pieces.push(Piece {
+            range: begin..src.len(),
+            tags,
+        });
     }
     Some(pieces)
 }
@@ -185,11 +265,13 @@ fn header(src: &str, tokens: &mut Lexer<'_>) -> Option<Header> {
     if array && tokens.next()?.kind() != TokenKind::RightSquareBracket {
         return None;
     }
-    Some(match (keys.first(), array, keys.len()) {
-        (Some(&DEVICES), true, 1) => Header::NewDevice,
+    Some(match (keys.as_slice(), array) {
+        ([DEVICES], true) => Header::NewDevice,
         // `[devices]` makes the array a table: the whole text says what is wrong.
-        (Some(&DEVICES), false, 1) => return None,
-        (Some(&DEVICES), _, _) => Header::UnderDevices,
+        ([DEVICES], false) => return None,
+        ([DEVICES, TAGS], true) => Header::NewTag,
+        ([DEVICES, TAGS, _, ..], _) => Header::UnderTag,
+        ([DEVICES, ..], _) => Header::UnderDevices,
         _ => Header::Other,
     })
 }

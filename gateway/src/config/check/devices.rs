@@ -23,25 +23,46 @@ use crate::config::{DeviceKind, DeviceSettings};
 use super::Checker;
 use protocols::model::TagMeta;
 
-/// The text of a file split at its devices (`split.rs`): each device's byte range in it.
+/// The text of a file split at its devices (`split.rs`), and each device's piece of it.
 pub(in crate::config) struct Pieces<'s> {
     pub(in crate::config) src: &'s str,
-    pub(in crate::config) pieces: Vec<Range<usize>>,
+    pub(in crate::config) pieces: Vec<split::Piece>,
 }
 
-/// The `[[devices]]` entries in order; `None` for a piece that does not parse on its own.
+/// A device's `[[devices.tags]]` entries: its table's `tags` value, or, when the file was
+/// split, the text and each tag's piece of it.
+pub(super) enum TagSource<'s> {
+    Value(Option<toml::Value>),
+    Pieces(&'s str, Vec<Range<usize>>),
+}
+
+impl TagSource<'_> {
+    /// Whether the device has a `tags` key (pieces are only made of `[[devices.tags]]`).
+    pub(super) fn is_given(&self) -> bool {
+        match self {
+            TagSource::Value(value) => value.is_some(),
+            TagSource::Pieces(_, pieces) => !pieces.is_empty(),
+        }
+    }
+}
+
+/// The `[[devices]]` entries in order, each with its tags' pieces (empty when its table holds
+/// them); `None` for a piece that does not parse on its own.
 enum Entries<'s> {
     Parsed(std::vec::IntoIter<toml::Value>),
-    Pieces(&'s str, std::vec::IntoIter<Range<usize>>),
+    Pieces(&'s str, std::vec::IntoIter<split::Piece>),
 }
 
-impl Iterator for Entries<'_> {
-    type Item = Option<toml::Value>;
+impl<'s> Iterator for Entries<'s> {
+    type Item = Option<(toml::Value, TagSource<'s>)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         match self {
-            Entries::Parsed(values) => values.next().map(Some),
-            Entries::Pieces(src, pieces) => pieces.next().map(|p| split::parse_piece(src, &p)),
+            Entries::Parsed(values) => values.next().map(|v| Some((v, TagSource::Value(None)))),
+            Entries::Pieces(src, pieces) => pieces.next().map(|p| {
+                let entry = split::parse_piece(src, &p)?;
+                Some((entry, TagSource::Pieces(src, p.tags)))
+            }),
         }
     }
 
@@ -54,6 +75,32 @@ impl Iterator for Entries<'_> {
 }
 
 impl ExactSizeIterator for Entries<'_> {}
+
+/// A tags array's entries in order; `None` for a piece that does not parse on its own.
+pub(super) enum TagEntries<'s> {
+    Parsed(std::vec::IntoIter<toml::Value>),
+    Pieces(&'s str, std::vec::IntoIter<Range<usize>>),
+}
+
+impl Iterator for TagEntries<'_> {
+    type Item = Option<toml::Value>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            TagEntries::Parsed(values) => values.next().map(Some),
+            TagEntries::Pieces(src, pieces) => pieces.next().map(|p| split::parse_tag(src, &p)),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            TagEntries::Parsed(values) => values.size_hint(),
+            TagEntries::Pieces(_, pieces) => pieces.size_hint(),
+        }
+    }
+}
+
+impl ExactSizeIterator for TagEntries<'_> {}
 
 /// What checking one `[[devices]]` entry gave.
 pub(super) enum DeviceOutcome {
@@ -247,7 +294,8 @@ impl Checker<'_> {
                 self.whole_text_needed = true;
                 return None;
             };
-            match self.device(index, entry, &mut names, data_dir) {
+            let (entry, tags) = entry;
+            match self.device(index, entry, tags, &mut names, data_dir) {
                 DeviceOutcome::Enabled(device) => {
                     self.port_not_shared(index, &device, &mut ports);
                     devices.push(*device);
@@ -263,6 +311,7 @@ impl Checker<'_> {
         &mut self,
         index: usize,
         entry: toml::Value,
+        tags: TagSource<'_>,
         names: &mut HashMap<String, usize>,
         data_dir: &Path,
     ) -> DeviceOutcome {
@@ -270,7 +319,10 @@ impl Checker<'_> {
         let Some(mut table) = self.entry(entry, &path, "[[devices]]") else {
             return DeviceOutcome::Invalid;
         };
-        let tags = table.remove("tags");
+        let tags = match tags {
+            TagSource::Pieces(src, pieces) if !pieces.is_empty() => TagSource::Pieces(src, pieces),
+            _ => TagSource::Value(table.remove("tags")),
+        };
         match self.protocol(&path, table.get("protocol")) {
             Some(Protocol::OpcUa) => self.opcua_device(&path, table, tags, names, data_dir),
             Some(protocol) => self.modbus_device(&path, protocol, table, tags, names),
@@ -311,20 +363,23 @@ impl Checker<'_> {
 
     /// The entries of a `tags` array of tables (written `header`); `missing`, when given, is
     /// the problem reported when there are none.
-    pub(super) fn tag_entries(
+    pub(super) fn tag_entries<'s>(
         &mut self,
         path: &FieldPath,
-        tags: Option<toml::Value>,
+        tags: TagSource<'s>,
         header: &str,
         missing: Option<&str>,
-    ) -> Vec<toml::Value> {
+    ) -> TagEntries<'s> {
         let before = self.problems.len();
         let entries = match tags {
-            Some(tags) => self.entries(tags, path, header),
-            None => Vec::new(),
+            TagSource::Value(Some(tags)) => {
+                TagEntries::Parsed(self.entries(tags, path, header).into_iter())
+            }
+            TagSource::Value(None) => TagEntries::Parsed(Vec::new().into_iter()),
+            TagSource::Pieces(src, pieces) => TagEntries::Pieces(src, pieces.into_iter()),
         };
         if let Some(message) = missing {
-            if entries.is_empty() && self.problems.len() == before {
+            if entries.len() == 0 && self.problems.len() == before {
                 self.report(path, message);
             }
         }

@@ -19,7 +19,9 @@ use crate::config::raw::{RawModbusDevice, RawTag, RawUnit};
 use crate::config::values::{check_device_name, split_host_port, MAX_DURATION, MS, NONZERO};
 use crate::config::{DeviceKind, DeviceSettings};
 
-use super::devices::{Common, DeviceOutcome, Foreign, Protocol, TagMetaText, Timing};
+use super::devices::{
+    Common, DeviceOutcome, Foreign, Protocol, TagEntries, TagMetaText, TagSource, Timing,
+};
 use super::Checker;
 
 /// Serial line speeds the gateway accepts, in bits per second.
@@ -120,7 +122,7 @@ impl Checker<'_> {
         path: &FieldPath,
         protocol: Protocol,
         mut table: toml::Table,
-        tags: Option<toml::Value>,
+        tags: TagSource<'_>,
         names: &mut HashMap<String, usize>,
     ) -> DeviceOutcome {
         let units = table.remove("units");
@@ -141,8 +143,8 @@ impl Checker<'_> {
         };
         let enabled = device.as_ref().is_none_or(|(common, _, _)| common.enabled);
         let units = match units {
-            Some(units) if unit_id_given || tags.is_some() => {
-                let given = match (unit_id_given, tags.is_some()) {
+            Some(units) if unit_id_given || tags.is_given() => {
+                let given = match (unit_id_given, tags.is_given()) {
                     (true, true) => "`unit_id` and `tags`",
                     (true, false) => "`unit_id`",
                     _ => "`tags`",
@@ -406,7 +408,7 @@ impl Checker<'_> {
             let tags_path = unit_path.key("tags");
             let entries = self.tag_entries(
                 &tags_path,
-                tags,
+                TagSource::Value(tags),
                 "[[devices.units.tags]]",
                 Some("a unit needs at least one [[devices.units.tags]] entry"),
             );
@@ -520,7 +522,7 @@ impl Checker<'_> {
     fn tags(
         &mut self,
         path: &FieldPath,
-        entries: Vec<toml::Value>,
+        entries: TagEntries<'_>,
         defaults: &TagDefaults,
         protocol: Protocol,
         header: &str,
@@ -533,7 +535,11 @@ impl Checker<'_> {
         // Register -> who covers it; a tag is at most 125 registers wide. Bit tags share a
         // register as long as their bits differ.
         let mut covered: HashMap<(Area, u32), Holder> = HashMap::new();
-        for (index, entry) in entries.into_iter().enumerate() {
+        for (index, entry) in entries.enumerate() {
+            let Some(entry) = entry else {
+                self.whole_text_needed = true;
+                return None;
+            };
             let tag_path = path.index(index);
             let Some(table) = self.entry(entry, &tag_path, header) else {
                 complete = false;

@@ -15,7 +15,9 @@ use crate::config::raw::{RawMode, RawOpcUaDevice, RawOpcUaTag};
 use crate::config::values::{MAX_DURATION, NONZERO};
 use crate::config::DeviceKind;
 
-use super::devices::{Common, DeviceOutcome, Foreign, Protocol, TagMetaText, Timing};
+use super::devices::{
+    Common, DeviceOutcome, Foreign, Protocol, TagEntries, TagMetaText, TagSource, Timing,
+};
 use super::Checker;
 
 /// Largest server-side queue of an OPC UA monitored item.
@@ -26,7 +28,7 @@ impl Checker<'_> {
         &mut self,
         path: &FieldPath,
         table: toml::Table,
-        tags: Option<toml::Value>,
+        tags: TagSource<'_>,
         names: &mut HashMap<String, usize>,
         data_dir: &Path,
     ) -> DeviceOutcome {
@@ -222,7 +224,7 @@ impl Checker<'_> {
     fn opcua_tags(
         &mut self,
         path: &FieldPath,
-        entries: Vec<toml::Value>,
+        entries: TagEntries<'_>,
         publishing_interval: Duration,
     ) -> Option<Vec<OpcUaTag>> {
         let foreign = Foreign::new(Protocol::OpcUa, Protocol::tag_keys);
@@ -231,7 +233,11 @@ impl Checker<'_> {
         let mut names: HashMap<String, usize> = HashMap::new();
         // The node's text form -> the first tag reading it, as (index in `tags`, its path).
         let mut nodes: HashMap<String, (usize, FieldPath)> = HashMap::new();
-        for (index, entry) in entries.into_iter().enumerate() {
+        for (index, entry) in entries.enumerate() {
+            let Some(entry) = entry else {
+                self.whole_text_needed = true;
+                return None;
+            };
             let tag_path = path.index(index);
             let Some(table) = self.entry(entry, &tag_path, "[[devices.tags]]") else {
                 complete = false;

@@ -9,11 +9,20 @@ fn by_pieces(src: &str) -> Option<toml::Table> {
     if Split::rest_names_devices(&rest) {
         return None;
     }
-    let entries = split
-        .pieces
-        .iter()
-        .map(|piece| parse_piece(src, piece))
-        .collect::<Option<Vec<_>>>()?;
+    let mut entries = Vec::new();
+    for piece in &split.pieces {
+        let mut entry = parse_piece(src, piece)?;
+        if !piece.tags.is_empty() {
+            let tags = piece
+                .tags
+                .iter()
+                .map(|tag| parse_tag(src, tag))
+                .collect::<Option<Vec<_>>>()?;
+            let table = entry.as_table_mut()?;
+            table.insert(TAGS.to_owned(), toml::Value::Array(tags));
+        }
+        entries.push(entry);
+    }
     rest.insert(DEVICES.to_owned(), toml::Value::Array(entries));
     Some(rest)
 }
@@ -57,12 +66,37 @@ listen = "127.0.0.1:9100"
 #[test]
 fn each_device_is_cut_from_its_header_to_the_next_header_outside_devices() {
     let split = split(FILE).unwrap();
-    let texts: Vec<&str> = split.pieces.iter().map(|p| &FILE[p.clone()]).collect();
+    let texts: Vec<&str> = split
+        .pieces
+        .iter()
+        .map(|p| &FILE[p.range.clone()])
+        .collect();
     assert_eq!(texts.len(), 2);
     assert!(texts[0].starts_with("[[devices]]\nname = \"press\""));
     assert!(texts[0].ends_with("name = \"b\"\n\n"));
     assert!(texts[1].starts_with("[[devices]]\nname = \"line\""));
     assert!(texts[1].ends_with("x = { y = [1, [2]] }\n\n"));
+}
+
+#[test]
+fn each_tag_of_a_device_is_cut_from_its_header_to_the_next_header_not_under_it() {
+    let split = split(FILE).unwrap();
+    let tags: Vec<&str> = split.pieces[0]
+        .tags
+        .iter()
+        .map(|t| &FILE[t.clone()])
+        .collect();
+    assert_eq!(
+        tags,
+        [
+            "[[devices.tags]]\n  name = \"a\"\n  ",
+            "[[devices.tags]]\n  name = \"b\"\n\n"
+        ]
+    );
+    assert!(
+        split.pieces[1].tags.is_empty(),
+        "a unit's tags stay in its device's piece"
+    );
 }
 
 #[test]
@@ -110,10 +144,15 @@ fn a_piece_that_does_not_parse_on_its_own_gives_no_entry() {
     for src in [
         "[[devices]]\nname = \"a\"\nname = \"b\"\n",
         "[[devices]] x = 1\n",
+        "[[devices]]\ntags = []\n[[devices.tags]]\nname = \"a\"\n",
+        "[[devices]]\n[devices.tags.x]\n[[devices.tags]]\nname = \"a\"\n",
     ] {
         let split = split(src).unwrap();
         assert_eq!(parse_piece(src, &split.pieces[0]), None, "{src:?}");
     }
+    let src = "[[devices]]\n[[devices.tags]]\nname = \"a\"\nname = \"b\"\n";
+    let split = split(src).unwrap();
+    assert_eq!(parse_tag(src, &split.pieces[0].tags[0]), None);
 }
 
 /// Lines a generated file is made of: sections, devices and their tables, values that span
@@ -127,6 +166,10 @@ const LINES: &[&str] = &[
     "[[devices.units]]",
     "[[devices.units.tags]]",
     "[devices.extra]",
+    "[devices.tags.x]",
+    "[[devices.tags.y]]",
+    "[devices.tags]",
+    "tags = []",
     "[devices]",
     "[\"devices\"]",
     "[a.devices]",
