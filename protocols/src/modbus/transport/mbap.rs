@@ -39,6 +39,9 @@ pub const MAX_LENGTH: u16 = 254;
 /// Largest ADU: the header up to the length field, then [`MAX_LENGTH`] bytes.
 pub const MAX_ADU: usize = HEADER_LEN - 1 + MAX_LENGTH as usize;
 
+// The longest request (a write of the most registers) fits the largest ADU.
+const _: () = assert!(HEADER_LEN + frame::MAX_WRITE_PDU <= MAX_ADU);
+
 /// What the answer to one request must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expected {
