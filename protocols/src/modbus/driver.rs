@@ -576,7 +576,7 @@ fn report_transition(
 fn reason_of(e: &ReadError) -> Reason {
     match e {
         ReadError::NoAnswer(_) => Reason::Timeout,
-        ReadError::Garbled(_) | ReadError::Undecodable(_) => Reason::Protocol,
+        ReadError::Garbled(_) | ReadError::Mismatch(_) => Reason::Protocol,
         ReadError::Link(_) => Reason::Disconnected,
     }
 }

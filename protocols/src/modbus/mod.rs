@@ -10,7 +10,7 @@ mod transport;
 pub mod write;
 
 pub use schedule::BUDGET_FACTOR;
-pub use transport::{frame, BlockData, LinkError, ReadError};
+pub use transport::{frame, mbap, BlockData, LinkError, ReadError};
 
 use std::fmt;
 use std::str::FromStr;

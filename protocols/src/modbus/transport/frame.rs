@@ -89,10 +89,16 @@ pub(crate) fn response_len(area: Area, count: u16) -> usize {
 pub(crate) fn encode_read(unit: u8, area: Area, start: u16, count: u16, out: &mut Vec<u8>) {
     out.clear();
     out.push(unit);
+    push_read_pdu(area, start, count, out);
+    push_crc(out);
+}
+
+/// Appends the PDU (function code and data, the same on every transport) of a read of `count`
+/// items of `area` from `start` to `out`: 5 bytes.
+pub(crate) fn push_read_pdu(area: Area, start: u16, count: u16, out: &mut Vec<u8>) {
     out.push(function_code(area));
     out.extend_from_slice(&start.to_be_bytes());
     out.extend_from_slice(&count.to_be_bytes());
-    push_crc(out);
 }
 
 /// What the master expects back for one read request.
@@ -197,6 +203,13 @@ pub const MAX_WRITE_REGISTERS: usize = 123;
 pub(crate) fn encode_write(unit: u8, start: u16, plan: &WritePlan, out: &mut Vec<u8>) {
     out.clear();
     out.push(unit);
+    push_write_pdu(start, plan, out);
+    push_crc(out);
+}
+
+/// Appends the PDU (function code and data, the same on every transport) of the write `plan`
+/// at `start` to `out`: at most [`MAX_WRITE_PDU`] bytes.
+pub(crate) fn push_write_pdu(start: u16, plan: &WritePlan, out: &mut Vec<u8>) {
     out.push(plan.function());
     out.extend_from_slice(&start.to_be_bytes());
     match plan {
@@ -216,8 +229,11 @@ pub(crate) fn encode_write(unit: u8, start: u16, plan: &WritePlan, out: &mut Vec
             out.extend_from_slice(&or_mask.to_be_bytes());
         }
     }
-    push_crc(out);
 }
+
+/// Longest write PDU: function 16 with [`MAX_WRITE_REGISTERS`] registers (function, address,
+/// count, byte count, data).
+pub(crate) const MAX_WRITE_PDU: usize = 6 + 2 * MAX_WRITE_REGISTERS;
 
 /// The word of a single coil write: `FF00` for on, `0000` for off.
 fn coil_word(on: bool) -> u16 {
@@ -233,8 +249,18 @@ fn coil_word(on: bool) -> u16 {
 /// function, address and count (the request's first six bytes all the same); 22 echoes the
 /// whole request.
 pub(crate) fn write_echo(request: &[u8]) -> &[u8] {
-    let len = if request.get(1) == Some(&22) { 8 } else { 6 };
+    let len = 1 + echo_pdu_len(request.get(1).copied());
     &request[..len.min(request.len())]
+}
+
+/// Length of the PDU of a write's normal answer (the echo) for write function `function`:
+/// function, address and value or count (5 bytes); function 22 also both masks (7 bytes).
+pub(crate) fn echo_pdu_len(function: Option<u8>) -> usize {
+    if function == Some(22) {
+        7
+    } else {
+        5
+    }
 }
 
 /// Looks for the answer to a write in `buf`: the normal answer `echo` (see [`write_echo`])

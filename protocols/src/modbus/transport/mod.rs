@@ -1,17 +1,18 @@
 //! One open Modbus line, whatever carries it: Modbus TCP, RTU over TCP or a serial port.
 
 pub mod frame;
+pub mod mbap;
 pub(crate) mod rtu;
 mod tcp;
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio_modbus::client::Context;
 use tokio_modbus::ExceptionCode;
 
 use self::rtu::RtuLink;
+use self::tcp::TcpConn;
 use super::{Area, Link, ModbusSettings};
 
 /// The data of one block read.
@@ -48,10 +49,10 @@ pub enum ReadError {
     /// Something arrived but it was no valid answer to the request.
     #[error("garbled answer: {0}")]
     Garbled(String),
-    /// tokio-modbus's decoder refused what arrived (a byte count that disagrees with the data,
-    /// a PDU too short or too long): garbled too, with the decoder's error as the source.
+    /// A Modbus TCP answer that is no answer to the request (a stale transaction id, another
+    /// unit or function, a byte count or length that disagrees): garbled too, said precisely.
     #[error("garbled answer: {0}")]
-    Undecodable(#[source] io::Error),
+    Mismatch(#[from] mbap::Mismatch),
     /// The port or connection failed; it has to be opened again.
     #[error(transparent)]
     Link(#[from] LinkError),
@@ -112,15 +113,12 @@ pub enum LinkError {
         /// How long silence was waited for.
         limit: Duration,
     },
-    /// The Modbus TCP connection failed under tokio-modbus.
-    #[error("{0}")]
-    Transport(#[source] io::Error),
 }
 
 /// An open line.
 #[derive(Debug)]
 pub(crate) enum Conn {
-    /// Modbus TCP through tokio-modbus.
+    /// Modbus TCP, framed by the project ([`mbap`]).
     Tcp(TcpConn),
     /// RTU frames over a TCP connection to a converter.
     RtuOverTcp(RtuLink<tokio::net::TcpStream>),
@@ -128,33 +126,13 @@ pub(crate) enum Conn {
     Serial(RtuLink<tokio_serial::SerialStream>),
 }
 
-/// A Modbus TCP connection and the pacing of its requests.
-pub(crate) struct TcpConn {
-    context: Context,
-    inter_request_delay: Duration,
-    last_answer: Instant,
-}
-
-impl std::fmt::Debug for TcpConn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpConn")
-            .field("inter_request_delay", &self.inter_request_delay)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Conn {
     /// Opens the line described by `settings`.
     pub(crate) async fn open(settings: &ModbusSettings) -> Result<Conn, ReadError> {
         match &settings.link {
-            Link::Tcp { address } => {
-                let context = tcp::connect(address, settings.timeout).await?;
-                Ok(Conn::Tcp(TcpConn {
-                    context,
-                    inter_request_delay: settings.inter_request_delay,
-                    last_answer: Instant::now(),
-                }))
-            }
+            Link::Tcp { address } => Ok(Conn::Tcp(
+                TcpConn::connect(address, settings.timeout, settings.inter_request_delay).await?,
+            )),
             Link::RtuOverTcp { address } => {
                 let stream = tcp::connect_stream(address, settings.timeout).await?;
                 Ok(Conn::RtuOverTcp(RtuLink::new(
@@ -187,14 +165,7 @@ impl Conn {
         timeout: Duration,
     ) -> Result<Result<BlockData, ExceptionCode>, ReadError> {
         let answer = match self {
-            Conn::Tcp(c) => {
-                if !c.inter_request_delay.is_zero() {
-                    tokio::time::sleep_until((c.last_answer + c.inter_request_delay).into()).await;
-                }
-                let answer = tcp::read(&mut c.context, unit, area, start, count, timeout).await;
-                c.last_answer = Instant::now();
-                answer?
-            }
+            Conn::Tcp(c) => c.read(unit, area, start, count, timeout).await?,
             Conn::RtuOverTcp(l) => l.read(unit, area, start, count, timeout).await?,
             Conn::Serial(l) => l.read(unit, area, start, count, timeout).await?,
         };
@@ -218,21 +189,15 @@ impl Conn {
         timeout: Duration,
     ) -> Result<Result<(), ExceptionCode>, ReadError> {
         match self {
-            Conn::Tcp(c) => {
-                if !c.inter_request_delay.is_zero() {
-                    tokio::time::sleep_until((c.last_answer + c.inter_request_delay).into()).await;
-                }
-                let answer = tcp::write(&mut c.context, unit, start, plan, timeout).await;
-                c.last_answer = Instant::now();
-                answer
-            }
+            Conn::Tcp(c) => c.write(unit, start, plan, timeout).await,
             Conn::RtuOverTcp(l) => l.write(unit, start, plan, timeout).await,
             Conn::Serial(l) => l.write(unit, start, plan, timeout).await,
         }
     }
 
-    /// Whether a read that got no answer leaves the line unusable. Modbus TCP connections are
-    /// dropped after a timeout: tokio-modbus would take a late reply for the next request's.
+    /// Whether a read that got no valid answer leaves the line unusable. Modbus TCP connections
+    /// are dropped after a timeout or a garbled answer: a late reply would meet the next
+    /// request (its transaction id would expose it, but the connection is not worth keeping).
     /// RTU lines resynchronise by silence instead.
     pub(crate) fn drop_after_failed_read(&self) -> bool {
         matches!(self, Conn::Tcp(_))
@@ -240,9 +205,8 @@ impl Conn {
 
     /// Closes the line, politely where the protocol has a way to.
     pub(crate) async fn close(self) {
-        if let Conn::Tcp(mut c) = self {
-            use tokio_modbus::client::Client;
-            let _ = tokio::time::timeout(Duration::from_millis(100), c.context.disconnect()).await;
+        if let Conn::Tcp(c) = self {
+            c.close().await;
         }
     }
 }

@@ -1,22 +1,31 @@
-//! Modbus TCP transport: connecting and one read through tokio-modbus.
+//! Modbus TCP transport: connecting, and one transaction at a time on a connection, framed
+//! by [`super::mbap`] (the module says why the project frames MBAP itself).
 //!
-//! A connection that saw a timeout or a transport error is dropped by the line driver, never
-//! reused: a late reply on a reused connection would be taken as the answer to the next
-//! request (see [`super::Conn::drop_after_failed_read`]).
-//!
-//! An answer that is no valid answer to the request (wrong header, function code, byte count or
-//! number of values, undecodable PDU) is garbled, never a link failure and never passed on.
+//! Invariants:
+//! - One transaction at a time: the request ADU is written whole, then exactly one answer ADU is
+//!   read: its 7-byte header, then exactly the `length - 1` bytes it announces, into the
+//!   connection's one buffer of at most [`mbap::MAX_ADU`] bytes (it never grows beyond that:
+//!   the header is checked before the rest is read). All of it runs under the request's
+//!   timeout.
+//! - Each request carries the connection's next transaction id; an answer with another one is
+//!   a stale answer, garbled like every answer that is not a valid answer to the request
+//!   (wrong header, unit, function, byte count, echo), never passed on.
+//! - A connection that saw a timeout, a garbled answer or a transport error is dropped by the
+//!   line driver, never reused: a late reply on a reused connection would meet the next request
+//!   (see [`super::Conn::drop_after_failed_read`]). The transaction id check catches it all the
+//!   same.
+//! - An exception answer is an answer: `Ok(Err(code))`.
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_modbus::client::{tcp, Client, Context};
-use tokio_modbus::prelude::SlaveContext;
-use tokio_modbus::{ExceptionCode, Request, Response, Slave};
+use tokio_modbus::ExceptionCode;
 
-use super::{BlockData, LinkError, ReadError};
+use super::frame::{self, Answer};
+use super::{mbap, BlockData, LinkError, ReadError};
 use crate::modbus::write::WritePlan;
 use crate::modbus::Area;
 
@@ -53,180 +62,148 @@ pub(crate) async fn connect_stream(
     }
 }
 
-/// Connects a Modbus TCP client to `address`.
-pub(crate) async fn connect(address: &str, timeout: Duration) -> Result<Context, ReadError> {
-    let stream = connect_stream(address, timeout).await?;
-    Ok(tcp::attach_slave(stream, Slave(1)))
+/// A Modbus TCP connection, its transaction counter and the pacing of its requests.
+pub(crate) struct TcpConn {
+    stream: TcpStream,
+    /// Transaction id of the last request.
+    transaction: u16,
+    /// The request, then its answer: at most [`mbap::MAX_ADU`] bytes, allocated once.
+    buf: Vec<u8>,
+    inter_request_delay: Duration,
+    last_answer: Instant,
 }
 
-/// Reads `count` items of `area` from `start` on unit `unit` under `timeout`.
-pub(crate) async fn read(
-    client: &mut Context,
-    unit: u8,
-    area: Area,
-    start: u16,
-    count: u16,
-    timeout: Duration,
-) -> Result<Result<BlockData, ExceptionCode>, ReadError> {
-    client.set_slave(Slave(unit));
-    let request = match area {
-        Area::HoldingRegister => Request::ReadHoldingRegisters(start, count),
-        Area::InputRegister => Request::ReadInputRegisters(start, count),
-        Area::Coil => Request::ReadCoils(start, count),
-        Area::DiscreteInput => Request::ReadDiscreteInputs(start, count),
-    };
-    // `call`, not tokio-modbus's `Reader` methods: those `debug_assert` that the answer holds as
-    // many values as asked for (a device answering fewer or more panicked the line's task in
-    // debug builds) and pass on surplus values unchecked; `answer_data` checks the count.
-    match tokio::time::timeout(timeout, client.call(request)).await {
-        Err(_) => Err(ReadError::NoAnswer(timeout)),
-        Ok(Err(tokio_modbus::Error::Protocol(e))) => Err(ReadError::Garbled(e.to_string())),
-        Ok(Err(tokio_modbus::Error::Transport(e))) if undecodable(&e) => {
-            Err(ReadError::Undecodable(e))
-        }
-        Ok(Err(tokio_modbus::Error::Transport(e))) => Err(LinkError::Transport(e).into()),
-        Ok(Ok(Err(code))) => Ok(Err(code)),
-        Ok(Ok(Ok(response))) => answer_data(response, count).map(Ok),
+impl std::fmt::Debug for TcpConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpConn")
+            .field("transaction", &self.transaction)
+            .field("inter_request_delay", &self.inter_request_delay)
+            .finish_non_exhaustive()
     }
 }
 
-/// Performs one write (`plan`, at `start`) on unit `unit` under `timeout`; `Ok(Ok(()))` when
-/// the device echoed it.
-pub(crate) async fn write(
-    client: &mut Context,
-    unit: u8,
-    start: u16,
-    plan: &WritePlan,
-    timeout: Duration,
-) -> Result<Result<(), ExceptionCode>, ReadError> {
-    client.set_slave(Slave(unit));
-    let request = match plan {
-        WritePlan::Coil(on) => Request::WriteSingleCoil(start, *on),
-        WritePlan::Register(r) => Request::WriteSingleRegister(start, *r),
-        WritePlan::Registers(regs) => {
-            Request::WriteMultipleRegisters(start, std::borrow::Cow::Borrowed(regs))
+impl TcpConn {
+    /// Connects to `address` (`host:port`) under `timeout`; requests are paced
+    /// `inter_request_delay` after the last answer.
+    pub(crate) async fn connect(
+        address: &str,
+        timeout: Duration,
+        inter_request_delay: Duration,
+    ) -> Result<TcpConn, ReadError> {
+        let stream = connect_stream(address, timeout).await?;
+        Ok(TcpConn {
+            stream,
+            transaction: 0,
+            buf: Vec::with_capacity(mbap::MAX_ADU),
+            inter_request_delay,
+            last_answer: Instant::now(),
+        })
+    }
+
+    /// Reads `count` items of `area` from `start` on unit `unit` under `timeout`.
+    pub(crate) async fn read(
+        &mut self,
+        unit: u8,
+        area: Area,
+        start: u16,
+        count: u16,
+        timeout: Duration,
+    ) -> Result<Result<BlockData, ExceptionCode>, ReadError> {
+        self.pace().await;
+        let transaction = self.next_transaction();
+        let expected = mbap::encode_read(transaction, unit, area, start, count, &mut self.buf);
+        Ok(match self.transact(&expected, timeout).await? {
+            Answer::Exception(code) => Err(ExceptionCode::new(code)),
+            Answer::Data { start, len } => {
+                let data = self.buf.get(start..start + len).unwrap_or_default();
+                Ok(if area.is_bit() {
+                    BlockData::Bits(frame::bits(data, count))
+                } else {
+                    BlockData::Registers(frame::registers(data, count))
+                })
+            }
+        })
+    }
+
+    /// Performs one write (`plan`, at `start`) on unit `unit` under `timeout`; `Ok(Ok(()))`
+    /// when the device echoed it.
+    pub(crate) async fn write(
+        &mut self,
+        unit: u8,
+        start: u16,
+        plan: &WritePlan,
+        timeout: Duration,
+    ) -> Result<Result<(), ExceptionCode>, ReadError> {
+        self.pace().await;
+        let transaction = self.next_transaction();
+        let expected = mbap::encode_write(transaction, unit, start, plan, &mut self.buf);
+        Ok(match self.transact(&expected, timeout).await? {
+            Answer::Exception(code) => Err(ExceptionCode::new(code)),
+            Answer::Data { .. } => Ok(()),
+        })
+    }
+
+    /// Closes the connection (FIN), waiting briefly for it.
+    pub(crate) async fn close(mut self) {
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.stream.shutdown()).await;
+    }
+
+    /// Waits until `inter_request_delay` has passed since the last answer.
+    async fn pace(&self) {
+        if !self.inter_request_delay.is_zero() {
+            tokio::time::sleep_until((self.last_answer + self.inter_request_delay).into()).await;
         }
-        WritePlan::Mask { and_mask, or_mask } => {
-            Request::MaskWriteRegister(start, *and_mask, *or_mask)
-        }
-    };
-    match tokio::time::timeout(timeout, client.call(request)).await {
-        Err(_) => Err(ReadError::NoAnswer(timeout)),
-        Ok(Err(tokio_modbus::Error::Protocol(e))) => Err(ReadError::Garbled(e.to_string())),
-        Ok(Err(tokio_modbus::Error::Transport(e))) if undecodable(&e) => {
-            Err(ReadError::Undecodable(e))
-        }
-        Ok(Err(tokio_modbus::Error::Transport(e))) => Err(LinkError::Transport(e).into()),
-        Ok(Ok(Err(code))) => Ok(Err(code)),
-        Ok(Ok(Ok(response))) if response.function_code().value() == plan.function() => Ok(Ok(())),
-        Ok(Ok(Ok(other))) => Err(ReadError::Garbled(format!(
-            "answer of function {} to a write of function {}",
-            other.function_code(),
-            plan.function()
-        ))),
+    }
+
+    fn next_transaction(&mut self) -> u16 {
+        self.transaction = self.transaction.wrapping_add(1);
+        self.transaction
+    }
+
+    /// Sends the request ADU in `self.buf` and reads one answer ADU into it under `timeout`;
+    /// returns what [`mbap::check_answer`] found in it.
+    async fn transact(
+        &mut self,
+        expected: &mbap::Expected,
+        timeout: Duration,
+    ) -> Result<Answer, ReadError> {
+        let exchange = async {
+            self.stream
+                .write_all(&self.buf)
+                .await
+                .map_err(LinkError::Send)?;
+            self.buf.clear();
+            self.buf.resize(mbap::HEADER_LEN, 0);
+            self.stream
+                .read_exact(&mut self.buf)
+                .await
+                .map_err(receive_error)?;
+            let rest = mbap::check_header(&self.buf, expected)?;
+            self.buf.resize(mbap::HEADER_LEN + rest, 0);
+            self.stream
+                .read_exact(&mut self.buf[mbap::HEADER_LEN..])
+                .await
+                .map_err(receive_error)?;
+            Ok(mbap::check_answer(&self.buf, expected)?)
+        };
+        let answer = tokio::time::timeout(timeout, exchange).await;
+        self.last_answer = Instant::now();
+        answer.unwrap_or(Err(ReadError::NoAnswer(timeout)))
     }
 }
 
-/// Whether a transport error is tokio-modbus's decoder refusing a frame that came (a byte count
-/// that disagrees with the data, a PDU too short or too long): the device answered, wrongly,
-/// which is a protocol error of that unit, not a failed link that takes every unit of the line
-/// down (the connection is dropped all the same). Socket errors carry an OS error code; the
-/// decoder's never do.
-fn undecodable(e: &io::Error) -> bool {
-    e.raw_os_error().is_none()
-        && matches!(
-            e.kind(),
-            io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof
-        )
-}
+/// How long closing a connection may take.
+const CLOSE_WAIT: Duration = Duration::from_millis(100);
 
-/// The values of a read answer, if it holds exactly the `count` values asked for.
-fn answer_data(response: Response, count: u16) -> Result<BlockData, ReadError> {
-    let count = usize::from(count);
-    match response {
-        Response::ReadHoldingRegisters(regs) | Response::ReadInputRegisters(regs) => {
-            if regs.len() == count {
-                Ok(BlockData::Registers(regs))
-            } else {
-                Err(ReadError::Garbled(format!(
-                    "answer holds {} registers, {count} were asked for",
-                    regs.len()
-                )))
-            }
-        }
-        Response::ReadCoils(mut bits) | Response::ReadDiscreteInputs(mut bits) => {
-            // tokio-modbus unpacks every byte of the byte count: 8 bits each.
-            let bytes = count.div_ceil(8);
-            if bits.len() == bytes * 8 {
-                bits.truncate(count);
-                Ok(BlockData::Bits(bits))
-            } else {
-                Err(ReadError::Garbled(format!(
-                    "answer holds {} bytes of bits, {bytes} were asked for",
-                    bits.len() / 8
-                )))
-            }
-        }
-        other => Err(ReadError::Garbled(format!(
-            "answer of function {} to a read",
-            other.function_code()
-        ))),
+/// The link error of a failed read: the other end closing is [`LinkError::Closed`].
+fn receive_error(e: io::Error) -> LinkError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        LinkError::Closed
+    } else {
+        LinkError::Receive(e)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_answer_must_hold_exactly_the_values_asked_for() {
-        let regs = |n| Response::ReadHoldingRegisters(vec![7; n]);
-        assert_eq!(
-            answer_data(regs(3), 3).expect("a complete answer"),
-            BlockData::Registers(vec![7; 3])
-        );
-        assert!(matches!(
-            answer_data(regs(2), 3),
-            Err(ReadError::Garbled(_))
-        ));
-        assert!(matches!(
-            answer_data(regs(4), 3),
-            Err(ReadError::Garbled(_))
-        ));
-        // Bits come unpacked from whole bytes: 3 coils are one byte, 8 bits.
-        let bits = |n| Response::ReadCoils(vec![true; n]);
-        assert_eq!(
-            answer_data(bits(8), 3).expect("a complete answer"),
-            BlockData::Bits(vec![true; 3])
-        );
-        assert!(matches!(
-            answer_data(bits(0), 3),
-            Err(ReadError::Garbled(_))
-        ));
-        assert!(matches!(
-            answer_data(bits(16), 3),
-            Err(ReadError::Garbled(_))
-        ));
-        assert!(matches!(
-            answer_data(Response::ReadInputRegisters(vec![1]), 2),
-            Err(ReadError::Garbled(_))
-        ));
-    }
-
-    #[test]
-    fn decoder_errors_are_garbled_answers_and_socket_errors_are_not() {
-        assert!(undecodable(&io::Error::new(
-            io::ErrorKind::InvalidData,
-            "undecoded response data"
-        )));
-        assert!(undecodable(&io::Error::from(io::ErrorKind::UnexpectedEof)));
-        // EINVAL from a socket is of kind InvalidInput too, but no answer came.
-        let einval = io::Error::from_raw_os_error(22);
-        assert_eq!(einval.kind(), io::ErrorKind::InvalidInput);
-        assert!(!undecodable(&einval));
-        assert!(!undecodable(&io::Error::from(
-            io::ErrorKind::ConnectionReset
-        )));
-        assert!(!undecodable(&io::Error::other("bytes remaining on stream")));
-    }
-}
+#[path = "tcp_tests.rs"]
+mod tests;
