@@ -253,12 +253,36 @@ pub struct TagInfo {
     pub data_type: Option<&'static str>,
     /// Where the value comes from: a Modbus address (`hr:100`) or an OPC UA node (`ns=2;s=T`,
     /// or a browse path).
-    pub source: Arc<str>,
+    pub source: Source,
     /// How often the tag is read; for an OPC UA subscription, the sampling interval asked of
     /// the server (zero: the server's fastest).
     pub scan_interval: std::time::Duration,
     /// Unit, description and range.
     pub meta: Arc<TagMeta>,
+}
+
+/// Where a tag's value comes from, written as the config writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// A Modbus address, kept as such (10k of them written out were 10k allocations).
+    Modbus(crate::modbus::Address),
+    /// An OPC UA node id or browse path, as text.
+    Text(Arc<str>),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Modbus(address) => address.fmt(f),
+            Source::Text(text) => f.write_str(text),
+        }
+    }
+}
+
+impl From<&str> for Source {
+    fn from(text: &str) -> Self {
+        Source::Text(text.into())
+    }
 }
 
 impl TagInfo {
@@ -267,7 +291,7 @@ impl TagInfo {
         TagInfo {
             name,
             data_type: None,
-            source: Arc::from(""),
+            source: Source::Text(Arc::from("")),
             scan_interval: std::time::Duration::ZERO,
             meta: TagMeta::default().shared(),
         }
@@ -385,7 +409,7 @@ mod tests {
         let info = c.tag_info(d, TagId(1)).unwrap();
         assert_eq!(info.meta.unit.as_deref(), Some("degC"));
         assert_eq!((info.meta.min, info.meta.max), (Some(-20.0), Some(120.0)));
-        assert_eq!(&*info.source, "hr:4");
+        assert_eq!(info.source.to_string(), "hr:4");
         assert!(c.tag_info(d, TagId(0)).unwrap().meta.is_empty());
         let named = c.add_device("bare".into(), vec!["x".into()]);
         assert!(

@@ -20,8 +20,35 @@ pub struct JsonEncoder {
     head: Vec<u8>,
     topics: Vec<Arc<str>>,
     devices: Vec<Vec<u8>>,
-    tags: Vec<Vec<Vec<u8>>>,
+    tags: Vec<Prefixes>,
     capacity_hint: usize,
+}
+
+/// A device's tags as they open a sample (`{"tag":"name"`), escaped once and packed in one
+/// buffer: a `Vec` per tag cost about 48 bytes each (0.5 MB with 10k tags), this about 16.
+#[derive(Debug, Default)]
+struct Prefixes {
+    bytes: Vec<u8>,
+    /// Where each tag's prefix ends in `bytes`, by tag id.
+    ends: Vec<u32>,
+}
+
+impl Prefixes {
+    fn push(&mut self, tag: &str) {
+        self.bytes.extend_from_slice(b"{\"tag\":");
+        write_str(&mut self.bytes, tag);
+        self.ends
+            .push(u32::try_from(self.bytes.len()).unwrap_or(u32::MAX));
+    }
+
+    fn get(&self, i: usize) -> Option<&[u8]> {
+        let end = *self.ends.get(i)? as usize;
+        let start = match i.checked_sub(1) {
+            Some(before) => *self.ends.get(before)? as usize,
+            None => 0,
+        };
+        self.bytes.get(start..end)
+    }
 }
 
 impl JsonEncoder {
@@ -50,14 +77,13 @@ impl JsonEncoder {
         let tags = catalog
             .devices()
             .map(|(_, d)| {
-                d.tags
-                    .iter()
-                    .map(|t| {
-                        let mut v = b"{\"tag\":".to_vec();
-                        write_str(&mut v, t);
-                        v
-                    })
-                    .collect()
+                let mut prefixes = Prefixes {
+                    bytes: Vec::new(),
+                    ends: Vec::with_capacity(d.tags.len()),
+                };
+                d.tags.iter().for_each(|t| prefixes.push(t));
+                prefixes.bytes.shrink_to_fit();
+                prefixes
             })
             .collect();
         let mut encoder = JsonEncoder {

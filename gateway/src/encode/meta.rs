@@ -125,7 +125,7 @@ struct Tag<'a> {
     min: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max: Option<f64>,
-    source: &'a str,
+    source: String,
     scan_interval_ms: u64,
 }
 
@@ -138,7 +138,7 @@ impl<'a> Tag<'a> {
             description: t.meta.description.as_deref(),
             min: t.meta.min,
             max: t.meta.max,
-            source: &t.source,
+            source: t.source.to_string(),
             scan_interval_ms: u64::try_from(t.scan_interval.as_millis()).unwrap_or(u64::MAX),
         }
     }

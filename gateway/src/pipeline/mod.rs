@@ -479,7 +479,7 @@ pub(crate) fn add_to_catalog(catalog: &mut Catalog, d: &DeviceSettings) -> Vec<D
                     .map(|t| TagInfo {
                         name: t.name.clone(),
                         data_type: Some(t.data_type.name()),
-                        source: t.address.to_string().into(),
+                        source: protocols::model::Source::Modbus(t.address),
                         scan_interval: t.scan_interval,
                         meta: t.meta.clone(),
                     })
@@ -494,7 +494,7 @@ pub(crate) fn add_to_catalog(catalog: &mut Catalog, d: &DeviceSettings) -> Vec<D
                 .map(|t| TagInfo {
                     name: t.name.clone(),
                     data_type: None,
-                    source: t.node.to_string().into(),
+                    source: protocols::model::Source::Text(t.node.to_string().into()),
                     scan_interval: match o.mode {
                         opcua::Mode::Poll => o.scan_interval,
                         opcua::Mode::Subscribe => t.sampling_interval,
@@ -872,12 +872,18 @@ endpoint = "opc.tcp://127.0.0.1:4840"
         let press = add_to_catalog(&mut catalog, &config.devices[0])[0];
         let oven = add_to_catalog(&mut catalog, &config.devices[1])[0];
         let oil = catalog.tag_info(press, protocols::model::TagId(0)).unwrap();
-        assert_eq!((oil.data_type, &*oil.source), (Some("i16"), "hr:4"));
+        assert_eq!(
+            (oil.data_type, &*oil.source.to_string()),
+            (Some("i16"), "hr:4")
+        );
         assert_eq!(oil.scan_interval, std::time::Duration::from_secs(2));
         assert_eq!(oil.meta.unit.as_deref(), Some("degC"));
         assert_eq!((oil.meta.min, oil.meta.max), (Some(-20.0), Some(120.0)));
         let temp = catalog.tag_info(oven, protocols::model::TagId(0)).unwrap();
-        assert_eq!((temp.data_type, &*temp.source), (None, "ns=2;s=Oven.Temp"));
+        assert_eq!(
+            (temp.data_type, &*temp.source.to_string()),
+            (None, "ns=2;s=Oven.Temp")
+        );
         assert_eq!(temp.scan_interval, std::time::Duration::from_millis(500));
         assert_eq!(temp.meta.description.as_deref(), Some("Chamber"));
     }
