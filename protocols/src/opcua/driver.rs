@@ -50,6 +50,11 @@ use crate::model::{Batch, DeviceId, Reason, Sample, TagId, Timestamp};
 
 /// Monitored items created per CreateMonitoredItems call (unless the server allows fewer).
 const CREATE_CHUNK: usize = 1000;
+/// Notifications the server may put in one Publish response. Unbounded, the first response
+/// of a subscription carried every item's initial value at once (10k items: 2.5 MB decoded
+/// and converted at the same moment, the session's peak); bounded, the server sends the rest
+/// in the next responses, each taken as soon as it arrives.
+const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 2000;
 /// How long a session must have lived before giving it up resets the backoff.
 const HEALTHY: Duration = Duration::from_secs(30);
 /// How long a closing session may take to say goodbye at shutdown.
@@ -609,7 +614,15 @@ async fn subscribe(
         name: ctx.name.clone(),
     };
     let subscription = match session
-        .create_subscription(publishing, lifetime, KEEP_ALIVE_COUNT, 0, 0, true, notifier)
+        .create_subscription(
+            publishing,
+            lifetime,
+            KEEP_ALIVE_COUNT,
+            MAX_NOTIFICATIONS_PER_PUBLISH,
+            0,
+            true,
+            notifier,
+        )
         .await
     {
         Ok(id) => id,
