@@ -12,7 +12,7 @@ pub mod demo;
 pub mod encode;
 pub mod metrics;
 pub mod pipeline;
-mod preflight;
+pub mod preflight;
 pub mod publish;
 pub mod secret;
 pub mod service;

@@ -292,10 +292,11 @@ address = "{addr}"
 
     let refused = gw.reload_file(&file).await;
     match &refused {
-        Err(ReloadError::Files(problems)) => assert!(
-            problems.iter().any(|p| p.starts_with("mqtt.key_file: ")
-                && p.contains("is not the private key of the certificate in mqtt.cert_file")),
-            "{problems:?}"
+        Err(ReloadError::Files { findings, .. }) => assert!(
+            findings.iter().any(|f| f.field() == "mqtt.key_file"
+                && f.to_string()
+                    .contains("is not the private key of the certificate in mqtt.cert_file")),
+            "{findings:?}"
         ),
         other => panic!("refused for its key, not {other:?}"),
     }

@@ -228,6 +228,18 @@ pub struct DeviceHandle {
     pub status: Arc<DeviceStatus>,
 }
 
+/// A refused file's findings and data directory problem, one line each.
+fn files_problems(
+    findings: &[crate::publish::tls::Finding],
+    data_dir: Option<&crate::preflight::DataDirError>,
+) -> String {
+    let mut lines: Vec<String> = findings.iter().map(ToString::to_string).collect();
+    if let Some(e) = data_dir {
+        lines.push(format!("gateway.data_dir: {e}"));
+    }
+    lines.join("\n")
+}
+
 /// Why a reload was refused; the running config stays.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -236,9 +248,14 @@ pub enum ReloadError {
     Config(#[from] ConfigErrors),
     /// The new file passes the config's checks but not what `check` finds beyond them (a TLS
     /// file that does not load, a key that is not its certificate's, a new data directory
-    /// that cannot be written): one line each.
-    #[error("the new configuration is refused, the running one stays:\n{}", .0.join("\n"))]
-    Files(Vec<String>),
+    /// that cannot be written).
+    #[error("the new configuration is refused, the running one stays:\n{}", files_problems(.findings, .data_dir.as_ref()))]
+    Files {
+        /// What `check` finds wrong with the TLS files, each naming its field.
+        findings: Vec<crate::publish::tls::Finding>,
+        /// Why a new `data_dir` cannot be used.
+        data_dir: Option<crate::preflight::DataDirError>,
+    },
     /// The new `[mqtt]` password cannot be read.
     #[error("the new configuration is refused, the running one stays: mqtt.password_file: {0}")]
     Secret(#[from] crate::secret::SecretError),
@@ -437,24 +454,23 @@ impl Running {
     /// What `check` finds in `new` beyond its file's checks: warnings logged, problems
     /// returned (see [`Running::reload_file`] for the data directory).
     fn preflight(&self, path: &std::path::Path, new: &Config) -> Result<(), ReloadError> {
-        let mut problems = Vec::new();
+        let mut findings = Vec::new();
         for finding in crate::preflight::inspect(new) {
             match finding.severity {
-                crate::publish::tls::Severity::Problem => problems.push(finding.to_string()),
+                crate::publish::tls::Severity::Problem => findings.push(finding),
                 crate::publish::tls::Severity::Warning => {
                     warn!(file = %path.display(), "{finding}");
                 }
             }
         }
+        let mut data_dir = None;
         if new.gateway.data_dir != self.config.gateway.data_dir {
-            if let Err(e) = crate::preflight::probe_data_dir(&new.gateway.data_dir) {
-                problems.push(format!("gateway.data_dir: {e}"));
-            }
+            data_dir = crate::preflight::probe_data_dir(&new.gateway.data_dir).err();
         }
-        if problems.is_empty() {
+        if findings.is_empty() && data_dir.is_none() {
             Ok(())
         } else {
-            Err(ReloadError::Files(problems))
+            Err(ReloadError::Files { findings, data_dir })
         }
     }
 }

@@ -28,7 +28,7 @@ pub(crate) enum Severity {
 
 /// One thing `check` says about the TLS files.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Finding {
+pub struct Finding {
     /// How bad it is.
     pub(crate) severity: Severity,
     /// The config field it is about (`mqtt.cert_file`, ...).
@@ -52,6 +52,13 @@ impl Finding {
             field,
             message: format!("{field}: {message}"),
         }
+    }
+}
+
+impl Finding {
+    /// The config field it is about (`mqtt.cert_file`, `api.key_file`, ...).
+    pub fn field(&self) -> &'static str {
+        self.field
     }
 }
 

@@ -50,7 +50,8 @@ use crate::secret::SecretError;
 pub(crate) use expiry::ExpiryWarning;
 pub(crate) use failure::{describe_failure, describe_failure_v5};
 pub(crate) use files::client_cert_not_after;
-pub(crate) use inspect::{inspect, inspect_server, Finding, Severity};
+pub use inspect::Finding;
+pub(crate) use inspect::{inspect, inspect_server, Severity};
 
 /// The config fields errors name.
 pub(crate) const CA_FILE: &str = "mqtt.ca_file";
