@@ -25,6 +25,15 @@ pub enum BlockData {
 }
 
 impl BlockData {
+    /// The `count` values of an `area` read from an answer's data bytes (RTU and TCP alike).
+    pub(crate) fn decode(area: Area, data: &[u8], count: u16) -> Self {
+        if area.is_bit() {
+            BlockData::Bits(frame::bits(data, count))
+        } else {
+            BlockData::Registers(frame::registers(data, count))
+        }
+    }
+
     /// Number of values.
     pub fn len(&self) -> usize {
         match self {

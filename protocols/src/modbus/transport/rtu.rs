@@ -108,12 +108,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RtuLink<T> {
         Ok(match answer {
             Err(code) => Err(ExceptionCode::new(code)),
             Ok((start, len)) => {
-                let data = &self.buf[start..start + len];
-                Ok(if area.is_bit() {
-                    BlockData::Bits(frame::bits(data, count))
-                } else {
-                    BlockData::Registers(frame::registers(data, count))
-                })
+                let data = self.buf.get(start..start + len).unwrap_or_default();
+                Ok(BlockData::decode(area, data, count))
             }
         })
     }

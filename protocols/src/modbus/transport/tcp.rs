@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_modbus::ExceptionCode;
 
-use super::frame::{self, Answer};
+use super::frame::Answer;
 use super::{mbap, BlockData, LinkError, ReadError};
 use crate::modbus::write::WritePlan;
 use crate::modbus::Area;
@@ -116,11 +116,7 @@ impl TcpConn {
             Answer::Exception(code) => Err(ExceptionCode::new(code)),
             Answer::Data { start, len } => {
                 let data = self.buf.get(start..start + len).unwrap_or_default();
-                Ok(if area.is_bit() {
-                    BlockData::Bits(frame::bits(data, count))
-                } else {
-                    BlockData::Registers(frame::registers(data, count))
-                })
+                Ok(BlockData::decode(area, data, count))
             }
         })
     }
