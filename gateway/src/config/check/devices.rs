@@ -295,7 +295,11 @@ impl Checker<'_> {
                 return None;
             };
             let (entry, tags) = entry;
-            match self.device(index, entry, tags, &mut names, data_dir) {
+            let outcome = self.device(index, entry, tags, &mut names, data_dir);
+            if self.whole_text_needed {
+                return None;
+            }
+            match outcome {
                 DeviceOutcome::Enabled(device) => {
                     self.port_not_shared(index, &device, &mut ports);
                     devices.push(*device);
@@ -326,7 +330,16 @@ impl Checker<'_> {
         match self.protocol(&path, table.get("protocol")) {
             Some(Protocol::OpcUa) => self.opcua_device(&path, table, tags, names, data_dir),
             Some(protocol) => self.modbus_device(&path, protocol, table, tags, names),
-            None => DeviceOutcome::Invalid,
+            None => {
+                // Its tags are not checked, but a piece of them that does not parse is a
+                // syntax error of the file, reported from the whole text like any other.
+                if let TagSource::Pieces(src, pieces) = &tags {
+                    if pieces.iter().any(|p| split::parse_tag(src, p).is_none()) {
+                        self.whole_text_needed = true;
+                    }
+                }
+                DeviceOutcome::Invalid
+            }
         }
     }
 

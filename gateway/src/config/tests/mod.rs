@@ -704,3 +704,15 @@ proptest! {
         assert_well_formed(&src);
     }
 }
+
+#[test]
+fn a_syntax_error_in_a_tag_of_a_device_without_a_protocol_is_reported_as_such() {
+    let src = "[gateway]\nid = \"g\"\n[mqtt]\nurl = \"mqtt://127.0.0.1\"\n\
+               [[devices]]\nname = \"d\"\n[[devices.tags]]\nname = \"a\"\nname = \"b\"\n";
+    let errors = crate::config::parse(src, "test.toml").unwrap_err().render();
+    assert!(errors.contains("duplicate key"), "{errors}");
+    assert!(
+        !errors.contains("protocol"),
+        "only the syntax error: {errors}"
+    );
+}
