@@ -5,6 +5,9 @@
 // Test code, helpers included: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::signal;
+
 use std::io::BufRead as _;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -171,15 +174,6 @@ async fn device_names(addr: SocketAddr) -> Vec<String> {
         .iter()
         .filter_map(|d| d["name"].as_str().map(str::to_owned))
         .collect()
-}
-
-fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

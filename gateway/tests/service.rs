@@ -5,6 +5,9 @@
 // Test code, helpers included: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::signal;
+
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -98,15 +101,6 @@ fn spawn(config: &Path, socket: &Path, watchdog_usec: u64, log: &Path) -> Child 
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .expect("start edge-gateway run")
-}
-
-fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

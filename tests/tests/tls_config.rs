@@ -151,19 +151,11 @@ async fn the_tls_front_serves_a_new_certificate_to_new_connections_after_reconfi
         .unwrap();
 }
 
-/// A config for a broker at `mqtts://localhost` with the client certificate `client` and key
-/// `key`, written beside the PKI's files; what `check` prints for it, and whether it passes.
-fn check(pki: &Pki, client: &CertFiles, key: &Path) -> (String, bool) {
+/// `head` (the sections before the devices) and one Modbus device, written as `name` beside
+/// the PKI's files; what `check` prints for it, and whether it passes.
+fn check_config(pki: &Pki, name: &str, head: &str) -> (String, bool) {
     let config = format!(
-        r#"[gateway]
-id = "edge-01"
-
-[mqtt]
-url = "mqtts://localhost"
-ca_file = "{}"
-cert_file = "{}"
-key_file = "{}"
-
+        r#"{head}
 [[devices]]
 name = "press7"
 protocol = "modbus_tcp"
@@ -172,14 +164,31 @@ address = "127.0.0.1:5020"
   [[devices.tags]]
   name = "counter"
   address = "hr:0"
+"#
+    );
+    let path = pki.dir().join(name);
+    std::fs::write(&path, config).unwrap();
+    edge_gateway::cli::check::run(&path)
+}
+
+/// A config for a broker at `mqtts://localhost` with the client certificate `client` and key
+/// `key`; what `check` prints for it, and whether it passes.
+fn check(pki: &Pki, client: &CertFiles, key: &Path) -> (String, bool) {
+    let head = format!(
+        r#"[gateway]
+id = "edge-01"
+
+[mqtt]
+url = "mqtts://localhost"
+ca_file = "{}"
+cert_file = "{}"
+key_file = "{}"
 "#,
         pki.ca().display(),
         client.cert.display(),
         key.display()
     );
-    let path = pki.dir().join("gateway.toml");
-    std::fs::write(&path, config).unwrap();
-    edge_gateway::cli::check::run(&path)
+    check_config(pki, "gateway.toml", &head)
 }
 
 #[test]
@@ -234,10 +243,10 @@ fn check_passes_a_client_certificate_expiring_in_10_days_with_a_warning_line() {
     assert!(lines[1].ends_with(": OK (1 devices, 1 tags)"), "{text}");
 }
 
-/// A config with the HTTP API over HTTPS with `cert` and `key` (and a plain broker url),
-/// written beside the PKI's files; what `check` prints for it, and whether it passes.
+/// A config with the HTTP API over HTTPS with `cert` and `key` (and a plain broker url);
+/// what `check` prints for it, and whether it passes.
 fn check_api(pki: &Pki, cert: &Path, key: &Path) -> (String, bool) {
-    let config = format!(
+    let head = format!(
         r#"[gateway]
 id = "edge-01"
 data_dir = "{}"
@@ -249,23 +258,12 @@ url = "mqtt://localhost"
 listen = "127.0.0.1:0"
 cert_file = "{}"
 key_file = "{}"
-
-[[devices]]
-name = "press7"
-protocol = "modbus_tcp"
-address = "127.0.0.1:5020"
-
-  [[devices.tags]]
-  name = "counter"
-  address = "hr:0"
 "#,
         pki.dir().join("data").display(),
         cert.display(),
         key.display()
     );
-    let path = pki.dir().join("api.toml");
-    std::fs::write(&path, config).unwrap();
-    edge_gateway::cli::check::run(&path)
+    check_config(pki, "api.toml", &head)
 }
 
 #[test]
