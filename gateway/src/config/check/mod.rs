@@ -37,6 +37,7 @@ use devices::Foreign;
 
 /// Checks the parsed file `root` (the text `src`, named `file` in problems); `dir` is the
 /// config file's directory when loading from disk.
+///
 /// When the file was split at its devices (`split.rs`), `root` is the rest's table and the
 /// devices come from `pieces`; `None` then means a piece did not parse on its own, and the
 /// whole text must be checked instead.
