@@ -297,6 +297,12 @@ async fn a_retained_command_is_never_executed_and_a_reload_turns_commands_off_an
     tags.push(mode);
     changed.devices = vec![modbus_device("press1", sim.addr(), SCAN, tags)];
     gw.reload(changed).await.unwrap();
+    // A write before the restarted driver's line is open is refused ("not connected").
+    let restarted = gw.devices[0].status.clone();
+    gateway_tests::eventually(Duration::from_secs(20), "press1 connected again", || {
+        restarted.is_connected()
+    })
+    .await;
     let reply = ask(
         &client,
         &sub,
